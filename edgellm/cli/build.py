@@ -1,0 +1,3 @@
+"""`edgellm build` command (build pipeline II, issue 4)."""
+
+commands: list = []

@@ -1,0 +1,3 @@
+"""`edgellm bundle` commands (issue 2)."""
+
+commands: list = []

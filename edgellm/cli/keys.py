@@ -1,0 +1,3 @@
+"""`edgellm keys` commands (issue 2)."""
+
+commands: list = []

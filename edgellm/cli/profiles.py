@@ -1,0 +1,3 @@
+"""`edgellm profiles` commands (issue 2)."""
+
+commands: list = []

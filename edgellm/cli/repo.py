@@ -1,0 +1,3 @@
+"""`edgellm repo` commands (issue 2)."""
+
+commands: list = []
