@@ -1,0 +1,512 @@
+"""Bundles: a model artifact plus everything needed to run and judge it.
+
+A bundle is an uncompressed, deterministic tar archive::
+
+    manifest.json        typed manifest (see :class:`Manifest`), lists every other file
+    model.gguf | model.onnx
+    tokenizer.json       (ONNX bundles; GGUF carries its tokenizer)
+    ...                  any other file listed in the manifest
+
+``pack`` writes the same bytes for the same inputs (sorted entries, fixed timestamps, owners
+and modes). ``unpack`` is written for hostile input: it refuses absolute paths, ``..``,
+links, device files, duplicate names, more files or bytes than :class:`UnpackLimits`
+allows, and any file whose hash or size differs from the manifest, and it writes nothing
+outside a temporary directory until every check passed; the result appears atomically.
+
+Verification of *who* made a bundle (signatures) is :mod:`edgellm.trust`'s job and must run
+before ``unpack`` ever sees downloaded bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from edgellm.errors import BundleError, BundleIntegrityError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+RUNTIMES = ("onnx", "gguf")
+_CHUNK = 1 << 20
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+class _Record:
+    """from_dict/to_dict for small dataclasses that keep unknown fields in ``extra``."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> Any:
+        if not isinstance(d, dict):
+            raise BundleError(f"manifest{where}: expected an object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        try:
+            obj = cls(**known, extra=extra)  # type: ignore[call-arg]
+        except TypeError as e:
+            raise BundleError(f"manifest{where}: {e}") from e
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                v = [x.to_dict() if isinstance(x, _Record) else x for x in v]
+            elif isinstance(v, _Record):
+                v = v.to_dict()
+            out[f.name] = v
+        out.update(self.extra)  # type: ignore[attr-defined]
+        return out
+
+
+@dataclasses.dataclass
+class FileEntry(_Record):
+    path: str
+    sha256: str
+    size: int
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class MemoryRequirements(_Record):
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    context_length: int = 0
+    peak_bytes: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Lineage(_Record):
+    parent_version: str | None = None
+    data_sha256: str | None = None
+    build_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created_by: str = "edgellm"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class GoldenPrompt(_Record):
+    """A prompt the device runs in its health check before a new model becomes current."""
+
+    prompt: str
+    max_tokens: int = 16
+    expect: str | None = None  # optional substring the greedy output must contain
+    chat: bool = False
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Manifest(_Record):
+    name: str
+    version: str
+    runtime: str
+    artifact: str
+    quantization: str = "none"
+    profiles: list[str] = dataclasses.field(default_factory=list)
+    tokenizer: str | None = None
+    files: list[FileEntry] = dataclasses.field(default_factory=list)
+    memory: MemoryRequirements = dataclasses.field(default_factory=MemoryRequirements)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lineage: Lineage = dataclasses.field(default_factory=Lineage)
+    golden_prompts: list[GoldenPrompt] = dataclasses.field(default_factory=list)
+    health: dict[str, Any] = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> Manifest:
+        d = dict(d)
+        if not isinstance(d.get("files", []), list) or not isinstance(d.get("golden_prompts", []), list):
+            raise BundleError("manifest: 'files' and 'golden_prompts' must be lists")
+        d["files"] = [FileEntry.from_dict(x, ".files[]") for x in d.get("files", [])]
+        d["golden_prompts"] = [GoldenPrompt.from_dict(x, ".golden_prompts[]") for x in d.get("golden_prompts", [])]
+        d["memory"] = MemoryRequirements.from_dict(d.get("memory", {}), ".memory")
+        d["lineage"] = Lineage.from_dict(d.get("lineage", {}), ".lineage")
+        m: Manifest = super().from_dict(d, where)
+        m.validate()
+        return m
+
+    def validate(self) -> None:
+        def bad(field: str, why: str) -> BundleError:
+            return BundleError(f"manifest.json: {field}: {why}", hint="fix the manifest and pack the bundle again")
+
+        if self.schema_version != SCHEMA_VERSION:
+            raise bad("schema_version", f"unsupported version {self.schema_version!r} (this edgellm reads {SCHEMA_VERSION}); upgrade edgellm")
+        for field in ("name", "version"):
+            v = getattr(self, field)
+            if not isinstance(v, str) or not _NAME_RE.match(v):
+                raise bad(field, f"must be 1-128 chars of [A-Za-z0-9._-], got {v!r}")
+        if self.runtime not in RUNTIMES:
+            raise bad("runtime", f"must be one of {RUNTIMES}, got {self.runtime!r}")
+        for field in ("artifact", "tokenizer"):
+            v = getattr(self, field)
+            if v is not None and not _safe_relpath(v):
+                raise bad(field, f"must be a relative path inside the bundle, got {v!r}")
+        if not isinstance(self.profiles, list) or not all(isinstance(p, str) for p in self.profiles):
+            raise bad("profiles", "must be a list of profile names")
+        seen = set()
+        for fe in self.files:
+            if not _safe_relpath(fe.path) or fe.path == MANIFEST_NAME:
+                raise bad("files", f"unsafe or reserved path {fe.path!r}")
+            if fe.path in seen:
+                raise bad("files", f"duplicate path {fe.path!r}")
+            seen.add(fe.path)
+            if not (isinstance(fe.sha256, str) and re.fullmatch(r"[0-9a-f]{64}", fe.sha256)):
+                raise bad(f"files[{fe.path}].sha256", "must be 64 lowercase hex chars")
+            if not isinstance(fe.size, int) or fe.size < 0:
+                raise bad(f"files[{fe.path}].size", "must be a non-negative integer")
+        if self.files and self.artifact not in seen:
+            raise bad("artifact", f"{self.artifact!r} is not listed in files")
+        if self.files and self.tokenizer is not None and self.tokenizer not in seen:
+            raise bad("tokenizer", f"{self.tokenizer!r} is not listed in files")
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for fe in self.files:
+            if fe.path == path:
+                return fe
+        raise KeyError(path)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str = "manifest.json") -> Manifest:
+        try:
+            d = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BundleError(f"{where}: not valid JSON ({e})", hint="the bundle is corrupted: rebuild or re-download it") from e
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise BundleError(f"{p}: cannot read manifest ({e.strerror})") from e
+        return cls.from_json(data, where=str(p))
+
+    def dump(self, path: str | Path) -> None:
+        atomic_write(Path(path), self.to_json())
+
+
+def _safe_relpath(p: Any) -> bool:
+    if not isinstance(p, str) or not _PATH_RE.match(p):
+        return False
+    return all(part not in ("", ".", "..") for part in p.split("/"))
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+# --------------------------------------------------------------------------- pack
+
+
+@dataclasses.dataclass(frozen=True)
+class PackResult:
+    path: Path
+    sha256: str
+    size: int
+    manifest: Manifest
+
+
+def _scan(src: Path) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(src):
+        dirs.sort()
+        for n in names:
+            full = Path(root) / n
+            rel = full.relative_to(src).as_posix()
+            if full.is_symlink():
+                raise BundleError(f"{full}: symlinks cannot go into a bundle", hint="copy the file itself into the directory")
+            if not full.is_file():
+                raise BundleError(f"{full}: not a regular file")
+            if rel == MANIFEST_NAME:
+                continue
+            if not _safe_relpath(rel):
+                raise BundleError(f"{full}: file name {rel!r} is not allowed in a bundle", hint="use [A-Za-z0-9._-] names")
+            files.append(rel)
+    return sorted(files)
+
+
+def build_manifest(src_dir: str | Path) -> Manifest:
+    """Read ``src_dir/manifest.json`` and fill its file list with hashes and sizes."""
+    src = Path(src_dir)
+    if not (src / MANIFEST_NAME).is_file():
+        raise BundleError(f"{src}: no {MANIFEST_NAME}", hint="write a manifest.json with at least name, version, runtime and artifact")
+    manifest = Manifest.load(src / MANIFEST_NAME)
+    rels = _scan(src)
+    manifest.files = [FileEntry(path=r, sha256=sha256_file(src / r), size=(src / r).stat().st_size) for r in rels]
+    manifest.validate()
+    return manifest
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+def pack(src_dir: str | Path, out: str | Path) -> PackResult:
+    """Pack ``src_dir`` into a deterministic bundle archive at ``out`` (written atomically)."""
+    src = Path(src_dir)
+    out = Path(out)
+    manifest = build_manifest(src)
+    manifest_bytes = manifest.to_json()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                tar.addfile(_tarinfo(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+                for fe in manifest.files:
+                    with open(src / fe.path, "rb") as f:
+                        tar.addfile(_tarinfo(fe.path, fe.size), f)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    digest = sha256_file(out)
+    logger.info("packed %s (%d files, sha256 %s)", out, len(manifest.files) + 1, digest)
+    return PackResult(out, digest, out.stat().st_size, manifest)
+
+
+# --------------------------------------------------------------------------- unpack
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpackLimits:
+    max_files: int = 64
+    max_total_bytes: int = 8 << 30  # 8 GiB
+    max_file_bytes: int = 8 << 30
+    max_manifest_bytes: int = 1 << 20
+
+
+def _check_member(m: tarfile.TarInfo, limits: UnpackLimits) -> str:
+    name = m.name
+    if m.issym() or m.islnk():
+        raise BundleError(f"bundle entry {name!r} is a link: links are refused", hint="rebuild the bundle with `edgellm bundle pack`")
+    if m.isdir():
+        raise BundleError(f"bundle entry {name!r} is a directory entry: bundles hold files only")
+    if not m.isreg():
+        raise BundleError(f"bundle entry {name!r} is a device, fifo or other special file: refused")
+    if name.startswith("/") or posixpath.isabs(name) or "\\" in name:
+        raise BundleError(f"bundle entry {name!r} has an absolute path: refused")
+    if ".." in name.split("/"):
+        raise BundleError(f"bundle entry {name!r} escapes the bundle with '..': refused")
+    if not (_safe_relpath(name) or name == MANIFEST_NAME):
+        raise BundleError(f"bundle entry {name!r} has an unsafe name: refused")
+    if m.size > limits.max_file_bytes:
+        raise BundleError(f"bundle entry {name!r} is {m.size} bytes, over the {limits.max_file_bytes}-byte limit")
+    return name
+
+
+def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    while True:
+        try:
+            m = tar.next()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise BundleError(f"bundle archive is truncated or corrupted ({e})", hint="re-download or rebuild the bundle") from e
+        if m is None:
+            return
+        yield m
+
+
+def _open_tar(fileobj: BinaryIO) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=fileobj, mode="r:")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise BundleError(f"not a bundle archive ({e})", hint="pass a file written by `edgellm bundle pack` or `edgellm build`") from e
+
+
+def read_manifest(archive: str | Path, limits: UnpackLimits = UnpackLimits()) -> Manifest:
+    """Read only the manifest of a bundle archive (first entry) without extracting anything."""
+    with open(archive, "rb") as f:
+        tar = _open_tar(f)
+        for m in _iter_members(tar):
+            _check_member(m, limits)
+            if m.name != MANIFEST_NAME:
+                break
+            if m.size > limits.max_manifest_bytes:
+                raise BundleError(f"manifest.json is {m.size} bytes, over the {limits.max_manifest_bytes}-byte limit")
+            ef = tar.extractfile(m)
+            assert ef is not None
+            data = ef.read()
+            if len(data) != m.size:
+                raise BundleError("bundle archive is truncated inside manifest.json")
+            return Manifest.from_json(data)
+    raise BundleError(f"{archive}: manifest.json is not the first entry", hint="pack bundles with `edgellm bundle pack`")
+
+
+def unpack(archive: str | Path, dest: str | Path, limits: UnpackLimits = UnpackLimits()) -> Manifest:
+    """Safely extract a bundle to ``dest`` (which must not exist). Atomic: all or nothing."""
+    dest = Path(dest)
+    if dest.exists():
+        raise BundleError(f"{dest} already exists", hint="unpack into a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".unpack"))
+    try:
+        manifest = _extract_checked(Path(archive), tmp, limits)
+        for root, _dirs, names in os.walk(tmp):
+            for n in names:
+                with open(Path(root) / n, "rb") as f:
+                    os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _extract_checked(archive: Path, tmp: Path, limits: UnpackLimits) -> Manifest:
+    total = 0
+    count = 0
+    manifest: Manifest | None = None
+    seen: dict[str, tuple[str, int]] = {}
+    with open(archive, "rb") as f:
+        tar = _open_tar(f)
+        for m in _iter_members(tar):
+            name = _check_member(m, limits)
+            count += 1
+            if count > limits.max_files:
+                raise BundleError(f"bundle has more than {limits.max_files} files: refused")
+            total += m.size
+            if total > limits.max_total_bytes:
+                raise BundleError(f"bundle holds more than {limits.max_total_bytes} bytes: refused")
+            if name in seen or (name == MANIFEST_NAME and manifest is not None):
+                raise BundleError(f"bundle entry {name!r} appears twice: refused")
+            if count == 1 and name != MANIFEST_NAME:
+                raise BundleError("manifest.json is not the first entry of the bundle", hint="pack bundles with `edgellm bundle pack`")
+            src = tar.extractfile(m)
+            assert src is not None
+            if name == MANIFEST_NAME:
+                if m.size > limits.max_manifest_bytes:
+                    raise BundleError(f"manifest.json is {m.size} bytes, over the {limits.max_manifest_bytes}-byte limit")
+                data = src.read()
+                if len(data) != m.size:
+                    raise BundleError("bundle archive is truncated inside manifest.json")
+                manifest = Manifest.from_json(data)
+                continue
+            assert manifest is not None
+            try:
+                expected = manifest.file(name)
+            except KeyError:
+                raise BundleError(f"bundle entry {name!r} is not listed in the manifest: refused") from None
+            out_path = tmp / name
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            n = 0
+            try:
+                with open(out_path, "xb") as out:
+                    for chunk in iter(lambda: src.read(_CHUNK), b""):
+                        n += len(chunk)
+                        h.update(chunk)
+                        out.write(chunk)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise BundleError(f"bundle archive is truncated inside {name!r} ({e})", hint="re-download or rebuild the bundle") from e
+            if n != m.size:
+                raise BundleError(f"bundle archive is truncated inside {name!r}", hint="re-download or rebuild the bundle")
+            if n != expected.size or h.hexdigest() != expected.sha256:
+                raise BundleIntegrityError(
+                    f"{name}: sha256/size do not match the manifest (got {n} bytes, {h.hexdigest()[:12]}…)",
+                    hint="the bundle was altered or corrupted: re-download it and verify it with `edgellm bundle verify`",
+                )
+            seen[name] = (h.hexdigest(), n)
+    if manifest is None:
+        raise BundleError("bundle is empty (no manifest.json)")
+    missing = [fe.path for fe in manifest.files if fe.path not in seen]
+    if missing:
+        raise BundleError(f"bundle is missing files listed in its manifest: {missing}", hint="the archive is incomplete: re-download it")
+    atomic_write(tmp / MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def describe(archive: str | Path) -> dict[str, Any]:
+    """Manifest plus archive hash and size, for ``edgellm bundle inspect``."""
+    p = Path(archive)
+    m = read_manifest(p)
+    return {"path": str(p), "sha256": sha256_file(p), "size": p.stat().st_size, "manifest": m.to_dict()}
