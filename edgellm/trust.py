@@ -241,9 +241,22 @@ class TargetSummary:
         return dataclasses.asdict(self)
 
 
+def canonical_safe(obj: Any) -> Any:
+    """TUF signs canonical JSON, which has no floats: floats become decimal strings."""
+    if isinstance(obj, float):
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {str(k): canonical_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [canonical_safe(v) for v in obj]
+    return obj
+
+
 def target_custom(manifest: Any, bundle_sha256: str) -> dict[str, Any]:
-    """The ML facts a published target carries in its TUF ``custom`` field."""
-    return {
+    """The ML facts a published target carries in its TUF ``custom`` field.
+
+    Metric values are decimal strings (canonical JSON has no floats)."""
+    return canonical_safe({
         "edgellm": {
             "name": manifest.name,
             "version": manifest.version,
@@ -254,7 +267,7 @@ def target_custom(manifest: Any, bundle_sha256: str) -> dict[str, Any]:
             "memory": manifest.memory.to_dict(),
             "bundle_sha256": bundle_sha256,
         }
-    }
+    })
 
 
 class Repository:
@@ -386,7 +399,7 @@ class Repository:
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         tf = TargetFile.from_file(name, str(dst), ["sha256"])
-        tf.unrecognized_fields["custom"] = custom if custom is not None else target_custom(manifest, digest)
+        tf.unrecognized_fields["custom"] = canonical_safe(custom) if custom is not None else target_custom(manifest, digest)
         targets = self.load("targets")
         targets.signed.targets[name] = tf
         self.commit_targets(targets)
