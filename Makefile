@@ -1,0 +1,47 @@
+# edgellm developer entry points.  `make test` is what CI runs (see .ci/run).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# llama-cpp-python compiles llama.cpp (~10 CPU-minutes): build its wheel once, outside the clone.
+WHEELHOUSE ?= $(HOME)/.cache/edgellm/wheelhouse
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+PYTEST_ARGS ?=
+
+.PHONY: help venv wheelhouse install test test-quick bench clean
+
+help:
+	@echo "make install     create $(VENV) and install edgellm[all] (builds the llama.cpp wheel once)"
+	@echo "make test        install, then run the whole test suite (what CI runs)"
+	@echo "make test-quick  skip tests marked slow"
+	@echo "make bench       run every benchmark script"
+
+venv: $(VENV)/bin/python
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip wheel setuptools
+
+wheelhouse: venv
+	@mkdir -p $(WHEELHOUSE)
+	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) into $(WHEELHOUSE) (about 10 minutes on 2 cores, once)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip wheel --no-deps -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	fi
+
+install: wheelhouse
+	$(VENV)/bin/pip install -q --no-index --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION) || \
+	  $(VENV)/bin/pip install -q --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(VENV)/bin/pip install -q --find-links $(WHEELHOUSE) -e '.[all]'
+	$(VENV)/bin/pip check
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-quick:
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench:
+	@for b in benchmarks/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info
