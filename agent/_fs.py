@@ -1,0 +1,118 @@
+"""Small filesystem helpers: atomic writes, directory fsync, advisory locks, hashing.
+
+Every file the agent relies on after a crash (config, slot pointer, keys) is written with
+:func:`atomic_write_bytes`: temp file in the same directory, fsync, ``os.replace``, fsync of the
+directory. A kill at any instant leaves either the old or the new content, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode=mode)
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def create_private_file(path: str | Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Create ``path`` (must not exist) with ``mode`` from the first byte on (no chmod window)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(path, mode)  # umask may have removed bits we asked for
+
+
+def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove a file or directory tree if it exists (also read-only entries)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+
+    def _onerror(func, p, exc_info):  # noqa: ANN001
+        with contextlib.suppress(OSError):
+            os.chmod(p, 0o700)
+            os.chmod(os.path.dirname(p), 0o700)
+        func(p)
+
+    shutil.rmtree(path, onerror=_onerror)
+
+
+class LockTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, timeout: float | None = None) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``): released by the kernel if the holder dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES) or deadline is None:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(str(path)) from e
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,176 @@
+"""`edgellm-agent`: provision, run, status, install, update, rollback.
+
+Heavy imports (FastAPI, uvicorn, runtimes) happen inside the commands that need them, so the
+install path (and its crash tests) start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from edgellm.errors import EdgeLLMError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except EdgeLLMError as e:
+            raise click.ClickException(str(e)) from e
+
+
+def _paths(data_dir: str | None):
+    from agent.config import AgentPaths, default_data_dir
+
+    return AgentPaths(data_dir or default_data_dir())
+
+
+data_dir_option = click.option("--data-dir", "data_dir", type=click.Path(file_okay=False), default=None,
+                               help="Agent data dir (default: $EDGELLM_AGENT_DIR or /var/lib/edgellm-agent).")
+format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                             show_default=True, help="Output for people (table) or machines (json).")
+
+
+def _echo_result(res: dict, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(res, indent=2, sort_keys=True, default=str))
+    else:
+        verdict = "ok" if res.get("ok") else "FAILED"
+        click.echo(f"{res.get('action')}: {verdict} version={res.get('version')}"
+                   + (f" ({res['reason']})" if res.get("reason") else ""))
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """edgellm-agent: verified A/B model updates and a local OpenAI-compatible API."""
+    from agent.logs import configure
+
+    configure(logging.WARNING - 10 * min(verbose, 2))
+
+
+@main.command()
+@data_dir_option
+@click.option("--device-id", required=True)
+@click.option("--profile", required=True, help="Hardware profile of this device.")
+@click.option("--server", default=None, help="Control-plane URL (TUF repository at URL/metadata/, URL/targets/).")
+@click.option("--root", "root", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The fleet's TUF root.json to pin.")
+@click.option("--group", default="default", show_default=True, help="Device group for rollouts.")
+@click.option("--mqtt", "mqtt_url", default=None, help="Broker URL, e.g. mqtts://broker:8883.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--listen", default=None, help="Default HOST:PORT of the local API (loopback only).")
+@click.option("--socket", "socket_path", default=None, help="Default Unix socket path of the local API.")
+@click.option("--key-type", type=click.Choice(["ecdsa-p256", "ed25519"]), default="ecdsa-p256", show_default=True)
+@click.option("--force", is_flag=True, help="Re-provision an already provisioned data dir.")
+def provision(data_dir, device_id, profile, server, root, group, mqtt_url, ca, cert, key, listen, socket_path,
+              key_type, force) -> None:
+    """Pin the trust root, record the profile, create the API token and device keys."""
+    from agent.provision import provision as _provision
+
+    paths = _paths(data_dir)
+    cfg = _provision(paths, device_id=device_id, profile=profile, server=server, root=root, group=group,
+                     mqtt_url=mqtt_url, ca=ca, cert=cert, key=key, listen=listen, socket_path=socket_path,
+                     key_type=key_type, force=force)
+    click.echo(f"provisioned {cfg.device_id} (profile {cfg.profile}) in {paths.root}")
+    click.echo(f"  API token: {paths.token} (mode 0600)")
+    click.echo(f"  device public key: {paths.keys / 'device.pub'}, CSR: {paths.keys / 'device.csr'}")
+
+
+@main.command()
+@data_dir_option
+@click.option("--listen", default=None, help="HOST:PORT on loopback (default from config; '' to disable).")
+@click.option("--socket", "socket_path", default=None, help="Unix socket path (mode 0660).")
+def run(data_dir, listen, socket_path) -> None:
+    """Serve the current model and keep it up to date (stops cleanly on SIGTERM/SIGINT)."""
+    from agent.config import AgentConfig
+    from agent.daemon import Daemon
+    from agent.logs import configure
+
+    configure(logging.INFO)
+    paths = _paths(data_dir)
+    cfg = AgentConfig.load(paths)
+    sys.exit(Daemon(paths, cfg, listen=listen, socket_path=socket_path).run())
+
+
+@main.command()
+@data_dir_option
+@format_option
+def status(data_dir, fmt) -> None:
+    """Current slot, version, model, health and the last update result."""
+    from agent.config import AgentConfig
+    from agent.daemon import status_dict
+
+    paths = _paths(data_dir)
+    st = status_dict(paths, AgentConfig.load(paths))
+    if fmt == "json":
+        click.echo(json.dumps(st, indent=2, sort_keys=True, default=str))
+        return
+    for k in ("device_id", "profile", "group", "slot", "model", "version", "runtime", "quantization", "health"):
+        click.echo(f"{k:13} {st[k] if st[k] is not None else '-'}")
+    lu = st["last_update"]
+    click.echo(f"{'last update':13} " + (f"{lu['action']} {'ok' if lu['ok'] else 'FAILED'} {lu.get('version') or ''}"
+                                          f"{' — ' + lu['reason'] if lu.get('reason') else ''}" if lu else "-"))
+    d = st["daemon"]
+    click.echo(f"{'daemon':13} " + (f"running (pid {d.get('pid')}, port {d.get('port')}, socket {d.get('socket')})"
+                                     if d.get("running") else "not running"))
+
+
+@main.command()
+@data_dir_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--allow-downgrade", is_flag=True, help="Allow installing an older version than the current one.")
+@click.option("--force", is_flag=True, help="Reinstall the same version, or retry a rejected one.")
+@format_option
+def install(data_dir, file, allow_downgrade, force, fmt) -> None:
+    """Install a signed bundle file offline (same verification and A/B path as updates)."""
+    from agent.config import AgentConfig
+    from agent.install import Installer
+
+    paths = _paths(data_dir)
+    res = Installer(paths, AgentConfig.load(paths)).install_envelope(file, allow_downgrade=allow_downgrade,
+                                                                     force=force)
+    _echo_result(res, fmt)
+
+
+@main.command()
+@data_dir_option
+@click.option("--version", "version", default=None, help="Desired version (default: newest for this profile).")
+@click.option("--model", default=None)
+@format_option
+def update(data_dir, version, model, fmt) -> None:
+    """Check the server for an update now and install it."""
+    from agent.config import AgentConfig
+    from agent.install import Installer
+    from agent.source import tuf_source
+
+    paths = _paths(data_dir)
+    cfg = AgentConfig.load(paths)
+    if not cfg.server:
+        raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
+    desired = {k: v for k, v in (("version", version), ("model", model)) if v}
+    res = Installer(paths, cfg).update(tuf_source(paths, cfg), desired)
+    _echo_result(res, fmt)
+
+
+@main.command()
+@data_dir_option
+@format_option
+def rollback(data_dir, fmt) -> None:
+    """Switch back to the previous slot (a running daemon picks it up within a second)."""
+    from agent.config import AgentConfig
+    from agent.install import Installer
+
+    paths = _paths(data_dir)
+    res = Installer(paths, AgentConfig.load(paths)).rollback()
+    _echo_result(res, fmt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The agent's on-disk layout and its configuration (``DIR/config.json``).
+
+Layout of the data dir::
+
+    config.json        AgentConfig (written by `provision`)
+    api-token          bearer token of the local API (0600)
+    keys/              device key pair (device.key 0600, device.pub, device.csr)
+    trust/root.json    pinned TUF root (0444, never written by the agent after provisioning)
+    trust/cache/       writable TUF metadata cache (never trusted on its own)
+    state.json         the slot pointer: current slot, trial, last result (atomic writes)
+    slots/A, slots/B   the two model slots; slots/staging is scratch space
+    downloads/         scratch space for downloads and envelopes
+    run/agent.json     pid, port and socket of a running daemon
+    logs/audit.jsonl   one JSON line per API request
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from agent._fs import atomic_write_json, read_json
+from agent.errors import NotProvisionedError
+
+DEFAULT_DATA_DIR = "/var/lib/edgellm-agent"
+DEFAULT_PORT = 8321
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("EDGELLM_AGENT_DIR") or DEFAULT_DATA_DIR)
+
+
+class AgentPaths:
+    def __init__(self, data_dir: str | Path) -> None:
+        self.root = Path(data_dir).absolute()
+
+    config = property(lambda s: s.root / "config.json")
+    token = property(lambda s: s.root / "api-token")
+    keys = property(lambda s: s.root / "keys")
+    trust = property(lambda s: s.root / "trust")
+    trust_root = property(lambda s: s.root / "trust" / "root.json")
+    tuf_cache = property(lambda s: s.root / "trust" / "cache")
+    state = property(lambda s: s.root / "state.json")
+    slots = property(lambda s: s.root / "slots")
+    staging = property(lambda s: s.root / "slots" / "staging")
+    downloads = property(lambda s: s.root / "downloads")
+    run = property(lambda s: s.root / "run")
+    run_info = property(lambda s: s.root / "run" / "agent.json")
+    logs = property(lambda s: s.root / "logs")
+    audit_log = property(lambda s: s.root / "logs" / "audit.jsonl")
+    lock = property(lambda s: s.root / ".install.lock")
+
+    def slot_dir(self, slot: str) -> Path:
+        return self.slots / slot
+
+    def ensure_dirs(self) -> None:
+        for d in (self.root, self.slots, self.downloads, self.run, self.logs, self.tuf_cache):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def _known(cls: type, d: dict) -> tuple[dict, dict]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return {k: v for k, v in d.items() if k in names}, {k: v for k, v in d.items() if k not in names}
+
+
+@dataclasses.dataclass
+class MqttSettings:
+    """Broker settings recorded at provisioning; the telemetry module turns them into a MqttConfig."""
+
+    url: str
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MqttSettings":
+        known, extra = _known(cls, d)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {**self.extra, **d}
+
+
+@dataclasses.dataclass
+class Limits:
+    """Bounds of the local API. Every request is bounded in bytes, tokens and queueing."""
+
+    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int = 65536
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024
+    default_max_tokens: int = 128
+    queue_size: int = 8
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Limits":
+        known, extra = _known(cls, d)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {**self.extra, **d}
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    device_id: str
+    profile: str
+    server: str | None = None
+    group: str = "default"
+    mqtt: MqttSettings | None = None
+    listen: str | None = f"127.0.0.1:{DEFAULT_PORT}"
+    socket: str | None = None
+    threads: int = 1
+    update_interval_s: float = 3600.0
+    max_boot_attempts: int = 3          # daemon starts allowed before an uncommitted trial reverts
+    trial_commit_s: float = 60.0        # a new slot commits after serving this long
+    health_timeout_s: float = 300.0
+    audit_prompts: bool = False         # write prompt text into the audit log
+    download_max_bytes: int = 8 << 30
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AgentConfig":
+        known, extra = _known(cls, d)
+        if known.get("mqtt") is not None:
+            known["mqtt"] = MqttSettings.from_dict(known["mqtt"])
+        known["limits"] = Limits.from_dict(known.get("limits") or {})
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            d[f.name] = v.to_dict() if hasattr(v, "to_dict") else v
+        return {**self.extra, **d}
+
+    @classmethod
+    def load(cls, paths: AgentPaths) -> "AgentConfig":
+        if not paths.config.exists():
+            raise NotProvisionedError(
+                f"{paths.root} is not a provisioned agent data dir (no config.json)",
+                hint=f"run `edgellm-agent provision --data-dir {paths.root} --device-id ID --profile NAME "
+                     "--server URL --root root.json` first, or pass the right --data-dir",
+            )
+        return cls.from_dict(read_json(paths.config))
+
+    def save(self, paths: AgentPaths) -> None:
+        atomic_write_json(paths.config, self.to_dict(), mode=0o640)

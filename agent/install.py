@@ -1,0 +1,286 @@
+"""Installs verified bundles into the inactive slot, health-checks them and switches.
+
+Online updates (:meth:`Installer.update`) and offline envelopes (:meth:`Installer.install_envelope`)
+share one path, :meth:`Installer._install_verified`:
+
+1. forget the inactive slot's record (pointer write), then wipe its files;
+2. unpack the *verified* archive into ``slots/staging`` (safe unpack, size limits), check the
+   manifest is the target that was verified, rename staging to the slot, fsync;
+3. health check in a child process (load, golden prompts, tokens/s and memory budget);
+4. one atomic pointer write: record the slot and make it current, on trial.
+
+A failure at 2 or 3 leaves the current slot untouched, records why in ``last_result`` and adds the
+version to ``rejected`` (a failed health check); a kill at any instant does the same by construction.
+All mutations happen under an exclusive ``flock`` shared by the daemon and the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent._fs import file_lock, fsync_dir, remove_tree
+from agent.config import AgentConfig, AgentPaths
+from agent.errors import HealthCheckFailed, InstallError, UpdateRefused
+from agent.health import HealthBudget, budget_for, run_health_check
+from agent.manifest import manifest_sha256, mget, verify_slot
+from agent.slots import AgentState, SlotRecord, SlotStore, result
+from agent.source import TargetInfo, UpdateSource, compare_versions
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[..., None]
+
+
+def load_profile(name: str) -> Any | None:
+    """The hardware profile (edgellm.profiles), or None when it cannot be loaded."""
+    try:
+        from edgellm.profiles import get_profile
+
+        return get_profile(name)
+    except Exception as e:  # noqa: BLE001 - an unknown profile only loses the profile budget
+        log.warning("hardware profile %r not loaded (%s): using the bundle's own budget", name, e)
+        return None
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for fn in files:
+            fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+class Installer:
+    def __init__(self, paths: AgentPaths, config: AgentConfig, *,
+                 health_runner: Callable[..., dict] = run_health_check,
+                 on_event: EventSink | None = None,
+                 profile: Any | None = None) -> None:
+        self.paths = paths
+        self.config = config
+        self.store = SlotStore(paths)
+        self.health_runner = health_runner
+        self.on_event = on_event or (lambda kind, **f: None)
+        self._profile = profile
+
+    def lock(self, timeout: float | None = None):
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        return file_lock(self.paths.lock, timeout=timeout)
+
+    @property
+    def profile(self) -> Any | None:
+        if self._profile is None:
+            self._profile = load_profile(self.config.profile)
+        return self._profile
+
+    # -- policy ----------------------------------------------------------------------------------
+
+    def _check_policy(self, state: AgentState, name: str, version: str, *,
+                      allow_downgrade: bool, force: bool) -> None:
+        cur = state.current_record
+        if version in state.rejected and not force:
+            raise UpdateRefused(f"version {version} was rejected earlier (failed health check or rolled back)",
+                                hint="pass --force to try it again")
+        if cur is None:
+            return
+        if cur.name and name and cur.name != name and not force:
+            raise UpdateRefused(f"bundle is model {name!r} but this device runs {cur.name!r}",
+                                hint="pass --force to replace the model")
+        c = compare_versions(version, cur.version)
+        if c == 0 and not force:
+            raise UpdateRefused(f"version {version} is already current", hint="nothing to do")
+        if c < 0 and not allow_downgrade:
+            raise UpdateRefused(f"version {version} is older than the current {cur.version}",
+                                hint="use `edgellm-agent rollback`, or pass --allow-downgrade on purpose")
+
+    def _fail(self, action: str, version: str | None, reason: str, *, reject: bool = False, **extra: Any) -> None:
+        state = self.store.load()
+        if reject and version and version not in state.rejected:
+            state.rejected.append(version)
+        state.last_result = result(action, False, version=version, reason=reason, **extra)
+        self.store.save(state)
+        self.on_event("update.failed", version=version, reason=reason)
+
+    # -- the one install path --------------------------------------------------------------------
+
+    def _install_verified(self, archive: Path, target: TargetInfo | None, *, source: str,
+                          allow_downgrade: bool = False, force: bool = False) -> dict:
+        """Caller holds the lock and has verified ``archive`` against the pinned root."""
+        from edgellm.bundle import unpack
+
+        state = self.store.load()
+        if target is not None and target.version:
+            self._check_policy(state, target.name, target.version, allow_downgrade=allow_downgrade, force=force)
+        slot = state.inactive
+        slot_dir = self.store.slot_dir(slot)
+        # 1. forget, then wipe, the inactive slot
+        if slot in state.slots or (state.trial and state.trial.previous == slot):
+            state.slots.pop(slot, None)
+            if state.trial and state.trial.previous == slot:
+                state.trial.previous = None
+            self.store.save(state)
+        remove_tree(slot_dir)
+        self.store.cleanup_scratch()
+        self.paths.staging.mkdir(parents=True, exist_ok=True)
+        staging = self.paths.staging / "unpack"
+        # 2. safe unpack into staging, check it is what was verified, move into the slot
+        try:
+            manifest = unpack(archive, staging, **self._unpack_kwargs())
+        except Exception as e:
+            remove_tree(staging)
+            self._fail("install", target.version if target else None, f"bundle could not be unpacked: {e}")
+            raise InstallError(f"bundle could not be unpacked: {e}",
+                               hint="the file is damaged or not an edgellm bundle; rebuild or re-download it") from e
+        name, version = str(mget(manifest, "name")), str(mget(manifest, "version"))
+        if target is not None and ((target.version and target.version != version) or (target.name and target.name != name)):
+            remove_tree(staging)
+            reason = f"bundle says {name} {version} but the signed target says {target.name} {target.version}"
+            self._fail("install", version, reason)
+            raise InstallError(reason, hint="the repository is inconsistent: rebuild and republish the bundle")
+        if target is None or not target.version:
+            try:
+                self._check_policy(state, name, version, allow_downgrade=allow_downgrade, force=force)
+            except UpdateRefused:
+                remove_tree(staging)
+                raise
+        os.rename(staging, slot_dir)
+        fsync_dir(self.paths.slots)
+        _fsync_tree(slot_dir)
+        msha = manifest_sha256(slot_dir)
+        verify_slot(slot_dir, msha)
+        # 3. health check in a child process
+        budget = self._budget(manifest)
+        self.on_event("update.health_check", version=version, slot=slot)
+        report = self.health_runner(slot_dir, budget, timeout=self.config.health_timeout_s)
+        if not report.get("ok"):
+            remove_tree(slot_dir)
+            reason = f"health check failed: {report.get('reason')}"
+            self._fail("install", version, reason, reject=True, health=report)
+            raise HealthCheckFailed(f"{name} {version} {reason}", report=report,
+                                    hint="the previous model keeps serving; fix the bundle or the profile budget")
+        # 4. record + switch in one atomic pointer write
+        state = self.store.load()
+        previous = state.current_record
+        state.slots[slot] = SlotRecord(
+            name=name, version=version, runtime=str(mget(manifest, "runtime")),
+            quantization=mget(manifest, "quantization"), manifest_sha256=msha, source=source,
+            target=target.path if target else None, installed_at=time.time(), health=report,
+        )
+        state.last_result = result("install", True, version=version, slot=slot,
+                                   from_version=previous.version if previous else None)
+        self.store.switch(state, slot, trial=True)
+        log.info("installed %s %s into slot %s (on trial)", name, version, slot)
+        self.on_event("update.installed", version=version, model=name, slot=slot,
+                      from_version=previous.version if previous else None,
+                      tokens_per_second=report.get("tokens_per_second"))
+        return state.last_result
+
+    def _unpack_kwargs(self) -> dict:
+        from edgellm.bundle import UnpackLimits
+
+        n = self.config.download_max_bytes
+        return {"limits": UnpackLimits(max_total_bytes=n, max_file_bytes=n)}
+
+    def _budget(self, manifest: Any) -> HealthBudget:
+        return budget_for(manifest, self.profile, threads=self.config.threads)
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    def install_envelope(self, envelope: str | Path, *, allow_downgrade: bool = False, force: bool = False) -> dict:
+        """Offline install of a signed bundle file (verified against the pinned root)."""
+        from agent.source import verify_envelope
+
+        envelope = Path(envelope)
+        with self.lock():
+            work = self.paths.downloads / "envelope"
+            remove_tree(work)
+            work.mkdir(parents=True)
+            try:
+                try:
+                    archive, target = verify_envelope(envelope, self.paths, work)
+                except Exception as e:
+                    reason = f"{envelope.name} failed verification: {e}"
+                    self._fail("install", None, reason)
+                    raise InstallError(reason, hint="only bundles signed by this fleet's keys install; "
+                                       "check the file and the pinned root") from e
+                return self._install_verified(archive, target, source="offline",
+                                              allow_downgrade=allow_downgrade, force=force)
+            finally:
+                remove_tree(work)
+
+    def select_target(self, targets: list[TargetInfo], state: AgentState, desired: dict | None) -> TargetInfo | None:
+        desired = desired or {}
+        cands = [t for t in targets if self.config.profile in t.profiles and t.version]
+        want_model = desired.get("model") or (state.current_record.name if state.current_record else None)
+        if want_model:
+            cands = [t for t in cands if t.name == want_model]
+        if desired.get("version"):
+            cands = [t for t in cands if t.version == str(desired["version"])]
+        else:
+            cands = [t for t in cands if t.version not in state.rejected]
+        if not cands:
+            return None
+        best = cands[0]
+        for t in cands[1:]:
+            if compare_versions(t.version, best.version) > 0:
+                best = t
+        return best
+
+    def update(self, source: UpdateSource, desired: dict | None = None) -> dict:
+        """One update check: refresh metadata, pick the target, download, verify, install."""
+        desired = desired or {}
+        with self.lock():
+            try:
+                source.refresh()
+                targets = source.targets()
+            except Exception as e:
+                self._fail("update", desired.get("version"), f"repository refresh failed: {e}")
+                raise InstallError(f"could not refresh the repository metadata: {e}",
+                                   hint="check the server URL and the network; the current model keeps serving") from e
+            state = self.store.load()
+            target = self.select_target(targets, state, desired)
+            cur = state.current_record
+            if target is None:
+                return result("update", True, version=cur.version if cur else None,
+                              reason="no matching target for this profile")
+            if cur is not None and target.version == cur.version:
+                return result("update", True, version=cur.version, reason="up to date")
+            prev = state.slots.get(state.inactive)
+            rollback_ok = bool(desired.get("rollback") or desired.get("allow_downgrade"))
+            if cur is not None and compare_versions(target.version, cur.version) < 0:
+                if not rollback_ok:
+                    reason = f"desired {target.version} is older than the current {cur.version}"
+                    self.on_event("update.refused", version=target.version, reason=reason)
+                    return result("update", False, version=cur.version, reason=reason + " (no rollback requested)")
+                if prev is not None and prev.version == target.version:
+                    st = self.store.rollback(reason=f"server asked for {target.version}")
+                    self.on_event("update.rolled_back", version=target.version, from_version=cur.version)
+                    return st.last_result or {}
+            dl = self.paths.downloads / "tuf"
+            remove_tree(dl)
+            dl.mkdir(parents=True)
+            try:
+                try:
+                    archive = source.download(target, dl)
+                except Exception as e:
+                    reason = f"download of {target.path} failed: {e}"
+                    self._fail("update", target.version, reason)
+                    raise InstallError(reason, hint="the current model keeps serving; the next check retries") from e
+                return self._install_verified(archive, target, source="tuf", allow_downgrade=rollback_ok,
+                                              force=bool(desired.get("version")) and target.version in state.rejected and bool(desired.get("force")))
+            finally:
+                remove_tree(dl)
+
+    def rollback(self) -> dict:
+        with self.lock():
+            state = self.store.rollback()
+        self.on_event("update.rolled_back", version=state.current_record.version if state.current_record else None)
+        return state.last_result or {}
+
