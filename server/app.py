@@ -1,0 +1,151 @@
+"""The server's data directory and the long-running process that ties the parts together.
+
+Data directory::
+
+    server.json        settings written by ``init``
+    keys/              TUF signing keys + root.json (the trust root devices pin)
+    repo/              TUF repository served at /metadata/ and /targets/
+    ca/                fleet CA (``edgellm-server ca init``), device certs in ca/devices/
+    store.sqlite       device registry, telemetry, rollouts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import EdgeLLMError
+from edgellm.telemetry import MqttConfig
+
+from server.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class ServerError(EdgeLLMError):
+    """The server's data directory or settings are wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def repo(self) -> Path:
+        return self.root / "repo"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def store_path(self) -> Path:
+        return self.root / "store.sqlite"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "server.json"
+
+    def check(self) -> DataDir:
+        if not self.config_path.is_file():
+            raise ServerError(f"{self.root} is not an edgellm-server data directory",
+                              hint=f"run `edgellm-server init --data-dir {self.root}` first")
+        return self
+
+    def store(self) -> Store:
+        return Store(self.store_path)
+
+    @classmethod
+    def init(cls, root: Path, *, expiry: Any = None) -> DataDir:
+        from edgellm.trust import Repository, init_keys
+
+        d = cls(Path(root))
+        if d.config_path.exists():
+            raise ServerError(f"{root} is already initialised", hint="use it with `edgellm-server run --data-dir ...`")
+        d.root.mkdir(parents=True, exist_ok=True)
+        kwargs = {"expiry": expiry} if expiry is not None else {}
+        init_keys(d.keys, **kwargs)
+        Repository.create(d.repo, d.keys)
+        Store(d.store_path).close()
+        d.config_path.write_text(json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()}, indent=2) + "\n")
+        return d
+
+
+class Server:
+    """Ingest + rollout driver + HTTP (+ periodic TUF timestamp refresh) in one process."""
+
+    def __init__(self, data_dir: Path, mqtt: MqttConfig, *, http_host: str = "127.0.0.1", http_port: int = 8080,
+                 client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
+                 update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0) -> None:
+        from server.http import HttpServer
+        from server.ingest import Ingest
+        from server.rollout import RolloutDriver
+
+        self.data = DataDir(Path(data_dir)).check()
+        self.store = self.data.store()
+        self.ingest = Ingest(self.store, mqtt, client_id=client_id)
+        self.driver = RolloutDriver(Store(self.data.store_path), lambda t, p, r: self.ingest.publish(t, p, retain=r),
+                                    min_samples=min_samples, update_timeout_s=update_timeout_s)
+        self.ingest.on_connect_hooks.append(self._on_broker_connect)
+        self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
+        self.tick_s = tick_s
+        self.timestamp_refresh_s = timestamp_refresh_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._republish = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def _on_broker_connect(self) -> None:
+        self._republish.set()  # done on the driver thread
+
+    def start(self) -> None:
+        self.ingest.start()
+        self.http.start()
+        self._thread = threading.Thread(target=self._loop, name="rollout-driver", daemon=True)
+        self._thread.start()
+        logger.info("edgellm-server: dashboard and repository at %s", self.url)
+
+    def _loop(self) -> None:
+        next_ts = time.monotonic() + self.timestamp_refresh_s
+        while not self._stop.wait(self.tick_s):
+            if self._republish.is_set():
+                self._republish.clear()
+                try:
+                    self.driver.republish()
+                except Exception:
+                    logger.exception("republishing desired state failed")
+            self.driver.tick()
+            if time.monotonic() >= next_ts:
+                next_ts = time.monotonic() + self.timestamp_refresh_s
+                try:
+                    from edgellm.trust import Repository
+
+                    Repository(self.data.repo, self.data.keys).refresh_timestamp()
+                except Exception:
+                    logger.exception("refreshing the TUF timestamp failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.http.stop()
+        self.ingest.stop()
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,187 @@
+"""The server's HTTP side (stdlib, one thread per request):
+
+    /                      fleet dashboard (self-contained HTML, inline JS + SVG, no CDN)
+    /metadata/<file>       TUF metadata  } the repository, served as static files;
+    /targets/<file>        bundles       } devices verify everything with python-tuf
+    /api/devices           device registry (JSON)
+    /api/rollouts[/<id>]   rollouts with devices, progress and history
+    /api/series?by=version|device&since=SECONDS_AGO&bucket=SECONDS   metrics for charts
+    /api/ingest            ingest counters (stored, duplicates, malformed_*)
+    /metrics               Prometheus text format
+    /healthz               liveness
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from server import rollout
+from server.store import Store
+
+logger = logging.getLogger(__name__)
+
+_FILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+
+def dashboard_html() -> bytes:
+    return resources.files("server").joinpath("static/dashboard.html").read_bytes()
+
+
+def prometheus_text(store: Store) -> str:
+    lines = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, v in samples:
+            lab = ",".join(f'{k}="{_esc(val)}"' for k, val in sorted(labels.items()))
+            lines.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
+
+    devs = store.devices()
+    metric("edgellm_devices", "gauge", "Known devices.", [({}, len(devs))])
+    metric("edgellm_devices_online", "gauge", "Devices online (birth seen, no death since).",
+           [({}, sum(1 for d in devs if d["online"]))])
+    by_version: dict[str, int] = {}
+    for d in devs:
+        by_version[d["version"] or "none"] = by_version.get(d["version"] or "none", 0) + 1
+    metric("edgellm_devices_by_version", "gauge", "Devices per reported model version.",
+           [({"version": v}, n) for v, n in sorted(by_version.items())])
+    counters = store.counters()
+    metric("edgellm_ingest_messages_total", "counter", "Telemetry messages by outcome.",
+           [({"outcome": k}, v) for k, v in sorted(counters.items())])
+    rows = store.db.execute("SELECT state, COUNT(*) n FROM rollouts GROUP BY state").fetchall()
+    metric("edgellm_rollouts", "gauge", "Rollouts by state.", [({"state": r["state"]}, r["n"]) for r in rows])
+    summ = store.series(by="version", since=time.time() - 300, bucket_s=300)
+    metric("edgellm_p95_latency_ms", "gauge", "Inference p95 latency over the last 5 minutes, by version.",
+           [({"version": s["key"]}, s["p95_latency_ms"]) for s in summ if s["p95_latency_ms"] is not None])
+    metric("edgellm_error_rate", "gauge", "Inference error rate over the last 5 minutes, by version.",
+           [({"version": s["key"]}, s["error_rate"]) for s in summ if s["error_rate"] is not None])
+    return "\n".join(lines) + "\n"
+
+
+def _esc(s: Any) -> str:
+    return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        logger.debug("http: " + fmt, *args)
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj: Any, code: int = 200) -> None:
+        self._send(code, json.dumps(obj, default=str).encode(), "application/json")
+
+    def _error(self, code: int, msg: str) -> None:
+        self._json({"error": msg}, code)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+    def do_GET(self) -> None:  # noqa: N802
+        try:
+            self._route()
+        except rollout.RolloutError as e:
+            self._error(404, str(e))
+        except Exception:
+            logger.exception("http: %s failed", self.path)
+            self._error(500, "internal error")
+
+    def _route(self) -> None:
+        u = urlparse(self.path)
+        path, qs = u.path, parse_qs(u.query)
+        store = self.server.store
+        if path in ("/", "/dashboard"):
+            self._send(200, dashboard_html(), "text/html; charset=utf-8")
+        elif path == "/healthz":
+            self._json({"ok": True})
+        elif path == "/metrics":
+            self._send(200, prometheus_text(store).encode(), "text/plain; version=0.0.4")
+        elif path == "/api/devices":
+            self._json(store.devices(group=qs.get("group", [None])[0]))
+        elif path == "/api/rollouts":
+            self._json(rollout.status(store))
+        elif path.startswith("/api/rollouts/"):
+            self._json(rollout.status(store, path.rsplit("/", 1)[1])[0])
+        elif path == "/api/series":
+            by = qs.get("by", ["version"])[0]
+            since = time.time() - float(qs.get("since", ["3600"])[0])
+            bucket = max(1.0, float(qs.get("bucket", ["60"])[0]))
+            self._json(store.series(by=by, since=since, bucket_s=bucket, device=qs.get("device", [None])[0]))
+        elif path == "/api/ingest":
+            self._json(store.counters())
+        elif path.startswith("/metadata/") or path.startswith("/targets/"):
+            self._static(path)
+        else:
+            self._error(404, f"no such page: {path}")
+
+    def _static(self, path: str) -> None:
+        repo = self.server.repo_dir
+        sub, _, name = path.lstrip("/").partition("/")
+        if repo is None or not _FILE_RE.match(name) or name.startswith("."):
+            self._error(404, "not found")
+            return
+        f = repo / sub / name
+        if not f.is_file():
+            self._error(404, "not found")
+            return
+        size = f.stat().st_size
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json" if sub == "metadata" else "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                self.wfile.write(chunk)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], store: Store, repo_dir: Path | None) -> None:
+        super().__init__(addr, _Handler)
+        self.store = store
+        self.repo_dir = repo_dir
+
+
+class HttpServer:
+    def __init__(self, store: Store, repo_dir: Path | None, host: str = "127.0.0.1", port: int = 8080) -> None:
+        self._srv = _Server((host, port), store, repo_dir)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._srv.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._srv.serve_forever, name="http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._srv.shutdown()
+        self._srv.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
