@@ -1,0 +1,137 @@
+"""Byte-level BPE tokenizer (``tokenizers``), special tokens and the chat template.
+
+Special tokens (ids fixed, in this order): ``<unk>`` 0, ``<s>`` 1 (bos), ``</s>`` 2 (eos),
+``<pad>`` 3, ``<|system|>`` 4, ``<|user|>`` 5, ``<|assistant|>`` 6. The chat template is
+:func:`edgellm.runtime.base.render_chat`, recorded as a jinja ``chat_template`` in
+``tokenizer_config.json``. No torch import here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import BuildError
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, *ROLE_TOKENS)
+
+#: Jinja equivalent of edgellm.runtime.base.render_chat (bos is added by the tokenizer).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: use system, user or assistant') }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
+    """Train a byte-level BPE on ``texts``; the result may be smaller than ``vocab_size``
+    when the text has fewer useful merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise BuildError(f"vocab_size {vocab_size} is too small for a byte-level BPE",
+                         hint=f"use at least {256 + len(SPECIAL_TOKENS)}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)])
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    return tok
+
+
+def tokenizer_config(model_max_length: int) -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
+        "additional_special_tokens": list(ROLE_TOKENS),
+        "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def save_tokenizer(tok: Any, out_dir: Path, *, model_max_length: int) -> None:
+    out_dir = Path(out_dir)
+    tok.save(str(out_dir / "tokenizer.json"))
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps(tokenizer_config(model_max_length), indent=2) + "\n", encoding="utf-8")
+    smap = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
+            "additional_special_tokens": list(ROLE_TOKENS)}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n", encoding="utf-8")
+
+
+def find_tokenizer_file(*candidates: Path | None) -> Path:
+    for c in candidates:
+        if c is None:
+            continue
+        c = Path(c)
+        p = c / "tokenizer.json" if c.is_dir() else c
+        if p.name == "tokenizer.json" and p.exists():
+            return p
+    names = ", ".join(str(c) for c in candidates if c is not None)
+    raise BuildError(f"no tokenizer.json found (looked in: {names})",
+                     hint="pass the model directory that holds tokenizer.json")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load ``tokenizer.json`` (a file, or a directory containing it)."""
+    from tokenizers import Tokenizer
+
+    p = find_tokenizer_file(Path(path))
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise BuildError(f"{p}: unreadable tokenizer ({e})",
+                         hint="the file is corrupted: copy it again from the model directory") from e
+
+
+def read_tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    p = Path(model_dir) / "tokenizer_config.json"
+    if not p.exists():
+        return {}
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def encode(tok: Any, text: str, *, special: bool) -> list[int]:
+    """Ids for ``text`` without bos/eos. ``special=False`` treats special-token strings in
+    the text as plain text (never as control tokens)."""
+    prev = tok.encode_special_tokens
+    tok.encode_special_tokens = not special
+    try:
+        return tok.encode(text, add_special_tokens=False).ids
+    finally:
+        tok.encode_special_tokens = prev
+
+
+def encode_chat(tok: Any, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    """Chat messages -> ids: role markers as special tokens, contents as plain text."""
+    ids: list[int] = []
+    for m in messages:
+        role = m.get("role", "user")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown chat role {role!r}: use system, user or assistant")
+        ids += encode(tok, f"<|{role}|>", special=True)
+        ids += encode(tok, "\n" + (m.get("content") or "") + "\n", special=False)
+    if add_generation_prompt:
+        ids += encode(tok, "<|assistant|>", special=True) + encode(tok, "\n", special=False)
+    return ids
