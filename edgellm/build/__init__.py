@@ -1,0 +1,1 @@
+"""torch-only build pipeline: model, tokenizer, train, distill, export, quantize, select."""
