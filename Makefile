@@ -29,8 +29,7 @@ wheelhouse: venv
 	fi
 
 install: wheelhouse
-	$(VENV)/bin/pip install -q --no-index --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION) || \
-	  $(VENV)/bin/pip install -q --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(VENV)/bin/pip install -q --prefer-binary --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(VENV)/bin/pip install -q --find-links $(WHEELHOUSE) -e '.[all]'
 	$(VENV)/bin/pip check
 
