@@ -13,4 +13,4 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-pytest_plugins = ["fixtures_trust", "fixtures_build", "fixtures_gguf", "fixtures_mqtt"]
+pytest_plugins = ["fixtures_trust", "fixtures_build", "fixtures_gguf", "fixtures_mqtt", "fixtures_agent"]
