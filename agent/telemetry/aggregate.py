@@ -3,6 +3,7 @@ mean logprob of generated tokens, prompt length stats)."""
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -11,7 +12,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted, non-empty list."""
     if not sorted_values:
         raise ValueError("no values")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
     return float(sorted_values[k])
 
 

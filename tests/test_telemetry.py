@@ -1,0 +1,251 @@
+"""Telemetry end to end against a real Mosquitto: wire schemas, online state from birth/death,
+desired state, commands, malformed payloads, and mutual TLS with the fleet CA."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from agent.telemetry import Telemetry
+from agent.telemetry.aggregate import InferenceAggregator, percentile
+from edgellm import telemetry as wire
+from edgellm.telemetry import MqttConfig
+from server.ingest import Ingest
+from server.store import Store
+
+
+def wait_for(pred, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def ingest(tmp_path, mqtt_broker):
+    store = Store(tmp_path / "store.sqlite")
+    ing = Ingest(store, MqttConfig(mqtt_broker.url), client_id=f"srv-{tmp_path.name}"[:60])
+    ing.start()
+    assert ing.wait_connected(10)
+    yield ing
+    ing.stop()
+
+
+def raw_client(url: str, client_id: str):
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    cfg = MqttConfig(url)
+    c.connect(cfg.host, cfg.port)
+    c.loop_start()
+    return c
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+def test_envelope_roundtrip_keeps_unknown_fields():
+    d = {"device": "d1", "kind": "metrics", "seq": 3, "ts": 1.5, "v": 1, "future": {"x": 1},
+         "body": {"interval_s": 60, "count": 2, "p95_latency_ms": 10.0, "new_metric": 7}}
+    env = wire.Envelope.from_json(json.dumps(d).encode())
+    assert env.to_dict() == d
+    m = env.typed_body()
+    assert isinstance(m, wire.Metrics) and m.extra == {"new_metric": 7}
+    assert m.to_dict()["new_metric"] == 7
+    assert wire.Desired.from_json(wire.Desired(model="m", version="2").to_json()).version == "2"
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json", b"[1,2]", b'{"device": "d1"}', b'{"device": "../x", "kind": "event", "seq": 1, "ts": 0, "body": {}}',
+    b'{"device": "d1", "kind": "nope", "seq": 1, "ts": 0, "body": {}}',
+    b'{"device": "d1", "kind": "metrics", "seq": 1, "ts": 0, "body": {"count": "many", "interval_s": 1}}',
+    b'{"device": "d1", "kind": "event", "seq": -1, "ts": 0, "body": {"name": "x"}}',
+    b'{"device": "d1", "kind": "event", "seq": 1, "ts": 0, "v": 99, "body": {"name": "x"}}',
+    b"x" * (wire.MAX_PAYLOAD_BYTES + 1),
+])
+def test_malformed_envelopes_are_refused(payload):
+    with pytest.raises(wire.TelemetryError):
+        wire.Envelope.from_json(payload)
+
+
+def test_topics_and_config():
+    assert wire.parse_device_topic(wire.device_topic("d-1", "event")) == ("d-1", "event")
+    assert wire.parse_device_topic("edgellm/v1/desired/group/x") is None
+    assert wire.shared_device_subscription() == "$share/edgellm/edgellm/v1/dev/+/+"
+    c = MqttConfig("mqtts://broker.example:8884", ca="ca.crt")
+    assert (c.host, c.port, c.tls) == ("broker.example", 8884, True)
+    assert MqttConfig("mqtt://h").port == 1883
+    with pytest.raises(wire.TelemetryError):
+        _ = MqttConfig("http://h:1").port
+
+
+def test_aggregator_percentiles():
+    agg = InferenceAggregator()
+    for i in range(1, 101):
+        agg.add(latency_ms=i, prompt_tokens=i, completion_tokens=2, tokens_per_second=10.0,
+                mean_logprob=-1.0, error=i % 10 == 0)
+    s = agg.drain()
+    assert (s["count"], s["errors"], s["p50_latency_ms"], s["p95_latency_ms"]) == (100, 10, 50.0, 95.0)
+    assert s["prompt_tokens_max"] == 100 and s["mean_logprob"] == -1.0 and s["completion_tokens"] == 200
+    assert agg.drain() is None
+    assert percentile([5.0], 95) == 5.0
+
+
+# --------------------------------------------------------------------------- live broker
+
+
+def test_birth_heartbeat_metrics_and_clean_death(tmp_path, mqtt_broker, ingest):
+    store = ingest.store
+    t = Telemetry("dev-a", tmp_path / "a", MqttConfig(mqtt_broker.url), "rpi5-8gb", group="lab",
+                  heartbeat_s=0.5, metrics_interval_s=0.3)
+    t.set_state(version="1.0", model="tiny", slot="a", health="ok")
+    t.start()
+    for i in range(30):
+        t.record_inference(latency_ms=100 + i, prompt_tokens=10, completion_tokens=20, tokens_per_second=50,
+                           mean_logprob=-1.0, error=i == 0)
+    d = wait_for(lambda: (x := store.device("dev-a")) and x["online"] and x, what="device online")
+    assert (d["profile"], d["group"], d["version"], d["model"], d["health"]) == ("rpi5-8gb", "lab", "1.0", "tiny", "ok")
+    summ = wait_for(lambda: (s := store.metric_summary(["dev-a"], "1.0", 0))["count"] == 30 and s, what="metrics")
+    assert summ["errors"] == 1 and summ["mean_logprob"] == -1.0
+    t.set_state(version="1.1")
+    wait_for(lambda: store.device("dev-a")["version"] == "1.1", what="version change reported")
+    t.stop()
+    wait_for(lambda: not store.device("dev-a")["online"], what="offline after clean stop")
+
+
+def test_last_will_marks_a_vanished_device_offline_but_not_a_reconnected_one(tmp_path, mqtt_broker, ingest):
+    store = ingest.store
+    t = Telemetry("dev-w", tmp_path / "w", MqttConfig(mqtt_broker.url), "sim", keepalive_s=1)
+    t.start()
+    wait_for(lambda: (x := store.device("dev-w")) and x["online"], what="online")
+    # Simulate a network loss: drop the socket without DISCONNECT -> the broker sends the will.
+    t._client.socket().close()
+    wait_for(lambda: t.connects >= 2, what="reconnect")
+    time.sleep(0.5)
+    assert store.device("dev-w")["online"], "the old session's will must not mark the new session offline"
+    t._stop.set()  # die without a goodbye: stop the worker thread without the death message
+    t._connected.clear()
+    sock = t._client.socket() if t._client else None
+    t._client = None
+    if sock:
+        sock.close()
+    t._thread.join(5)
+    wait_for(lambda: not store.device("dev-w")["online"], timeout=10, what="will after keepalive")
+    t._thread = None
+    t.stop()
+
+
+def test_desired_state_device_overrides_group_and_commands_get_replies(tmp_path, mqtt_broker, ingest):
+    got = []
+    t = Telemetry("dev-d", tmp_path / "d", MqttConfig(mqtt_broker.url), "sim", group="g1")
+    t.on_desired(got.append)
+    t.on_command(lambda name, args: {"echo": args} if name == "echo" else (_ for _ in ()).throw(ValueError("no")))
+    t.start()
+    wait_for(lambda: t.connected, what="connected")
+    ingest.publish(wire.desired_group_topic("g1"), wire.Desired(model="m", version="2").to_json())
+    wait_for(lambda: got, what="group desired")
+    ingest.publish(wire.desired_device_topic("dev-d"), wire.Desired(model="m", version="1", rollout="r1").to_json())
+    wait_for(lambda: len(got) == 2, what="device desired")
+    ingest.publish(wire.desired_device_topic("dev-d"), b"")  # pin cleared: back to the group's
+    wait_for(lambda: len(got) == 3, what="pin cleared")
+    assert [(g["version"], g["source"]) for g in got] == [("2", "group"), ("1", "device"), ("2", "group")]
+    assert got[1]["rollout"] == "r1"
+    for cid, name in (("c1", "ping"), ("c2", "echo"), ("c3", "state"), ("c4", "reboot")):
+        ingest.publish(wire.command_topic("dev-d"), json.dumps({"id": cid, "name": name, "args": {"a": 1}}).encode(),
+                       retain=False)
+    replies = wait_for(lambda: len(r := ingest.store.db.execute(
+        "SELECT body FROM messages WHERE device='dev-d' AND kind='reply'").fetchall()) == 4 and r, what="replies")
+    by_id = {b["id"]: b for b in (json.loads(r[0]) for r in replies)}
+    assert by_id["c1"]["result"] == "pong" and by_id["c2"]["result"] == {"echo": {"a": 1}}
+    assert by_id["c4"]["ok"] is False and "no" in by_id["c4"]["error"]
+    t.stop()
+
+
+def test_malformed_payloads_are_counted_and_dropped_and_ingest_keeps_going(tmp_path, mqtt_broker, ingest):
+    store = ingest.store
+    c = raw_client(mqtt_broker.url, "vandal")
+    bad = [
+        ("edgellm/v1/dev/x1/event", b"\x00\xffnot json"),
+        ("edgellm/v1/dev/x1/event", b'{"device": "x1", "kind": "event"}'),
+        ("edgellm/v1/dev/x1/metrics", json.dumps({"device": "x1", "kind": "metrics", "seq": 5, "ts": 1,
+                                                   "body": {"interval_s": "soon", "count": 1}}).encode()),
+        ("edgellm/v1/dev/x1/event", json.dumps({"device": "someone-else", "kind": "event", "seq": 1, "ts": 1,
+                                                 "body": {"name": "spoof"}}).encode()),
+        ("edgellm/v1/dev/x1/event", b"{" + b" " * (wire.MAX_PAYLOAD_BYTES + 10) + b"}"),
+    ]
+    for topic, payload in bad:
+        c.publish(topic, payload, qos=1).wait_for_publish(5)
+    t = Telemetry("x1", tmp_path / "x1", MqttConfig(mqtt_broker.url), "sim")
+    t.start()
+    t.event("still-alive", n=1)
+    wait_for(lambda: store.events(device="x1", name="still-alive"), what="good message after bad ones")
+    counters = wait_for(lambda: (k := store.counters()) and sum(v for n, v in k.items() if n.startswith("malformed")) == 5 and k,
+                        what="malformed counted")
+    assert counters["malformed_json"] == 1 and counters["malformed_oversized"] == 1
+    assert counters["malformed_schema"] == 2 and counters["malformed_topic"] == 1
+    assert store.device("someone-else") is None
+    t.stop()
+    c.loop_stop()
+    c.disconnect()
+
+
+def test_duplicates_are_stored_once(tmp_path, mqtt_broker, ingest):
+    c = raw_client(mqtt_broker.url, "replayer")
+    env = wire.Envelope(device="dup", kind="event", seq=7, ts=time.time(), body={"name": "once", "fields": {}})
+    for _ in range(5):
+        c.publish(wire.device_topic("dup", "event"), env.to_json(), qos=1).wait_for_publish(5)
+    wait_for(lambda: ingest.counters["duplicates"] == 4, what="duplicates counted")
+    assert ingest.store.message_seqs("dup") == [7]
+    c.loop_stop()
+    c.disconnect()
+
+
+# --------------------------------------------------------------------------- mutual TLS
+
+
+def test_mtls_broker_accepts_fleet_certs_and_refuses_others(tmp_path, fleet_pki):
+    from fixtures_mqtt import Broker, free_port
+    from server.identity import mosquitto_config
+
+    port = free_port()
+    b = Broker(tmp_path / "broker")
+    b.port = port
+    b.config.write_text(mosquitto_config(port=port, bind="127.0.0.1", ca=fleet_pki["ca"], cert=fleet_pki["server"].cert,
+                                         key=fleet_pki["server"].key, run_as_root=True))
+    b.start()
+    try:
+        url = f"mqtts://127.0.0.1:{port}"
+        good = Telemetry("dev-good", tmp_path / "good", MqttConfig(url, ca=str(fleet_pki["ca"]),
+                         cert=str(fleet_pki["good"].cert), key=str(fleet_pki["good"].key)), "sim")
+        rogue = Telemetry("dev-rogue", tmp_path / "rogue", MqttConfig(url, ca=str(fleet_pki["ca"]),
+                          cert=str(fleet_pki["bad"].cert), key=str(fleet_pki["bad"].key)), "sim",
+                          backoff_min_s=0.1, backoff_max_s=0.3)
+        anon = Telemetry("dev-anon", tmp_path / "anon", MqttConfig(url, ca=str(fleet_pki["ca"])), "sim",
+                         backoff_min_s=0.1, backoff_max_s=0.3)
+        for t in (good, rogue, anon):
+            t.start()
+            t.event("hello")
+        assert good.wait_delivered(10)
+        time.sleep(1.5)  # several attempts each
+        assert rogue._attempts >= 2 and anon._attempts >= 2
+        assert rogue.connects == 0 and anon.connects == 0
+        assert len(rogue.outbox) >= 1 and len(anon.outbox) >= 1  # kept for when they get a valid cert
+        for t in (good, rogue, anon):
+            t.stop()
+    finally:
+        b.stop()
+
+
+def test_ca_issues_verifiable_device_certs(tmp_path, fleet_pki):
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(fleet_pki["good"].cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(fleet_pki["ca"].read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert cert.subject.rfc4514_string() == "CN=dev-good"
+    assert oct(fleet_pki["good"].key.stat().st_mode & 0o777) == "0o600"
