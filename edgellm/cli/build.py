@@ -1,3 +1,110 @@
-"""`edgellm build` command (build pipeline II, issue 4)."""
+"""`edgellm build` — one bundle per hardware profile, with a report of every candidate (issue 4)."""
 
-commands: list = []
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgellm.cli._common import echo_json, format_option
+
+_FORMATS = ("onnx-fp32", "onnx-int8", "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0")
+
+
+def _fraction(text: str | None) -> float | None:
+    """'5%' or '0.05' -> 0.05."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a fraction (0.05) or a percentage (5%)") from None
+
+
+@click.command("build")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="HF-format model directory (config.json, *.safetensors, tokenizer.json).")
+@click.option("--profile", "profiles", multiple=True, required=True,
+              help="Hardware profile to build for (repeat for a fleet); see `edgellm profiles list`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the bundles, report.md and report.json.")
+@click.option("--repo", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="TUF repository to publish into (with --keys); DIST then holds signed bundles.")
+@click.option("--keys", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Keys directory made by `edgellm keys init`.")
+@click.option("--name", default=None, help="Bundle/model name (default: the model directory's name).")
+@click.option("--version", "version", default="0.1.0", show_default=True)
+@click.option("--candidates", "candidates", default=None,
+              help=f"Comma-separated formats to consider (default: all the profiles' runtimes allow: {', '.join(_FORMATS)}).")
+@click.option("--pin-format", type=click.Choice(_FORMATS), default=None, help="Only ever choose this format.")
+@click.option("--max-quality-loss", default=None,
+              help="Largest perplexity increase accepted vs the unquantized model, e.g. 5% or 0.05.")
+@click.option("--min-tokens-per-second", type=float, default=None,
+              help="Speed target for every profile (default: each profile's own target).")
+@click.option("--headroom", default="10%", show_default=True, help="Memory kept free on top of the estimate.")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Text file for perplexity / KL / top-1 measurements (default: a built-in paragraph).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Candidate cache (default: ~/.cache/edgellm/candidates).")
+@click.option("--profiles-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of profile *.toml files (default: the shipped hardware_profiles).")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads for measurements here.")
+@format_option
+def build_cmd(model_dir: Path, profiles: tuple[str, ...], out_dir: Path, repo: Path | None, keys: Path | None,
+              name: str | None, version: str, candidates: str | None, pin_format: str | None,
+              max_quality_loss: str | None, min_tokens_per_second: float | None, headroom: str,
+              eval_text: Path | None, cache_dir: Path | None, profiles_dir: Path | None, threads: int,
+              fmt: str) -> None:
+    """Build the right bundle for each hardware PROFILE from MODEL_DIR.
+
+    Exports and quantizes candidates (cached by content hash), measures quality, size, memory and
+    speed, picks per profile the candidate that fits its RAM, meets its speed target and loses
+    least quality, and writes one bundle per profile plus report.md and report.json. A profile
+    nothing fits is refused (exit status 2) with what would fit.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from edgellm.build.pipeline import BuildConfig, run_build
+    from edgellm.build.select import Budget
+
+    budget = Budget(headroom=_fraction(headroom) or 0.0, max_quality_loss=_fraction(max_quality_loss),
+                    min_tokens_per_second=min_tokens_per_second, pin_format=pin_format)
+    cfg = BuildConfig(
+        model_dir=model_dir, profiles=list(profiles), out_dir=out_dir, name=name, version=version,
+        formats=[c.strip() for c in candidates.split(",") if c.strip()] if candidates else None,
+        budget=budget, eval_text=eval_text.read_text(encoding="utf-8") if eval_text else None,
+        cache_dir=cache_dir, profiles_dir=profiles_dir, repo=repo, keys=keys, threads=threads,
+    )
+    console = Console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=fmt == "json") as bar:
+        task = bar.add_task("starting", total=1)
+
+        def progress(step: str, i: int, n: int) -> None:
+            bar.update(task, description=step, completed=i, total=max(n, 1))
+
+        result = run_build(cfg, progress=progress)
+
+    if fmt == "json":
+        import json
+
+        echo_json(json.loads(result.report_json.read_text()))
+    else:
+        for r in result.results:
+            sel = r.selection
+            if sel.chosen:
+                m = result.candidates.measurements[sel.chosen]
+                v = sel.verdict(sel.chosen)
+                click.echo(f"{r.profile:<24} {sel.chosen:<12} {m.size_bytes / 2**20:8.2f} MiB  "
+                           f"ppl {m.quality_loss:+.2%}  ~{v.predicted_tokens_per_second:.0f} tok/s  -> {r.bundle}"
+                           + ("  (signed)" if r.signed else ""))
+            else:
+                click.echo(f"{r.profile:<24} REFUSED: {sel.refusal}")
+        click.echo(f"report: {result.report_md} and {result.report_json}")
+    if result.refused:
+        raise SystemExit(2)
+
+
+commands: list = [build_cmd]

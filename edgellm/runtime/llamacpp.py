@@ -489,6 +489,21 @@ class LlamaCppRuntime(Runtime):
         self._prefill(ids)
         return self._last_logits()
 
+    def decode_speed(self, n_tokens: int = 64, prompt: Sequence[int] | None = None) -> float:
+        """Greedy decode tokens/s after a short prompt, ignoring end-of-generation (a benchmark)."""
+        import time
+
+        self._check_open()
+        ids = list(prompt) if prompt else [self.info.bos_id or 0]
+        n_tokens = max(1, min(n_tokens, self._context_length - len(ids)))
+        self._cached = []
+        self._prefill(ids)
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            tok = int(np.argmax(self._last_logits()))
+            self._eval([tok])
+        return n_tokens / (time.perf_counter() - t0)
+
     # ---- generation
     def generate(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenEvent]:
         self._check_open()

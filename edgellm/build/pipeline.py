@@ -1,0 +1,327 @@
+"""The profile-aware build: model dir + hardware profiles -> one bundle per profile + a report.
+
+    result = run_build(BuildConfig(model_dir=..., profiles=["rpi5-8gb", ...], out_dir=...))
+
+Steps: load the profiles; build and measure the candidates the profiles' runtimes allow
+(:mod:`edgellm.build.candidates`, cached by content hash); choose per profile
+(:mod:`edgellm.build.select`); pack one bundle per served profile with memory figures,
+metrics, generation defaults and golden prompts for the device's health check; write
+``report.json`` and ``report.md``; optionally publish and sign each bundle in a TUF repository
+and put the signed envelope (bundle + the metadata that verifies it, installable offline) in
+the output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgellm.build.candidates import (
+    ALL_FORMATS,
+    DEFAULT_EVAL_TEXT,
+    GGUF_FORMATS,
+    ONNX_FORMATS,
+    RUNTIME_NAMES,
+    CandidateSet,
+    Measurement,
+    build_candidates,
+    kind_of,
+)
+from edgellm.build.select import Budget, Selection, select
+from edgellm.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+_NAME_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "edgellm" / "candidates"
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    model_dir: Path
+    profiles: list[str]
+    out_dir: Path
+    name: str | None = None
+    version: str = "0.1.0"
+    formats: list[str] | None = None          # default: every format the profiles' runtimes allow
+    budget: Budget = dataclasses.field(default_factory=Budget)
+    eval_text: str | None = None
+    cache_dir: Path | None = None
+    profiles_dir: Path | None = None
+    repo: Path | None = None
+    keys: Path | None = None
+    threads: int = 1
+    golden_prompts: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["budget"] = self.budget.to_dict()
+        d["eval_text"] = None if self.eval_text is None else f"<{len(self.eval_text)} chars>"
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+@dataclasses.dataclass
+class ProfileResult:
+    profile: str
+    selection: Selection
+    bundle: Path | None = None
+    bundle_sha256: str | None = None
+    target: str | None = None
+    signed: bool = False
+
+
+@dataclasses.dataclass
+class BuildResult:
+    config: BuildConfig
+    candidates: CandidateSet
+    results: list[ProfileResult]
+    report_json: Path
+    report_md: Path
+
+    @property
+    def refused(self) -> list[ProfileResult]:
+        return [r for r in self.results if r.selection.chosen is None]
+
+
+def _formats_for(profiles: list[Any], requested: list[str] | None, pin: str | None) -> list[str]:
+    if requested:
+        for f in requested:
+            kind_of(f)
+        fmts = list(requested)
+    else:
+        runtimes = set().union(*(p.runtimes for p in profiles)) if profiles else set()
+        fmts = [f for f in ALL_FORMATS if RUNTIME_NAMES[kind_of(f)] in runtimes]
+        if not fmts:  # nobody can run anything: still measure GGUF to say what would fit
+            fmts = list(GGUF_FORMATS)
+    if pin:
+        kind_of(pin)
+        if pin not in fmts:
+            fmts.append(pin)
+    if any(f in ONNX_FORMATS for f in fmts) and not _onnx_available():
+        log.warning("ONNX candidates skipped: the ONNX exporter is not available in this build")
+        fmts = [f for f in fmts if f not in ONNX_FORMATS]
+    return fmts
+
+
+def _onnx_available() -> bool:
+    from edgellm.build.candidates import onnx_supported
+
+    return onnx_supported()
+
+
+def _golden_prompts(m: Measurement, prompts: list[str]) -> list[dict[str, Any]]:
+    """Greedy continuations of a few prompts with the chosen artifact; ``expect`` holds the
+    confident prefix (every token at p > 0.6), so the device health check catches garbage."""
+    from edgellm.runtime import GenerationParams, load_runtime
+
+    out = []
+    rt = load_runtime(m.runtime, m.artifact, threads=1, context_length=256)
+    try:
+        for p in prompts:
+            c = rt.complete(p, GenerationParams(max_tokens=8))
+            keep = 0
+            for lp in c.logprobs:
+                if lp is None or math.isnan(lp) or lp < math.log(0.6):
+                    break
+                keep += 1
+            expect = rt.detokenize(c.token_ids[:keep]).strip() if keep else ""
+            out.append({"prompt": p, "max_tokens": 8, "expect": expect if len(expect) >= 2 else None})
+    finally:
+        rt.close()
+    return out
+
+
+def _default_prompts(eval_text: str) -> list[str]:
+    words = eval_text.split()
+    return [" ".join(words[:6]) or "Hello", " ".join(words[20:26]) or "The"]
+
+
+def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Selection,
+              cands: CandidateSet, golden: list[dict[str, Any]]) -> dict[str, Any]:
+    v = sel.verdict(m.fmt)
+    artifact = "model.gguf" if m.runtime == "gguf" else "model.onnx"
+    return {
+        "name": name, "version": cfg.version, "runtime": m.runtime, "artifact": artifact,
+        "quantization": m.fmt.split("-", 1)[1], "profiles": [profile.name],
+        "tokenizer": None if m.runtime == "gguf" else "tokenizer.json",
+        "memory": {k: v.memory[k] for k in ("weights_bytes", "kv_cache_bytes", "context_length", "peak_bytes")},
+        "metrics": {
+            "perplexity": m.perplexity, "reference_perplexity": m.reference_perplexity,
+            "kl_divergence": m.kl_divergence, "top1_agreement": m.top1_agreement, "quality_loss": m.quality_loss,
+            "size_bytes": m.size_bytes, "decode_tokens_per_second_here": m.decode_tokens_per_second,
+            "bandwidth_here_gbps": cands.bandwidth_here_gbps, "efficiency": m.efficiency,
+            "profile_bandwidth_gbps": profile.bandwidth_gbps,
+            "predicted_tokens_per_second": v.predicted_tokens_per_second,
+        },
+        "generation": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "max_tokens": 128, "stop": [],
+                       "threads": profile.threads, "context_length": profile.context_length},
+        "lineage": {"parent_version": None, "data_sha256": None,
+                    "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
+                                     "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
+                                     "eval_sha256": cands.eval_sha256}},
+        "golden_prompts": golden,
+        "health": {"min_tokens_per_second": profile.min_tokens_per_second, "max_load_seconds": 60,
+                   "max_peak_bytes": int(profile.usable_ram_bytes)},
+    }
+
+
+def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResult:
+    from edgellm.bundle import pack
+    from edgellm.profiles import get_profile
+
+    say = progress or (lambda step, i, n: None)
+    model_dir = Path(cfg.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise BuildError(f"{model_dir} is not a model directory (no config.json)",
+                         hint="pass the directory written by `edgellm train` or an HF save_pretrained checkpoint")
+    if not cfg.profiles:
+        raise BuildError("no --profile given", hint="pass one --profile per device class, see `edgellm profiles list`")
+    if (cfg.repo is None) != (cfg.keys is None):
+        raise BuildError("--repo and --keys go together", hint="pass both to publish and sign, or neither")
+    profiles = [get_profile(p, cfg.profiles_dir) for p in dict.fromkeys(cfg.profiles)]
+    name = cfg.name or _NAME_SAFE.sub("-", model_dir.resolve().name).strip("-.") or "model"
+    eval_text = cfg.eval_text if cfg.eval_text is not None else DEFAULT_EVAL_TEXT
+    formats = _formats_for(profiles, cfg.formats, cfg.budget.pin_format)
+
+    cands = build_candidates(model_dir, formats, cache_dir=cfg.cache_dir or default_cache_dir(),
+                             eval_text=eval_text, threads=cfg.threads, progress=say)
+    if not cands.measurements:
+        raise BuildError("no candidate could be built: " + "; ".join(f"{k}: {v}" for k, v in cands.failures.items()),
+                         hint="check the model directory; run with -v for details")
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    repo = None
+    if cfg.repo is not None:
+        from edgellm.trust import Repository
+
+        repo = Repository(cfg.repo, cfg.keys)
+    prompts = cfg.golden_prompts or _default_prompts(eval_text)
+    results: list[ProfileResult] = []
+    n = len(profiles)
+    golden_cache: dict[str, list[dict[str, Any]]] = {}
+    for i, prof in enumerate(profiles):
+        say(f"selecting for {prof.name}", i, n)
+        sel = select(prof, cands.measurements.values(), cfg.budget)
+        res = ProfileResult(prof.name, sel)
+        results.append(res)
+        if sel.chosen is None:
+            log.warning("%s", sel.refusal)
+            continue
+        m = cands.measurements[sel.chosen]
+        if m.fmt not in golden_cache:
+            golden_cache[m.fmt] = _golden_prompts(m, prompts)
+        say(f"bundling {prof.name} ({m.fmt})", i, n)
+        bundle_name = f"{name}-{cfg.version}-{prof.name}.bundle"
+        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out) as tmp:
+            src = Path(tmp) / "src"
+            src.mkdir()
+            artifact = src / ("model.gguf" if m.runtime == "gguf" else "model.onnx")
+            try:
+                os.link(m.artifact, artifact)
+            except OSError:
+                shutil.copyfile(m.artifact, artifact)
+            if m.runtime == "onnx":
+                for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                    if (model_dir / f).is_file():
+                        shutil.copyfile(model_dir / f, src / f)
+            manifest = _manifest(cfg, name, prof, m, sel, cands, golden_cache[m.fmt])
+            (src / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            packed = pack(src, Path(tmp) / bundle_name)
+            res.bundle_sha256 = packed.sha256
+            if repo is not None:  # DIST gets the signed envelope (same naming as `repo add --export`)
+                res.target = repo.add_bundle(packed.path)
+                res.bundle = repo.export_signed(res.target, out / f"{bundle_name}.signed")
+                res.signed = True
+            else:
+                res.bundle = out / bundle_name
+                os.replace(packed.path, res.bundle)
+    report_json, report_md = write_reports(out, cfg, cands, results)
+    return BuildResult(cfg, cands, results, report_json, report_md)
+
+
+# --------------------------------------------------------------------------- reports
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResult]) -> dict[str, Any]:
+    return {
+        "format": "edgellm-build-report", "version": 1,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference},
+        "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "threads": cfg.threads},
+        "config": cfg.to_dict(),
+        "candidates": [m.to_dict() for m in cands.measurements.values()],
+        "failed_candidates": cands.failures,
+        "profiles": [{**r.selection.to_dict(), "bundle": None if r.bundle is None else r.bundle.name,
+                      "bundle_sha256": r.bundle_sha256, "target": r.target, "signed": r.signed}
+                     for r in results],
+    }
+
+
+def report_markdown(rep: dict[str, Any]) -> str:
+    lines = [f"# Build report: {Path(rep['model']['dir']).name}", "",
+             f"Model sha256 `{rep['model']['sha256'][:16]}…`; memory bandwidth measured here: "
+             f"**{rep['machine']['bandwidth_gbps']:.2f} GB/s** (1 thread). Quality is measured against the "
+             f"unquantized model (F32 in llama.cpp); tokens/s on each profile are predicted by the roofline: "
+             f"efficiency here × profile bandwidth ÷ bytes read per token.", "",
+             "## Candidates", "",
+             "| format | size MiB | weights MiB | bytes/token MiB | ppl | ppl Δ | KL | top-1 | tok/s here | efficiency | fallbacks | cached |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for c in rep["candidates"]:
+        fb = c.get("export", {}).get("fallbacks") or []
+        lines.append(
+            f"| {c['fmt']} | {_mib(c['size_bytes'])} | {_mib(c['memory']['weights_bytes'])} | "
+            f"{_mib(c['bytes_per_token'])} | {c['perplexity']:.3f} | {c['quality_loss']:+.2%} | "
+            f"{c['kl_divergence']:.5f} | {c['top1_agreement']:.1%} | {c['decode_tokens_per_second']:.0f} | "
+            f"{c['efficiency']:.1%} | {len(fb) or '-'} | {'yes' if c.get('cached') else 'no'} |")
+    for fmt, why in rep["failed_candidates"].items():
+        lines.append(f"| {fmt} | failed: {why} |")
+    for p in rep["profiles"]:
+        lines += ["", f"## {p['profile']}", ""]
+        if p["chosen"]:
+            lines.append(f"**Chosen: {p['chosen']}** → `{p['bundle']}`"
+                         + (" (signed, installs offline)" if p["signed"] else ""))
+        else:
+            lines.append(f"**Refused:** {p['refusal']}")
+        lines += ["", "| format | peak MiB (+headroom) | usable MiB | predicted tok/s | target | ppl Δ | verdict |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for v in p["verdicts"]:
+            verdict = "**chosen**" if v["chosen"] else ("; ".join(v["reasons"]) or "eligible")
+            lines.append(f"| {v['fmt']} | {_mib(v['required_bytes'])} | {_mib(v['usable_bytes'])} | "
+                         f"{v['predicted_tokens_per_second']:.1f} | {v['target_tokens_per_second']:g} | "
+                         f"{v['quality_loss']:+.2%} | {verdict} |")
+    fallbacks = [(c["fmt"], f) for c in rep["candidates"] for f in c.get("export", {}).get("fallbacks") or []]
+    if fallbacks:
+        lines += ["", "## Quantization fallbacks", ""]
+        lines += [f"- {fmt}: `{f['tensor']}` is {f['type']} instead of {f['expected']} ({f['reason']})"
+                  for fmt, f in fallbacks]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(out: Path, cfg: BuildConfig, cands: CandidateSet,
+                  results: list[ProfileResult]) -> tuple[Path, Path]:
+    from edgellm.bundle import atomic_write
+
+    rep = report_dict(cfg, cands, results)
+    rj, rm = out / "report.json", out / "report.md"
+    atomic_write(rj, (json.dumps(rep, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(rm, report_markdown(rep).encode())
+    return rj, rm
