@@ -1,0 +1,151 @@
+"""`edgellm build`: candidates, per-profile choice, bundles, report, signing, offline install, cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fixtures_gguf import training_corpus
+
+GIB = 1024**3
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def eval_text() -> str:
+    return "\n".join(training_corpus(80)[40:80])
+
+
+@pytest.fixture(scope="module")
+def build_env(tmp_path_factory, hf_llama_dir, eval_text):
+    """Measured candidates (cached) and a fleet of three test profiles sized around them + the MCU."""
+    from edgellm.build.candidates import GGUF_FORMATS, build_candidates
+    from edgellm.profiles import dumps_toml
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover
+        import tomli as tomllib
+
+    root = tmp_path_factory.mktemp("build")
+    cache = root / "cache"
+    cands = build_candidates(hf_llama_dir, list(GGUF_FORMATS), cache_dir=cache, eval_text=eval_text)
+    ctx = 256
+
+    def required(fmt: str) -> float:
+        return cands.measurements[fmt].memory.at(ctx)["peak_bytes"] * 1.10
+
+    usable = {
+        "test-big": required("gguf-f16") * 2,
+        "test-medium": (required("gguf-q8_0") + required("gguf-f16")) / 2,
+        "test-small": (required("gguf-q4_k_m") + required("gguf-q5_k_m")) / 2,
+    }
+    pdir = root / "profiles"
+    pdir.mkdir()
+    base = tomllib.loads((REPO_ROOT / "hardware_profiles" / "rpi5-8gb.toml").read_text())
+    for name, u in usable.items():
+        d = json.loads(json.dumps(base))
+        d["name"] = name
+        d["memory"]["model_share"] = 0.5
+        d["memory"]["ram_gb"] = u / 0.5 / GIB
+        d["targets"]["context_length"] = ctx
+        (pdir / f"{name}.toml").write_text(dumps_toml(d))
+    shutil.copy(REPO_ROOT / "hardware_profiles" / "esp32-s3-8mb.toml", pdir)
+    (root / "eval.txt").write_text(eval_text)
+    return {"root": root, "cache": cache, "profiles": pdir, "cands": cands, "eval": root / "eval.txt"}
+
+
+def test_candidates_quality_and_sizes(build_env):
+    ms = build_env["cands"].measurements
+    assert ms["gguf-q8_0"].top1_agreement >= 0.98
+    assert ms["gguf-q4_k_m"].top1_agreement >= 0.90
+    assert ms["gguf-f16"].size_bytes > ms["gguf-q8_0"].size_bytes > ms["gguf-q4_k_m"].size_bytes
+    assert ms["gguf-q8_0"].kl_divergence < ms["gguf-q4_k_m"].kl_divergence
+    for m in ms.values():
+        assert 0 < m.efficiency and m.decode_tokens_per_second > 0 and m.bandwidth_here_gbps > 0
+        assert m.export["fallbacks"] == []
+
+
+def _run(args):
+    from edgellm.cli import main
+
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_path):
+    from edgellm.bundle import unpack
+    from edgellm.runtime import GenerationParams
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+    from edgellm.trust import Repository, init_keys, verify_signed_bundle
+
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    Repository.create(tmp_path / "repo", keys)
+    dist = tmp_path / "dist"
+    res = _run(["build", "--model", str(hf_llama_dir), "--out", str(dist),
+                "--profile", "test-big", "--profile", "test-medium", "--profile", "test-small",
+                "--profile", "esp32-s3-8mb", "--profiles-dir", str(build_env["profiles"]),
+                "--cache-dir", str(build_env["cache"]), "--eval-text", str(build_env["eval"]),
+                "--repo", str(tmp_path / "repo"), "--keys", str(keys), "--name", "tiny", "--version", "1.2.0"])
+    assert res.exit_code == 2, res.output  # the MCU is refused
+    assert "esp32-s3-8mb" in res.output and "REFUSED" in res.output and "no LLM runtime" in res.output
+
+    report = json.loads((dist / "report.json").read_text())
+    chosen = {p["profile"]: p["chosen"] for p in report["profiles"]}
+    assert chosen["test-big"] == "gguf-f16"
+    assert chosen["test-medium"] == "gguf-q8_0"
+    assert chosen["test-small"] in ("gguf-q4_k_m", "gguf-q4_0")
+    assert chosen["esp32-s3-8mb"] is None
+    assert all(c["cached"] for c in report["candidates"])  # measured by the fixture already
+    md = (dist / "report.md").read_text()
+    for fmt in ("gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0"):
+        assert f"| {fmt} |" in md
+    assert "**Chosen: gguf-q8_0**" in md and "usable RAM is" in md and "**Refused:**" in md
+
+    # each bundle in DIST is signed and installs offline, then serves and passes its golden prompts
+    small = dist / "tiny-1.2.0-test-small.bundle.signed"
+    assert sorted(p.name for p in dist.glob("*.signed")) == sorted(
+        f"tiny-1.2.0-test-{t}.bundle.signed" for t in ("big", "medium", "small"))
+    vt = verify_signed_bundle(small, keys / "root.json", tmp_path / "tuf-cache", tmp_path / "inbox")
+    manifest = unpack(vt.path, tmp_path / "slot")
+    assert manifest.runtime == "gguf" and manifest.profiles == ["test-small"]
+    assert manifest.quantization in ("q4_k_m", "q4_0")
+    assert manifest.memory.context_length == 256 and manifest.memory.peak_bytes > manifest.memory.weights_bytes
+    assert manifest.generation["threads"] == 4 and manifest.metrics["top1_agreement"] >= 0.9
+    art = manifest.file(manifest.artifact)
+    with LlamaCppRuntime.load(tmp_path / "slot" / manifest.artifact, threads=manifest.generation["threads"],
+                              context_length=manifest.memory.context_length, sha256=art.sha256, size=art.size) as rt:
+        assert manifest.golden_prompts
+        for g in manifest.golden_prompts:
+            out = rt.complete(g.prompt, GenerationParams(max_tokens=g.max_tokens)).text
+            if g.expect:
+                assert g.expect in out
+
+
+def test_budgets_pin_and_refusal_messages(build_env, hf_llama_dir, tmp_path):
+    from edgellm.build.pipeline import BuildConfig, run_build
+    from edgellm.build.select import Budget
+
+    def build(**budget):
+        return run_build(BuildConfig(
+            model_dir=hf_llama_dir, profiles=["test-big"], out_dir=tmp_path / str(len(budget)),
+            budget=Budget(**budget), cache_dir=build_env["cache"], profiles_dir=build_env["profiles"],
+            eval_text=build_env["eval"].read_text()))
+
+    assert build(pin_format="gguf-q4_0").results[0].selection.chosen == "gguf-q4_0"
+    r = build(min_tokens_per_second=1e12).results[0]
+    assert r.selection.chosen is None and "below" in r.selection.refusal
+    assert r.bundle is None
+
+
+def test_bad_inputs_get_hints(build_env, tmp_path, hf_llama_dir):
+    res = _run(["build", "--model", str(tmp_path), "--profile", "test-big", "--out", str(tmp_path / "o"),
+                "--profiles-dir", str(build_env["profiles"])])
+    assert res.exit_code != 0 and "config.json" in res.output and "hint" in res.output
+    res = _run(["build", "--model", str(hf_llama_dir), "--profile", "nope", "--out", str(tmp_path / "o"),
+                "--profiles-dir", str(build_env["profiles"])])
+    assert res.exit_code != 0 and "unknown hardware profile" in res.output
