@@ -300,6 +300,8 @@ class Daemon:
                    threading.Thread(target=self._watch_loop, name="edgellm-watch", daemon=True)]
         try:
             self.telemetry.on_desired(self.request_update)
+            if hasattr(self.telemetry, "on_command"):
+                self.telemetry.on_command(self._command)
             self.telemetry.start()
         except Exception:  # noqa: BLE001 - telemetry never stops serving
             log.exception("telemetry did not start")
@@ -329,6 +331,19 @@ class Daemon:
             remove_tree(self.paths.run_info)
             log.info("agent stopped")
         return 0
+
+    def _command(self, name: str, args: dict) -> Any:
+        """Commands from the control plane (besides ping/state, which telemetry answers itself)."""
+        if name == "update":
+            self.request_update(args)
+            return {"accepted": True}
+        if name == "rollback":
+            res = self.installer.rollback()
+            self.reconcile()
+            return res
+        if name == "status":
+            return status_dict(self.paths, self.config)
+        raise ValueError(f"unknown command {name!r}: the agent knows update, rollback and status")
 
     def _record_inference(self, **kw: Any) -> None:
         self.telemetry.record_inference(**kw)

@@ -85,28 +85,32 @@ class Installer:
     def _check_policy(self, state: AgentState, name: str, version: str, *,
                       allow_downgrade: bool, force: bool) -> None:
         cur = state.current_record
+        problem: tuple[str, str] | None = None
         if version in state.rejected and not force:
-            raise UpdateRefused(f"version {version} was rejected earlier (failed health check or rolled back)",
-                                hint="pass --force to try it again")
-        if cur is None:
-            return
-        if cur.name and name and cur.name != name and not force:
-            raise UpdateRefused(f"bundle is model {name!r} but this device runs {cur.name!r}",
-                                hint="pass --force to replace the model")
-        c = compare_versions(version, cur.version)
-        if c == 0 and not force:
-            raise UpdateRefused(f"version {version} is already current", hint="nothing to do")
-        if c < 0 and not allow_downgrade:
-            raise UpdateRefused(f"version {version} is older than the current {cur.version}",
-                                hint="use `edgellm-agent rollback`, or pass --allow-downgrade on purpose")
+            problem = (f"version {version} was rejected earlier (failed health check or rolled back)",
+                       "pass --force to try it again")
+        elif cur is not None:
+            c = compare_versions(version, cur.version)
+            if cur.name and name and cur.name != name and not force:
+                problem = (f"bundle is model {name!r} but this device runs {cur.name!r}",
+                           "pass --force to replace the model")
+            elif c == 0 and not force:
+                problem = (f"version {version} is already current", "nothing to do (--force reinstalls it)")
+            elif c < 0 and not allow_downgrade:
+                problem = (f"version {version} is older than the current {cur.version}",
+                           "use `edgellm-agent rollback`, or pass --allow-downgrade on purpose")
+        if problem is not None:
+            self._fail("install", version, problem[0], event="update.refused")
+            raise UpdateRefused(problem[0], hint=problem[1])
 
-    def _fail(self, action: str, version: str | None, reason: str, *, reject: bool = False, **extra: Any) -> None:
+    def _fail(self, action: str, version: str | None, reason: str, *, reject: bool = False,
+              event: str = "update.failed", **extra: Any) -> None:
         state = self.store.load()
         if reject and version and version not in state.rejected:
             state.rejected.append(version)
         state.last_result = result(action, False, version=version, reason=reason, **extra)
         self.store.save(state)
-        self.on_event("update.failed", version=version, reason=reason)
+        self.on_event(event, version=version, reason=reason)
 
     # -- the one install path --------------------------------------------------------------------
 
@@ -248,17 +252,24 @@ class Installer:
             target = self.select_target(targets, state, desired)
             cur = state.current_record
             if target is None:
-                return result("update", True, version=cur.version if cur else None,
-                              reason="no matching target for this profile")
+                reason = (f"no target {desired['version']} for profile {self.config.profile}" if desired.get("version")
+                          else "no matching target for this profile")
+                if desired.get("version"):
+                    state.last_result = result("update", False, version=desired["version"], reason=reason)
+                    self.store.save(state)
+                    return state.last_result
+                return result("update", True, version=cur.version if cur else None, reason=reason)
             if cur is not None and target.version == cur.version:
                 return result("update", True, version=cur.version, reason="up to date")
             prev = state.slots.get(state.inactive)
             rollback_ok = bool(desired.get("rollback") or desired.get("allow_downgrade"))
             if cur is not None and compare_versions(target.version, cur.version) < 0:
                 if not rollback_ok:
-                    reason = f"desired {target.version} is older than the current {cur.version}"
+                    reason = f"desired {target.version} is older than the current {cur.version} (no rollback requested)"
                     self.on_event("update.refused", version=target.version, reason=reason)
-                    return result("update", False, version=cur.version, reason=reason + " (no rollback requested)")
+                    state.last_result = result("update", False, version=target.version, reason=reason)
+                    self.store.save(state)
+                    return state.last_result
                 if prev is not None and prev.version == target.version:
                     st = self.store.rollback(reason=f"server asked for {target.version}")
                     self.on_event("update.rolled_back", version=target.version, from_version=cur.version)
@@ -274,7 +285,7 @@ class Installer:
                     self._fail("update", target.version, reason)
                     raise InstallError(reason, hint="the current model keeps serving; the next check retries") from e
                 return self._install_verified(archive, target, source="tuf", allow_downgrade=rollback_ok,
-                                              force=bool(desired.get("version")) and target.version in state.rejected and bool(desired.get("force")))
+                                              force=bool(desired.get("force")))
             finally:
                 remove_tree(dl)
 

@@ -23,6 +23,8 @@ class NoopTelemetry:
 
     def on_desired(self, callback: Any) -> None: ...
 
+    def on_command(self, callback: Any) -> None: ...
+
 
 def make_telemetry(config: AgentConfig, paths: AgentPaths) -> Any:
     if config.mqtt is None:

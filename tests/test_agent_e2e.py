@@ -1,0 +1,201 @@
+"""The device agent end to end: real processes, real llama.cpp, real TUF, a tiny real model.
+
+provision -> offline install of a signed bundle -> run -> openai client -> status; bad bundles
+never become current while the old model keeps serving; hot swap; rollback; online TUF update.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import stat
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fixtures_agent import AgentProcess, agent_cli, provision_agent
+
+pytestmark = pytest.mark.slow
+
+
+def _status(d: Path) -> dict:
+    return json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
+
+
+def _wait(pred, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _served_version(a: AgentProcess) -> str | None:
+    data = httpx.get(a.base_url + "/v1/models", headers=a.headers, timeout=10).json()["data"]
+    return data[0]["version"] if data else None
+
+
+class Traffic:
+    """Keeps sending completions from a thread; every response must be a 200 with text."""
+
+    def __init__(self, a: AgentProcess) -> None:
+        self.a = a
+        self.statuses: list[int] = []
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.a.base_url, headers=self.a.headers, timeout=30) as c:
+            while not self._stop.is_set():
+                r = c.post("/v1/completions", json={"model": "tiny", "prompt": "The robot", "max_tokens": 8})
+                self.statuses.append(r.status_code)
+                if r.status_code == 200:
+                    self.versions.add(r.json()["system_fingerprint"])
+
+    def __enter__(self) -> "Traffic":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(30)
+
+
+def test_provision_install_run_openai_client_and_status(tmp_path, agent_bundles):
+    import openai
+
+    from edgellm.client import AgentClient
+
+    d = provision_agent(tmp_path / "agent", agent_bundles["root"])
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(d / "api-token") == 0o600
+    assert mode(d / "trust" / "root.json") == 0o444
+    assert mode(d / "keys" / "device.key") == 0o600
+    assert b"BEGIN CERTIFICATE REQUEST" in (d / "keys" / "device.csr").read_bytes()
+
+    r = agent_cli("install", str(agent_bundles["v1"]), "--format", "json", data_dir=d)
+    assert json.loads(r.stdout)["ok"] is True
+    st = _status(d)
+    assert (st["version"], st["model"], st["slot"], st["health"]) == ("1.0.0", "tiny", "A", "trial")
+    assert st["last_update"]["ok"] and st["last_update"]["action"] == "install"
+
+    sock = tmp_path / "run" / "agent.sock"
+    with AgentProcess(d, "--socket", str(sock)) as a:
+        client = openai.OpenAI(base_url=a.base_url + "/v1", api_key=a.token, max_retries=0)
+        models = client.models.list().data
+        assert [m.id for m in models] == ["tiny"]
+        comp = client.completions.create(model="tiny", prompt="The robot", max_tokens=8)
+        assert comp.choices[0].text.strip()
+        assert agent_bundles["golden_expect"] in comp.choices[0].text
+        assert comp.usage.completion_tokens >= 1 and comp.usage.prompt_tokens >= 1
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True,
+            stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.strip()
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+        # wrong key -> 401 through the official client too
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=a.base_url + "/v1", api_key="nope", max_retries=0).models.list()
+
+        # the firmware client, over TCP and over the Unix socket (mode 0660)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+        for c in (AgentClient(a.base_url, token=a.token), AgentClient(socket_path=sock, token_file=d / "api-token")):
+            assert c.complete("The robot", max_tokens=4)["choices"][0]["text"]
+            assert "".join(c.stream_chat([{"role": "user", "content": "Hi"}], max_tokens=4))
+
+        # status shows the version; the trial commits after serving for trial_commit_s
+        st = _wait(lambda: (s := _status(d))["health"] == "ok" and s, what="trial commit")
+        assert st["version"] == "1.0.0" and st["daemon"]["running"] and st["trial"] is None
+        metrics = httpx.get(a.base_url + "/metrics", headers=a.headers).text
+        for name in ("edgellm_agent_requests_total", "edgellm_agent_request_duration_seconds_bucket",
+                     "edgellm_agent_tokens_per_second_bucket", "edgellm_agent_queue_depth",
+                     'edgellm_agent_model_info{model="tiny",runtime="gguf",slot="A",version="1.0.0"} 1.0',
+                     "process_resident_memory_bytes", "edgellm_agent_rss_bytes"):
+            assert name in metrics, name
+        assert a.stop() == 0  # SIGTERM: clean exit
+    assert not sock.exists() and not (d / "run" / "agent.json").exists()
+    audit = [json.loads(line) for line in (d / "logs" / "audit.jsonl").read_text().splitlines()]
+    gen = [x for x in audit if x["endpoint"] == "/v1/completions" and x["status"] == 200]
+    assert gen and all(x["model_version"] == "1.0.0" and x["prompt_tokens"] >= 1 for x in gen)
+    assert all("prompt" not in x for x in audit)  # prompt text only if enabled
+    assert {x["caller"] for x in audit} >= {"unix"}
+    assert any(x["status"] == 401 for x in audit)
+
+
+def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_path, agent_bundles):
+    d = provision_agent(tmp_path / "agent", agent_bundles["root"])
+    agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
+    with AgentProcess(d) as a:
+        with Traffic(a) as traffic:
+            for key, why in (("tampered", "failed verification"), ("foreign", "failed verification"),
+                             ("bad_health", "health check failed")):
+                r = agent_cli("install", str(agent_bundles[key]), data_dir=d, check=False)
+                assert r.returncode != 0 and why in r.stderr, (key, r.stderr)
+                st = _status(d)
+                assert st["version"] == "1.0.0" and st["slot"] == "A", key
+                assert st["last_update"]["ok"] is False and why in st["last_update"]["reason"]
+                assert _served_version(a) == "1.0.0"
+            assert "1.2.0" in _status(d)["rejected"]
+            assert not (d / "slots" / "B").exists()  # the failed slot was wiped
+            # a good update hot-swaps while requests are being served
+            agent_cli("install", str(agent_bundles["v2"]), data_dir=d)
+            _wait(lambda: _served_version(a) == "1.1.0", what="hot swap to 1.1.0")
+            time.sleep(0.3)
+        assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
+        assert {"edgellm-1.0.0", "edgellm-1.1.0"} <= traffic.versions
+        assert _status(d)["previous"] == {"slot": "A", "version": "1.0.0"}
+        # an older version is refused unless asked for; rollback is the way back
+        r = agent_cli("install", str(agent_bundles["v1"]), data_dir=d, check=False)
+        assert r.returncode != 0 and "older than the current" in r.stderr
+        agent_cli("rollback", data_dir=d)
+        _wait(lambda: _served_version(a) == "1.0.0", what="rollback to 1.0.0")
+        st = _status(d)
+        assert st["version"] == "1.0.0" and st["last_update"]["action"] == "rollback"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles):
+    handler = functools.partial(_QuietHandler, directory=str(agent_bundles["repo_dir"]))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = f"http://127.0.0.1:{httpd.server_address[1]}"
+        d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=server)
+        agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
+        with AgentProcess(d) as a, Traffic(a) as traffic:
+            admin = httpx.Client(base_url=a.base_url, headers=a.headers, timeout=10)
+            # the newest target (1.2.0) fails its health check: stays on 1.0.0, keeps serving
+            assert admin.post("/v1/admin/update", json={"version": "1.2.0"}).status_code == 202
+            st = _wait(lambda: (s := _status(d))["last_update"]["version"] == "1.2.0" and s, what="1.2.0 attempt")
+            assert st["last_update"]["ok"] is False and "health check failed" in st["last_update"]["reason"]
+            assert _served_version(a) == "1.0.0"
+            # no version asked: the newest non-rejected target for the profile, 1.1.0
+            assert admin.post("/v1/admin/update", json={}).status_code == 202
+            _wait(lambda: _served_version(a) == "1.1.0", what="online update to 1.1.0")
+            st = _status(d)
+            assert st["version"] == "1.1.0" and st["last_update"]["ok"]
+            # never downgrade unless a rollback is asked for
+            admin.post("/v1/admin/update", json={"version": "1.0.0"})
+            _wait(lambda: "older" in (_status(d)["last_update"]["reason"] or ""), what="refusal")
+            assert _served_version(a) == "1.1.0"
+            admin.post("/v1/admin/update", json={"version": "1.0.0", "rollback": True})
+            _wait(lambda: _served_version(a) == "1.0.0", what="server-asked rollback")
+        assert traffic.statuses and set(traffic.statuses) == {200}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
