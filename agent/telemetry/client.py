@@ -88,6 +88,11 @@ class Telemetry:
         self._session = ""
         self._inflight: dict[int, int] = {}
         self._acked: list[int] = []
+        self._unrouted = False
+        self._hold_until = 0.0
+        self._hold_s = 0.5
+        self._birth_mid: int | None = None
+        self._rebirth = False
         self._cursor = 0
         self._attempts = 0
         self._next_attempt = 0.0
@@ -96,6 +101,7 @@ class Telemetry:
         self._reported_dropped = self.outbox.dropped
         self.connects = 0
         self.rejected = 0
+        self.unrouted = 0
 
     # ------------------------------------------------------------------ public interface
 
@@ -227,6 +233,15 @@ class Telemetry:
             self.outbox.ack(acked)
         if self._client is None:
             return
+        if self._unrouted:
+            # The broker had no subscriber (no server yet, or a restarted broker lost the server's
+            # shared subscription): keep those rows and offer them again a little later.
+            self._unrouted = False
+            self._hold_until = time.monotonic() + self._hold_s
+            self._hold_s = min(self._hold_s * 2, 10.0)
+            self._cursor = 0
+            if self.unrouted == 1 or self.unrouted % 100 == 0:
+                logger.info("telemetry: broker has no subscriber for our messages yet; holding them in the outbox")
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._lost(f"loop: {rc}")
             return
@@ -237,16 +252,24 @@ class Telemetry:
         self._pump()
 
     def _pump(self) -> None:
+        if time.monotonic() < self._hold_until:
+            return
+        if self._rebirth:
+            self._rebirth = False
+            self._publish_birth(self._client)
         room = self.inflight_max - len(self._inflight)
         if room <= 0:
             return
+        busy = set(self._inflight.values())
         for row in self.outbox.pending(after_seq=self._cursor, limit=room):
+            self._cursor = row.seq
+            if row.seq in busy:
+                continue
             info = self._client.publish(row.topic, row.payload, qos=1)
             if info.rc != 0:
                 self._lost(f"publish: {info.rc}")
                 return
             self._inflight[info.mid] = row.seq
-            self._cursor = row.seq
 
     def _report_drops(self) -> None:
         dropped = self.outbox.dropped
@@ -327,19 +350,33 @@ class Telemetry:
         for t in (wire.desired_device_topic(self.device_id), wire.desired_group_topic(self.group),
                   wire.command_topic(self.device_id)):
             client.subscribe(t, qos=1)
+        self._rebirth = False
+        self._hold_until = 0.0
+        self._publish_birth(client)
+        logger.info("telemetry: connected to %s as %s", self.mqtt.url, self.device_id)
+
+    def _publish_birth(self, client: Any) -> None:
         birth = wire.Birth(session=self._session, profile=self.profile, group=self.group,
                            agent_version=AGENT_TELEMETRY_VERSION, **self._state_body())
         env = wire.Envelope(device=self.device_id, kind="birth", seq=0, ts=time.time(), body=birth.to_dict())
-        client.publish(wire.device_topic(self.device_id, "birth"), env.to_json(), qos=1)
-        logger.info("telemetry: connected to %s as %s", self.mqtt.url, self.device_id)
+        self._birth_mid = client.publish(wire.device_topic(self.device_id, "birth"), env.to_json(), qos=1).mid
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        no_subscriber = getattr(reason_code, "value", 0) == 0x10  # MQTT 5 "No matching subscribers"
+        if mid == self._birth_mid and no_subscriber:
+            self._rebirth = True
+            self._unrouted = True
         seq = self._inflight.pop(mid, None)
         if seq is None:
             return  # birth / death, not from the outbox
+        if no_subscriber:
+            self.unrouted += 1
+            self._unrouted = True
+            return  # stays in the outbox
+        self._hold_s = 0.5
         if reason_code.is_failure:
             self.rejected += 1
             logger.warning("telemetry: broker rejected message seq=%d: %s (dropped)", seq, reason_code)
