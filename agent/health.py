@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     _set_pdeathsig()
     logging.basicConfig(level=logging.WARNING)
     budget = HealthBudget(**json.loads(a.budget))
+    if os.environ.get("EDGELLM_AGENT_CRASH_AT") == "health_child":  # crash-safety test hook
+        os.kill(os.getppid(), 9)
+        time.sleep(5)
     try:
         report = check_slot(Path(a.slot), budget)
     except Exception as e:  # a model that cannot load is a failed check, not a crash of the check

@@ -47,6 +47,15 @@ def load_profile(name: str) -> Any | None:
         return None
 
 
+CRASH_ENV = "EDGELLM_AGENT_CRASH_AT"
+
+
+def _crashpoint(name: str) -> None:
+    """Test hook: ``EDGELLM_AGENT_CRASH_AT=name`` SIGKILLs the process here (crash-safety tests)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), 9)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for fn in files:
@@ -130,6 +139,7 @@ class Installer:
             if state.trial and state.trial.previous == slot:
                 state.trial.previous = None
             self.store.save(state)
+        _crashpoint("forgotten")
         remove_tree(slot_dir)
         self.store.cleanup_scratch()
         self.paths.staging.mkdir(parents=True, exist_ok=True)
@@ -154,7 +164,9 @@ class Installer:
             except UpdateRefused:
                 remove_tree(staging)
                 raise
+        _crashpoint("unpacked")
         os.rename(staging, slot_dir)
+        _crashpoint("renamed")
         fsync_dir(self.paths.slots)
         _fsync_tree(slot_dir)
         msha = manifest_sha256(slot_dir)
@@ -163,6 +175,7 @@ class Installer:
         budget = self._budget(manifest)
         self.on_event("update.health_check", version=version, slot=slot)
         report = self.health_runner(slot_dir, budget, timeout=self.config.health_timeout_s)
+        _crashpoint("health_checked")
         if not report.get("ok"):
             remove_tree(slot_dir)
             reason = f"health check failed: {report.get('reason')}"
@@ -180,6 +193,7 @@ class Installer:
         state.last_result = result("install", True, version=version, slot=slot,
                                    from_version=previous.version if previous else None)
         self.store.switch(state, slot, trial=True)
+        _crashpoint("switched")
         log.info("installed %s %s into slot %s (on trial)", name, version, slot)
         self.on_event("update.installed", version=version, model=name, slot=slot,
                       from_version=previous.version if previous else None,

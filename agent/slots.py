@@ -217,3 +217,5 @@ class SlotStore:
     def cleanup_scratch(self) -> None:
         """Remove leftovers of interrupted installs (staging) — never a slot the pointer names."""
         remove_tree(self.paths.staging)
+        for tmp in self.paths.root.glob(".state.json.*.tmp"):  # a write killed before its rename
+            tmp.unlink(missing_ok=True)
