@@ -25,6 +25,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def check_output_path(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise BuildError(f"{out} already exists", hint="choose another --out or pass --overwrite")
@@ -41,6 +47,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     check_output_path(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -69,6 +76,7 @@ def atomic_file(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         with open(tmp, "rb") as fh:

@@ -1,0 +1,172 @@
+"""Evaluate any artifact: perplexity, bits per byte, KL divergence and top-1 agreement against
+the fp32 torch reference, size, and decode tokens/s measured here.
+
+Artifacts: a model directory (torch), an ``.onnx`` file (onnxruntime) or a ``.gguf`` file
+(llama.cpp, when its backend is installed). Scorers share one tiny interface:
+``logits(batch [B, S]) -> [B, S, V]``, so the metrics are computed the same way for all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm.errors import BuildError
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+
+def compare_logits(logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None = None,
+                   n_bytes: int | None = None) -> dict[str, float]:
+    """Metrics over ``logits`` ``[N, V]`` for ``targets`` ``[N]`` (optionally vs ``ref_logits``)."""
+    lp = _log_softmax(logits)
+    idx = np.arange(len(targets))
+    nll = float(-lp[idx, targets].mean())
+    out: dict[str, float] = {"nll": nll, "perplexity": math.exp(nll), "eval_tokens": int(len(targets))}
+    if n_bytes:
+        out["bits_per_byte"] = nll * len(targets) / math.log(2) / n_bytes
+    if ref_logits is not None:
+        lr = _log_softmax(ref_logits)
+        out["reference_perplexity"] = math.exp(float(-lr[idx, targets].mean()))
+        out["kl_divergence"] = max(0.0, float((np.exp(lr) * (lr - lp)).sum(-1).mean()))
+        out["top1_agreement"] = float((ref_logits.argmax(-1) == logits.argmax(-1)).mean())
+    return out
+
+
+def torch_scorer(model: Any) -> Scorer:
+    import torch
+
+    def score(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.asarray(batch, dtype=np.int64)))[0].numpy()
+
+    return score
+
+
+def score_windows(scorer: Scorer, windows: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """Logits for ``windows[:, :-1]`` flattened to ``[N, V]``."""
+    parts = [scorer(windows[i:i + batch_size, :-1]) for i in range(0, len(windows), batch_size)]
+    out = np.concatenate(parts)
+    return out.reshape(-1, out.shape[-1])
+
+
+def _default_data(model_dir: Path | None) -> Any:
+    """The training data recorded in the model's train report (its validation split), else the
+    embedded corpus."""
+    if model_dir is not None:
+        rep = model_dir / "train_report.json"
+        if rep.exists():
+            try:
+                srcs = [s["path"] for s in json.loads(rep.read_text(encoding="utf-8"))["data"]["sources"]]
+                if srcs and all(s.startswith("builtin") or Path(s).exists() for s in srcs):
+                    return srcs
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+    return "builtin:devices"
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "torch"
+    if path.suffix == ".onnx":
+        return "onnx"
+    if path.suffix == ".gguf":
+        return "gguf"
+    raise BuildError(f"{path}: unknown artifact type", hint="pass a model directory, a .onnx or a .gguf file")
+
+
+def artifact_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return path.stat().st_size
+
+
+def torch_decode_speed(model: Any, n_tokens: int = 32, bos: int = 1) -> float:
+    import torch
+
+    n_tokens = max(1, min(n_tokens, model.config.max_position_embeddings - 1))
+    with torch.no_grad():
+        logits, past = model(torch.tensor([[bos]]))
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            nxt = int(logits[0, -1].argmax())
+            logits, past = model(torch.tensor([[nxt]]), past)
+    return n_tokens / (time.perf_counter() - t0)
+
+
+def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = None, data: Any = None,
+                      max_windows: int = 8, seq_len: int = 128, reference: Any = None,
+                      speed_tokens: int = 32, threads: int = 1) -> dict[str, Any]:
+    """Measure ``artifact``; ``model_dir`` (or ``reference``, a loaded LlamaLM) is the fp32
+    reference and supplies the tokenizer. ``data`` defaults to the model's training data."""
+    import torch
+
+    from edgellm.build.data import eval_windows, load_dataset, token_stream
+    from edgellm.build.model import load_model
+    from edgellm.build.tokenizer import load_tokenizer
+
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise BuildError(f"{artifact}: no such artifact", hint="check the path")
+    kind = _kind(artifact)
+    if model_dir is None and kind == "torch":
+        model_dir = artifact
+    md = Path(model_dir) if model_dir is not None else None
+    torch.set_num_threads(max(1, threads))
+    if reference is None and md is not None:
+        reference = load_model(md)
+    if md is not None:
+        tok = load_tokenizer(md)
+    elif kind == "onnx":
+        from edgellm.runtime.onnx import OnnxRuntime
+
+        tok = OnnxRuntime.load(artifact)._tok
+    else:
+        raise BuildError(f"{artifact}: evaluation needs the model directory", hint="pass --reference MODEL_DIR")
+    data = data if data is not None else _default_data(md)
+    ds = load_dataset(data)
+    cfg = reference.config if reference is not None else None
+    bos = cfg.bos_token_id if cfg is not None else tok.token_to_id("<s>")
+    eos = (cfg.eos_token_ids[0] if cfg is not None and cfg.eos_token_ids else tok.token_to_id("</s>"))
+    ctx = cfg.max_position_embeddings if cfg is not None else 256
+    windows = eval_windows(token_stream(tok, ds.val, bos_id=bos, eos_id=eos), min(seq_len, ctx), max_windows)
+    targets = windows[:, 1:].reshape(-1)
+    n_bytes = sum(len(tok.decode(w[1:].tolist(), skip_special_tokens=True).encode("utf-8")) for w in windows)
+    ref_logits = score_windows(torch_scorer(reference), windows) if reference is not None else None
+
+    speed: float | None = None
+    if kind == "torch":
+        model = reference if reference is not None and md == artifact else load_model(artifact)
+        logits = ref_logits if model is reference else score_windows(torch_scorer(model), windows)
+        speed = torch_decode_speed(model, speed_tokens, bos or 0)
+    elif kind == "onnx":
+        from edgellm.runtime.onnx import OnnxRuntime
+
+        with OnnxRuntime.load(artifact, model_dir=md, threads=threads) as rt:
+            logits = score_windows(rt.batch_logits, windows)
+            speed = max(rt.decode_speed(speed_tokens) for _ in range(2))
+    else:
+        from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+        with LlamaCppRuntime.load(artifact, threads=threads, context_length=max(256, windows.shape[1])) as rt:
+            logits = np.concatenate([rt.logits(w[:-1].tolist()) for w in windows])
+            speed = rt.decode_speed(speed_tokens)
+    same = kind == "torch" and ref_logits is not None and logits is ref_logits
+    metrics = compare_logits(logits, targets, None if same else ref_logits, n_bytes)
+    if same:
+        metrics.update(reference_perplexity=metrics["perplexity"], kl_divergence=0.0, top1_agreement=1.0)
+    return {"artifact": str(artifact), "kind": kind, "size_bytes": artifact_size(artifact),
+            "data": {"sha256": ds.sha256, "sources": [s["path"] for s in ds.sources], "split": "validation"},
+            "decode_tokens_per_second": round(speed, 1) if speed else None, "threads": threads, **metrics}

@@ -1,0 +1,307 @@
+"""onnxruntime backend for ONNX artifacts made by ``edgellm export --format onnx|onnx-int8``.
+
+The graph (see :mod:`edgellm.build.export_onnx`) takes ``input_ids`` plus a per-layer KV cache
+(``past.{i}.key/value``) and returns ``logits`` plus ``present.{i}.key/value``: one prompt
+pass with an empty cache, then one token per step. No torch import anywhere here.
+
+Tokenizer lookup: ``model_dir/tokenizer.json``, else the copy embedded in the ONNX metadata
+(``edgellm.tokenizer``), else ``tokenizer.json`` next to the file. User text is tokenized
+without special-token parsing (``"</s>"`` typed by a user is text, not end-of-sequence); use
+:meth:`OnnxRuntime.chat_token_ids` to build chat prompts whose role markers ARE special tokens.
+Not thread-safe: one generation at a time (see :mod:`edgellm.runtime.base`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm.runtime._sampling import Sampler, StopBuffer, log_softmax
+from edgellm.runtime.base import (
+    GenerationError,
+    GenerationParams,
+    ModelLoadError,
+    PromptTooLongError,
+    Runtime,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _err(cls: type[Exception], message: str, hint: str) -> Exception:
+    """Runtime errors carry their hint in the message (the runtime error tree has no hint field)."""
+    return cls(f"{message}\n  hint: {hint}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class OnnxRuntime(Runtime):
+    """An ONNX causal LM in onnxruntime. Create with :meth:`load`."""
+
+    kind = "onnx"
+
+    def __init__(self, session: Any, tokenizer: Any, *, path: Path, n_layers: int, n_kv: int, head_dim: int,
+                 vocab_size: int, context_length: int, bos_id: int | None, eos_ids: list[int],
+                 add_bos: bool = True, chat_template: str | None = None) -> None:
+        self._session = session
+        self._tok = tokenizer
+        self.path = path
+        self.n_layers, self.n_kv, self.head_dim = n_layers, n_kv, head_dim
+        self.vocab_size = vocab_size
+        self._context_length = context_length
+        self.bos_id, self.eos_ids, self.add_bos = bos_id, eos_ids, add_bos
+        self.chat_template = chat_template
+        self._out_names = [o.name for o in session.get_outputs()]
+        self._closed = False
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, *, model_dir: str | Path | None = None, threads: int = 1,
+             context_length: int | None = None) -> "OnnxRuntime":
+        """Load ``path`` with ``threads`` intra-op threads (no spin-waiting)."""
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise _err(ModelLoadError, f"onnxruntime/tokenizers not installed ({e})",
+                       "pip install 'edgellm[agent]'") from e
+        path = Path(path)
+        if not path.is_file():
+            raise _err(ModelLoadError, f"{path} does not exist", "check the artifact path")
+        if threads < 1:
+            raise _err(ModelLoadError, f"threads={threads}", "use at least 1 thread")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            raise _err(ModelLoadError, f"onnxruntime could not load {path.name}: {str(e).splitlines()[0][:300]}",
+                       "the file is corrupted or not an edgellm ONNX export: re-export or reinstall it") from e
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        inputs = {i.name: i for i in session.get_inputs()}
+        if "input_ids" not in inputs or "past.0.key" not in inputs:
+            raise _err(ModelLoadError, f"{path.name} has no input_ids/past.N.key inputs",
+                       "export it with `edgellm export --format onnx` (KV-cache graph)")
+        n_layers = sum(1 for n in inputs if n.startswith("past.") and n.endswith(".key"))
+        shape = inputs["past.0.key"].shape
+        n_kv = int(meta.get("edgellm.num_kv_heads") or shape[1])
+        head_dim = int(meta.get("edgellm.head_dim") or shape[3])
+        logits_shape = session.get_outputs()[0].shape
+        vocab = int(meta.get("edgellm.vocab_size") or logits_shape[-1])
+
+        md = Path(model_dir) if model_dir is not None else None
+        tok_cfg: dict[str, Any] = {}
+        tokenizer = None
+        try:
+            if md is not None and (md / "tokenizer.json").is_file():
+                tokenizer = Tokenizer.from_file(str(md / "tokenizer.json"))
+                tok_cfg = _read_json(md / "tokenizer_config.json")
+            elif meta.get("edgellm.tokenizer"):
+                tokenizer = Tokenizer.from_str(meta["edgellm.tokenizer"])
+                tok_cfg = json.loads(meta.get("edgellm.tokenizer_config") or "{}")
+            elif (path.parent / "tokenizer.json").is_file():
+                tokenizer = Tokenizer.from_file(str(path.parent / "tokenizer.json"))
+                tok_cfg = _read_json(path.parent / "tokenizer_config.json")
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise _err(ModelLoadError, f"unreadable tokenizer for {path.name}: {e}",
+                       "copy tokenizer.json from the model directory again") from e
+        if tokenizer is None:
+            raise _err(ModelLoadError, f"no tokenizer.json for {path.name}",
+                       "pass model_dir= (the directory with tokenizer.json) or put it next to the file")
+
+        cfg: dict[str, Any] = {}
+        if meta.get("edgellm.config"):
+            cfg = json.loads(meta["edgellm.config"])
+        elif md is not None:
+            cfg = {**_read_json(md / "config.json"), **_read_json(md / "generation_config.json")}
+        bos = cfg.get("bos_token_id")
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+        for name in (tok_cfg.get("eos_token"),):
+            if isinstance(name, str) and tokenizer.token_to_id(name) is not None:
+                tid = tokenizer.token_to_id(name)
+                if tid not in eos_ids:
+                    eos_ids.append(tid)
+        model_ctx = int(meta.get("edgellm.context_length") or cfg.get("max_position_embeddings") or 2048)
+        ctx = model_ctx if context_length is None else int(context_length)
+        if ctx < 2:
+            raise _err(ModelLoadError, f"context_length={ctx}", "use a context of at least 2 tokens")
+        if ctx > model_ctx:
+            log.warning("context %d exceeds the model's %d; using %d", ctx, model_ctx, model_ctx)
+            ctx = model_ctx
+        add_bos = bool(tok_cfg.get("add_bos_token", True)) and bos is not None
+        log.info("loaded %s (%d layers, ctx %d, %d threads)", path.name, n_layers, ctx, threads)
+        return cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
+                   vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
+                   chat_template=tok_cfg.get("chat_template"))
+
+    # ---- properties ----------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def n_vocab(self) -> int:
+        return self.vocab_size
+
+    def memory_bytes(self) -> dict[str, int]:
+        """File size (weights) + fp32 KV cache for the context: what the model needs resident."""
+        w = self.path.stat().st_size
+        kv = 2 * self.n_layers * self._context_length * self.n_kv * self.head_dim * 4
+        return {"weights_bytes": w, "kv_cache_bytes": kv, "peak_bytes": w + kv}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise _err(GenerationError, "runtime is closed", "load the model again")
+
+    # ---- tokenizer -------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        self._check_open()
+        tok = self._tok
+        prev = tok.encode_special_tokens
+        tok.encode_special_tokens = not special
+        try:
+            ids = tok.encode(text, add_special_tokens=False).ids
+        finally:
+            tok.encode_special_tokens = prev
+        if add_bos and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        self._check_open()
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def chat_token_ids(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """The default chat template as ids: role markers as special tokens, contents as plain
+        text (so a user cannot inject role markers or end-of-sequence)."""
+        ids = [self.bos_id] if (self.add_bos and self.bos_id is not None) else []
+        for m in messages:
+            role = m.get("role", "user")
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown chat role {role!r}: use system, user or assistant")
+            ids += self.tokenize(f"<|{role}|>", add_bos=False, special=True)
+            ids += self.tokenize("\n" + (m.get("content") or "") + "\n", add_bos=False)
+        if add_generation_prompt:
+            ids += self.tokenize("<|assistant|>", add_bos=False, special=True)
+            ids += self.tokenize("\n", add_bos=False)
+        return ids
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def _empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
+        z = np.zeros((batch, self.n_kv, 0, self.head_dim), dtype=np.float32)
+        feed = {}
+        for i in range(self.n_layers):
+            feed[f"past.{i}.key"] = z
+            feed[f"past.{i}.value"] = z
+        return feed
+
+    def _run(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        outs = self._session.run(self._out_names, {"input_ids": ids, **past})
+        present = {}
+        for i in range(self.n_layers):
+            present[f"past.{i}.key"] = outs[1 + 2 * i]
+            present[f"past.{i}.value"] = outs[2 + 2 * i]
+        return outs[0], present
+
+    def _check_ids(self, ids: Sequence[int], what: str = "input") -> list[int]:
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise _err(GenerationError, f"empty {what}", "send at least one token")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise _err(GenerationError, f"{what} token id outside the vocabulary", "tokenize with this model")
+        return ids
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits for every position of ``ids`` (one fresh pass), shape (len(ids), vocab)."""
+        self._check_open()
+        ids = self._check_ids(ids)
+        if len(ids) > self._context_length:
+            raise _err(PromptTooLongError, f"{len(ids)} tokens for a context of {self._context_length}",
+                       "score at most context_length tokens at a time")
+        out, _ = self._run(np.asarray([ids], dtype=np.int64), self._empty_past())
+        return out[0]
+
+    def batch_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``[B, S, V]`` for equal-length rows ``batch`` ``[B, S]``."""
+        self._check_open()
+        batch = np.asarray(batch, dtype=np.int64)
+        out, _ = self._run(batch, self._empty_past(batch.shape[0]))
+        return out
+
+    def last_logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self.logits(ids)[-1]
+
+    def decode_speed(self, n_tokens: int = 64, prompt: Sequence[int] | None = None) -> float:
+        """Greedy single-token decode tokens/s after a short prompt, EOS ignored (a benchmark)."""
+        self._check_open()
+        ids = list(prompt) if prompt else [self.bos_id if self.bos_id is not None else 0]
+        n_tokens = max(1, min(n_tokens, self._context_length - len(ids)))
+        logits, past = self._run(np.asarray([ids], dtype=np.int64), self._empty_past())
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            nxt = int(np.argmax(logits[0, -1]))
+            logits, past = self._run(np.asarray([[nxt]], dtype=np.int64), past)
+        return n_tokens / (time.perf_counter() - t0)
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenEvent]:
+        self._check_open()
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._check_ids(ids, "prompt")
+        if len(ids) + params.max_tokens > self._context_length:
+            raise _err(PromptTooLongError,
+                       f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the context of "
+                       f"{self._context_length}", "shorten the prompt or lower max_tokens")
+        return self._generate(ids, params)
+
+    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent]:
+        sampler = Sampler(params)
+        stops = StopBuffer(params.stop)
+        logits, past = self._run(np.asarray([ids], dtype=np.int64), self._empty_past())
+        out_ids: list[int] = []
+        emitted = ""  # decoded text of out_ids already passed to the stop buffer
+        for i in range(params.max_tokens):
+            tok, lp = sampler.sample(logits[0, -1])
+            lp_out = lp if params.logprobs else None
+            if tok in self.eos_ids:
+                yield TokenEvent(tok, stops.flush(), lp_out, "stop")
+                return
+            out_ids.append(tok)
+            full = self._tok.decode(out_ids, skip_special_tokens=True)
+            new = ""
+            if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                new, emitted = full[len(emitted):], full
+            text, hit = stops.push(new)
+            if hit:
+                yield TokenEvent(tok, text, lp_out, "stop")
+                return
+            if i == params.max_tokens - 1:
+                rest = full[len(emitted):] if full != emitted else ""
+                yield TokenEvent(tok, text + stops.push(rest)[0] + stops.flush(), lp_out, "length")
+                return
+            yield TokenEvent(tok, text, lp_out)
+            logits, past = self._run(np.asarray([[tok]], dtype=np.int64), past)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._session = None
