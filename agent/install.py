@@ -168,6 +168,7 @@ class Installer:
         os.rename(staging, slot_dir)
         _crashpoint("renamed")
         fsync_dir(self.paths.slots)
+        remove_tree(self.paths.staging)
         _fsync_tree(slot_dir)
         msha = manifest_sha256(slot_dir)
         verify_slot(slot_dir, msha)
