@@ -124,13 +124,17 @@ def _onnx_available() -> bool:
     return onnx_supported()
 
 
-def _golden_prompts(m: Measurement, prompts: list[str]) -> list[dict[str, Any]]:
+def _golden_prompts(m: Measurement, prompts: list[str], model_dir: Path) -> list[dict[str, Any]]:
     """Greedy continuations of a few prompts with the chosen artifact; ``expect`` holds the
     confident prefix (every token at p > 0.6), so the device health check catches garbage."""
     from edgellm.runtime import GenerationParams, load_runtime
 
     out = []
-    rt = load_runtime(m.runtime, m.artifact, threads=1, context_length=256)
+    try:
+        rt = load_runtime(m.runtime, m.artifact, model_dir=model_dir, threads=1, context_length=256)
+    except Exception as e:  # noqa: BLE001 - no runtime here: prompts without expectations
+        log.warning("golden prompts without expected text (%s runtime unavailable: %s)", m.runtime, e)
+        return [{"prompt": p, "max_tokens": 8, "expect": None} for p in prompts]
     try:
         for p in prompts:
             c = rt.complete(p, GenerationParams(max_tokens=8))
@@ -225,7 +229,7 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
             continue
         m = cands.measurements[sel.chosen]
         if m.fmt not in golden_cache:
-            golden_cache[m.fmt] = _golden_prompts(m, prompts)
+            golden_cache[m.fmt] = _golden_prompts(m, prompts, model_dir)
         say(f"bundling {prof.name} ({m.fmt})", i, n)
         bundle_name = f"{name}-{cfg.version}-{prof.name}.bundle"
         with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out) as tmp:
