@@ -314,7 +314,7 @@ class Daemon:
                     t.start()
                 log.info("agent listening", extra={"port": port, "socket": self.socket_path,
                                                    "device_id": self.config.device_id})
-                server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",
                                                 timeout_graceful_shutdown=5, server_header=False))
                 server.run(sockets=socks)
         finally:
