@@ -86,3 +86,49 @@ class SimDevice:
                 tokens_per_second=b.tokens_per_second * self._rng.uniform(0.95, 1.05),
                 mean_logprob=b.mean_logprob + self._rng.uniform(-0.05, 0.05),
                 error=self._rng.random() < b.error_rate)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agent.telemetry.sim --mqtt URL --devices N --data-dir DIR``: run a simulated
+    fleet until SIGTERM/SIGINT (for demos and benchmarks). Prints ``ready`` once all started."""
+    import argparse
+    import signal
+    import sys
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--mqtt", required=True)
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--prefix", default="sim")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--group", default="default")
+    ap.add_argument("--version", default="1.0")
+    ap.add_argument("--bad-version", action="append", default=[], help="VERSION:LATENCY_MS:MEAN_LOGPROB")
+    ap.add_argument("--infer-every", type=float, default=0.1)
+    ap.add_argument("--metrics-interval", type=float, default=1.0)
+    ap.add_argument("--prefill", type=int, default=0, help="events queued in each outbox before connecting")
+    args = ap.parse_args(argv)
+    behaviour = {}
+    for spec in args.bad_version:
+        v, lat, lp = spec.split(":")
+        behaviour[v] = Behaviour(latency_ms=float(lat), mean_logprob=float(lp))
+    devs = [SimDevice(f"{args.prefix}-{i:03d}", Path(args.data_dir) / f"{i:03d}", MqttConfig(args.mqtt),
+                      group=args.group, version=args.version, behaviour=behaviour,
+                      infer_every_s=args.infer_every, metrics_interval_s=args.metrics_interval,
+                      heartbeat_s=30.0) for i in range(args.devices)]
+    for d in devs:
+        for k in range(args.prefill):
+            d.telemetry.event("prefill", k=k)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    for d in devs:
+        d.start(infer=args.infer_every > 0)
+    print("ready", flush=True)
+    stop.wait()
+    for d in devs:
+        d.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
