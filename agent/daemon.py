@@ -162,9 +162,10 @@ class Daemon:
             self.metrics.updates.labels(kind.split(".", 1)[1]).inc()
 
     def request_update(self, desired: dict | None = None) -> None:
-        """Ask for an update check now (API call or the server's desired state)."""
-        if desired:
-            self._desired = dict(desired)
+        """Check for an update now, towards ``desired`` (API call or the server's desired state).
+
+        ``desired`` replaces the previous one: ``{}`` means "the newest target for this profile"."""
+        self._desired = {k: v for k, v in (desired or {}).items() if v is not None}
         self._update_now.set()
 
     # -- model reconciliation -------------------------------------------------------------------
@@ -221,12 +222,21 @@ class Daemon:
 
         return tuf_source(self.paths, self.config)
 
-    def check_updates(self, desired: dict | None = None) -> dict | None:
+    def follows_latest(self) -> bool:
+        """Periodic checks install the newest target only on devices no control plane steers."""
+        v = self.config.extra.get("follow_latest")
+        return bool(v) if v is not None else self.config.mqtt is None
+
+    def check_updates(self, desired: dict | None = None, *, explicit: bool = True) -> dict | None:
         source = self._source()
         if source is None:
             return None
+        desired = dict(self._desired if desired is None else desired)
+        if not explicit and not desired and not self.follows_latest():
+            log.debug("no desired state from the control plane yet: nothing to update")
+            return None
         try:
-            res = self.installer.update(source, desired or self._desired)
+            res = self.installer.update(source, desired)
         except InstallError as e:
             log.warning("update failed: %s", e)
             res = {"ok": False, "reason": str(e)}
@@ -243,7 +253,7 @@ class Daemon:
             self._update_now.clear()
             if woke or time.monotonic() >= next_at:
                 try:
-                    self.check_updates()
+                    self.check_updates(explicit=woke)
                 except Exception:  # noqa: BLE001
                     log.exception("update check crashed")
                 next_at = time.monotonic() + interval

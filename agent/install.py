@@ -92,7 +92,7 @@ class Installer:
     # -- policy ----------------------------------------------------------------------------------
 
     def _check_policy(self, state: AgentState, name: str, version: str, *,
-                      allow_downgrade: bool, force: bool) -> None:
+                      allow_downgrade: bool, force: bool, allow_model_change: bool = False) -> None:
         cur = state.current_record
         problem: tuple[str, str] | None = None
         if version in state.rejected and not force:
@@ -100,7 +100,7 @@ class Installer:
                        "pass --force to try it again")
         elif cur is not None:
             c = compare_versions(version, cur.version)
-            if cur.name and name and cur.name != name and not force:
+            if cur.name and name and cur.name != name and not (force or allow_model_change):
                 problem = (f"bundle is model {name!r} but this device runs {cur.name!r}",
                            "pass --force to replace the model")
             elif c == 0 and not force:
@@ -124,13 +124,15 @@ class Installer:
     # -- the one install path --------------------------------------------------------------------
 
     def _install_verified(self, archive: Path, target: TargetInfo | None, *, source: str,
-                          allow_downgrade: bool = False, force: bool = False) -> dict:
+                          allow_downgrade: bool = False, force: bool = False,
+                          allow_model_change: bool = False) -> dict:
         """Caller holds the lock and has verified ``archive`` against the pinned root."""
         from edgellm.bundle import unpack
 
         state = self.store.load()
         if target is not None and target.version:
-            self._check_policy(state, target.name, target.version, allow_downgrade=allow_downgrade, force=force)
+            self._check_policy(state, target.name, target.version, allow_downgrade=allow_downgrade, force=force,
+                               allow_model_change=allow_model_change)
         slot = state.inactive
         slot_dir = self.store.slot_dir(slot)
         # 1. forget, then wipe, the inactive slot
@@ -160,7 +162,8 @@ class Installer:
             raise InstallError(reason, hint="the repository is inconsistent: rebuild and republish the bundle")
         if target is None or not target.version:
             try:
-                self._check_policy(state, name, version, allow_downgrade=allow_downgrade, force=force)
+                self._check_policy(state, name, version, allow_downgrade=allow_downgrade, force=force,
+                                   allow_model_change=allow_model_change)
             except UpdateRefused:
                 remove_tree(staging)
                 raise
@@ -279,16 +282,18 @@ class Installer:
             prev = state.slots.get(state.inactive)
             rollback_ok = bool(desired.get("rollback") or desired.get("allow_downgrade"))
             if cur is not None and compare_versions(target.version, cur.version) < 0:
+                if prev is not None and prev.version == target.version and prev.name == target.name:
+                    # the server asks for the version in the other slot: that is a rollback, done locally
+                    st = self.store.rollback(reason=f"desired version is {target.version}")
+                    self.on_event("update.rolled_back", version=target.version, from_version=cur.version)
+                    return st.last_result or {}
                 if not rollback_ok:
-                    reason = f"desired {target.version} is older than the current {cur.version} (no rollback requested)"
+                    reason = (f"desired {target.version} is older than the current {cur.version} "
+                              "(send rollback=true to downgrade)")
                     self.on_event("update.refused", version=target.version, reason=reason)
                     state.last_result = result("update", False, version=target.version, reason=reason)
                     self.store.save(state)
                     return state.last_result
-                if prev is not None and prev.version == target.version:
-                    st = self.store.rollback(reason=f"server asked for {target.version}")
-                    self.on_event("update.rolled_back", version=target.version, from_version=cur.version)
-                    return st.last_result or {}
             dl = self.paths.downloads / "tuf"
             remove_tree(dl)
             dl.mkdir(parents=True)
@@ -300,7 +305,8 @@ class Installer:
                     self._fail("update", target.version, reason)
                     raise InstallError(reason, hint="the current model keeps serving; the next check retries") from e
                 return self._install_verified(archive, target, source="tuf", allow_downgrade=rollback_ok,
-                                              force=bool(desired.get("force")))
+                                              force=bool(desired.get("force")),
+                                              allow_model_change=bool(desired.get("model")))
             finally:
                 remove_tree(dl)
 

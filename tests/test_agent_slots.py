@@ -172,3 +172,45 @@ def test_agent_imports_and_runs_with_torch_unimportable():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+class FakeSource:
+    """An UpdateSource serving local archives (the real TUF source runs in test_agent_e2e)."""
+
+    def __init__(self, archives: dict, profile: str = "rpi4-4gb") -> None:
+        from agent.source import TargetInfo
+
+        self.archives = archives
+        self.infos = [TargetInfo(p.name, "demo", v, profiles=[profile]) for v, p in archives.items()]
+        self.downloads: list[str] = []
+
+    def refresh(self) -> None:
+        pass
+
+    def targets(self):
+        return list(self.infos)
+
+    def download(self, target, dest_dir):
+        self.downloads.append(target.version)
+        dst = dest_dir / target.path
+        dst.write_bytes(self.archives[target.version].read_bytes())
+        return dst
+
+
+def test_update_never_downgrades_unless_asked(installer, archives):
+    src = FakeSource(archives)
+    res = installer.update(src, {})
+    assert res["ok"] and installer.store.load().current_record.version == "1.10.0"
+    assert installer.update(src, {})["reason"] == "up to date"
+    res = installer.update(src, {"version": "1.1.0"})
+    assert not res["ok"] and "older" in res["reason"]
+    assert installer.store.load().current_record.version == "1.10.0" and src.downloads == ["1.10.0"]
+    res = installer.update(src, {"version": "1.1.0", "rollback": True})
+    assert res["ok"] and installer.store.load().current_record.version == "1.1.0"
+    res = installer.update(src, {"version": "1.10.0"})  # an upgrade again: downloaded and verified again
+    assert res["ok"] and installer.store.load().current_record.version == "1.10.0"
+    # asking for the older version held in the other slot rolls back locally, without a download
+    res = installer.update(src, {"version": "1.1.0"})
+    assert res["ok"] and res["action"] == "rollback"
+    assert installer.store.load().current_record.version == "1.1.0"
+    assert src.downloads == ["1.10.0", "1.1.0", "1.10.0"]
