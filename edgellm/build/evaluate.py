@@ -66,8 +66,9 @@ def _default_data(model_dir: Path | None) -> Any:
     """The training data recorded in the model's train report (its validation split), else the
     embedded corpus."""
     if model_dir is not None:
-        rep = model_dir / "train_report.json"
-        if rep.exists():
+        for rep in (model_dir / "train_report.json", model_dir / "distill_report.json"):
+            if not rep.exists():
+                continue
             try:
                 srcs = [s["path"] for s in json.loads(rep.read_text(encoding="utf-8"))["data"]["sources"]]
                 if srcs and all(s.startswith("builtin") or Path(s).exists() for s in srcs):
