@@ -250,15 +250,18 @@ class Envelope(_Record):
 @dataclasses.dataclass
 class Desired(_Record):
     """Desired state published (retained) by the server. The agent installs ``version`` of
-    ``model`` through TUF. ``rollout`` names the rollout that asked for it."""
+    ``model`` through TUF. ``rollout`` names the rollout that asked for it; ``rollback`` is true
+    when the server sends a device back to an older version (the agent refuses downgrades
+    otherwise)."""
 
     model: str
     version: str
     rollout: str | None = None
+    rollback: bool = False
     issued_at: float | None = None
     v: int = WIRE_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"model": _STR, "version": _STR, "rollout": _STR, "issued_at": _NUM}
+    _types: ClassVar = {"model": _STR, "version": _STR, "rollout": _STR, "rollback": (bool,), "issued_at": _NUM}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()

@@ -47,6 +47,12 @@ logger = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "canary", "bake", "full", "rolling_back")
 FINAL = ("completed", "rolled_back", "aborted", "failed")
+# Event names (both spellings: "update_failed" and the agent's "update.failed") that mean a device
+# could not take the new version.
+FAILURE_EVENTS = frozenset({
+    "update_failed", "update.failed", "update_refused", "update.refused", "rolled_back", "update.rolled_back",
+    "health_check_failed", "update.health_check_failed",
+})
 GATE_METRICS = ("p95_latency_ms", "p50_latency_ms", "error_rate", "mean_logprob", "tokens_per_second")
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
@@ -224,12 +230,14 @@ class RolloutDriver:
 
     # -- desired state
 
-    def _desire_device(self, rid: str, device: str, model: str | None, version: str | None) -> None:
+    def _desire_device(self, rid: str, device: str, model: str | None, version: str | None,
+                       rollback: bool = False) -> None:
         topic = wire.desired_device_topic(device)
         if version is None or model is None:
             self.publish(topic, b"", True)  # clear the pin: the group's desired state applies
         else:
-            self.publish(topic, wire.Desired(model=model, version=version, rollout=rid, issued_at=time.time()).to_json(), True)
+            self.publish(topic, wire.Desired(model=model, version=version, rollout=rid, rollback=rollback,
+                                             issued_at=time.time()).to_json(), True)
 
     def _desire_group(self, rid: str, group: str, model: str, version: str) -> None:
         self.publish(wire.desired_group_topic(group),
@@ -250,7 +258,8 @@ class RolloutDriver:
         elif r["state"] == "rolling_back":
             for d in devs:
                 if d["phase"] == "canary":
-                    self._desire_device(rid, d["device"], d["previous_model"] or r["model"], d["previous_version"])
+                    self._desire_device(rid, d["device"], d["previous_model"] or r["model"], d["previous_version"],
+                                        rollback=True)
         elif r["state"] == "full":
             self._desire_group(rid, r["grp"], r["model"], r["version"])
             for d in devs:
@@ -318,7 +327,7 @@ class RolloutDriver:
     def _failed_updates(self, r: dict[str, Any], devices: list[str]) -> list[str]:
         out = []
         for e in self.store.events(since=r["created"]):
-            if e["device"] in devices and e["name"] in ("update_failed", "rolled_back", "health_check_failed"):
+            if e["device"] in devices and e["name"] in FAILURE_EVENTS:
                 v = e["fields"].get("version")
                 if v in (None, r["version"]):
                     why = e["fields"].get("error") or e["fields"].get("reason") or e["name"]

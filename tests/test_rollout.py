@@ -65,6 +65,7 @@ def test_bad_version_stops_at_canary_and_rolls_back_then_good_version_reaches_al
     assert {d.id for d in touched} == {x["device"] for x in st["device_states"] if x["phase"] == "canary"}
     wait_for(lambda: all(d["version"] == "1.0" for d in srv.store.devices()), what="all back on 1.0")
     assert all(d.version == "1.0" for d in devices)
+    assert all(d.desired[-1]["rollback"] is True and d.desired[-1]["version"] == "1.0" for d in touched)
     states = [h["state"] for h in st["history"]]
     assert states[:3] == ["pending", "canary", "bake"] and "rolling_back" in states and "full" not in states
 

@@ -152,8 +152,9 @@ class Telemetry:
         self._put("event", wire.Event(name=kind, fields=fields).to_dict())
 
     def on_desired(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        """``callback(dict(model=..., version=..., rollout=..., source="device"|"group"))`` whenever
-        the effective desired state changes (a per-device one overrides the group's)."""
+        """``callback(dict(model=..., version=..., rollout=..., rollback=bool, source="device"|"group"))``
+        whenever the effective desired state changes (a per-device one overrides the group's).
+        ``rollback=True`` means the server deliberately sends the device back to an older version."""
         self._desired_cbs.append(callback)
 
     def on_command(self, callback: Callable[[str, dict[str, Any]], Any]) -> None:
@@ -400,7 +401,9 @@ class Telemetry:
             return
         self._last_delivered = key
         source = "device" if eff is self._desired["device"] else "group"
-        self._dispatch_q.put({"model": eff.model, "version": eff.version, "rollout": eff.rollout, "source": source})
+        desired = {k: v for k, v in eff.to_dict().items() if k not in ("v", "issued_at")}
+        desired["source"] = source
+        self._dispatch_q.put(desired)
 
     def _handle_command(self, payload: bytes) -> None:
         import json

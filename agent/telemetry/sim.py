@@ -41,6 +41,7 @@ class SimDevice:
         self.infer_every_s = infer_every_s
         self.fail_versions = fail_versions
         self.installs: list[str] = []
+        self.desired: list[dict[str, Any]] = []
         self._rng = random.Random(seed if seed is not None else hash(device_id))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -63,6 +64,7 @@ class SimDevice:
         self.telemetry.stop()
 
     def _on_desired(self, d: dict[str, Any]) -> None:
+        self.desired.append(d)
         version = d["version"]
         if version == self.version:
             return
