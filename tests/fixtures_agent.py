@@ -100,10 +100,11 @@ def agent_bundles(tmp_path_factory, tiny_gguf) -> dict:
 
 
 def provision_agent(data_dir: Path, root: Path, *, server: str | None = None, limits: dict | None = None,
-                    **config: object) -> Path:
-    args = ["provision", "--device-id", "dev-1", "--profile", AGENT_PROFILE, "--root", str(root)]
+                    args: tuple[str, ...] = (), **config: object) -> Path:
+    """Provision through the real CLI, then shorten the trial and tune limits for tests."""
+    args = ("provision", "--device-id", "dev-1", "--profile", AGENT_PROFILE, "--root", str(root), *args)
     if server:
-        args += ["--server", server]
+        args += ("--server", server)
     agent_cli(*args, data_dir=data_dir)
     cfg_path = data_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -116,6 +117,29 @@ def provision_agent(data_dir: Path, root: Path, *, server: str | None = None, li
 @pytest.fixture
 def provisioned_agent(tmp_path, agent_bundles) -> Path:
     return provision_agent(tmp_path / "agent", agent_bundles["root"])
+
+
+@pytest.fixture
+def tuf_server(agent_bundles):
+    """The signed repository of ``agent_bundles`` served over HTTP ({url}/metadata/, {url}/targets/)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(agent_bundles["repo_dir"])))
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join(5)
 
 
 class AgentProcess:

@@ -6,8 +6,6 @@ never become current while the old model keeps serving; hot swap; rollback; onli
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import stat
 import threading
@@ -164,36 +162,58 @@ def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_pa
         assert st["version"] == "1.0.0" and st["last_update"]["action"] == "rollback"
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
+def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles, tuf_server):
+    d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=tuf_server)
+    agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
+    with AgentProcess(d) as a, Traffic(a) as traffic:
+        admin = httpx.Client(base_url=a.base_url, headers=a.headers, timeout=10)
+        # 1.2.0 fails its health check: stays on 1.0.0, keeps serving
+        assert admin.post("/v1/admin/update", json={"version": "1.2.0"}).status_code == 202
+        st = _wait(lambda: (s := _status(d))["last_update"]["version"] == "1.2.0" and s, what="1.2.0 attempt")
+        assert st["last_update"]["ok"] is False and "health check failed" in st["last_update"]["reason"]
+        assert _served_version(a) == "1.0.0"
+        # no version asked: the newest non-rejected target for the profile, 1.1.0
+        assert admin.post("/v1/admin/update", json={}).status_code == 202
+        _wait(lambda: _served_version(a) == "1.1.0", what="online update to 1.1.0")
+        st = _status(d)
+        assert st["version"] == "1.1.0" and st["last_update"]["ok"]
+        # the server asking for the version in the other slot is a rollback, done locally
+        admin.post("/v1/admin/update", json={"version": "1.0.0"})
+        _wait(lambda: _served_version(a) == "1.0.0", what="server-asked rollback")
+        assert _status(d)["last_update"]["action"] == "rollback"
+    assert traffic.statuses and set(traffic.statuses) == {200}
 
 
-def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles):
-    handler = functools.partial(_QuietHandler, directory=str(agent_bundles["repo_dir"]))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+def test_desired_state_over_mqtt_drives_a_verified_update(tmp_path, agent_bundles, tuf_server, mqtt_broker):
+    import paho.mqtt.client as mqtt
+
+    from edgellm import telemetry as wire
+
+    d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=tuf_server,
+                        args=("--mqtt", f"mqtt://127.0.0.1:{mqtt_broker.port}", "--group", "lab"))
+    assert json.loads((d / "config.json").read_text())["group"] == "lab"
+    agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
+    seen: list = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: seen.append(wire.Envelope.from_json(m.payload))
+    sub.connect("127.0.0.1", mqtt_broker.port)
+    sub.subscribe(wire.device_wildcard(), qos=1)
+    sub.loop_start()
     try:
-        server = f"http://127.0.0.1:{httpd.server_address[1]}"
-        d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=server)
-        agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
-        with AgentProcess(d) as a, Traffic(a) as traffic:
-            admin = httpx.Client(base_url=a.base_url, headers=a.headers, timeout=10)
-            # the newest target (1.2.0) fails its health check: stays on 1.0.0, keeps serving
-            assert admin.post("/v1/admin/update", json={"version": "1.2.0"}).status_code == 202
-            st = _wait(lambda: (s := _status(d))["last_update"]["version"] == "1.2.0" and s, what="1.2.0 attempt")
-            assert st["last_update"]["ok"] is False and "health check failed" in st["last_update"]["reason"]
-            assert _served_version(a) == "1.0.0"
-            # no version asked: the newest non-rejected target for the profile, 1.1.0
-            assert admin.post("/v1/admin/update", json={}).status_code == 202
-            _wait(lambda: _served_version(a) == "1.1.0", what="online update to 1.1.0")
-            st = _status(d)
-            assert st["version"] == "1.1.0" and st["last_update"]["ok"]
-            # the server asking for the version in the other slot is a rollback, done locally
-            admin.post("/v1/admin/update", json={"version": "1.0.0"})
-            _wait(lambda: _served_version(a) == "1.0.0", what="server-asked rollback")
-            assert _status(d)["last_update"]["action"] == "rollback"
-        assert traffic.statuses and set(traffic.statuses) == {200}
+        with AgentProcess(d) as a:
+            _wait(lambda: any(e.kind == "birth" and e.body.get("version") == "1.0.0" for e in seen), what="birth")
+            pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            pub.connect("127.0.0.1", mqtt_broker.port)
+            pub.loop_start()
+            pub.publish(wire.desired_group_topic("lab"), wire.Desired(model="tiny", version="1.1.0").to_json(),
+                        qos=1, retain=True).wait_for_publish(10)
+            pub.loop_stop()
+            pub.disconnect()
+            _wait(lambda: _served_version(a) == "1.1.0", what="update from desired state")
+            _wait(lambda: any(e.kind == "event" and e.body.get("name") == "update.installed" for e in seen),
+                  what="update.installed event")
+            _wait(lambda: any(e.kind in ("heartbeat", "birth") and e.body.get("version") == "1.1.0" for e in seen),
+                  what="state with the new version")
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        sub.loop_stop()
+        sub.disconnect()
