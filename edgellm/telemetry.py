@@ -16,7 +16,9 @@ Agent messages share one :class:`Envelope`: ``device``, ``kind``, ``seq`` (monot
 persisted by the agent's outbox; ``0`` for the unsequenced birth/death connection-state
 messages), ``ts`` and a kind-specific ``body`` (:class:`Birth`, :class:`Death`,
 :class:`Heartbeat`, :class:`Metrics`, :class:`Event`). The server deduplicates on
-``(device, seq)``. Birth and death carry a ``session`` id so a late last-will from an old
+``(device, epoch, seq)``: ``epoch`` is a random id the outbox draws when it is created, so a
+device whose outbox was wiped (re-provisioned, factory reset) starts a new sequence instead of
+having its fresh messages dropped as duplicates. Birth and death carry a ``session`` id so a late last-will from an old
 connection never marks a reconnected device offline (Sparkplug's bdSeq idea).
 """
 
@@ -206,9 +208,11 @@ class Envelope(_Record):
     seq: int
     ts: float
     body: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epoch: str = ""
     v: int = WIRE_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"device": _STR, "kind": _STR, "seq": _INT, "ts": _NUM, "body": (dict,), "v": _INT}
+    _types: ClassVar = {"device": _STR, "kind": _STR, "seq": _INT, "ts": _NUM, "body": (dict,), "v": _INT,
+                        "epoch": _STR}
 
     @classmethod
     def from_dict(cls, d: Any) -> Envelope:
@@ -224,6 +228,8 @@ class Envelope(_Record):
             raise TelemetryError(f"Envelope.kind: unknown kind {env.kind!r}")
         if env.seq < 0:
             raise TelemetryError("Envelope.seq must be >= 0")
+        if len(env.epoch) > 64:
+            raise TelemetryError("Envelope.epoch is too long")
         return env
 
     def typed_body(self) -> _Record | dict[str, Any]:

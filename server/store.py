@@ -28,18 +28,18 @@ CREATE TABLE IF NOT EXISTS devices (
     first_seen REAL, last_seen REAL, outbox_dropped INTEGER NOT NULL DEFAULT 0, outbox_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL, received REAL NOT NULL,
-    body TEXT NOT NULL, PRIMARY KEY (device, seq)
+    device TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL,
+    received REAL NOT NULL, body TEXT NOT NULL, PRIMARY KEY (device, epoch, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS metrics (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, received REAL NOT NULL, version TEXT, model TEXT,
-    count INTEGER NOT NULL, errors INTEGER NOT NULL, p50 REAL, p95 REAL, tps REAL, mean_logprob REAL,
-    prompt_mean REAL, prompt_max INTEGER, completion INTEGER, PRIMARY KEY (device, seq)
+    device TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, received REAL NOT NULL,
+    version TEXT, model TEXT, count INTEGER NOT NULL, errors INTEGER NOT NULL, p50 REAL, p95 REAL, tps REAL,
+    mean_logprob REAL, prompt_mean REAL, prompt_max INTEGER, completion INTEGER, PRIMARY KEY (device, epoch, seq)
 );
 CREATE INDEX IF NOT EXISTS metrics_received ON metrics (received);
 CREATE TABLE IF NOT EXISTS events (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, received REAL NOT NULL, name TEXT NOT NULL,
-    fields TEXT NOT NULL, PRIMARY KEY (device, seq)
+    device TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, received REAL NOT NULL,
+    name TEXT NOT NULL, fields TEXT NOT NULL, PRIMARY KEY (device, epoch, seq)
 );
 CREATE INDEX IF NOT EXISTS events_received ON events (received);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -98,8 +98,8 @@ class Store:
         with self.tx() as db:
             for env in envelopes:
                 if env.seq > 0:
-                    cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?,?,?,?,?,?)",
-                                     (env.device, env.seq, env.kind, env.ts, now, json.dumps(env.body)))
+                    cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?,?,?,?,?,?,?)",
+                                     (env.device, env.epoch, env.seq, env.kind, env.ts, now, json.dumps(env.body)))
                     if cur.rowcount == 0:
                         dups += 1
                         continue
@@ -135,14 +135,14 @@ class Store:
                         b.get("group"), int(b.get("outbox_dropped") or 0), int(b.get("outbox_pending") or 0),
                         env.ts, env.device, env.ts))
         elif env.kind == "metrics":
-            db.execute("INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (env.device, env.seq, env.ts, now, b.get("version"), b.get("model"), int(b.get("count") or 0),
+            db.execute("INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (env.device, env.epoch, env.seq, env.ts, now, b.get("version"), b.get("model"), int(b.get("count") or 0),
                         int(b.get("errors") or 0), b.get("p50_latency_ms"), b.get("p95_latency_ms"),
                         b.get("tokens_per_second"), b.get("mean_logprob"), b.get("prompt_tokens_mean"),
                         b.get("prompt_tokens_max"), int(b.get("completion_tokens") or 0)))
         elif env.kind == "event":
-            db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
-                       (env.device, env.seq, env.ts, now, b.get("name", ""), json.dumps(b.get("fields", {}))))
+            db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)",
+                       (env.device, env.epoch, env.seq, env.ts, now, b.get("name", ""), json.dumps(b.get("fields", {}))))
 
     def count(self, name: str, n: int = 1) -> None:
         if n:
@@ -173,7 +173,8 @@ class Store:
         return None
 
     def message_seqs(self, device: str) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT seq FROM messages WHERE device=? ORDER BY seq", (device,))]
+        """Sequence numbers stored for a device (all epochs), in order."""
+        return [r[0] for r in self.db.execute("SELECT seq FROM messages WHERE device=? ORDER BY epoch, seq", (device,))]
 
     def message_count(self, device: str | None = None, kind: str | None = None) -> int:
         q, args = "SELECT COUNT(*) FROM messages WHERE 1=1", []

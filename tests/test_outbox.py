@@ -116,3 +116,18 @@ def test_kill_9_with_unsent_messages_then_restart_delivers_them(tmp_path, mqtt_b
     finally:
         ing.stop()
         store.close()
+
+
+def test_a_wiped_outbox_starts_a_new_epoch_the_server_does_not_drop(tmp_path):
+    from edgellm import telemetry as wire
+
+    store = Store(tmp_path / "store.sqlite")
+    for run in range(2):  # the device's outbox is wiped between the runs (re-provisioned)
+        ob = Outbox(tmp_path / f"o{run}.sqlite")
+        ob.put("t", lambda s: b"x")
+        env = wire.Envelope(device="d", kind="event", seq=1, ts=1.0, epoch=ob.epoch, body={"name": f"run{run}"})
+        assert store.ingest([env]) == {"stored": 1, "duplicates": 0}
+        assert store.ingest([env]) == {"stored": 0, "duplicates": 1}
+    assert [e["name"] for e in store.events(device="d")] == ["run0", "run1"]
+    reopened = Outbox(tmp_path / "o1.sqlite")
+    assert reopened.epoch == ob.epoch

@@ -50,7 +50,7 @@ def raw_client(url: str, client_id: str):
 
 
 def test_envelope_roundtrip_keeps_unknown_fields():
-    d = {"device": "d1", "kind": "metrics", "seq": 3, "ts": 1.5, "v": 1, "future": {"x": 1},
+    d = {"device": "d1", "kind": "metrics", "seq": 3, "ts": 1.5, "v": 1, "epoch": "e1", "future": {"x": 1},
          "body": {"interval_s": 60, "count": 2, "p95_latency_ms": 10.0, "new_metric": 7}}
     env = wire.Envelope.from_json(json.dumps(d).encode())
     assert env.to_dict() == d

@@ -185,7 +185,8 @@ class Telemetry:
     def _put(self, kind: str, body: dict[str, Any]) -> int:
         topic = wire.device_topic(self.device_id, kind)
         return self.outbox.put(
-            topic, lambda seq: wire.Envelope(device=self.device_id, kind=kind, seq=seq, ts=time.time(), body=body).to_json())
+            topic, lambda seq: wire.Envelope(device=self.device_id, kind=kind, seq=seq, ts=time.time(), body=body,
+                                             epoch=self.outbox.epoch).to_json())
 
     def _state_body(self) -> dict[str, Any]:
         with self._state_lock:

@@ -2,7 +2,8 @@
 
 A row is deleted only when the broker acknowledged it (QoS 1 PUBACK). Sequence numbers are
 allocated in the same transaction that stores the row, from a counter kept in the database, so
-they stay monotonic across restarts and ``kill -9``. The outbox is bounded: when full, the oldest
+they stay monotonic across restarts and ``kill -9``. ``epoch`` is drawn once when the database is
+created: a wiped outbox starts a new (epoch, seq) series the server will not mistake for duplicates. The outbox is bounded: when full, the oldest
 rows are dropped and counted (``dropped``); the agent reports the count in its heartbeats and an
 ``outbox_overflow`` event.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -46,7 +48,9 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL,"
             " payload BLOB NOT NULL, created REAL NOT NULL)"
         )
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('dropped', 0)")
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('dropped', 0), ('epoch', ?)",
+                         (secrets.randbits(48),))
+        self.epoch = format(self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0], "012x")
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
     # -- producer side
