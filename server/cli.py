@@ -261,16 +261,20 @@ def ca_issue_server(data_dir: Path, hosts: tuple[str, ...], out: Path | None) ->
 @click.option("--port", default=8883, show_default=True)
 @click.option("--bind", default="0.0.0.0", show_default=True)
 def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
-    """Print a Mosquitto configuration that requires fleet client certificates."""
+    """Print a Mosquitto configuration that requires fleet client certificates; writes the ACL
+    (each device only on its own topics) to DATA_DIR/ca/mosquitto.acl. Issue the server's own
+    client certificate with `ca issue-device edgellm-server`."""
     from server.app import DataDir
-    from server.identity import mosquitto_config
+    from server.identity import mosquitto_acl, mosquitto_config
 
     d = DataDir(data_dir)
     broker = d.ca / "broker"
     if not (broker / "server.crt").is_file():
         raise click.ClickException("no broker certificate yet\n  hint: run `edgellm-server ca issue-server --host NAME` first")
+    acl = d.ca / "mosquitto.acl"
+    acl.write_text(mosquitto_acl())
     click.echo(mosquitto_config(port=port, bind=bind, ca=d.ca / "ca.crt", cert=broker / "server.crt",
-                                key=broker / "server.key", persistence_dir=d.root / "mosquitto"), nl=False)
+                                key=broker / "server.key", persistence_dir=d.root / "mosquitto", acl_file=acl), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -140,16 +140,18 @@ def mqtt_broker_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fleet_pki(tmp_path_factory):
     """A fleet CA (server.identity), a broker certificate for 127.0.0.1, one good device
-    certificate, and one device certificate signed by a different (rogue) CA."""
+    certificate, the server's client certificate (CN edgellm-server), and one device
+    certificate signed by a different (rogue) CA."""
     from server.identity import CertificateAuthority
 
     d = tmp_path_factory.mktemp("pki")
     ca = CertificateAuthority.init(d / "ca")
     server = ca.issue_server(d / "broker", hosts=["127.0.0.1", "localhost"])
     good = ca.issue_device("dev-good", d / "devices")
+    ingest = ca.issue_device("edgellm-server", d / "devices")  # the control plane's own client cert
     rogue_ca = CertificateAuthority.init(d / "rogue-ca")
     bad = rogue_ca.issue_device("dev-rogue", d / "rogue-devices")
-    return {"ca": ca.cert_path, "server": server, "good": good, "bad": bad}
+    return {"ca": ca.cert_path, "server": server, "good": good, "bad": bad, "ingest": ingest}
 
 
 @pytest.fixture

@@ -135,7 +135,8 @@ def test_ca_commands_and_mosquitto_config(tmp_path, data_dir):
     cli("ca", "issue-server", "--data-dir", data_dir, "--host", "127.0.0.1", "--host", "broker.local")
     conf = cli("ca", "mosquitto-conf", "--data-dir", data_dir, "--port", "8883").output
     assert "require_certificate true" in conf and "use_identity_as_username true" in conf
-    assert "allow_anonymous false" in conf
+    assert "allow_anonymous false" in conf and f"acl_file {data_dir / 'ca' / 'mosquitto.acl'}" in conf
+    assert "pattern write edgellm/v1/dev/%u/#" in (data_dir / "ca" / "mosquitto.acl").read_text()
 
 
 def test_run_as_a_process_serves_and_stops_on_sigterm(tmp_path, data_dir, mqtt_broker):

@@ -209,35 +209,65 @@ def test_duplicates_are_stored_once(tmp_path, mqtt_broker, ingest):
 
 
 def test_mtls_broker_accepts_fleet_certs_and_refuses_others(tmp_path, fleet_pki):
+    """The production Mosquitto config (server.identity): client certs from the fleet CA required,
+    the certificate's CN is the user name, and the ACL pins each device to its own topics."""
+    import paho.mqtt.client as mqtt
+
     from fixtures_mqtt import Broker, free_port
-    from server.identity import mosquitto_config
+    from server.identity import mosquitto_acl, mosquitto_config
 
     port = free_port()
     b = Broker(tmp_path / "broker")
     b.port = port
+    acl = tmp_path / "broker" / "mosquitto.acl"
+    acl.write_text(mosquitto_acl())
     b.config.write_text(mosquitto_config(port=port, bind="127.0.0.1", ca=fleet_pki["ca"], cert=fleet_pki["server"].cert,
-                                         key=fleet_pki["server"].key, run_as_root=True))
+                                         key=fleet_pki["server"].key, acl_file=acl, run_as_root=True))
     b.start()
+    url = f"mqtts://127.0.0.1:{port}"
+    ca = str(fleet_pki["ca"])
+    store = Store(tmp_path / "store.sqlite")
+    ing = Ingest(store, MqttConfig(url, ca=ca, cert=str(fleet_pki["ingest"].cert), key=str(fleet_pki["ingest"].key)))
+    agents = []
     try:
-        url = f"mqtts://127.0.0.1:{port}"
-        good = Telemetry("dev-good", tmp_path / "good", MqttConfig(url, ca=str(fleet_pki["ca"]),
-                         cert=str(fleet_pki["good"].cert), key=str(fleet_pki["good"].key)), "sim")
-        rogue = Telemetry("dev-rogue", tmp_path / "rogue", MqttConfig(url, ca=str(fleet_pki["ca"]),
-                          cert=str(fleet_pki["bad"].cert), key=str(fleet_pki["bad"].key)), "sim",
-                          backoff_min_s=0.1, backoff_max_s=0.3)
-        anon = Telemetry("dev-anon", tmp_path / "anon", MqttConfig(url, ca=str(fleet_pki["ca"])), "sim",
+        ing.start()
+        assert ing.wait_connected(10)
+        good = Telemetry("dev-good", tmp_path / "good", MqttConfig(url, ca=ca, cert=str(fleet_pki["good"].cert),
+                                                                    key=str(fleet_pki["good"].key)), "sim")
+        rogue = Telemetry("dev-rogue", tmp_path / "rogue", MqttConfig(url, ca=ca, cert=str(fleet_pki["bad"].cert),
+                          key=str(fleet_pki["bad"].key)), "sim", backoff_min_s=0.1, backoff_max_s=0.3)
+        anon = Telemetry("dev-anon", tmp_path / "anon", MqttConfig(url, ca=ca), "sim",
                          backoff_min_s=0.1, backoff_max_s=0.3)
-        for t in (good, rogue, anon):
+        agents = [good, rogue, anon]
+        for t in agents:
             t.start()
             t.event("hello")
-        wait_for(lambda: good.connected, what="the fleet-signed device to connect")
-        time.sleep(1.5)  # several attempts each
+        assert good.wait_delivered(10)
+        wait_for(lambda: store.events(device="dev-good", name="hello"), what="good device's event stored over TLS")
+        time.sleep(1.0)  # several attempts each
         assert rogue._attempts >= 2 and anon._attempts >= 2
         assert good.connects == 1 and rogue.connects == 0 and anon.connects == 0
         assert len(rogue.outbox) >= 1 and len(anon.outbox) >= 1  # kept for when they get a valid cert
-        for t in (good, rogue, anon):
-            t.stop()
+        assert store.device("dev-rogue") is None and store.device("dev-anon") is None
+
+        # A fleet device cannot speak for another device (ACL: its CN must be in the topic).
+        spoof = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spoofer", protocol=mqtt.MQTTv5)
+        MqttConfig(url, ca=ca, cert=str(fleet_pki["good"].cert), key=str(fleet_pki["good"].key)).apply_tls(spoof)
+        codes = []
+        spoof.on_publish = lambda c, u, mid, rc, p: codes.append(rc.value)
+        spoof.connect("127.0.0.1", port)
+        spoof.loop_start()
+        env = wire.Envelope(device="dev-other", kind="event", seq=1, ts=time.time(), body={"name": "spoof"})
+        spoof.publish(wire.device_topic("dev-other", "event"), env.to_json(), qos=1).wait_for_publish(5)
+        spoof.disconnect()
+        spoof.loop_stop()
+        assert codes == [0x87]  # MQTT 5 "Not authorized"
+        time.sleep(0.3)
+        assert store.device("dev-other") is None
     finally:
+        for t in agents:
+            t.stop()
+        ing.stop()
         b.stop()
 
 
