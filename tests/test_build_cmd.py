@@ -151,7 +151,11 @@ def test_budgets_pin_and_refusal_messages(build_env, hf_llama_dir, tmp_path):
             budget=Budget(**budget), cache_dir=build_env["cache"], profiles_dir=build_env["profiles"],
             eval_text=build_env["eval"].read_text()))
 
-    assert build(pin_format="gguf-q4_0").results[0].selection.chosen == "gguf-q4_0"
+    a, b = build(pin_format="gguf-q4_0"), build(pin_format="gguf-q4_0", headroom=0.1)
+    assert a.results[0].selection.chosen == "gguf-q4_0"
+    # unchanged inputs: every candidate comes from the cache and the bundle is byte-identical
+    assert all(m.cached for m in b.candidates.measurements.values())
+    assert a.results[0].bundle_sha256 == b.results[0].bundle_sha256
     r = build(min_tokens_per_second=1e12).results[0]
     assert r.selection.chosen is None and "below" in r.selection.refusal
     assert r.bundle is None

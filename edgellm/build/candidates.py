@@ -156,9 +156,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def cache_key(model_sha256: str, fmt: str, eval_sha256: str) -> str:
-    blob = json.dumps({"model": model_sha256, "fmt": fmt, "eval": eval_sha256, "versions": _versions()},
-                      sort_keys=True)
+def cache_key(model_sha256: str, fmt: str, eval_sha256: str, threads: int = 1) -> str:
+    blob = json.dumps({"model": model_sha256, "fmt": fmt, "eval": eval_sha256, "threads": threads,
+                       "versions": _versions()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -425,11 +425,14 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
     eval_sha = hashlib.sha256(text.encode()).hexdigest()
     cache = CandidateCache(cache_dir)
 
-    if bandwidth_gbps is None:
-        from edgellm.profiles import measure_bandwidth_gbps
+    def bandwidth() -> float:  # measured once, only if some candidate must be measured
+        nonlocal bandwidth_gbps
+        if bandwidth_gbps is None:
+            from edgellm.profiles import measure_bandwidth_gbps
 
-        say("measuring memory bandwidth here", 0, total)
-        bandwidth_gbps = measure_bandwidth_gbps(seconds=0.3, buffer_mb=64, threads=1)
+            say("measuring memory bandwidth here", 0, total)
+            bandwidth_gbps = measure_bandwidth_gbps(seconds=0.3, buffer_mb=64, threads=1)
+        return bandwidth_gbps
 
     # the unquantized reference: F32 GGUF in llama.cpp, F32 KV cache (cached like a candidate)
     say("reference (F32)", 1, total)
@@ -452,7 +455,7 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
     measurements: dict[str, Measurement] = {}
     failures: dict[str, str] = {}
     for i, fmt in enumerate(formats, start=2):
-        key = cache_key(model_sha, fmt, eval_sha)
+        key = cache_key(model_sha, fmt, eval_sha, threads)
         hit = cache.get(key)
         if hit is not None:
             say(f"{fmt} (cached)", i, total)
@@ -467,10 +470,10 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
             kind = kind_of(fmt)
             if kind == "gguf":
                 art, m = build_gguf_candidate(model_dir, fmt, work, ref_logits=ref_logits, windows=windows,
-                                              bandwidth_gbps=bandwidth_gbps, threads=threads)
+                                              bandwidth_gbps=bandwidth(), threads=threads)
             else:
                 art, m = build_onnx_candidate(model_dir, fmt, work, ref_logits=ref_logits, windows=windows,
-                                              bandwidth_gbps=bandwidth_gbps, threads=threads)
+                                              bandwidth_gbps=bandwidth(), threads=threads)
             m.extra["build_seconds"] = round(time.perf_counter() - t0, 3)
             measurements[fmt] = cache.put(key, art, m)
         except Exception as e:  # noqa: BLE001 - one failed candidate must not sink the build
@@ -480,4 +483,6 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
         finally:
             shutil.rmtree(work, ignore_errors=True)
     say("candidates ready", total, total)
+    if bandwidth_gbps is None:  # everything cached: report the figure the measurements used
+        bandwidth_gbps = max((m.bandwidth_here_gbps for m in measurements.values()), default=0.0)
     return CandidateSet(model_dir, model_sha, eval_sha, bandwidth_gbps, measurements, failures, ref_info)

@@ -168,7 +168,7 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
             "perplexity": m.perplexity, "reference_perplexity": m.reference_perplexity,
             "kl_divergence": m.kl_divergence, "top1_agreement": m.top1_agreement, "quality_loss": m.quality_loss,
             "size_bytes": m.size_bytes, "decode_tokens_per_second_here": m.decode_tokens_per_second,
-            "bandwidth_here_gbps": cands.bandwidth_here_gbps, "efficiency": m.efficiency,
+            "bandwidth_here_gbps": m.bandwidth_here_gbps, "efficiency": m.efficiency,
             "profile_bandwidth_gbps": profile.bandwidth_gbps,
             "predicted_tokens_per_second": v.predicted_tokens_per_second,
         },

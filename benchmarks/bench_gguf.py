@@ -1,0 +1,88 @@
+"""GGUF formats side by side: Q4_K_M and Q8_0 vs F16 decode speed and size, in one run.
+
+    .venv/bin/python benchmarks/bench_gguf.py [--hidden 768 --layers 8 --tokens 128 --rounds 3]
+
+Builds a random Llama (transformers, ~50M parameters by default; weights do not matter for
+speed), exports it with ``edgellm.build.gguf.export_gguf`` to F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M and
+Q4_0, then measures greedy decode tokens/s with ``LlamaCppRuntime`` (1 thread) in interleaved
+rounds (F16, Q8_0, ... then again) so a busy machine affects every format alike; prints the
+median and the ratio to F16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+FORMATS = ("gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0")
+
+
+def make_model(work: Path, hidden: int, layers: int, intermediate: int | None = None) -> Path:
+    from fixtures_gguf import make_hf_llama
+
+    heads = max(4, hidden // 64)
+    return make_hf_llama(work / "hf", train_steps=0, hidden=hidden, intermediate=intermediate or hidden * 8 // 3 // 256 * 256,
+                         layers=layers, heads=heads, kv_heads=max(1, heads // 3) if heads % 3 == 0 else heads // 2)
+
+
+def export_all(model_dir: Path, work: Path, formats=FORMATS) -> dict[str, Path]:
+    from edgellm.build.gguf import export_gguf
+
+    out = {}
+    for fmt in formats:
+        out[fmt] = work / f"{fmt}.gguf"
+        export_gguf(model_dir, out[fmt], fmt)
+    return out
+
+
+def decode_speeds(paths: dict[str, Path], tokens: int, rounds: int, threads: int = 1) -> dict[str, list[float]]:
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+    runtimes = {f: LlamaCppRuntime.load(p, threads=threads, context_length=tokens + 32) for f, p in paths.items()}
+    speeds: dict[str, list[float]] = {f: [] for f in paths}
+    try:
+        for f, rt in runtimes.items():  # warm-up (page in the weights)
+            rt.decode_speed(n_tokens=8)
+        for _ in range(rounds):
+            for f, rt in runtimes.items():
+                speeds[f].append(rt.decode_speed(n_tokens=tokens))
+    finally:
+        for rt in runtimes.values():
+            rt.close()
+    return speeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        work = Path(tmp)
+        model = make_model(work, args.hidden, args.layers)
+        paths = export_all(model, work)
+        speeds = decode_speeds(paths, args.tokens, args.rounds, args.threads)
+        f16_size = paths["gguf-f16"].stat().st_size
+        f16_tps = statistics.median(speeds["gguf-f16"])
+        print(f"model: hidden {args.hidden}, {args.layers} layers; decode {args.tokens} tokens x {args.rounds} "
+              f"interleaved rounds, {args.threads} thread(s)")
+        print(f"{'format':<12} {'size MiB':>9} {'size/F16':>9} {'tok/s':>8} {'speed/F16':>10}   runs")
+        for f in FORMATS:
+            size = paths[f].stat().st_size
+            tps = statistics.median(speeds[f])
+            runs = " ".join(f"{x:.0f}" for x in speeds[f])
+            print(f"{f:<12} {size / 2**20:9.1f} {size / f16_size:9.2f} {tps:8.1f} {tps / f16_tps:9.2f}x   {runs}")
+
+
+if __name__ == "__main__":
+    main()
