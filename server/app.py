@@ -85,7 +85,8 @@ class Server:
 
     def __init__(self, data_dir: Path, mqtt: MqttConfig, *, http_host: str = "127.0.0.1", http_port: int = 8080,
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
-                 update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0) -> None:
+                 update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
+                 drive_rollouts: bool = True) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
@@ -98,6 +99,7 @@ class Server:
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
         self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
         self.tick_s = tick_s
+        self.drive_rollouts = drive_rollouts
         self.timestamp_refresh_s = timestamp_refresh_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -120,6 +122,8 @@ class Server:
     def _loop(self) -> None:
         next_ts = time.monotonic() + self.timestamp_refresh_s
         while not self._stop.wait(self.tick_s):
+            if not self.drive_rollouts:
+                continue
             if self._republish.is_set():
                 self._republish.clear()
                 try:
