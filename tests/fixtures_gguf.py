@@ -43,7 +43,7 @@ def training_corpus(n: int = 400) -> list[str]:
 
 def make_hf_llama(out: Path, *, train_steps: int = 60, seed: int = 0, hidden: int = 256,
                   intermediate: int = 512, tie_embeddings: bool = False, layers: int = 2, heads: int = 4,
-                  kv_heads: int = 2) -> Path:
+                  kv_heads: int = 2, rope: dict | None = None) -> Path:
     """Write a tiny trained Llama checkpoint with transformers' save_pretrained (test-only)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -69,6 +69,7 @@ def make_hf_llama(out: Path, *, train_steps: int = 60, seed: int = 0, hidden: in
         vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
         bos_token_id=0, eos_token_id=1, tie_word_embeddings=tie_embeddings,
+        **({"rope_parameters": {"rope_theta": 10000.0, **rope}} if rope else {}),
     )
     model = LlamaForCausalLM(cfg)
     ids = []

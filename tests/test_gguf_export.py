@@ -126,3 +126,26 @@ def test_export_refuses_what_llama_cpp_cannot_reproduce(hf_llama_dir, tmp_path):
         export_gguf(bad, tmp_path / "x.gguf", "gguf-f16")
     assert e.value.hint
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from edgellm.build.gguf import export_gguf
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+    d = make_hf_llama(tmp_path / "rope", train_steps=0, rope=rope)
+    export_gguf(d, tmp_path / "rope.gguf", "gguf-f32")
+    with LlamaCppRuntime.load(tmp_path / "rope.gguf", kv_cache_type="f32") as rt:
+        ids = rt.tokenize(" ".join(training_corpus(40)), add_bos=False)[:300]
+        ours = rt.logits(ids)
+    model = LlamaForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - ref).max() < 1e-3

@@ -75,13 +75,41 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         if cfg.get(flag):
             raise BuildError(f"config.json sets {flag}=true, which this exporter does not write",
                              hint="export a Llama model without biases")
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")  # transformers 5: rope_parameters
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-        raise BuildError(f"rope_scaling {scaling} is not supported by this exporter",
-                         hint="export a model with default RoPE")
+    kind = rope_scaling(cfg)[0]
+    if kind not in ("default", "linear", "llama3"):
+        raise BuildError(f"rope scaling {kind!r} is not supported by this exporter",
+                         hint="export a model with default, linear or llama3 RoPE scaling")
     if cfg.get("hidden_act", "silu") != "silu":
         raise BuildError(f"hidden_act {cfg.get('hidden_act')!r} is not SiLU", hint="Llama models use silu")
     return cfg
+
+
+def rope_scaling(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(kind, parameters) from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    return str(params.get("rope_type") or params.get("type") or "default"), params
+
+
+def llama3_rope_factors(cfg: dict[str, Any], head_dim: int) -> np.ndarray:
+    """Per-frequency divisors for llama3-style RoPE scaling (llama.cpp's ``rope_freqs`` tensor)."""
+    import math
+
+    _, p = rope_scaling(cfg)
+    factor = float(p.get("factor", 8.0))
+    low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    old_ctx = float(p.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (rope_theta(cfg) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:
@@ -162,6 +190,12 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "F32
         w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(rope_theta(cfg))
+    kind, rope_params = rope_scaling(cfg)
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope_params["factor"]))
+    elif kind == "llama3":  # llama.cpp divides each frequency by rope_freqs[i]
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg, head_dim))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps") or 1e-6))
     w.add_file_type(0 if dtype == "F32" else 1)
     vocab.write(w)

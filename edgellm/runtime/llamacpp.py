@@ -178,6 +178,11 @@ def check_gguf(path: str | Path) -> GGUFInfo:
     head_dim = num(p + "attention.key_length", 1, 4096, n_embd // n_head if n_embd % n_head == 0 else None)
     if num(p + "attention.value_length", 1, 4096, head_dim) != head_dim:
         raise _bad(path, "value_length differs from key_length")
+    scaling = val(p + "rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise _bad(path, f"rope scaling {scaling!r} is not supported")
+    if scaling == "linear" and not 0.0 < float(val(p + "rope.scaling.factor", 0.0)) <= 1024.0:
+        raise _bad(path, "rope.scaling.factor missing or out of range")
     rope_dims = val(p + "rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != head_dim:
         raise _bad(path, f"rope.dimension_count={rope_dims} differs from the head size {head_dim}")
@@ -214,7 +219,7 @@ def check_gguf(path: str | Path) -> GGUFInfo:
             b + "ffn_gate.weight": (n_embd, n_ff), b + "ffn_up.weight": (n_embd, n_ff),
             b + "ffn_down.weight": (n_ff, n_embd),
         })
-    optional = {"output.weight": (n_embd, n_vocab)}
+    optional = {"output.weight": (n_embd, n_vocab), "rope_freqs.weight": (head_dim // 2,)}
     seen: dict[str, tuple[int, ...]] = {}
     type_counts: dict[str, int] = {}
     weights = 0
