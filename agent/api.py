@@ -225,7 +225,10 @@ def create_app(*, engine: Engine, token: str, limits: Limits, metrics: Metrics |
         q: asyncio.Queue = asyncio.Queue()
 
         def sink(kind: str, payload: Any) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+                job.cancel.set()
 
         job = Job(params=params, sink=sink, prompt=prompt, messages=messages, endpoint=endpoint)
         try:

@@ -199,6 +199,9 @@ class Daemon:
             self.engine.swap(handle)
             self._loaded_key = key
             self._loaded_at = time.monotonic()
+            if state.trial is not None and state.trial.boots == 0:
+                with self.installer.lock():
+                    self.store.count_boot(state.current)
             self._set_state(handle, state)
         if state.trial is not None and state.trial.slot == state.current and self._loaded_key == key \
                 and time.monotonic() - self._loaded_at >= self.config.trial_commit_s:

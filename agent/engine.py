@@ -100,6 +100,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._model: ModelHandle | None = None
         self._busy = False
+        self._current: Job | None = None
         self._avg_job_s = 1.0
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -113,6 +114,8 @@ class Engine:
             self._stopping = True
             for job in self._jobs:
                 job.cancel.set()
+            if self._current is not None:
+                self._current.cancel.set()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -187,6 +190,7 @@ class Engine:
                 if swap is None:
                     job = self._jobs.popleft()
                     self._busy = True
+                    self._current = job
                 self._set_depth()
             if swap is not None:
                 self._do_swap(swap[0])
@@ -202,6 +206,7 @@ class Engine:
                 self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * (time.monotonic() - t0)
                 with self._cond:
                     self._busy = False
+                    self._current = None
                     self._set_depth()
 
     def _serve(self, job: Job) -> None:

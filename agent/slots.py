@@ -130,7 +130,14 @@ class SlotStore:
     def load(self) -> AgentState:
         if not self.paths.state.exists():
             return AgentState()
-        return AgentState.from_dict(read_json(self.paths.state))
+        try:
+            return AgentState.from_dict(read_json(self.paths.state))
+        except (ValueError, TypeError, AttributeError) as e:
+            from agent.errors import AgentError
+
+            raise AgentError(f"{self.paths.state} is not a valid slot pointer ({e})",
+                             hint="it is only ever written atomically by the agent: restore it from a backup, "
+                                  "or delete it and install a bundle again") from e
 
     def save(self, state: AgentState) -> None:
         self.paths.state.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +160,13 @@ class SlotStore:
         state.trial = Trial(slot=slot, previous=previous, started_at=time.time()) if trial else None
         self.save(state)
         return state
+
+    def count_boot(self, slot: str) -> None:
+        """The daemon started serving a trial slot without a restart (hot swap): count that start."""
+        state = self.load()
+        if state.trial is not None and state.trial.slot == slot and state.current == slot and state.trial.boots == 0:
+            state.trial.boots = 1
+            self.save(state)
 
     def commit_trial(self) -> AgentState:
         state = self.load()

@@ -125,3 +125,27 @@ def test_kill_9_at_each_step_of_an_install(tmp_path, agent_bundles, point):
     if expected == "1.0.0":
         agent_cli("install", str(agent_bundles["v2"]), data_dir=d)
         assert store.load().current_record.version == "1.1.0"
+
+
+def test_a_trial_that_keeps_dying_reverts_by_itself(tmp_path, agent_bundles):
+    import httpx
+
+    from agent.config import AgentPaths
+    from agent.slots import SlotStore
+
+    d = provision_agent(tmp_path / "agent", agent_bundles["root"], trial_commit_s=1000.0, max_boot_attempts=2)
+    store = SlotStore(AgentPaths(d))
+    agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
+    store.commit_trial()  # 1.0.0 is the known-good slot
+    agent_cli("install", str(agent_bundles["v2"]), data_dir=d)
+    served = []
+    for _start in range(3):
+        a = AgentProcess(d)
+        served.append(httpx.get(a.base_url + "/v1/models", headers=a.headers).json()["data"][0]["version"])
+        os.killpg(a.proc.pid, signal.SIGKILL)  # the new model "crashes" the agent before the trial commits
+        a.proc.wait()
+        a.log.close()
+    assert served == ["1.1.0", "1.1.0", "1.0.0"]
+    st = store.load()
+    assert st.current_record.version == "1.0.0" and st.trial is None
+    assert st.last_result["action"] == "revert" and "1.1.0" in st.rejected
