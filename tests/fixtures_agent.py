@@ -66,6 +66,30 @@ def _flip_inside_target(envelope: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def agent_onnx_bundle(tmp_path_factory, onnx_int8_path) -> dict:
+    """A signed envelope of the int8 ONNX export of the tiny model (its own keys and repository)."""
+    from edgellm.bundle import pack
+    from edgellm.trust import Repository, init_keys
+
+    d = tmp_path_factory.mktemp("agent-onnx")
+    src = d / "src"
+    src.mkdir()
+    shutil.copyfile(onnx_int8_path, src / "model.onnx")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(onnx_int8_path.parent / name, src / name)
+    (src / "manifest.json").write_text(json.dumps({
+        "name": "tiny-onnx", "version": "2.0.0", "runtime": "onnx", "artifact": "model.onnx",
+        "tokenizer": "tokenizer.json", "quantization": "int8", "profiles": [AGENT_PROFILE],
+        "memory": {"context_length": 256},
+        "golden_prompts": [{"prompt": "The robot", "max_tokens": 8}, {"prompt": "Hello", "max_tokens": 4, "chat": True}],
+    }))
+    bundle = pack(src, d / "tiny-onnx-2.0.0.bundle").path
+    root = init_keys(d / "keys")
+    repo = Repository.create(d / "repo", d / "keys")
+    return {"root": root, "envelope": repo.export_signed(repo.add_bundle(bundle), d / "tiny-onnx-2.0.0.signed")}
+
+
+@pytest.fixture(scope="session")
 def agent_bundles(tmp_path_factory, tiny_gguf) -> dict:
     from edgellm.runtime import GenerationParams
     from edgellm.runtime.llamacpp import LlamaCppRuntime

@@ -131,6 +131,22 @@ def test_provision_install_run_openai_client_and_status(tmp_path, agent_bundles)
     assert any(x["status"] == 401 for x in audit)
 
 
+def test_an_onnx_bundle_installs_and_serves(tmp_path, agent_onnx_bundle):
+    import openai
+
+    d = provision_agent(tmp_path / "agent", agent_onnx_bundle["root"])
+    agent_cli("install", str(agent_onnx_bundle["envelope"]), data_dir=d)
+    st = _status(d)
+    assert (st["model"], st["version"], st["runtime"]) == ("tiny-onnx", "2.0.0", "onnx")
+    with AgentProcess(d) as a:
+        client = openai.OpenAI(base_url=a.base_url + "/v1", api_key=a.token, max_retries=0)
+        comp = client.completions.create(model="tiny-onnx", prompt="The robot", max_tokens=8)
+        assert comp.choices[0].text.strip() and comp.usage.completion_tokens >= 1
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny-onnx", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True))
+        assert text.strip()
+
+
 def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_path, agent_bundles):
     d = provision_agent(tmp_path / "agent", agent_bundles["root"])
     agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
