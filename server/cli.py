@@ -131,7 +131,8 @@ def devices(data_dir: Path, group: str | None, fmt: str) -> None:
     t = Table("id", "group", "profile", "version", "online", "health", "last seen")
     for r in rows:
         seen = f"{time.time() - r['last_seen']:.0f}s ago" if r["last_seen"] else "never"
-        t.add_row(r["id"], r["group"], r["profile"] or "", r["version"] or "", "yes" if r["online"] else "no",
+        online = ("yes (silent)" if r["stale"] else "yes") if r["online"] else "no"
+        t.add_row(r["id"], r["group"], r["profile"] or "", r["version"] or "", online,
                   r["health"] or "", seen)
     Console().print(t)
 

@@ -154,16 +154,20 @@ class Store:
 
     # ------------------------------------------------------------------ queries
 
-    def devices(self, group: str | None = None) -> list[dict[str, Any]]:
+    def devices(self, group: str | None = None, stale_after_s: float = 180.0) -> list[dict[str, Any]]:
+        """Device registry rows. ``stale`` marks a device that is online by its last birth but
+        has sent nothing for ``stale_after_s`` (a death may have been lost, e.g. broker restart)."""
         q = f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices"
         args: tuple = ()
         if group is not None:
             q += " WHERE grp=?"
             args = (group,)
         rows = [dict(r) for r in self.db.execute(q + " ORDER BY id", args)]
+        now = time.time()
         for r in rows:
             r["group"] = r.pop("grp")
             r["online"] = bool(r["online"])
+            r["stale"] = r["online"] and (r["last_seen"] or 0) < now - stale_after_s
         return rows
 
     def device(self, device_id: str) -> dict[str, Any] | None:

@@ -279,3 +279,12 @@ def test_ca_issues_verifiable_device_certs(tmp_path, fleet_pki):
     cert.verify_directly_issued_by(ca)
     assert cert.subject.rfc4514_string() == "CN=dev-good"
     assert oct(fleet_pki["good"].key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_registry_flags_silent_online_devices_as_stale(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    birth = wire.Envelope(device="quiet", kind="birth", seq=0, ts=time.time(), body={"session": "s1"})
+    store.ingest([birth], received=time.time() - 3600)
+    d = store.device("quiet")
+    assert d["online"] and d["stale"]
+    assert not store.devices(stale_after_s=7200)[0]["stale"]

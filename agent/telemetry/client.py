@@ -450,6 +450,8 @@ class Telemetry:
         if self._client is not None and self._connected.is_set():
             deadline = time.monotonic() + self.flush_timeout_s
             while len(self.outbox) and time.monotonic() < deadline and self._client is not None:
+                if time.monotonic() < self._hold_until:
+                    break  # nobody subscribed: the outbox keeps them for the next run
                 self._step(0.02)
             if self._client is not None:
                 try:
