@@ -150,9 +150,44 @@ def _golden_prompts(m: Measurement, prompts: list[str], model_dir: Path) -> list
     return out
 
 
-def _default_prompts(eval_text: str) -> list[str]:
-    words = eval_text.split()
-    return [" ".join(words[:6]) or "Hello", " ".join(words[20:26]) or "The"]
+def _train_report(model_dir: Path) -> dict[str, Any]:
+    for name in ("train_report.json", "distill_report.json"):
+        p = model_dir / name
+        if p.is_file():
+            try:
+                d = json.loads(p.read_text(encoding="utf-8"))
+                return d if isinstance(d, dict) else {}
+            except (OSError, ValueError):
+                return {}
+    return {}
+
+
+def default_eval_text(model_dir: Path, max_chars: int = 6000) -> str:
+    """The validation split of the data the model was trained on (from its train report, via
+    build pipeline I's data loader), else a built-in paragraph."""
+    try:
+        sources = [s["path"] for s in _train_report(model_dir)["data"]["sources"]]
+        if sources and all(s.startswith("builtin") or Path(s).exists() for s in sources):
+            from edgellm.build.data import load_dataset
+
+            val = load_dataset(sources).val
+            if val:
+                return "\n".join(val)[:max_chars]
+    except (KeyError, TypeError, ImportError, OSError, ValueError, BuildError) as e:
+        log.info("evaluation text: training data unavailable (%s); using the built-in text", e)
+    return DEFAULT_EVAL_TEXT
+
+
+def _default_prompts(eval_text: str, n: int = 3) -> list[str]:
+    """The first half of the first few lines of the evaluation text (what the model should know)."""
+    out = []
+    for line in eval_text.splitlines():
+        words = line.split()
+        if len(words) >= 4:
+            out.append(" ".join(words[: max(3, len(words) // 2)]))
+        if len(out) == n:
+            break
+    return out or [" ".join(eval_text.split()[:6]) or "Hello"]
 
 
 def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Selection,
@@ -174,7 +209,7 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
         },
         "generation": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "max_tokens": 128, "stop": [],
                        "threads": profile.threads, "context_length": profile.context_length},
-        "lineage": {"parent_version": None, "data_sha256": None,
+        "lineage": {"parent_version": None, "data_sha256": (_train_report(cfg.model_dir).get("data") or {}).get("sha256"),
                     "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
                                      "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
                                      "eval_sha256": cands.eval_sha256}},
@@ -199,7 +234,7 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
         raise BuildError("--repo and --keys go together", hint="pass both to publish and sign, or neither")
     profiles = [get_profile(p, cfg.profiles_dir) for p in dict.fromkeys(cfg.profiles)]
     name = cfg.name or _NAME_SAFE.sub("-", model_dir.resolve().name).strip("-.") or "model"
-    eval_text = cfg.eval_text if cfg.eval_text is not None else DEFAULT_EVAL_TEXT
+    eval_text = cfg.eval_text if cfg.eval_text is not None else default_eval_text(model_dir)
     formats = _formats_for(profiles, cfg.formats, cfg.budget.pin_format)
 
     cands = build_candidates(model_dir, formats, cache_dir=cfg.cache_dir or default_cache_dir(),
