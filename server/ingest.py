@@ -165,12 +165,9 @@ class Ingest:
                 env = self.parse(topic, payload)
                 if env is not None:
                     envs.append(env)
-            try:
-                res = self.store.ingest(envs)
-            except Exception:
-                logger.exception("ingest: store write failed; messages stay unacknowledged for redelivery")
-                time.sleep(1.0)
-                continue  # not acknowledged: the broker redelivers after a reconnect
+            res = self._store_with_retry(envs)
+            if res is None:
+                return  # stopping: unacknowledged, the broker redelivers to the next session
             self._bump("stored", res["stored"])
             self._bump("duplicates", res["duplicates"])
             with self._counter_lock:
@@ -179,6 +176,20 @@ class Ingest:
             for mid, qos, _t, _p in batch:
                 if qos > 0 and self._client is not None:
                     self._client.ack(mid, qos)
+
+    def _store_with_retry(self, envs: list[wire.Envelope]) -> dict[str, int] | None:
+        """Commit a batch; on a database error keep retrying the same batch (nothing is
+        acknowledged before it is stored)."""
+        delay = 0.5
+        while True:
+            try:
+                return self.store.ingest(envs)
+            except Exception:
+                self._bump("store_errors")
+                logger.exception("ingest: store write failed; retrying in %.1fs (messages stay unacknowledged)", delay)
+                if self._stop.wait(delay):
+                    return None
+                delay = min(delay * 2, 30.0)
 
     def _persist_malformed(self, current: dict[str, int]) -> None:
         """Malformed counts also go to the store (the dashboard and CLI read them there)."""

@@ -288,3 +288,22 @@ def test_registry_flags_silent_online_devices_as_stale(tmp_path):
     d = store.device("quiet")
     assert d["online"] and d["stale"]
     assert not store.devices(stale_after_s=7200)[0]["stale"]
+
+
+def test_ingest_retries_a_failed_store_write_without_losing_the_batch(tmp_path, mqtt_broker, ingest, monkeypatch):
+    real = ingest.store.ingest
+    calls = {"n": 0}
+
+    def flaky(envs, received=None):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OSError("disk hiccup")
+        return real(envs, received)
+
+    monkeypatch.setattr(ingest.store, "ingest", flaky)
+    t = Telemetry("flaky-db", tmp_path / "f", MqttConfig(mqtt_broker.url), "sim")
+    t.start()
+    t.event("keep-me")
+    wait_for(lambda: ingest.store.events(device="flaky-db", name="keep-me"), what="stored after retries")
+    assert ingest.counters["store_errors"] == 2
+    t.stop()
