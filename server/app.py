@@ -86,7 +86,7 @@ class Server:
     def __init__(self, data_dir: Path, mqtt: MqttConfig, *, http_host: str = "127.0.0.1", http_port: int = 8080,
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
-                 drive_rollouts: bool = True) -> None:
+                 drive_rollouts: bool = True, retention_days: float = 30.0) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
@@ -100,6 +100,7 @@ class Server:
         self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
+        self.retention_s = retention_days * 86400
         self.timestamp_refresh_s = timestamp_refresh_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,6 +123,9 @@ class Server:
     def _loop(self) -> None:
         next_ts = time.monotonic() + self.timestamp_refresh_s
         while not self._stop.wait(self.tick_s):
+            if time.monotonic() >= next_ts:
+                next_ts = time.monotonic() + self.timestamp_refresh_s
+                self._hourly()
             if not self.drive_rollouts:
                 continue
             if self._republish.is_set():
@@ -131,14 +135,21 @@ class Server:
                 except Exception:
                     logger.exception("republishing desired state failed")
             self.driver.tick()
-            if time.monotonic() >= next_ts:
-                next_ts = time.monotonic() + self.timestamp_refresh_s
-                try:
-                    from edgellm.trust import Repository
 
-                    Repository(self.data.repo, self.data.keys).refresh_timestamp()
-                except Exception:
-                    logger.exception("refreshing the TUF timestamp failed")
+    def _hourly(self) -> None:
+        if self.drive_rollouts:  # one replica signs
+            try:
+                from edgellm.trust import Repository
+
+                Repository(self.data.repo, self.data.keys).refresh_timestamp()
+            except Exception:
+                logger.exception("refreshing the TUF timestamp failed")
+        try:
+            n = self.store.prune(self.retention_s)
+            if n:
+                logger.info("pruned %d telemetry rows older than %.0f days", n, self.retention_s / 86400)
+        except Exception:
+            logger.exception("pruning old telemetry failed")
 
     def stop(self) -> None:
         self._stop.set()

@@ -171,6 +171,7 @@ def mosquitto_config(*, port: int, ca: Path, cert: Path, key: Path, persistence_
         "use_identity_as_username true",
         "allow_anonymous false",
         "max_queued_messages 100000",
+        "max_packet_size 262144",
     ]
     if acl_file is not None:
         lines.append(f"acl_file {acl_file}")

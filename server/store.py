@@ -144,6 +144,16 @@ class Store:
             db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)",
                        (env.device, env.epoch, env.seq, env.ts, now, b.get("name", ""), json.dumps(b.get("fields", {}))))
 
+    def prune(self, older_than_s: float) -> int:
+        """Forget telemetry received more than ``older_than_s`` ago (messages, metrics, events).
+        Deduplication only covers what is kept: keep longer than any outbox could hold a message."""
+        cutoff = time.time() - older_than_s
+        n = 0
+        with self.tx() as db:
+            for table in ("messages", "metrics", "events"):
+                n += db.execute(f"DELETE FROM {table} WHERE received < ?", (cutoff,)).rowcount
+        return n
+
     def count(self, name: str, n: int = 1) -> None:
         if n:
             self.db.execute("INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value",

@@ -1,0 +1,174 @@
+"""The rollout driver step by step, without a broker: the store is real SQLite, telemetry is
+ingested directly, and desired state goes to an in-memory publisher."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from edgellm import telemetry as wire
+from server import rollout
+from server.rollout import RolloutDriver
+from server.store import Store
+
+
+class Recorder:
+    def __init__(self):
+        self.retained: dict[str, bytes] = {}
+
+    def __call__(self, topic: str, payload: bytes, retain: bool) -> None:
+        assert retain
+        self.retained[topic] = payload
+
+    def desired(self, topic: str) -> dict | None:
+        p = self.retained.get(topic)
+        return json.loads(p) if p else None
+
+
+class Fleet:
+    def __init__(self, store: Store):
+        self.store = store
+        self.seq: dict[str, int] = {}
+
+    def send(self, device: str, kind: str, body: dict, ts: float | None = None) -> None:
+        seq = 0 if kind in ("birth", "death") else self.seq.setdefault(device, 0) + 1
+        if seq:
+            self.seq[device] = seq
+        self.store.ingest([wire.Envelope(device=device, kind=kind, seq=seq, ts=ts or time.time(), body=body)])
+
+    def birth(self, device: str, version: str = "1.0", group: str = "g", online: bool = True) -> None:
+        self.send(device, "birth", {"session": "s", "group": group, "version": version, "model": "m"})
+        if not online:
+            self.send(device, "death", {"session": "s"})
+
+    def report(self, device: str, version: str) -> None:
+        self.send(device, "heartbeat", {"version": version, "model": "m"})
+
+    def metrics(self, device: str, version: str, count: int, p95: float, errors: int = 0, lp: float = -1.0) -> None:
+        self.send(device, "metrics", {"interval_s": 1, "count": count, "errors": errors, "p95_latency_ms": p95,
+                                      "mean_logprob": lp, "version": version})
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    pub = Recorder()
+    return store, Fleet(store), pub, RolloutDriver(store, pub, min_samples=10, update_timeout_s=60)
+
+
+def state(store, rid):
+    return rollout.status(store, rid)[0]
+
+
+def test_canary_prefers_online_devices_and_pins_them(env):
+    store, fleet, pub, drv = env
+    fleet.birth("a-offline", online=False)
+    for d in ("b", "c", "d"):
+        fleet.birth(d)
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="50%", bake="1h")
+    drv.tick()
+    st = state(store, rid)
+    assert st["state"] == "canary" and st["canary_devices"] == 2
+    canary = sorted(d["device"] for d in st["device_states"] if d["phase"] == "canary")
+    assert canary == ["b", "c"]
+    assert pub.desired(wire.desired_device_topic("b"))["version"] == "2.0"
+    assert wire.desired_device_topic("a-offline") not in pub.retained
+    assert wire.desired_group_topic("g") not in pub.retained
+
+
+def test_not_enough_telemetry_at_the_end_of_the_bake_rolls_back(env):
+    store, fleet, pub, drv = env
+    fleet.birth("x")
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="0.2s")
+    drv.tick()
+    fleet.report("x", "2.0")
+    drv.tick()
+    assert state(store, rid)["state"] == "bake"
+    fleet.metrics("x", "2.0", count=3, p95=50)  # fine but too few samples
+    time.sleep(0.25)
+    drv.tick()
+    st = state(store, rid)
+    assert st["state"] == "rolling_back" and "not enough canary telemetry" in st["reason"]
+    d = pub.desired(wire.desired_device_topic("x"))
+    assert (d["version"], d["rollback"]) == ("1.0", True)
+    fleet.report("x", "1.0")
+    drv.tick()
+    assert state(store, rid)["state"] == "rolled_back"
+
+
+def test_gate_judges_only_the_new_version_on_the_canary(env):
+    store, fleet, pub, drv = env
+    for d in ("p", "q"):
+        fleet.birth(d)
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="50%",
+                        gate="p95_latency_ms<=100,error_rate<=0.1", bake="0.2s")
+    drv.tick()
+    canary = next(d["device"] for d in state(store, rid)["device_states"] if d["phase"] == "canary")
+    other = "q" if canary == "p" else "p"
+    fleet.report(canary, "2.0")
+    drv.tick()
+    fleet.metrics(other, "1.0", count=100, p95=5000, errors=100)  # the old version's troubles do not count
+    fleet.metrics(canary, "1.0", count=100, p95=5000)  # nor the canary's before it updated
+    fleet.metrics(canary, "2.0", count=50, p95=80, errors=2)
+    time.sleep(0.25)
+    drv.tick()
+    st = state(store, rid)
+    assert st["state"] == "full", st["reason"]
+    assert pub.desired(wire.desired_group_topic("g"))["version"] == "2.0"
+    assert pub.retained[wire.desired_device_topic(canary)] == b""  # pin cleared
+    drv.tick()
+    assert state(store, rid)["state"] == "full" and state(store, rid)["on_new_version"] == 1
+    fleet.report(other, "2.0")
+    drv.tick()
+    assert state(store, rid)["state"] == "completed"
+
+
+def test_error_rate_breaks_the_gate_at_once(env):
+    store, fleet, pub, drv = env
+    fleet.birth("e")
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", gate="error_rate<=0.05", bake="1h")
+    drv.tick()
+    fleet.report("e", "2.0")
+    drv.tick()
+    fleet.metrics("e", "2.0", count=20, p95=10, errors=5)
+    drv.tick()
+    st = state(store, rid)
+    assert st["state"] == "rolling_back" and "error_rate=0.25 breaks error_rate<=0.05" in st["reason"]
+
+
+def test_update_timeout_rolls_back_and_empty_group_fails(env):
+    store, fleet, pub, drv = env
+    fleet.birth("slow")
+    drv.update_timeout_s = 0.1
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", bake="1s")
+    drv.tick()
+    time.sleep(0.15)
+    drv.tick()
+    assert "did not report 2.0" in state(store, rid)["reason"]
+    rid2 = rollout.start(store, model="m", version="2.0", group="empty", bake="1s")
+    drv.tick()
+    st = state(store, rid2)
+    assert st["state"] == "failed" and "no devices" in st["reason"]
+
+
+def test_republish_restores_desired_state_after_the_broker_lost_it(env):
+    store, fleet, pub, drv = env
+    fleet.birth("r")
+    rollout.start(store, model="m", version="2.0", group="g", canary="100%", bake="1h")
+    drv.tick()
+    pub.retained.clear()
+    drv.republish()
+    assert pub.desired(wire.desired_device_topic("r"))["version"] == "2.0"
+
+
+def test_prune_keeps_recent_telemetry(env):
+    store, fleet, pub, drv = env
+    fleet.birth("old")
+    store.ingest([wire.Envelope(device="old", kind="event", seq=1, ts=0, body={"name": "ancient"})],
+                 received=time.time() - 90 * 86400)
+    fleet.seq["old"] = 1
+    fleet.send("old", "event", {"name": "fresh"})
+    assert store.prune(30 * 86400) == 2  # its messages row and its events row
+    assert [e["name"] for e in store.events(device="old")] == ["fresh"]
