@@ -118,6 +118,10 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
             assert "edgellm_devices 2" in text and 'edgellm_devices_by_version{version="1.1"} 2' in text
             assert 'edgellm_ingest_messages_total{outcome="stored"}' in text
             assert 'edgellm_rollouts{state="completed"} 1' in text
+            from prometheus_client.parser import text_string_to_metric_families
+
+            families = {f.name: f for f in text_string_to_metric_families(text)}  # parses cleanly
+            assert {"edgellm_devices", "edgellm_devices_online", "edgellm_p95_latency_ms"} <= set(families)
             assert get(srv.url + "/")[1].startswith("text/html")
         finally:
             for d in devs:
