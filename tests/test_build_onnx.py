@@ -104,3 +104,30 @@ def test_export_of_a_broken_model_leaves_nothing(tiny_model_dir, tmp_path):
     assert list(out_dir.iterdir()) == []
     with pytest.raises(BuildError, match="unknown ONNX format"):
         export_onnx(tiny_model_dir, out_dir / "m.onnx", fmt="onnx-fp8")
+
+
+def test_transformers_checkpoint_exports_and_generates_on_device_runtime(tmp_path):
+    """A user's HF checkpoint (saved by transformers, own tokenizer) -> ONNX -> OnnxRuntime."""
+    transformers = pytest.importorskip("transformers")
+    from edgellm.build import tokenizer as tk
+    from edgellm.data import generate_corpus
+    from edgellm.runtime import GenerationParams
+    from edgellm.runtime.onnx import OnnxRuntime
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=400, initializer_range=0.2,
+                                   max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tk.train_tokenizer(generate_corpus(200), 400).save(str(tmp_path / "hf" / "tokenizer.json"))
+    out = tmp_path / "onnx" / "model.onnx"
+    export_onnx(tmp_path / "hf", out, fmt="onnx", evaluate=False)
+    with OnnxRuntime.load(out) as rt:
+        prompt = rt.tokenize("turn on the kitchen")
+        c = rt.complete(prompt, GenerationParams(max_tokens=16))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    n = len(c.token_ids)
+    assert list(c.token_ids) == ref[:n]  # equal up to an EOS (which HF would also stop at)
