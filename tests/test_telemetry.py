@@ -118,26 +118,41 @@ def test_birth_heartbeat_metrics_and_clean_death(tmp_path, mqtt_broker, ingest):
     wait_for(lambda: not store.device("dev-a")["online"], what="offline after clean stop")
 
 
-def test_last_will_marks_a_vanished_device_offline_but_not_a_reconnected_one(tmp_path, mqtt_broker, ingest):
+def test_a_late_will_from_an_old_connection_does_not_mark_a_reconnected_device_offline(tmp_path, mqtt_broker, ingest):
     store = ingest.store
     t = Telemetry("dev-w", tmp_path / "w", MqttConfig(mqtt_broker.url), "sim", keepalive_s=1)
     t.start()
     wait_for(lambda: (x := store.device("dev-w")) and x["online"], what="online")
-    # Simulate a network loss: drop the socket without DISCONNECT -> the broker sends the will.
-    t._client.socket().close()
-    wait_for(lambda: t.connects >= 2, what="reconnect")
+    first_session = store.device("dev-w")["session"]
+    t._client.socket().close()  # a network loss: no DISCONNECT, the broker publishes the will
+    wait_for(lambda: t.connects >= 2 and store.device("dev-w")["session"] != first_session, what="reconnect")
     time.sleep(0.5)
     assert store.device("dev-w")["online"], "the old session's will must not mark the new session offline"
-    t._stop.set()  # die without a goodbye: stop the worker thread without the death message
-    t._connected.clear()
-    sock = t._client.socket() if t._client else None
-    t._client = None
-    if sock:
-        sock.close()
-    t._thread.join(5)
-    wait_for(lambda: not store.device("dev-w")["online"], timeout=10, what="will after keepalive")
-    t._thread = None
     t.stop()
+
+
+def test_a_killed_device_goes_offline_through_its_last_will(tmp_path, mqtt_broker, ingest):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "device_main.py"
+    script.write_text(
+        "import sys, time\nfrom pathlib import Path\nfrom agent.telemetry import Telemetry\n"
+        "from edgellm.telemetry import MqttConfig\n"
+        "t = Telemetry('dev-k', Path(sys.argv[2]), MqttConfig(sys.argv[1]), 'sim', keepalive_s=2)\n"
+        "t.start()\nprint('up', flush=True)\ntime.sleep(3600)\n")
+    p = subprocess.Popen([sys.executable, str(script), mqtt_broker.url, str(tmp_path / "k")], stdout=subprocess.PIPE,
+                         text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        assert p.stdout.readline().strip() == "up"
+        wait_for(lambda: (x := ingest.store.device("dev-k")) and x["online"], what="online")
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        p.stdout.close()
+    wait_for(lambda: not ingest.store.device("dev-k")["online"], timeout=15, what="offline by the will")
 
 
 def test_desired_state_device_overrides_group_and_commands_get_replies(tmp_path, mqtt_broker, ingest):
