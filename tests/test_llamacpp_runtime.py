@@ -190,3 +190,56 @@ def test_runtime_needs_no_torch(tiny_gguf):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_duplicate_token_refused(tiny_gguf, tmp_path, monkeypatch):
+    """llama.cpp asserts (SIGABRT) on a vocabulary with a duplicate token: caught before."""
+    import gguf
+
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+    bad = tmp_path / "dup.gguf"
+    bad.write_bytes(tiny_gguf.read_bytes())
+    r = gguf.GGUFReader(str(bad), "r+")
+    f = r.get_field("tokenizer.ggml.tokens")
+    texts = f.contents()
+    i, j = next((i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
+                if len(texts[i].encode()) == len(texts[j].encode()) and texts[i] != texts[j])
+    f.parts[f.data[j]][:] = np.frombuffer(texts[i].encode(), dtype=np.uint8)
+    r.data.flush()
+    del r
+    _no_llama(monkeypatch)
+    with pytest.raises(ModelLoadError, match="duplicate tokens"):
+        LlamaCppRuntime.load(bad)
+
+
+def test_random_metadata_damage_never_crashes_the_caller(tiny_gguf, tmp_path):
+    """Byte damage in the header/metadata is refused by check_gguf, or loads in a probe process
+    without a native crash (what passes our checks must be safe for llama.cpp)."""
+    import random
+
+    import gguf
+
+    from edgellm.runtime.llamacpp import check_gguf, probe_in_subprocess
+
+    good = tiny_gguf.read_bytes()
+    meta_end = gguf.GGUFReader(str(tiny_gguf)).data_offset
+    rng = random.Random(1234)
+    refused = probed = 0
+    for n in range(40):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(meta_end)] = rng.randrange(256)
+        p = tmp_path / f"fuzz{n}.gguf"
+        p.write_bytes(bytes(b))
+        try:
+            check_gguf(p)
+        except ModelLoadError:
+            refused += 1
+            continue
+        try:
+            probe_in_subprocess(p, timeout=60)
+        except ModelLoadError as e:
+            assert "signal" not in str(e), f"mutation {n} passed our checks and crashed llama.cpp: {e}"
+        probed += 1
+    assert refused > 20

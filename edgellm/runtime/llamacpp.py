@@ -194,6 +194,14 @@ def check_gguf(path: str | Path) -> GGUFInfo:
     n_vocab = len(tokens.data)
     if not 1 <= n_vocab <= MAX_VOCAB:
         raise _bad(path, f"vocabulary of {n_vocab} tokens")
+    try:
+        token_list = tokens.contents()
+    except Exception as e:  # invalid UTF-8 and the like
+        raise _bad(path, "unreadable tokenizer.ggml.tokens") from e
+    if len(set(token_list)) != n_vocab:  # llama.cpp asserts on duplicate tokens (SIGABRT)
+        raise _bad(path, "duplicate tokens in the vocabulary")
+    if tok_model == "gpt2" and "\u010a" not in token_list:  # 'Ċ' = byte-level "\n"; missing -> SIGABRT
+        raise _bad(path, "the byte-level vocabulary has no newline token")
     merges = reader.get_field("tokenizer.ggml.merges")
     if tok_model == "gpt2" and (merges is None or len(merges.data) == 0):
         raise _bad(path, "a gpt2 tokenizer without merges")
