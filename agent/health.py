@@ -184,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     _set_pdeathsig()
     logging.basicConfig(level=logging.WARNING)
     budget = HealthBudget(**json.loads(a.budget))
-    if os.environ.get("EDGELLM_AGENT_CRASH_AT") == "health_child":  # crash-safety test hook
+    crash = os.environ.get("EDGELLM_AGENT_CRASH_AT")  # crash-safety test hooks
+    if crash == "health_child":  # the agent dies while its health check runs
         os.kill(os.getppid(), 9)
         time.sleep(5)
+    elif crash == "health_abort":  # the model aborts the process, as llama.cpp does on some bad metadata
+        os.abort()
     try:
         report = check_slot(Path(a.slot), budget)
     except Exception as e:  # a model that cannot load is a failed check, not a crash of the check

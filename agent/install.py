@@ -25,7 +25,7 @@ from typing import Any
 
 from agent._fs import file_lock, fsync_dir, remove_tree
 from agent.config import AgentConfig, AgentPaths
-from agent.errors import HealthCheckFailed, InstallError, UpdateRefused
+from agent.errors import AlreadyCurrent, HealthCheckFailed, InstallError, UpdateRefused, split_error
 from agent.health import HealthBudget, budget_for, run_health_check
 from agent.manifest import manifest_sha256, mget, verify_slot
 from agent.slots import AgentState, SlotRecord, SlotStore, result
@@ -104,7 +104,7 @@ class Installer:
                 problem = (f"bundle is model {name!r} but this device runs {cur.name!r}",
                            "pass --force to replace the model")
             elif c == 0 and not force:
-                problem = (f"version {version} is already current", "nothing to do (--force reinstalls it)")
+                raise AlreadyCurrent(f"version {version} is already current", hint="nothing to do (--force reinstalls it)")
             elif c < 0 and not allow_downgrade:
                 problem = (f"version {version} is older than the current {cur.version}",
                            "use `edgellm-agent rollback`, or pass --allow-downgrade on purpose")
@@ -151,9 +151,10 @@ class Installer:
             manifest = unpack(archive, staging, **self._unpack_kwargs())
         except Exception as e:
             remove_tree(staging)
-            self._fail("install", target.version if target else None, f"bundle could not be unpacked: {e}")
-            raise InstallError(f"bundle could not be unpacked: {e}",
-                               hint="the file is damaged or not an edgellm bundle; rebuild or re-download it") from e
+            msg, hint = split_error(e)
+            self._fail("install", target.version if target else None, f"bundle could not be unpacked: {msg}")
+            raise InstallError(f"bundle could not be unpacked: {msg}",
+                               hint=hint or "the file is damaged or not an edgellm bundle; rebuild or re-download it") from e
         name, version = str(mget(manifest, "name")), str(mget(manifest, "version"))
         if target is not None and ((target.version and target.version != version) or (target.name and target.name != name)):
             remove_tree(staging)
@@ -194,6 +195,8 @@ class Installer:
             quantization=mget(manifest, "quantization"), manifest_sha256=msha, source=source,
             target=target.path if target else None, installed_at=time.time(), health=report,
         )
+        if version in state.rejected:  # it passed its health check this time (a forced retry)
+            state.rejected.remove(version)
         state.last_result = result("install", True, version=version, slot=slot,
                                    from_version=previous.version if previous else None)
         self.store.switch(state, slot, trial=True)
@@ -228,12 +231,16 @@ class Installer:
                 try:
                     archive, target = verify_envelope(envelope, self.paths, work)
                 except Exception as e:
-                    reason = f"{envelope.name} failed verification: {e}"
+                    msg, hint = split_error(e)
+                    reason = f"{envelope.name} failed verification: {msg}"
                     self._fail("install", None, reason)
-                    raise InstallError(reason, hint="only bundles signed by this fleet's keys install; "
-                                       "check the file and the pinned root") from e
-                return self._install_verified(archive, target, source="offline",
-                                              allow_downgrade=allow_downgrade, force=force)
+                    raise InstallError(reason, hint=(hint + "; " if hint else "") +
+                                       "only bundles signed by this fleet's keys install") from e
+                try:
+                    return self._install_verified(archive, target, source="offline",
+                                                  allow_downgrade=allow_downgrade, force=force)
+                except AlreadyCurrent as e:
+                    return result("install", True, version=target.version, reason=split_error(e)[0])
             finally:
                 remove_tree(work)
 
@@ -263,9 +270,10 @@ class Installer:
                 source.refresh()
                 targets = source.targets()
             except Exception as e:
-                self._fail("update", desired.get("version"), f"repository refresh failed: {e}")
-                raise InstallError(f"could not refresh the repository metadata: {e}",
-                                   hint="check the server URL and the network; the current model keeps serving") from e
+                msg, hint = split_error(e)
+                self._fail("update", desired.get("version"), f"repository refresh failed: {msg}")
+                raise InstallError(f"could not refresh the repository metadata: {msg}",
+                                   hint=hint or "check the server URL and the network; the current model keeps serving") from e
             state = self.store.load()
             target = self.select_target(targets, state, desired)
             cur = state.current_record
@@ -301,9 +309,11 @@ class Installer:
                 try:
                     archive = source.download(target, dl)
                 except Exception as e:
-                    reason = f"download of {target.path} failed: {e}"
+                    msg, hint = split_error(e)
+                    reason = f"download of {target.path} failed: {msg}"
                     self._fail("update", target.version, reason)
-                    raise InstallError(reason, hint="the current model keeps serving; the next check retries") from e
+                    raise InstallError(reason, hint=(hint + "; " if hint else "") +
+                                       "the current model keeps serving; the next check retries") from e
                 return self._install_verified(archive, target, source="tuf", allow_downgrade=rollback_ok,
                                               force=bool(desired.get("force")),
                                               allow_model_change=bool(desired.get("model")))

@@ -160,10 +160,15 @@ def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_pa
                 assert st["version"] == "1.0.0" and st["slot"] == "A", key
                 assert st["last_update"]["ok"] is False and why in st["last_update"]["reason"]
                 assert _served_version(a) == "1.0.0"
+            # a model that aborts the process only takes down the health-check child
+            r = agent_cli("install", str(agent_bundles["v2"]), data_dir=d, check=False,
+                          env={"EDGELLM_AGENT_CRASH_AT": "health_abort"})
+            assert r.returncode == 1 and "killed by SIGABRT" in r.stderr, r.stderr
+            assert _status(d)["version"] == "1.0.0" and _served_version(a) == "1.0.0"
             assert "1.2.0" in _status(d)["rejected"]
             assert not (d / "slots" / "B").exists()  # the failed slot was wiped
-            # a good update hot-swaps while requests are being served
-            agent_cli("install", str(agent_bundles["v2"]), data_dir=d)
+            # a good update hot-swaps while requests are being served (--force: 1.1.0 was rejected above)
+            agent_cli("install", "--force", str(agent_bundles["v2"]), data_dir=d)
             _wait(lambda: _served_version(a) == "1.1.0", what="hot swap to 1.1.0")
             time.sleep(0.3)
         assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
@@ -172,6 +177,8 @@ def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_pa
         # an older version is refused unless asked for; rollback is the way back
         r = agent_cli("install", str(agent_bundles["v1"]), data_dir=d, check=False)
         assert r.returncode != 0 and "older than the current" in r.stderr
+        r = agent_cli("install", str(agent_bundles["v2"]), data_dir=d)  # same version again: a no-op, exit 0
+        assert "already current" in r.stdout and "older" in _status(d)["last_update"]["reason"]  # not recorded
         agent_cli("rollback", data_dir=d)
         _wait(lambda: _served_version(a) == "1.0.0", what="rollback to 1.0.0")
         st = _status(d)

@@ -67,7 +67,7 @@ def test_policy_refuses_downgrade_same_version_and_rejected(installer, archives)
     _install(installer, archives["1.9.0"])
     with pytest.raises(UpdateRefused, match="older"):
         _install(installer, archives["1.1.0"])
-    with pytest.raises(UpdateRefused, match="already current"):
+    with pytest.raises(UpdateRefused, match="already current"):  # AlreadyCurrent: `install` exits 0 on it
         _install(installer, archives["1.9.0"])
     _install(installer, archives["1.10.0"])  # 1.10 > 1.9: numeric, not string order
     installer.reports.append({"ok": False, "reason": "golden prompt failed"})
