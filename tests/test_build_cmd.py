@@ -168,3 +168,13 @@ def test_bad_inputs_get_hints(build_env, tmp_path, hf_llama_dir):
     res = _run(["build", "--model", str(hf_llama_dir), "--profile", "nope", "--out", str(tmp_path / "o"),
                 "--profiles-dir", str(build_env["profiles"])])
     assert res.exit_code != 0 and "unknown hardware profile" in res.output
+
+
+def test_fraction_option_parsing():
+    import click
+
+    from edgellm.cli.build import _fraction
+
+    assert _fraction("5%") == pytest.approx(0.05) and _fraction("0.02") == 0.02 and _fraction(None) is None
+    with pytest.raises(click.BadParameter):
+        _fraction("lots")

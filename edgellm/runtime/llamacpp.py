@@ -428,8 +428,10 @@ class LlamaCppRuntime(Runtime):
     def _piece(self, token: int) -> bytes:
         buf = self._piece_buf = getattr(self, "_piece_buf", None) or (ctypes.c_char * 256)()
         n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:  # pragma: no cover - pieces are short
-            return b""
+        if n < 0:  # a piece longer than the buffer: llama.cpp returns -(needed size)
+            big = (ctypes.c_char * -n)()
+            n = self._llama_cpp.llama_token_to_piece(self._vocab, token, big, len(big), 0, False)
+            return bytes(big[:max(n, 0)])
         return bytes(buf[:n])
 
     def detokenize(self, ids: Sequence[int]) -> str:
