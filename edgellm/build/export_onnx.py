@@ -29,6 +29,7 @@ from edgellm.errors import BuildError
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "onnx-int8")
+MAX_SINGLE_FILE_BYTES = 1900 * 2**20  # protobuf's 2 GiB limit, minus room for metadata
 
 
 def _wrapper(model):
@@ -76,11 +77,17 @@ def _export_fp32(model, path: Path) -> str:
         batch, seq, plen = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=cfg.max_position_embeddings), \
             Dim("past", min=0, max=cfg.max_position_embeddings)
         dyn = ({0: batch, 1: seq}, tuple({0: batch, 2: plen} for _ in range(2 * L)))
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(wrapper, (ids, *past), dynamo=True, input_names=ins, output_names=outs,
-                                     dynamic_shapes=dyn, optimize=True, verbose=False)
-            prog.save(str(path))
+        noisy = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+        level = noisy.level
+        noisy.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                prog = torch.onnx.export(wrapper, (ids, *past), dynamo=True, input_names=ins, output_names=outs,
+                                         dynamic_shapes=dyn, optimize=True, verbose=False)
+                prog.save(str(path))
+        finally:
+            noisy.setLevel(level)
         _check_dynamic(path, L)
         return "dynamo"
     except Exception as e:  # noqa: BLE001 - any exporter failure: try the legacy exporter
@@ -163,6 +170,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
     model_dir, out = Path(model_dir), Path(out)
     check_output_path(out, overwrite)
     model = load_model(model_dir)
+    n_bytes = 4 * model.num_parameters()
+    if n_bytes > MAX_SINGLE_FILE_BYTES:
+        raise BuildError(f"{model_dir}: {n_bytes / 2**30:.1f} GiB of fp32 weights exceed ONNX's 2 GiB single-file limit",
+                         hint="export this model to GGUF (--format gguf-q4_k_m ...) instead")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix=".edgellm-export-", dir=out.parent if out.parent.exists() else None) as td:
         work = Path(td)
