@@ -64,6 +64,7 @@ def build_env(tmp_path_factory, hf_llama_dir, eval_text):
     return {"root": root, "cache": cache, "profiles": pdir, "cands": cands, "eval": root / "eval.txt"}
 
 
+@pytest.mark.slow  # shares the ~20 s candidate build (two ONNX exports)
 def test_candidates_quality_and_sizes(build_env):
     ms = build_env["cands"].measurements
     assert ms["gguf-q8_0"].top1_agreement >= 0.98
@@ -81,6 +82,7 @@ def _run(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+@pytest.mark.slow  # shares the ~20 s candidate build (two ONNX exports)
 def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_path):
     from edgellm.bundle import unpack
     from edgellm.runtime import GenerationParams
@@ -141,6 +143,7 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
     assert served >= 1
 
 
+@pytest.mark.slow  # shares the ~20 s candidate build (two ONNX exports)
 def test_budgets_pin_and_refusal_messages(build_env, hf_llama_dir, tmp_path):
     from edgellm.build.pipeline import BuildConfig, run_build
     from edgellm.build.select import Budget
@@ -161,6 +164,7 @@ def test_budgets_pin_and_refusal_messages(build_env, hf_llama_dir, tmp_path):
     assert r.bundle is None
 
 
+@pytest.mark.slow  # shares the ~20 s candidate build (two ONNX exports)
 def test_bad_inputs_get_hints(build_env, tmp_path, hf_llama_dir):
     res = _run(["build", "--model", str(tmp_path), "--profile", "test-big", "--out", str(tmp_path / "o"),
                 "--profiles-dir", str(build_env["profiles"])])
