@@ -152,6 +152,8 @@ def token_stream(tok: Any, docs: Sequence[str], *, bos_id: int | None, eos_id: i
 
 def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
     """Non-overlapping windows ``[n, seq_len + 1]`` (inputs + shifted targets) covering the stream."""
+    if 2 <= len(stream) <= seq_len:  # little validation text: one shorter window
+        seq_len = len(stream) - 1
     n = (len(stream) - 1) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)

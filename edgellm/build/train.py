@@ -292,9 +292,14 @@ def train_model(data: Any, config: str | Path | ModelConfig | dict | None, out: 
     check_output_path(out, overwrite)
     torch.manual_seed(tcfg.seed)
     ds = load_dataset(data, val_fraction=tcfg.val_fraction)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else default_ckpt_dir(out)
     if from_dir is not None:
         model = load_model(from_dir)
         tok = tk.load_tokenizer(from_dir)
+        cfg = model.config
+    elif resume and (ckpt / "state.json").exists():  # the checkpoint's own tokenizer and config
+        tok = tk.load_tokenizer(ckpt)
+        model = load_model(ckpt)
         cfg = model.config
     else:
         if config is None:
@@ -307,7 +312,6 @@ def train_model(data: Any, config: str | Path | ModelConfig | dict | None, out: 
     if tcfg.seq_len > cfg.max_position_embeddings:
         tcfg = dataclasses.replace(tcfg, seq_len=cfg.max_position_embeddings)
     train_stream, val_w = data_streams(tok, ds, cfg, tcfg)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else default_ckpt_dir(out)
     fingerprint = {"data_sha256": ds.sha256, "config": cfg.to_dict(), "from": str(from_dir) if from_dir else None,
                    "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("progress", "threads", "max_seconds")}}
     fingerprint = json.loads(json.dumps(fingerprint))
