@@ -322,3 +322,19 @@ def test_ingest_retries_a_failed_store_write_without_losing_the_batch(tmp_path, 
     wait_for(lambda: ingest.store.events(device="flaky-db", name="keep-me"), what="stored after retries")
     assert ingest.counters["store_errors"] == 2
     t.stop()
+
+
+def test_metrics_intervals_are_split_at_a_version_change(tmp_path, mqtt_broker, ingest):
+    t = Telemetry("dev-v", tmp_path / "v", MqttConfig(mqtt_broker.url), "sim", metrics_interval_s=3600)
+    t.set_state(version="1.0", model="m")
+    t.start()
+    wait_for(lambda: t.connected, what="connected")
+    for _ in range(5):
+        t.record_inference(latency_ms=100, prompt_tokens=4, completion_tokens=4, tokens_per_second=10)
+    t.set_state(version="2.0")
+    for _ in range(3):
+        t.record_inference(latency_ms=900, prompt_tokens=4, completion_tokens=4, tokens_per_second=10)
+    t.stop()  # closes the last interval
+    s1 = wait_for(lambda: (s := ingest.store.metric_summary(["dev-v"], "1.0", 0))["count"] == 5 and s, what="1.0")
+    s2 = wait_for(lambda: (s := ingest.store.metric_summary(["dev-v"], "2.0", 0))["count"] == 3 and s, what="2.0")
+    assert s1["p95_latency_ms"] == 100 and s2["p95_latency_ms"] == 900

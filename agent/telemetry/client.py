@@ -133,7 +133,14 @@ class Telemetry:
 
     def set_state(self, *, version: str | None = None, model: str | None = None, slot: str | None = None,
                   health: str | None = None) -> None:
-        """Update what the device runs; changes are reported at once in a heartbeat."""
+        """Update what the device runs; changes are reported at once in a heartbeat. A version or
+        model change first closes the current metrics interval, so every interval is attributed
+        to the model that served it (rollout gates compare versions)."""
+        with self._state_lock:
+            switching = (version is not None and version != self._state["version"]) or \
+                        (model is not None and model != self._state["model"])
+        if switching:
+            self.flush_metrics()
         changed = False
         with self._state_lock:
             for k, v in (("version", version), ("model", model), ("slot", slot), ("health", health)):
