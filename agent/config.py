@@ -95,6 +95,7 @@ class Limits:
     max_tokens: int = 1024
     default_max_tokens: int = 128
     queue_size: int = 8
+    max_connections: int = 128          # beyond this uvicorn answers 503 before reading anything
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod

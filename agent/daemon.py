@@ -328,7 +328,8 @@ class Daemon:
                 log.info("agent listening", extra={"port": port, "socket": self.socket_path,
                                                    "device_id": self.config.device_id})
                 server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                                timeout_graceful_shutdown=5, server_header=False))
+                                                timeout_graceful_shutdown=5, server_header=False,
+                                                limit_concurrency=lim.max_connections, timeout_keep_alive=5))
                 server.run(sockets=socks)
         finally:
             log.info("agent stopping")

@@ -213,9 +213,9 @@ class AgentProcess:
         self.log.flush()
         return (self.data_dir / "agent-test.log").read_text(errors="replace")[-4000:]
 
-    def stop(self, timeout: float = 20) -> int:
+    def stop(self, timeout: float = 20, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

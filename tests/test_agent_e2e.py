@@ -7,6 +7,7 @@ never become current while the old model keeps serving; hot swap; rollback; onli
 from __future__ import annotations
 
 import json
+import signal
 import stat
 import threading
 import time
@@ -145,6 +146,8 @@ def test_an_onnx_bundle_installs_and_serves(tmp_path, agent_onnx_bundle):
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="tiny-onnx", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True))
         assert text.strip()
+        assert a.stop(sig=signal.SIGINT) == 0  # Ctrl-C stops it cleanly too
+    assert '"msg": "agent stopped"' in (d / "agent-test.log").read_text()
 
 
 def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_path, agent_bundles):
