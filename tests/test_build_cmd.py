@@ -172,6 +172,14 @@ def test_bad_inputs_get_hints(build_env, tmp_path, hf_llama_dir):
     res = _run(["build", "--model", str(hf_llama_dir), "--profile", "nope", "--out", str(tmp_path / "o"),
                 "--profiles-dir", str(build_env["profiles"])])
     assert res.exit_code != 0 and "unknown hardware profile" in res.output
+    bad = tmp_path / "prefix-space"
+    shutil.copytree(hf_llama_dir, bad)
+    tj = json.loads((bad / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["add_prefix_space"] = True
+    (bad / "tokenizer.json").write_text(json.dumps(tj))
+    res = _run(["build", "--model", str(bad), "--profile", "test-big", "--out", str(tmp_path / "o"),
+                "--profiles-dir", str(build_env["profiles"]), "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "prefix space" in res.output and "hint" in res.output
 
 
 def test_fraction_option_parsing():

@@ -434,23 +434,28 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
             bandwidth_gbps = measure_bandwidth_gbps(seconds=0.3, buffer_mb=64, threads=1)
         return bandwidth_gbps
 
-    # the unquantized reference: F32 GGUF in llama.cpp, F32 KV cache (cached like a candidate)
-    say("reference (F32)", 1, total)
-    ref_dir = Path(cache_dir) / f"ref-{cache_key(model_sha, 'gguf-f32', '')[:32]}"
-    ref_path = ref_dir / "model-f32.gguf"
-    if not ref_path.is_file():
-        tmp = Path(cache_dir) / f".ref-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        export_gguf(model_dir, tmp / "model-f32.gguf", "gguf-f32")
-        shutil.rmtree(ref_dir, ignore_errors=True)
-        os.replace(tmp, ref_dir)
-    with LlamaCppRuntime.load(ref_path, threads=threads, kv_cache_type="f32") as ref_rt:
-        windows = eval_windows(ref_rt.tokenize(text, add_bos=True), min(window, ref_rt.context_length - 1),
-                               max_eval_tokens)
-        ref_logits = _score(ref_rt, windows)
-        ref_info = {"artifact": str(ref_path), "size_bytes": ref_path.stat().st_size,
-                    "context_length": ref_rt.info.context_length, "vocab_size": ref_rt.info.vocab_size}
+    ref: dict[str, Any] = {}
+
+    def reference() -> tuple[list[list[int]], np.ndarray]:
+        """The unquantized reference (F32 GGUF in llama.cpp, F32 KV cache), built on first need."""
+        if "logits" not in ref:
+            say("reference (F32)", 1, total)
+            ref_dir = Path(cache_dir) / f"ref-{cache_key(model_sha, 'gguf-f32', '')[:32]}"
+            ref_path = ref_dir / "model-f32.gguf"
+            if not ref_path.is_file():
+                tmp = Path(cache_dir) / f".ref-tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                export_gguf(model_dir, tmp / "model-f32.gguf", "gguf-f32")
+                shutil.rmtree(ref_dir, ignore_errors=True)
+                os.replace(tmp, ref_dir)
+            with LlamaCppRuntime.load(ref_path, threads=threads, kv_cache_type="f32") as ref_rt:
+                ref["windows"] = eval_windows(ref_rt.tokenize(text, add_bos=True),
+                                              min(window, ref_rt.context_length - 1), max_eval_tokens)
+                ref["logits"] = _score(ref_rt, ref["windows"])
+                ref["info"] = {"artifact": str(ref_path), "size_bytes": ref_path.stat().st_size,
+                               "context_length": ref_rt.info.context_length, "vocab_size": ref_rt.info.vocab_size}
+        return ref["windows"], ref["logits"]
 
     measurements: dict[str, Measurement] = {}
     failures: dict[str, str] = {}
@@ -461,13 +466,14 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
             say(f"{fmt} (cached)", i, total)
             measurements[fmt] = hit
             continue
+        windows, ref_logits = reference()  # a model llama.cpp cannot take fails the build here
+        kind = kind_of(fmt)
         say(f"{fmt}: export + measure", i, total)
         work = Path(cache_dir) / f".work-{key[:16]}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         t0 = time.perf_counter()
         try:
-            kind = kind_of(fmt)
             if kind == "gguf":
                 art, m = build_gguf_candidate(model_dir, fmt, work, ref_logits=ref_logits, windows=windows,
                                               bandwidth_gbps=bandwidth(), threads=threads)
@@ -485,4 +491,5 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
     say("candidates ready", total, total)
     if bandwidth_gbps is None:  # everything cached: report the figure the measurements used
         bandwidth_gbps = max((m.bandwidth_here_gbps for m in measurements.values()), default=0.0)
-    return CandidateSet(model_dir, model_sha, eval_sha, bandwidth_gbps, measurements, failures, ref_info)
+    return CandidateSet(model_dir, model_sha, eval_sha, bandwidth_gbps, measurements, failures,
+                        ref.get("info", {"cached": True}))
