@@ -103,6 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._route()
         except rollout.RolloutError as e:
             self._error(404, str(e))
+        except ValueError as e:
+            self._error(400, f"bad request: {e}")
         except Exception:
             logger.exception("http: %s failed", self.path)
             self._error(500, "internal error")

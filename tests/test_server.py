@@ -118,6 +118,9 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
             assert "edgellm_devices 2" in text and 'edgellm_devices_by_version{version="1.1"} 2' in text
             assert 'edgellm_ingest_messages_total{outcome="stored"}' in text
             assert 'edgellm_rollouts{state="completed"} 1' in text
+            with pytest.raises(urllib.error.HTTPError) as e:
+                get(srv.url + "/api/series?since=yesterday")
+            assert e.value.code == 400
             from prometheus_client.parser import text_string_to_metric_families
 
             families = {f.name: f for f in text_string_to_metric_families(text)}  # parses cleanly

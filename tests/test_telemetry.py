@@ -338,3 +338,25 @@ def test_metrics_intervals_are_split_at_a_version_change(tmp_path, mqtt_broker, 
     s1 = wait_for(lambda: (s := ingest.store.metric_summary(["dev-v"], "1.0", 0))["count"] == 5 and s, what="1.0")
     s2 = wait_for(lambda: (s := ingest.store.metric_summary(["dev-v"], "2.0", 0))["count"] == 3 and s, what="2.0")
     assert s1["p95_latency_ms"] == 100 and s2["p95_latency_ms"] == 900
+
+
+def test_two_server_replicas_split_ingest_through_the_shared_subscription(tmp_path, mqtt_broker, ingest):
+    other = Ingest(ingest.store, MqttConfig(mqtt_broker.url), client_id="replica-2")
+    other.start()
+    try:
+        assert other.wait_connected(10)
+        agents = [Telemetry(f"split-{i}", tmp_path / f"s{i}", MqttConfig(mqtt_broker.url), "sim", heartbeat_s=3600)
+                  for i in range(4)]
+        for a in agents:
+            a.start()
+            for k in range(25):
+                a.event("n", k=k)
+        for a in agents:
+            assert a.wait_delivered(20)
+        wait_for(lambda: ingest.store.message_count(kind="event") == 100, what="100 events stored")
+        assert ingest.counters["stored"] > 0 and other.counters["stored"] > 0  # both replicas took a share
+        assert ingest.counters["duplicates"] + other.counters["duplicates"] == 0
+        for a in agents:
+            a.stop()
+    finally:
+        other.stop()
