@@ -74,17 +74,24 @@ def _proc_status_bytes(field: str) -> int:
     return 0
 
 
+PARENT_ENV = "EDGELLM_AGENT_HEALTH_PARENT"
+
+
 def _set_pdeathsig() -> None:
-    """Die with the parent (kill -9 of the agent must not leave a health check running)."""
+    """Die with the parent (kill -9 of the agent must not leave a health check running).
+
+    Runs first thing in the child (not as a ``preexec_fn``, which is unsafe in a threaded
+    daemon); a parent that died before this point is caught by the ppid check."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:
-            os._exit(1)
     except OSError:
         pass
+    expected = os.environ.get(PARENT_ENV)
+    if expected and os.getppid() != int(expected):
+        os._exit(1)
 
 
 def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: float = 300.0) -> dict:
@@ -93,10 +100,11 @@ def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: flo
         out = Path(td) / "report.json"
         cmd = [sys.executable, "-m", "agent.health", "--slot", str(slot_dir), "--out", str(out),
                "--budget", json.dumps(budget.to_dict())]
-        env = {**os.environ, "OMP_NUM_THREADS": str(budget.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(budget.threads), "OMP_WAIT_POLICY": "PASSIVE",
+               PARENT_ENV: str(os.getpid())}
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, preexec_fn=_set_pdeathsig)
+            proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True)
         except subprocess.TimeoutExpired:
             return {"ok": False, "reason": f"health check did not finish within {timeout:.0f} s"}
         elapsed = time.monotonic() - t0
