@@ -132,6 +132,19 @@ def test_provision_install_run_openai_client_and_status(tmp_path, agent_bundles)
     assert any(x["status"] == 401 for x in audit)
 
 
+def test_an_empty_agent_answers_503_until_a_bundle_is_installed(tmp_path, agent_bundles):
+    d = provision_agent(tmp_path / "agent", agent_bundles["root"])
+    with AgentProcess(d) as a:
+        assert httpx.get(a.base_url + "/healthz").json()["model_loaded"] is False
+        assert httpx.get(a.base_url + "/v1/models", headers=a.headers).json()["data"] == []
+        r = httpx.post(a.base_url + "/v1/completions", headers=a.headers, json={"model": "tiny", "prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded" and r.headers["retry-after"]
+        agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
+        _wait(lambda: _served_version(a) == "1.0.0", what="the daemon picks up the offline install")
+        r = httpx.post(a.base_url + "/v1/completions", headers=a.headers, json={"model": "tiny", "prompt": "hi"})
+        assert r.status_code == 200
+
+
 def test_an_onnx_bundle_installs_and_serves(tmp_path, agent_onnx_bundle):
     import openai
 
