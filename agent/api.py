@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.audit import AuditLog
 from agent.config import Limits
@@ -104,6 +105,20 @@ def create_app(*, engine: Engine, token: str, limits: Limits, metrics: Metrics |
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes / wrong methods: OpenAI-shaped, audited, one metrics label for all of them
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        finish(request, "(other)", exc.status_code, time.monotonic(), error=code, path=request.url.path[:200])
+        return ApiError(exc.status_code, f"{request.method} {request.url.path[:200]}: {exc.detail}",
+                        code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s", request.url.path)
+        return ApiError(500, "internal error in the agent; see its log", code="internal_error",
+                        type="server_error").response()
 
     def endpoint_wrapper(name: str, needs_auth: bool = True):
         def deco(fn):

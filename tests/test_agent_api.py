@@ -262,3 +262,11 @@ def test_stale_socket_is_replaced_but_a_live_one_is_not(tmp_path):
     s2.close()
     with contextlib.suppress(OSError):
         socket.socket(socket.AF_UNIX).connect(str(p))
+
+
+def test_unknown_routes_and_methods_get_openai_shaped_errors(server):
+    r = httpx.get(server.url + "/v1/engines", headers=server.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = httpx.get(server.url + "/v1/completions", headers=server.headers)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert [x["status"] for x in server.audit_lines()] == [404, 405]
