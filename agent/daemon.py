@@ -147,6 +147,7 @@ class Daemon:
         self._update_now = threading.Event()
         self._desired: dict = {}
         self._loaded_key: tuple | None = None
+        self._failed_key: tuple | None = None
         self._loaded_at = 0.0
         self._reconcile_lock = threading.Lock()
         self.metrics = None
@@ -179,7 +180,7 @@ class Daemon:
         state = self.store.load()
         rec = state.current_record
         key = (state.current, rec.manifest_sha256) if rec else None
-        if key != self._loaded_key:
+        if key != self._loaded_key and key != self._failed_key:
             if rec is None:
                 self.engine.swap(None)
                 self._loaded_key = None
@@ -190,6 +191,7 @@ class Daemon:
                 handle = load_handle(self.paths, state.current, threads=self.config.threads)
             except Exception as e:  # noqa: BLE001
                 log.error("could not load slot %s: %s", state.current, e)
+                self._failed_key = key  # not retried every second; a new pointer is tried again
                 if depth == 0 and state.previous:
                     with self.installer.lock():
                         self.store.rollback(reason=f"slot {state.current} failed to load: {e}", action="revert")
