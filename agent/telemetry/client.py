@@ -226,7 +226,7 @@ class Telemetry:
                     else:
                         self._stop.wait(min(0.05, self._next_attempt - now))
                     continue
-                self._step(0.02)
+                self._step(0.05)
         except Exception:  # pragma: no cover - keep the daemon informed, never die silently
             logger.exception("telemetry worker crashed")
         finally:
@@ -267,8 +267,8 @@ class Telemetry:
             self._rebirth = False
             self._publish_birth(self._client)
         room = self.inflight_max - len(self._inflight)
-        if room <= 0:
-            return
+        if room <= 0 or self._cursor >= self.outbox.last_seq:
+            return  # window full, or nothing newer than what was already offered
         busy = set(self._inflight.values())
         for row in self.outbox.pending(after_seq=self._cursor, limit=room):
             self._cursor = row.seq

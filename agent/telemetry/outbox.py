@@ -52,6 +52,8 @@ class Outbox:
                          (secrets.randbits(48),))
         self.epoch = format(self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0], "012x")
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._last_seq = self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0] - 1
+        self._dropped = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0]
 
     # -- producer side
 
@@ -71,12 +73,16 @@ class Outbox:
                     cur = db.execute(
                         "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)", (over,))
                     self._count -= cur.rowcount
+                    self._dropped += cur.rowcount
                     db.execute("UPDATE meta SET value=value+? WHERE key='dropped'", (cur.rowcount,))
                     logger.warning("outbox full (%d messages): dropped %d oldest", self.max_messages, cur.rowcount)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
+                self._count = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+                self._dropped = db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0]
                 raise
+            self._last_seq = seq
         return seq
 
     # -- sender side
@@ -105,13 +111,17 @@ class Outbox:
 
     @property
     def dropped(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0]
+        """Messages dropped because the outbox was full (ever, persisted)."""
+        return self._dropped
+
+    @property
+    def last_seq(self) -> int:
+        """The newest sequence number allocated (0 if none)."""
+        return self._last_seq
 
     @property
     def next_seq(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
+        return self._last_seq + 1
 
     def close(self) -> None:
         with self._lock:
