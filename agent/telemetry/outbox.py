@@ -3,9 +3,10 @@
 A row is deleted only when the broker acknowledged it (QoS 1 PUBACK). Sequence numbers are
 allocated in the same transaction that stores the row, from a counter kept in the database, so
 they stay monotonic across restarts and ``kill -9``. ``epoch`` is drawn once when the database is
-created: a wiped outbox starts a new (epoch, seq) series the server will not mistake for duplicates. The outbox is bounded: when full, the oldest
-rows are dropped and counted (``dropped``); the agent reports the count in its heartbeats and an
-``outbox_overflow`` event.
+created: a wiped outbox starts a new (epoch, seq) series the server will not mistake for duplicates.
+The outbox is bounded: when full, the oldest rows are dropped and counted (``dropped``); the
+agent reports the count in its heartbeats and an ``outbox_overflow`` event. One process owns an
+outbox file at a time (counters are cached in memory).
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed row survives the process being
 killed (it may not survive a power cut; ``synchronous="FULL"`` trades speed for that).
