@@ -114,6 +114,10 @@ def status(data_dir, fmt) -> None:
         return
     for k in ("device_id", "profile", "group", "slot", "model", "version", "runtime", "quantization", "health"):
         click.echo(f"{k:13} {st[k] if st[k] is not None else '-'}")
+    hc = st.get("health_check") or {}
+    if hc.get("tokens_per_second") is not None:
+        click.echo(f"{'health check':13} {hc['tokens_per_second']:.1f} tok/s, "
+                   f"{(hc.get('memory_bytes') or 0) / 2**20:.1f} MiB, load {hc.get('load_s') or 0:.2f} s")
     lu = st["last_update"]
     click.echo(f"{'last update':13} " + (f"{lu['action']} {'ok' if lu['ok'] else 'FAILED'} {lu.get('version') or ''}"
                                           f"{' — ' + lu['reason'] if lu.get('reason') else ''}" if lu else "-"))

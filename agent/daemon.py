@@ -123,6 +123,8 @@ def status_dict(paths: AgentPaths, config: AgentConfig | None = None) -> dict:
         "runtime": rec.runtime if rec else None,
         "quantization": rec.quantization if rec else None,
         "health": health,
+        "health_check": ({k: rec.health.get(k) for k in ("tokens_per_second", "memory_bytes", "load_s", "duration_s")}
+                         if rec else None),
         "trial": state.trial.to_dict() if state.trial else None,
         "previous": ({"slot": state.previous, "version": state.slots[state.previous].version}
                      if state.previous else None),

@@ -84,6 +84,8 @@ def test_provision_install_run_openai_client_and_status(tmp_path, agent_bundles)
     st = _status(d)
     assert (st["version"], st["model"], st["slot"], st["health"]) == ("1.0.0", "tiny", "A", "trial")
     assert st["last_update"]["ok"] and st["last_update"]["action"] == "install"
+    assert st["health_check"]["tokens_per_second"] > 0 and st["health_check"]["memory_bytes"] > 0
+    assert "health check" in agent_cli("status", data_dir=d).stdout
 
     sock = tmp_path / "run" / "agent.sock"
     with AgentProcess(d, "--socket", str(sock)) as a:
