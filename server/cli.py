@@ -153,13 +153,24 @@ def rollout_group() -> None:
 @click.option("--canary", default="10%", show_default=True, help="Share of the group that goes first.")
 @click.option("--gate", default="", help="e.g. 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5'")
 @click.option("--bake", default="10m", show_default=True, help="How long the canary is watched (30s, 10m, 2h).")
+@click.option("--force", is_flag=True, help="Start even if the repository has no target for MODEL VERSION.")
 @format_option
-def rollout_start(data_dir: Path, model: str, version: str, group: str, canary: str, gate: str, bake: str, fmt: str) -> None:
+def rollout_start(data_dir: Path, model: str, version: str, group: str, canary: str, gate: str, bake: str,
+                  force: bool, fmt: str) -> None:
     """Start a rollout; a running `edgellm-server run` carries it out."""
+    from edgellm.trust import Repository
     from server import rollout
     from server.app import DataDir
 
-    store = DataDir(data_dir).check().store()
+    d = DataDir(data_dir).check()
+    if not force:
+        published = {(t.custom.get("edgellm", {}).get("name"), t.custom.get("edgellm", {}).get("version"))
+                     for t in Repository(d.repo).list_targets()}
+        if (model, version) not in published:
+            raise click.ClickException(
+                f"the repository has no target for {model} {version}: devices could not install it\n"
+                f"  hint: `edgellm-server publish --data-dir {data_dir} BUNDLE` first (or --force)")
+    store = d.store()
     rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, bake=bake)
     if fmt == "json":
         click.echo(json.dumps({"id": rid}))

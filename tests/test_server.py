@@ -91,13 +91,22 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
             assert all(d["last_seen"] for d in rows)
             assert "cli-0" in cli("devices", "--data-dir", data_dir).output
 
+            r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1", "--group", "lab",
+                    ok=False)
+            assert r.exit_code != 0 and "no target for demo 1.1" in r.output
+            from edgellm.bundle import pack
+            from fixtures_trust import make_bundle_dir
+
+            for v in ("1.1", "1.2"):
+                cli("publish", "--data-dir", data_dir,
+                    pack(make_bundle_dir(tmp_path / f"b{v}", version=v), tmp_path / f"demo-{v}.bundle").path)
             rid = json.loads(cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1",
                                  "--group", "lab", "--canary", "50%", "--gate", "p95_latency_ms<=1000",
                                  "--bake", "0.5s", "--format", "json").output)["id"]
             r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.2",
                     "--group", "lab", ok=False)
             assert r.exit_code != 0 and "already has an active rollout" in r.output and "hint" in r.output
-            assert cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "9",
+            assert cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "9", "--force",
                        "--gate", "latency<3", ok=False).exit_code != 0
             st = wait_for(lambda: (s := json.loads(cli("rollout", "status", "--data-dir", data_dir, rid,
                                                        "--format", "json").output)[0])["state"] in ("completed", "rolled_back") and s,
