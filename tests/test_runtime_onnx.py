@@ -103,3 +103,23 @@ def test_tokenizer_lookup_and_bad_files(onnx_fp32_path, tiny_model_dir, tmp_path
         OnnxRuntime.load(bad)
     with pytest.raises(ModelLoadError, match="does not exist"):
         OnnxRuntime.load(tmp_path / "missing.onnx")
+
+
+def test_kv_cache_reuse_across_calls_changes_nothing(onnx_fp32_path):
+    warm = OnnxRuntime.load(onnx_fp32_path)
+    cold_params = GenerationParams(max_tokens=12)
+    turn1 = [{"role": "user", "content": "close the garage door"}]
+    first = warm.complete(warm.chat_token_ids(turn1), cold_params)
+    turn2 = turn1 + [{"role": "assistant", "content": first.text.strip()},
+                     {"role": "user", "content": "status of arm-2?"}]
+    for prompt in (warm.chat_token_ids(turn2), warm.chat_token_ids(turn1), warm.chat_token_ids(turn2)[:7]):
+        with OnnxRuntime.load(onnx_fp32_path) as cold:
+            want = cold.complete(prompt, cold_params)
+        got = warm.complete(prompt, cold_params)
+        assert got.token_ids == want.token_ids
+        assert np.allclose(got.logprobs, want.logprobs, atol=1e-4)
+    # an abandoned stream leaves a consistent cache
+    gen = warm.generate(warm.chat_token_ids(turn1), GenerationParams(max_tokens=20))
+    next(gen)
+    gen.close()
+    assert warm.complete(warm.chat_token_ids(turn1), cold_params).token_ids == first.token_ids

@@ -66,6 +66,10 @@ class OnnxRuntime(Runtime):
         self.chat_template = chat_template
         self._out_names = [o.name for o in session.get_outputs()]
         self._closed = False
+        # KV cache kept between generations: a prompt sharing a prefix with the previous
+        # prompt + output (chat turns, a fixed system prompt) only evaluates the new tokens.
+        self._cached_ids: list[int] = []
+        self._cached_past: dict[str, np.ndarray] | None = None
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -273,10 +277,27 @@ class OnnxRuntime(Runtime):
                        f"{self._context_length}", "shorten the prompt or lower max_tokens")
         return self._generate(ids, params)
 
+    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run ``ids`` reusing the cached prefix (at least the last token is evaluated)."""
+        k = 0
+        for a, b in zip(self._cached_ids, ids):
+            if a != b:
+                break
+            k += 1
+        k = min(k, len(ids) - 1)
+        if k > 0 and self._cached_past is not None:
+            past = {n: a[:, :, :k, :] for n, a in self._cached_past.items()}
+        else:
+            k, past = 0, self._empty_past()
+        self._cached_ids, self._cached_past = [], None
+        logits, past = self._run(np.asarray([ids[k:]], dtype=np.int64), past)
+        self._cached_ids, self._cached_past = list(ids), past
+        return logits, past
+
     def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent]:
         sampler = Sampler(params)
         stops = StopBuffer(params.stop)
-        logits, past = self._run(np.asarray([ids], dtype=np.int64), self._empty_past())
+        logits, past = self._prefill(ids)
         out_ids: list[int] = []
         emitted = ""  # decoded text of out_ids already passed to the stop buffer
         for i in range(params.max_tokens):
@@ -299,9 +320,12 @@ class OnnxRuntime(Runtime):
                 yield TokenEvent(tok, text + stops.push(rest)[0] + stops.flush(), lp_out, "length")
                 return
             yield TokenEvent(tok, text, lp_out)
+            self._cached_ids, self._cached_past = [], None
             logits, past = self._run(np.asarray([[tok]], dtype=np.int64), past)
+            self._cached_ids, self._cached_past = ids + out_ids, past
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._session = None
+            self._cached_ids, self._cached_past = [], None
