@@ -245,7 +245,8 @@ def create_app(*, engine: Engine, token: str, limits: Limits, metrics: Metrics |
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
                 job.cancel.set()
 
-        job = Job(params=params, sink=sink, prompt=prompt, messages=messages, endpoint=endpoint)
+        job = Job(params=params, sink=sink, prompt=prompt, messages=messages, endpoint=endpoint,
+                  clamp_max_tokens=max_tokens is None)
         try:
             engine.submit(job)
         except QueueFull as e:

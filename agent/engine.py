@@ -63,8 +63,9 @@ Sink = Callable[[str, Any], None]  # ("start", dict) ("token", TokenEvent) ("don
 
 class Job:
     def __init__(self, *, params: GenerationParams, sink: Sink, prompt: str | None = None,
-                 messages: Sequence[dict] | None = None, endpoint: str = "") -> None:
+                 messages: Sequence[dict] | None = None, endpoint: str = "", clamp_max_tokens: bool = False) -> None:
         self.prompt = prompt
+        self.clamp_max_tokens = clamp_max_tokens  # max_tokens was a default: fit it to the context
         self.messages = messages
         self.params = params
         self.sink = sink
@@ -226,6 +227,8 @@ class Engine:
             return
         n_prompt = len(ids)
         ctx = m.context_length
+        if job.clamp_max_tokens and n_prompt < ctx and n_prompt + job.params.max_tokens > ctx:
+            job.params = dataclasses.replace(job.params, max_tokens=ctx - n_prompt)
         if n_prompt > self.max_prompt_tokens or n_prompt + job.params.max_tokens > ctx:
             job.sink("error", JobError(
                 400, "context_length_exceeded",

@@ -270,3 +270,12 @@ def test_unknown_routes_and_methods_get_openai_shaped_errors(server):
     r = httpx.get(server.url + "/v1/completions", headers=server.headers)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     assert [x["status"] for x in server.audit_lines()] == [404, 405]
+
+
+def test_default_max_tokens_fits_the_context_but_an_explicit_one_must(server):
+    url = server.url + "/v1/completions"
+    prompt = "x" * 390  # 391 tokens with BOS; the scripted context is 512; default max_tokens is 128
+    r = httpx.post(url, headers=server.headers, json={"model": "tiny", "prompt": prompt})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 512 - 391
+    r = httpx.post(url, headers=server.headers, json={"model": "tiny", "prompt": "x" * 380, "max_tokens": 200})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
