@@ -215,7 +215,7 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
                                      "eval_sha256": cands.eval_sha256}},
         "golden_prompts": golden,
         "health": {"min_tokens_per_second": profile.min_tokens_per_second, "max_load_seconds": 60,
-                   "max_peak_bytes": int(profile.usable_ram_bytes)},
+                   "max_memory_bytes": int(profile.usable_ram_bytes)},
     }
 
 
