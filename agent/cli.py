@@ -147,8 +147,10 @@ def install(data_dir, file, allow_downgrade, force, fmt) -> None:
 @data_dir_option
 @click.option("--version", "version", default=None, help="Desired version (default: newest for this profile).")
 @click.option("--model", default=None)
+@click.option("--rollback", "allow_rollback", is_flag=True, help="Allow installing an older version.")
+@click.option("--force", is_flag=True, help="Retry a version that was rejected before.")
 @format_option
-def update(data_dir, version, model, fmt) -> None:
+def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     """Check the server for an update now and install it."""
     from agent.config import AgentConfig
     from agent.install import Installer
@@ -158,7 +160,8 @@ def update(data_dir, version, model, fmt) -> None:
     cfg = AgentConfig.load(paths)
     if not cfg.server:
         raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
-    desired = {k: v for k, v in (("version", version), ("model", model)) if v}
+    desired = {k: v for k, v in (("version", version), ("model", model), ("rollback", allow_rollback),
+                                 ("force", force)) if v}
     res = Installer(paths, cfg).update(tuf_source(paths, cfg), desired)
     _echo_result(res, fmt)
 

@@ -223,6 +223,12 @@ def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles, tuf_se
         _wait(lambda: _served_version(a) == "1.0.0", what="server-asked rollback")
         assert _status(d)["last_update"]["action"] == "rollback"
     assert traffic.statuses and set(traffic.statuses) == {200}
+    # the one-shot CLI check goes through the same path: 1.1.0 was rolled back, so it needs --force
+    r = agent_cli("update", "--version", "1.1.0", data_dir=d, check=False)
+    assert r.returncode == 1 and "rejected earlier" in r.stderr
+    assert _status(d)["version"] == "1.0.0"
+    r = agent_cli("update", "--version", "1.1.0", "--force", "--format", "json", data_dir=d)
+    assert json.loads(r.stdout)["ok"] and _status(d)["version"] == "1.1.0"
 
 
 def test_desired_state_over_mqtt_drives_a_verified_update(tmp_path, agent_bundles, tuf_server, mqtt_broker):
