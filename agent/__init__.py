@@ -1,0 +1,16 @@
+"""edgellm-agent: the device daemon (no torch, no edgellm.build; see docs/agent.md).
+
+    config       data-dir layout and AgentConfig (config.json)
+    provision    pin the trust root, API token, device key pair + CSR
+    slots        A/B slots and the atomic slot pointer (state.json), trial boot counter
+    source       verified bundles: TUF online (edgellm.trust.TufClient) and signed envelopes offline
+    install      the one install path: unpack -> child-process health check -> atomic switch
+    health       the health check (runs as ``python -m agent.health``)
+    engine       the single worker that owns the Runtime, bounded queue, hot swap
+    api          the OpenAI-compatible FastAPI app (auth, limits, SSE, audit, metrics)
+    daemon       `run`: sockets, uvicorn, update loop, reconcile/hot swap, telemetry bridge
+    cli          the `edgellm-agent` command
+    telemetry/   MQTT telemetry with a durable outbox (control-plane area)
+
+Importing ``agent`` imports nothing heavy.
+"""
