@@ -6,7 +6,8 @@ Builds a random Llama (transformers, ~50M parameters by default; weights do not 
 speed), exports it with ``edgellm.build.gguf.export_gguf`` to F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M and
 Q4_0, then measures greedy decode tokens/s with ``LlamaCppRuntime`` (1 thread) in interleaved
 rounds (F16, Q8_0, ... then again) so a busy machine affects every format alike; prints the
-median and the ratio to F16.
+median and the ratio to F16, and checks the build's memory model against the peak RSS measured in
+a fresh process.
 """
 
 from __future__ import annotations
@@ -58,6 +59,32 @@ def decode_speeds(paths: dict[str, Path], tokens: int, rounds: int, threads: int
     return speeds
 
 
+_RSS_PROBE = r"""
+import sys
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+from edgellm.runtime.llamacpp import LlamaCppRuntime, import_llama_cpp
+from edgellm.runtime import GenerationParams
+import_llama_cpp()
+base = hwm()
+rt = LlamaCppRuntime.load(sys.argv[1], context_length=int(sys.argv[2]))
+rt.logits(list(range(5, 5 + min(256, int(sys.argv[2]) - 1))))
+rt.complete("The robot", GenerationParams(max_tokens=16))
+print(hwm() - base)
+"""
+
+
+def peak_rss(path: Path, ctx: int) -> int:
+    """Peak RSS growth of loading + prefill + decode in a fresh process (what the agent's health check sees)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(ctx)], capture_output=True, text=True,
+                         check=True, timeout=300)
+    return int(out.stdout.split()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=768)
@@ -72,16 +99,26 @@ def main() -> None:
         model = make_model(work, args.hidden, args.layers)
         paths = export_all(model, work)
         speeds = decode_speeds(paths, args.tokens, args.rounds, args.threads)
+        from edgellm.build.candidates import gguf_memory_model
+        from edgellm.runtime.llamacpp import check_gguf
+
+        ctx = 512
+        est = {f: gguf_memory_model(check_gguf(p)).at(ctx)["peak_bytes"] for f, p in paths.items()}
+        rss = {f: peak_rss(p, ctx) for f, p in paths.items()}
         f16_size = paths["gguf-f16"].stat().st_size
         f16_tps = statistics.median(speeds["gguf-f16"])
         print(f"model: hidden {args.hidden}, {args.layers} layers; decode {args.tokens} tokens x {args.rounds} "
               f"interleaved rounds, {args.threads} thread(s)")
-        print(f"{'format':<12} {'size MiB':>9} {'size/F16':>9} {'tok/s':>8} {'speed/F16':>10}   runs")
+        print(f"{'format':<12} {'size MiB':>9} {'size/F16':>9} {'tok/s':>8} {'speed/F16':>10} "
+              f"{'est MiB':>8} {'RSS MiB':>8} {'est/RSS':>8}   runs")
         for f in FORMATS:
             size = paths[f].stat().st_size
             tps = statistics.median(speeds[f])
             runs = " ".join(f"{x:.0f}" for x in speeds[f])
-            print(f"{f:<12} {size / 2**20:9.1f} {size / f16_size:9.2f} {tps:8.1f} {tps / f16_tps:9.2f}x   {runs}")
+            print(f"{f:<12} {size / 2**20:9.1f} {size / f16_size:9.2f} {tps:8.1f} {tps / f16_tps:9.2f}x "
+                  f"{est[f] / 2**20:8.1f} {rss[f] / 2**20:8.1f} {est[f] / rss[f]:8.2f}   {runs}")
+        print(f"est = edgellm's memory model at ctx {ctx} (weights + KV + compute + runtime); RSS = measured peak "
+              f"RSS growth of load + 255-token prefill + 16 tokens in a fresh process")
 
 
 if __name__ == "__main__":

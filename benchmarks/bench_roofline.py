@@ -49,7 +49,7 @@ def main() -> None:
         print(head)
         print(" " * 50 + "".join(f" {f'{p.bandwidth_gbps:g} GB/s':>15}" for p in profiles))
         for f in FORMATS:
-            bpt, _ = gguf_tensor_stats(paths[f])
+            bpt, _, _ = gguf_tensor_stats(paths[f])
             roof = bw * 1e9 / bpt
             tps = statistics.median(speeds[f])
             eff = tps / roof

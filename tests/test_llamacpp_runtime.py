@@ -243,3 +243,15 @@ def test_random_metadata_damage_never_crashes_the_caller(tiny_gguf, tmp_path):
             assert "signal" not in str(e), f"mutation {n} passed our checks and crashed llama.cpp: {e}"
         probed += 1
     assert refused > 20
+
+
+def test_repacked_models_load_without_mmap(gguf_exports):
+    """Q4_K/Q4_0 matrices are repacked by llama.cpp; without mmap their file pages are not
+    resident a second time (the memory model in edgellm.build.candidates relies on it)."""
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+    with LlamaCppRuntime.load(gguf_exports["gguf-q4_k_m"]) as q4, LlamaCppRuntime.load(gguf_exports["gguf-q8_0"]) as q8:
+        assert q4.use_mmap is False and q4._llm.model_params.load_mode == 0  # LLAMA_LOAD_MODE_NONE
+        assert q8.use_mmap is True and q8._llm.model_params.load_mode == 1  # LLAMA_LOAD_MODE_MMAP
+    with LlamaCppRuntime.load(gguf_exports["gguf-q4_k_m"], mmap=True) as forced:
+        assert forced.use_mmap is True

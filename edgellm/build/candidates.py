@@ -35,7 +35,7 @@ from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2
 GGUF_FORMATS = ("gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0")
 ONNX_FORMATS = ("onnx-fp32", "onnx-int8")
 ALL_FORMATS = ONNX_FORMATS + GGUF_FORMATS
@@ -60,18 +60,25 @@ def kind_of(fmt: str) -> str:
 
 @dataclasses.dataclass
 class MemoryModel:
-    """Bytes a loaded candidate needs: weights + KV cache(ctx) + compute buffers(ctx)."""
+    """Bytes a loaded candidate needs: weights + KV cache(ctx) + compute buffers(ctx) + runtime.
+
+    ``runtime_bytes`` is what the runtime holds beyond those, calibrated here against the peak
+    RSS the agent's health check measures (see docs/gguf.md): a few MiB for llama.cpp; for
+    onnxruntime a share of the weights (pre-packed copies) plus its session and arena.
+    """
 
     weights_bytes: int
     kv_bytes_per_position: int   # all layers, K and V, at the cache dtype the runtime uses
     compute_base_bytes: int      # per-ubatch activations independent of context
     compute_bytes_per_position: int  # per-ubatch attention scores that grow with context
+    runtime_bytes: int = 0
 
     def at(self, context_length: int) -> dict[str, int]:
         kv = self.kv_bytes_per_position * context_length
         compute = self.compute_base_bytes + self.compute_bytes_per_position * context_length
         return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": kv, "compute_bytes": compute,
-                "context_length": context_length, "peak_bytes": self.weights_bytes + kv + compute}
+                "runtime_bytes": self.runtime_bytes, "context_length": context_length,
+                "peak_bytes": self.weights_bytes + kv + compute + self.runtime_bytes}
 
 
 @dataclasses.dataclass
@@ -242,8 +249,16 @@ def _targets(windows: list[list[int]]) -> np.ndarray:
 
 # --------------------------------------------------------------------------- GGUF candidates
 
-def gguf_memory_model(info: Any, *, n_ubatch: int = 256, kv_bytes: int = 2) -> MemoryModel:
-    """llama.cpp's allocations: mmap'd weights, F16 KV cache, compute buffer sized per ubatch.
+#: llama.cpp + llama-cpp-python allocations beyond weights/KV/compute (measured here: 5.6-5.8 MiB)
+LLAMACPP_RUNTIME_BYTES = 8 * 2**20
+#: onnxruntime beyond weights/KV/compute: a share of the weights (pre-packing) + session/arena
+ORT_RUNTIME_SHARE, ORT_RUNTIME_BYTES = 0.25, 48 * 2**20
+
+
+def gguf_memory_model(info: Any, *, repacked_bytes: int = 0, n_ubatch: int = 256, kv_bytes: int = 2) -> MemoryModel:
+    """llama.cpp's allocations: weights, F16 KV cache, compute buffer sized per ubatch, and a small
+    fixed runtime share. ``repacked_bytes``: matrices resident twice (only if a repacked model is
+    loaded with mmap, which :class:`LlamaCppRuntime` avoids by default).
 
     The compute buffer estimate (attention scores per position, plus logits/FFN/residual
     activations per ubatch) was checked against llama.cpp's own log here: 2.75 MiB at n_ctx 256
@@ -252,25 +267,30 @@ def gguf_memory_model(info: Any, *, n_ubatch: int = 256, kv_bytes: int = 2) -> M
     kv_pos = 2 * info.block_count * info.head_count_kv * info.head_dim * kv_bytes
     base = n_ubatch * (info.vocab_size + 4 * info.feed_forward_length + 6 * info.embedding_length) * 4
     per_pos = n_ubatch * info.head_count * 4
-    return MemoryModel(info.weights_bytes, kv_pos, base, per_pos)
+    return MemoryModel(info.weights_bytes, kv_pos, base, per_pos, repacked_bytes + LLAMACPP_RUNTIME_BYTES)
 
 
-def gguf_tensor_stats(path: Path) -> tuple[int, int]:
-    """(weight bytes a decode step streams, parameter count).
+def gguf_tensor_stats(path: Path) -> tuple[int, int, int]:
+    """(weight bytes a decode step streams, parameter count, bytes llama.cpp repacks on load).
 
     A decode step reads every matrix but only one row of the token embedding (unless the
-    embedding doubles as the output projection)."""
+    embedding doubles as the output projection). Repacked: matrices of :data:`REPACKED_TYPES`
+    other than the token embedding (which is read by row lookup)."""
     import gguf
+
+    from edgellm.runtime.llamacpp import REPACKED_TYPES
 
     r = gguf.GGUFReader(str(path))
     names = {t.name: int(t.n_bytes) for t in r.tensors}
     n_params = sum(int(t.n_elements) for t in r.tensors)
+    repacked = sum(int(t.n_bytes) for t in r.tensors
+                   if t.tensor_type.name in REPACKED_TYPES and t.name != "token_embd.weight")
     total = sum(names.values())
     if "output.weight" in names:
         emb = names.get("token_embd.weight", 0)
         rows = int(next(t.shape[1] for t in r.tensors if t.name == "token_embd.weight"))
         total -= emb - emb // max(1, rows)
-    return total, n_params
+    return total, n_params, repacked
 
 
 def measure_gguf_decode(path: Path, *, n_tokens: int = 64, threads: int = 1, repeats: int = 2) -> float:
@@ -292,7 +312,7 @@ def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
         info = rt.info
         q = quality_metrics(ref_logits, _score(rt, windows), _targets(windows))
     tps = measure_gguf_decode(art, threads=threads)
-    bpt, n_params = gguf_tensor_stats(art)
+    bpt, n_params, repacked = gguf_tensor_stats(art)
     eff = tps * bpt / (bandwidth_gbps * 1e9)
     export = {k: report[k] for k in ("ftype", "type_counts", "fallbacks", "tied_embeddings", "tokenizer_pre")}
     m = Measurement(fmt=fmt, runtime="gguf", artifact=str(art), size_bytes=art.stat().st_size,
@@ -300,6 +320,7 @@ def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
                     decode_tokens_per_second=tps, efficiency=eff, bandwidth_here_gbps=bandwidth_gbps,
                     export=export, **q)
     m.extra["n_params"] = n_params
+    m.extra["repacked_bytes"] = repacked  # loaded without mmap, so not resident twice
     return art, m
 
 
@@ -360,10 +381,12 @@ class _OrtScorer:
 
 def onnx_memory_model(scorer: _OrtScorer, weights_bytes: int, n_heads: int, ff: int, embd: int,
                       *, n_ubatch: int = 256) -> MemoryModel:
-    """onnxruntime: weights in memory, F32 KV cache, activations of a prefill chunk (estimate)."""
+    """onnxruntime: weights in memory, F32 KV cache, activations of a prefill chunk, and the runtime
+    share calibrated here (50M-parameter model: fp32 file 195 MiB -> 284 MiB peak RSS, int8 50 -> 128)."""
     kv_pos = 2 * scorer.n_layers * scorer.n_kv * scorer.head_dim * 4
     base = n_ubatch * (scorer.vocab + 4 * ff + 6 * embd) * 4
-    return MemoryModel(weights_bytes, kv_pos, base, n_ubatch * n_heads * 4)
+    runtime = int(ORT_RUNTIME_SHARE * weights_bytes) + ORT_RUNTIME_BYTES
+    return MemoryModel(weights_bytes, kv_pos, base, n_ubatch * n_heads * 4, runtime)
 
 
 def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: np.ndarray,

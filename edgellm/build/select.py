@@ -106,7 +106,8 @@ def judge(m: Measurement, profile: Any, budget: Budget) -> Verdict:
     if not v.fits:
         v.reasons.append(f"needs {_mib(required)} with {budget.headroom:.0%} headroom "
                          f"(weights {_mib(mem['weights_bytes'])} + KV {_mib(mem['kv_cache_bytes'])} at "
-                         f"{profile.context_length} ctx + compute {_mib(mem['compute_bytes'])}), "
+                         f"{profile.context_length} ctx + compute {_mib(mem['compute_bytes'])} + runtime "
+                         f"{_mib(mem['runtime_bytes'])}), "
                          f"usable RAM is {_mib(usable)}")
     if not v.fast_enough:
         v.reasons.append(f"predicted {tps:.1f} tok/s < target {target:g} tok/s")
@@ -126,7 +127,8 @@ def _what_would_fit(profile: Any, ms: list[Measurement], verdicts: list[Verdict]
     usable = profile.usable_ram_bytes
     if not smallest.fits:
         # how big a model of the same shape-class would fit: scale weights to the remaining budget
-        room = usable / (1.0 + budget.headroom) - smallest.memory["kv_cache_bytes"] - smallest.memory["compute_bytes"]
+        room = (usable / (1.0 + budget.headroom) - smallest.memory["kv_cache_bytes"] - smallest.memory["compute_bytes"]
+                - smallest.memory["runtime_bytes"])
         bpw = 8.0 * m.memory.weights_bytes / max(1, m.extra.get("n_params") or m.memory.weights_bytes)
         if room > 0 and m.extra.get("n_params"):
             parts.append(f"the smallest candidate ({smallest.fmt}) needs {_mib(smallest.required_bytes)} but only "

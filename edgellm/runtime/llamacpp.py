@@ -55,6 +55,10 @@ MAX_EMBEDDING = 1 << 16
 MAX_VOCAB = 1 << 20
 MAX_CONTEXT = 1 << 20
 _SUPPORTED_ARCHS = ("llama",)
+#: tensor types llama.cpp's CPU backend repacks into an interleaved copy (x86 AVX2, Arm). Loaded
+#: through mmap, their file pages stay resident next to the copy (measured here: Q4_K_M 71.8 MiB
+#: peak RSS with mmap, 50.1 without), so such models are loaded without mmap.
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
 
 def import_llama_cpp() -> Any:
@@ -354,18 +358,20 @@ class LlamaCppRuntime(Runtime):
         self._vocab = self._llama_cpp.llama_model_get_vocab(llm.model)
         self._n_vocab = llm.n_vocab()
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self.use_mmap = True
         self._closed = False
 
     # ---- construction
     @classmethod
     def load(cls, path: str | Path, threads: int = 1, context_length: int | None = None, *,
              sha256: str | None = None, size: int | None = None, isolate: bool = False,
-             kv_cache_type: str = "f16", batch_size: int = 256) -> "LlamaCppRuntime":
+             kv_cache_type: str = "f16", batch_size: int = 256, mmap: bool | None = None) -> "LlamaCppRuntime":
         """Verify, validate, then load ``path``.
 
         ``context_length`` defaults to the model's trained context (llama.cpp gets it rounded up to
         a multiple of 256). ``sha256``/``size`` (from a verified manifest) are checked before any
-        parser reads the file. ``kv_cache_type="f32"`` gives exact parity with torch.
+        parser reads the file. ``kv_cache_type="f32"`` gives exact parity with torch. ``mmap``
+        defaults to on, except for models with repacked types (:data:`REPACKED_TYPES`).
         """
         path = Path(path)
         if not path.is_file():
@@ -389,17 +395,20 @@ class LlamaCppRuntime(Runtime):
             raise _err(ModelLoadError, f"kv_cache_type {kv_cache_type!r}", "use 'f16' or 'f32'")
         llama_cpp = import_llama_cpp()
         n_ctx = _round_ctx(ctx)
+        use_mmap = mmap if mmap is not None else not (set(info.tensor_types) & REPACKED_TYPES)
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=min(batch_size, n_ctx), n_ubatch=min(batch_size, n_ctx),
-                n_threads=threads, n_threads_batch=threads, type_k=kv, type_v=kv, use_mmap=True,
+                n_threads=threads, n_threads_batch=threads, type_k=kv, type_v=kv, use_mmap=use_mmap,
                 verbose=False,
             )
         except Exception as e:  # llama-cpp-python raises ValueError on load failures
             raise _err(ModelLoadError, f"llama.cpp could not load {path.name}: {e}",
                                  "re-export the model or check the file is complete") from e
-        log.info("loaded %s (%s, ctx %d, %d threads)", path.name, info.tensor_types, ctx, threads)
-        return cls(llm, info, ctx, threads)
+        log.info("loaded %s (%s, ctx %d, %d threads, mmap %s)", path.name, info.tensor_types, ctx, threads, use_mmap)
+        rt = cls(llm, info, ctx, threads)
+        rt.use_mmap = use_mmap
+        return rt
 
     # ---- properties
     @property
