@@ -83,3 +83,11 @@ def test_mcu_is_refused_with_what_would_fit():
 def test_nothing_fits_even_buffers(usable):
     s = select(profile(usable_mib=usable), CANDS)
     assert s.chosen is None and "no model of this architecture fits" in s.refusal
+
+
+def test_context_is_capped_at_what_the_model_was_trained_for():
+    m = meas("gguf-q8_0", 106, 0.001, 10.02, 40)
+    m.extra["max_context_length"] = 256
+    v = select(profile(ctx=4096), [m]).verdict("gguf-q8_0")
+    assert v.memory["context_length"] == 256
+    assert v.memory["kv_cache_bytes"] == 256 * 1024

@@ -321,6 +321,7 @@ def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
                     export=export, **q)
     m.extra["n_params"] = n_params
     m.extra["repacked_bytes"] = repacked  # loaded without mmap, so not resident twice
+    m.extra["max_context_length"] = info.context_length
     return art, m
 
 
@@ -410,6 +411,7 @@ def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
                     export={"exporter": report.get("exporter"), "fallbacks": []}, **q)
     if report.get("params"):
         m.extra["n_params"] = int(report["params"])
+    m.extra["max_context_length"] = scorer.context_length
     return art, m
 
 

@@ -208,7 +208,7 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
             "predicted_tokens_per_second": v.predicted_tokens_per_second,
         },
         "generation": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "max_tokens": 128, "stop": [],
-                       "threads": profile.threads, "context_length": profile.context_length},
+                       "threads": profile.threads, "context_length": v.memory["context_length"]},
         "lineage": {"parent_version": None, "data_sha256": (_train_report(cfg.model_dir).get("data") or {}).get("sha256"),
                     "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
                                      "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),

@@ -87,8 +87,15 @@ class Selection:
                 "verdicts": [v.to_dict() for v in self.verdicts]}
 
 
+def context_for(m: Measurement, profile: Any) -> int:
+    """The profile's context length, capped at what the model was trained for."""
+    limit = m.extra.get("max_context_length")
+    return min(profile.context_length, int(limit)) if limit else profile.context_length
+
+
 def judge(m: Measurement, profile: Any, budget: Budget) -> Verdict:
-    mem = m.memory.at(profile.context_length)
+    ctx = context_for(m, profile)
+    mem = m.memory.at(ctx)
     usable = int(profile.usable_ram_bytes)
     required = int(mem["peak_bytes"] * (1.0 + budget.headroom))
     target = budget.min_tokens_per_second if budget.min_tokens_per_second is not None else profile.min_tokens_per_second
@@ -106,7 +113,7 @@ def judge(m: Measurement, profile: Any, budget: Budget) -> Verdict:
     if not v.fits:
         v.reasons.append(f"needs {_mib(required)} with {budget.headroom:.0%} headroom "
                          f"(weights {_mib(mem['weights_bytes'])} + KV {_mib(mem['kv_cache_bytes'])} at "
-                         f"{profile.context_length} ctx + compute {_mib(mem['compute_bytes'])} + runtime "
+                         f"{ctx} ctx + compute {_mib(mem['compute_bytes'])} + runtime "
                          f"{_mib(mem['runtime_bytes'])}), "
                          f"usable RAM is {_mib(usable)}")
     if not v.fast_enough:
@@ -136,7 +143,7 @@ def _what_would_fit(profile: Any, ms: list[Measurement], verdicts: list[Verdict]
                          f"at {smallest.fmt} would fit")
         else:
             parts.append(f"the smallest candidate ({smallest.fmt}) needs {_mib(smallest.required_bytes)} but only "
-                         f"{_mib(usable)} is usable: even the KV cache and buffers at {profile.context_length} ctx "
+                         f"{_mib(usable)} is usable: even the KV cache and buffers at {smallest.memory['context_length']} ctx "
                          f"do not fit, so no model of this architecture fits")
     else:
         parts.append(f"{smallest.fmt} would fit in memory ({_mib(smallest.required_bytes)} of {_mib(usable)})")

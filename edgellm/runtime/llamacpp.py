@@ -68,7 +68,7 @@ def import_llama_cpp() -> Any:
         from llama_cpp import _logger
     except ImportError as e:  # pragma: no cover - depends on the install
         raise _err(ModelLoadError, "llama-cpp-python is not installed",
-                             "pip install 'edgellm[agent]' (llama-cpp-python==0.3.36)") from e
+                   "pip install 'edgellm[agent]' (llama-cpp-python==0.3.36)") from e
     if _logger.logger.level == logging.NOTSET:
         _logger.logger.setLevel(logging.ERROR)
     return llama_cpp
@@ -110,7 +110,7 @@ def verify_file(path: str | Path, *, sha256: str | None = None, size: int | None
     actual = path.stat().st_size
     if size is not None and actual != size:
         raise _err(ModelLoadError, f"{path.name}: size {actual} bytes, manifest says {size}",
-                             "the file is truncated or replaced: reinstall the bundle")
+                   "the file is truncated or replaced: reinstall the bundle")
     if sha256 is not None:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -118,12 +118,12 @@ def verify_file(path: str | Path, *, sha256: str | None = None, size: int | None
                 h.update(chunk)
         if h.hexdigest() != sha256.lower():
             raise _err(ModelLoadError, f"{path.name}: sha256 {h.hexdigest()[:16]}… does not match the manifest",
-                                 "the file is corrupted or tampered with: reinstall the bundle")
+                       "the file is corrupted or tampered with: reinstall the bundle")
 
 
 def _bad(path: Path, what: str) -> ModelLoadError:
     return _err(ModelLoadError, f"{path.name} is not a loadable GGUF: {what}",
-                          "re-export the model with `edgellm export --format gguf-...` or reinstall the bundle")
+                "re-export the model with `edgellm export --format gguf-...` or reinstall the bundle")
 
 
 def check_gguf(path: str | Path) -> GGUFInfo:
@@ -269,7 +269,7 @@ def probe_in_subprocess(path: str | Path, *, timeout: float = 120.0) -> None:
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired as e:
         raise _err(ModelLoadError, f"loading {Path(path).name} took over {timeout:.0f} s in the probe process",
-                             "the file may be hostile or far too large for this device") from e
+                   "the file may be hostile or far too large for this device") from e
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
@@ -404,7 +404,7 @@ class LlamaCppRuntime(Runtime):
             )
         except Exception as e:  # llama-cpp-python raises ValueError on load failures
             raise _err(ModelLoadError, f"llama.cpp could not load {path.name}: {e}",
-                                 "re-export the model or check the file is complete") from e
+                       "re-export the model or check the file is complete") from e
         log.info("loaded %s (%s, ctx %d, %d threads, mmap %s)", path.name, info.tensor_types, ctx, threads, use_mmap)
         rt = cls(llm, info, ctx, threads)
         rt.use_mmap = use_mmap
@@ -512,7 +512,7 @@ class LlamaCppRuntime(Runtime):
         ids = [int(t) for t in ids]
         if not ids or len(ids) > self._context_length:
             raise _err(PromptTooLongError, f"{len(ids)} tokens for a context of {self._context_length}",
-                                     "score at most context_length tokens at a time")
+                       "score at most context_length tokens at a time")
         self._cached = []
         out = self._eval(ids, all_logits=True)
         assert out is not None
@@ -524,7 +524,7 @@ class LlamaCppRuntime(Runtime):
         ids = [int(t) for t in ids]
         if not ids or len(ids) > self._context_length:
             raise _err(PromptTooLongError, f"{len(ids)} tokens for a context of {self._context_length}",
-                                     "shorten the input")
+                       "shorten the input")
         self._prefill(ids)
         return self._last_logits()
 
