@@ -455,7 +455,7 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
         if bandwidth_gbps is None:
             from edgellm.profiles import measure_bandwidth_gbps
 
-            say("measuring memory bandwidth here", 0, total)
+            say("measuring memory bandwidth here", 1, total)
             bandwidth_gbps = measure_bandwidth_gbps(seconds=0.3, buffer_mb=64, threads=1)
         return bandwidth_gbps
 
