@@ -10,7 +10,8 @@ tensor data loads silently. So, before llama.cpp opens a file:
    a :class:`ModelLoadError` instead of killing the caller.
 
 Generation runs its own loop over the context (no ``logits_all``: the last row of logits is read
-through the context), samples with numpy (greedy / temperature / top-k / top-p, seeded), streams
+through the context), samples with the numpy sampler shared with the ONNX runtime
+(:mod:`edgellm.runtime._sampling`: greedy / temperature / top-k / top-p, seeded), streams
 UTF-8-safe text, honours stop sequences, and reports the model's log-probability of every generated
 token (log-softmax of the raw logits, before temperature). User text is tokenized without
 special-token parsing. Not thread-safe: one generation at a time (see :mod:`edgellm.runtime.base`).
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm.runtime._sampling import Sampler, StopBuffer, log_softmax  # noqa: F401 (log_softmax re-exported)
 from edgellm.runtime.base import (
     GenerationError,
     GenerationParams,
@@ -283,61 +285,6 @@ def _probe_main(path: str) -> None:  # pragma: no cover - runs in the child
     llm.close()
 
 
-# --------------------------------------------------------------------------- sampling
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64, copy=False)
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
-
-
-def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature, then top-k, then top-p (nucleus)."""
-    if params.temperature == 0.0:
-        return int(np.argmax(logits))
-    x = logits.astype(np.float64) / params.temperature
-    order = np.argsort(-x, kind="stable")
-    if params.top_k and params.top_k > 0:
-        order = order[: params.top_k]
-    z = x[order]
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if params.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(len(order), p=p)])
-
-
-class _StopBuffer:
-    """Releases text as it streams, holding back any tail that could start a stop sequence."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """(text safe to release now, whether a stop sequence was hit)."""
-        self.pending += text
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if hits:
-            idx = min(h[0] for h in hits)
-            out, self.pending = self.pending[:idx], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 # --------------------------------------------------------------------------- the runtime
 
 def _round_ctx(n: int) -> int:
@@ -558,14 +505,13 @@ class LlamaCppRuntime(Runtime):
         return self._generate(ids, params)
 
     def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent]:
-        rng = np.random.default_rng(params.seed)
+        sampler = Sampler(params)  # shared with the ONNX runtime: same seed, same choices
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = _StopBuffer(params.stop)
+        stops = StopBuffer(params.stop)
         self._prefill(ids)
         for i in range(params.max_tokens):
-            logits = self._last_logits()
-            tok = sample_token(logits, params, rng)
-            lp = float(log_softmax(logits)[tok]) if params.logprobs else None
+            tok, logprob = sampler.sample(self._last_logits())
+            lp = logprob if params.logprobs else None
             if self.is_eog(tok):
                 yield TokenEvent(tok, stops.flush(), lp, "stop")
                 return
