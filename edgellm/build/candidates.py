@@ -328,64 +328,22 @@ def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
 # --------------------------------------------------------------------------- ONNX candidates
 
 def onnx_supported() -> bool:
-    """True when build pipeline I's ONNX exporter and onnxruntime are importable."""
+    """True when build pipeline I's ONNX exporter and runtime, and onnxruntime, are importable."""
     import importlib.util
 
     try:
-        return (importlib.util.find_spec("edgellm.build.export_onnx") is not None
-                and importlib.util.find_spec("onnxruntime") is not None)
+        return all(importlib.util.find_spec(m) is not None
+                   for m in ("edgellm.build.export_onnx", "edgellm.runtime.onnx", "onnxruntime"))
     except (ImportError, ValueError):
         return False
 
 
-class _OrtScorer:
-    """Minimal onnxruntime driver for the exporter's KV-cache graph (prefill + 1-token decode)."""
-
-    def __init__(self, path: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        meta = self.sess.get_modelmeta().custom_metadata_map
-        self.n_layers = int(meta["edgellm.num_layers"])
-        self.n_kv = int(meta["edgellm.num_kv_heads"])
-        self.head_dim = int(meta["edgellm.head_dim"])
-        self.vocab = int(meta["edgellm.vocab_size"])
-        self.context_length = int(meta["edgellm.context_length"])
-        self.out_names = [o.name for o in self.sess.get_outputs()]
-
-    def _empty(self) -> list[np.ndarray]:
-        return [np.zeros((1, self.n_kv, 0, self.head_dim), np.float32) for _ in range(2 * self.n_layers)]
-
-    def run(self, ids: Sequence[int], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        feed = {"input_ids": np.asarray([list(ids)], dtype=np.int64)}
-        for i in range(self.n_layers):
-            feed[f"past.{i}.key"], feed[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
-        outs = self.sess.run(self.out_names, feed)
-        return outs[0][0], list(outs[1:])
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        return self.run(ids, self._empty())[0]
-
-    def decode_speed(self, n_tokens: int = 64, prompt: Sequence[int] = (1,)) -> float:
-        logits, past = self.run(prompt, self._empty())
-        n_tokens = max(1, min(n_tokens, self.context_length - len(prompt)))
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            logits, past = self.run([int(np.argmax(logits[-1]))], past)
-        return n_tokens / (time.perf_counter() - t0)
-
-
-def onnx_memory_model(scorer: _OrtScorer, weights_bytes: int, n_heads: int, ff: int, embd: int,
+def onnx_memory_model(rt: Any, weights_bytes: int, n_heads: int, ff: int, embd: int,
                       *, n_ubatch: int = 256) -> MemoryModel:
     """onnxruntime: weights in memory, F32 KV cache, activations of a prefill chunk, and the runtime
     share calibrated here (50M-parameter model: fp32 file 195 MiB -> 284 MiB peak RSS, int8 50 -> 128)."""
-    kv_pos = 2 * scorer.n_layers * scorer.n_kv * scorer.head_dim * 4
-    base = n_ubatch * (scorer.vocab + 4 * ff + 6 * embd) * 4
+    kv_pos = 2 * rt.n_layers * rt.n_kv * rt.head_dim * 4
+    base = n_ubatch * (rt.vocab_size + 4 * ff + 6 * embd) * 4
     runtime = int(ORT_RUNTIME_SHARE * weights_bytes) + ORT_RUNTIME_BYTES
     return MemoryModel(weights_bytes, kv_pos, base, n_ubatch * n_heads * 4, runtime)
 
@@ -394,24 +352,27 @@ def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
                          windows: list[list[int]], bandwidth_gbps: float, threads: int = 1) -> tuple[Path, Measurement]:
     from edgellm.build.export_onnx import export_onnx
     from edgellm.build.gguf import read_config
+    from edgellm.runtime.onnx import OnnxRuntime
 
     cfg = read_config(model_dir)
     art = work / ("model.onnx" if fmt == "onnx-fp32" else "model-int8.onnx")
     report = export_onnx(model_dir, art, fmt="onnx" if fmt == "onnx-fp32" else "onnx-int8", evaluate=False)
-    scorer = _OrtScorer(art, threads=threads)
-    q = quality_metrics(ref_logits, np.concatenate([scorer.logits(w[:-1]) for w in windows]), _targets(windows))
-    tps = max(scorer.decode_speed() for _ in range(2))
+
     size = art.stat().st_size
-    bpt = size  # upper bound: ONNX files may hold the embedding twice (gather + tied lm_head)
     n_head = int(cfg["num_attention_heads"])
-    mem = onnx_memory_model(scorer, size, n_head, int(cfg["intermediate_size"]), int(cfg["hidden_size"]))
+    with OnnxRuntime.load(art, model_dir=model_dir, threads=threads) as rt:
+        q = quality_metrics(ref_logits, np.concatenate([rt.logits(w[:-1]) for w in windows]), _targets(windows))
+        tps = max(rt.decode_speed() for _ in range(2))
+        mem = onnx_memory_model(rt, size, n_head, int(cfg["intermediate_size"]), int(cfg["hidden_size"]))
+        max_ctx = rt.context_length
+    bpt = size  # upper bound: ONNX files may hold the embedding twice (gather + tied lm_head)
     m = Measurement(fmt=fmt, runtime="onnx", artifact=str(art), size_bytes=size, memory=mem, bytes_per_token=bpt,
                     eval_tokens=int(len(_targets(windows))), decode_tokens_per_second=tps,
                     efficiency=tps * bpt / (bandwidth_gbps * 1e9), bandwidth_here_gbps=bandwidth_gbps,
                     export={"exporter": report.get("exporter"), "fallbacks": []}, **q)
     if report.get("params"):
         m.extra["n_params"] = int(report["params"])
-    m.extra["max_context_length"] = scorer.context_length
+    m.extra["max_context_length"] = max_ctx
     return art, m
 
 
