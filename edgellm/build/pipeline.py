@@ -83,6 +83,7 @@ class ProfileResult:
     bundle_sha256: str | None = None
     target: str | None = None
     signed: bool = False
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # the profile's figures used
 
 
 @dataclasses.dataclass
@@ -257,7 +258,10 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
     for i, prof in enumerate(profiles):
         say(f"selecting for {prof.name}", i, n)
         sel = select(prof, cands.measurements.values(), cfg.budget)
-        res = ProfileResult(prof.name, sel)
+        res = ProfileResult(prof.name, sel, facts={
+            "display_name": prof.display_name, "usable_ram_bytes": int(prof.usable_ram_bytes),
+            "bandwidth_gbps": prof.bandwidth_gbps, "min_tokens_per_second": prof.min_tokens_per_second,
+            "context_length": prof.context_length, "threads": prof.threads, "runtimes": sorted(prof.runtimes)})
         results.append(res)
         if sel.chosen is None:
             log.warning("%s", sel.refusal)
@@ -310,7 +314,8 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
         "candidates": [m.to_dict() for m in cands.measurements.values()],
         "failed_candidates": cands.failures,
         "profiles": [{**r.selection.to_dict(), "bundle": None if r.bundle is None else r.bundle.name,
-                      "bundle_sha256": r.bundle_sha256, "target": r.target, "signed": r.signed}
+                      "bundle_sha256": r.bundle_sha256, "target": r.target, "signed": r.signed,
+                      "facts": r.facts}
                      for r in results],
     }
 
@@ -335,6 +340,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines.append(f"| {fmt} | failed: {why} |")
     for p in rep["profiles"]:
         lines += ["", f"## {p['profile']}", ""]
+        f = p.get("facts") or {}
+        if f:
+            lines += [f"{f['display_name']}: usable RAM {_mib(f['usable_ram_bytes'])} MiB, bandwidth "
+                      f"{f['bandwidth_gbps']:g} GB/s, target {f['min_tokens_per_second']:g} tok/s at "
+                      f"{f['context_length']} tokens of context, {f['threads']} threads, runtimes: "
+                      f"{', '.join(f['runtimes']) or 'none'}.", ""]
         if p["chosen"]:
             lines.append(f"**Chosen: {p['chosen']}** → `{p['bundle']}`"
                          + (" (signed, installs offline)" if p["signed"] else ""))
