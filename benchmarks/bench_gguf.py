@@ -65,10 +65,9 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
-from edgellm.runtime.llamacpp import LlamaCppRuntime, import_llama_cpp
-from edgellm.runtime import GenerationParams
-import_llama_cpp()
-base = hwm()
+from edgellm.runtime import GenerationParams  # no numpy yet: as in the agent's health check
+base = hwm()  # before the runtime is imported, as the agent's health check counts
+from edgellm.runtime.llamacpp import LlamaCppRuntime
 rt = LlamaCppRuntime.load(sys.argv[1], context_length=int(sys.argv[2]))
 rt.logits(list(range(5, 5 + min(256, int(sys.argv[2]) - 1))))
 rt.complete("The robot", GenerationParams(max_tokens=16))
@@ -77,7 +76,8 @@ print(hwm() - base)
 
 
 def peak_rss(path: Path, ctx: int) -> int:
-    """Peak RSS growth of loading + prefill + decode in a fresh process (what the agent's health check sees)."""
+    """Peak RSS growth of import + load + prefill + decode in a fresh process (what the agent's health
+    check counts)."""
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(ctx)], capture_output=True, text=True,
@@ -118,7 +118,7 @@ def main() -> None:
             print(f"{f:<12} {size / 2**20:9.1f} {size / f16_size:9.2f} {tps:8.1f} {tps / f16_tps:9.2f}x "
                   f"{est[f] / 2**20:8.1f} {rss[f] / 2**20:8.1f} {est[f] / rss[f]:8.2f}   {runs}")
         print(f"est = edgellm's memory model at ctx {ctx} (weights + KV + compute + runtime); RSS = measured peak "
-              f"RSS growth of load + 255-token prefill + 16 tokens in a fresh process")
+              f"RSS growth of runtime import + load + 255-token prefill + 16 tokens in a fresh process")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,12 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
         assert manifest.memory.context_length == 256 and manifest.memory.peak_bytes > manifest.memory.weights_bytes
         assert manifest.generation["threads"] == 4 and manifest.golden_prompts
         assert manifest.metrics["top1_agreement"] >= 0.9
+        # the device agent's own health check (child process: golden prompts, speed and memory
+        # budgets from the manifest) passes on what the build produced
+        from agent.health import budget_for, run_health_check
+
+        health = run_health_check(tmp_path / f"slot-{tier}", budget_for(manifest.to_dict(), None))
+        assert health["ok"], health
         if manifest.runtime != "gguf":
             assert manifest.tokenizer == "tokenizer.json"
             continue
