@@ -143,7 +143,7 @@ def _what_would_fit(profile: Any, ms: list[Measurement], verdicts: list[Verdict]
                          f"at {smallest.fmt} would fit")
         else:
             parts.append(f"the smallest candidate ({smallest.fmt}) needs {_mib(smallest.required_bytes)} but only "
-                         f"{_mib(usable)} is usable: even the KV cache and buffers at {smallest.memory['context_length']} ctx "
+                         f"{_mib(usable)} is usable: even the runtime, KV cache and buffers at {smallest.memory['context_length']} ctx "
                          f"do not fit, so no model of this architecture fits")
     else:
         parts.append(f"{smallest.fmt} would fit in memory ({_mib(smallest.required_bytes)} of {_mib(usable)})")
