@@ -74,19 +74,6 @@ class Job:
         self.enqueued_at = time.monotonic()
 
 
-def chat_token_ids(rt: Runtime, messages: Sequence[dict]) -> list[int]:
-    """The default chat template, tokenized so that only the role markers are special tokens."""
-    ids: list[int] = []
-    for i, m in enumerate(messages):
-        role = m.get("role", "user")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown chat role {role!r}: use system, user or assistant")
-        ids += rt.tokenize(f"<|{role}|>\n", add_bos=(i == 0), special=True)
-        ids += rt.tokenize(f"{m.get('content') or ''}\n", add_bos=False, special=False)
-    ids += rt.tokenize("<|assistant|>\n", add_bos=not ids, special=True)
-    return ids
-
-
 class Engine:
     def __init__(self, *, queue_size: int = 8, max_prompt_tokens: int = 4096, metrics: Any = None,
                  on_inference: Callable[..., None] | None = None) -> None:
@@ -220,7 +207,7 @@ class Engine:
             return
         rt = m.runtime
         try:
-            ids = chat_token_ids(rt, job.messages) if job.messages is not None else \
+            ids = rt.chat_token_ids(job.messages) if job.messages is not None else \
                 rt.tokenize(job.prompt or "", add_bos=True, special=False)
         except ValueError as e:
             job.sink("error", JobError(400, "invalid_request", str(e)))

@@ -146,9 +146,7 @@ def check_slot(slot_dir: Path, budget: HealthBudget) -> dict:
             expect = mget(gp, "expect")
             max_tokens = int(mget(gp, "max_tokens") or 16)
             if mget(gp, "chat"):
-                from agent.engine import chat_token_ids
-
-                ids = chat_token_ids(rt, [{"role": "user", "content": prompt}])
+                ids = rt.chat_token_ids([{"role": "user", "content": prompt}])
             else:
                 ids = rt.tokenize(prompt, add_bos=True, special=False)
             t1 = time.perf_counter()

@@ -115,8 +115,27 @@ class Runtime(abc.ABC):
         return Completion("".join(parts), tuple(ids), tuple(lps), n_prompt, finish)
 
     def chat_prompt(self, messages: Sequence[dict]) -> str:
-        """Render chat messages with the model's chat template (default: a simple one)."""
+        """Render chat messages as text with the default template (for display and logs).
+
+        To generate, use :meth:`chat_token_ids`: ``generate(str)`` never parses special tokens,
+        so role markers in a rendered string would become plain text."""
         return render_chat(messages)
+
+    def chat_token_ids(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """The default chat template as ids: role markers as special tokens, contents as plain
+        text, so a user cannot inject role markers or end-of-sequence. Tokenized exactly as the
+        build pipeline's ``encode_chat`` does for training."""
+        ids = self.tokenize("", add_bos=True)  # [bos] when the model adds one, else []
+        for m in messages:
+            role = m.get("role", "user")
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown chat role {role!r}: use system, user or assistant")
+            ids += self.tokenize(f"<|{role}|>", add_bos=False, special=True)
+            ids += self.tokenize("\n" + (m.get("content") or "") + "\n", add_bos=False)
+        if add_generation_prompt:
+            ids += self.tokenize("<|assistant|>", add_bos=False, special=True)
+            ids += self.tokenize("\n", add_bos=False)
+        return ids
 
     def close(self) -> None:
         """Free native resources. Idempotent."""

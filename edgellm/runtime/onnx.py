@@ -194,21 +194,6 @@ class OnnxRuntime(Runtime):
         self._check_open()
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def chat_token_ids(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        """The default chat template as ids: role markers as special tokens, contents as plain
-        text (so a user cannot inject role markers or end-of-sequence)."""
-        ids = [self.bos_id] if (self.add_bos and self.bos_id is not None) else []
-        for m in messages:
-            role = m.get("role", "user")
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"unknown chat role {role!r}: use system, user or assistant")
-            ids += self.tokenize(f"<|{role}|>", add_bos=False, special=True)
-            ids += self.tokenize("\n" + (m.get("content") or "") + "\n", add_bos=False)
-        if add_generation_prompt:
-            ids += self.tokenize("<|assistant|>", add_bos=False, special=True)
-            ids += self.tokenize("\n", add_bos=False)
-        return ids
-
     # ---- evaluation ------------------------------------------------------------------------
     def _empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
         z = np.zeros((batch, self.n_kv, 0, self.head_dim), dtype=np.float32)
