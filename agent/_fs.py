@@ -10,41 +10,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from edgellm._fs import atomic_write, fsync_dir, sha256_file  # noqa: F401 (re-exported)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """Replace ``path`` with ``data`` atomically and durably (see :mod:`edgellm._fs`)."""
+    atomic_write(path, data, mode)
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, mode: int = 0o644) -> None:
@@ -65,14 +44,6 @@ def create_private_file(path: str | Path, data: bytes, *, mode: int = 0o600) -> 
     finally:
         os.close(fd)
     os.chmod(path, mode)  # umask may have removed bits we asked for
-
-
-def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def remove_tree(path: str | Path) -> None:

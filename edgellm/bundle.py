@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from edgellm._fs import atomic_write, fsync_dir, sha256_file
 from edgellm.errors import BundleError, BundleIntegrityError
 
 logger = logging.getLogger(__name__)
@@ -44,17 +45,6 @@ RUNTIMES = ("onnx", "gguf")
 _CHUNK = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-
-
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- manifest
@@ -234,45 +224,6 @@ def _safe_relpath(p: Any) -> bool:
     return all(part not in ("", ".", "..") for part in p.split("/"))
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
-
-
 # --------------------------------------------------------------------------- pack
 
 
@@ -346,8 +297,7 @@ def pack(src_dir: str | Path, out: str | Path) -> PackResult:
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
-        with _suppress():
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     digest = sha256_file(out)
     logger.info("packed %s (%d files, sha256 %s)", out, len(manifest.files) + 1, digest)

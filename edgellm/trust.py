@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from edgellm.bundle import UnpackLimits, _check_member, _iter_members, _open_tar, _tarinfo, atomic_write, sha256_file
+from edgellm._fs import atomic_write, sha256_file
+from edgellm.bundle import UnpackLimits, _check_member, _iter_members, _open_tar, _tarinfo
 from edgellm.errors import TrustError, VerificationError
 
 logger = logging.getLogger(__name__)
