@@ -12,15 +12,7 @@ import sys
 
 import click
 
-from edgellm.errors import EdgeLLMError
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except EdgeLLMError as e:
-            raise click.ClickException(str(e)) from e
+from edgellm._click import FriendlyGroup, format_option
 
 
 def _paths(data_dir: str | None):
@@ -31,8 +23,6 @@ def _paths(data_dir: str | None):
 
 data_dir_option = click.option("--data-dir", "data_dir", type=click.Path(file_okay=False), default=None,
                                help="Agent data dir (default: $EDGELLM_AGENT_DIR or /var/lib/edgellm-agent).")
-format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-                             show_default=True, help="Output for people (table) or machines (json).")
 
 
 def _echo_result(res: dict, fmt: str) -> None:
@@ -44,7 +34,7 @@ def _echo_result(res: dict, fmt: str) -> None:
                    + (f" ({res['reason']})" if res.get("reason") else ""))
 
 
-@click.group(cls=_Group)
+@click.group(cls=FriendlyGroup)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
     """edgellm-agent: verified A/B model updates and a local OpenAI-compatible API."""

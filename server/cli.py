@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import click
 
-from edgellm.errors import EdgeLLMError
+from edgellm._click import FriendlyGroup, format_option, setup_logging
 
 DATA_DIR_ENV = "EDGELLM_SERVER_DATA"
 
@@ -20,24 +19,11 @@ data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_DIR_ENV, required=True,
     help=f"Server data directory (or ${DATA_DIR_ENV}).",
 )
-format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-                             show_default=True, help="Output for people (table) or machines (json).")
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except EdgeLLMError as e:
-            raise click.ClickException(str(e)) from e
-
-
-@click.group(cls=_Group)
+@click.group(cls=FriendlyGroup)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
     """edgellm-server: TUF repository hosting, telemetry ingest, canary rollouts, fleet dashboard."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbose)
 
 
 @main.command()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from agent.telemetry.sim import SimDevice
 from edgellm.telemetry import MqttConfig
-from server.app import DataDir, Server
+from server.app import Server
 from server.cli import main
 
 

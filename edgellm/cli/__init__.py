@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
 from edgellm import __version__
-from edgellm.errors import EdgeLLMError
+from edgellm._click import FriendlyGroup, setup_logging
 
 
-class _Group(click.Group):
-    """Turns EdgeLLMError into a friendly one-paragraph error with a hint (no traceback)."""
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except EdgeLLMError as e:
-            raise click.ClickException(str(e)) from e
-
-
-@click.group(cls=_Group)
+@click.group(cls=FriendlyGroup)
 @click.version_option(__version__, prog_name="edgellm")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
     """edgellm: build, sign and ship quantized language models to device fleets."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbose)
 
 
 def _register() -> None:

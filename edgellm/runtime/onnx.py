@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.runtime._sampling import Sampler, StopBuffer, log_softmax
+from edgellm.runtime._sampling import Sampler, StopBuffer
 from edgellm.runtime.base import (
     GenerationError,
     GenerationParams,
