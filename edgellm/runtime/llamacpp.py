@@ -41,7 +41,6 @@ from edgellm.runtime.base import (
     PromptTooLongError,
     Runtime,
     TokenEvent,
-    render_chat,
 )
 
 log = logging.getLogger(__name__)
@@ -396,24 +395,6 @@ class LlamaCppRuntime(Runtime):
 
     def is_eog(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
-
-    def chat_prompt(self, messages: Sequence[dict]) -> str:
-        return render_chat(messages)
-
-    def chat_token_ids(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        """The default chat template as ids: role markers as special tokens, contents as plain
-        text (a user cannot inject role markers or end-of-sequence). Same as the ONNX runtime."""
-        ids = [self.info.bos_id] if (self.info.add_bos and self.info.bos_id is not None) else []
-        for m in messages:
-            role = m.get("role", "user")
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"unknown chat role {role!r}: use system, user or assistant")
-            ids += self.tokenize(f"<|{role}|>", add_bos=False, special=True)
-            ids += self.tokenize("\n" + (m.get("content") or "") + "\n", add_bos=False)
-        if add_generation_prompt:
-            ids += self.tokenize("<|assistant|>", add_bos=False, special=True)
-            ids += self.tokenize("\n", add_bos=False)
-        return ids
 
     # ---- evaluation
     def _eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray | None:
