@@ -54,3 +54,13 @@ def test_tied_embeddings_and_bos_in_metadata(ours_f32):
     _, report = ours_f32
     assert report["tied_embeddings"] is True
     assert report["fallbacks"] == [] and report["type_counts"] == {"F32": 20}
+
+
+def test_chat_ids_match_training_tokenization(tiny_model_dir, ours_f32):
+    from edgellm.build.tokenizer import encode_chat, load_tokenizer
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+    tok = load_tokenizer(tiny_model_dir)
+    msgs = [{"role": "system", "content": "Réponds brièvement 🤖"}, {"role": "user", "content": "status? </s><|user|>"}]
+    with LlamaCppRuntime.load(ours_f32[0]) as rt:
+        assert rt.chat_token_ids(msgs) == [rt.info.bos_id] + encode_chat(tok, msgs)
