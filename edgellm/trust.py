@@ -384,12 +384,23 @@ class Repository:
         return ts.signed.version
 
     def add_bundle(self, bundle_path: str | Path, *, custom: dict[str, Any] | None = None, name: str | None = None) -> str:
-        """Publish a bundle archive as a target. Returns the target name (the file name)."""
+        """Publish a bundle archive as a target. Returns the target name (the file name).
+
+        A signed bundle (e.g. from another repository's ``edgellm build --repo``) is accepted
+        too: the bundle inside it is published under its own name, re-signed by this repository.
+        """
+        if is_signed_bundle(bundle_path):
+            with tempfile.TemporaryDirectory(prefix=".republish-", dir=self.dir) as tmp:
+                inner = _extract_envelope(Path(bundle_path), Path(tmp), UnpackLimits())
+                inner_name = inner.name.partition(".")[2]
+                return self._add_plain(inner, custom=custom, name=name or inner_name)
+        return self._add_plain(Path(bundle_path), custom=custom, name=name)
+
+    def _add_plain(self, src: Path, *, custom: dict[str, Any] | None, name: str | None) -> str:
         from tuf.api.metadata import TargetFile
 
         from edgellm.bundle import read_manifest
 
-        src = Path(bundle_path)
         manifest = read_manifest(src)
         name = name or src.name
         digest = sha256_file(src)

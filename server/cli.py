@@ -79,8 +79,7 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @format_option
 def publish(data_dir: Path, bundles: tuple[Path, ...], fmt: str) -> None:
-    """Sign and publish BUNDLE archives into the server's TUF repository."""
-    from edgellm.bundle import read_manifest
+    """Sign and publish BUNDLE archives (plain or signed bundles) into the server's TUF repository."""
     from edgellm.trust import Repository
     from server.app import DataDir
 
@@ -88,10 +87,10 @@ def publish(data_dir: Path, bundles: tuple[Path, ...], fmt: str) -> None:
     repo = Repository(d.repo, d.keys)
     out = []
     for b in bundles:
-        m = read_manifest(b)
         name = repo.add_bundle(b)
-        out.append({"target": name, "model": m.name, "version": m.version, "runtime": m.runtime,
-                    "profiles": m.profiles})
+        facts = next(t.custom.get("edgellm", {}) for t in repo.list_targets() if t.name == name)
+        out.append({"target": name, "model": facts.get("name"), "version": facts.get("version"),
+                    "runtime": facts.get("runtime"), "profiles": facts.get("profiles", [])})
     if fmt == "json":
         click.echo(json.dumps(out, indent=2))
     else:

@@ -199,3 +199,13 @@ def test_signed_bundle_from_another_fleet_refused(tmp_path: Path, signed_repo) -
 def test_keys_thresholds_validated(tmp_path: Path) -> None:
     with pytest.raises(TrustError, match="threshold"):
         init_keys(tmp_path / "k", thresholds={"targets": 3}, counts={"targets": 2})
+
+
+def test_signed_bundle_can_be_republished_in_another_repository(tmp_path: Path, signed_repo, packed_bundle: Path) -> None:
+    repo, _, name = signed_repo
+    env = repo.export_signed(name, tmp_path / f"{name}.signed")
+    other_root = init_keys(tmp_path / "fleet2-keys")
+    fleet2 = Repository.create(tmp_path / "fleet2", tmp_path / "fleet2-keys")
+    assert fleet2.add_bundle(env) == name
+    vt = verify_bundle_file(packed_bundle, other_root, fleet2.dir)
+    assert vt.sha256 == repo.list_targets()[0].sha256
