@@ -85,6 +85,7 @@ class Server:
 
     def __init__(self, data_dir: Path, mqtt: MqttConfig, *, http_host: str = "127.0.0.1", http_port: int = 8080,
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
+                 max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
                  drive_rollouts: bool = True, retention_days: float = 30.0) -> None:
         from server.http import HttpServer
@@ -95,7 +96,8 @@ class Server:
         self.store = self.data.store()
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
         self.driver = RolloutDriver(Store(self.data.store_path), lambda t, p, r: self.ingest.publish(t, p, retain=r),
-                                    min_samples=min_samples, update_timeout_s=update_timeout_s)
+                                    min_samples=min_samples, max_bake_factor=max_bake_factor,
+                                    update_timeout_s=update_timeout_s)
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
         self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
         self.tick_s = tick_s

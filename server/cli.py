@@ -47,10 +47,12 @@ def init(data_dir: Path) -> None:
               help="MQTT client id; give each server replica its own (they share ingest).")
 @click.option("--tick", default=1.0, show_default=True, help="Rollout driver period in seconds.")
 @click.option("--min-samples", default=20, show_default=True, help="Inferences needed before a gate is judged.")
+@click.option("--max-bake-factor", default=3.0, show_default=True,
+              help="A canary short of --min-samples keeps baking up to this many bake periods, then rolls back.")
 @click.option("--drive-rollouts/--no-drive-rollouts", default=True, show_default=True,
               help="Run the rollout driver here (exactly one replica should).")
 def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
-        client_id: str, tick: float, min_samples: int, drive_rollouts: bool) -> None:
+        client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -61,7 +63,8 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
-                 client_id=client_id, tick_s=tick, min_samples=min_samples, drive_rollouts=drive_rollouts)
+                 client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
+                 drive_rollouts=drive_rollouts)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -14,7 +14,9 @@ State machine (one active rollout per group)::
   ``update_timeout_s``, rolls back.
 * **bake**: the gate is evaluated on the canary's metrics for the new version received since
   the bake started. A broken clause (with at least ``min_samples`` inferences) rolls back at
-  once; at the end of ``bake_s`` the rollout needs ``min_samples`` to promote.
+  once; at the end of ``bake_s`` the rollout needs ``min_samples`` to promote. A quiet canary
+  (fewer samples) keeps baking, up to ``max_bake_factor × bake_s``, then rolls back: no
+  promotion without evidence, but a low-traffic fleet gets time to produce it.
 * **full**: the group's retained desired state becomes the new version and per-device pins
   in the group are cleared; the rollout completes when every device reports the version.
 * **rollback**: each canary device gets a retained per-device desired state for the version it
@@ -222,11 +224,13 @@ class RolloutDriver:
     sends desired state (the server's MQTT connection)."""
 
     def __init__(self, store: Store, publish: Callable[[str, bytes, bool], None], *,
-                 update_timeout_s: float = 900.0, min_samples: int = 20) -> None:
+                 update_timeout_s: float = 900.0, min_samples: int = 20, max_bake_factor: float = 3.0) -> None:
         self.store = store
         self.publish = publish
         self.update_timeout_s = update_timeout_s
         self.min_samples = min_samples
+        self.max_bake_factor = max(1.0, max_bake_factor)
+        self._waiting: set[str] = set()
 
     # -- desired state
 
@@ -362,11 +366,19 @@ class RolloutDriver:
             if broken:
                 self._rollback(r, f"gate broken on canary (n={summary['count']}): " + "; ".join(broken))
                 return
-        if time.time() - (r["phase_started"] or r["created"]) < r["bake_s"]:
+        baked = time.time() - (r["phase_started"] or r["created"])
+        if baked < r["bake_s"]:
             return
         if not enough and gate.clauses:
-            self._rollback(r, f"not enough canary telemetry to judge the gate (n={summary.get('count') or 0}, "
-                              f"need {self.min_samples})")
+            n = summary.get("count") or 0
+            if baked < r["bake_s"] * self.max_bake_factor:
+                if r["id"] not in self._waiting:  # say it once in the history, not every tick
+                    self._waiting.add(r["id"])
+                    self._set(r["id"], "bake", f"bake time over, waiting for canary telemetry "
+                                               f"(n={n}, need {self.min_samples})", phase_started=False)
+                return
+            self._rollback(r, f"not enough canary telemetry to judge the gate within "
+                              f"{r['bake_s'] * self.max_bake_factor:g}s (n={n}, need {self.min_samples})")
             return
         self._set(r["id"], "full", f"gate passed on canary ({_fmt(summary)}); promoting {r['version']} to group {r['grp']}")
         self._publish_phase(_row(self.store, r["id"]))

@@ -78,8 +78,9 @@ def test_canary_prefers_online_devices_and_pins_them(env):
     assert wire.desired_group_topic("g") not in pub.retained
 
 
-def test_not_enough_telemetry_at_the_end_of_the_bake_rolls_back(env):
+def test_not_enough_telemetry_keeps_baking_then_rolls_back(env):
     store, fleet, pub, drv = env
+    drv.max_bake_factor = 3.0
     fleet.birth("x")
     rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="0.2s")
     drv.tick()
@@ -89,6 +90,9 @@ def test_not_enough_telemetry_at_the_end_of_the_bake_rolls_back(env):
     fleet.metrics("x", "2.0", count=3, p95=50)  # fine but too few samples
     time.sleep(0.25)
     drv.tick()
+    assert state(store, rid)["state"] == "bake"  # bake time is over, but no evidence yet: keep waiting
+    time.sleep(0.4)
+    drv.tick()
     st = state(store, rid)
     assert st["state"] == "rolling_back" and "not enough canary telemetry" in st["reason"]
     d = pub.desired(wire.desired_device_topic("x"))
@@ -96,6 +100,22 @@ def test_not_enough_telemetry_at_the_end_of_the_bake_rolls_back(env):
     fleet.report("x", "1.0")
     drv.tick()
     assert state(store, rid)["state"] == "rolled_back"
+
+
+def test_late_telemetry_during_the_extended_bake_promotes(env):
+    store, fleet, pub, drv = env
+    drv.max_bake_factor = 100.0
+    fleet.birth("x")
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="0.1s")
+    drv.tick()
+    fleet.report("x", "2.0")
+    drv.tick()
+    time.sleep(0.15)
+    drv.tick()
+    assert state(store, rid)["state"] == "bake"
+    fleet.metrics("x", "2.0", count=drv.min_samples, p95=50)
+    drv.tick()
+    assert state(store, rid)["state"] == "full"
 
 
 def test_gate_judges_only_the_new_version_on_the_canary(env):
