@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -65,16 +66,33 @@ class DataDir:
         return Store(self.store_path)
 
     @classmethod
-    def init(cls, root: Path, *, expiry: Any = None) -> DataDir:
-        from edgellm.trust import Repository, init_keys
+    def init(cls, root: Path, *, expiry: Any = None, keys: Path | None = None, repo: Path | None = None) -> DataDir:
+        """Create a data directory. ``keys``/``repo`` adopt (copy) an existing keys directory
+        (``edgellm keys init``) and repository (``edgellm repo init``) instead of making new
+        ones, so devices already pinning that root.json follow this server."""
+        import shutil
+
+        from edgellm.trust import KeyStore, Repository, init_keys
 
         d = cls(Path(root))
         if d.config_path.exists():
             raise ServerError(f"{root} is already initialised", hint="use it with `edgellm-server run --data-dir ...`")
+        if repo is not None and keys is None:
+            raise ServerError("--repo needs the keys that sign it", hint="pass --keys KEYS_DIR as well")
+        if keys is not None:
+            KeyStore(keys)  # refuses a directory that is not a keys directory
+            if repo is not None:
+                Repository(repo, keys)  # refuses a directory that is not a repository
         d.root.mkdir(parents=True, exist_ok=True)
-        kwargs = {"expiry": expiry} if expiry is not None else {}
-        init_keys(d.keys, **kwargs)
-        Repository.create(d.repo, d.keys)
+        if keys is not None:
+            shutil.copytree(keys, d.keys)
+            os.chmod(d.keys, 0o700)
+        else:
+            init_keys(d.keys, **({"expiry": expiry} if expiry is not None else {}))
+        if repo is not None:
+            shutil.copytree(repo, d.repo)
+        else:
+            Repository.create(d.repo, d.keys)
         Store(d.store_path).close()
         d.config_path.write_text(json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()}, indent=2) + "\n")
         return d

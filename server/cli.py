@@ -28,11 +28,15 @@ def main(verbose: int) -> None:
 
 @main.command()
 @data_dir_option
-def init(data_dir: Path) -> None:
-    """Create keys, a signed TUF repository and the store in DATA_DIR."""
+@click.option("--keys", "keys_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Adopt this keys directory (from `edgellm keys init`) instead of making new keys.")
+@click.option("--repo", "repo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Adopt this repository (from `edgellm repo init`, signed by --keys).")
+def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None) -> None:
+    """Create keys (or adopt --keys/--repo), a signed TUF repository and the store in DATA_DIR."""
     from server.app import DataDir
 
-    d = DataDir.init(data_dir)
+    d = DataDir.init(data_dir, keys=keys_dir, repo=repo_dir)
     click.echo(f"initialised {d.root}\n  trust root for devices: {d.keys / 'root.json'}\n  repository: {d.repo}")
 
 

@@ -180,3 +180,21 @@ def test_run_as_a_process_serves_and_stops_on_sigterm(tmp_path, data_dir, mqtt_b
             p.wait()
         p.stderr.close()
     assert p.returncode == 0
+
+
+def test_init_adopts_existing_keys_and_repository(tmp_path, packed_bundle):
+    """Devices provisioned with the operator's root.json follow a server set up later."""
+    from click.testing import CliRunner
+
+    from edgellm.trust import Repository, init_keys, verify_bundle_file
+
+    root = init_keys(tmp_path / "keys")
+    repo = Repository.create(tmp_path / "repo", tmp_path / "keys")
+    repo.add_bundle(packed_bundle)
+    r = CliRunner().invoke(main, ["init", "--data-dir", str(tmp_path / "srv"), "--keys", str(tmp_path / "keys"),
+                                  "--repo", str(tmp_path / "repo")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "srv" / "keys" / "root.json").read_bytes() == root.read_bytes()
+    verify_bundle_file(packed_bundle, root, tmp_path / "srv" / "repo")
+    r = CliRunner().invoke(main, ["init", "--data-dir", str(tmp_path / "srv2"), "--repo", str(tmp_path / "repo")])
+    assert r.exit_code == 1 and "--keys" in r.output and not (tmp_path / "srv2").exists()
