@@ -14,9 +14,16 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+from edgellm.errors import EdgeLLMError
 
-class RuntimeError_(Exception):
+
+class RuntimeError_(EdgeLLMError):
     """Base of every runtime failure (a model that cannot load or generate)."""
+
+
+def runtime_error(cls: type[RuntimeError_], message: str, hint: str) -> RuntimeError_:
+    """Build a runtime error with its hint (what to do next)."""
+    return cls(message, hint=hint)
 
 
 class ModelLoadError(RuntimeError_):

@@ -42,13 +42,11 @@ from edgellm.runtime.base import (
     Runtime,
     TokenEvent,
 )
+from edgellm.runtime.base import runtime_error as _err
 
 log = logging.getLogger(__name__)
 
 
-def _err(cls: type[Exception], message: str, hint: str) -> Exception:
-    """Runtime errors carry their hint in the message (the runtime error tree has no hint field)."""
-    return cls(f"{message}\n  hint: {hint}")
 
 CTX_ALIGN = 256  # llama.cpp rounds n_ctx up to this internally; we ask for multiples of it
 MAX_BLOCK_COUNT = 1024

@@ -31,13 +31,11 @@ from edgellm.runtime.base import (
     Runtime,
     TokenEvent,
 )
+from edgellm.runtime.base import runtime_error as _err
 
 log = logging.getLogger(__name__)
 
 
-def _err(cls: type[Exception], message: str, hint: str) -> Exception:
-    """Runtime errors carry their hint in the message (the runtime error tree has no hint field)."""
-    return cls(f"{message}\n  hint: {hint}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
