@@ -145,10 +145,9 @@ class KeyStore:
 
         key = Ed25519PrivateKey.generate()
         signer = CryptoSigner(key)
-        n = 1 + max([int(e["file"].rsplit("-", 1)[1].split(".")[0]) for e in self.index["roles"].get(role, [])] + [0])
-        for retired in self.index.get("retired", []):
-            if retired["role"] == role:
-                n = max(n, 1 + int(retired["file"].rsplit("-", 1)[1].split(".")[0]))
+        used = [e["file"] for e in self.index["roles"].get(role, [])]
+        used += [e["file"] for e in self.index.get("retired", []) if e["role"] == role]
+        n = 1 + max((int(f[len(role) + 1:-len(".pem")]) for f in used), default=0)
         name = f"{role}-{n}.pem"
         _write_private_key(self.dir / name, key)
         self.index["roles"].setdefault(role, []).append({"file": name, "keyid": signer.public_key.keyid})
@@ -440,7 +439,7 @@ class Repository:
         old_root_signers = keys.signers("root")
         old_ids = list(root.roles[role].keyids)
         threshold = root.roles[role].threshold
-        new_signers = [keys.add_key(role) for _ in range(max(1, threshold))]
+        new_signers = [keys.add_key(role) for _ in range(max(threshold, len(old_ids)))]
         for kid in old_ids:
             root.revoke_key(kid, role)
         for s in new_signers:
@@ -519,30 +518,26 @@ class ClientConfig:
     max_root_rotations: int = 64
 
 
-class _LocalFetcher:
+def _local_fetcher() -> Any:
     """A python-tuf fetcher for repositories on the local file system (``file://`` URLs)."""
+    from tuf.api.exceptions import DownloadHTTPError
+    from tuf.ngclient.fetcher import FetcherInterface
 
-    def __new__(cls) -> Any:  # defined lazily so importing this module does not import tuf
-        from tuf.api.exceptions import DownloadHTTPError
-        from tuf.ngclient.fetcher import FetcherInterface
+    class LocalFetcher(FetcherInterface):
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            path = Path(unquote(urlparse(url).path))
+            try:
+                f = open(path, "rb")
+            except (FileNotFoundError, IsADirectoryError):
+                raise DownloadHTTPError(f"{path} not found", 404) from None
 
-        class LocalFetcher(FetcherInterface):
-            def _fetch(self, url: str) -> Iterator[bytes]:
-                path = Path(unquote(urlparse(url).path))
-                try:
-                    f = open(path, "rb")
-                except FileNotFoundError:
-                    raise DownloadHTTPError(f"{path} not found", 404) from None
-                except IsADirectoryError:
-                    raise DownloadHTTPError(f"{path} is a directory", 404) from None
+            def chunks() -> Iterator[bytes]:
+                with f:
+                    yield from iter(lambda: f.read(1 << 20), b"")
 
-                def chunks() -> Iterator[bytes]:
-                    with f:
-                        yield from iter(lambda: f.read(1 << 20), b"")
+            return chunks()
 
-                return chunks()
-
-        return LocalFetcher()
+    return LocalFetcher()
 
 
 def _as_url(location: str | Path) -> str:
@@ -629,7 +624,7 @@ class TufClient:
             app_user_agent="edgellm",
         )
         if self.metadata_url.startswith("file://"):
-            fetcher = _LocalFetcher()
+            fetcher = _local_fetcher()
         else:
             fetcher = Urllib3Fetcher(socket_timeout=self.config.socket_timeout, app_user_agent="edgellm")
         dl = self.cache_dir / "downloads"

@@ -209,3 +209,12 @@ def test_signed_bundle_can_be_republished_in_another_repository(tmp_path: Path, 
     assert fleet2.add_bundle(env) == name
     vt = verify_bundle_file(packed_bundle, other_root, fleet2.dir)
     assert vt.sha256 == repo.list_targets()[0].sha256
+
+
+def test_rotation_keeps_the_role_key_count_and_threshold(tmp_path: Path, signed_repo, packed_bundle: Path) -> None:
+    repo, root, _ = signed_repo  # targets: 3 keys, threshold 2
+    repo.rotate_key("targets")
+    roles = json.loads((repo.metadata_dir / "root.json").read_text())["signed"]["roles"]
+    assert len(roles["targets"]["keyids"]) == 3 and roles["targets"]["threshold"] == 2
+    assert sorted(e["file"] for e in repo.keys.index["roles"]["targets"]) == ["targets-4.pem", "targets-5.pem", "targets-6.pem"]
+    verify_bundle_file(packed_bundle, root, repo.dir)
