@@ -23,6 +23,7 @@ from typing import Any
 
 from agent._fs import atomic_write_json, read_json
 from agent.errors import NotProvisionedError
+from edgellm._record import Record
 
 DEFAULT_DATA_DIR = "/var/lib/edgellm-agent"
 DEFAULT_PORT = 8321
@@ -60,13 +61,8 @@ class AgentPaths:
             d.mkdir(parents=True, exist_ok=True)
 
 
-def _known(cls: type, d: dict) -> tuple[dict, dict]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    return {k: v for k, v in d.items() if k in names}, {k: v for k, v in d.items() if k not in names}
-
-
 @dataclasses.dataclass
-class MqttSettings:
+class MqttSettings(Record):
     """Broker settings recorded at provisioning; the telemetry module turns them into a MqttConfig."""
 
     url: str
@@ -75,18 +71,10 @@ class MqttSettings:
     key: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "MqttSettings":
-        known, extra = _known(cls, d)
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        return {**self.extra, **d}
 
 
 @dataclasses.dataclass
-class Limits:
+class Limits(Record):
     """Bounds of the local API. Every request is bounded in bytes, tokens and queueing."""
 
     max_body_bytes: int = 1 << 20
@@ -98,18 +86,10 @@ class Limits:
     max_connections: int = 128          # beyond this uvicorn answers 503 before reading anything
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Limits":
-        known, extra = _known(cls, d)
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        return {**self.extra, **d}
 
 
 @dataclasses.dataclass
-class AgentConfig:
+class AgentConfig(Record):
     device_id: str
     profile: str
     server: str | None = None
@@ -129,20 +109,11 @@ class AgentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AgentConfig":
-        known, extra = _known(cls, d)
-        if known.get("mqtt") is not None:
-            known["mqtt"] = MqttSettings.from_dict(known["mqtt"])
-        known["limits"] = Limits.from_dict(known.get("limits") or {})
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
-            v = getattr(self, f.name)
-            d[f.name] = v.to_dict() if hasattr(v, "to_dict") else v
-        return {**self.extra, **d}
+        d = dict(d)
+        if d.get("mqtt") is not None:
+            d["mqtt"] = MqttSettings.from_dict(d["mqtt"])
+        d["limits"] = Limits.from_dict(d.get("limits") or {})
+        return super().from_dict(d)
 
     @classmethod
     def load(cls, paths: AgentPaths) -> "AgentConfig":

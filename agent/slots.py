@@ -21,6 +21,7 @@ from agent._fs import atomic_write_json, read_json, remove_tree
 from agent.config import AgentPaths
 from agent.errors import NoRollbackTarget, SlotIntegrityError
 from agent.manifest import verify_slot
+from edgellm._record import Record
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,8 @@ SLOTS = ("A", "B")
 STATE_FORMAT = 1
 
 
-def _split(cls: type, d: dict) -> tuple[dict, dict]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    return {k: v for k, v in d.items() if k in names}, {k: v for k, v in d.items() if k not in names}
-
-
-def _to_dict(obj: Any) -> dict:
-    d = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "extra"}
-    return {**obj.extra, **d}
-
-
 @dataclasses.dataclass
-class SlotRecord:
+class SlotRecord(Record):
     """What was verified and installed into a slot."""
 
     name: str
@@ -53,34 +44,20 @@ class SlotRecord:
     health: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "SlotRecord":
-        known, extra = _split(cls, d)
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        return _to_dict(self)
 
 
 @dataclasses.dataclass
-class Trial:
+class Trial(Record):
     slot: str
     previous: str | None
     boots: int = 0
     started_at: float = 0.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Trial":
-        known, extra = _split(cls, d)
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        return _to_dict(self)
 
 
 @dataclasses.dataclass
-class AgentState:
+class AgentState(Record):
     current: str | None = None
     slots: dict[str, SlotRecord] = dataclasses.field(default_factory=dict)
     trial: Trial | None = None
@@ -91,17 +68,10 @@ class AgentState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AgentState":
-        known, extra = _split(cls, d)
-        known["slots"] = {k: SlotRecord.from_dict(v) for k, v in (known.get("slots") or {}).items()}
-        if known.get("trial"):
-            known["trial"] = Trial.from_dict(known["trial"])
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        d = _to_dict(self)
-        d["slots"] = {k: v.to_dict() for k, v in self.slots.items()}
-        d["trial"] = self.trial.to_dict() if self.trial else None
-        return d
+        d = dict(d)
+        d["slots"] = {k: SlotRecord.from_dict(v) for k, v in (d.get("slots") or {}).items()}
+        d["trial"] = Trial.from_dict(d["trial"]) if d.get("trial") else None
+        return super().from_dict(d)
 
     @property
     def current_record(self) -> SlotRecord | None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from edgellm._fs import atomic_write, fsync_dir, sha256_file
+from edgellm._record import Record
 from edgellm.errors import BundleError, BundleIntegrityError
 
 logger = logging.getLogger(__name__)
@@ -50,35 +51,17 @@ _PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 # --------------------------------------------------------------------------- manifest
 
 
-class _Record:
-    """from_dict/to_dict for small dataclasses that keep unknown fields in ``extra``."""
+class _Record(Record):
+    """Manifest parts: unknown fields kept in ``extra``; bad input is a :class:`BundleError`."""
+
+    error = BundleError
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "") -> Any:
-        if not isinstance(d, dict):
-            raise BundleError(f"manifest{where}: expected an object, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
+    def from_dict(cls, d: Any, where: str = "") -> Any:
         try:
-            obj = cls(**known, extra=extra)  # type: ignore[call-arg]
-        except TypeError as e:
+            return super().from_dict(d)
+        except BundleError as e:
             raise BundleError(f"manifest{where}: {e}") from e
-        return obj
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if f.name == "extra":
-                continue
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                v = [x.to_dict() if isinstance(x, _Record) else x for x in v]
-            elif isinstance(v, _Record):
-                v = v.to_dict()
-            out[f.name] = v
-        out.update(self.extra)  # type: ignore[attr-defined]
-        return out
 
 
 @dataclasses.dataclass

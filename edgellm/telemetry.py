@@ -30,6 +30,7 @@ import re
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from edgellm._record import Record
 from edgellm.errors import EdgeLLMError
 
 WIRE_VERSION = 1
@@ -88,30 +89,20 @@ def parse_device_topic(topic: str) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------- records
 
 
-class _Record:
-    """from_dict/to_dict that keep unknown fields in ``extra``; type-checks known fields."""
+class _Record(Record):
+    """Wire records: unknown fields kept in ``extra``; known fields type-checked."""
 
+    error = TelemetryError
     _types: ClassVar[dict[str, tuple[type, ...]]] = {}
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
-        if not isinstance(d, dict):
-            raise TelemetryError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
-        known = {k: v for k, v in d.items() if k in names}
+        known, _ = cls.split(d)
         for k, v in known.items():
             types = cls._types.get(k)
             if types and v is not None and not (isinstance(v, types) and not (isinstance(v, bool) and bool not in types)):
                 raise TelemetryError(f"{cls.__name__}.{k}: expected {'/'.join(t.__name__ for t in types)}, got {type(v).__name__}")
-        try:
-            return cls(**known, extra={k: v for k, v in d.items() if k not in names})  # type: ignore[call-arg]
-        except TypeError as e:
-            raise TelemetryError(f"{cls.__name__}: {e}") from e
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}  # type: ignore[arg-type]
-        out.update(self.extra)  # type: ignore[attr-defined]
-        return out
+        return super().from_dict(d)
 
 
 _NUM = (int, float)
