@@ -375,6 +375,26 @@ def unpack(archive: str | Path, dest: str | Path, limits: UnpackLimits = UnpackL
         raise
 
 
+def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, out_path: Path) -> tuple[str, int]:
+    """Stream a (checked, regular) member into a new file; return its sha256 and length."""
+    src = tar.extractfile(m)
+    assert src is not None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    n = 0
+    try:
+        with open(out_path, "xb") as out:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                n += len(chunk)
+                h.update(chunk)
+                out.write(chunk)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise BundleError(f"archive is truncated inside {m.name!r} ({e})", hint="re-download or rebuild the file") from e
+    if n != m.size:
+        raise BundleError(f"archive is truncated inside {m.name!r}", hint="re-download or rebuild the file")
+    return h.hexdigest(), n
+
+
 def _extract_checked(archive: Path, tmp: Path, limits: UnpackLimits) -> Manifest:
     total = 0
     count = 0
@@ -394,9 +414,9 @@ def _extract_checked(archive: Path, tmp: Path, limits: UnpackLimits) -> Manifest
                 raise BundleError(f"bundle entry {name!r} appears twice: refused")
             if count == 1 and name != MANIFEST_NAME:
                 raise BundleError("manifest.json is not the first entry of the bundle", hint="pack bundles with `edgellm bundle pack`")
-            src = tar.extractfile(m)
-            assert src is not None
             if name == MANIFEST_NAME:
+                src = tar.extractfile(m)
+                assert src is not None
                 if m.size > limits.max_manifest_bytes:
                     raise BundleError(f"manifest.json is {m.size} bytes, over the {limits.max_manifest_bytes}-byte limit")
                 data = src.read()
@@ -409,26 +429,13 @@ def _extract_checked(archive: Path, tmp: Path, limits: UnpackLimits) -> Manifest
                 expected = manifest.file(name)
             except KeyError:
                 raise BundleError(f"bundle entry {name!r} is not listed in the manifest: refused") from None
-            out_path = tmp / name
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            n = 0
-            try:
-                with open(out_path, "xb") as out:
-                    for chunk in iter(lambda: src.read(_CHUNK), b""):
-                        n += len(chunk)
-                        h.update(chunk)
-                        out.write(chunk)
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise BundleError(f"bundle archive is truncated inside {name!r} ({e})", hint="re-download or rebuild the bundle") from e
-            if n != m.size:
-                raise BundleError(f"bundle archive is truncated inside {name!r}", hint="re-download or rebuild the bundle")
-            if n != expected.size or h.hexdigest() != expected.sha256:
+            digest, n = _extract_member(tar, m, tmp / name)
+            if n != expected.size or digest != expected.sha256:
                 raise BundleIntegrityError(
-                    f"{name}: sha256/size do not match the manifest (got {n} bytes, {h.hexdigest()[:12]}…)",
+                    f"{name}: sha256/size do not match the manifest (got {n} bytes, {digest[:12]}…)",
                     hint="the bundle was altered or corrupted: re-download it and verify it with `edgellm bundle verify`",
                 )
-            seen[name] = (h.hexdigest(), n)
+            seen[name] = (digest, n)
     if manifest is None:
         raise BundleError("bundle is empty (no manifest.json)")
     missing = [fe.path for fe in manifest.files if fe.path not in seen]

@@ -30,7 +30,6 @@ Errors: :class:`~edgellm.errors.VerificationError` when signed metadata or a fil
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -45,8 +44,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from edgellm._fs import atomic_write, sha256_file
-from edgellm.bundle import UnpackLimits, _check_member, _iter_members, _open_tar, _tarinfo
-from edgellm.errors import TrustError, VerificationError
+from edgellm.bundle import UnpackLimits, _check_member, _extract_member, _iter_members, _open_tar, _tarinfo
+from edgellm.errors import BundleError, TrustError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -789,21 +788,10 @@ def _extract_envelope(path: Path, dest: Path, limits: UnpackLimits) -> Path:
             else:
                 raise VerificationError(f"signed bundle entry {name!r} is not allowed: refused", hint="use a file written by `edgellm repo export` or `edgellm build --repo`")
             out = dest / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            assert src is not None
-            h = hashlib.sha256()
-            n = 0
             try:
-                with open(out, "xb") as o:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        n += len(chunk)
-                        h.update(chunk)
-                        o.write(chunk)
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise VerificationError(f"signed bundle is truncated inside {name!r} ({e})", hint="re-copy the file") from e
-            if n != m.size:
-                raise VerificationError(f"signed bundle is truncated inside {name!r}", hint="re-copy the file")
+                _extract_member(tar, m, out)
+            except BundleError as e:
+                raise VerificationError(f"signed bundle: {e}", hint="re-copy the file") from e
             if top == "targets":
                 target = out
     if target is None:
