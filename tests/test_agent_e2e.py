@@ -6,6 +6,7 @@ never become current while the old model keeps serving; hot swap; rollback; onli
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import stat
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
+from waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +27,7 @@ def _status(d: Path) -> dict:
     return json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
 
 
-def _wait(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(_wait_for, timeout=30.0)
 
 
 def _served_version(a: AgentProcess) -> str | None:

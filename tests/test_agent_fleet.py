@@ -5,18 +5,19 @@ the new version, and the server's registry sees it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from fixtures_agent import AgentProcess, provision_agent
 from fixtures_mqtt import free_port
+from waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +28,7 @@ def _server_cli(*args: str) -> subprocess.CompletedProcess:
     return r
 
 
-def _wait(pred, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(_wait_for, timeout=60.0)
 
 
 def test_a_server_rollout_updates_a_real_agent(tmp_path, agent_bundles, mqtt_broker):

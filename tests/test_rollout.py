@@ -4,7 +4,7 @@ server itself; a good version reaches every device of the group."""
 
 from __future__ import annotations
 
-import time
+import functools
 
 import pytest
 
@@ -13,6 +13,7 @@ from edgellm.telemetry import MqttConfig
 from server import rollout
 from server.app import DataDir, Server
 from server.rollout import Gate, RolloutError
+from waiting import wait_for as _wait_for
 
 GATE = "p95_latency_ms<=300,error_rate<=0.05,mean_logprob>=-2.5"
 BEHAVIOUR = {
@@ -22,14 +23,7 @@ BEHAVIOUR = {
 }
 
 
-def wait_for(pred, timeout=30.0, every=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(_wait_for, timeout=30.0)
 
 
 @pytest.fixture

@@ -3,13 +3,13 @@ devices / rollout / ca commands, the JSON API and /metrics, and `run` as a real 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -19,6 +19,7 @@ from agent.telemetry.sim import SimDevice
 from edgellm.telemetry import MqttConfig
 from server.app import Server
 from server.cli import main
+from waiting import wait_for as _wait_for
 
 
 def cli(*args, ok=True):
@@ -33,14 +34,7 @@ def get(url):
         return r.status, r.headers.get("Content-Type"), r.read()
 
 
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(_wait_for, timeout=15.0)
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ after the device reports the failure; a good version is installed through TUF an
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
-import time
 
 import pytest
 
@@ -15,16 +15,10 @@ from edgellm.telemetry import MqttConfig
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
 from server import rollout
 from server.app import Server
+from waiting import wait_for as _wait_for
 
 
-def wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(_wait_for, timeout=60.0)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ desired state, commands, malformed payloads, and mutual TLS with the fleet CA.""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -14,16 +15,10 @@ from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
 from server.ingest import Ingest
 from server.store import Store
+from waiting import wait_for as _wait_for
 
 
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(_wait_for, timeout=15.0)
 
 
 @pytest.fixture
