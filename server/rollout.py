@@ -393,8 +393,13 @@ class RolloutDriver:
         devs = [d for d in self._devices(r["id"]) if d["phase"] == "canary"]
         if all(d["version"] == d["previous_version"] or d["previous_version"] is None for d in devs):
             final = "aborted" if (r["reason"] or "").startswith("aborted") else "rolled_back"
-            self._set(r["id"], final, f"canary devices are back on their previous version: {r['reason']}",
-                      phase_started=False)
+            fresh = [d["device"] for d in devs if d["previous_version"] is None]
+            msg = f"canary devices are back on their previous version: {r['reason']}"
+            if fresh:
+                msg = (f"{len(devs) - len(fresh)} canary device(s) back on their previous version; "
+                       f"{', '.join(fresh[:5])} had no earlier version and keep {r['version']} (publish a fixed "
+                       f"version, or roll them back with `edgellm-agent rollback`): {r['reason']}")
+            self._set(r["id"], final, msg, phase_started=False)
 
     def _rollback(self, r: dict[str, Any], reason: str) -> None:
         self._set(r["id"], "rolling_back", f"rolling back canary: {reason}", reason=reason)

@@ -192,3 +192,20 @@ def test_prune_keeps_recent_telemetry(env):
     fleet.send("old", "event", {"name": "fresh"})
     assert store.prune(30 * 86400) == 2  # its messages row and its events row
     assert [e["name"] for e in store.events(device="old")] == ["fresh"]
+
+
+def test_rollback_says_which_canary_devices_had_no_earlier_version(env):
+    store, fleet, pub, drv = env
+    fleet.birth("fresh", version=None)
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="1h")
+    drv.tick()
+    fleet.report("fresh", "2.0")
+    drv.tick()
+    fleet.metrics("fresh", "2.0", count=drv.min_samples, p95=500)  # breaks the gate
+    drv.tick()
+    assert state(store, rid)["state"] == "rolling_back"
+    drv.tick()
+    st = state(store, rid)
+    assert st["state"] == "rolled_back"
+    last = [h for h in st["history"] if h["state"] == "rolled_back"][-1]["message"]
+    assert "fresh had no earlier version and keep 2.0" in last
