@@ -35,7 +35,7 @@ from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 
-CACHE_SCHEMA = 3
+CACHE_SCHEMA = 4
 GGUF_FORMATS = ("gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0")
 ONNX_FORMATS = ("onnx-fp32", "onnx-int8")
 ALL_FORMATS = ONNX_FORMATS + GGUF_FORMATS
@@ -438,7 +438,9 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
                 shutil.rmtree(ref_dir, ignore_errors=True)
                 os.replace(tmp, ref_dir)
             with LlamaCppRuntime.load(ref_path, threads=threads, kv_cache_type="f32") as ref_rt:
-                ref["windows"] = eval_windows(ref_rt.tokenize(text, add_bos=True),
+                # The evaluation text is the operator's (trusted) text in training format: role
+                # markers are special tokens there, as pipeline I's tokenizer treats them.
+                ref["windows"] = eval_windows(ref_rt.tokenize(text, add_bos=True, special=True),
                                               min(window, ref_rt.context_length - 1), max_eval_tokens)
                 ref["logits"] = _score(ref_rt, ref["windows"])
                 ref["info"] = {"artifact": str(ref_path), "size_bytes": ref_path.stat().st_size,
