@@ -214,3 +214,41 @@ def test_update_never_downgrades_unless_asked(installer, archives):
     assert res["ok"] and res["action"] == "rollback"
     assert installer.store.load().current_record.version == "1.1.0"
     assert src.downloads == ["1.10.0", "1.1.0", "1.10.0"]
+
+
+def test_daemon_reverts_when_the_new_slot_passed_its_check_but_fails_to_load(installer, archives, monkeypatch):
+    """The health check ran in a child; if the daemon itself then cannot load the slot, it goes
+    back to the previous one by itself and reports it (a rolled-back version is not retried)."""
+    from agent import daemon as daemon_mod
+    from agent.engine import Engine, ModelHandle
+
+    _install(installer, archives["1.0.0"])
+    _install(installer, archives["1.1.0"])
+    assert installer.store.load().current == "B"
+
+    class Stub:  # stands for the runtime of slot A; slot B's load fails below
+        context_length = 256
+
+        def close(self) -> None:
+            pass
+
+    def fake_load(paths, slot, *, threads):
+        if slot == "B":
+            raise RuntimeError("llama.cpp could not load model.gguf")
+        return ModelHandle(runtime=Stub(), name="demo", version="1.0.0", slot=slot, kind="gguf")
+
+    monkeypatch.setattr(daemon_mod, "load_handle", fake_load)
+    d = daemon_mod.Daemon(installer.paths, installer.config)
+    events: list[tuple[str, dict]] = []
+    d._event = lambda kind, **f: events.append((kind, f))
+    d.engine = Engine(queue_size=2)
+    d.reconcile()
+
+    st = installer.store.load()
+    assert st.current == "A" and st.current_record.version == "1.0.0"
+    assert d.engine.model is not None and d.engine.model.version == "1.0.0"
+    assert "failed to load" in st.last_result["reason"]
+    assert st.rejected == ["1.1.0"]  # not installed again unless forced
+    assert [k for k, _ in events] == ["update.rolled_back"]
+    d.reconcile()  # nothing retried, nothing flaps
+    assert installer.store.load().current == "A" and len(events) == 1
