@@ -102,6 +102,13 @@ class Runtime(abc.ABC):
     def detokenize(self, ids: Sequence[int]) -> str:
         ...
 
+    def check_fits(self, n_prompt: int, params: GenerationParams) -> None:
+        """Refuse a prompt that, with ``max_tokens`` generated after it, exceeds the context."""
+        if n_prompt + params.max_tokens > self.context_length:
+            raise runtime_error(PromptTooLongError,
+                                f"prompt of {n_prompt} tokens + max_tokens {params.max_tokens} exceeds the context of "
+                                f"{self.context_length}", "shorten the prompt or lower max_tokens")
+
     @abc.abstractmethod
     def generate(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenEvent]:
         """Stream tokens. Closing the iterator early stops generation (client went away)."""

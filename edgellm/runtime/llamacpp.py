@@ -477,10 +477,7 @@ class LlamaCppRuntime(Runtime):
             raise _err(GenerationError, "empty prompt", "send at least one token of prompt")
         if any(not 0 <= t < self._n_vocab for t in ids):
             raise _err(GenerationError, "prompt token id outside the vocabulary", "tokenize with this model")
-        if len(ids) + params.max_tokens > self._context_length:
-            raise _err(PromptTooLongError, 
-                f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the context of "
-                f"{self._context_length}", "shorten the prompt or lower max_tokens")
+        self.check_fits(len(ids), params)
         return self._generate(ids, params)
 
     def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent]:

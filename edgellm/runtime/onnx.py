@@ -254,10 +254,7 @@ class OnnxRuntime(Runtime):
         self._check_open()
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         ids = self._check_ids(ids, "prompt")
-        if len(ids) + params.max_tokens > self._context_length:
-            raise _err(PromptTooLongError,
-                       f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the context of "
-                       f"{self._context_length}", "shorten the prompt or lower max_tokens")
+        self.check_fits(len(ids), params)
         return self._generate(ids, params)
 
     def _prefill(self, ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
