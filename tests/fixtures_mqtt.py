@@ -127,17 +127,6 @@ def mqtt_broker(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def mqtt_broker_session(tmp_path_factory):
-    """One Mosquitto shared by a test session (topics are namespaced by device ids per test)."""
-    b = Broker(tmp_path_factory.mktemp("mosquitto-session"))
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
-
-
-@pytest.fixture(scope="session")
 def fleet_pki(tmp_path_factory):
     """A fleet CA (server.identity), a broker certificate for 127.0.0.1, one good device
     certificate, the server's client certificate (CN edgellm-server), and one device
