@@ -64,6 +64,7 @@ class Ingest:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         c.reconnect_delay_set(min_delay=1, max_delay=5)
         self.mqtt.apply_tls(c)
         props = Properties(PacketTypes.CONNECT)
@@ -85,6 +86,7 @@ class Ingest:
                 self._client.loop_stop()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
+        """True once connected *and* subscribed (the broker acknowledged the subscription)."""
         return self.connected.wait(timeout)
 
     # ------------------------------------------------------------------ publishing
@@ -100,13 +102,19 @@ class Ingest:
             logger.error("ingest: broker refused the connection: %s", reason_code)
             return
         client.subscribe(wire.shared_device_subscription(self.share_group), qos=1)
-        self.connected.set()
         logger.info("ingest: connected to %s (session present: %s)", self.mqtt.url, flags.session_present)
         for hook in list(self.on_connect_hooks):
             try:
                 hook()
             except Exception:
                 logger.exception("ingest: on-connect hook failed")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            logger.error("ingest: broker refused the subscription: %s", failed)
+            return
+        self.connected.set()  # messages published from now on reach us
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
