@@ -1,4 +1,4 @@
-"""edgellm-agent: the device daemon (no torch, no edgellm.build; see docs/agent.md).
+"""edgellm-agent: the device daemon (no torch, no edgellm.pipeline; see docs/agent.md).
 
     config       data-dir layout and AgentConfig (config.json)
     provision    pin the trust root, API token, device key pair + CSR

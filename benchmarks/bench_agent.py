@@ -26,7 +26,7 @@ PROMPTS = ["The robot", "The sensor reads", "def camera_1(x):", "The drone check
 
 
 def tiny_gguf(work: Path) -> Path:
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
     from fixtures_gguf import make_hf_llama
 
     hf = make_hf_llama(work / "hf")

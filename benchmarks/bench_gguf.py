@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_gguf.py [--hidden 768 --layers 8 --tokens 128 --rounds 3]
 
 Builds a random Llama (transformers, ~50M parameters by default; weights do not matter for
-speed), exports it with ``edgellm.build.gguf.export_gguf`` to F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M and
+speed), exports it with ``edgellm.pipeline.export.gguf.export_gguf`` to F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M and
 Q4_0, then measures greedy decode tokens/s with ``LlamaCppRuntime`` (1 thread) in interleaved
 rounds (F16, Q8_0, ... then again) so a busy machine affects every format alike; prints the
 median and the ratio to F16, and checks the build's memory model against the peak RSS measured in
@@ -33,7 +33,7 @@ def make_model(work: Path, hidden: int, layers: int, intermediate: int | None = 
 
 
 def export_all(model_dir: Path, work: Path, formats=FORMATS) -> dict[str, Path]:
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
 
     out = {}
     for fmt in formats:
@@ -99,7 +99,7 @@ def main() -> None:
         model = make_model(work, args.hidden, args.layers)
         paths = export_all(model, work)
         speeds = decode_speeds(paths, args.tokens, args.rounds, args.threads)
-        from edgellm.build.candidates import gguf_memory_model
+        from edgellm.pipeline.candidates import gguf_memory_model
         from edgellm.runtime.llamacpp import check_gguf
 
         ctx = 512

@@ -43,15 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from edgellm.build.evaluate import evaluate_artifact
-    from edgellm.build.export_onnx import export_onnx
+    from edgellm.pipeline.evaluate import evaluate_artifact
+    from edgellm.pipeline.export.onnx import export_onnx
     from edgellm.runtime.onnx import OnnxRuntime
 
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as td:
         work = Path(td)
         model_dir = args.model
         if model_dir is None:
-            from edgellm.build.train import TrainConfig, train_model
+            from edgellm.pipeline.train import TrainConfig, train_model
 
             print(f"training the tiny preset for {args.steps} steps ...", file=sys.stderr)
             model_dir = work / "tiny"

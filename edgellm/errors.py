@@ -9,7 +9,7 @@ saying what to do next; the CLI prints both.
     │   └── BundleIntegrityError   a file's hash or size does not match the manifest
     ├── TrustError            keys, signing, repository metadata
     │   └── VerificationError      a bundle or metadata failed TUF verification
-    └── BuildError            (edgellm.build) training, export, quantization failures
+    └── BuildError            (edgellm.pipeline) training, export, quantization failures
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEPS = 120
-_CODE = ["edgellm/build/config.py", "edgellm/build/model.py", "edgellm/build/tokenizer.py",
-         "edgellm/build/train.py", "edgellm/build/data.py", "edgellm/data/corpus.py"]
+_CODE = ["edgellm/pipeline/config.py", "edgellm/pipeline/model.py", "edgellm/pipeline/tokenizer.py",
+         "edgellm/pipeline/train.py", "edgellm/pipeline/data.py", "edgellm/data/corpus.py"]
 
 
 def _code_hash() -> str:
@@ -34,7 +34,7 @@ def _code_hash() -> str:
 
 def train_tiny(out: Path, steps: int = TINY_STEPS, seed: int = 0) -> Path:
     """Train the tiny preset on the embedded corpus into ``out`` (about 25 s on one core)."""
-    from edgellm.build.train import TrainConfig, train_model
+    from edgellm.pipeline.train import TrainConfig, train_model
 
     train_model("builtin:devices", "tiny", out,
                 TrainConfig(steps=steps, batch_size=16, seq_len=128, eval_every=0, progress=False, seed=seed))
@@ -62,7 +62,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_fp32_path(tiny_model_dir, tmp_path_factory) -> Path:
-    from edgellm.build.export_onnx import export_onnx
+    from edgellm.pipeline.export.onnx import export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(tiny_model_dir, out, fmt="onnx", evaluate=False)
@@ -71,7 +71,7 @@ def onnx_fp32_path(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_int8_path(tiny_model_dir, tmp_path_factory) -> Path:
-    from edgellm.build.export_onnx import export_onnx
+    from edgellm.pipeline.export.onnx import export_onnx
 
     out = tmp_path_factory.mktemp("onnx8") / "model.int8.onnx"
     export_onnx(tiny_model_dir, out, fmt="onnx-int8", evaluate=False)

@@ -101,7 +101,7 @@ def hf_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gguf_exports(tmp_path_factory, hf_llama_dir) -> dict[str, Path]:
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
 
     out = tmp_path_factory.mktemp("gguf")
     paths = {}

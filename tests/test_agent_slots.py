@@ -165,7 +165,7 @@ def test_agent_imports_and_runs_with_torch_unimportable():
         "from click.testing import CliRunner\n"
         "r = CliRunner().invoke(agent.cli.main, ['--help'])\n"
         "assert r.exit_code == 0 and 'provision' in r.output\n"
-        "bad = [m for m in sys.modules if m == 'torch' and sys.modules[m] is not None or m.startswith('edgellm.build')]\n"
+        "bad = [m for m in sys.modules if m == 'torch' and sys.modules[m] is not None or m.startswith('edgellm.pipeline')]\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )

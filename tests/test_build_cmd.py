@@ -23,7 +23,7 @@ def eval_text() -> str:
 @pytest.fixture(scope="module")
 def build_env(tmp_path_factory, hf_llama_dir, eval_text):
     """Measured candidates (cached) and a fleet of three test profiles sized around them + the MCU."""
-    from edgellm.build.candidates import ALL_FORMATS, build_candidates
+    from edgellm.pipeline.candidates import ALL_FORMATS, build_candidates
     from edgellm.profiles import dumps_toml
 
     try:
@@ -151,8 +151,8 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
 
 @pytest.mark.slow  # shares the ~20 s candidate build (two ONNX exports)
 def test_budgets_pin_and_refusal_messages(build_env, hf_llama_dir, tmp_path):
-    from edgellm.build.pipeline import BuildConfig, run_build
-    from edgellm.build.select import Budget
+    from edgellm.pipeline.fleet_build import BuildConfig, run_build
+    from edgellm.pipeline.select import Budget
 
     def build(**budget):
         return run_build(BuildConfig(

@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from edgellm.build import tokenizer as tk  # noqa: E402
-from edgellm.build.config import ModelConfig, resolve_config  # noqa: E402
-from edgellm.build.model import LlamaLM, generate_ids, load_model, save_model_dir  # noqa: E402
+from edgellm.pipeline import tokenizer as tk  # noqa: E402
+from edgellm.pipeline.config import ModelConfig, resolve_config  # noqa: E402
+from edgellm.pipeline.model import LlamaLM, generate_ids, load_model, save_model_dir  # noqa: E402
 from edgellm.errors import BuildError  # noqa: E402
 
 
@@ -140,7 +140,7 @@ def test_pickle_only_dir_is_refused(tmp_path):
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    import edgellm.build.model as mm
+    import edgellm.pipeline.model as mm
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -8,11 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgellm.build import tokenizer as tk  # noqa: E402
-from edgellm.build.data import load_dataset, split_documents  # noqa: E402
-from edgellm.build.distill import distill_model  # noqa: E402
-from edgellm.build.model import load_model  # noqa: E402
-from edgellm.build.train import TrainConfig, train_model  # noqa: E402
+from edgellm.pipeline import tokenizer as tk  # noqa: E402
+from edgellm.pipeline.data import load_dataset, split_documents  # noqa: E402
+from edgellm.pipeline.distill import distill_model  # noqa: E402
+from edgellm.pipeline.model import load_model  # noqa: E402
+from edgellm.pipeline.train import TrainConfig, train_model  # noqa: E402
 from edgellm.data import generate_corpus  # noqa: E402
 from edgellm.errors import BuildError  # noqa: E402
 from edgellm.runtime.base import render_chat  # noqa: E402

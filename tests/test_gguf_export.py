@@ -75,7 +75,7 @@ def test_metadata_and_tokenizer_keys(gguf_exports):
 
 
 def test_quantized_sizes_types_and_agreement(hf_llama_dir, gguf_exports, tmp_path):
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     report = export_gguf(hf_llama_dir, tmp_path / "q4km.gguf", "gguf-q4_k_m")
@@ -97,7 +97,7 @@ def test_quantized_sizes_types_and_agreement(hf_llama_dir, gguf_exports, tmp_pat
 
 def test_k_quant_fallback_is_reported(tmp_path):
     """hidden=96 is not a multiple of 256: llama.cpp silently falls back; we say so per tensor."""
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
 
     d = make_hf_llama(tmp_path / "odd", train_steps=0, hidden=96, intermediate=160, tie_embeddings=True)
     report = export_gguf(d, tmp_path / "odd-q4km.gguf", "gguf-q4_k_m")
@@ -110,7 +110,7 @@ def test_k_quant_fallback_is_reported(tmp_path):
 
 
 def test_export_refuses_what_llama_cpp_cannot_reproduce(hf_llama_dir, tmp_path):
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
     from edgellm.errors import BuildError
 
     with pytest.raises(BuildError, match="unknown GGUF format"):
@@ -137,7 +137,7 @@ def test_rope_scaling_matches_transformers(tmp_path, rope):
     import torch
     from transformers import LlamaForCausalLM
 
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     d = make_hf_llama(tmp_path / "rope", train_steps=0, rope=rope)

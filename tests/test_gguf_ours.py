@@ -10,7 +10,7 @@ from fixtures_gguf import MIXED_TEXT
 
 @pytest.fixture(scope="module")
 def ours_f32(tmp_path_factory, tiny_model_dir):
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
 
     out = tmp_path_factory.mktemp("ours") / "tiny-f32.gguf"
     report = export_gguf(tiny_model_dir, out, "gguf-f32")
@@ -20,7 +20,7 @@ def ours_f32(tmp_path_factory, tiny_model_dir):
 def test_torch_model_and_llama_cpp_f32_logits_match(tiny_model_dir, ours_f32):
     import torch
 
-    from edgellm.build.model import load_model
+    from edgellm.pipeline.model import load_model
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     torch.set_num_threads(1)
@@ -36,7 +36,7 @@ def test_torch_model_and_llama_cpp_f32_logits_match(tiny_model_dir, ours_f32):
 
 
 def test_llama_cpp_tokenizes_like_our_tokenizer(tiny_model_dir, ours_f32):
-    from edgellm.build.tokenizer import encode, load_tokenizer
+    from edgellm.pipeline.tokenizer import encode, load_tokenizer
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     tok = load_tokenizer(tiny_model_dir)
@@ -57,7 +57,7 @@ def test_tied_embeddings_and_bos_in_metadata(ours_f32):
 
 
 def test_chat_ids_match_training_tokenization(tiny_model_dir, ours_f32):
-    from edgellm.build.tokenizer import encode_chat, load_tokenizer
+    from edgellm.pipeline.tokenizer import encode_chat, load_tokenizer
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     tok = load_tokenizer(tiny_model_dir)

@@ -180,7 +180,7 @@ def test_runtime_needs_no_torch(tiny_gguf):
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch.") or name.startswith("edgellm.build"):
+                if name == "torch" or name.startswith("torch.") or name.startswith("edgellm.pipeline"):
                     raise ImportError("blocked " + name)
         sys.meta_path.insert(0, Block())
         from edgellm.runtime import load_runtime, GenerationParams
@@ -247,7 +247,7 @@ def test_random_metadata_damage_never_crashes_the_caller(tiny_gguf, tmp_path):
 
 def test_repacked_models_load_without_mmap(gguf_exports):
     """Q4_K/Q4_0 matrices are repacked by llama.cpp; without mmap their file pages are not
-    resident a second time (the memory model in edgellm.build.candidates relies on it)."""
+    resident a second time (the memory model in edgellm.pipeline.candidates relies on it)."""
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     with LlamaCppRuntime.load(gguf_exports["gguf-q4_k_m"]) as q4, LlamaCppRuntime.load(gguf_exports["gguf-q8_0"]) as q8:

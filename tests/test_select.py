@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgellm.build.candidates import MemoryModel, Measurement
-from edgellm.build.select import Budget, select
+from edgellm.pipeline.candidates import MemoryModel, Measurement
+from edgellm.pipeline.select import Budget, select
 
 MIB = 2**20
 

@@ -66,8 +66,8 @@ def build_cmd(model_dir: Path, profiles: tuple[str, ...], out_dir: Path, repo: P
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from edgellm.build.pipeline import BuildConfig, run_build
-    from edgellm.build.select import Budget
+    from edgellm.pipeline.fleet_build import BuildConfig, run_build
+    from edgellm.pipeline.select import Budget
 
     budget = Budget(headroom=_fraction(headroom) or 0.0, max_quality_loss=_fraction(max_quality_loss),
                     min_tokens_per_second=min_tokens_per_second, pin_format=pin_format)

@@ -1,6 +1,6 @@
 """`edgellm train|distill|export|eval` commands (build pipeline I, issue 3).
 
-Each command calls the same Python API users call (``edgellm.build.*``), prints its JSON report
+Each command calls the same Python API users call (``edgellm.pipeline.*``), prints its JSON report
 on stdout and shows progress on stderr. torch is imported inside the commands only.
 """
 
@@ -45,7 +45,7 @@ def _train_options(f):
 
 
 def _tcfg(kw: dict[str, Any]):
-    from edgellm.build.train import TrainConfig
+    from edgellm.pipeline.train import TrainConfig
 
     return TrainConfig(steps=kw["steps"], batch_size=kw["batch_size"], seq_len=kw["seq_len"], lr=kw["lr"],
                        warmup_steps=kw["warmup_steps"], weight_decay=kw["weight_decay"], grad_clip=kw["grad_clip"],
@@ -73,7 +73,7 @@ def train_cmd(data: tuple[str, ...], config: str | None, from_dir: Path | None, 
 
     Prints the final JSON report (also written to OUT/train_report.json).
     """
-    from edgellm.build.train import train_model
+    from edgellm.pipeline.train import train_model
 
     if config is None and from_dir is None:
         raise click.UsageError("pass --config tiny|small|FILE, or --from MODEL_DIR to fine-tune")
@@ -99,7 +99,7 @@ def distill_cmd(teacher: Path, data: tuple[str, ...], student: str, out: Path, t
 
     Reports teacher vs student parameters, validation perplexity and top-1 agreement.
     """
-    from edgellm.build.distill import distill_model
+    from edgellm.pipeline.distill import distill_model
 
     report = distill_model(teacher, list(data), student, out, _tcfg(kw), temperature=temperature, alpha=alpha,
                            checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"], overwrite=kw["overwrite"])
@@ -114,30 +114,30 @@ ExportFn = Callable[..., dict]
 
 
 def _export_onnx(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: Any, overwrite: bool) -> dict:
-    from edgellm.build.export_onnx import export_onnx
+    from edgellm.pipeline.export.onnx import export_onnx
 
     return export_onnx(model_dir, out, fmt="onnx" if fmt == "onnx-fp32" else fmt, evaluate=evaluate,
                        eval_data=data, overwrite=overwrite)
 
 
 def _export_gguf(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: Any, overwrite: bool) -> dict:
-    from edgellm.build._atomic import check_output_path, write_text_atomic
-    from edgellm.build.export_onnx import report_path
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline._atomic import check_output_path, write_text_atomic
+    from edgellm.pipeline.export.onnx import report_path
+    from edgellm.pipeline.export.gguf import export_gguf
 
     check_output_path(out, overwrite)
     report = dict(export_gguf(model_dir, out, fmt))
     report.setdefault("kind", "export")
     report.setdefault("format", fmt)
     if evaluate:
-        from edgellm.build.evaluate import evaluate_artifact
+        from edgellm.pipeline.evaluate import evaluate_artifact
 
         report["eval"] = evaluate_artifact(out, model_dir=model_dir, data=data)
     write_text_atomic(report_path(out), json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     return report
 
 
-#: format -> exporter. ``gguf-*`` formats are looked up in edgellm.build.gguf.FORMATS at call time.
+#: format -> exporter. ``gguf-*`` formats are looked up in edgellm.pipeline.export.gguf.FORMATS at call time.
 EXPORTERS: dict[str, ExportFn] = {"onnx": _export_onnx, "onnx-fp32": _export_onnx, "onnx-int8": _export_onnx}
 
 
@@ -189,7 +189,7 @@ def export_cmd(model_dir: Path, fmt: str, out: Path, data: tuple[str, ...], no_e
 def eval_cmd(artifact: Path, reference: Path | None, data: tuple[str, ...], max_windows: int, seq_len: int,
              threads: int) -> None:
     """Perplexity, bits per byte, KL and top-1 agreement vs the fp32 reference, size, tokens/s."""
-    from edgellm.build.evaluate import evaluate_artifact
+    from edgellm.pipeline.evaluate import evaluate_artifact
 
     rep = evaluate_artifact(artifact, model_dir=reference, data=list(data) or None, max_windows=max_windows,
                             seq_len=seq_len, threads=threads)

@@ -1,6 +1,6 @@
 """onnxruntime backend for ONNX artifacts made by ``edgellm export --format onnx|onnx-int8``.
 
-The graph (see :mod:`edgellm.build.export_onnx`) takes ``input_ids`` plus a per-layer KV cache
+The graph (see :mod:`edgellm.pipeline.export.onnx`) takes ``input_ids`` plus a per-layer KV cache
 (``past.{i}.key/value``) and returns ``logits`` plus ``present.{i}.key/value``: one prompt
 pass with an empty cache, then one token per step. No torch import anywhere here.
 

@@ -4,9 +4,9 @@ The module tree mirrors ``transformers.LlamaForCausalLM`` so ``state_dict()`` ke
 tensor names (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ...,
 ``model.norm.weight``, ``lm_head.weight``). A model directory holds::
 
-    config.json               LlamaForCausalLM fields (see edgellm.build.config.ModelConfig)
+    config.json               LlamaForCausalLM fields (see edgellm.pipeline.config.ModelConfig)
     model.safetensors         or model-0000x-of-0000y.safetensors + model.safetensors.index.json
-    tokenizer.json            byte-level BPE (edgellm.build.tokenizer)
+    tokenizer.json            byte-level BPE (edgellm.pipeline.tokenizer)
     tokenizer_config.json     special tokens + jinja chat_template
     generation_config.json    bos/eos ids
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.build._atomic import atomic_dir
-from edgellm.build.config import PRESETS, ModelConfig, resolve_config  # noqa: F401  (re-exported)
+from edgellm.pipeline._atomic import atomic_dir
+from edgellm.pipeline.config import PRESETS, ModelConfig, resolve_config  # noqa: F401  (re-exported)
 from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def write_model_files(model: LlamaLM, out: Path, *, tokenizer: Any | None = None
            "pad_token_id": cfg.pad_token_id, "max_length": cfg.max_position_embeddings}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
-        from edgellm.build.tokenizer import save_tokenizer
+        from edgellm.pipeline.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, out, model_max_length=cfg.max_position_embeddings)
 

@@ -3,8 +3,8 @@
     result = run_build(BuildConfig(model_dir=..., profiles=["rpi5-8gb", ...], out_dir=...))
 
 Steps: load the profiles; build and measure the candidates the profiles' runtimes allow
-(:mod:`edgellm.build.candidates`, cached by content hash); choose per profile
-(:mod:`edgellm.build.select`); pack one bundle per served profile with memory figures,
+(:mod:`edgellm.pipeline.candidates`, cached by content hash); choose per profile
+(:mod:`edgellm.pipeline.select`); pack one bundle per served profile with memory figures,
 metrics, generation defaults and golden prompts for the device's health check; write
 ``report.json`` and ``report.md``; optionally publish and sign each bundle in a TUF repository
 and put the signed envelope (bundle + the metadata that verifies it, installable offline) in
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgellm.build.candidates import (
+from edgellm.pipeline.candidates import (
     ALL_FORMATS,
     DEFAULT_EVAL_TEXT,
     GGUF_FORMATS,
@@ -37,7 +37,7 @@ from edgellm.build.candidates import (
     build_candidates,
     kind_of,
 )
-from edgellm.build.select import Budget, Selection, select
+from edgellm.pipeline.select import Budget, Selection, select
 from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _formats_for(profiles: list[Any], requested: list[str] | None, pin: str | No
 
 
 def _onnx_available() -> bool:
-    from edgellm.build.candidates import onnx_supported
+    from edgellm.pipeline.candidates import onnx_supported
 
     return onnx_supported()
 
@@ -169,7 +169,7 @@ def default_eval_text(model_dir: Path, max_chars: int = 6000) -> str:
     try:
         sources = [s["path"] for s in _train_report(model_dir)["data"]["sources"]]
         if sources and all(s.startswith("builtin") or Path(s).exists() for s in sources):
-            from edgellm.build.data import load_dataset
+            from edgellm.pipeline.data import load_dataset
 
             val = load_dataset(sources).val
             if val:

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgellm.build._atomic import atomic_file, check_output_path, write_text_atomic
+from edgellm.pipeline._atomic import atomic_file, check_output_path, write_text_atomic
 from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
     """
     import torch
 
-    from edgellm.build.model import load_model
+    from edgellm.pipeline.model import load_model
 
     if fmt not in FORMATS:
         raise BuildError(f"unknown ONNX format {fmt!r}", hint=f"use one of {FORMATS}")
@@ -195,7 +195,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
                               "size_bytes": out.stat().st_size, "model_dir": str(model_dir),
                               "params": model.num_parameters()}
     if evaluate:
-        from edgellm.build.evaluate import evaluate_artifact
+        from edgellm.pipeline.evaluate import evaluate_artifact
 
         report["eval"] = evaluate_artifact(out, model_dir=model_dir, data=eval_data, max_windows=eval_windows,
                                            reference=model)

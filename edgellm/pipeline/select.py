@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from edgellm.build.candidates import Measurement
+from edgellm.pipeline.candidates import Measurement
 
 MIB = 1024 * 1024
 

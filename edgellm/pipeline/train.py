@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgellm.build import tokenizer as tk
-from edgellm.build._atomic import atomic_dir, check_output_path
-from edgellm.build.config import ModelConfig, resolve_config
-from edgellm.build.data import DataSet, eval_windows, load_dataset, token_stream
-from edgellm.build.model import LlamaLM, copy_tokenizer_files, generate_ids, load_model, write_model_files
+from edgellm.pipeline import tokenizer as tk
+from edgellm.pipeline._atomic import atomic_dir, check_output_path
+from edgellm.pipeline.config import ModelConfig, resolve_config
+from edgellm.pipeline.data import DataSet, eval_windows, load_dataset, token_stream
+from edgellm.pipeline.model import LlamaLM, copy_tokenizer_files, generate_ids, load_model, write_model_files
 from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _save_checkpoint(ckpt_dir: Path, model: LlamaLM, tok: Any, opt: torch.optim.
 
 def _load_checkpoint(ckpt_dir: Path, model: LlamaLM, opt: torch.optim.Optimizer,
                      gen: torch.Generator) -> dict[str, Any]:
-    from edgellm.build.model import _read_safetensors
+    from edgellm.pipeline.model import _read_safetensors
 
     state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
     loaded = load_model(ckpt_dir)

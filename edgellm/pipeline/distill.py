@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgellm.build import tokenizer as tk
-from edgellm.build._atomic import atomic_dir, check_output_path
-from edgellm.build.config import ModelConfig, resolve_config
-from edgellm.build.data import load_dataset
-from edgellm.build.model import LlamaLM, load_model
-from edgellm.build.train import (
+from edgellm.pipeline import tokenizer as tk
+from edgellm.pipeline._atomic import atomic_dir, check_output_path
+from edgellm.pipeline.config import ModelConfig, resolve_config
+from edgellm.pipeline.data import load_dataset
+from edgellm.pipeline.model import LlamaLM, load_model
+from edgellm.pipeline.train import (
     TrainConfig,
     data_streams,
     default_ckpt_dir,

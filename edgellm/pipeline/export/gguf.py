@@ -5,7 +5,7 @@
 ``model_dir`` is an HF-format directory (config.json with LlamaForCausalLM fields,
 model.safetensors or a sharded index, tokenizer.json, tokenizer_config.json) — ours or one written
 by transformers' ``save_pretrained``. F32/F16 are written directly with gguf-py; every quantized
-format is produced by llama.cpp's own quantizer from an F32 GGUF (:mod:`edgellm.build.quantize_gguf`),
+format is produced by llama.cpp's own quantizer from an F32 GGUF (:mod:`edgellm.pipeline.export.quantize_gguf`),
 and the tensor types are read back to report what each tensor became.
 
 Layout (see FIELD-NOTES): torch Linear weights keep their (out, in) shape; norms stay F32; Q and K
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.build.gguf_vocab import read_vocab
+from edgellm.pipeline.export.gguf_vocab import read_vocab
 from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, fmt: str, *, nthrea
     Returns a report: format, ftype, size_bytes, per-tensor types read back with GGUFReader,
     and ``fallbacks`` (tensors the quantizer left in another type, with the reason).
     """
-    from edgellm.build.quantize_gguf import quantize, tensor_report
+    from edgellm.pipeline.export.quantize_gguf import quantize, tensor_report
 
     if fmt not in FORMATS:
         raise BuildError(f"unknown GGUF format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")

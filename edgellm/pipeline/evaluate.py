@@ -114,9 +114,9 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
     reference and supplies the tokenizer. ``data`` defaults to the model's training data."""
     import torch
 
-    from edgellm.build.data import eval_windows, load_dataset, token_stream
-    from edgellm.build.model import load_model
-    from edgellm.build.tokenizer import load_tokenizer
+    from edgellm.pipeline.data import eval_windows, load_dataset, token_stream
+    from edgellm.pipeline.model import load_model
+    from edgellm.pipeline.tokenizer import load_tokenizer
 
     artifact = Path(artifact)
     if not artifact.exists():

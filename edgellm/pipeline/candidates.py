@@ -305,7 +305,7 @@ def measure_gguf_decode(path: Path, *, n_tokens: int = 64, threads: int = 1, rep
 
 def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: np.ndarray,
                          windows: list[list[int]], bandwidth_gbps: float, threads: int = 1) -> tuple[Path, Measurement]:
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     art = work / f"model-{fmt[5:]}.gguf"
@@ -335,7 +335,7 @@ def onnx_supported() -> bool:
 
     try:
         return all(importlib.util.find_spec(m) is not None
-                   for m in ("edgellm.build.export_onnx", "edgellm.runtime.onnx", "onnxruntime"))
+                   for m in ("edgellm.pipeline.export.onnx", "edgellm.runtime.onnx", "onnxruntime"))
     except (ImportError, ValueError):
         return False
 
@@ -352,8 +352,8 @@ def onnx_memory_model(rt: Any, weights_bytes: int, n_heads: int, ff: int, embd: 
 
 def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: np.ndarray,
                          windows: list[list[int]], bandwidth_gbps: float, threads: int = 1) -> tuple[Path, Measurement]:
-    from edgellm.build.export_onnx import export_onnx
-    from edgellm.build.gguf import read_config
+    from edgellm.pipeline.export.onnx import export_onnx
+    from edgellm.pipeline.export.gguf import read_config
     from edgellm.runtime.onnx import OnnxRuntime
 
     cfg = read_config(model_dir)
@@ -399,7 +399,7 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
                      threads: int = 1, max_eval_tokens: int = 512, window: int = 256,
                      progress: ProgressFn | None = None) -> CandidateSet:
     """Export, quantize and measure every format in ``formats`` (cached by content hash)."""
-    from edgellm.build.gguf import export_gguf
+    from edgellm.pipeline.export.gguf import export_gguf
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     model_dir = Path(model_dir)
