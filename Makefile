@@ -8,11 +8,12 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 
-.PHONY: help venv wheelhouse install test test-quick bench clean
+.PHONY: help venv wheelhouse install lint test test-quick bench clean
 
 help:
 	@echo "make install     create $(VENV) and install edgellm[all] (builds the llama.cpp wheel once)"
-	@echo "make test        install, then run the whole test suite (what CI runs)"
+	@echo "make lint        ruff (lint + format check) and mypy on edgellm/, agent/, server/"
+	@echo "make test        install, lint, then run the whole test suite (what CI runs)"
 	@echo "make test-quick  skip tests marked slow"
 	@echo "make bench       run every benchmark script"
 
@@ -33,7 +34,12 @@ install: wheelhouse
 	$(VENV)/bin/pip install -q --find-links $(WHEELHOUSE) -e '.[all]'
 	$(VENV)/bin/pip check
 
-test: install
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-quick:
