@@ -137,7 +137,7 @@ def fleet_pki(tmp_path_factory):
     ca = CertificateAuthority.init(d / "ca")
     server = ca.issue_server(d / "broker", hosts=["127.0.0.1", "localhost"])
     good = ca.issue_device("dev-good", d / "devices")
-    ingest = ca.issue_device("edgellm-server", d / "devices")  # the control plane's own client cert
+    ingest = ca.issue_server_client(d / "server-client")  # the control plane's own client cert
     rogue_ca = CertificateAuthority.init(d / "rogue-ca")
     bad = rogue_ca.issue_device("dev-rogue", d / "rogue-devices")
     return {"ca": ca.cert_path, "server": server, "good": good, "bad": bad, "ingest": ingest}

@@ -168,9 +168,8 @@ def test_desired_state_device_overrides_group_and_commands_get_replies(tmp_path,
     for cid, name in (("c1", "ping"), ("c2", "echo"), ("c3", "state"), ("c4", "reboot")):
         ingest.publish(wire.command_topic("dev-d"), json.dumps({"id": cid, "name": name, "args": {"a": 1}}).encode(),
                        retain=False)
-    replies = wait_for(lambda: len(r := ingest.store.db.execute(
-        "SELECT body FROM messages WHERE device='dev-d' AND kind='reply'").fetchall()) == 4 and r, what="replies")
-    by_id = {b["id"]: b for b in (json.loads(r[0]) for r in replies)}
+    replies = wait_for(lambda: len(r := ingest.store.message_bodies("dev-d", "reply")) == 4 and r, what="replies")
+    by_id = {b["id"]: b for b in replies}
     assert by_id["c1"]["result"] == "pong" and by_id["c2"]["result"] == {"echo": {"a": 1}}
     assert by_id["c4"]["ok"] is False and "no" in by_id["c4"]["error"]
     t.stop()
