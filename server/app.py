@@ -24,7 +24,6 @@ from typing import Any
 
 from edgellm._fs import atomic_write
 from edgellm.telemetry import MqttConfig
-
 from server.errors import ServerError
 from server.store import Store
 

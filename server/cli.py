@@ -296,8 +296,8 @@ def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
     """Print a Mosquitto configuration that requires fleet client certificates; writes the ACL
     (each device only on its own topics) to DATA_DIR/ca/mosquitto.acl. Issue the server's own
     client certificate with `ca issue-server-client`."""
-    from server.app import DataDir
     from edgellm._fs import atomic_write
+    from server.app import DataDir
     from server.identity import mosquitto_acl, mosquitto_config
 
     d = DataDir(data_dir)

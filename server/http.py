@@ -196,7 +196,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host, port = self._srv.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._srv.serve_forever, name="http", daemon=True)

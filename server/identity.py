@@ -19,7 +19,6 @@ from pathlib import Path
 
 from edgellm._fs import atomic_write
 from edgellm.ids import ID_RULE, valid_id
-
 from server.errors import IdentityError
 
 CA_CERT = "ca.crt"
@@ -51,12 +50,16 @@ class CertificateAuthority:
     def __init__(self, ca_dir: str | Path) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
 
         self.dir = Path(ca_dir)
         if not (self.dir / CA_CERT).is_file() or not (self.dir / CA_KEY).is_file():
             raise IdentityError(f"{self.dir}: no fleet CA here", hint="run `edgellm-server ca init --data-dir DIR` first")
         self.cert = x509.load_pem_x509_certificate((self.dir / CA_CERT).read_bytes())
-        self.key = serialization.load_pem_private_key((self.dir / CA_KEY).read_bytes(), password=None)
+        key = serialization.load_pem_private_key((self.dir / CA_KEY).read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise IdentityError(f"{self.dir / CA_KEY}: not an ECDSA key", hint="this is not a CA made by `ca init`")
+        self.key = key
 
     @property
     def cert_path(self) -> Path:
@@ -105,7 +108,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
         if server_hosts is not None:
             sans: list[x509.GeneralName] = []

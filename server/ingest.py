@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 
 from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
-
 from server.errors import IngestError
 from server.store import Store
 
@@ -213,11 +212,11 @@ class Ingest:
                 refused.append((m, e))
         refused += self._store_split(good)
         if refused:
-            for m, e in refused:
-                logger.warning("ingest: set aside a message on %s (%s): %s", m.topic[:200], e.reason, str(e)[:300])
-                self._bump(e.counter)
+            for m, err in refused:
+                logger.warning("ingest: set aside a message on %s (%s): %s", m.topic[:200], err.reason, str(err)[:300])
+                self._bump(err.counter)
             self._bump("quarantined", len(refused))
-            rows = [(m.topic, m.payload, e.reason, str(e)) for m, e in refused]
+            rows = [(m.topic, m.payload, err.reason, str(err)) for m, err in refused]
             self._retrying(lambda: self.store.quarantine(rows))
 
     def _store_split(self, items: list[tuple[Incoming, wire.Envelope]]) -> list[tuple[Incoming, IngestError]]:

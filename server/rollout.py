@@ -41,7 +41,6 @@ from typing import Any
 from edgellm import telemetry as wire
 from edgellm.durations import parse_seconds
 from edgellm.ids import ID_RULE, valid_id
-
 from server.errors import RolloutError
 from server.gate import GATE_METRICS, Clause, Gate, parse_percent
 from server.store import MetricSummary, RolloutDeviceRow, RolloutRow, Store

@@ -7,13 +7,13 @@ from __future__ import annotations
 import functools
 
 import pytest
+from waiting import wait_for as _wait_for
 
 from agent.telemetry.sim import Behaviour, SimDevice
 from edgellm.telemetry import MqttConfig
 from server import rollout
 from server.app import DataDir, Server
 from server.rollout import Gate, RolloutError
-from waiting import wait_for as _wait_for
 
 GATE = "p95_latency_ms<=300,error_rate<=0.05,mean_logprob>=-2.5"
 BEHAVIOUR = {

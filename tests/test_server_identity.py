@@ -108,10 +108,10 @@ def test_the_server_acl_reads_telemetry_and_writes_desired_state_but_never_write
 
 def test_the_server_identity_cannot_publish_device_telemetry_on_a_real_broker(tmp_path, fleet_pki):
     import paho.mqtt.client as mqtt
+    from fixtures_mqtt import Broker
 
     from edgellm import telemetry as wire
     from edgellm.telemetry import MqttConfig
-    from fixtures_mqtt import Broker
     from server.identity import mosquitto_config
 
     b = Broker(tmp_path / "broker")

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from waiting import wait_for as _wait_for
 
 from agent.telemetry import Telemetry
 from agent.telemetry.aggregate import InferenceAggregator, percentile
@@ -15,8 +16,6 @@ from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
 from server.ingest import Ingest
 from server.store import Store
-from waiting import wait_for as _wait_for
-
 
 wait_for = functools.partial(_wait_for, timeout=15.0)
 
@@ -221,8 +220,8 @@ def test_mtls_broker_accepts_fleet_certs_and_refuses_others(tmp_path, fleet_pki)
     """The production Mosquitto config (server.identity): client certs from the fleet CA required,
     the certificate's CN is the user name, and the ACL pins each device to its own topics."""
     import paho.mqtt.client as mqtt
-
     from fixtures_mqtt import Broker, free_port
+
     from server.identity import mosquitto_acl, mosquitto_config
 
     port = free_port()

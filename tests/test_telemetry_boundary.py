@@ -11,13 +11,13 @@ import sqlite3
 import time
 
 import pytest
+from waiting import wait_for as _wait_for
 
 from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
 from server.http import prometheus_text
 from server.ingest import Ingest
 from server.store import QUARANTINE_PAYLOAD_BYTES, Store
-from waiting import wait_for as _wait_for
 
 wait_for = functools.partial(_wait_for, timeout=15.0)
 TEN_YEARS = 10 * 365 * 86400

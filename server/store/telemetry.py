@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from edgellm import telemetry as wire
-
 from server.store.rows import DeviceRow, EventRow, MetricSummary, QuarantineRow, SeriesPoint
 
 #: bounds of what a refused message may occupy: its first bytes, a short reason, a few rows
@@ -99,9 +98,9 @@ class TelemetryTables:
 
     def devices(self, group: str | None = None, stale_after_s: float = 180.0) -> list[DeviceRow]:
         """Device registry rows, by id (optionally one group)."""
-        q, args = f"SELECT {_DEVICE_COLUMNS} FROM devices", ()
+        q, args = f"SELECT {_DEVICE_COLUMNS} FROM devices", []
         if group is not None:
-            q, args = q + " WHERE grp=?", (group,)
+            q, args = q + " WHERE grp=?", [group]
         return [_device(r, stale_after_s) for r in self.db.execute(q + " ORDER BY id", args)]
 
     def device(self, device_id: str, stale_after_s: float = 180.0) -> DeviceRow | None:
@@ -113,7 +112,7 @@ class TelemetryTables:
         return [r[0] for r in self.db.execute("SELECT seq FROM messages WHERE device=? ORDER BY epoch, seq", (device,))]
 
     def message_count(self, device: str | None = None, kind: str | None = None) -> int:
-        q, args = "SELECT COUNT(*) FROM messages WHERE 1=1", []
+        q, args = "SELECT COUNT(*) FROM messages WHERE 1=1", list[Any]()
         if device:
             q, args = q + " AND device=?", [*args, device]
         if kind:
@@ -132,16 +131,17 @@ class TelemetryTables:
                   since: float = 0.0) -> list[EventRow]:
         """Events received since ``since`` from ``devices`` (all if None) named one of ``names``
         (all if None), in the order they were received."""
-        q, args = "SELECT device, seq, ts, received, name, fields FROM events WHERE received>=?", [since]
+        q = "SELECT device, seq, ts, received, name, fields FROM events WHERE received>=?"
+        args: list[Any] = [since]
         if devices is not None:
             if not devices:
                 return []
             q += f" AND device IN ({','.join('?' * len(devices))})"
             args += list(devices)
         if names is not None:
-            names = [str(n) for n in names]
-            q += f" AND name IN ({','.join('?' * len(names))})"
-            args += names
+            wanted = [str(n) for n in names]
+            q += f" AND name IN ({','.join('?' * len(wanted))})"
+            args += wanted
         return [EventRow(r["device"], r["seq"], r["ts"], r["received"], r["name"], json.loads(r["fields"]))
                 for r in self.db.execute(q + " ORDER BY received, device, seq", args)]
 
