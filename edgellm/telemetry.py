@@ -64,7 +64,15 @@ class TelemetryError(EdgeLLMError):
         self.reason = reason
 
 
-class EventName(str, enum.Enum):
+class WireName(str, enum.Enum):
+    """A name that travels (on the wire, in the API): its members compare equal to, format as
+    and serialise to their one spelling."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class EventName(WireName):
     """Event names a device sends that the server acts upon (one spelling each). Other names
     are stored and shown as they come."""
 
@@ -76,9 +84,6 @@ class EventName(str, enum.Enum):
     UPDATE_REFUSED = "update.refused"
     UPDATE_ROLLED_BACK = "update.rolled_back"
     OUTBOX_OVERFLOW = "outbox_overflow"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: events that mean a device could not take (or keep) the version it was sent

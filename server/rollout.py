@@ -29,7 +29,6 @@ server through the shared store.
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from typing import Any
 from edgellm import telemetry as wire
 from edgellm.durations import parse_seconds
 from edgellm.ids import ID_RULE, valid_id
+from edgellm.telemetry import WireName
 from server.errors import RolloutError
 from server.gate import GATE_METRICS, Clause, Gate, parse_percent
 from server.store import MetricSummary, RolloutDeviceRow, RolloutRow, Store
@@ -51,7 +51,7 @@ __all__ = ["ACTIVE", "FINAL", "GATE_METRICS", "Clause", "Gate", "Phase", "Rollou
 logger = logging.getLogger(__name__)
 
 
-class RolloutState(str, enum.Enum):
+class RolloutState(WireName):
     """A rollout's state: the one spelling used by the store, the API and the dashboard."""
 
     PENDING = "pending"
@@ -64,9 +64,6 @@ class RolloutState(str, enum.Enum):
     ABORTED = "aborted"
     FAILED = "failed"
 
-    def __str__(self) -> str:
-        return self.value
-
     @property
     def tone(self) -> str:
         """How the dashboard colours it: ``ok``, ``bad`` or ``busy``."""
@@ -75,14 +72,11 @@ class RolloutState(str, enum.Enum):
         return "busy" if self in ACTIVE and self is not RolloutState.ROLLING_BACK else "bad"
 
 
-class Phase(str, enum.Enum):
+class Phase(WireName):
     """A device's part in a rollout."""
 
     CANARY = "canary"
     REST = "rest"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 S = RolloutState

@@ -33,6 +33,19 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def raw_client(url: str, client_id: str):
+    """A bare paho MQTT 5 client, connected and looping (to publish what a real agent would not)."""
+    import paho.mqtt.client as mqtt
+
+    from edgellm.telemetry import MqttConfig
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    cfg = MqttConfig(url)
+    c.connect(cfg.host, cfg.port)
+    c.loop_start()
+    return c
+
+
 class Broker:
     """A Mosquitto process on 127.0.0.1:``port`` with its own config and persistence dir."""
 

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from fixtures_mqtt import raw_client
 from waiting import wait_for as _wait_for
 
 from agent.telemetry import Telemetry
@@ -28,16 +29,6 @@ def ingest(tmp_path, mqtt_broker):
     assert ing.wait_connected(10)
     yield ing
     ing.stop()
-
-
-def raw_client(url: str, client_id: str):
-    import paho.mqtt.client as mqtt
-
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    cfg = MqttConfig(url)
-    c.connect(cfg.host, cfg.port)
-    c.loop_start()
-    return c
 
 
 # --------------------------------------------------------------------------- wire format

@@ -11,6 +11,7 @@ import sqlite3
 import time
 
 import pytest
+from fixtures_mqtt import raw_client
 from waiting import wait_for as _wait_for
 
 from edgellm import telemetry as wire
@@ -102,16 +103,6 @@ def test_a_clock_ten_years_ahead_does_not_freeze_the_device_state(tmp_path):
 # --------------------------------------------------------------------------- against a real broker
 
 
-def publisher(url: str, client_id: str):
-    import paho.mqtt.client as mqtt
-
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    cfg = MqttConfig(url)
-    c.connect(cfg.host, cfg.port)
-    c.loop_start()
-    return c
-
-
 def publish(c, d: dict) -> None:
     c.publish(wire.device_topic(d["device"], d["kind"]), raw(d), qos=1).wait_for_publish(5)
 
@@ -120,7 +111,7 @@ def test_poison_messages_are_set_aside_and_good_ones_after_them_are_stored(tmp_p
     store = Store(tmp_path / "store.sqlite")
     ing = Ingest(store, MqttConfig(mqtt_broker.url), client_id="poisoned-server")
     ing.start()
-    c = publisher(mqtt_broker.url, "vandal")
+    c = raw_client(mqtt_broker.url, "vandal")
     try:
         assert ing.wait_connected(10)
         for d in POISON.values():
@@ -170,7 +161,7 @@ def test_a_batch_the_store_refuses_is_split_and_only_the_bad_message_set_aside(t
     monkeypatch.setattr(store, "ingest", refuses_one)
     ing = Ingest(store, MqttConfig(mqtt_broker.url), client_id="split-server", batch_s=0.5)
     ing.start()
-    c = publisher(mqtt_broker.url, "mixed")
+    c = raw_client(mqtt_broker.url, "mixed")
     try:
         assert ing.wait_connected(10)
         for i in range(1, 4):
