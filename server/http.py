@@ -151,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(store.counters())
         elif path == "/api/quarantine":
             self._json([{**q.to_dict(), "payload": base64.b64encode(q.payload).decode()}
-                        for q in store.quarantined(limit=min(1000, int(qs.get("limit", ["100"])[0])))])
+                        for q in store.quarantined(limit=max(1, min(1000, int(qs.get("limit", ["100"])[0]))))])
         elif path.startswith("/metadata/") or path.startswith("/targets/"):
             self._static(path)
         else:

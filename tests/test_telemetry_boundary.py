@@ -190,3 +190,22 @@ def test_quarantine_is_bounded_in_bytes_and_rows(tmp_path, monkeypatch):
     assert len(rows) == 3 and all(len(r.payload) == QUARANTINE_PAYLOAD_BYTES and r.size == 4 * QUARANTINE_PAYLOAD_BYTES
                                   for r in rows)
     assert store.counters()["malformed_oversized"] == 5
+
+
+def test_the_quarantine_is_readable_over_http(tmp_path):
+    import base64
+    import urllib.request
+
+    from server.http import HttpServer
+
+    store = Store(tmp_path / "s.sqlite")
+    store.quarantine([("edgellm/v1/dev/x/event", b"\x00\xffnot json", "json", "payload is not JSON")] * 3)
+    srv = HttpServer(store, None, port=0)
+    srv.start()
+    try:
+        with urllib.request.urlopen(srv.url + "/api/quarantine?limit=-1", timeout=10) as r:
+            rows = json.loads(r.read())
+    finally:
+        srv.stop()
+    assert len(rows) == 1  # limits are clamped to 1..1000
+    assert rows[0]["reason"] == "json" and base64.b64decode(rows[0]["payload"]) == b"\x00\xffnot json"
