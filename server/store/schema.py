@@ -7,7 +7,7 @@ import sqlite3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, profile TEXT, grp TEXT NOT NULL DEFAULT 'default', version TEXT, model TEXT,
-    slot TEXT, health TEXT, online INTEGER NOT NULL DEFAULT 0, session TEXT, state_ts REAL NOT NULL DEFAULT 0,
+    slot TEXT, health TEXT, online INTEGER NOT NULL DEFAULT 0, session TEXT,
     first_seen REAL, last_seen REAL, outbox_dropped INTEGER NOT NULL DEFAULT 0, outbox_pending INTEGER NOT NULL DEFAULT 0,
     state_epoch TEXT, state_seq INTEGER NOT NULL DEFAULT 0, state_received REAL NOT NULL DEFAULT 0
 );
