@@ -209,3 +209,18 @@ def test_the_quarantine_is_readable_over_http(tmp_path):
         srv.stop()
     assert len(rows) == 1  # limits are clamped to 1..1000
     assert rows[0]["reason"] == "json" and base64.b64decode(rows[0]["payload"]) == b"\x00\xffnot json"
+
+
+def test_a_store_made_by_an_earlier_release_gets_the_new_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE devices (id TEXT PRIMARY KEY, profile TEXT, grp TEXT NOT NULL DEFAULT 'default',"
+                " version TEXT, model TEXT, slot TEXT, health TEXT, online INTEGER NOT NULL DEFAULT 0, session TEXT,"
+                " state_ts REAL NOT NULL DEFAULT 0, first_seen REAL, last_seen REAL,"
+                " outbox_dropped INTEGER NOT NULL DEFAULT 0, outbox_pending INTEGER NOT NULL DEFAULT 0)")
+    old.execute("INSERT INTO devices (id, version, state_ts) VALUES ('d', '1.0', 1e300)")  # a clock far ahead
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.ingest([wire.Envelope(device="d", kind="heartbeat", seq=1, ts=1.0, body={"version": "2.0"})])
+    assert store.device("d").version == "2.0"
