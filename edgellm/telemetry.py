@@ -159,8 +159,8 @@ def dumps(obj: Any) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """What one wire field may hold: its JSON type and bounds (``None`` is always allowed;
-    required fields are required by the record's constructor)."""
+    """What one wire field may hold: its JSON type and bounds. ``None`` passes here; the record
+    refuses it for fields without a default."""
 
     kind: type
     lo: float = 0

@@ -112,15 +112,17 @@ class DataDir:
         a new keys directory is made at ``root_keys_out`` (default: next to the data
         directory, see :func:`default_root_keys_dir`) and only its online keys are copied in:
         move that directory off the server."""
-        from edgellm.trust import Repository, init_keys
+        from edgellm.trust import KeyStore, Repository, init_keys
 
         d = cls(Path(root))
         if d.config_path.exists():
             raise ServerError(f"{root} is already initialised", hint="use it with `edgellm-server run --data-dir ...`")
         if repo is not None and keys is None:
             raise ServerError("--repo needs the keys that sign it", hint="pass --keys KEYS_DIR as well")
-        if keys is not None and repo is not None:
-            Repository(repo, keys)  # refuses a directory that is not a repository
+        if keys is not None:
+            KeyStore(keys)  # refuses a directory that is not a keys directory
+            if repo is not None:
+                Repository(repo, keys)  # refuses a directory that is not a repository
         if keys is None:
             keys = Path(root_keys_out) if root_keys_out is not None else default_root_keys_dir(d.root)
             if keys.resolve().is_relative_to(d.root.resolve()):

@@ -178,3 +178,9 @@ def test_init_adopting_operator_keys_leaves_the_root_key_behind(tmp_path):
     from server.app import DataDir
 
     assert DataDir(tmp_path / "srv").offline_keys_present() == []
+
+
+def test_init_refuses_a_directory_that_is_not_a_keys_directory_and_leaves_nothing(tmp_path):
+    (tmp_path / "not-keys").mkdir()
+    r = cli("init", "--data-dir", tmp_path / "srv", "--keys", tmp_path / "not-keys", ok=False)
+    assert r.exit_code != 0 and "keys" in r.output and not (tmp_path / "srv").exists()
