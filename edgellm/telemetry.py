@@ -20,34 +20,74 @@ messages), ``ts`` and a kind-specific ``body`` (:class:`Birth`, :class:`Death`,
 device whose outbox was wiped (re-provisioned, factory reset) starts a new sequence instead of
 having its fresh messages dropped as duplicates. Birth and death carry a ``session`` id so a late last-will from an old
 connection never marks a reconnected device offline (Sparkplug's bdSeq idea).
+
+Every field is checked at the boundary (:class:`Field`): JSON type, integers within signed 64 bits
+(counts tighter, so sums stay in range), finite numbers only (:func:`loads` refuses ``NaN``,
+``Infinity`` and ``1e309``), strings bounded and printable, ids by :mod:`edgellm.ids`. ``ts`` is the
+device's clock and is only displayed: the server orders by ``(epoch, seq)`` and its receive time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
-import re
+import math
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from edgellm._record import Record
 from edgellm.errors import EdgeLLMError
+from edgellm.ids import ID_RULE
+from edgellm.ids import valid_id as valid_id  # the one id rule, re-exported for wire users
 
 WIRE_VERSION = 1
 PREFIX = f"edgellm/v{WIRE_VERSION}"
 SHARE_GROUP = "edgellm"
 MAX_PAYLOAD_BYTES = 64 * 1024
 KINDS = ("birth", "death", "heartbeat", "metrics", "event", "reply")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+UNSEQUENCED = ("birth", "death")  # connection state: seq 0, ordered by the server's receive time
+INT64_MAX = 2**63 - 1
+#: counts inside one metrics interval; small enough that sums over many rows stay in 64 bits
+COUNT_MAX = 2**31 - 1
+#: latencies, rates, durations: finite and far beyond anything real
+REAL_MAX = 1e12
+LABEL_MAX = 128
 
 
 class TelemetryError(EdgeLLMError):
-    """A telemetry message or MQTT setting is malformed."""
+    """A telemetry message or MQTT setting is malformed. ``reason`` says which check refused it:
+    ``oversized`` (over :data:`MAX_PAYLOAD_BYTES`), ``json`` (not strict JSON) or ``schema``."""
+
+    def __init__(self, message: str, *, hint: str | None = None, reason: str = "schema") -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
 
 
-def valid_id(s: Any) -> bool:
-    """Device ids and group names: 1-128 chars of [A-Za-z0-9._-] (safe inside a topic)."""
-    return isinstance(s, str) and bool(_ID_RE.match(s))
+class WireName(str, enum.Enum):
+    """A name that travels (on the wire, in the API): its members compare equal to, format as
+    and serialise to their one spelling."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class EventName(WireName):
+    """Event names a device sends that the server acts upon (one spelling each). Other names
+    are stored and shown as they come."""
+
+    UPDATE_STARTED = "update.started"
+    UPDATE_INSTALLED = "update.installed"
+    UPDATE_HEALTH_CHECK = "update.health_check"
+    UPDATE_COMMITTED = "update.committed"
+    UPDATE_FAILED = "update.failed"
+    UPDATE_REFUSED = "update.refused"
+    UPDATE_ROLLED_BACK = "update.rolled_back"
+    OUTBOX_OVERFLOW = "outbox_overflow"
+
+
+#: events that mean a device could not take (or keep) the version it was sent
+UPDATE_FAILURES = frozenset({EventName.UPDATE_FAILED, EventName.UPDATE_REFUSED, EventName.UPDATE_ROLLED_BACK})
 
 
 # --------------------------------------------------------------------------- topics
@@ -86,28 +126,102 @@ def parse_device_topic(topic: str) -> tuple[str, str] | None:
     return parts[3], parts[4]
 
 
-# --------------------------------------------------------------------------- records
+# --------------------------------------------------------------------------- strict JSON
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} overflows a 64-bit float")
+    return v
+
+
+def loads(data: bytes | str, what: str = "payload") -> Any:
+    """Strict JSON: NaN, Infinity and numbers that overflow to infinity are refused, as is
+    nesting too deep to parse. Raises :class:`TelemetryError` with ``reason="json"``."""
+    try:
+        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise TelemetryError(f"{what} is not JSON ({str(e)[:200]})", reason="json") from e
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact, sorted JSON; refuses NaN and infinities rather than writing them."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """What one wire field may hold: its JSON type and bounds. ``None`` passes here; the record
+    refuses it for fields without a default."""
+
+    kind: type
+    lo: float = 0
+    hi: float = INT64_MAX
+    max_len: int = LABEL_MAX
+    rule: str | None = None  # "id": the one id rule
+
+    def check(self, owner: str, name: str, v: Any) -> None:
+        where = f"{owner}.{name}"
+        if v is None:
+            return
+        if self.kind is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif self.kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, self.kind)
+        if not ok:
+            raise TelemetryError(f"{where}: expected {self.kind.__name__}, got {type(v).__name__}")
+        if self.kind in (int, float) and not (self.lo <= v <= self.hi):  # also refuses NaN
+            lo, hi = (int(self.lo), int(self.hi)) if self.kind is int else (self.lo, self.hi)
+            raise TelemetryError(f"{where}: {str(v)[:40]} is outside [{lo}, {hi}]")
+        if self.kind is str:
+            if len(v) > self.max_len:
+                raise TelemetryError(f"{where}: longer than {self.max_len} characters")
+            if self.rule == "id" and not valid_id(v):
+                raise TelemetryError(f"{where}: {v[:40]!r} is not an id ({ID_RULE})")
+            if not v.isprintable():
+                raise TelemetryError(f"{where}: control characters are not allowed")
+
+
+SEQ = Field(int, 0, INT64_MAX)
+COUNT = Field(int, 0, COUNT_MAX)
+BIG_COUNT = Field(int, 0, INT64_MAX)
+REAL = Field(float, 0, REAL_MAX)
+SIGNED_REAL = Field(float, -REAL_MAX, REAL_MAX)
+TEXT = Field(str)
+ID = Field(str, rule="id")
+SHORT = Field(str, max_len=64)
+OBJECT = Field(dict)
+FLAG = Field(bool)
 
 
 class _Record(Record):
-    """Wire records: unknown fields kept in ``extra``; known fields type-checked."""
+    """Wire records: unknown fields kept in ``extra``; every known field type- and range-checked."""
 
     error = TelemetryError
-    _types: ClassVar[dict[str, tuple[type, ...]]] = {}
+    _fields: ClassVar[dict[str, Field]] = {}
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
         known, _ = cls.split(d)
+        required = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         for k, v in known.items():
-            types = cls._types.get(k)
-            if types and v is not None and not (isinstance(v, types) and not (isinstance(v, bool) and bool not in types)):
-                raise TelemetryError(f"{cls.__name__}.{k}: expected {'/'.join(t.__name__ for t in types)}, got {type(v).__name__}")
+            if v is None and k in required:
+                raise TelemetryError(f"{cls.__name__}.{k} is required")
+            spec = cls._fields.get(k)
+            if spec is not None:
+                spec.check(cls.__name__, k, v)
         return super().from_dict(d)
-
-
-_NUM = (int, float)
-_STR = (str,)
-_INT = (int,)
 
 
 @dataclasses.dataclass
@@ -123,8 +237,8 @@ class Birth(_Record):
     health: str | None = None
     agent_version: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"session": _STR, "profile": _STR, "group": _STR, "version": _STR, "model": _STR,
-                        "slot": _STR, "health": _STR}
+    _fields: ClassVar = {"session": SHORT, "profile": TEXT, "group": ID, "version": TEXT, "model": TEXT,
+                         "slot": SHORT, "health": SHORT, "agent_version": SHORT}
 
 
 @dataclasses.dataclass
@@ -134,7 +248,7 @@ class Death(_Record):
     session: str
     reason: str = "lost"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"session": _STR, "reason": _STR}
+    _fields: ClassVar = {"session": SHORT, "reason": SHORT}
 
 
 @dataclasses.dataclass
@@ -149,8 +263,8 @@ class Heartbeat(_Record):
     outbox_pending: int = 0
     outbox_dropped: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"uptime_s": _NUM, "version": _STR, "model": _STR, "health": _STR,
-                        "outbox_pending": _INT, "outbox_dropped": _INT}
+    _fields: ClassVar = {"uptime_s": REAL, "version": TEXT, "model": TEXT, "slot": SHORT, "health": SHORT,
+                         "profile": TEXT, "group": ID, "outbox_pending": BIG_COUNT, "outbox_dropped": BIG_COUNT}
 
 
 @dataclasses.dataclass
@@ -170,21 +284,21 @@ class Metrics(_Record):
     version: str | None = None
     model: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"interval_s": _NUM, "count": _INT, "errors": _INT, "p50_latency_ms": _NUM,
-                        "p95_latency_ms": _NUM, "tokens_per_second": _NUM, "mean_logprob": _NUM,
-                        "prompt_tokens_mean": _NUM, "prompt_tokens_max": _INT, "completion_tokens": _INT,
-                        "version": _STR, "model": _STR}
+    _fields: ClassVar = {"interval_s": REAL, "count": COUNT, "errors": COUNT, "p50_latency_ms": REAL,
+                         "p95_latency_ms": REAL, "tokens_per_second": REAL, "mean_logprob": SIGNED_REAL,
+                         "prompt_tokens_mean": REAL, "prompt_tokens_max": COUNT, "completion_tokens": BIG_COUNT,
+                         "version": TEXT, "model": TEXT}
 
 
 @dataclasses.dataclass
 class Event(_Record):
-    """Something happened: ``update_started``, ``update_installed``, ``update_failed``,
-    ``rolled_back``, ``outbox_overflow``, ... ``fields`` is free-form."""
+    """Something happened: see :class:`EventName` for the names the server acts upon.
+    ``fields`` is free-form (strict JSON, inside the payload bound)."""
 
     name: str
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"name": _STR, "fields": (dict,)}
+    _fields: ClassVar = {"name": TEXT, "fields": OBJECT}
 
 
 BODY_TYPES: dict[str, type[_Record]] = {
@@ -202,8 +316,9 @@ class Envelope(_Record):
     epoch: str = ""
     v: int = WIRE_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"device": _STR, "kind": _STR, "seq": _INT, "ts": _NUM, "body": (dict,), "v": _INT,
-                        "epoch": _STR}
+    # ts is the device's clock: kept for display, never used to order what the server keeps
+    _fields: ClassVar = {"device": ID, "kind": SHORT, "seq": SEQ, "ts": REAL, "body": OBJECT,
+                         "v": Field(int, 0, 1000), "epoch": SHORT}
 
     @classmethod
     def from_dict(cls, d: Any) -> Envelope:
@@ -213,14 +328,11 @@ class Envelope(_Record):
                 raise TelemetryError(f"Envelope.{k} is required")
         if env.v != WIRE_VERSION:
             raise TelemetryError(f"Envelope.v: unsupported wire version {env.v}")
-        if not valid_id(env.device):
-            raise TelemetryError(f"Envelope.device: invalid device id {env.device!r}")
         if env.kind not in KINDS:
             raise TelemetryError(f"Envelope.kind: unknown kind {env.kind!r}")
-        if env.seq < 0:
-            raise TelemetryError("Envelope.seq must be >= 0")
-        if len(env.epoch) > 64:
-            raise TelemetryError("Envelope.epoch is too long")
+        if (env.seq == 0) != (env.kind in UNSEQUENCED):
+            raise TelemetryError(f"Envelope.seq: {env.kind} messages carry "
+                                 f"{'seq 0' if env.kind in UNSEQUENCED else 'a sequence number >= 1'}")
         return env
 
     def typed_body(self) -> _Record | dict[str, Any]:
@@ -229,17 +341,14 @@ class Envelope(_Record):
         return t.from_dict(self.body) if t else dict(self.body)
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+        return dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
         if len(data) > MAX_PAYLOAD_BYTES:
-            raise TelemetryError(f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
-        try:
-            d = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise TelemetryError(f"payload is not JSON ({e})") from e
-        env = cls.from_dict(d)
+            raise TelemetryError(f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit",
+                                 reason="oversized")
+        env = cls.from_dict(loads(data))
         env.typed_body()
         return env
 
@@ -258,19 +367,16 @@ class Desired(_Record):
     issued_at: float | None = None
     v: int = WIRE_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"model": _STR, "version": _STR, "rollout": _STR, "rollback": (bool,), "issued_at": _NUM}
+    _fields: ClassVar = {"model": TEXT, "version": TEXT, "rollout": SHORT, "rollback": FLAG, "issued_at": REAL}
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+        return dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, data: bytes) -> Desired:
         if len(data) > MAX_PAYLOAD_BYTES:
-            raise TelemetryError("desired-state payload too large")
-        try:
-            return cls.from_dict(json.loads(data))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise TelemetryError(f"desired-state payload is not JSON ({e})") from e
+            raise TelemetryError("desired-state payload too large", reason="oversized")
+        return cls.from_dict(loads(data, "desired-state payload"))
 
 
 @dataclasses.dataclass
@@ -279,7 +385,7 @@ class Command(_Record):
     name: str
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _types: ClassVar = {"id": _STR, "name": _STR, "args": (dict,)}
+    _fields: ClassVar = {"id": SHORT, "name": TEXT, "args": OBJECT}
 
 
 # --------------------------------------------------------------------------- broker settings

@@ -3,7 +3,8 @@
 Data directory::
 
     server.json        settings written by ``init``
-    keys/              TUF signing keys + root.json (the trust root devices pin)
+    keys/              the online TUF keys (targets, snapshot, timestamp) + root.json, the trust
+                       root devices pin. Never the root key: it stays with the operator
     repo/              TUF repository served at /metadata/ and /targets/
     ca/                fleet CA (``edgellm-server ca init``), device certs in ca/devices/
     store.sqlite       device registry, telemetry, rollouts
@@ -15,21 +16,48 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from edgellm.errors import EdgeLLMError
+from edgellm._fs import atomic_write
 from edgellm.telemetry import MqttConfig
-
+from server.errors import ServerError
 from server.store import Store
 
 logger = logging.getLogger(__name__)
 
+#: the TUF roles whose keys the server holds; root is signed offline, by the operator
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 
-class ServerError(EdgeLLMError):
-    """The server's data directory or settings are wrong."""
+
+def default_root_keys_dir(data_dir: Path) -> Path:
+    """Where ``init`` without ``--keys`` puts the full keys directory (root key included):
+    next to the data directory, never inside it."""
+    return data_dir.with_name(f"{data_dir.name}-root-keys")
+
+
+def copy_online_keys(src: Path, dst: Path) -> list[str]:
+    """Copy ``keys.json``, ``root.json`` and the online roles' private keys from the keys
+    directory ``src`` to ``dst`` (0700, keys 0600). Returns the root key files left behind."""
+    from edgellm.trust import KeyStore
+
+    index = KeyStore(src).index  # refuses a directory that is not a keys directory
+    dst.mkdir(parents=True, exist_ok=False)
+    os.chmod(dst, 0o700)
+    left = []
+    for role, entries in index["roles"].items():
+        for e in entries:
+            f = src / e["file"]
+            if role not in ONLINE_ROLES:
+                left += [e["file"]] if f.exists() else []
+            elif f.exists():
+                atomic_write(dst / e["file"], f.read_bytes(), mode=0o600)
+    for name in ("keys.json", "root.json"):
+        atomic_write(dst / name, (src / name).read_bytes(), mode=0o644)
+    return left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +93,25 @@ class DataDir:
     def store(self) -> Store:
         return Store(self.store_path)
 
-    @classmethod
-    def init(cls, root: Path, *, expiry: Any = None, keys: Path | None = None, repo: Path | None = None) -> DataDir:
-        """Create a data directory. ``keys``/``repo`` adopt (copy) an existing keys directory
-        (``edgellm keys init``) and repository (``edgellm repo init``) instead of making new
-        ones, so devices already pinning that root.json follow this server."""
-        import shutil
+    def offline_keys_present(self) -> list[str]:
+        """Private keys of offline roles (root) found in ``keys/``: they should not be here."""
+        from edgellm.trust import KeyStore
 
+        index = KeyStore(self.keys).index
+        return [e["file"] for role, entries in index["roles"].items() if role not in ONLINE_ROLES
+                for e in entries if (self.keys / e["file"]).exists()]
+
+    @classmethod
+    def init(cls, root: Path, *, expiry: Any = None, keys: Path | None = None, repo: Path | None = None,
+             root_keys_out: Path | None = None) -> DataDir:
+        """Create a data directory holding only the online TUF keys.
+
+        ``keys``/``repo`` adopt a keys directory (``edgellm keys init``) and repository
+        (``edgellm repo init``) made on the operator's machine, so devices already pinning that
+        root.json follow this server; the root key in ``keys`` is not copied. Without ``keys``,
+        a new keys directory is made at ``root_keys_out`` (default: next to the data
+        directory, see :func:`default_root_keys_dir`) and only its online keys are copied in:
+        move that directory off the server."""
         from edgellm.trust import KeyStore, Repository, init_keys
 
         d = cls(Path(root))
@@ -83,18 +123,23 @@ class DataDir:
             KeyStore(keys)  # refuses a directory that is not a keys directory
             if repo is not None:
                 Repository(repo, keys)  # refuses a directory that is not a repository
+        if keys is None:
+            keys = Path(root_keys_out) if root_keys_out is not None else default_root_keys_dir(d.root)
+            if keys.resolve().is_relative_to(d.root.resolve()):
+                raise ServerError(f"{keys} is inside the data directory; the root key must not live on the server",
+                                  hint="pass a directory outside it (and move it offline afterwards)")
+            init_keys(keys, **({"expiry": expiry} if expiry is not None else {}))
         d.root.mkdir(parents=True, exist_ok=True)
-        if keys is not None:
-            shutil.copytree(keys, d.keys)
-            os.chmod(d.keys, 0o700)
-        else:
-            init_keys(d.keys, **({"expiry": expiry} if expiry is not None else {}))
+        left = copy_online_keys(Path(keys), d.keys)
+        if left:
+            logger.info("root key(s) %s stay in %s, not in the server's data directory", ", ".join(left), keys)
         if repo is not None:
             shutil.copytree(repo, d.repo)
         else:
             Repository.create(d.repo, d.keys)
         Store(d.store_path).close()
-        d.config_path.write_text(json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()}, indent=2) + "\n")
+        atomic_write(d.config_path, (json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()},
+                                                indent=2) + "\n").encode())
         return d
 
 
@@ -111,6 +156,10 @@ class Server:
         from server.rollout import RolloutDriver
 
         self.data = DataDir(Path(data_dir)).check()
+        offline = self.data.offline_keys_present()
+        if offline:
+            logger.warning("the data directory holds offline keys (%s): the server needs only the online roles; "
+                           "move them to the operator's machine", ", ".join(offline))
         self.store = self.data.store()
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
         self.driver = RolloutDriver(Store(self.data.store_path), lambda t, p, r: self.ingest.publish(t, p, retain=r),

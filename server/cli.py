@@ -29,15 +29,25 @@ def main(verbose: int) -> None:
 @main.command()
 @data_dir_option
 @click.option("--keys", "keys_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Adopt this keys directory (from `edgellm keys init`) instead of making new keys.")
+              help="Adopt this keys directory (from `edgellm keys init`); only its online keys are copied.")
 @click.option("--repo", "repo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Adopt this repository (from `edgellm repo init`, signed by --keys).")
-def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None) -> None:
-    """Create keys (or adopt --keys/--repo), a signed TUF repository and the store in DATA_DIR."""
-    from server.app import DataDir
+@click.option("--root-keys-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Without --keys: where the new keys directory (root key included) goes "
+                   "[default: DATA_DIR-root-keys, next to DATA_DIR]. Move it off the server.")
+def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys_out: Path | None) -> None:
+    """Create DATA_DIR: the online TUF keys, a signed repository and the store. The root key
+    never goes into DATA_DIR."""
+    from server.app import DataDir, default_root_keys_dir
 
-    d = DataDir.init(data_dir, keys=keys_dir, repo=repo_dir)
+    if keys_dir is not None and root_keys_out is not None:
+        raise click.UsageError("--root-keys-out is for new keys; with --keys the root key stays where it is")
+    d = DataDir.init(data_dir, keys=keys_dir, repo=repo_dir, root_keys_out=root_keys_out)
     click.echo(f"initialised {d.root}\n  trust root for devices: {d.keys / 'root.json'}\n  repository: {d.repo}")
+    operator_keys = keys_dir or root_keys_out or default_root_keys_dir(data_dir)
+    click.echo(f"  root key: kept in {operator_keys}, not copied; "
+               f"{'keep it there' if keys_dir else 'move that directory to an offline place'} "
+               "(it signs key rotations only)")
 
 
 @main.command()
@@ -115,17 +125,16 @@ def devices(data_dir: Path, group: str | None, fmt: str) -> None:
 
     rows = DataDir(data_dir).check().store().devices(group=group)
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2, default=str))
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
 
     t = Table("id", "group", "profile", "version", "online", "health", "last seen")
     for r in rows:
-        seen = f"{time.time() - r['last_seen']:.0f}s ago" if r["last_seen"] else "never"
-        online = ("yes (silent)" if r["stale"] else "yes") if r["online"] else "no"
-        t.add_row(r["id"], r["group"], r["profile"] or "", r["version"] or "", online,
-                  r["health"] or "", seen)
+        seen = f"{time.time() - r.last_seen:.0f}s ago" if r.last_seen else "never"
+        online = ("yes (silent)" if r.stale else "yes") if r.online else "no"
+        t.add_row(r.id, r.group, r.profile or "", r.version or "", online, r.health or "", seen)
     Console().print(t)
 
 
@@ -248,6 +257,23 @@ def ca_issue_device(data_dir: Path, device_id: str, out: Path | None) -> None:
     click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
 
 
+@ca_group.command("issue-server-client")
+@data_dir_option
+@click.option("--name", default="edgellm-server", show_default=True,
+              help="edgellm-server, or edgellm-server-N for another replica.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for NAME.crt/.key (default DATA_DIR/ca/server-client).")
+def ca_issue_server_client(data_dir: Path, name: str, out: Path | None) -> None:
+    """Issue the control plane's own MQTT client certificate (the broker's ACL gives it the
+    server's rights; `ca issue-device` refuses these names)."""
+    from server.app import DataDir
+    from server.identity import CertificateAuthority
+
+    d = DataDir(data_dir)
+    issued = CertificateAuthority(d.ca).issue_server_client(out or d.ca / "server-client", name)
+    click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
+
+
 @ca_group.command("issue-server")
 @data_dir_option
 @click.option("--host", "hosts", multiple=True, required=True, help="Broker host name or IP (repeatable).")
@@ -269,7 +295,8 @@ def ca_issue_server(data_dir: Path, hosts: tuple[str, ...], out: Path | None) ->
 def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
     """Print a Mosquitto configuration that requires fleet client certificates; writes the ACL
     (each device only on its own topics) to DATA_DIR/ca/mosquitto.acl. Issue the server's own
-    client certificate with `ca issue-device edgellm-server`."""
+    client certificate with `ca issue-server-client`."""
+    from edgellm._fs import atomic_write
     from server.app import DataDir
     from server.identity import mosquitto_acl, mosquitto_config
 
@@ -278,7 +305,7 @@ def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
     if not (broker / "server.crt").is_file():
         raise click.ClickException("no broker certificate yet\n  hint: run `edgellm-server ca issue-server --host NAME` first")
     acl = d.ca / "mosquitto.acl"
-    acl.write_text(mosquitto_acl())
+    atomic_write(acl, mosquitto_acl().encode(), mode=0o644)
     click.echo(mosquitto_config(port=port, bind=bind, ca=d.ca / "ca.crt", cert=broker / "server.crt",
                                 key=broker / "server.key", persistence_dir=d.root / "mosquitto", acl_file=acl), nl=False)
 

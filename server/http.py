@@ -6,15 +6,18 @@
     /api/devices           device registry (JSON)
     /api/rollouts[/<id>]   rollouts with devices, progress and history
     /api/series?by=version|device&since=SECONDS_AGO&bucket=SECONDS   metrics for charts
-    /api/ingest            ingest counters (stored, duplicates, malformed_*)
+    /api/ingest            ingest counters (stored, duplicates, quarantined, malformed_<reason>)
+    /api/quarantine        the newest refused messages: reason, topic, size, first bytes (base64)
     /metrics               Prometheus text format
     /healthz               liveness
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -25,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from server import rollout
+from server.errors import RolloutError
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -49,23 +53,39 @@ def prometheus_text(store: Store) -> str:
     devs = store.devices()
     metric("edgellm_devices", "gauge", "Known devices.", [({}, len(devs))])
     metric("edgellm_devices_online", "gauge", "Devices online (birth seen, no death since).",
-           [({}, sum(1 for d in devs if d["online"]))])
+           [({}, sum(1 for d in devs if d.online))])
     by_version: dict[str, int] = {}
     for d in devs:
-        by_version[d["version"] or "none"] = by_version.get(d["version"] or "none", 0) + 1
+        by_version[d.version or "none"] = by_version.get(d.version or "none", 0) + 1
     metric("edgellm_devices_by_version", "gauge", "Devices per reported model version.",
            [({"version": v}, n) for v, n in sorted(by_version.items())])
     counters = store.counters()
     metric("edgellm_ingest_messages_total", "counter", "Telemetry messages by outcome.",
            [({"outcome": k}, v) for k, v in sorted(counters.items())])
-    rows = store.db.execute("SELECT state, COUNT(*) n FROM rollouts GROUP BY state").fetchall()
-    metric("edgellm_rollouts", "gauge", "Rollouts by state.", [({"state": r["state"]}, r["n"]) for r in rows])
+    metric("edgellm_ingest_quarantine_rows", "gauge", "Refused telemetry messages kept for inspection.",
+           [({}, store.quarantine_size())])
+    metric("edgellm_rollouts", "gauge", "Rollouts by state.",
+           [({"state": s}, n) for s, n in sorted(store.rollout_counts().items())])
     summ = store.series(by="version", since=time.time() - 300, bucket_s=300)
     metric("edgellm_p95_latency_ms", "gauge", "Inference p95 latency over the last 5 minutes, by version.",
-           [({"version": s["key"]}, s["p95_latency_ms"]) for s in summ if s["p95_latency_ms"] is not None])
+           [({"version": s.key}, s.p95_latency_ms) for s in summ if s.p95_latency_ms is not None])
     metric("edgellm_error_rate", "gauge", "Inference error rate over the last 5 minutes, by version.",
-           [({"version": s["key"]}, s["error_rate"]) for s in summ if s["error_rate"] is not None])
+           [({"version": s.key}, s.error_rate) for s in summ if s.error_rate is not None])
     return "\n".join(lines) + "\n"
+
+
+def _series(store: Store, qs: dict[str, list[str]]) -> list[Any]:
+    by = qs.get("by", ["version"])[0]
+    since = time.time() - _finite(qs.get("since", ["3600"])[0])
+    bucket = max(1.0, _finite(qs.get("bucket", ["60"])[0]))
+    return store.series(by=by, since=since, bucket_s=bucket, device=qs.get("device", [None])[0])
+
+
+def _finite(text: str) -> float:
+    v = float(text)  # ValueError -> 400
+    if not math.isfinite(v):
+        raise ValueError(f"{text!r} is not a finite number")
+    return v
 
 
 def _esc(s: Any) -> str:
@@ -101,7 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         try:
             self._route()
-        except rollout.RolloutError as e:
+        except RolloutError as e:
             self._error(404, str(e))
         except ValueError as e:
             self._error(400, f"bad request: {e}")
@@ -120,18 +140,18 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             self._send(200, prometheus_text(store).encode(), "text/plain; version=0.0.4")
         elif path == "/api/devices":
-            self._json(store.devices(group=qs.get("group", [None])[0]))
+            self._json([d.to_dict() for d in store.devices(group=qs.get("group", [None])[0])])
         elif path == "/api/rollouts":
             self._json(rollout.status(store))
         elif path.startswith("/api/rollouts/"):
             self._json(rollout.status(store, path.rsplit("/", 1)[1])[0])
         elif path == "/api/series":
-            by = qs.get("by", ["version"])[0]
-            since = time.time() - float(qs.get("since", ["3600"])[0])
-            bucket = max(1.0, float(qs.get("bucket", ["60"])[0]))
-            self._json(store.series(by=by, since=since, bucket_s=bucket, device=qs.get("device", [None])[0]))
+            self._json([p.to_dict() for p in _series(store, qs)])
         elif path == "/api/ingest":
             self._json(store.counters())
+        elif path == "/api/quarantine":
+            self._json([{**q.to_dict(), "payload": base64.b64encode(q.payload).decode()}
+                        for q in store.quarantined(limit=max(1, min(1000, int(qs.get("limit", ["100"])[0]))))])
         elif path.startswith("/metadata/") or path.startswith("/targets/"):
             self._static(path)
         else:
@@ -176,7 +196,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host, port = self._srv.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._srv.serve_forever, name="http", daemon=True)

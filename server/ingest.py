@@ -7,28 +7,51 @@
   receive and commit means redelivery, never loss. Deduplication on (device, seq) in the store
   turns the resulting at-least-once into exactly-once storage.
 * Writes in batches (up to ``batch_size`` messages or ``batch_s`` seconds per transaction).
-* Malformed payloads (over the size limit, not JSON, wrong schema, wrong topic) are counted by
-  reason, acknowledged and dropped; ingest keeps going.
+* A message is refused at the boundary when it is over the size limit, not strict JSON, off the
+  schema (every field typed and bounded by :mod:`edgellm.telemetry`) or on the wrong topic. A
+  batch the database still refuses is split in halves until the message it cannot store is
+  found. Refused messages are set aside in the store's quarantine (first bytes + reason),
+  counted (``malformed_<reason>``) and acknowledged, so one bad device never stops the fleet's
+  ingest and a restart does not bring the message back. A database that is down (I/O error,
+  locked) is retried with the batch unacknowledged.
 
 The same connection publishes the server's retained desired state (see :meth:`publish`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
-
+from server.errors import IngestError
 from server.store import Store
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: database errors worth retrying with the batch unacknowledged; anything else is the data's fault
+TRANSIENT = (OSError, sqlite3.OperationalError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Incoming:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+
+
+class _Stopping(Exception):
+    """Raised inside the writer when the server stops while a write is being retried."""
 
 
 class Ingest:
@@ -45,12 +68,11 @@ class Ingest:
         self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self.on_connect_hooks: list[Callable[[], None]] = []
-        self._q: queue.Queue = queue.Queue()
+        self._q: queue.Queue[Incoming] = queue.Queue()
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self._client: Any = None
         self._counter_lock = threading.Lock()
-        self._persisted: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,7 +144,7 @@ class Ingest:
             logger.warning("ingest: disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._q.put((msg.mid, msg.qos, msg.topic, msg.payload))
+        self._q.put(Incoming(msg.mid, msg.qos, msg.topic, msg.payload))
 
     # ------------------------------------------------------------------ writer thread
 
@@ -130,79 +152,102 @@ class Ingest:
         with self._counter_lock:
             self.counters[name] += n
 
-    def parse(self, topic: str, payload: bytes) -> wire.Envelope | None:
-        """Validate one message; count and return None if it must be dropped."""
-        self._bump("received")
-        if len(payload) > wire.MAX_PAYLOAD_BYTES:
-            self._bump("malformed_oversized")
-            return None
+    def parse(self, topic: str, payload: bytes) -> wire.Envelope:
+        """Validate one message; raises :class:`IngestError` (with its ``reason``) if refused."""
         where = wire.parse_device_topic(topic)
+        if len(payload) > wire.MAX_PAYLOAD_BYTES:
+            raise IngestError(f"payload of {len(payload)} bytes is over the limit", reason="oversized")
         if where is None:
-            self._bump("malformed_topic")
-            return None
+            raise IngestError(f"{topic[:200]!r} is not a device topic", reason="topic")
         try:
             env = wire.Envelope.from_json(payload)
         except wire.TelemetryError as e:
-            reason = "malformed_json" if "not JSON" in str(e) else "malformed_schema"
-            self._bump(reason)
-            logger.debug("ingest: dropping message on %s: %s", topic, e)
-            return None
+            raise IngestError(str(e), reason=e.reason) from e
         if (env.device, env.kind) != where:
-            self._bump("malformed_topic")
-            return None
+            raise IngestError(f"envelope says {env.device}/{env.kind} on topic {topic[:200]!r}", reason="topic")
         return env
+
+    def _next_batch(self) -> list[Incoming]:
+        try:
+            batch = [self._q.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.batch_s
+        while len(batch) < self.batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(self._q.get(timeout=left))
+            except queue.Empty:
+                break
+        return batch
 
     def _write_loop(self) -> None:
         while not self._stop.is_set() or not self._q.empty():
-            try:
-                first = self._q.get(timeout=0.1)
-            except queue.Empty:
+            batch = self._next_batch()
+            if not batch:
                 continue
-            batch = [first]
-            deadline = time.monotonic() + self.batch_s
-            while len(batch) < self.batch_size:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(self._q.get(timeout=left))
-                except queue.Empty:
-                    break
-            envs = []
-            for _mid, _qos, topic, payload in batch:
-                env = self.parse(topic, payload)
-                if env is not None:
-                    envs.append(env)
-            res = self._store_with_retry(envs)
-            if res is None:
-                return  # stopping: unacknowledged, the broker redelivers to the next session
-            self._bump("stored", res["stored"])
-            self._bump("duplicates", res["duplicates"])
-            with self._counter_lock:
-                dropped = {k: v for k, v in self.counters.items() if k.startswith("malformed")}
-            self._persist_malformed(dropped)
-            for mid, qos, _t, _p in batch:
-                if qos > 0 and self._client is not None:
-                    self._client.ack(mid, qos)
+            try:
+                self._handle(batch)
+            except _Stopping:
+                return  # unacknowledged: the broker redelivers to the next session
+            except Exception:  # a bug, not the data: keep the writer alive, leave the batch unacknowledged
+                self._bump("writer_errors")
+                logger.exception("ingest: could not handle a batch of %d messages", len(batch))
+                continue
+            for m in batch:
+                if m.qos > 0 and self._client is not None:
+                    self._client.ack(m.mid, m.qos)
 
-    def _store_with_retry(self, envs: list[wire.Envelope]) -> dict[str, int] | None:
-        """Commit a batch; on a database error keep retrying the same batch (nothing is
-        acknowledged before it is stored)."""
+    def _handle(self, batch: list[Incoming]) -> None:
+        """Store what is good, set aside what is not; returns once both are committed."""
+        self._bump("received", len(batch))
+        good: list[tuple[Incoming, wire.Envelope]] = []
+        refused: list[tuple[Incoming, IngestError]] = []
+        for m in batch:
+            try:
+                good.append((m, self.parse(m.topic, m.payload)))
+            except IngestError as e:
+                refused.append((m, e))
+        refused += self._store_split(good)
+        if refused:
+            for m, err in refused:
+                logger.warning("ingest: set aside a message on %s (%s): %s", m.topic[:200], err.reason, str(err)[:300])
+                self._bump(err.counter)
+            self._bump("quarantined", len(refused))
+            rows = [(m.topic, m.payload, err.reason, str(err)) for m, err in refused]
+            self._retrying(lambda: self.store.quarantine(rows))
+
+    def _store_split(self, items: list[tuple[Incoming, wire.Envelope]]) -> list[tuple[Incoming, IngestError]]:
+        """Store ``items`` in one transaction; if the database refuses the data, halve the batch
+        until the message it cannot store is alone. Returns the refused ones."""
+        if not items:
+            return []
+        try:
+            res = self._retrying(lambda: self.store.ingest([env for _, env in items]))
+        except _Stopping:
+            raise
+        except Exception as e:  # the data's fault: find the message
+            if len(items) == 1:
+                return [(items[0][0], IngestError(f"the store refused it: {type(e).__name__}: {e}",
+                                                  reason="unstorable"))]
+            half = len(items) // 2
+            return self._store_split(items[:half]) + self._store_split(items[half:])
+        self._bump("stored", res["stored"])
+        self._bump("duplicates", res["duplicates"])
+        return []
+
+    def _retrying(self, write: Callable[[], T]) -> T:
+        """Run a store write; while the database itself fails keep retrying (nothing is
+        acknowledged before it is stored). Raises :class:`_Stopping` if the server stops."""
         delay = 0.5
         while True:
             try:
-                return self.store.ingest(envs)
-            except Exception:
+                return write()
+            except TRANSIENT:
                 self._bump("store_errors")
                 logger.exception("ingest: store write failed; retrying in %.1fs (messages stay unacknowledged)", delay)
                 if self._stop.wait(delay):
-                    return None
+                    raise _Stopping() from None
                 delay = min(delay * 2, 30.0)
-
-    def _persist_malformed(self, current: dict[str, int]) -> None:
-        """Malformed counts also go to the store (the dashboard and CLI read them there)."""
-        for k, v in current.items():
-            delta = v - self._persisted.get(k, 0)
-            if delta:
-                self.store.count(k, delta)
-                self._persisted[k] = v

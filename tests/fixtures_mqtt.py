@@ -33,6 +33,19 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def raw_client(url: str, client_id: str):
+    """A bare paho MQTT 5 client, connected and looping (to publish what a real agent would not)."""
+    import paho.mqtt.client as mqtt
+
+    from edgellm.telemetry import MqttConfig
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    cfg = MqttConfig(url)
+    c.connect(cfg.host, cfg.port)
+    c.loop_start()
+    return c
+
+
 class Broker:
     """A Mosquitto process on 127.0.0.1:``port`` with its own config and persistence dir."""
 
@@ -137,7 +150,7 @@ def fleet_pki(tmp_path_factory):
     ca = CertificateAuthority.init(d / "ca")
     server = ca.issue_server(d / "broker", hosts=["127.0.0.1", "localhost"])
     good = ca.issue_device("dev-good", d / "devices")
-    ingest = ca.issue_device("edgellm-server", d / "devices")  # the control plane's own client cert
+    ingest = ca.issue_server_client(d / "server-client")  # the control plane's own client cert
     rogue_ca = CertificateAuthority.init(d / "rogue-ca")
     bad = rogue_ca.issue_device("dev-rogue", d / "rogue-devices")
     return {"ca": ca.cert_path, "server": server, "good": good, "bad": bad, "ingest": ingest}

@@ -96,8 +96,8 @@ def populated(tmp_path):
     store.ingest([wire.Envelope(device="arm-01", kind="death", seq=0, ts=now, body={"session": "s"})])
     rid = rollout.start(store, model="demo", version="2.0-bad", group="lab", canary="34%",
                         gate="p95_latency_ms<=300", bake="10m")
-    store.db.execute("UPDATE rollouts SET state='rolled_back', reason=? WHERE id=?",
-                     ("gate broken on canary (n=300): p95_latency_ms=900 breaks p95_latency_ms<=300", rid))
+    store.set_rollout_state(rid, rollout.RolloutState.ROLLED_BACK,
+                            reason="gate broken on canary (n=300): p95_latency_ms=900 breaks p95_latency_ms<=300")
     rollout.log(store, rid, "rolled_back", "canary devices are back on their previous version")
     srv = HttpServer(store, None, port=0)
     srv.start()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import functools
 
 import pytest
+from waiting import wait_for as _wait_for
 
 from agent.telemetry.sim import Behaviour, SimDevice
 from edgellm.telemetry import MqttConfig
 from server import rollout
 from server.app import DataDir, Server
 from server.rollout import Gate, RolloutError
-from waiting import wait_for as _wait_for
 
 GATE = "p95_latency_ms<=300,error_rate<=0.05,mean_logprob>=-2.5"
 BEHAVIOUR = {
@@ -84,7 +84,7 @@ def test_failed_install_on_canary_rolls_back(tmp_path, mqtt_broker):
             rid = rollout.start(srv.store, model="demo", version="3.0", group="g", canary="34%", gate="", bake="1s")
             st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] == "rolled_back" and s,
                           what="rollback after failed install")
-            assert "update_failed" in st["reason"]
+            assert "update.failed" in st["reason"]
             assert st["canary_devices"] == 2
             assert all(d.version == "1.0" for d in devs)
         finally:
@@ -127,6 +127,9 @@ def test_gate_parsing():
         with pytest.raises(RolloutError):
             Gate.parse(bad)
     assert rollout.parse_percent("10%") == 10.0
-    assert rollout.parse_duration_s("2m") == 120.0
+    assert rollout.parse_bake("2m") == 120.0
+    with pytest.raises(RolloutError, match="not understood") as e:
+        rollout.parse_bake("soon")
+    assert e.value.hint
     with pytest.raises(RolloutError):
         rollout.parse_percent("0%")

@@ -209,3 +209,22 @@ def test_rollback_says_which_canary_devices_had_no_earlier_version(env):
     assert st["state"] == "rolled_back"
     last = [h for h in st["history"] if h["state"] == "rolled_back"][-1]["message"]
     assert "fresh had no earlier version and keep 2.0" in last
+
+
+def test_only_the_canary_devices_failure_events_in_their_one_spelling_roll_back(env):
+    store, fleet, pub, drv = env
+    for d in ("c1", "r1"):
+        fleet.birth(d)
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="50%", bake="1h")
+    drv.tick()
+    canary = next(d["device"] for d in state(store, rid)["device_states"] if d["phase"] == "canary")
+    rest = "r1" if canary == "c1" else "c1"
+    fleet.send(rest, "event", {"name": wire.EventName.UPDATE_FAILED.value, "fields": {"version": "2.0"}})
+    fleet.send(canary, "event", {"name": "update_failed", "fields": {"version": "2.0"}})  # not a name we act on
+    drv.tick()
+    assert state(store, rid)["state"] == "canary"
+    fleet.send(canary, "event", {"name": wire.EventName.UPDATE_REFUSED.value, "fields": {"version": "2.0",
+                                                                                        "reason": "too big"}})
+    drv.tick()
+    st = state(store, rid)
+    assert st["state"] == "rolling_back" and f"{canary}: update.refused (too big)" in st["reason"]

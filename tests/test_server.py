@@ -14,12 +14,12 @@ import urllib.request
 
 import pytest
 from click.testing import CliRunner
+from waiting import wait_for as _wait_for
 
 from agent.telemetry.sim import SimDevice
 from edgellm.telemetry import MqttConfig
 from server.app import Server
 from server.cli import main
-from waiting import wait_for as _wait_for
 
 
 def cli(*args, ok=True):
@@ -51,9 +51,10 @@ def test_init_refuses_twice_and_commands_need_an_initialised_dir(tmp_path, data_
 
 
 def test_published_bundle_is_served_and_verified_by_a_tuf_client_over_http(tmp_path, data_dir, mqtt_broker):
+    from fixtures_trust import make_bundle_dir
+
     from edgellm.bundle import pack
     from edgellm.trust import TufClient
-    from fixtures_trust import make_bundle_dir
 
     bundle = pack(make_bundle_dir(tmp_path / "b", name="demo", version="2.0"), tmp_path / "demo-2.0.bundle").path
     r = cli("publish", "--data-dir", data_dir, bundle, "--format", "json")
@@ -88,8 +89,9 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
             r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1", "--group", "lab",
                     ok=False)
             assert r.exit_code != 0 and "no target for demo 1.1" in r.output
-            from edgellm.bundle import pack
             from fixtures_trust import make_bundle_dir
+
+            from edgellm.bundle import pack
 
             for v in ("1.1", "1.2"):
                 cli("publish", "--data-dir", data_dir,

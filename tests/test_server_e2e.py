@@ -10,13 +10,12 @@ import json
 import shutil
 
 import pytest
-
-from edgellm.telemetry import MqttConfig
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
-from server import rollout
-from server.app import Server
 from waiting import wait_for as _wait_for
 
+from edgellm.telemetry import MqttConfig
+from server import rollout
+from server.app import Server
 
 wait_for = functools.partial(_wait_for, timeout=60.0)
 

@@ -8,6 +8,8 @@ import json
 import time
 
 import pytest
+from fixtures_mqtt import raw_client
+from waiting import wait_for as _wait_for
 
 from agent.telemetry import Telemetry
 from agent.telemetry.aggregate import InferenceAggregator, percentile
@@ -15,8 +17,6 @@ from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
 from server.ingest import Ingest
 from server.store import Store
-from waiting import wait_for as _wait_for
-
 
 wait_for = functools.partial(_wait_for, timeout=15.0)
 
@@ -29,16 +29,6 @@ def ingest(tmp_path, mqtt_broker):
     assert ing.wait_connected(10)
     yield ing
     ing.stop()
-
-
-def raw_client(url: str, client_id: str):
-    import paho.mqtt.client as mqtt
-
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    cfg = MqttConfig(url)
-    c.connect(cfg.host, cfg.port)
-    c.loop_start()
-    return c
 
 
 # --------------------------------------------------------------------------- wire format
@@ -168,9 +158,8 @@ def test_desired_state_device_overrides_group_and_commands_get_replies(tmp_path,
     for cid, name in (("c1", "ping"), ("c2", "echo"), ("c3", "state"), ("c4", "reboot")):
         ingest.publish(wire.command_topic("dev-d"), json.dumps({"id": cid, "name": name, "args": {"a": 1}}).encode(),
                        retain=False)
-    replies = wait_for(lambda: len(r := ingest.store.db.execute(
-        "SELECT body FROM messages WHERE device='dev-d' AND kind='reply'").fetchall()) == 4 and r, what="replies")
-    by_id = {b["id"]: b for b in (json.loads(r[0]) for r in replies)}
+    replies = wait_for(lambda: len(r := ingest.store.message_bodies("dev-d", "reply")) == 4 and r, what="replies")
+    by_id = {b["id"]: b for b in replies}
     assert by_id["c1"]["result"] == "pong" and by_id["c2"]["result"] == {"echo": {"a": 1}}
     assert by_id["c4"]["ok"] is False and "no" in by_id["c4"]["error"]
     t.stop()
@@ -222,8 +211,8 @@ def test_mtls_broker_accepts_fleet_certs_and_refuses_others(tmp_path, fleet_pki)
     """The production Mosquitto config (server.identity): client certs from the fleet CA required,
     the certificate's CN is the user name, and the ACL pins each device to its own topics."""
     import paho.mqtt.client as mqtt
-
     from fixtures_mqtt import Broker, free_port
+
     from server.identity import mosquitto_acl, mosquitto_config
 
     port = free_port()

@@ -14,9 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgellm.telemetry import MqttConfig
-
 from agent.telemetry.client import Telemetry
+from edgellm.telemetry import EventName, MqttConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +67,16 @@ class SimDevice:
         version = d["version"]
         if version == self.version:
             return
-        self.telemetry.event("update_started", version=version, model=d["model"], rollout=d.get("rollout"))
+        self.telemetry.event(EventName.UPDATE_STARTED.value, version=version, model=d["model"], rollout=d.get("rollout"))
         if self._stop.wait(self.install_s):
             return
         if version in self.fail_versions:
-            self.telemetry.event("update_failed", version=version, error="health check failed (simulated)")
+            self.telemetry.event(EventName.UPDATE_FAILED.value, version=version, error="health check failed (simulated)")
             return
         self.version, self.model = version, d["model"]
         self.installs.append(version)
         self.telemetry.set_state(version=version, model=d["model"], slot="b" if len(self.installs) % 2 else "a")
-        self.telemetry.event("update_installed", version=version, model=d["model"])
+        self.telemetry.event(EventName.UPDATE_INSTALLED.value, version=version, model=d["model"])
 
     def _infer_loop(self) -> None:
         while not self._stop.wait(self.infer_every_s):

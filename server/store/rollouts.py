@@ -1,0 +1,95 @@
+"""The store's rollout half: rollouts, the devices each one touches, and their history."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from server.store.rows import LogEntry, RolloutDeviceRow, RolloutRow
+
+
+def _rollout(r: sqlite3.Row) -> RolloutRow:
+    return RolloutRow(id=r["id"], model=r["model"], version=r["version"], group=r["grp"], canary_pct=r["canary_pct"],
+                      gate=r["gate"], bake_s=r["bake_s"], state=r["state"], reason=r["reason"], paused=bool(r["paused"]),
+                      created=r["created"], updated=r["updated"], phase_started=r["phase_started"], request=r["request"])
+
+
+class RolloutTables:
+    """Mixed into :class:`server.store.Store` (which provides ``db`` and ``tx``)."""
+
+    db: sqlite3.Connection
+
+    def tx(self) -> Any:  # provided by Store
+        raise NotImplementedError
+
+    def create_rollout(self, rid: str, *, model: str, version: str, group: str, canary_pct: float, gate: str,
+                       bake_s: float, state: str) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO rollouts (id, model, version, grp, canary_pct, gate, bake_s, state, created, updated)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)", (rid, model, version, group, canary_pct, gate, bake_s, str(state), now, now))
+
+    def rollout(self, rollout_id: str) -> RolloutRow | None:
+        r = self.db.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+        return _rollout(r) if r is not None else None
+
+    def rollouts(self, states: Iterable[str] | None = None, group: str | None = None,
+                 newest_first: bool = False) -> list[RolloutRow]:
+        """Rollouts (optionally only in ``states`` and/or one group), oldest first by default."""
+        q, args = "SELECT * FROM rollouts WHERE 1=1", []
+        if states is not None:
+            states = [str(s) for s in states]
+            q += f" AND state IN ({','.join('?' * len(states))})"
+            args += states
+        if group is not None:
+            q, args = q + " AND grp=?", [*args, group]
+        q += " ORDER BY created DESC" if newest_first else " ORDER BY created"
+        return [_rollout(r) for r in self.db.execute(q, args)]
+
+    def rollout_counts(self) -> dict[str, int]:
+        """Number of rollouts in each state."""
+        return {r["state"]: r["n"] for r in self.db.execute("SELECT state, COUNT(*) n FROM rollouts GROUP BY state")}
+
+    def set_rollout_state(self, rollout_id: str, state: str, *, reason: str | None = None,
+                          phase_started: bool = True) -> None:
+        """Move a rollout to ``state`` (``reason`` kept unless given; the phase clock restarts
+        unless ``phase_started`` is false)."""
+        now = time.time()
+        self.db.execute("UPDATE rollouts SET state=?, updated=?, reason=COALESCE(?, reason),"
+                        " phase_started=CASE WHEN ? THEN ? ELSE phase_started END WHERE id=?",
+                        (str(state), now, reason, phase_started, now, rollout_id))
+
+    def set_rollout_paused(self, rollout_id: str, paused: bool, *, restart_phase_in: str | None = None) -> None:
+        """Pause or resume; resuming restarts the phase clock when the rollout is in ``restart_phase_in``."""
+        now = time.time()
+        self.db.execute("UPDATE rollouts SET paused=?, updated=?, phase_started=CASE WHEN state=? THEN ?"
+                        " ELSE phase_started END WHERE id=?", (int(paused), now, restart_phase_in, now, rollout_id))
+
+    def set_rollout_request(self, rollout_id: str, request: str | None) -> None:
+        """Record (or clear) an operator request the driver acts upon."""
+        self.db.execute("UPDATE rollouts SET request=?, updated=? WHERE id=?", (request, time.time(), rollout_id))
+
+    def assign_rollout_devices(self, rollout_id: str, devices: Sequence[tuple[str, str, str | None, str | None]]) -> None:
+        """``(device, phase, previous_version, previous_model)`` for every device of the rollout."""
+        with self.tx() as db:
+            db.executemany("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+                           [(rollout_id, *d) for d in devices])
+
+    def rollout_devices(self, rollout_id: str, phase: str | None = None) -> list[RolloutDeviceRow]:
+        """A rollout's devices (optionally one phase) with the version each reports now, by id."""
+        q = ("SELECT rd.device, rd.phase, rd.previous_version, rd.previous_model, d.version, d.online"
+             " FROM rollout_devices rd LEFT JOIN devices d ON d.id = rd.device WHERE rd.rollout=?")
+        args: list[Any] = [rollout_id]
+        if phase is not None:
+            q, args = q + " AND rd.phase=?", [*args, str(phase)]
+        return [RolloutDeviceRow(r["device"], r["phase"], r["previous_version"], r["previous_model"], r["version"],
+                                 bool(r["online"])) for r in self.db.execute(q + " ORDER BY rd.device", args)]
+
+    def log_rollout(self, rollout_id: str, state: str, message: str) -> None:
+        self.db.execute("INSERT INTO rollout_log VALUES (?,?,?,?)", (rollout_id, time.time(), str(state), message))
+
+    def rollout_log(self, rollout_id: str) -> list[LogEntry]:
+        return [LogEntry(r["ts"], r["state"], r["message"]) for r in self.db.execute(
+            "SELECT ts, state, message FROM rollout_log WHERE rollout=? ORDER BY ts, rowid", (rollout_id,))]
