@@ -39,11 +39,21 @@ MAX_NAME = 1024
 REBUILD_HINT = "re-download the file, or rebuild it with `edgellm bundle pack` / `edgellm repo export`"
 
 
+def name_problem(p: object) -> str | None:
+    """Why ``p`` cannot be a member name, naming it (``None`` when it can): a relative path of
+    ``[A-Za-z0-9._-]`` parts, no ``.``/``..``, each part short enough for a file system."""
+    shown = repr(p if not isinstance(p, str) or len(p) <= 60 else p[:60] + "…")
+    if not isinstance(p, str) or not _PATH_RE.match(p) or any(part in (".", "..") for part in p.split("/")):
+        return f"{shown} is not a relative path of [A-Za-z0-9._-] names"
+    longest = max(len(part) for part in p.split("/"))
+    if len(p) > MAX_NAME or longest > MAX_NAME_PART:
+        return (f"{shown} is too long ({len(p)} characters, its longest part {longest}; the limits are "
+                f"{MAX_NAME_PART} per part and {MAX_NAME} in all)")
+    return None
+
+
 def safe_relpath(p: object) -> bool:
-    """A relative path of ``[A-Za-z0-9._-]`` parts, no ``.``/``..``, each part short enough to create."""
-    if not isinstance(p, str) or len(p) > MAX_NAME or not _PATH_RE.match(p):
-        return False
-    return all(part not in (".", "..") and len(part) <= MAX_NAME_PART for part in p.split("/"))
+    return name_problem(p) is None
 
 
 def tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -104,13 +114,10 @@ def check_member(m: tarfile.TarInfo, max_file_bytes: int) -> str:
         raise BundleError(f"bundle entry {name!r} has an absolute path: refused", hint=REBUILD_HINT)
     if ".." in name.split("/"):
         raise BundleError(f"bundle entry {name!r} escapes the bundle with '..': refused", hint=REBUILD_HINT)
-    longest = max(len(p) for p in name.split("/"))
-    if len(name) > MAX_NAME or longest > MAX_NAME_PART:
-        raise BundleError(f"bundle entry name is too long ({len(name)} characters, a part of {longest}; the limit is "
-                          f"{MAX_NAME_PART} per part and {MAX_NAME} in all): refused {name[:40]!r}…",
-                          hint="rename the file in the source directory and pack again")
-    if not safe_relpath(name):
-        raise BundleError(f"bundle entry {name!r} has an unsafe name: refused", hint="use [A-Za-z0-9._-] names")
+    problem = name_problem(name)
+    if problem is not None:
+        raise BundleError(f"bundle entry name {problem}: refused",
+                          hint="use shorter [A-Za-z0-9._-] names in the source directory and pack again")
     if m.size > max_file_bytes:
         raise BundleError(f"bundle entry {name!r} is {m.size} bytes, over the {max_file_bytes}-byte limit", hint=REBUILD_HINT)
     return name

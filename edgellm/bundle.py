@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgellm._archive import MemberGuard, extract_member, open_tar, read_member, safe_relpath, write_archive
+from edgellm._archive import MemberGuard, extract_member, name_problem, open_tar, read_member, write_archive
 from edgellm._fs import atomic_write, fsync_dir, sha256_file
 from edgellm._record import Record
 from edgellm.errors import BundleError, BundleIntegrityError
@@ -141,14 +141,16 @@ class Manifest(_Record):
             raise bad("runtime", f"must be one of {RUNTIMES}, got {self.runtime!r}")
         for field in ("artifact", "tokenizer"):
             v = getattr(self, field)
-            if v is not None and not safe_relpath(v):
-                raise bad(field, f"must be a relative path inside the bundle, got {v!r}")
+            problem = None if v is None else name_problem(v)
+            if problem is not None:
+                raise bad(field, f"must be a relative path inside the bundle: {problem}")
         if not isinstance(self.profiles, list) or not all(isinstance(p, str) for p in self.profiles):
             raise bad("profiles", "must be a list of profile names")
         seen = set()
         for fe in self.files:
-            if not safe_relpath(fe.path) or fe.path == MANIFEST_NAME:
-                raise bad("files", f"unsafe or reserved path {fe.path!r}")
+            problem = name_problem(fe.path) or (f"{fe.path!r} is reserved" if fe.path == MANIFEST_NAME else None)
+            if problem is not None:
+                raise bad("files", f"path {problem}")
             if fe.path in seen:
                 raise bad("files", f"duplicate path {fe.path!r}")
             seen.add(fe.path)
@@ -219,8 +221,9 @@ def _scan(src: Path) -> list[str]:
                 raise BundleError(f"{full}: not a regular file")
             if rel == MANIFEST_NAME:
                 continue
-            if not safe_relpath(rel):
-                raise BundleError(f"{full}: file name {rel!r} is not allowed in a bundle", hint="use [A-Za-z0-9._-] names")
+            problem = name_problem(rel)
+            if problem is not None:
+                raise BundleError(f"{full}: file name {problem}: not allowed in a bundle", hint="use short [A-Za-z0-9._-] names")
             files.append(rel)
     return sorted(files)
 
