@@ -427,3 +427,23 @@ def test_repository_from_online_keys_with_root_signed_offline(tmp_path: Path, pa
     unsigned["signatures"] = []
     with pytest.raises(TrustError, match="not a validly signed root"):
         Repository.create(tmp_path / "repo3", online, root=json.dumps(unsigned).encode())
+
+
+def test_cli_root_keys_stay_offline(tmp_path: Path, packed_bundle: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgellm.cli import main
+
+    def run(*args: str) -> str:
+        r = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    run("keys", "init", str(tmp_path / "offline"))
+    run("keys", "copy-online", str(tmp_path / "offline"), str(tmp_path / "online"))
+    assert not list((tmp_path / "online").glob("root-*.pem"))
+    run("repo", "init", str(tmp_path / "repo"), "--keys", str(tmp_path / "online"), "--root", str(tmp_path / "offline" / "root.json"))
+    out = run("repo", "add", str(tmp_path / "repo"), str(packed_bundle), "--keys", str(tmp_path / "online"),
+              "--export", str(tmp_path / "dist"))
+    assert "published demo-1.0.0.bundle" in out
+    run("bundle", "verify", str(tmp_path / "dist" / "demo-1.0.0.bundle.signed"), "--root", str(tmp_path / "offline" / "root.json"))
