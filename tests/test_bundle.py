@@ -9,10 +9,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from fixtures_trust import make_bundle_dir
 
 from edgellm.bundle import Manifest, UnpackLimits, pack, read_manifest, unpack
 from edgellm.errors import BundleError, BundleIntegrityError
-from fixtures_trust import make_bundle_dir
 
 
 def test_pack_twice_gives_identical_bytes(tmp_path: Path, bundle_src: Path) -> None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
 
-import dataclasses
 import pytest
+from fixtures_trust import make_bundle_dir
 
 from edgellm.errors import TrustError, VerificationError
 from edgellm.trust import Repository, TufClient, init_keys, verify_bundle_file, verify_signed_bundle
-from fixtures_trust import make_bundle_dir
 
 
 def _client(repo: Repository, root: Path, cache: Path) -> TufClient:

@@ -40,6 +40,7 @@ ENVELOPE_NAME = "envelope.json"
 ENVELOPE_FORMAT = "edgellm-signed-bundle"
 MAX_ENTRIES = 300  # the envelope hint, up to ~290 root versions, three more roles, one target
 MAX_HINT_BYTES = 4096
+DEFAULT_LIMITS = UnpackLimits()
 _HINT = "use a file written by `edgellm repo export` or `edgellm build --repo`"
 
 
@@ -87,7 +88,7 @@ def verify_signed_bundle(
     cache_dir: str | Path,
     out_dir: str | Path,
     *,
-    limits: UnpackLimits = UnpackLimits(),
+    limits: UnpackLimits = DEFAULT_LIMITS,
 ) -> VerifiedTarget:
     """Verify a signed bundle offline against the pinned ``root``; move the bundle to ``out_dir``.
 
@@ -142,7 +143,7 @@ def _verify_stream(tar: tarfile.TarFile, t: Path, cache_dir: str | Path, root: s
     return client, name, target
 
 
-def extract_for_republish(path: Path, dest: Path, limits: UnpackLimits = UnpackLimits()) -> Path:
+def extract_for_republish(path: Path, dest: Path, limits: UnpackLimits = DEFAULT_LIMITS) -> Path:
     """The bundle inside a signed bundle, for publishing it again under other keys (not verified:
     the repository that re-signs it vouches for it)."""
     target = None
