@@ -90,24 +90,30 @@ class VerifiedTarget:
         return dict(self.custom.get("edgellm", {}))
 
 
+# python-tuf exception name -> (our class, what it means, what to do); most specific first.
+_TUF_ERRORS: tuple[tuple[str, type[TrustError], str, str], ...] = (
+    ("ExpiredMetadataError", VerificationError, "metadata has expired",
+     "the repository must re-sign its timestamp/snapshot (`edgellm repo refresh`); check the device clock"),
+    ("BadVersionNumberError", VerificationError, "metadata version went backwards or does not match",
+     "possible rollback or mix-and-match attack: do not install; check the repository"),
+    ("UnsignedMetadataError", VerificationError, "not enough valid signatures",
+     "the metadata was not signed by the threshold of trusted keys: do not install"),
+    ("LengthOrHashMismatchError", VerificationError, "length or hash differs from signed metadata",
+     "the file was altered or corrupted: re-download it; do not install"),
+    ("RepositoryError", VerificationError, "repository metadata refused", "do not install; check the repository"),
+    ("DownloadError", FetchError, "download failed", "check the server URL and the network, then retry"),
+)
+
+
 def wrap_tuf_error(e: Exception, what: str) -> TrustError:
     """python-tuf's exception as ours, with a hint saying what to do."""
     from tuf.api import exceptions as tx
 
     if isinstance(e, TrustError):
         return e
-    if isinstance(e, tx.ExpiredMetadataError):
-        return VerificationError(f"{what}: metadata has expired ({e})", hint="the repository must re-sign its timestamp/snapshot (`edgellm repo refresh`); check the device clock")
-    if isinstance(e, tx.BadVersionNumberError):
-        return VerificationError(f"{what}: metadata version went backwards or does not match ({e})", hint="possible rollback or mix-and-match attack: do not install; check the repository")
-    if isinstance(e, tx.UnsignedMetadataError):
-        return VerificationError(f"{what}: not enough valid signatures ({e})", hint="the metadata was not signed by the threshold of trusted keys: do not install")
-    if isinstance(e, tx.LengthOrHashMismatchError):
-        return VerificationError(f"{what}: length or hash differs from signed metadata ({e})", hint="the file was altered or corrupted: re-download it; do not install")
-    if isinstance(e, tx.RepositoryError):
-        return VerificationError(f"{what}: repository metadata refused ({type(e).__name__}: {e})", hint="do not install; check the repository")
-    if isinstance(e, tx.DownloadError):
-        return FetchError(f"{what}: download failed ({type(e).__name__}: {e})", hint="check the server URL and the network, then retry")
+    for name, cls, meaning, hint in _TUF_ERRORS:
+        if isinstance(e, getattr(tx, name)):
+            return cls(f"{what}: {meaning} ({type(e).__name__}: {e})", hint=hint)
     return TrustError(f"{what}: {type(e).__name__}: {e}")
 
 
