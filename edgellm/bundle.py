@@ -1,6 +1,6 @@
 """Bundles: a model artifact plus everything needed to run and judge it.
 
-A bundle is an uncompressed, deterministic tar archive::
+A bundle is an uncompressed, deterministic (PAX) tar archive::
 
     manifest.json        typed manifest (see :class:`Manifest`), lists every other file
     model.gguf | model.onnx
@@ -8,10 +8,18 @@ A bundle is an uncompressed, deterministic tar archive::
     ...                  any other file listed in the manifest
 
 ``pack`` writes the same bytes for the same inputs (sorted entries, fixed timestamps, owners
-and modes). ``unpack`` is written for hostile input: it refuses absolute paths, ``..``,
-links, device files, duplicate names, more files or bytes than :class:`UnpackLimits`
-allows, and any file whose hash or size differs from the manifest, and it writes nothing
-outside a temporary directory until every check passed; the result appears atomically.
+and modes; names of any length). ``unpack`` is written for hostile input: the member checks of
+:mod:`edgellm._archive` (no absolute paths, ``..``, links, device or sparse files, duplicate
+names, over-long names, a name both file and directory, more files or bytes than
+:class:`UnpackLimits` allows), plus any file whose size or hash differs from the manifest (never
+more than the manifest's size is written); nothing is written outside a temporary directory until
+every check passed, and the result appears atomically.
+
+Errors (from :mod:`edgellm.errors`)::
+
+    EdgeLLMError
+    └── BundleError               malformed or hostile archive or manifest, over a limit
+        └── BundleIntegrityError  a file's size or sha256 differs from the manifest
 
 Verification of *who* made a bundle (signatures) is :mod:`edgellm.trust`'s job and must run
 before ``unpack`` ever sees downloaded bytes.
