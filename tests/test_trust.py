@@ -447,3 +447,21 @@ def test_cli_root_keys_stay_offline(tmp_path: Path, packed_bundle: Path) -> None
               "--export", str(tmp_path / "dist"))
     assert "published demo-1.0.0.bundle" in out
     run("bundle", "verify", str(tmp_path / "dist" / "demo-1.0.0.bundle.signed"), "--root", str(tmp_path / "offline" / "root.json"))
+
+
+def test_signed_bundles_of_one_publish_install_offline_in_any_order(tmp_path: Path, keys_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgellm.bundle import pack
+    from edgellm.cli import main
+
+    Repository.create(tmp_path / "repo", keys_dir)
+    b1 = pack(make_bundle_dir(tmp_path / "s1", version="1.0.0"), tmp_path / "demo-1.0.0-jetson-agx-orin-64gb.bundle").path
+    b2 = pack(make_bundle_dir(tmp_path / "s2", version="1.0.0"), tmp_path / "demo-1.0.0-x86-avx512-ipc-32gb.bundle").path
+    r = CliRunner().invoke(main, ["repo", "add", str(tmp_path / "repo"), str(b1), str(b2), "--keys", str(keys_dir),
+                                  "--export", str(tmp_path / "dist")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    cache = tmp_path / "device-cache"  # one device, the later bundle first
+    for b in (b2, b1):
+        vt = verify_signed_bundle(tmp_path / "dist" / f"{b.name}.signed", keys_dir / "root.json", cache, tmp_path / f"in-{b.name}")
+        assert vt.name == b.name

@@ -54,12 +54,11 @@ def repo_add(directory: str, bundles: tuple[str, ...], keys_dir: str, export_dir
     repo = Repository(directory, keys_dir)
     lines = []
     with repo.transaction():
-        for b in bundles:
-            name = repo.add_bundle(b)
+        names = [repo.add_bundle(b) for b in bundles]
+        for name in names:  # every signed bundle carries the final metadata: installable in any order
             lines.append(f"published {name}")
             if export_dir:
-                out = repo.export_signed(name, Path(export_dir) / f"{name}.signed")
-                lines.append(f"  signed bundle: {out}")
+                lines.append(f"  signed bundle: {repo.export_signed(name, Path(export_dir) / f'{name}.signed')}")
     click.echo("\n".join(lines))
 
 

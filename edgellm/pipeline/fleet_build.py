@@ -309,8 +309,9 @@ def _publish_signed(repo: Any, signing: list[tuple[ProfileResult, Path, str]], o
     the envelopes appear only once the repository has their targets.
     """
     with repo.transaction():
-        for res, path, bundle_name in signing:
+        for res, path, _ in signing:
             res.target = repo.add_bundle(path)
+        for res, _, bundle_name in signing:  # all carry the final metadata: installable in any order
             res.bundle = repo.export_signed(res.target, out / f"{bundle_name}.signed")
     for res, _, _ in signing:
         res.signed = True
