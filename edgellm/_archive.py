@@ -24,12 +24,11 @@ import os
 import posixpath
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from edgellm._fs import fsync_dir
+from edgellm._fs import atomic_file
 from edgellm.errors import BundleError
 
 _CHUNK = 1 << 20
@@ -70,25 +69,13 @@ def tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def write_archive(out: Path, entries: Iterable[tuple[str, bytes | Path]]) -> Path:
     """Write ``entries`` (member name, bytes or a file to copy), in the given order, to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
-                for name, src in entries:
-                    if isinstance(src, bytes):
-                        tar.addfile(tarinfo(name, len(src)), io.BytesIO(src))
-                    else:
-                        with open(src, "rb") as f:
-                            tar.addfile(tarinfo(name, os.fstat(f.fileno()).st_size), f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
+    with atomic_file(out) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+        for name, src in entries:
+            if isinstance(src, bytes):
+                tar.addfile(tarinfo(name, len(src)), io.BytesIO(src))
+            else:
+                with open(src, "rb") as f:
+                    tar.addfile(tarinfo(name, os.fstat(f.fileno()).st_size), f)
     return out
 
 
