@@ -465,3 +465,11 @@ def test_signed_bundles_of_one_publish_install_offline_in_any_order(tmp_path: Pa
     for b in (b2, b1):
         vt = verify_signed_bundle(tmp_path / "dist" / f"{b.name}.signed", keys_dir / "root.json", cache, tmp_path / f"in-{b.name}")
         assert vt.name == b.name
+
+
+def test_signed_bundle_missing_metadata_is_a_verification_error(tmp_path: Path, signed_repo) -> None:
+    repo, root, name = signed_repo
+    env = repo.export_signed(name, tmp_path / "good.signed")
+    cut = _rewrite_envelope(env, tmp_path / "cut.signed", lambda m, d: [] if "snapshot" in m.name else [(m, d)])
+    with pytest.raises(VerificationError, match="lacks metadata"):
+        verify_signed_bundle(cut, root, tmp_path / "cache", tmp_path / "out")

@@ -34,7 +34,7 @@ from pathlib import Path
 from edgellm._archive import MemberGuard, extract_member, open_tar, read_member, write_archive
 from edgellm.bundle import UnpackLimits
 from edgellm.errors import BundleError, VerificationError
-from edgellm.trust.client import MAX_METADATA_BYTES, TufClient, VerifiedTarget
+from edgellm.trust.client import MAX_METADATA_BYTES, FetchError, TufClient, VerifiedTarget
 
 ENVELOPE_NAME = "envelope.json"
 ENVELOPE_FORMAT = "edgellm-signed-bundle"
@@ -124,7 +124,10 @@ def _verify_stream(tar: tarfile.TarFile, t: Path, cache_dir: str | Path, root: s
     digest, _, name = member.name.removeprefix("targets/").partition(".")
     (t / "targets").mkdir()
     client = TufClient(cache_dir, root, t / "metadata", t / "targets")
-    client.refresh()
+    try:
+        client.refresh()
+    except FetchError as e:  # offline, "not found" means the envelope lacks a metadata file
+        raise VerificationError(f"signed bundle lacks metadata its chain needs ({e.args[0]})", hint=_HINT) from e
     info = client.info(name)
     if info.hashes.get("sha256") != digest:
         raise VerificationError(f"{name}: the envelope's target is not the one the signed metadata names",
