@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -215,8 +214,7 @@ def copy_online_keys(keys_dir: str | Path, dest: str | Path) -> Path:
     for role in ONLINE_ROLES:
         for e in src.index["roles"].get(role, []):
             if (src.dir / e["file"]).exists():
-                shutil.copyfile(src.dir / e["file"], d / e["file"])
-                os.chmod(d / e["file"], 0o600)
+                atomic_write(d / e["file"], (src.dir / e["file"]).read_bytes(), mode=0o600)
     atomic_write(d / "root.json", (src.dir / "root.json").read_bytes())
     atomic_write(d / "keys.json", (json.dumps(src.index, indent=2, sort_keys=True) + "\n").encode())
     return d
