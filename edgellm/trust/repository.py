@@ -173,9 +173,15 @@ class Repository(TufRepository):
 
     # ---- reading
 
+    def _staged(self) -> _Txn | None:
+        """The open transaction, as seen from its own thread (other threads see the disk)."""
+        txn = self._txn
+        return txn if txn is not None and txn.owner == threading.get_ident() else None
+
     def _read(self, filename: str) -> bytes | None:
-        if self._txn is not None and filename in self._txn.files:
-            return self._txn.files[filename]
+        txn = self._staged()
+        if txn is not None and filename in txn.files:
+            return txn.files[filename]
         try:
             return (self.metadata_dir / filename).read_bytes()
         except FileNotFoundError:
@@ -196,8 +202,9 @@ class Repository(TufRepository):
         if tf is None:
             raise TrustError(f"no target {name!r} in {self.dir}", hint="list targets with `edgellm repo list`")
         blob = f"{tf.hashes['sha256']}.{name}"
-        if self._txn is not None and blob in self._txn.blobs:
-            return self._txn.blobs[blob]
+        txn = self._staged()
+        if txn is not None and blob in txn.blobs:
+            return txn.blobs[blob]
         return self.targets_dir / blob
 
     # ---- writing
@@ -378,6 +385,7 @@ class _Txn:
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
+        self.owner = threading.get_ident()
         self.files: dict[str, bytes] = {}
         self.blobs: dict[str, Path] = {}
         self.outputs: list[tuple[Path, Path]] = []
