@@ -473,3 +473,26 @@ def test_signed_bundle_missing_metadata_is_a_verification_error(tmp_path: Path, 
     cut = _rewrite_envelope(env, tmp_path / "cut.signed", lambda m, d: [] if "snapshot" in m.name else [(m, d)])
     with pytest.raises(VerificationError, match="lacks metadata"):
         verify_signed_bundle(cut, root, tmp_path / "cache", tmp_path / "out")
+
+
+def test_timestamp_refresh_in_another_process_does_not_race_publish(tmp_path: Path, signed_repo) -> None:
+    import subprocess
+    import sys
+
+    from edgellm.bundle import pack
+
+    repo, root, first = signed_repo
+    bundles = [pack(make_bundle_dir(tmp_path / f"s{i}", version=f"4.0.{i}"), tmp_path / f"demo-4.0.{i}.bundle").path
+               for i in range(6)]
+    code = ("import sys\nfrom edgellm.trust import Repository\nr = Repository(sys.argv[1], sys.argv[2])\n"
+            "print('go', flush=True)\nfor _ in range(20):\n    r.refresh_timestamp()\n")
+    server = subprocess.Popen([sys.executable, "-c", code, str(repo.dir), str(repo.keys.dir)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "go"
+    for b in bundles:
+        Repository(repo.dir, repo.keys.dir).add_bundle(b)
+    assert server.wait(timeout=120) == 0
+    ts = json.loads((repo.metadata_dir / "timestamp.json").read_text())["signed"]
+    snap = json.loads((repo.metadata_dir / "snapshot.json").read_text())["signed"]
+    assert ts["meta"]["snapshot.json"]["version"] == snap["version"]
+    assert ts["version"] == 2 + 6 + 20
+    assert {t.name for t in _client(repo, root, tmp_path / "cache").targets()} == {first} | {b.name for b in bundles}
