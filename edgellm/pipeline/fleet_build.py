@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgellm.errors import BuildError
 from edgellm.pipeline.candidates import (
     ALL_FORMATS,
     DEFAULT_EVAL_TEXT,
@@ -38,7 +39,6 @@ from edgellm.pipeline.candidates import (
     kind_of,
 )
 from edgellm.pipeline.select import Budget, Selection, select
-from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,8 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     repo = None
+    signing: list[tuple[ProfileResult, Path, str]] = []  # signed together after the loop
+    stage = tempfile.TemporaryDirectory(prefix=".signing-", dir=out)  # removed with the object, even on error
     if cfg.repo is not None:
         from edgellm.trust import Repository
 
@@ -287,15 +289,32 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
             (src / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             packed = pack(src, Path(tmp) / bundle_name)
             res.bundle_sha256 = packed.sha256
-            if repo is not None:  # DIST gets the signed envelope (same naming as `repo add --export`)
-                res.target = repo.add_bundle(packed.path)
-                res.bundle = repo.export_signed(res.target, out / f"{bundle_name}.signed")
-                res.signed = True
+            if repo is not None:
+                signing.append((res, Path(stage.name) / bundle_name, bundle_name))
+                os.replace(packed.path, signing[-1][1])
             else:
                 res.bundle = out / bundle_name
                 os.replace(packed.path, res.bundle)
+    if repo is not None:
+        _publish_signed(repo, signing, out)
+    stage.cleanup()
     report_json, report_md = write_reports(out, cfg, cands, results)
     return BuildResult(cfg, cands, results, report_json, report_md)
+
+
+def _publish_signed(repo: Any, signing: list[tuple[ProfileResult, Path, str]], out: Path) -> None:
+    """Publish every bundle and put its signed envelope in DIST (named as `repo add --export` does).
+
+    One repository transaction: the repository changes only if every envelope was written, and
+    the envelopes appear only once the repository has their targets.
+    """
+    with repo.transaction():
+        for res, path, _ in signing:
+            res.target = repo.add_bundle(path)
+        for res, _, bundle_name in signing:  # all carry the final metadata: installable in any order
+            res.bundle = repo.export_signed(res.target, out / f"{bundle_name}.signed")
+    for res, _, _ in signing:
+        res.signed = True
 
 
 # --------------------------------------------------------------------------- reports
