@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -29,35 +28,20 @@ from server.store import Store
 
 logger = logging.getLogger(__name__)
 
-#: the TUF roles whose keys the server holds; root is signed offline, by the operator
-ONLINE_ROLES = ("targets", "snapshot", "timestamp")
-
-
 def default_root_keys_dir(data_dir: Path) -> Path:
     """Where ``init`` without ``--keys`` puts the full keys directory (root key included):
     next to the data directory, never inside it."""
     return data_dir.with_name(f"{data_dir.name}-root-keys")
 
 
-def copy_online_keys(src: Path, dst: Path) -> list[str]:
-    """Copy ``keys.json``, ``root.json`` and the online roles' private keys from the keys
-    directory ``src`` to ``dst`` (0700, keys 0600). Returns the root key files left behind."""
+def offline_key_files(keys_dir: Path) -> list[str]:
+    """Private key files of offline roles (root) present in ``keys_dir``."""
     from edgellm.trust import KeyStore
+    from edgellm.trust.keys import ONLINE_ROLES
 
-    index = KeyStore(src).index  # refuses a directory that is not a keys directory
-    dst.mkdir(parents=True, exist_ok=False)
-    os.chmod(dst, 0o700)
-    left = []
-    for role, entries in index["roles"].items():
-        for e in entries:
-            f = src / e["file"]
-            if role not in ONLINE_ROLES:
-                left += [e["file"]] if f.exists() else []
-            elif f.exists():
-                atomic_write(dst / e["file"], f.read_bytes(), mode=0o600)
-    for name in ("keys.json", "root.json"):
-        atomic_write(dst / name, (src / name).read_bytes(), mode=0o644)
-    return left
+    index = KeyStore(keys_dir).index
+    return [e["file"] for role, entries in index["roles"].items() if role not in ONLINE_ROLES
+            for e in entries if (keys_dir / e["file"]).exists()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +79,7 @@ class DataDir:
 
     def offline_keys_present(self) -> list[str]:
         """Private keys of offline roles (root) found in ``keys/``: they should not be here."""
-        from edgellm.trust import KeyStore
-
-        index = KeyStore(self.keys).index
-        return [e["file"] for role, entries in index["roles"].items() if role not in ONLINE_ROLES
-                for e in entries if (self.keys / e["file"]).exists()]
+        return offline_key_files(self.keys)
 
     @classmethod
     def init(cls, root: Path, *, expiry: Any = None, keys: Path | None = None, repo: Path | None = None,
@@ -112,7 +92,7 @@ class DataDir:
         a new keys directory is made at ``root_keys_out`` (default: next to the data
         directory, see :func:`default_root_keys_dir`) and only its online keys are copied in:
         move that directory off the server."""
-        from edgellm.trust import KeyStore, Repository, init_keys
+        from edgellm.trust import KeyStore, Repository, copy_online_keys, init_keys
 
         d = cls(Path(root))
         if d.config_path.exists():
@@ -130,7 +110,8 @@ class DataDir:
                                   hint="pass a directory outside it (and move it offline afterwards)")
             init_keys(keys, **({"expiry": expiry} if expiry is not None else {}))
         d.root.mkdir(parents=True, exist_ok=True)
-        left = copy_online_keys(Path(keys), d.keys)
+        copy_online_keys(Path(keys), d.keys)
+        left = offline_key_files(Path(keys))
         if left:
             logger.info("root key(s) %s stay in %s, not in the server's data directory", ", ".join(left), keys)
         if repo is not None:
