@@ -23,7 +23,7 @@ class FriendlyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgeLLMError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(e.describe()) from e
 
 
 format_option = click.option(

@@ -25,9 +25,10 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from edgellm.errors import ProfileError
 
@@ -86,7 +87,7 @@ class _Fields:
             self.fail(key, "missing required field")
         return self.data[key]
 
-    def table(self, key: str) -> "_Fields":
+    def table(self, key: str) -> _Fields:
         return _Fields(self.raw(key), self.file, self.where(key))
 
     def string(self, key: str, pattern: re.Pattern[str] | None = None,
@@ -169,7 +170,7 @@ class Accelerator:
     tops_int8: float   # vendor-stated peak INT8 TOPS (dense or sparse as the vendor states it)
 
     @classmethod
-    def from_dict(cls, data: Any, file: str = "<dict>", where: str = "accelerators[0]") -> "Accelerator":
+    def from_dict(cls, data: Any, file: str = "<dict>", where: str = "accelerators[0]") -> Accelerator:
         f = _Fields(data, file, where)
         acc = cls(kind=f.string("kind", choices=ACCELERATOR_KINDS), name=f.string("name"),
                   tops_int8=f.number("tops_int8"))
@@ -222,7 +223,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: Any, *, file: str | os.PathLike[str] = "<dict>",
-                  path: Path | None = None) -> "Profile":
+                  path: Path | None = None) -> Profile:
         """Validate the TOML structure and build a Profile. ``file`` is used in error messages."""
         file = str(file)
         top = _Fields(data, file)
@@ -509,8 +510,9 @@ def measure_bandwidth_gbps(seconds: float = 0.5, buffer_mb: int = 128, threads: 
     than what a multi-threaded decoder reaches on many-core parts. The buffer is capped at 1/8 of
     the available RAM so this is safe on small boards.
     """
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
     deadline = time.perf_counter() + max(seconds, 0.05)
     nbytes = min(buffer_mb * 1024 * 1024, max(_mem_available_bytes() // 8, 8 * 1024 * 1024))

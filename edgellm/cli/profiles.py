@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
+from edgellm._fs import atomic_write
 from edgellm.cli._common import echo_json, format_option
 
 dir_option = click.option(
@@ -128,17 +127,7 @@ def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_
     if out is None:
         click.echo(text, nl=False)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, text.encode("utf-8"))
     click.echo(f"wrote {out}")
 
 

@@ -121,9 +121,10 @@ def _export_onnx(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: 
 
 
 def _export_gguf(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: Any, overwrite: bool) -> dict:
-    from edgellm.pipeline._atomic import check_output_path, write_text_atomic
-    from edgellm.pipeline.export.onnx import report_path
+    from edgellm._fs import atomic_write
+    from edgellm.pipeline._atomic import check_output_path
     from edgellm.pipeline.export.gguf import export_gguf
+    from edgellm.pipeline.export.onnx import report_path
 
     check_output_path(out, overwrite)
     report = dict(export_gguf(model_dir, out, fmt))
@@ -133,7 +134,7 @@ def _export_gguf(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: 
         from edgellm.pipeline.evaluate import evaluate_artifact
 
         report["eval"] = evaluate_artifact(out, model_dir=model_dir, data=data)
-    write_text_atomic(report_path(out), json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(report_path(out), (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
     return report
 
 

@@ -125,7 +125,7 @@ class Measurement:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Measurement":
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in d.items() if k in names and k != "extra"}
         known["memory"] = MemoryModel(**d["memory"])
@@ -352,8 +352,8 @@ def onnx_memory_model(rt: Any, weights_bytes: int, n_heads: int, ff: int, embd: 
 
 def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: np.ndarray,
                          windows: list[list[int]], bandwidth_gbps: float, threads: int = 1) -> tuple[Path, Measurement]:
-    from edgellm.pipeline.export.onnx import export_onnx
     from edgellm.pipeline.export.gguf import read_config
+    from edgellm.pipeline.export.onnx import export_onnx
     from edgellm.runtime.onnx import OnnxRuntime
 
     cfg = read_config(model_dir)

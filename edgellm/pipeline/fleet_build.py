@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgellm.errors import BuildError
 from edgellm.pipeline.candidates import (
     ALL_FORMATS,
     DEFAULT_EVAL_TEXT,
@@ -38,7 +39,6 @@ from edgellm.pipeline.candidates import (
     kind_of,
 )
 from edgellm.pipeline.select import Budget, Selection, select
-from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 

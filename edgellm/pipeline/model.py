@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgellm.errors import BuildError
 from edgellm.pipeline._atomic import atomic_dir
 from edgellm.pipeline.config import PRESETS, ModelConfig, resolve_config  # noqa: F401  (re-exported)
-from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgellm.errors import BuildError
 from edgellm.pipeline import tokenizer as tk
 from edgellm.pipeline._atomic import atomic_dir, check_output_path
 from edgellm.pipeline.config import ModelConfig, resolve_config
 from edgellm.pipeline.data import DataSet, eval_windows, load_dataset, token_stream
 from edgellm.pipeline.model import LlamaLM, copy_tokenizer_files, generate_ids, load_model, write_model_files
-from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
