@@ -9,6 +9,7 @@ Artifacts: a model directory (torch), an ``.onnx`` file (onnxruntime) or a ``.gg
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BuildError
+
+log = logging.getLogger(__name__)
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -62,20 +65,33 @@ def score_windows(scorer: Scorer, windows: np.ndarray, batch_size: int = 8) -> n
     return out.reshape(-1, out.shape[-1])
 
 
-def _default_data(model_dir: Path | None) -> Any:
-    """The training data recorded in the model's train report (its validation split), else the
-    embedded corpus."""
-    if model_dir is not None:
-        for rep in (model_dir / "train_report.json", model_dir / "distill_report.json"):
-            if not rep.exists():
-                continue
-            try:
-                srcs = [s["path"] for s in json.loads(rep.read_text(encoding="utf-8"))["data"]["sources"]]
-                if srcs and all(s.startswith("builtin") or Path(s).exists() for s in srcs):
-                    return srcs
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-    return "builtin:devices"
+def training_data(model_dir: Path | None) -> list[str] | None:
+    """The data sources recorded in the model's train or distill report, when they are all still
+    there; None for a model edgellm did not train (or whose data is gone)."""
+    if model_dir is None:
+        return None
+    for rep in (model_dir / "train_report.json", model_dir / "distill_report.json"):
+        if not rep.exists():
+            continue
+        try:
+            srcs = [s["path"] for s in json.loads(rep.read_text(encoding="utf-8"))["data"]["sources"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if srcs and all(isinstance(s, str) and (s.startswith("builtin") or Path(s).exists()) for s in srcs):
+            return srcs
+    return None
+
+
+def _default_data(model_dir: Path | None) -> tuple[Any, str | None]:
+    """(data, note): the model's own training data (its validation split), else the embedded
+    corpus with a note saying so — scores on it say little about a model not trained on it."""
+    srcs = training_data(model_dir)
+    if srcs is not None:
+        return srcs, None
+    note = (f"scored on the built-in demo corpus: {model_dir or 'the artifact'} records no training data "
+            "edgellm can find; pass --data for a meaningful score")
+    log.warning("%s", note)
+    return "builtin:devices", note
 
 
 def _kind(path: Path) -> str:
@@ -136,7 +152,9 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
         tok = OnnxRuntime.load(artifact)._tok
     else:
         raise BuildError(f"{artifact}: evaluation needs the model directory", hint="pass --reference MODEL_DIR")
-    data = data if data is not None else _default_data(md)
+    note = None
+    if data is None:
+        data, note = _default_data(md)
     ds = load_dataset(data)
     cfg = reference.config if reference is not None else None
     bos = cfg.bos_token_id if cfg is not None else tok.token_to_id("<s>")
@@ -169,5 +187,6 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
     if same:
         metrics.update(reference_perplexity=metrics["perplexity"], kl_divergence=0.0, top1_agreement=1.0)
     return {"artifact": str(artifact), "kind": kind, "size_bytes": artifact_size(artifact),
-            "data": {"sha256": ds.sha256, "sources": [s["path"] for s in ds.sources], "split": "validation"},
+            "data": {"sha256": ds.sha256, "sources": [s["path"] for s in ds.sources], "split": "validation",
+                     **({"note": note} if note else {})},
             "decode_tokens_per_second": round(speed, 1) if speed else None, "threads": threads, **metrics}
