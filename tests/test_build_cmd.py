@@ -24,7 +24,7 @@ def eval_text() -> str:
 def build_env(tmp_path_factory, hf_llama_dir, eval_text):
     """Measured candidates (cached) and a fleet of three test profiles sized around them + the MCU."""
     from edgellm.pipeline.candidates import ALL_FORMATS, build_candidates
-    from edgellm.profiles import dumps_toml
+    from edgellm._toml import dumps_toml
 
     try:
         import tomllib

@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from click.testing import CliRunner
 
+from edgellm._toml import dumps_toml
 from edgellm.cli import main
 from edgellm.errors import ProfileError
+from edgellm.hardware import detect, isa_from_cpu_flags, measure_bandwidth_gbps
 from edgellm.profiles import (
     GIB,
     KNOWN_ISA,
     KNOWN_RUNTIMES,
     Profile,
     default_profiles_dir,
-    detect,
-    dumps_toml,
     get_profile,
-    isa_from_cpu_flags,
     load_profile,
     load_profiles,
-    measure_bandwidth_gbps,
 )
 
 SHIPPED = Path(__file__).resolve().parent.parent / "hardware_profiles"

@@ -115,7 +115,7 @@ def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_
     from datetime import datetime, timezone
 
     from edgellm.errors import ProfileError
-    from edgellm.profiles import detect
+    from edgellm.hardware import detect
 
     if name is None:
         name = out.stem if out is not None else "detected"

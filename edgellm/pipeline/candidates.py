@@ -295,7 +295,7 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
     def bandwidth() -> float:  # measured once, only if some candidate must be measured
         nonlocal bandwidth_gbps
         if bandwidth_gbps is None:
-            from edgellm.profiles import measure_bandwidth_gbps
+            from edgellm.hardware import measure_bandwidth_gbps
 
             say("measuring memory bandwidth here", 1, total)
             bandwidth_gbps = measure_bandwidth_gbps(seconds=0.3, buffer_mb=64, threads=1)
