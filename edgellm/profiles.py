@@ -35,7 +35,7 @@ from edgellm.formats import KNOWN_RUNTIME_NAMES
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ def test_train_on_one_record_per_line_text_with_progress_lines(tmp_path):
     """A 180 KB file without blank lines (one document) still gets a validation split, and a run
     outside a terminal prints plain progress lines as it goes, not silence."""
     records = tmp_path / "records.txt"
-    lines = [f"sensor {i % 53} reports {18 + i % 11}.{i % 10} degrees, battery {i % 100} percent\n" for i in range(2600)]
+    lines = [f"sensor {i % 53} reports {18 + i % 11}.{i % 10} degrees, battery {i % 100} percent\n" for i in range(3600)]
     records.write_text("".join(lines))
     assert records.stat().st_size > 170_000 and "\n\n" not in records.read_text()
     cfg = tmp_path / "micro.json"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from fixtures_gguf import training_corpus
 
 GIB = 1024**3
@@ -23,8 +22,8 @@ def eval_text() -> str:
 @pytest.fixture(scope="module")
 def build_env(tmp_path_factory, hf_llama_dir, eval_text):
     """Measured candidates (cached) and a fleet of three test profiles sized around them + the MCU."""
-    from edgellm.pipeline.candidates import ALL_FORMATS, build_candidates
     from edgellm._toml import dumps_toml
+    from edgellm.pipeline.candidates import ALL_FORMATS, build_candidates
 
     try:
         import tomllib

@@ -62,7 +62,7 @@ def kind_of(fmt: str) -> str:
 
 # --------------------------------------------------------------------------- metrics
 
-def quality_metrics(ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+def quality_metrics(ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     """Perplexity of ``targets`` under ``logits``, KL(ref ‖ cand) and top-1 agreement, per position."""
     from edgellm.pipeline.evaluate import compare_logits
 

@@ -124,7 +124,8 @@ PIECE_CHARS_MIN = 256
 
 
 def _hash_split(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    train, val = [], []
+    train: list[str] = []
+    val: list[str] = []
     for d in docs:
         bucket = int.from_bytes(hashlib.sha256(d.encode("utf-8")).digest()[:4], "big") / 2**32
         (val if bucket < val_fraction else train).append(d)

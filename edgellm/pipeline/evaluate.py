@@ -123,6 +123,27 @@ def torch_decode_speed(model: Any, n_tokens: int = 32, bos: int = 1) -> float:
     return n_tokens / (time.perf_counter() - t0)
 
 
+def _score_artifact(kind: str, artifact: Path, md: Path | None, reference: Any, ref_logits: np.ndarray | None,
+                    windows: np.ndarray, *, threads: int, speed_tokens: int, bos: int) -> tuple[np.ndarray, float]:
+    """Logits of ``windows`` under ``artifact`` and its decode tokens/s here."""
+    from edgellm.pipeline.model import load_model
+
+    if kind == "torch":
+        model = reference if reference is not None and md == artifact else load_model(artifact)
+        if model is reference and ref_logits is not None:
+            logits = ref_logits
+        else:
+            logits = score_windows(torch_scorer(model), windows)
+        return logits, torch_decode_speed(model, speed_tokens, bos)
+    from edgellm.runtime import load_runtime
+
+    # llama.cpp gets a context that holds a window (at least its 256-token granule); ONNX its own
+    ctx = max(256, windows.shape[1]) if kind == "gguf" else None
+    with load_runtime(kind, artifact, model_dir=md, threads=threads, context_length=ctx) as rt:
+        logits = score_windows(rt.batch_logits, windows)
+        return logits, max(rt.decode_speed(speed_tokens) for _ in range(2))
+
+
 def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = None, data: Any = None,
                       max_windows: int = 8, seq_len: int = 128, reference: Any = None,
                       speed_tokens: int = 32, threads: int = 1) -> dict[str, Any]:
@@ -149,7 +170,8 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
     elif kind == "onnx":
         from edgellm.runtime.onnx import OnnxRuntime
 
-        tok = OnnxRuntime.load(artifact)._tok
+        with OnnxRuntime.load(artifact) as rt:
+            tok = rt.tokenizer
     else:
         raise BuildError(f"{artifact}: evaluation needs the model directory", hint="pass --reference MODEL_DIR")
     note = None
@@ -165,23 +187,8 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
     n_bytes = sum(len(tok.decode(w[1:].tolist(), skip_special_tokens=True).encode("utf-8")) for w in windows)
     ref_logits = score_windows(torch_scorer(reference), windows) if reference is not None else None
 
-    speed: float | None = None
-    if kind == "torch":
-        model = reference if reference is not None and md == artifact else load_model(artifact)
-        logits = ref_logits if model is reference else score_windows(torch_scorer(model), windows)
-        speed = torch_decode_speed(model, speed_tokens, bos or 0)
-    elif kind == "onnx":
-        from edgellm.runtime.onnx import OnnxRuntime
-
-        with OnnxRuntime.load(artifact, model_dir=md, threads=threads) as rt:
-            logits = score_windows(rt.batch_logits, windows)
-            speed = max(rt.decode_speed(speed_tokens) for _ in range(2))
-    else:
-        from edgellm.runtime.llamacpp import LlamaCppRuntime
-
-        with LlamaCppRuntime.load(artifact, threads=threads, context_length=max(256, windows.shape[1])) as rt:
-            logits = np.concatenate([rt.logits(w[:-1].tolist()) for w in windows])
-            speed = rt.decode_speed(speed_tokens)
+    logits, speed = _score_artifact(kind, artifact, md, reference, ref_logits, windows, threads=threads,
+                                    speed_tokens=speed_tokens, bos=bos or 0)
     same = kind == "torch" and ref_logits is not None and logits is ref_logits
     metrics = compare_logits(logits, targets, None if same else ref_logits, n_bytes)
     if same:

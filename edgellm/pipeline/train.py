@@ -105,7 +105,8 @@ def param_count(model: torch.nn.Module) -> int:
 
 
 def _make_optimizer(model: LlamaLM, tcfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _name, p in model.named_parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},

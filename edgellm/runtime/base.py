@@ -13,7 +13,7 @@ import abc
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -24,7 +24,11 @@ __all__ = ["Completion", "GenerationError", "GenerationParams", "ModelLoadError"
            "Runtime", "RuntimeFailure", "TextDecoder", "TokenEvent", "render_chat", "runtime_error"]
 
 
-def runtime_error(cls: type[RuntimeFailure], message: str, hint: str) -> RuntimeFailure:
+E = TypeVar("E", bound=RuntimeFailure)
+R = TypeVar("R", bound="Runtime")
+
+
+def runtime_error(cls: type[E], message: str, hint: str) -> E:
     """Build a runtime error with its hint (what to do next)."""
     return cls(message, hint=hint)
 
@@ -269,7 +273,7 @@ class Runtime(abc.ABC):
         """Free native resources. Idempotent."""
         self._closed = True
 
-    def __enter__(self) -> Runtime:
+    def __enter__(self: R) -> R:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -182,8 +182,8 @@ class LlamaCppRuntime(Runtime):
         if n < 0:  # a piece longer than the buffer: llama.cpp returns -(needed size)
             big = (ctypes.c_char * -n)()
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, big, len(big), 0, False)
-            return bytes(big[:max(n, 0)])
-        return bytes(buf[:n])
+            return big.raw[:max(n, 0)]
+        return buf.raw[:max(n, 0)]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         self._check_open()

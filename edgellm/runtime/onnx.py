@@ -162,6 +162,11 @@ class OnnxRuntime(Runtime):
     def n_vocab(self) -> int:
         return self.vocab_size
 
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` this model uses."""
+        return self._tok
+
     def memory_bytes(self) -> dict[str, int]:
         """File size (weights) + fp32 KV cache for the context: what the model needs resident."""
         w = self.path.stat().st_size
