@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BuildError
-from edgellm.formats import ALL_FORMATS, GGUF_FORMATS, ONNX_FORMATS, RUNTIME_NAMES, format_kind
+from edgellm.formats import ALL_FORMATS, GGUF, GGUF_FORMATS, ONNX, ONNX_FORMATS, RUNTIME_NAMES, format_kind
 from edgellm.pipeline._atomic import atomic_dir
 from edgellm.pipeline.candidate_cache import CandidateCache, cache_key, hash_model_dir
 from edgellm.pipeline.measurement import Measurement, MemoryModel
@@ -161,7 +161,7 @@ def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
     bpt, n_params, repacked = gguf_tensor_stats(art)
     eff = tps * bpt / (bandwidth_gbps * 1e9)
     export = {k: report[k] for k in ("ftype", "type_counts", "fallbacks", "tied_embeddings", "tokenizer_pre")}
-    m = Measurement(fmt=fmt, runtime="gguf", artifact=str(art), size_bytes=art.stat().st_size,
+    m = Measurement(fmt=fmt, runtime=GGUF, artifact=str(art), size_bytes=art.stat().st_size,
                     memory=gguf_memory_model(info), bytes_per_token=bpt, eval_tokens=int(len(_targets(windows))),
                     decode_tokens_per_second=tps, efficiency=eff, bandwidth_here_gbps=bandwidth_gbps,
                     export=export, **q)
@@ -212,7 +212,7 @@ def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
         mem = onnx_memory_model(rt, size, n_head, int(cfg["intermediate_size"]), int(cfg["hidden_size"]))
         max_ctx = rt.context_length
     bpt = size  # upper bound: ONNX files may hold the embedding twice (gather + tied lm_head)
-    m = Measurement(fmt=fmt, runtime="onnx", artifact=str(art), size_bytes=size, memory=mem, bytes_per_token=bpt,
+    m = Measurement(fmt=fmt, runtime=ONNX, artifact=str(art), size_bytes=size, memory=mem, bytes_per_token=bpt,
                     eval_tokens=int(len(_targets(windows))), decode_tokens_per_second=tps,
                     efficiency=tps * bpt / (bandwidth_gbps * 1e9), bandwidth_here_gbps=bandwidth_gbps,
                     export={"exporter": report.get("exporter"), "fallbacks": []}, **q)
@@ -311,7 +311,7 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
             measurements[fmt] = hit
             continue
         windows, ref_logits = ref.get()  # a model llama.cpp cannot take fails the build here
-        build = build_gguf_candidate if kind_of(fmt) == "gguf" else build_onnx_candidate
+        build = build_gguf_candidate if kind_of(fmt) == GGUF else build_onnx_candidate
         say(f"{fmt}: export + measure", i, total)
         work = cache_dir / f".work-{key[:16]}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)

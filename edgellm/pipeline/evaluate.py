@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BuildError
+from edgellm.formats import GGUF, ONNX
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,9 @@ def _kind(path: Path) -> str:
     if path.is_dir():
         return "torch"
     if path.suffix == ".onnx":
-        return "onnx"
+        return ONNX
     if path.suffix == ".gguf":
-        return "gguf"
+        return GGUF
     raise BuildError(f"{path}: unknown artifact type", hint="pass a model directory, a .onnx or a .gguf file")
 
 
@@ -138,7 +139,7 @@ def _score_artifact(kind: str, artifact: Path, md: Path | None, reference: Any, 
     from edgellm.runtime import load_runtime
 
     # llama.cpp gets a context that holds a window (at least its 256-token granule); ONNX its own
-    ctx = max(256, windows.shape[1]) if kind == "gguf" else None
+    ctx = max(256, windows.shape[1]) if kind == GGUF else None
     with load_runtime(kind, artifact, model_dir=md, threads=threads, context_length=ctx) as rt:
         logits = score_windows(rt.batch_logits, windows)
         return logits, max(rt.decode_speed(speed_tokens) for _ in range(2))
@@ -167,7 +168,7 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
         reference = load_model(md)
     if md is not None:
         tok = load_tokenizer(md)
-    elif kind == "onnx":
+    elif kind == ONNX:
         from edgellm.runtime.onnx import OnnxRuntime
 
         with OnnxRuntime.load(artifact) as rt:

@@ -36,7 +36,7 @@ class Measurement:
     """Everything measured about one candidate (JSON-serialisable; cached)."""
 
     fmt: str
-    runtime: str                 # "gguf" | "onnx"
+    runtime: str                 # an artifact kind: edgellm.formats.RUNTIMES
     artifact: str                # path to the artifact file
     size_bytes: int
     memory: MemoryModel
