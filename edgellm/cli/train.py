@@ -37,7 +37,7 @@ def _train_options(f):
         click.option("--val-fraction", type=float, default=0.05, show_default=True),
         click.option("--max-seconds", type=float, default=None, help="Stop cleanly after this much time."),
         click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically)."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--quiet", is_flag=True, help="No progress output on stderr."),
     ]
     for o in reversed(opts):
         f = o(f)

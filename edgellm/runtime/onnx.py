@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.formats import ONNX
-from edgellm.runtime.base import ModelLoadError, Runtime, TextDecoder, shared_prefix
+from edgellm.runtime.base import GenerationError, ModelLoadError, Runtime, TextDecoder, shared_prefix
 from edgellm.runtime.base import runtime_error as _err
 
 log = logging.getLogger(__name__)
@@ -234,8 +234,8 @@ class OnnxRuntime(Runtime):
 
     def _step(self, token: int) -> np.ndarray:
         ids, past = self._cached_ids, self._cached_past
-        if past is None:
-            return self._prefill([*ids, token])
+        if past is None:  # a failed run cleared the cache: there is nothing to continue
+            raise _err(GenerationError, "no evaluated prompt to continue", "start the generation again")
         self._cached_ids, self._cached_past = [], None
         logits, past = self._run(np.asarray([[token]], dtype=np.int64), past)
         self._cached_ids, self._cached_past = [*ids, token], past
