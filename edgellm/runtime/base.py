@@ -96,7 +96,9 @@ class Runtime(abc.ABC):
     Backends implement the tokenizer, :attr:`context_length`, and the evaluation hooks
     (``_prefill``, ``_step``, ``_all_logits``, ``_is_end``, ``_text_decoder``); the generation
     loop, input checks, scoring and benchmarking below are shared, so every backend streams,
-    samples, stops and reports log-probabilities the same way.
+    samples, stops and reports log-probabilities the same way. The hooks, :attr:`n_vocab` and
+    :meth:`memory_bytes` raise ``NotImplementedError`` until a backend provides them, so a scripted
+    stand-in that only overrides :meth:`generate` (the agent's queueing tests) stays small.
     """
 
     #: the artifact kind this runtime loads (one of :data:`edgellm.formats.RUNTIMES`)
@@ -126,7 +128,7 @@ class Runtime(abc.ABC):
         """``weights_bytes``, ``kv_cache_bytes`` and ``peak_bytes`` the loaded model needs."""
         raise NotImplementedError(f"{type(self).__name__} does not report its memory")
 
-    _closed: bool = False
+    _closed: bool = False  # set by close(); every call after it raises GenerationError
 
     # ---- backend hooks ------------------------------------------------------------------------
     def _check_open(self) -> None:
