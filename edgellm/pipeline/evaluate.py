@@ -66,20 +66,30 @@ def score_windows(scorer: Scorer, windows: np.ndarray, batch_size: int = 8) -> n
     return out.reshape(-1, out.shape[-1])
 
 
+def train_report(model_dir: Path) -> dict[str, Any]:
+    """The model's ``train_report.json`` (or ``distill_report.json``) as written by edgellm, else {}."""
+    for name in ("train_report.json", "distill_report.json"):
+        p = model_dir / name
+        if p.is_file():
+            try:
+                d = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {}
+            return d if isinstance(d, dict) else {}
+    return {}
+
+
 def training_data(model_dir: Path | None) -> list[str] | None:
     """The data sources recorded in the model's train or distill report, when they are all still
     there; None for a model edgellm did not train (or whose data is gone)."""
     if model_dir is None:
         return None
-    for rep in (model_dir / "train_report.json", model_dir / "distill_report.json"):
-        if not rep.exists():
-            continue
-        try:
-            srcs = [s["path"] for s in json.loads(rep.read_text(encoding="utf-8"))["data"]["sources"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if srcs and all(isinstance(s, str) and (s.startswith("builtin") or Path(s).exists()) for s in srcs):
-            return srcs
+    try:
+        srcs = [s["path"] for s in train_report(model_dir)["data"]["sources"]]
+    except (KeyError, TypeError):
+        return None
+    if srcs and all(isinstance(s, str) and (s.startswith("builtin") or Path(s).exists()) for s in srcs):
+        return srcs
     return None
 
 
