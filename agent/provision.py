@@ -113,7 +113,7 @@ def _validate_profile(name: str) -> None:
     try:
         get_profile(name)
     except ProfileError as e:
-        raise AgentError(str(e).split("\n")[0], hint="choose a profile from `edgellm profiles list`") from e
+        raise AgentError(e.message, hint="choose a profile from `edgellm profiles list`") from e
 
 
 def read_token(paths: AgentPaths) -> str:

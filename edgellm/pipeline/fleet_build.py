@@ -38,6 +38,7 @@ from edgellm.pipeline.candidates import (
     build_candidates,
     kind_of,
 )
+from edgellm.pipeline.evaluate import train_report
 from edgellm.pipeline.select import Budget, Selection, select
 
 log = logging.getLogger(__name__)
@@ -151,31 +152,20 @@ def _golden_prompts(m: Measurement, prompts: list[str], model_dir: Path) -> list
     return out
 
 
-def _train_report(model_dir: Path) -> dict[str, Any]:
-    for name in ("train_report.json", "distill_report.json"):
-        p = model_dir / name
-        if p.is_file():
-            try:
-                d = json.loads(p.read_text(encoding="utf-8"))
-                return d if isinstance(d, dict) else {}
-            except (OSError, ValueError):
-                return {}
-    return {}
-
-
 def default_eval_text(model_dir: Path, max_chars: int = 6000) -> str:
     """The validation split of the data the model was trained on (from its train report, via
     build pipeline I's data loader), else a built-in paragraph."""
-    try:
-        sources = [s["path"] for s in _train_report(model_dir)["data"]["sources"]]
-        if sources and all(s.startswith("builtin") or Path(s).exists() for s in sources):
-            from edgellm.pipeline.data import load_dataset
+    from edgellm.pipeline.data import load_dataset
+    from edgellm.pipeline.evaluate import training_data
 
-            val = load_dataset(sources).val
-            if val:
-                return "\n".join(val)[:max_chars]
-    except (KeyError, TypeError, ImportError, OSError, ValueError, BuildError) as e:
+    sources = training_data(model_dir)
+    try:
+        val = load_dataset(sources).val if sources else []
+    except (OSError, ValueError, BuildError) as e:
         log.info("evaluation text: training data unavailable (%s); using the built-in text", e)
+        val = []
+    if val:
+        return "\n".join(val)[:max_chars]
     return DEFAULT_EVAL_TEXT
 
 
@@ -210,7 +200,7 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
         },
         "generation": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "max_tokens": 128, "stop": [],
                        "threads": profile.threads, "context_length": v.memory["context_length"]},
-        "lineage": {"parent_version": None, "data_sha256": (_train_report(cfg.model_dir).get("data") or {}).get("sha256"),
+        "lineage": {"parent_version": None, "data_sha256": (train_report(cfg.model_dir).get("data") or {}).get("sha256"),
                     "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
                                      "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
                                      "eval_sha256": cands.eval_sha256}},
