@@ -62,6 +62,11 @@ def _load_tokenizer(path: Path, md: Path | None, meta: dict[str, str]) -> tuple[
     return tokenizer, tok_cfg
 
 
+def _token_text(value: Any) -> str | None:
+    """A special token of tokenizer_config.json: a string or ``{"content": ...}``."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
 class OnnxRuntime(Runtime):
     """An ONNX causal LM in onnxruntime. Create with :meth:`load`."""
 
@@ -69,7 +74,8 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, session: Any, tokenizer: Any, *, path: Path, n_layers: int, n_kv: int, head_dim: int,
                  vocab_size: int, context_length: int, bos_id: int | None, eos_ids: list[int],
-                 add_bos: bool = True, chat_template: str | None = None) -> None:
+                 add_bos: bool = True, chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None) -> None:
         self._session = session
         self._tok = tokenizer
         self.path = path
@@ -77,7 +83,8 @@ class OnnxRuntime(Runtime):
         self.vocab_size = vocab_size
         self._context_length = context_length
         self.bos_id, self.eos_ids, self.add_bos = bos_id, eos_ids, add_bos
-        self.chat_template = chat_template
+        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        self._set_chat_template(chat_template, special_tokens or {}, added)
         self._out_names = [o.name for o in session.get_outputs()]
         self._closed = False
         # KV cache kept between generations: a prompt sharing a prefix with the previous
@@ -149,9 +156,12 @@ class OnnxRuntime(Runtime):
             ctx = model_ctx
         add_bos = bool(tok_cfg.get("add_bos_token", True)) and bos is not None
         log.info("loaded %s (%d layers, ctx %d, %d threads)", path.name, n_layers, ctx, threads)
+        template = meta.get("edgellm.chat_template") or tok_cfg.get("chat_template")
+        specials = {name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+                    if isinstance(text := _token_text(tok_cfg.get(name)), str)}
         return cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
                    vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
-                   chat_template=tok_cfg.get("chat_template"))
+                   chat_template=template if isinstance(template, str) else None, special_tokens=specials)
 
     # ---- properties ----------------------------------------------------------------------
     @property
