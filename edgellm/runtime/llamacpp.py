@@ -17,7 +17,8 @@ token (log-softmax of the raw logits, before temperature and grammar). User text
 special-token parsing. A grammar (:mod:`edgellm.runtime.grammar`) constrains sampling through
 llama.cpp's grammar sampler. Chat prompts use the template the GGUF carries
 (``tokenizer.chat_template``), and text is normalized (NFC) first when the GGUF records the
-tokenizer's normalizer (``edgellm.tokenizer.normalizer``). Not thread-safe: one generation at a time (see :mod:`edgellm.runtime.base`).
+tokenizer's normalizer (``edgellm.tokenizer.normalizer``), and gets its sentencepiece dummy prefix
+here when that goes at the start of a text only (``edgellm.tokenizer.space_prefix``). Not thread-safe: one generation at a time (see :mod:`edgellm.runtime.base`).
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ class LlamaCppRuntime(Runtime):
         if self._normalizer not in (None, "NFC"):
             raise _err(ModelLoadError, f"unknown tokenizer normalizer {self._normalizer!r}",
                        "re-export the model with this version of edgellm")
-        self._set_chat_template(meta.get("tokenizer.chat_template"), self._special_token_texts(meta),
-                                self._control_texts())
+        self._space_first = meta.get("edgellm.tokenizer.space_prefix") == "first"
+        controls = self._control_texts()
+        self._controls = tuple(controls)
+        self._set_chat_template(meta.get("tokenizer.chat_template"), self._special_token_texts(meta), controls)
 
     def _special_token_texts(self, meta: dict[str, str]) -> dict[str, str]:
         """The bos/eos/unk/pad token texts the GGUF declares: the variables a chat template may use."""
@@ -208,6 +211,9 @@ class LlamaCppRuntime(Runtime):
         self._check_open()
         if self._normalizer == "NFC":
             text = unicodedata.normalize("NFC", text)
+        if self._space_first and text and not text.startswith(" ") and not (
+                special and any(c and text.startswith(c) for c in self._controls)):
+            text = " " + text  # the dummy prefix, at the start of the text only
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def _piece(self, token: int) -> bytes:

@@ -89,8 +89,30 @@ def read_spm_vocab(model_dir: Path, vocab_size: int, tcfg: dict[str, Any], templ
         raise BuildError("the tokenizer adds a BOS token but none is defined", hint="set bos_token")
     pieces = sp.EncodeAsPieces("x")
     dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
+    first_only = dummy_prefix and _prepend_scheme(model_dir, tcfg) == "first"
     return GGUFVocab(model="llama", pre="default", tokens=tokens, token_types=types, merges=[], scores=scores,
                      bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad, add_bos=add_bos,
                      add_eos=bool(tcfg.get("add_eos_token", False)), chat_template=template,
                      special_tokens={tokens[i]: i for i in range(vocab_size) if types[i] == CONTROL},
-                     add_space_prefix=dummy_prefix)
+                     add_space_prefix=dummy_prefix and not first_only,
+                     space_prefix="first" if first_only else None)
+
+
+def _prepend_scheme(model_dir: Path, tcfg: dict[str, Any]) -> str:
+    """Where the Hugging Face tokenizer puts the dummy-prefix space: "always" (before every text
+    fragment, also after a special token: llama.cpp's add_space_prefix) or "first" (only at the
+    start of the text: non-legacy Llama tokenizers, ``legacy: false``)."""
+    import json
+
+    tj_path = model_dir / "tokenizer.json"
+    if tj_path.is_file():
+        try:
+            pre = json.loads(tj_path.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+        except (OSError, ValueError):
+            pre = {}
+        parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
+        for part in parts:
+            if isinstance(part, dict) and part.get("type") == "Metaspace":
+                return str(part.get("prepend_scheme", "always"))
+        return "always"  # legacy tokenizer.json: a Prepend normalizer
+    return "first" if tcfg.get("legacy") is False else "always"

@@ -11,7 +11,8 @@ types (added special tokens are CONTROL, so llama.cpp never parses them out of u
 asked to), bos/eos/unk/pad ids, explicit ``add_bos``/``add_eos`` flags, the pre-tokenizer name
 whose regex equals the tokenizer's (by llama.cpp's names: gpt-2, llama3, qwen2, smollm), and the chat
 template. llama.cpp applies no normalizer; an NFC normalizer (Qwen's) is recorded as
-``edgellm.tokenizer.normalizer`` and applied by edgellm's runtime before llama.cpp tokenizes.
+``edgellm.tokenizer.normalizer`` and applied by edgellm's runtime before llama.cpp tokenizes. Likewise a
+non-legacy sentencepiece tokenizer's start-only dummy prefix (``edgellm.tokenizer.space_prefix``).
 
 Only what llama.cpp can reproduce is accepted; anything else (another normalizer, a prefix space,
 an unknown split regex) is refused with a hint instead of producing a GGUF that tokenizes differently.
@@ -45,6 +46,9 @@ QWEN2_REGEX = (
 _KNOWN_SPLITS = {GPT2_REGEX: "gpt-2", LLAMA3_REGEX: "llama3", QWEN2_REGEX: "qwen2"}
 #: GGUF key naming the normalizer edgellm's runtime applies before llama.cpp tokenizes
 NORMALIZER_KEY = "edgellm.tokenizer.normalizer"
+#: GGUF key: "first" when the sentencepiece dummy prefix goes only at the start of a text (not after
+#: special tokens, where llama.cpp's add_space_prefix would put it); edgellm's runtime adds it
+SPACE_PREFIX_KEY = "edgellm.tokenizer.space_prefix"
 
 
 @dataclasses.dataclass
@@ -65,6 +69,7 @@ class GGUFVocab:
     scores: list[float] | None = None  # sentencepiece piece scores
     add_space_prefix: bool | None = None  # sentencepiece's dummy prefix
     normalizer: str | None = None  # "NFC": applied by edgellm's runtime before tokenizing
+    space_prefix: str | None = None  # "first": edgellm's runtime prefixes a space at the start only
 
     def write(self, writer: Any) -> None:
         """Add the tokenizer keys to a ``gguf.GGUFWriter``."""
@@ -80,6 +85,8 @@ class GGUFVocab:
             writer.add_add_space_prefix(self.add_space_prefix)
         if self.normalizer:
             writer.add_string(NORMALIZER_KEY, self.normalizer)
+        if self.space_prefix:
+            writer.add_string(SPACE_PREFIX_KEY, self.space_prefix)
         if self.bos_id is not None:
             writer.add_bos_token_id(self.bos_id)
         if self.eos_id is not None:
