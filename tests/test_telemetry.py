@@ -154,7 +154,7 @@ def test_desired_state_device_overrides_group_and_commands_get_replies(tmp_path,
     got = []
     t = Telemetry("dev-d", tmp_path / "d", MqttConfig(mqtt_broker.url), "sim", group="g1")
     t.on_desired(got.append)
-    t.on_command(lambda name, args: {"echo": args} if name == "echo" else (_ for _ in ()).throw(ValueError("no")))
+    t.commands.register("echo", lambda args: {"echo": args})
     t.start()
     wait_for(lambda: t.connected, what="connected")
     ingest.publish(wire.desired_group_topic("g1"), wire.Desired(model="m", version="2").to_json())
@@ -172,7 +172,7 @@ def test_desired_state_device_overrides_group_and_commands_get_replies(tmp_path,
         "SELECT body FROM messages WHERE device='dev-d' AND kind='reply'").fetchall()) == 4 and r, what="replies")
     by_id = {b["id"]: b for b in (json.loads(r[0]) for r in replies)}
     assert by_id["c1"]["result"] == "pong" and by_id["c2"]["result"] == {"echo": {"a": 1}}
-    assert by_id["c4"]["ok"] is False and "no" in by_id["c4"]["error"]
+    assert by_id["c4"]["ok"] is False and "unknown command 'reboot'" in by_id["c4"]["error"]
     t.stop()
 
 

@@ -14,9 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgellm.telemetry import MqttConfig
-
 from agent.telemetry.client import Telemetry
+from edgellm.telemetry import MqttConfig
 
 
 @dataclasses.dataclass(frozen=True)
