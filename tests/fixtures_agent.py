@@ -188,6 +188,7 @@ class AgentProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.token = (data_dir / "api-token").read_text().strip()
         self.headers = {"Authorization": f"Bearer {self.token}"}
+        self.admin_headers = {"Authorization": f"Bearer {(data_dir / 'admin-token').read_text().strip()}"}
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 30) -> None:

@@ -202,7 +202,9 @@ def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles, tuf_se
     d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=tuf_server)
     agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
     with AgentProcess(d) as a, Traffic(a) as traffic:
-        admin = httpx.Client(base_url=a.base_url, headers=a.headers, timeout=10)
+        admin = httpx.Client(base_url=a.base_url, headers=a.admin_headers, timeout=10)
+        r = httpx.post(a.base_url + "/v1/admin/update", headers=a.headers, json={"version": "1.1.0", "force": True})
+        assert r.status_code == 403  # the inference token cannot ask for updates
         # 1.2.0 fails its health check: stays on 1.0.0, keeps serving
         assert admin.post("/v1/admin/update", json={"version": "1.2.0"}).status_code == 202
         st = _wait(lambda: (s := _status(d))["last_update"]["version"] == "1.2.0" and s, what="1.2.0 attempt")

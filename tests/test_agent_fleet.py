@@ -91,4 +91,4 @@ def _served(a: AgentProcess) -> str | None:
 
 
 def a_status(a: AgentProcess) -> dict:
-    return httpx.get(a.base_url + "/v1/admin/status", headers=a.headers, timeout=10).json()
+    return httpx.get(a.base_url + "/v1/admin/status", headers=a.admin_headers, timeout=10).json()
