@@ -6,7 +6,7 @@ uvicorn alone keeps a connection that never finishes its headers open forever, a
 
 - a request's headers must arrive within ``header_timeout_s`` of the connection (or of the previous
   response), and its body within ``body_timeout_s``; otherwise the connection is closed;
-- headers are capped in size (``max_header_bytes``; more is a 400);
+- headers are capped in size (``max_header_bytes``; more is a 400 or 431);
 - each client (peer address on TCP, peer uid on the Unix socket) holds at most
   ``max_connections_per_client`` connections, and all clients ``max_connections``; a new connection
   over a cap closes that client's oldest connection that is not being answered, so a fresh
@@ -138,24 +138,39 @@ def protocol_class(limits: Limits) -> type[GuardedH11Protocol]:
     return type("AgentH11Protocol", (GuardedH11Protocol,), {"guard": ConnectionGuard(limits)})
 
 
-class InflightLimit:
-    """ASGI middleware: at most ``limit`` requests at once (503 + Retry-After), some paths exempt."""
+def _json_error(status: int, code: str, message: str) -> tuple[dict, dict]:
+    body = json.dumps({"error": {"message": message, "type": "server_error" if status >= 500 else
+                                 "invalid_request_error", "param": None, "code": code}}).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                         (b"content-length", str(len(body)).encode())]}
+    return start, {"type": "http.response.body", "body": body}
 
-    def __init__(self, app: Any, limit: int, exempt: tuple[str, ...] = EXEMPT_PATHS) -> None:
-        self.app, self.limit, self.exempt = app, limit, exempt
+
+class RequestGate:
+    """ASGI middleware: headers over ``max_header_bytes`` get a 431 (h11 bounds only headers that
+    arrive in pieces); at most ``limit`` requests run at once (503 + Retry-After), some paths exempt."""
+
+    def __init__(self, app: Any, limits: Limits, exempt: tuple[str, ...] = EXEMPT_PATHS) -> None:
+        self.app, self.limits, self.exempt = app, limits, exempt
         self.running = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.exempt:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.running >= self.limit:
-            body = json.dumps({"error": {"message": "the agent is handling too many requests; retry shortly",
-                                         "type": "server_error", "param": None, "code": "overloaded"}}).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path") or b"") \
+                > self.limits.max_header_bytes:
+            for msg in _json_error(431, "headers_too_large",
+                                   f"request headers over {self.limits.max_header_bytes} bytes"):
+                await send(msg)
+            return
+        if scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.running >= self.limits.max_connections:
+            for msg in _json_error(503, "overloaded", "the agent is handling too many requests; retry shortly"):
+                await send(msg)
             return
         self.running += 1
         try:
@@ -168,7 +183,7 @@ def uvicorn_config(app: Any, limits: Limits, **kw: Any) -> Any:
     """uvicorn settings of the agent: guarded h11 protocol, bounded headers, no connection-count 503."""
     import uvicorn
 
-    return uvicorn.Config(InflightLimit(app, limits.max_connections), http=protocol_class(limits),
+    return uvicorn.Config(RequestGate(app, limits), http=protocol_class(limits),
                           log_config=None, access_log=False, lifespan="off", ws="none", server_header=False,
                           timeout_keep_alive=min(5, max(1, int(limits.header_timeout_s))),
                           h11_max_incomplete_event_size=limits.max_header_bytes, **kw)
