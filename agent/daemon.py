@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -31,6 +31,9 @@ from agent.manifest import read_manifest
 from agent.schemas import UpdateRequest
 from agent.slots import SlotStore
 from agent.telemetry_bridge import TelemetryPort, make_telemetry
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +177,7 @@ class Daemon:
         self._failed_key: tuple | None = None
         self._loaded_at = 0.0
         self._reconcile_lock = threading.Lock()
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self.engine: Engine | None = None
 
     # -- events ---------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ class Daemon:
         rec = state.current_record
         key = (state.current, rec.manifest_sha256) if rec else None
         if key != self._loaded_key and key != self._failed_key:
-            if rec is None:
+            if rec is None or state.current is None:
                 self.engine.swap(None)
                 self._loaded_key = None
                 self._set_state(None, state)
@@ -237,7 +240,7 @@ class Daemon:
             self._loaded_at = time.monotonic()
             if state.trial is not None and state.trial.boots == 0:
                 with self.installer.lock():
-                    self.store.count_boot(state.current)
+                    self.store.count_boot(handle.slot or state.current)
             self._set_state(handle, state)
         if state.trial is not None and state.trial.slot == state.current and self._loaded_key == key \
                 and time.monotonic() - self._loaded_at >= self.config.trial_commit_s:
@@ -409,26 +412,24 @@ class Daemon:
         self.telemetry.record_inference(**kw)
 
 
-class _Server:
+def _Server(config: Any) -> Any:  # noqa: N802 - reads as the class it makes
     """uvicorn's Server without re-raising the captured signal after a graceful stop."""
+    import uvicorn
 
-    def __new__(cls, config):  # noqa: ANN001
-        import uvicorn
+    class S(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            import signal
 
-        class S(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):  # type: ignore[override]
-                import signal
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            old = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                sigs = (signal.SIGINT, signal.SIGTERM)
-                old = {s: signal.signal(s, self.handle_exit) for s in sigs}
-                try:
-                    yield
-                finally:
-                    for s, h in old.items():
-                        signal.signal(s, h)
-
-        return S(config)
+    return S(config)

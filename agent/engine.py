@@ -179,6 +179,7 @@ class Engine:
                 self._do_swap(swap[0])
                 swap[1].set()
                 continue
+            assert job is not None
             t0 = time.monotonic()
             try:
                 self._serve(job)
@@ -243,7 +244,9 @@ class Engine:
             job.sink("error", JobError(400, "context_length_exceeded", str(e)))
             return
         finally:
-            gen.close()
+            close = getattr(gen, "close", None)  # a generator: stop it (and free its native state) now
+            if close is not None:
+                close()
         dt = time.perf_counter() - t0
         decode_s = dt - (first or 0.0)
         tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else (n / dt if dt > 0 else 0.0)

@@ -39,6 +39,7 @@ def _key_pair(key_type: str, device_id: str) -> tuple[bytes, bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
     from cryptography.x509.oid import NameOID
 
+    key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
     if key_type == "ed25519":
         key = ed25519.Ed25519PrivateKey.generate()
         algo = None

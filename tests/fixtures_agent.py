@@ -225,7 +225,7 @@ class AgentProcess:
         self.log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "AgentProcess":
+    def __enter__(self) -> AgentProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
 from waiting import wait_for as _wait_for
 
@@ -53,7 +52,7 @@ class Traffic:
                 if r.status_code == 200:
                     self.versions.add(r.json()["system_fingerprint"])
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         self._t.start()
         return self
 

@@ -14,7 +14,6 @@ import sys
 
 import httpx
 import pytest
-
 from fixtures_agent import AgentProcess, provision_agent
 from fixtures_mqtt import free_port
 from waiting import wait_for as _wait_for

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
 from fixtures_mqtt import free_port
 from waiting import wait_for

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fixtures_agent import AGENT_PROFILE
 
 pytestmark = pytest.mark.slow

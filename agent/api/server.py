@@ -86,7 +86,7 @@ class GuardedH11Protocol(H11Protocol):
 
     guard: ConnectionGuard  # set on the subclass made by :func:`protocol_class`
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
         self.client_key = _client_key(transport)
         self.read_started = self.loop.time()

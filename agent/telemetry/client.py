@@ -13,6 +13,7 @@ state (per device and per group) and to its command topic.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -220,7 +221,11 @@ class Telemetry:
         try:
             if topic == wire.command_topic(self.device_id):
                 cmd = wire.Command.from_dict(json.loads(payload))
-                self._dispatcher.put(lambda: self._put("reply", self.commands.run(cmd)))
+
+                def answer() -> None:
+                    self._put("reply", self.commands.run(cmd))
+
+                self._dispatcher.put(answer)
                 return
             which = "device" if topic == wire.desired_device_topic(self.device_id) else "group"
             self._desired[which] = wire.Desired.from_json(payload) if payload else None
@@ -234,4 +239,4 @@ class Telemetry:
         desired = {k: v for k, v in eff.to_dict().items() if k not in ("v", "issued_at")}
         desired["source"] = "device" if eff is self._desired["device"] else "group"
         for cb in list(self._desired_cbs):
-            self._dispatcher.put(lambda cb=cb: cb(dict(desired)))
+            self._dispatcher.put(functools.partial(cb, dict(desired)))
