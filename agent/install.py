@@ -136,15 +136,7 @@ class Installer:
                                allow_model_change=allow_model_change)
         slot = state.inactive
         slot_dir = self.store.slot_dir(slot)
-        # 1. forget, then wipe, the inactive slot
-        if slot in state.slots or (state.trial and state.trial.previous == slot):
-            state.slots.pop(slot, None)
-            if state.trial and state.trial.previous == slot:
-                state.trial.previous = None
-            self.store.save(state)
-        _crashpoint("forgotten")
-        remove_tree(slot_dir)
-        self.store.cleanup_scratch()
+        self._forget_slot(state, slot)  # 1. forget, then wipe, the inactive slot
         self.paths.staging.mkdir(parents=True, exist_ok=True)
         staging = self.paths.staging / "unpack"
         # 2. safe unpack into staging, check it is what was verified, move into the slot
@@ -207,6 +199,16 @@ class Installer:
                       from_version=previous.version if previous else None,
                       tokens_per_second=report.get("tokens_per_second"))
         return state.last_result
+
+    def _forget_slot(self, state: AgentState, slot: str) -> None:
+        if slot in state.slots or (state.trial and state.trial.previous == slot):
+            state.slots.pop(slot, None)
+            if state.trial and state.trial.previous == slot:
+                state.trial.previous = None
+            self.store.save(state)
+        _crashpoint("forgotten")
+        remove_tree(self.store.slot_dir(slot))
+        self.store.cleanup_scratch()
 
     def _unpack_kwargs(self) -> dict:
         from edgellm.bundle import UnpackLimits

@@ -54,15 +54,17 @@ class NoTelemetry:
     def status(self) -> dict[str, Any]:
         return dict(self._status)
 
-    def set_state(self, *, version: str | None = None, model: str | None = None, slot: str | None = None,
-                  health: str | None = None) -> None: ...
+    def set_state(self, **state: Any) -> None:
+        """Nothing is reported."""
 
-    def record_inference(self, *, latency_ms: float, prompt_tokens: int, completion_tokens: int,
-                         tokens_per_second: float, mean_logprob: float | None = None, error: bool = False) -> None: ...
+    def record_inference(self, **stats: Any) -> None:
+        """Nothing is aggregated."""
 
-    def event(self, kind: str, **fields: Any) -> None: ...
+    def event(self, kind: str, **fields: Any) -> None:
+        """Nothing is sent."""
 
-    def on_desired(self, callback: Callable[[dict[str, Any]], None]) -> None: ...
+    def on_desired(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """No desired state ever arrives."""
 
 
 def make_telemetry(config: AgentConfig, paths: AgentPaths) -> TelemetryPort:
