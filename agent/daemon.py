@@ -30,7 +30,7 @@ from agent.install import Installer
 from agent.manifest import read_manifest
 from agent.schemas import UpdateRequest
 from agent.slots import SlotStore
-from agent.telemetry_bridge import TelemetryPort, make_telemetry
+from agent.telemetry_bridge import TelemetryPort, make_telemetry, telemetry_problem
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
@@ -146,16 +146,9 @@ def _telemetry_status(paths: AgentPaths, config: AgentConfig | None, telemetry: 
         return telemetry.status()
     if config is None or config.mqtt is None:
         return {"state": "disabled", "error": None}
-    from edgellm import telemetry as wire
-    from edgellm.ids import ID_RULE, valid_id
-
-    for value, what in ((config.device_id, "device id"), (config.group, "group")):
-        if not valid_id(value):
-            return {"state": "error", "error": f"{what} {value!r} is not valid for telemetry (use {ID_RULE})"}
-    try:
-        _ = config.mqtt.port
-    except wire.TelemetryError as e:
-        return {"state": "error", "error": message_of(e)}
+    problem = telemetry_problem(config)
+    if problem is not None:
+        return {"state": "error", "error": problem}
     return {"state": "configured", "error": None, "broker": config.mqtt.url}
 
 

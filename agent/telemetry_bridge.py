@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent.config import AgentConfig, AgentPaths
+from agent.errors import message_of
 from agent.telemetry.commands import CommandRegistry
 from edgellm.errors import EdgeLLMError
 
@@ -67,19 +68,39 @@ class NoTelemetry:
         """No desired state ever arrives."""
 
 
+def telemetry_problem(config: AgentConfig) -> str | None:
+    """Why telemetry with ``config`` cannot start (an id it refuses, a bad broker URL), or None."""
+    from edgellm.ids import ID_RULE, valid_id
+
+    for value, what in ((config.device_id, "device id"), (config.group, "group")):
+        if not valid_id(value):
+            return f"{what} {value!r} is not valid for telemetry (use {ID_RULE}; re-provision the device)"
+    if config.mqtt is not None:
+        try:
+            _ = config.mqtt.port
+        except EdgeLLMError as e:
+            return _reason(e)
+    return None
+
+
+def _reason(e: EdgeLLMError) -> str:
+    return f"{message_of(e)} ({e.hint})" if e.hint else message_of(e)
+
+
 def make_telemetry(config: AgentConfig, paths: AgentPaths) -> TelemetryPort:
     if config.mqtt is None:
         return NoTelemetry("disabled")
-    try:
-        from agent.telemetry import Telemetry
+    reason = telemetry_problem(config)
+    if reason is None:
+        try:
+            from agent.telemetry import Telemetry
 
-        _ = config.mqtt.port  # refuses a URL that is not mqtt:// or mqtts://
-        return Telemetry(config.device_id, paths.root, config.mqtt, config.profile, config.group)
-    except EdgeLLMError as e:
-        reason = f"{e.args[0]} ({e.hint})" if e.hint else str(e.args[0])
-    except ImportError as e:
-        reason = f"MQTT support is not installed ({e}): pip install 'edgellm[agent]'"
-    except Exception as e:  # noqa: BLE001 - a telemetry misconfiguration must not stop serving
-        reason = f"{type(e).__name__}: {e}"
+            return Telemetry(config.device_id, paths.root, config.mqtt, config.profile, config.group)
+        except EdgeLLMError as e:
+            reason = _reason(e)
+        except ImportError as e:
+            reason = f"MQTT support is not installed ({e}): pip install 'edgellm[agent]'"
+        except Exception as e:  # noqa: BLE001 - a telemetry misconfiguration must not stop serving
+            reason = f"{type(e).__name__}: {e}"
     log.error("MQTT telemetry is OFF: %s", reason)
     return NoTelemetry("error", reason)
