@@ -103,7 +103,6 @@ class Telemetry:
     connects = property(lambda self: self.link.connects)
     rejected = property(lambda self: self.link.rejected)
     unrouted = property(lambda self: self.link.unrouted)
-    _attempts = property(lambda self: self.link.attempts)  # connection attempts since the last success
 
     def status(self) -> dict[str, Any]:
         """For the daemon's status and /healthz: ``state`` connected | connecting, last error, backlog."""
