@@ -91,7 +91,8 @@ class GuardedH11Protocol(H11Protocol):
         self.client_key = _client_key(transport)
         self.read_started = self.loop.time()
         self._dropped = False
-        self._tick: asyncio.TimerHandle | None = self.loop.call_later(0.25, self._check)
+        self._every = min(1.0, self.guard.limits.header_timeout_s / 4)
+        self._tick: asyncio.TimerHandle | None = self.loop.call_later(self._every, self._check)
         self.guard.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -131,7 +132,7 @@ class GuardedH11Protocol(H11Protocol):
             self.guard.timed_out += 1
             self.drop("request body not received in time")
             return
-        self._tick = self.loop.call_later(0.25, self._check)
+        self._tick = self.loop.call_later(self._every, self._check)
 
 
 def protocol_class(limits: Limits) -> type[GuardedH11Protocol]:
