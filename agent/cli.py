@@ -146,8 +146,6 @@ def install(data_dir, file, allow_downgrade, force, fmt) -> None:
 @format_option
 def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     """Check the server for an update now and install it."""
-    from pydantic import ValidationError
-
     from agent.config import AgentConfig
     from agent.install import Installer
     from agent.schemas import UpdateRequest
@@ -157,11 +155,7 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     cfg = AgentConfig.load(paths)
     if not cfg.server:
         raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
-    try:
-        request = UpdateRequest(version=version, model=model, rollback=allow_rollback, force=force)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        raise click.BadParameter(str(err.get("msg")), param_hint=f"--{err['loc'][0]}") from None
+    request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
     res = Installer(paths, cfg).update(tuf_source(paths, cfg), request)
     _echo_result(res, fmt)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.errors import ConfigError
 from edgellm.ids import ID_RULE, valid_id
 
 MAX_TEXT = 1 << 20          # characters of one prompt or message (the body cap is lower anyway)
@@ -106,5 +107,11 @@ class UpdateRequest(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> UpdateRequest:
-        """From a dict (MQTT command args, desired state); raises :class:`pydantic.ValidationError`."""
-        return cls.model_validate(data)
+        """From a dict (an MQTT command's args); raises :class:`~agent.errors.ConfigError` naming the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            where = ".".join(str(x) for x in err.get("loc", ())) or "request"
+            raise ConfigError(f"update request: {where}: {err.get('msg')}",
+                              hint="an update request has only model, version, rollback, force and rollout") from None

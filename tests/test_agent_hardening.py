@@ -146,3 +146,24 @@ def test_an_agent_dir_from_before_admin_tokens_gets_one_at_start(tmp_path):
     assert len(token) >= 32 and (paths.admin_token.stat().st_mode & 0o777) == 0o600
     assert ensure_admin_token(paths) == token
     assert Path(paths.admin_token).read_text().strip() == token
+
+
+def test_the_control_planes_update_command_and_desired_state_are_the_same_closed_request(tmp_path):
+    from agent.config import AgentConfig, AgentPaths
+    from agent.daemon import Daemon
+    from agent.schemas import UpdateRequest
+    from edgellm.telemetry import Command
+
+    d = Daemon(AgentPaths(tmp_path), AgentConfig(device_id="robot-1", profile="rpi4-4gb"))
+    d._start_telemetry()
+    run = d.telemetry.commands.run
+    reply = run(Command(id="1", name="update", args={"version": "1.0.0", "allow_downgrade": True}))
+    assert reply["ok"] is False and "allow_downgrade" in reply["error"] and "rollback" in reply["hint"]
+    assert d._desired == UpdateRequest()
+    assert run(Command(id="2", name="update", args={"version": "1.0.0", "rollback": True}))["ok"]
+    assert d._desired == UpdateRequest(version="1.0.0", rollback=True)
+    d._on_desired({"model": "tiny", "version": "1.1.0", "rollout": "r1", "rollback": False, "source": "group"})
+    assert d._desired == UpdateRequest(model="tiny", version="1.1.0", rollout="r1")
+    d._on_desired({"model": "tiny", "version": "../x"})  # refused, the previous request stands
+    assert d._desired.version == "1.1.0"
+    assert run(Command(id="3", name="reboot"))["hint"] == "this agent knows: rollback, status, update"
