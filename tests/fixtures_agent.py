@@ -1,4 +1,4 @@
-"""Fixtures for the device agent (issue 5): signed bundles of a real tiny GGUF model, and agents.
+"""Fixtures for the device agent: signed bundles of a real tiny GGUF model, and agents.
 
     agent_bundles    session: {"keys", "root", "repo", "v1", "v2", "bad_health", "tampered",
                      "foreign", "bundles": {version: bundle path}} — signed envelopes (``edgellm
