@@ -105,8 +105,11 @@ class Telemetry:
     unrouted = property(lambda self: self.link.unrouted)
 
     def status(self) -> dict[str, Any]:
-        """For the daemon's status and /healthz: ``state`` connected | connecting, last error, backlog."""
-        return {"state": "connected" if self.connected else "connecting", "broker": self.mqtt.url,
+        """For the daemon's status and /healthz: ``state`` connected | connecting | error (the worker
+        died), the last connection error, the outbox backlog."""
+        dead = self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+        state = "error" if dead else "connected" if self.connected else "connecting"
+        return {"state": state, "broker": self.mqtt.url,
                 "error": self.link.last_error, "outbox_pending": len(self.outbox),
                 "outbox_dropped": self.outbox.dropped}
 
