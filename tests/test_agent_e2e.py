@@ -245,6 +245,9 @@ def test_desired_state_over_mqtt_drives_a_verified_update(tmp_path, agent_bundle
     try:
         with AgentProcess(d) as a:
             _wait(lambda: any(e.kind == "birth" and e.body.get("version") == "1.0.0" for e in seen), what="birth")
+            assert httpx.get(a.base_url + "/healthz").json()["telemetry"] == "connected"
+            tm = httpx.get(a.base_url + "/v1/admin/status", headers=a.admin_headers).json()["telemetry"]
+            assert tm["state"] == "connected" and tm["error"] is None
             pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
             pub.connect("127.0.0.1", mqtt_broker.port)
             pub.loop_start()
