@@ -348,7 +348,8 @@ class Daemon:
                     t.start()
                 log.info("agent listening", extra={"port": port, "socket": self.socket_path,
                                                    "device_id": self.config.device_id})
-                _Server(uvicorn_config(app, lim, timeout_graceful_shutdown=5)).run(sockets=socks)
+                _Server(uvicorn_config(app, lim, audit=audit, metrics=self.metrics,
+                                       timeout_graceful_shutdown=5)).run(sockets=socks)
         finally:
             log.info("agent stopping")
             self._stop.set()

@@ -56,6 +56,11 @@ def test_connections_that_never_finish_their_headers_do_not_starve_healthz_or_th
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\nX-Big: " + b"a" * 64 * 1024 + b"\r\n\r\n")
             assert s.recv(64).startswith(b"HTTP/1.1 4")
         assert httpx.get(a.base_url + "/healthz", timeout=10).status_code == 200
+        metrics = httpx.get(a.base_url + "/metrics", headers=a.headers, timeout=10).text
+        for reason in ("slow_client", "connection_limit", "headers_too_large"):
+            assert f'edgellm_agent_rejected_requests_total{{reason="{reason}"}}' in metrics, reason
+    audit = [json.loads(x) for x in (d / "logs" / "audit.jsonl").read_text().splitlines()]
+    assert any(x["endpoint"] == "(gate)" and x["status"] == 431 for x in audit)
 
 
 @pytest.mark.parametrize("device_id", ["robot 1", "röbot", "a/b", "-lead", "x" * 129, ""])

@@ -27,7 +27,9 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from agent.audit import AuditLog
 from agent.config import Limits
+from agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,9 @@ def _client_key(transport: asyncio.BaseTransport) -> str:
 class ConnectionGuard:
     """Bookkeeping of open connections per client, oldest first."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, metrics: Metrics | None = None) -> None:
         self.limits = limits
+        self.metrics = metrics
         self.by_client: dict[str, collections.OrderedDict[int, GuardedH11Protocol]] = {}
         self.total = 0
         self.evicted = 0
@@ -71,7 +74,12 @@ class ConnectionGuard:
                          key=lambda c: c.read_started)
         victim = victims[0] if victims else newcomer  # everyone is being served: refuse the newcomer
         self.evicted += 1
+        self.count("connection_limit")
         victim.drop("over the connection limit")
+
+    def count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
 
     def remove(self, conn: GuardedH11Protocol) -> None:
         conns = self.by_client.get(conn.client_key)
@@ -126,17 +134,19 @@ class GuardedH11Protocol(H11Protocol):
         state = self.conn.their_state
         if state is h11.IDLE and waited > lim.header_timeout_s and self.timeout_keep_alive_task is None:
             self.guard.timed_out += 1
+            self.guard.count("slow_client")
             self.drop("request headers not received in time")
             return
         if state is h11.SEND_BODY and waited > lim.body_timeout_s:
             self.guard.timed_out += 1
+            self.guard.count("slow_client")
             self.drop("request body not received in time")
             return
         self._tick = self.loop.call_later(self._every, self._check)
 
 
-def protocol_class(limits: Limits) -> type[GuardedH11Protocol]:
-    return type("AgentH11Protocol", (GuardedH11Protocol,), {"guard": ConnectionGuard(limits)})
+def protocol_class(limits: Limits, metrics: Metrics | None = None) -> type[GuardedH11Protocol]:
+    return type("AgentH11Protocol", (GuardedH11Protocol,), {"guard": ConnectionGuard(limits, metrics)})
 
 
 def _json_error(status: int, code: str, message: str) -> tuple[dict, dict]:
@@ -152,9 +162,25 @@ class RequestGate:
     """ASGI middleware: headers over ``max_header_bytes`` get a 431 (h11 bounds only headers that
     arrive in pieces); at most ``limit`` requests run at once (503 + Retry-After), some paths exempt."""
 
-    def __init__(self, app: Any, limits: Limits, exempt: tuple[str, ...] = EXEMPT_PATHS) -> None:
+    def __init__(self, app: Any, limits: Limits, *, audit: AuditLog | None = None, metrics: Metrics | None = None,
+                 exempt: tuple[str, ...] = EXEMPT_PATHS) -> None:
         self.app, self.limits, self.exempt = app, limits, exempt
+        self.audit, self.metrics = audit, metrics
         self.running = 0
+
+    async def _refuse(self, scope: dict, send: Any, status: int, code: str, message: str) -> None:
+        for msg in _json_error(status, code, message):
+            await send(msg)
+        if self.metrics is not None:
+            self.metrics.rejected.labels(code).inc()
+        if self.audit is not None:
+            client = scope.get("client")
+            try:
+                self.audit.write(caller=f"{client[0]}:{client[1]}" if client else "unix",
+                                 endpoint="(gate)", status=status, duration_s=0.0, error=code,
+                                 path=str(scope.get("path", ""))[:200])
+            except Exception:  # noqa: BLE001 - a full disk must not take the API down
+                log.exception("audit log write failed")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -162,16 +188,14 @@ class RequestGate:
             return
         if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path") or b"") \
                 > self.limits.max_header_bytes:
-            for msg in _json_error(431, "headers_too_large",
-                                   f"request headers over {self.limits.max_header_bytes} bytes"):
-                await send(msg)
+            await self._refuse(scope, send, 431, "headers_too_large",
+                               f"request headers over {self.limits.max_header_bytes} bytes")
             return
         if scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
         if self.running >= self.limits.max_connections:
-            for msg in _json_error(503, "overloaded", "the agent is handling too many requests; retry shortly"):
-                await send(msg)
+            await self._refuse(scope, send, 503, "overloaded", "the agent is handling too many requests; retry shortly")
             return
         self.running += 1
         try:
@@ -180,11 +204,13 @@ class RequestGate:
             self.running -= 1
 
 
-def uvicorn_config(app: Any, limits: Limits, **kw: Any) -> Any:
-    """uvicorn settings of the agent: guarded h11 protocol, bounded headers, no connection-count 503."""
+def uvicorn_config(app: Any, limits: Limits, *, audit: AuditLog | None = None, metrics: Metrics | None = None,
+                   **kw: Any) -> Any:
+    """uvicorn settings of the agent: guarded h11 protocol, bounded headers, no connection-count 503.
+    Refusals are counted in ``metrics`` (rejected requests by reason) and written to ``audit``."""
     import uvicorn
 
-    return uvicorn.Config(RequestGate(app, limits), http=protocol_class(limits),
+    return uvicorn.Config(RequestGate(app, limits, audit=audit, metrics=metrics), http=protocol_class(limits, metrics),
                           log_config=None, access_log=False, lifespan="off", ws="none", server_header=False,
                           timeout_keep_alive=min(5, max(1, int(limits.header_timeout_s))),
                           h11_max_incomplete_event_size=limits.max_header_bytes, **kw)
