@@ -70,7 +70,7 @@ class ConnectionGuard:
             self._evict([c for cs in self.by_client.values() for c in cs.values()], conn)
 
     def _evict(self, candidates: list[GuardedH11Protocol], newcomer: GuardedH11Protocol) -> None:
-        victims = sorted((c for c in candidates if c is not newcomer and c.waiting_for_client()),
+        victims = sorted((c for c in candidates if c is not newcomer and not c.dropped and c.waiting_for_client()),
                          key=lambda c: c.read_started)
         victim = victims[0] if victims else newcomer  # everyone is being served: refuse the newcomer
         self.evicted += 1
@@ -98,7 +98,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self.client_key = _client_key(transport)
         self.read_started = self.loop.time()
-        self._dropped = False
+        self.dropped = False
         self._every = min(1.0, self.guard.limits.header_timeout_s / 4)
         self._tick: asyncio.TimerHandle | None = self.loop.call_later(self._every, self._check)
         self.guard.admit(self)
@@ -120,10 +120,10 @@ class GuardedH11Protocol(H11Protocol):
             self.cycle is None or self.cycle.response_complete or self.conn.their_state is h11.SEND_BODY)
 
     def drop(self, why: str) -> None:
-        if not self._dropped:
-            self._dropped = True
+        if not self.dropped:
+            self.dropped = True
             log.debug("closing connection of %s: %s", self.client_key, why)
-            self.transport.close()
+            self.transport.abort()  # now, without waiting to flush to a client that may not read
 
     def _check(self) -> None:
         self._tick = None
