@@ -70,6 +70,7 @@ def provision(data_dir, device_id, profile, server, root, group, mqtt_url, ca, c
                      key_type=key_type, force=force)
     click.echo(f"provisioned {cfg.device_id} (profile {cfg.profile}) in {paths.root}")
     click.echo(f"  API token: {paths.token} (mode 0600)")
+    click.echo(f"  admin token: {paths.admin_token} (mode 0600; admin API calls only)")
     click.echo(f"  device public key: {paths.keys / 'device.pub'}, CSR: {paths.keys / 'device.csr'}")
 
 
@@ -111,6 +112,8 @@ def status(data_dir, fmt) -> None:
     lu = st["last_update"]
     click.echo(f"{'last update':13} " + (f"{lu['action']} {'ok' if lu['ok'] else 'FAILED'} {lu.get('version') or ''}"
                                           f"{' — ' + lu['reason'] if lu.get('reason') else ''}" if lu else "-"))
+    tm = st["telemetry"]
+    click.echo(f"{'telemetry':13} {tm['state']}" + (f" — {tm['error']}" if tm.get("error") else ""))
     d = st["daemon"]
     click.echo(f"{'daemon':13} " + (f"running (pid {d.get('pid')}, port {d.get('port')}, socket {d.get('socket')})"
                                      if d.get("running") else "not running"))
@@ -126,10 +129,11 @@ def install(data_dir, file, allow_downgrade, force, fmt) -> None:
     """Install a signed bundle file offline (same verification and A/B path as updates)."""
     from agent.config import AgentConfig
     from agent.install import Installer
+    from agent.schemas import UpdateRequest
 
     paths = _paths(data_dir)
-    res = Installer(paths, AgentConfig.load(paths)).install_envelope(file, allow_downgrade=allow_downgrade,
-                                                                     force=force)
+    res = Installer(paths, AgentConfig.load(paths)).install_envelope(
+        file, UpdateRequest(rollback=allow_downgrade, force=force))
     _echo_result(res, fmt)
 
 
@@ -144,15 +148,15 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     """Check the server for an update now and install it."""
     from agent.config import AgentConfig
     from agent.install import Installer
+    from agent.schemas import UpdateRequest
     from agent.source import tuf_source
 
     paths = _paths(data_dir)
     cfg = AgentConfig.load(paths)
     if not cfg.server:
         raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
-    desired = {k: v for k, v in (("version", version), ("model", model), ("rollback", allow_rollback),
-                                 ("force", force)) if v}
-    res = Installer(paths, cfg).update(tuf_source(paths, cfg), desired)
+    request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
+    res = Installer(paths, cfg).update(tuf_source(paths, cfg), request)
     _echo_result(res, fmt)
 
 
