@@ -59,15 +59,20 @@ def main(verbose: int) -> None:
 @click.option("--socket", "socket_path", default=None, help="Default Unix socket path of the local API.")
 @click.option("--key-type", type=click.Choice(["ecdsa-p256", "ed25519"]), default="ecdsa-p256", show_default=True)
 @click.option("--force", is_flag=True, help="Re-provision an already provisioned data dir.")
+@click.option("--train-data", "train_data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory of local text (.txt, .jsonl with a 'text' field) this device may learn from "
+                   "in federated fine-tuning; the text never leaves the device.")
+@click.option("--learn-from-use", is_flag=True,
+              help="Also learn from the user's own messages (capped in bytes; `edgellm-agent learn wipe` erases them).")
 def provision(data_dir, device_id, profile, server, root, group, mqtt_url, ca, cert, key, listen, socket_path,
-              key_type, force) -> None:
+              key_type, force, train_data, learn_from_use) -> None:
     """Pin the trust root, record the profile, create the API token and device keys."""
     from agent.provision import provision as _provision
 
     paths = _paths(data_dir)
     cfg = _provision(paths, device_id=device_id, profile=profile, server=server, root=root, group=group,
                      mqtt_url=mqtt_url, ca=ca, cert=cert, key=key, listen=listen, socket_path=socket_path,
-                     key_type=key_type, force=force)
+                     key_type=key_type, force=force, train_data=train_data, learn_from_use=learn_from_use)
     click.echo(f"provisioned {cfg.device_id} (profile {cfg.profile}) in {paths.root}")
     click.echo(f"  API token: {paths.token} (mode 0600)")
     click.echo(f"  device public key: {paths.keys / 'device.pub'}, CSR: {paths.keys / 'device.csr'}")
