@@ -25,7 +25,7 @@ from agent.manifest import manifest_sha256  # noqa: E402
 from agent.slots import AgentState, SlotRecord, SlotStore  # noqa: E402
 from edgellm.bundle import pack, unpack  # noqa: E402
 from edgellm.pipeline import lora  # noqa: E402
-from edgellm.pipeline.gguf_load import gguf_config, _reader  # noqa: E402
+from edgellm.pipeline.gguf_load import _reader, gguf_config  # noqa: E402
 
 DEVICE = "dev-7"
 SECRET_WORDS = ("zanzibar", "quokka", "marmalade")
@@ -93,15 +93,11 @@ def context(paths: AgentPaths) -> Context:
 
 
 def serialized(reply: Message) -> bytes:
-    """Every byte of every record of the reply, as Flower serializes it."""
-    out = b""
-    for name, record in reply.content.items():
-        out += name.encode() + record.deflate()
-        for child in getattr(record, "children", {}).values():
-            out += child.deflate()
-        if isinstance(record, ArrayRecord):
-            out += b"".join(a.data for a in record.values())
-    return out
+    """Every object of the reply as the SuperNode sends it: the message and all nested records,
+    arrays and chunks, each deflated by Flower."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return b"".join(o.deflate() for o in get_all_nested_objects(reply).values())
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +125,7 @@ def test_train_replies_with_only_adapters_metrics_and_device_record(gguf_agent, 
     assert reply.metadata.reply_to_message_id == "m-1" and reply.metadata.dst_node_id == 0
 
     blob = serialized(reply)
+    assert DEVICE.encode() in blob and dev["data-sha256"].encode() in blob  # the search sees the records
     for word in SECRET_WORDS + ("blinks times", "lamp in room"):
         assert word.encode() not in blob
     for line in private_text()[:10]:

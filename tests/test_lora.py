@@ -6,11 +6,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from fixtures_gguf import MIXED_TEXT  # noqa: E402
+
 from edgellm.errors import BuildError  # noqa: E402
 from edgellm.pipeline import lora  # noqa: E402
 from edgellm.pipeline.gguf_load import gguf_tokenizer, load_gguf_model  # noqa: E402
 from edgellm.pipeline.model import load_model  # noqa: E402
-from fixtures_gguf import MIXED_TEXT  # noqa: E402
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 7, 300, 12, 64, 128, 3, 9]])
 

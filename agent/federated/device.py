@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+
 from agent.config import AgentConfig, AgentPaths
 from agent.errors import AgentError, SlotIntegrityError
 

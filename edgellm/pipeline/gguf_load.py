@@ -198,7 +198,7 @@ def gguf_tokenizer(path: str | Path) -> Any:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)]
+               for t, ty in zip(tokens, types, strict=False) if ty in (CONTROL, USER_DEFINED)]
     if special:
         tok.add_special_tokens(special)
     return tok
