@@ -154,8 +154,8 @@ class SuperNode:
         try:
             rc = self.proc.wait(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
-            self.stop("timeout")
-            return
+            self.stop("timeout")  # from this thread: reported below
+            rc = self.proc.returncode
         with self._lock:
             reason = self.stop_reason
         (fl_dir(self.paths) / "supernode.json").unlink(missing_ok=True)
