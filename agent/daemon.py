@@ -301,6 +301,9 @@ class Daemon:
         from agent.provision import read_token
 
         self.paths.ensure_dirs()
+        from agent.federated.supervisor import reap_stale
+
+        reap_stale(self.paths)  # a SuperNode left by an agent that died
         with self.installer.lock():
             self.store.boot(max_boots=self.config.max_boot_attempts)
         self.metrics = Metrics()
@@ -343,6 +346,9 @@ class Daemon:
                 if t.is_alive():
                     t.join(timeout=10)
             self.engine.stop()
+            from agent.federated.supervisor import stop_all
+
+            stop_all()
             with contextlib.suppress(Exception):
                 self.telemetry.stop()
             audit.close()
@@ -361,6 +367,11 @@ class Daemon:
             return res
         if name == "status":
             return status_dict(self.paths, self.config)
+        if name in ("fl_invite", "fl_stop"):
+            from agent.federated import supervisor as fl
+
+            handler = fl.handle_fl_invite if name == "fl_invite" else fl.handle_fl_stop
+            return handler(args, fl.AgentHandle(self.paths, self.config, self._event))
         raise ValueError(f"unknown command {name!r}: the agent knows update, rollback and status")
 
     def _record_inference(self, **kw: Any) -> None:

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_federated_client import make_agent, private_text, sha256
 
 from agent.config import AgentConfig, AgentPaths
 from agent.federated import supervisor
-from test_federated_client import make_agent, private_text, sha256
 
 pytest.importorskip("flwr")
 
@@ -130,3 +130,18 @@ def test_an_orphaned_supernode_of_a_dead_agent_is_reaped(ctx) -> None:
     assert supervisor.reap_stale(ctx.paths) is True
     assert wait_for(lambda: not supervisor._is_supernode(pgid), 10)
     assert not (ctx.paths.root / "federated" / "supernode.json").exists()
+
+
+def test_the_daemon_dispatches_fl_invite_and_fl_stop(ctx) -> None:
+    from agent.daemon import Daemon
+
+    daemon = Daemon(ctx.paths, ctx.config)
+    events = []
+    daemon._event = lambda kind, **f: events.append((kind, f))  # type: ignore[method-assign]
+    payload = {"run_id": "run-9", "superlink": closed_port(), "base_version": "1.0.0",
+               "base_sha256": sha256(ctx.paths.slot_dir("A") / "model.gguf")}
+    assert daemon._command("fl_invite", payload) == {"accepted": True, "reason": ""}
+    pgid = supervisor.current(ctx.paths).proc.pid
+    assert daemon._command("fl_stop", {"run_id": "run-9"}) == {"stopped": True, "reason": ""}
+    assert not group_alive(pgid)
+    assert wait_for(lambda: [e[1]["state"] for e in events] == ["started", "stopped"])

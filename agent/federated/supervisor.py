@@ -22,6 +22,7 @@ One SuperNode per agent data dir: the supervisors of this process are kept by da
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -54,6 +55,18 @@ class AgentContext(Protocol):
     config: AgentConfig
 
     def event(self, kind: str, **fields: Any) -> None: ...
+
+
+@dataclasses.dataclass
+class AgentHandle:
+    """An :class:`AgentContext` made of parts (what the daemon passes)."""
+
+    paths: AgentPaths
+    config: AgentConfig
+    emit: Callable[..., None]
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.emit(kind, **fields)
 
 
 def fl_dir(paths: AgentPaths) -> Path:
