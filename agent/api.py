@@ -50,6 +50,7 @@ class ApiError(Exception):
 class AdminHooks:
     status: Callable[[], dict] = lambda: {}
     request_update: Callable[[dict], None] = lambda desired: None
+    on_chat: Callable[[list], object] = lambda messages: None   # --learn-from-use keeps user messages
 
 
 def _caller(request: Request) -> str:
@@ -254,6 +255,8 @@ def create_app(*, engine: Engine, token: str, limits: Limits, metrics: Metrics |
             raise ApiError(429, "the model is busy: too many queued requests; retry after the given delay",
                            code="rate_limit_exceeded", type="rate_limit_error",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        if messages is not None:
+            hooks.on_chat(messages)
         audit_fields: dict[str, Any] = {"prompt": prompt_text, "user": req.user}
         request.state.audit = audit_fields
         try:

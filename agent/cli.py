@@ -174,5 +174,39 @@ def rollback(data_dir, fmt) -> None:
     _echo_result(res, fmt)
 
 
+@main.group()
+def learn() -> None:
+    """What --learn-from-use kept of the user's messages (never leaves the device)."""
+
+
+@learn.command("status")
+@data_dir_option
+@format_option
+def learn_status(data_dir, fmt) -> None:
+    """Whether learning from use is on, and how much text is kept."""
+    from agent.config import AgentConfig
+    from agent.federated.learn import status as _status
+
+    paths = _paths(data_dir)
+    st = _status(paths, AgentConfig.load(paths))
+    if fmt == "json":
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    click.echo(f"learn from use: {'on' if st['enabled'] else 'off'}; {st['messages']} messages, "
+               f"{st['bytes']} of {st['max_bytes']} bytes in {st['path']}")
+
+
+@learn.command("wipe")
+@data_dir_option
+def learn_wipe(data_dir) -> None:
+    """Erase every kept message now."""
+    from agent.config import AgentConfig
+    from agent.federated.learn import wipe as _wipe
+
+    paths = _paths(data_dir)
+    AgentConfig.load(paths)  # refuses a data dir that is not an agent's
+    click.echo(f"wiped {_wipe(paths)} bytes of kept messages")
+
+
 if __name__ == "__main__":
     main()

@@ -301,6 +301,7 @@ class Daemon:
         from agent.provision import read_token
 
         self.paths.ensure_dirs()
+        from agent.federated.learn import recorder as learn_recorder
         from agent.federated.supervisor import reap_stale
 
         reap_stale(self.paths)  # a SuperNode left by an agent that died
@@ -315,7 +316,8 @@ class Daemon:
         self.reconcile()
         app = create_app(engine=self.engine, token=read_token(self.paths), limits=lim, metrics=self.metrics,
                          audit=audit, hooks=AdminHooks(status=lambda: status_dict(self.paths, self.config),
-                                                       request_update=self.request_update))
+                                                       request_update=self.request_update,
+                                                       on_chat=learn_recorder(self.paths, self.config)))
         threads = [threading.Thread(target=self._update_loop, name="edgellm-updates", daemon=True),
                    threading.Thread(target=self._watch_loop, name="edgellm-watch", daemon=True)]
         try:
