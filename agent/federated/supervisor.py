@@ -147,7 +147,9 @@ class SuperNode:
         node_cfg = fl_dir(self.paths) / "node-config.toml"
         node_cfg.write_text(f"device-id = {_toml_str(self.config.device_id)}\n"
                             f"agent-dir = {_toml_str(str(self.paths.root))}\n", encoding="utf-8")
-        env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+        # the SuperNode starts flower-superexec / flwr-clientapp from PATH: the ones beside it first
+        path = os.pathsep.join([str(Path(self.exe).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         log_file = open(fl_dir(self.paths) / "supernode.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
         try:
