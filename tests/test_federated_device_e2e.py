@@ -5,7 +5,6 @@ the contract's messages (the fleet's ServerApp is tested with the server)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ pytest.importorskip("torch")
 pytest.importorskip("flwr")
 
 from test_federated_client import make_agent, sha256  # noqa: E402
+from test_federated_supervisor import Ctx  # noqa: E402
 
 from agent.config import AgentConfig  # noqa: E402
 from agent.federated import supervisor  # noqa: E402
@@ -77,16 +77,6 @@ gguf = ""
 sha = ""
 out = ""
 '''
-
-
-@dataclasses.dataclass
-class Ctx:
-    paths: object
-    config: AgentConfig
-    events: list = dataclasses.field(default_factory=list)
-
-    def event(self, kind: str, **fields) -> None:
-        self.events.append((kind, fields))
 
 
 def wait_listening(port: int, timeout: float = 60.0) -> None:

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -28,13 +29,13 @@ from flwr.clientapp import ClientApp
 
 from agent.config import AgentConfig, AgentPaths
 from agent.federated import device as dev
+from edgellm.ids import valid_id
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ class RoundConfig:
             return kind(v)
 
         run_id, sha = rec.get("run-id"), rec.get("base-sha256")
-        if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        if not valid_id(run_id):
             raise dev.Decline(dev.BAD_REQUEST, "config 'run-id' is missing or malformed")
         if not isinstance(sha, str) or not _SHA_RE.match(sha):
             raise dev.Decline(dev.BAD_REQUEST, "config 'base-sha256' must be 64 lowercase hex digits")
@@ -117,33 +118,56 @@ def _decline(msg: Message, device_id: str, e: BaseException) -> Message:
     return _reply(msg, device_id, metrics=metrics, decline=reason)
 
 
-def _prepare(msg: Message, context: Context) -> tuple[Any, ...]:
+@dataclasses.dataclass
+class _Round:
+    """What one message works with, after every check passed."""
+
+    config: AgentConfig
+    rc: RoundConfig
+    model: Any
+    tok: Any
+    data: dev.LocalData
+    global_state: dict[str, Any]
+
+
+def _prepare(msg: Message, context: Context) -> _Round:
     """Checks, the base model with the global adapters applied, the tokenizer and the data."""
     import torch
 
+    from edgellm.errors import BuildError
     from edgellm.pipeline import lora
 
     torch.set_num_threads(1)
     paths, config = _device(context)
-    rc = RoundConfig.from_record(msg.content["config"]) if "config" in msg.content else None
-    if rc is None:
+    if "config" not in msg.content:
         raise dev.Decline(dev.BAD_REQUEST, "the message has no 'config' record")
+    rc = RoundConfig.from_record(msg.content["config"])
     base = dev.check_can_train(paths, config, rc.base_sha256)
     data = dev.local_data(paths, config)
-    model = lora.load_gguf_model(base.artifact)
-    cfg = lora.LoraConfig(rank=rc.lora_rank, alpha=rc.lora_alpha)
-    lora.apply_lora(model, cfg)
     if "arrays" not in msg.content:
         raise dev.Decline(dev.BAD_REQUEST, "the message has no 'arrays' record (the global adapters)")
+    model = lora.load_gguf_model(base.artifact)
+    lora.apply_lora(model, lora.LoraConfig(rank=rc.lora_rank, alpha=rc.lora_alpha))
     try:
         global_state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
         lora.load_lora_state(model, global_state)
     except (ValueError, TypeError) as e:
         raise dev.Decline(dev.BAD_REQUEST, f"the global adapters do not fit this model ({type(e).__name__})") from e
-    except lora.BuildError as e:
+    except BuildError as e:
         raise dev.Decline(dev.BAD_REQUEST, e.args[0], hint=e.hint) from e
-    tok = _tokenizer(base)
-    return config, rc, model, tok, data, global_state
+    return _Round(config, rc, model, _tokenizer(base), data, global_state)
+
+
+def _handle(msg: Message, context: Context, work: Callable[[_Round], tuple[dict, dict | None]]) -> Message:
+    """Run ``work`` (-> metrics, arrays) on a prepared round; any failure becomes a decline."""
+    device_id = str(context.node_config.get("device-id", ""))
+    try:
+        r = _prepare(msg, context)
+        device_id = r.config.device_id
+        metrics, arrays = work(r)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a decline the server can count
+        return _decline(msg, device_id, e)
+    return _reply(msg, device_id, metrics=metrics, data_sha256=r.data.sha256, arrays=arrays)
 
 
 def _tokenizer(base: dev.TrainingBase) -> Any:
@@ -166,42 +190,36 @@ def clip_update(new: dict[str, Any], old: dict[str, Any], clip: float) -> dict[s
     return {k: old[k] + (new[k] - old[k]) * scale for k in new}
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _train(r: _Round) -> tuple[dict, dict | None]:
     from edgellm.pipeline import lora
 
-    device_id = str(context.node_config.get("device-id", ""))
-    try:
-        config, rc, model, tok, data, global_state = _prepare(msg, context)
-        device_id = config.device_id
-        seq = min(rc.seq_len, model.config.max_position_embeddings)
-        before = lora.heldout_loss(model, tok, data.heldout, seq_len=seq)
-        stats = lora.train_lora(model, tok, data.train, lora.lora_config_of(model), rc.local_steps, rc.lr,
-                                heldout=data.heldout, batch_size=rc.batch_size, seq_len=seq,
-                                seed=rc.seed + rc.server_round, max_seconds=config.fl_timeout_s)
-        after = float(stats["val_loss"])
-        update = clip_update(lora.lora_state(model), global_state, rc.dp_clip)
-        lora.check_lora_state(update, {k: tuple(v.shape) for k, v in global_state.items()})
-    except Exception as e:  # noqa: BLE001 - every failure becomes a decline the server can count
-        return _decline(msg, device_id, e)
+    seq = min(r.rc.seq_len, r.model.config.max_position_embeddings)
+    before = lora.heldout_loss(r.model, r.tok, r.data.heldout, seq_len=seq)
+    stats = lora.train_lora(r.model, r.tok, r.data.train, lora.lora_config_of(r.model), r.rc.local_steps, r.rc.lr,
+                            heldout=r.data.heldout, batch_size=r.rc.batch_size, seq_len=seq,
+                            seed=r.rc.seed + r.rc.server_round, max_seconds=r.config.fl_timeout_s)
+    after = float(stats["val_loss"])
+    update = clip_update(lora.lora_state(r.model), r.global_state, r.rc.dp_clip)
+    lora.check_lora_state(update, {k: tuple(v.shape) for k, v in r.global_state.items()})
+    log.info("trained round %d of %s: held-out loss %.4f -> %.4f", r.rc.server_round, r.rc.run_id, before, after)
     metrics = {"num-examples": int(stats["num_examples"]), "train-loss": float(stats["final_train_loss"]),
                "heldout-loss-before": float(before), "heldout-loss-after": after}
-    log.info("trained round %d of %s: held-out loss %.4f -> %.4f", rc.server_round, rc.run_id, before, after)
-    return _reply(msg, device_id, metrics=metrics, data_sha256=data.sha256,
-                  arrays={k: v.contiguous() for k, v in update.items()})
+    return metrics, {k: v.contiguous() for k, v in update.items()}
+
+
+def _evaluate(r: _Round) -> tuple[dict, dict | None]:
+    from edgellm.pipeline import lora
+    from edgellm.pipeline.train import val_loss
+
+    windows = lora.heldout_windows(r.model, r.tok, r.data.heldout, r.rc.seq_len)
+    return {"num-examples": int(windows.size), "heldout-loss": float(val_loss(r.model, windows))}, None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _train)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from edgellm.pipeline import lora
-
-    device_id = str(context.node_config.get("device-id", ""))
-    try:
-        config, rc, model, tok, data, _ = _prepare(msg, context)
-        device_id = config.device_id
-        loss = lora.heldout_loss(model, tok, data.heldout, seq_len=min(rc.seq_len, model.config.max_position_embeddings))
-        n = len(lora.heldout_windows(model, tok, data.heldout, rc.seq_len).reshape(-1))
-    except Exception as e:  # noqa: BLE001
-        return _decline(msg, device_id, e)
-    return _reply(msg, device_id, metrics={"num-examples": int(n), "heldout-loss": float(loss)},
-                  data_sha256=data.sha256)
+    return _handle(msg, context, _evaluate)
