@@ -189,11 +189,9 @@ def learn_status(data_dir, fmt) -> None:
 
     paths = _paths(data_dir)
     st = _status(paths, AgentConfig.load(paths))
-    if fmt == "json":
-        click.echo(json.dumps(st, indent=2, sort_keys=True))
-        return
-    click.echo(f"learn from use: {'on' if st['enabled'] else 'off'}; {st['messages']} messages, "
-               f"{st['bytes']} of {st['max_bytes']} bytes in {st['path']}")
+    text = (f"learn from use: {'on' if st['enabled'] else 'off'}; {st['messages']} messages, "
+            f"{st['bytes']} of {st['max_bytes']} bytes in {st['path']}")
+    click.echo(json.dumps(st, indent=2, sort_keys=True) if fmt == "json" else text)
 
 
 @learn.command("wipe")

@@ -25,6 +25,7 @@ import torch
 
 from edgellm.errors import BuildError
 from edgellm.pipeline.config import ModelConfig
+from edgellm.pipeline.export.gguf import _LAYER_MAP
 from edgellm.pipeline.model import LlamaLM, expected_shapes
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,10 @@ _MAX = {"embedding_length": 1 << 15, "block_count": 256, "feed_forward_length": 
         "key_length": 1024}
 _MAX_VOCAB = 1 << 20
 
-#: GGUF tensor name (per block) -> LlamaLM module path suffix
-_BLOCK = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
+#: GGUF tensor name -> LlamaLM tensor name: the exporter's mapping, inverted (one source of truth)
+_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_BLOCK = {gguf_name: hf_name for hf_name, gguf_name in _LAYER_MAP.items()}
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -112,15 +111,12 @@ def gguf_config(reader: Any) -> ModelConfig:
 
 
 def _torch_name(gname: str) -> str | None:
-    if gname == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if gname == "output_norm.weight":
-        return "model.norm.weight"
-    if gname == "output.weight":
-        return "lm_head.weight"
-    parts = gname.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK and parts[3] == "weight":
-        return f"model.layers.{int(parts[1])}.{_BLOCK[parts[2]]}.weight"
+    if gname in _TOP:
+        return _TOP[gname]
+    blk, _, rest = gname.partition(".")
+    idx, _, suffix = rest.partition(".")
+    if blk == "blk" and idx.isdigit() and suffix in _BLOCK:
+        return f"model.layers.{int(idx)}.{_BLOCK[suffix]}"
     return None
 
 
