@@ -128,3 +128,15 @@ def test_the_local_api_hands_chat_messages_to_the_hook(tmp_path) -> None:
         engine.stop()
     kept = device.learned_path(paths).read_text()
     assert "porch light." in kept and "secret" not in kept and "raw completion" not in kept
+
+
+def test_the_daemon_side_of_federated_imports_without_torch_or_flower() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['flwr'] = None\n"
+            "import agent.federated.supervisor, agent.federated.learn, agent.federated.device, agent.daemon\n"
+            "assert not [k for k, v in sys.modules.items() if v is not None and k.split('.')[0] in ('torch', 'flwr')]\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -145,3 +145,29 @@ def test_training_a_few_steps_lowers_heldout_loss_on_a_regular_text(gguf_exports
     assert stats["val_loss"] == pytest.approx(after, rel=1e-5)
     assert stats["trainable_params"] == sum(v.numel() for v in lora.lora_state(model).values())
     assert torch.equal(model.model.layers[0].self_attn.q_proj.base.weight, base_weight)  # base stays frozen
+
+
+def test_a_merged_gguf_model_saves_as_a_model_dir_that_exports_back(gguf_exports, tmp_path) -> None:
+    """The server's merge path: GGUF base + adapters -> model dir -> GGUF, same model and tokenizer."""
+    from edgellm.pipeline.export.gguf import export_gguf
+    from edgellm.pipeline.gguf_load import _field, _reader, write_gguf_tokenizer
+    from edgellm.pipeline.model import save_model_dir
+
+    src = gguf_exports["gguf-f16"]
+    model = load_gguf_model(src)
+    lora.apply_lora(model, lora.LoraConfig(rank=2, alpha=4.0))
+    gen = torch.Generator().manual_seed(2)
+    lora.load_lora_state(model, {k: torch.randn(v.shape, generator=gen) * 0.05
+                                 for k, v in lora.lora_state(model).items()})
+    lora.merge_lora(model)
+    merged = logits(model)
+    out = save_model_dir(model, tmp_path / "merged")
+    write_gguf_tokenizer(src, out)
+    export_gguf(out, tmp_path / "merged.gguf", "gguf-f32")
+
+    again = load_gguf_model(tmp_path / "merged.gguf")
+    assert torch.allclose(logits(again), merged, atol=1e-4)
+    a, b = _reader(src), _reader(tmp_path / "merged.gguf")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "tokenizer.ggml.add_bos_token"):
+        assert _field(a, key) == _field(b, key), key

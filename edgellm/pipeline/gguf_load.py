@@ -198,3 +198,30 @@ def gguf_tokenizer(path: str | Path) -> Any:
     if special:
         tok.add_special_tokens(special)
     return tok
+
+
+def write_gguf_tokenizer(path: str | Path, out_dir: str | Path) -> None:
+    """Write ``tokenizer.json`` + ``tokenizer_config.json`` equal to the GGUF's tokenizer (its special
+    tokens, add-bos/eos flags and chat template) into a model directory, so the directory exports
+    back to a GGUF that tokenizes and chats as the original did."""
+    import json
+
+    reader = _reader(path)
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+
+    def content(name: str) -> str | None:
+        v = _field(reader, f"tokenizer.ggml.{name}_token_id")
+        return tokens[int(v)] if v is not None and 0 <= int(v) < len(tokens) else None
+
+    out = Path(out_dir)
+    gguf_tokenizer(path).save(str(out / "tokenizer.json"))
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                           "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+                           "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False))}
+    for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        if (c := content(name)) is not None:
+            cfg[key] = c
+    template = _field(reader, "tokenizer.chat_template")
+    if isinstance(template, str) and template:
+        cfg["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
