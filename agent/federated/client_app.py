@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +67,7 @@ class RoundConfig:
         run_id, sha = rec.get("run-id"), rec.get("base-sha256")
         if not valid_id(run_id):
             raise dev.Decline(dev.BAD_REQUEST, "config 'run-id' is missing or malformed")
-        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+        if not dev.valid_sha256(sha):
             raise dev.Decline(dev.BAD_REQUEST, "config 'base-sha256' must be 64 lowercase hex digits")
         return cls(run_id=run_id, server_round=num("server-round", int, 0, 100_000),
                    lora_rank=num("lora-rank", int, 1, 256), lora_alpha=num("lora-alpha", float, 1e-6, 1e4),

@@ -38,6 +38,11 @@ _BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "q6_k":
 _TRAIN_OVERHEAD = 128 << 20  # activations, optimizer state of the adapters, the Python process
 
 
+def valid_sha256(value: object) -> bool:
+    """64 lowercase hex digits (how the fleet names an artifact)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 class Decline(AgentError):
     """This device does not take part; ``reason`` is one of :data:`REASONS`."""
 

@@ -46,7 +46,6 @@ from edgellm.ids import valid_id
 log = logging.getLogger(__name__)
 
 _HOSTPORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 STOP_GRACE_S = 10.0
 
 
@@ -221,9 +220,9 @@ def _parse_invite(payload: Any) -> tuple[str, str, str]:
     m = _HOSTPORT_RE.match(link) if isinstance(link, str) else None
     if m is None or not 1 <= int(m.group(2)) <= 65535:
         raise dev.Decline(dev.BAD_REQUEST, "fl_invite: superlink must be HOST:PORT")
-    if not isinstance(sha, str) or not _SHA_RE.match(sha):
+    if not dev.valid_sha256(sha):
         raise dev.Decline(dev.BAD_REQUEST, "fl_invite: base_sha256 must be 64 lowercase hex digits")
-    return str(run_id), str(link), sha
+    return str(run_id), str(link), str(sha)
 
 
 def handle_fl_invite(payload: dict, agent_ctx: AgentContext, *, exe: str | None = None) -> dict:
