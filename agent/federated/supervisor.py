@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent._fs import atomic_write_json, read_json
+from agent._fs import atomic_write_bytes, atomic_write_json, read_json
 from agent.config import AgentConfig, AgentPaths
 from agent.federated import device as dev
 from edgellm.ids import valid_id
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _HOSTPORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
 STOP_GRACE_S = 10.0
+LOG_MAX_BYTES = 16 << 20
 
 
 class AgentContext(Protocol):
@@ -144,13 +145,16 @@ class SuperNode:
         home = fl_dir(self.paths) / "flwr-home"
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         node_cfg = fl_dir(self.paths) / "node-config.toml"
-        node_cfg.write_text(f"device-id = {_toml_str(self.config.device_id)}\n"
-                            f"agent-dir = {_toml_str(str(self.paths.root))}\n", encoding="utf-8")
+        atomic_write_bytes(node_cfg, (f"device-id = {_toml_str(self.config.device_id)}\n"
+                                      f"agent-dir = {_toml_str(str(self.paths.root))}\n").encode(), mode=0o600)
         # the SuperNode starts flower-superexec / flwr-clientapp from PATH: the ones beside it first
         path = os.pathsep.join([str(Path(self.exe).parent), os.environ.get("PATH", "")])
         env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        log_file = open(fl_dir(self.paths) / "supernode.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
+        log_path = fl_dir(self.paths) / "supernode.log"
+        if log_path.exists() and log_path.stat().st_size > LOG_MAX_BYTES:  # keep one previous log
+            os.replace(log_path, log_path.with_suffix(".log.1"))
+        log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed here after the fork
         try:
             self.proc = subprocess.Popen(self.command(node_cfg, _free_port()), env=env, stdin=subprocess.DEVNULL,
                                          stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
