@@ -26,7 +26,7 @@ import torch
 from edgellm.errors import BuildError
 from edgellm.pipeline.config import ModelConfig
 from edgellm.pipeline.export.gguf import _LAYER_MAP
-from edgellm.pipeline.model import LlamaLM, expected_shapes
+from edgellm.pipeline.model import LlamaLM, expected_shapes, rope_inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def _dequantize(t: Any) -> np.ndarray:
     except NotImplementedError as e:
         raise BuildError(f"tensor {t.name}: type {t.tensor_type.name} cannot be dequantized here",
                          hint="serve an F16, Q8_0, Q4_0 or K-quant GGUF to train on it") from e
-    return np.asarray(arr, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+    arr = np.asarray(arr, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+    return arr if arr.flags.writeable else arr.copy()  # F32 tensors are read-only views of the mapped file
 
 
 def load_gguf_model(path: str | Path) -> LlamaLM:
@@ -154,12 +155,16 @@ def load_gguf_model(path: str | Path) -> LlamaLM:
             arr = unpermute_rope_rows(arr, cfg.num_attention_heads)
         elif t.name.endswith("attn_k.weight"):
             arr = unpermute_rope_rows(arr, cfg.num_key_value_heads)
-        tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the reader maps the file
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(arr))
     missing = sorted(set(shapes) - set(tensors))
     if missing:
         raise BuildError(f"{path}: missing tensors {missing[:3]}", hint=_HINT)
-    model = LlamaLM(cfg)
-    model.load_state_dict(tensors, strict=not cfg.tie_word_embeddings)
+    with torch.device("meta"):  # no random init: the weights are the GGUF's (one float32 copy in memory)
+        model = LlamaLM(cfg)
+    model.load_state_dict(tensors, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)
     if rope_freqs is not None:
         if rope_freqs.shape != model.inv_freq.shape:
             raise BuildError(f"{path}: rope_freqs has {rope_freqs.numel()} entries, expected "
