@@ -75,10 +75,12 @@ def fl_dir(paths: AgentPaths) -> Path:
 
 def supernode_exe() -> str:
     """``flower-supernode`` of this Python environment (the agent's venv), else from PATH."""
+    import importlib.util
+
     local = Path(sys.executable).with_name("flower-supernode")
     found = str(local) if local.exists() else shutil.which("flower-supernode")
-    if not found:
-        raise dev.Decline(dev.PROFILE_CANNOT_TRAIN, "flower-supernode is not installed",
+    if not found or importlib.util.find_spec("torch") is None:
+        raise dev.Decline(dev.PROFILE_CANNOT_TRAIN, "flower-supernode or torch is not installed",
                           hint="install the agent with the federated extra: pip install 'edgellm[federated]'")
     return found
 
