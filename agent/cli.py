@@ -59,15 +59,20 @@ def main(verbose: int) -> None:
 @click.option("--socket", "socket_path", default=None, help="Default Unix socket path of the local API.")
 @click.option("--key-type", type=click.Choice(["ecdsa-p256", "ed25519"]), default="ecdsa-p256", show_default=True)
 @click.option("--force", is_flag=True, help="Re-provision an already provisioned data dir.")
+@click.option("--train-data", "train_data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory of local text (.txt, .jsonl with a 'text' field) this device may learn from "
+                   "in federated fine-tuning; the text never leaves the device.")
+@click.option("--learn-from-use", is_flag=True,
+              help="Also learn from the user's own messages (capped in bytes; `edgellm-agent learn wipe` erases them).")
 def provision(data_dir, device_id, profile, server, root, group, mqtt_url, ca, cert, key, listen, socket_path,
-              key_type, force) -> None:
+              key_type, force, train_data, learn_from_use) -> None:
     """Pin the trust root, record the profile, create the API token and device keys."""
     from agent.provision import provision as _provision
 
     paths = _paths(data_dir)
     cfg = _provision(paths, device_id=device_id, profile=profile, server=server, root=root, group=group,
                      mqtt_url=mqtt_url, ca=ca, cert=cert, key=key, listen=listen, socket_path=socket_path,
-                     key_type=key_type, force=force)
+                     key_type=key_type, force=force, train_data=train_data, learn_from_use=learn_from_use)
     click.echo(f"provisioned {cfg.device_id} (profile {cfg.profile}) in {paths.root}")
     click.echo(f"  API token: {paths.token} (mode 0600)")
     click.echo(f"  admin token: {paths.admin_token} (mode 0600; admin API calls only)")
@@ -171,6 +176,38 @@ def rollback(data_dir, fmt) -> None:
     paths = _paths(data_dir)
     res = Installer(paths, AgentConfig.load(paths)).rollback()
     _echo_result(res, fmt)
+
+
+@main.group()
+def learn() -> None:
+    """What --learn-from-use kept of the user's messages (never leaves the device)."""
+
+
+@learn.command("status")
+@data_dir_option
+@format_option
+def learn_status(data_dir, fmt) -> None:
+    """Whether learning from use is on, and how much text is kept."""
+    from agent.config import AgentConfig
+    from agent.federated.learn import status as _status
+
+    paths = _paths(data_dir)
+    st = _status(paths, AgentConfig.load(paths))
+    text = (f"learn from use: {'on' if st['enabled'] else 'off'}; {st['messages']} messages, "
+            f"{st['bytes']} of {st['max_bytes']} bytes in {st['path']}")
+    click.echo(json.dumps(st, indent=2, sort_keys=True) if fmt == "json" else text)
+
+
+@learn.command("wipe")
+@data_dir_option
+def learn_wipe(data_dir) -> None:
+    """Erase every kept message now."""
+    from agent.config import AgentConfig
+    from agent.federated.learn import wipe as _wipe
+
+    paths = _paths(data_dir)
+    AgentConfig.load(paths)  # refuses a data dir that is not an agent's
+    click.echo(f"wiped {_wipe(paths)} bytes of kept messages")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,11 @@ class AgentConfig(Record):
     audit_prompts: bool = False         # write prompt text into the audit log
     download_max_bytes: int = 8 << 30
     limits: Limits = dataclasses.field(default_factory=Limits)
+    train_data: str | None = None       # local text this device may learn from (federated fine-tuning)
+    train_max_bytes: int = 64 << 20     # a larger training directory is declined, not read
+    learn_from_use: bool = False        # keep the user's messages (capped) as training text
+    learn_max_bytes: int = 1 << 20
+    fl_timeout_s: float = 6 * 3600.0    # a federated run's SuperNode is stopped after this long
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -325,7 +325,11 @@ class Daemon:
         from agent.audit import AuditLog
         from agent.metrics import Metrics
 
+        from agent.federated.supervisor import reap_stale
+
         self.paths.ensure_dirs()
+
+        reap_stale(self.paths)  # a SuperNode left by an agent that died
         with self.installer.lock():
             self.store.boot(max_boots=self.config.max_boot_attempts)
         self.metrics = Metrics()
@@ -358,6 +362,9 @@ class Daemon:
                 if t.is_alive():
                     t.join(timeout=10)
             self.engine.stop()
+            from agent.federated.supervisor import stop_all
+
+            stop_all()
             with contextlib.suppress(Exception):
                 self.telemetry.stop()
             audit.close()
@@ -367,11 +374,13 @@ class Daemon:
 
     def _app(self, audit: Any) -> Any:
         from agent.api import AdminHooks, create_app
+        from agent.federated.learn import recorder as learn_recorder
         from agent.provision import ensure_admin_token, read_token
 
         assert self.engine is not None and self.metrics is not None
         hooks = AdminHooks(status=lambda: status_dict(self.paths, self.config, self.telemetry),
-                           request_update=self.request_update, telemetry=self.telemetry.status)
+                           request_update=self.request_update, telemetry=self.telemetry.status,
+                           on_chat=learn_recorder(self.paths, self.config))
         return create_app(engine=self.engine, token=read_token(self.paths), admin_token=ensure_admin_token(self.paths),
                           limits=self.config.limits, metrics=self.metrics, audit=audit, hooks=hooks)
 
@@ -381,6 +390,8 @@ class Daemon:
         cmds.register("update", self._command_update)
         cmds.register("rollback", self._command_rollback)
         cmds.register("status", lambda args: status_dict(self.paths, self.config, self.telemetry))
+        cmds.register("fl_invite", self._command_fl)
+        cmds.register("fl_stop", lambda args: self._command_fl(args, stop=True))
         try:
             self.telemetry.start()
         except Exception as e:  # noqa: BLE001 - telemetry never stops serving, and never stops silently
@@ -401,6 +412,13 @@ class Daemon:
         res = self.installer.rollback()
         self.reconcile()
         return res
+
+    def _command_fl(self, args: dict[str, Any], *, stop: bool = False) -> dict[str, Any]:
+        """Federated runs: start or stop this device's SuperNode (agent/federated; no torch here)."""
+        from agent.federated import supervisor as fl
+
+        handler = fl.handle_fl_stop if stop else fl.handle_fl_invite
+        return handler(args, fl.AgentHandle(self.paths, self.config, self._event))
 
     def _record_inference(self, **kw: Any) -> None:
         self.telemetry.record_inference(**kw)

@@ -60,7 +60,8 @@ def _key_pair(key_type: str, device_id: str) -> tuple[bytes, bytes, bytes]:
 def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | None, root: str | Path,
               group: str = "default", mqtt_url: str | None = None, ca: str | None = None,
               cert: str | None = None, key: str | None = None, listen: str | None = None,
-              socket_path: str | None = None, key_type: str = "ecdsa-p256", force: bool = False) -> AgentConfig:
+              socket_path: str | None = None, key_type: str = "ecdsa-p256", force: bool = False,
+              train_data: str | Path | None = None, learn_from_use: bool = False) -> AgentConfig:
     if paths.config.exists() and not force:
         raise AgentError(f"{paths.root} is already provisioned",
                          hint="pass --force to re-provision (this replaces the API token and the device key)")
@@ -77,6 +78,9 @@ def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | 
     for f in (ca, cert, key):
         if f and not Path(f).is_file():
             raise AgentError(f"{f} does not exist", hint="pass existing PEM files to --ca/--cert/--key")
+    if train_data is not None and not Path(train_data).is_dir():
+        raise AgentError(f"--train-data {train_data} is not a directory",
+                         hint="pass a directory of .txt/.jsonl text this device may learn from")
     paths.ensure_dirs()
     os.chmod(paths.root, 0o750)
     # pinned root: read-only file in a directory the agent itself never writes into
@@ -107,6 +111,8 @@ def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | 
         cfg.listen = listen or None
     if socket_path is not None:
         cfg.socket = socket_path or None
+    cfg.train_data = str(Path(train_data).absolute()) if train_data is not None else None
+    cfg.learn_from_use = learn_from_use
     cfg.save(paths)
     log.info("provisioned", extra={"device_id": device_id, "profile": profile})
     return cfg

@@ -27,7 +27,9 @@ def _offenders(pkg: str, banned: tuple[str, ...]) -> list[str]:
 
 
 def test_agent_never_imports_torch_build_or_server() -> None:
-    assert _offenders("agent", ("torch", "edgellm.pipeline", "server")) == []
+    found = _offenders("agent", ("torch", "edgellm.pipeline", "server"))
+    # agent/federated (the `federated` extra) alone may use torch and the pipeline
+    assert [o for o in found if not o.startswith("agent/federated/") or o.endswith(": server")] == []
 
 
 def test_server_never_imports_agent() -> None:

@@ -32,6 +32,7 @@ class AdminHooks:
     status: Callable[[], dict] = dict
     request_update: Callable[[Any], None] = lambda req: None
     telemetry: Callable[[], dict] = lambda: {"state": "disabled"}
+    on_chat: Callable[[list], object] = lambda messages: None  # --learn-from-use keeps user messages
 
 
 @dataclasses.dataclass

@@ -123,6 +123,8 @@ class Generation:
                              code="context_length_exceeded", param="messages" if chat else "prompt")
         self.check_model(req)
         job, q = self.submit(p, self.params(req, p.max_tokens), endpoint)
+        if p.messages is not None:
+            ctx.hooks.on_chat(p.messages)
         audit: dict[str, Any] = {"prompt": p.text, "user": req.user}
         request.state.audit = audit
         kind, start = await next_event(request, q, job)
