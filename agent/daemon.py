@@ -323,9 +323,8 @@ class Daemon:
     def run(self) -> int:
         from agent.api.server import uvicorn_config
         from agent.audit import AuditLog
-        from agent.metrics import Metrics
-
         from agent.federated.supervisor import reap_stale
+        from agent.metrics import Metrics
 
         self.paths.ensure_dirs()
 
