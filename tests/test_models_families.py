@@ -139,3 +139,23 @@ def test_torch_model_matches_transformers(family):
     with torch.no_grad():
         ours = load_model(d)(torch.tensor([ids]))[0][0].numpy()
     assert np.abs(ours - hf_logits(d, ids)).max() <= TOL, name
+
+
+def test_gguf_loads_back_into_torch_for_lora(family):
+    """The device-side loader (federated fine-tuning) reads every family's GGUF back exactly."""
+    import torch
+
+    from edgellm.pipeline.gguf_load import gguf_tokenizer, load_gguf_model
+    from edgellm.pipeline.lora import LoraConfig, apply_lora
+
+    name, d, gguf = family
+    tok = hf_tokenizer(d)
+    ids = tok(MIXED_TEXT)["input_ids"][:32]
+    model = load_gguf_model(gguf)
+    apply_lora(model, LoraConfig())
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(ours - hf_logits(d, ids)).max() <= TOL, name
+    if FAMILY_SPECS[name][2] != "spm":
+        back = gguf_tokenizer(gguf)
+        assert back.encode(MIXED_TEXT, add_special_tokens=False).ids == tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
