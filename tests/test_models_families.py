@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures_models import FAMILY_SPECS, MIXED_TEXT, hf_logits, hf_tokenizer, make_family
 
 TOL = 1e-3

@@ -112,7 +112,7 @@ class Constraint(abc.ABC):
     def accept(self, token: int) -> None:
         """Advance past the chosen ``token``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most constraints hold nothing native
         """Free native resources."""
 
 
@@ -153,6 +153,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
         ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (may be part of a UTF-8 character): what logprobs report."""
+        return self.detokenize([token]).encode("utf-8")
 
     def memory_bytes(self) -> dict[str, int]:
         """``weights_bytes``, ``kv_cache_bytes`` and ``peak_bytes`` the loaded model needs."""

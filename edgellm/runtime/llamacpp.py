@@ -225,6 +225,9 @@ class LlamaCppRuntime(Runtime):
             return big.raw[:max(n, 0)]
         return buf.raw[:max(n, 0)]
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._piece(int(token))
+
     def detokenize(self, ids: Sequence[int]) -> str:
         self._check_open()
         return b"".join(self._piece(int(t)) for t in ids).decode("utf-8", errors="replace")
