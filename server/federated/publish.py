@@ -1,0 +1,178 @@
+"""Closing the loop: averaged adapters -> merged model -> bundles per profile -> signed -> canary.
+
+1. The base: of the base version's GGUF targets in the server's repository, the one with the
+   highest precision (F32 > F16 > BF16 > Q8_0 > ...) is unpacked (verified against its manifest)
+   and read back into a torch model (``edgellm.pipeline.lora.load_gguf_model``). Devices trained
+   on whatever artifact their profile runs; LoRA adapters live in the dequantized float domain,
+   so they apply to every artifact of the same base. Publish an F16 build of the base (one more
+   ``--profile`` or ``--format``) for the best merge.
+2. ``apply_lora`` + ``load_lora_state`` (the averaged adapters) + ``merge_lora``: W += B·A·α/r.
+3. The merged model is written as a model directory and built for the group's profiles by
+   :func:`edgellm.pipeline.fleet_build.run_build` (the path ``edgellm build`` takes), with the
+   run's lineage in every manifest.
+4. Each bundle is published into the server's TUF repository, its target carrying the lineage
+   in ``custom.edgellm.federated``.
+5. Unless the run says ``--no-rollout``, a canary rollout of the new version to the group starts
+   (:func:`server.rollout.start`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgellm._fs import sha256_file
+
+from server.federated.store import FlError, FlStore
+from server.store import Store
+
+logger = logging.getLogger(__name__)
+
+QUANT_ORDER = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k", "q5_0", "q4_k_m", "q4_k", "q4_0")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseTarget:
+    """One published bundle of the base version."""
+
+    name: str
+    path: Path
+    profiles: tuple[str, ...]
+    runtime: str
+    quantization: str
+    artifact_sha256: str
+
+
+def base_targets(repo_dir: Path, model: str, version: str) -> list[BaseTarget]:
+    """The repository's bundles of ``model`` ``version`` (manifests read, nothing extracted)."""
+    from edgellm.bundle import read_manifest
+    from edgellm.trust import Repository
+
+    repo = Repository(repo_dir)
+    out = []
+    for t in repo.list_targets():
+        facts = t.custom.get("edgellm", {})
+        if facts.get("name") != model or facts.get("version") != version:
+            continue
+        path = repo.target_path(t.name)
+        m = read_manifest(path)
+        out.append(BaseTarget(t.name, path, tuple(m.profiles), m.runtime, str(m.quantization).lower(),
+                              m.file(m.artifact).sha256))
+    return out
+
+
+def precision_rank(quantization: str) -> int:
+    q = quantization.lower()
+    return QUANT_ORDER.index(q) if q in QUANT_ORDER else len(QUANT_ORDER)
+
+
+def merge_base(targets: list[BaseTarget]) -> BaseTarget:
+    gguf = [t for t in targets if t.runtime == "gguf"]
+    if not gguf:
+        raise FlError("the base version has no GGUF bundle to fine-tune",
+                      hint="federated fine-tuning needs a llama.cpp (GGUF) build of the base; ONNX devices decline")
+    return min(gguf, key=lambda t: (precision_rank(t.quantization), t.name))
+
+
+def _load_base(gguf: Path) -> tuple[Any, Any]:
+    from edgellm.pipeline.lora import load_gguf_model
+
+    loaded = load_gguf_model(gguf)
+    if isinstance(loaded, tuple):  # (model, tokenizer)
+        return loaded[0], loaded[1]
+    return loaded, getattr(loaded, "tokenizer", None)
+
+
+def merge_adapters(base_bundle: Path, adapters: Path, rank: int, alpha: float, out_dir: Path,
+                   extra_files: dict[str, str]) -> Path:
+    """Base bundle + averaged adapters -> a merged model directory (config, safetensors, tokenizer)."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from edgellm.bundle import unpack
+    from edgellm.pipeline.lora import LoraConfig, apply_lora, load_lora_state, merge_lora
+    from edgellm.pipeline.model import save_model_dir
+
+    work = out_dir.parent / f".{out_dir.name}.base"
+    shutil.rmtree(work, ignore_errors=True)
+    manifest = unpack(base_bundle, work)
+    try:
+        model, tok = _load_base(work / manifest.artifact)
+        if tok is None and (work / "tokenizer.json").is_file():
+            from edgellm.pipeline.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(work / "tokenizer.json")
+        if tok is None:
+            raise FlError("the base bundle gives no tokenizer for the merged model",
+                          hint="build the base with a tokenizer (GGUF vocabulary or tokenizer.json)")
+        apply_lora(model, LoraConfig(rank=rank, alpha=alpha))
+        load_lora_state(model, {k: torch.from_numpy(v.copy()) for k, v in load_file(str(adapters)).items()})
+        merge_lora(model)
+        return save_model_dir(model, out_dir, tokenizer=tok, extra_files=extra_files, overwrite=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def lineage(fl: FlStore, run: dict[str, Any]) -> dict[str, Any]:
+    """What a published version records about the run that made it."""
+    s = run["settings"]
+    trained = [d for d in fl.devices(run["id"]) if d["status"] == "trained"]
+    eps = {d["device"]: fl.epsilon(d["device"], s.delta) for d in trained}
+    return {"parent_version": run["base_version"], "federated": {
+        "run": run["id"], "base_version": run["base_version"], "rounds": s.rounds, "devices": len(trained),
+        "device_data_sha256": {d["device"]: d["data_sha256"] for d in trained},
+        "epsilon": {k: (v if v != float("inf") else "inf") for k, v in eps.items()}, "delta": s.delta,
+        "dp_noise": s.dp_noise, "dp_clip": s.dp_clip, "adapters_sha256": (run["result"] or {}).get("adapters_sha256"),
+    }}
+
+
+def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id: str) -> dict[str, Any]:
+    """Merge, build, publish and (unless --no-rollout) start the canary. Returns what was done."""
+    from edgellm.pipeline.fleet_build import BuildConfig, run_build
+    from edgellm.trust import Repository, canonical_safe, target_custom
+
+    from server import rollout
+
+    run = fl.run(run_id)
+    s, plan, result = run["settings"], run["plan"], run["result"] or {}
+    adapters = Path(result.get("adapters", ""))
+    if not adapters.is_file() or sha256_file(adapters) != result.get("adapters_sha256"):
+        raise FlError(f"averaged adapters of {run_id} are missing or changed on disk", hint="start a new run")
+    base = next((t for t in base_targets(repo_dir, run["model"], run["base_version"]) if t.name == plan["merge_target"]),
+                None)
+    if base is None:
+        raise FlError(f"base target {plan['merge_target']} left the repository", hint="republish the base version")
+    lin = lineage(fl, run)
+    work = adapters.parent
+    merged = merge_adapters(base.path, adapters, s.lora_rank, s.lora_alpha, work / "merged",
+                            {"federated_lineage.json": json.dumps(lin, indent=2, sort_keys=True)})
+    profiles = sorted({d["profile"] for d in Store(fl.store.path).devices(group=run["grp"]) if d["profile"]}) \
+        or list(base.profiles)
+    built = run_build(BuildConfig(model_dir=merged, profiles=profiles, out_dir=work / "dist", name=run["model"],
+                                  version=run["version"], lineage=lin))
+    repo = Repository(repo_dir, keys)
+    targets = []
+    for r in built.results:
+        if r.bundle is None:
+            continue
+        from edgellm.bundle import read_manifest
+
+        custom = target_custom(read_manifest(r.bundle), sha256_file(r.bundle))
+        custom["edgellm"]["federated"] = canonical_safe(lin["federated"])
+        targets.append(repo.add_bundle(r.bundle, custom=custom))
+    if not targets:
+        refusals = "; ".join(f"{r.profile}: {r.selection.refusal}" for r in built.refused)
+        raise FlError(f"no profile of group {run['grp']} could take the merged model ({refusals})",
+                      hint="see the build report in " + str(work / "dist"))
+    rid = None
+    if s.rollout:
+        rid = rollout.start(fl.store, model=run["model"], version=run["version"], group=run["grp"],
+                            canary=s.canary, gate=s.gate or None, bake=s.bake)
+    digest = hashlib.sha256(json.dumps(lin, sort_keys=True).encode()).hexdigest()
+    return {"targets": targets, "profiles": profiles, "rollout": rid, "lineage_sha256": digest,
+            "merge_base": base.name}
