@@ -197,6 +197,7 @@ class EdgeFedAvg(FedAvg):
         self.report = report or (lambda r: None)
         self.current: ArrayRecord | None = None
         self.node_device: dict[int, str] = {}
+        self._sent: list[Message] = []  # the grid gives each its message id when it pushes it
 
     # -- sampling: every connected node, waiting a bounded time for the invited ones
 
@@ -221,7 +222,8 @@ class EdgeFedAvg(FedAvg):
         from flwr.app import MessageType, RecordDict
 
         rec = RecordDict({"arrays": arrays, "config": config})
-        return self._construct_messages(rec, self._nodes(grid), MessageType.TRAIN)
+        self._sent = list(self._construct_messages(rec, self._nodes(grid), MessageType.TRAIN))
+        return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -229,7 +231,8 @@ class EdgeFedAvg(FedAvg):
         from flwr.app import MessageType, RecordDict
 
         rec = RecordDict({"arrays": arrays, "config": config})
-        return self._construct_messages(rec, list(grid.get_node_ids()), MessageType.EVALUATE)
+        self._sent = list(self._construct_messages(rec, list(grid.get_node_ids()), MessageType.EVALUATE))
+        return self._sent
 
     # -- aggregation
 
@@ -240,7 +243,8 @@ class EdgeFedAvg(FedAvg):
             try:
                 r = check_reply(msg, phase, self.expected, self.allowed, seen)
             except Rejected as e:
-                who = e.device or self.node_device.get(msg.metadata.src_node_id) or f"node {msg.metadata.src_node_id}"
+                node = self._node_of(msg)
+                who = e.device or self.node_device.get(node) or f"node {node}"
                 (rep.declined if e.declined else rep.rejected).append((who, e.reason))
                 logger.warning("round %d %s: %s %s: %s", server_round, phase,
                                who, "declined" if e.declined else "rejected", e.reason)
@@ -248,6 +252,16 @@ class EdgeFedAvg(FedAvg):
             self.node_device[r.node] = r.device
             rep.accepted.append(r)
         return rep
+
+    def _node_of(self, msg: Message) -> int:
+        """The node a reply is about: its sender, or for an error the SuperLink wrote in a lost
+        node's stead, the destination of the message it answers."""
+        if not msg.has_error():
+            return msg.metadata.src_node_id
+        for m in self._sent:
+            if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id:
+                return m.metadata.dst_node_id
+        return msg.metadata.src_node_id
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
