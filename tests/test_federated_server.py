@@ -26,7 +26,7 @@ from server.federated import privacy
 from server.federated.driver import FlDriver
 from server.federated.server_app import run_dir, run_federated
 from server.federated.store import FlStore, RunSettings, status
-from server.federated.strategy import EdgeFedAvg, RunFailed, initial_adapters
+from server.federated.strategy import EdgeFedAvg, RunFailed
 
 SHAPES = {"model.layers.0.self_attn.q_proj.lora_A": (2, 4), "model.layers.0.self_attn.q_proj.lora_B": (4, 2)}
 
@@ -77,9 +77,9 @@ def test_fedavg_weighted_by_num_examples_equals_hand_computed_weighted_mean():
     ns, losses = [1, 3, 6], [3.0, 2.0, 1.0]
     arrays, metrics = s.aggregate_train(1, [reply(i + 1, f"dev-{i}", ups[i], ns[i], loss=losses[i]) for i in range(3)])
     for k in SHAPES:
-        want = sum(n * u[k] for n, u in zip(ns, ups)) / sum(ns)
+        want = sum(n * u[k] for n, u in zip(ns, ups, strict=True)) / sum(ns)
         np.testing.assert_allclose(arrays[k].numpy(), want, rtol=1e-5)
-    assert metrics["train-loss"] == pytest.approx(sum(n * x for n, x in zip(ns, losses)) / sum(ns))
+    assert metrics["train-loss"] == pytest.approx(sum(n * x for n, x in zip(ns, losses, strict=True)) / sum(ns))
     rep = s.reports[-1]
     assert [r.device for r in rep.accepted] == ["dev-0", "dev-1", "dev-2"] and not rep.rejected
 
@@ -142,14 +142,6 @@ def test_dp_clips_each_update_and_adds_noise_scaled_to_the_largest_weight():
     assert rep.noise_std == pytest.approx(2.0 * 0.5 * 0.75)
     # the device with a quarter of the weight gets three times the noise multiplier of the other
     assert rep.noise_multipliers == {"dev-a": pytest.approx(2.0 * 0.75 / 0.25), "dev-b": pytest.approx(2.0)}
-
-
-def test_initial_adapters_are_seeded_and_b_is_zero():
-    a, b = initial_adapters(SHAPES, 7), initial_adapters(SHAPES, 7)
-    for k in SHAPES:
-        np.testing.assert_array_equal(a[k], b[k])
-    assert not a["model.layers.0.self_attn.q_proj.lora_B"].any()
-    assert np.abs(a["model.layers.0.self_attn.q_proj.lora_A"]).max() <= 0.5
 
 
 # --------------------------------------------------------------------------- ServerApp on a grid of devices
@@ -216,7 +208,7 @@ def _accepted_run(fl: FlStore, devices: list[str], **settings) -> str:
     rid = fl.create(model="tiny", base_version="1.0.0", version="1.1.0", group="lab", settings=s)
     for d in devices:
         fl.set_device(rid, d, "accepted")
-    fl.set_state(rid, "running", "test", plan={"base_sha256": ["cd" * 32], "merge_target": "x"})
+    fl.set_state(rid, "running", "test", plan={"base_sha256": "cd" * 32, "merge_target": "x"})
     return rid
 
 
@@ -224,7 +216,7 @@ def test_server_app_run_records_rounds_devices_ledger_and_saves_the_average(data
     fl = FlStore(data.store())
     rid = _accepted_run(fl, ["dev-a", "dev-b", "dev-c"], dp_clip=10.0, dp_noise=1.0)
     grid = DeviceGrid({1: device("dev-a", 10, 0.1), 2: device("dev-b", 30, 0.2), 3: device("dev-c", 10, 0.3, dies_in_round=2)})
-    out = run_federated(fl, rid, grid, shapes=SHAPES)
+    out = run_federated(fl, rid, grid, base=(SHAPES, adapters(0.0)))
     run = fl.run(rid)
     assert run["state"] == "aggregated" and run["round"] == 2 and out == run_dir(data.store_path, rid) / "adapters.safetensors"
     from safetensors.numpy import load_file
@@ -250,7 +242,7 @@ def test_server_app_run_with_too_few_devices_fails_and_saves_nothing(data):
     rid = _accepted_run(fl, ["dev-a", "dev-b"], rounds=3)
     grid = DeviceGrid({1: device("dev-a", 10, 0.1), 2: device("dev-b", 10, 0.1, dies_in_round=2)})
     with pytest.raises(RunFailed):
-        run_federated(fl, rid, grid, shapes=SHAPES)
+        run_federated(fl, rid, grid, base=(SHAPES, adapters(0.0)))
     assert not (run_dir(data.store_path, rid) / "adapters.safetensors").exists()
     assert fl.run(rid)["state"] == "running"  # main() records the failure; the driver never sees "aggregated"
 
@@ -275,9 +267,10 @@ def test_ledger_accumulates_epsilon_per_device_across_rounds_and_runs(data):
 
 
 def _publish_base(data: DataDir, tmp_path: Path, profile: str = "rpi5-8gb", quant: str = "q8_0") -> None:
+    from fixtures_trust import make_bundle_dir
+
     from edgellm.bundle import pack
     from edgellm.trust import Repository
-    from fixtures_trust import make_bundle_dir
 
     src = make_bundle_dir(tmp_path / f"b-{profile}", name="tiny", version="1.0.0",
                           extra={"profiles": [profile], "quantization": quant})

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from edgellm import telemetry as wire
-
 from server.federated import privacy
-from server.federated.publish import base_targets, merge_base
+from server.federated.publish import BaseTarget, base_targets, merge_base, precision_rank
 from server.federated.store import FlStore
 from server.federated.superlink import SuperLink
 from server.store import Store
@@ -110,10 +109,8 @@ class FlDriver:
             return
         merge = merge_base(targets)
         by_profile = {p: t for t in targets for p in t.profiles}
-        shas = sorted({t.artifact_sha256 for t in targets if t.runtime == "gguf"})
-        plan = {"merge_target": merge.name, "base_sha256": shas, "superlink": self.advertise}
         planned = [float(s.dp_noise)] * s.rounds
-        eligible = []
+        candidates = []
         for d in self.store.devices(group=r["grp"]):
             dev, t = d["id"], by_profile.get(d["profile"] or "")
             if not d["online"]:
@@ -128,14 +125,25 @@ class FlDriver:
                 self.fl.set_device(rid, dev, "excluded", f"privacy budget: ε spent {spent:.3g}, this run would "
                                                          f"pass --max-epsilon {s.max_epsilon:g}")
             else:
-                eligible.append((dev, t))
+                candidates.append((dev, t))
+        train = _training_target([t for _, t in candidates]) if candidates else merge
+        eligible = []
+        for dev, t in candidates:
+            if t.artifact_sha256 == train.artifact_sha256:
+                eligible.append(dev)
+            else:
+                self.fl.set_device(rid, dev, "excluded", f"base-mismatch: runs {t.quantization} "
+                                                         f"{t.artifact_sha256[:12]}, this run trains on {train.quantization} "
+                                                         f"{train.artifact_sha256[:12]}")
+        plan = {"merge_target": merge.name, "train_target": train.name, "train_bundle": str(train.path),
+                "base_sha256": train.artifact_sha256, "superlink": self.advertise}
         if len(eligible) < s.min_devices:
             self.fl.fail(rid, f"{len(eligible)} eligible device(s) in group {r['grp']}, the run needs "
                               f"{s.min_devices} (see each device's reason)")
             return
-        for dev, t in eligible:
+        for dev in eligible:
             cid = self._command(dev, "fl_invite", {"run_id": rid, "superlink": self.advertise,
-                                                   "base_version": r["base_version"], "base_sha256": t.artifact_sha256})
+                                                   "base_version": r["base_version"], "base_sha256": train.artifact_sha256})
             self.fl.set_device(rid, dev, "invited", command=cid)
         self.fl.set_state(rid, "inviting", f"invited {len(eligible)} device(s)", plan=plan)
 
@@ -160,8 +168,8 @@ class FlDriver:
     def _step_inviting(self, r: dict[str, Any]) -> None:
         rid, s = r["id"], r["settings"]
         for dev, body in self._replies(r).items():
-            accepted, reason = parse_invite_reply(body)
-            self.fl.set_device(rid, dev, "accepted" if accepted else "declined", reason)
+            yes, reason = parse_invite_reply(body)
+            self.fl.set_device(rid, dev, "accepted" if yes else "declined", reason)
         waiting = [d for d in self.fl.devices(rid) if d["status"] == "invited"]
         if waiting and time.time() - r["phase_started"] < s.invite_timeout_s:
             return
@@ -237,6 +245,15 @@ class FlDriver:
         if done["rollout"]:
             msg += f"; canary rollout {done['rollout']} started"
         fl.set_state(rid, "published", msg, rollout=done["rollout"], result={**(run["result"] or {}), **done})
+
+
+def _training_target(targets: list[BaseTarget]) -> BaseTarget:
+    """The artifact most eligible devices run (ties: higher precision). One run trains on one
+    artifact: the train message names the one sha256 a device must be running."""
+    count: dict[str, int] = {}
+    for t in targets:
+        count[t.artifact_sha256] = count.get(t.artifact_sha256, 0) + 1
+    return min(targets, key=lambda t: (-count[t.artifact_sha256], precision_rank(t.quantization), t.name))
 
 
 def _advertised(address: str) -> str:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from edgellm._fs import sha256_file
-
 from server.federated.store import FlError, FlStore
 from server.store import Store
 
@@ -79,15 +78,6 @@ def merge_base(targets: list[BaseTarget]) -> BaseTarget:
     return min(gguf, key=lambda t: (precision_rank(t.quantization), t.name))
 
 
-def _load_base(gguf: Path) -> tuple[Any, Any]:
-    from edgellm.pipeline.lora import load_gguf_model
-
-    loaded = load_gguf_model(gguf)
-    if isinstance(loaded, tuple):  # (model, tokenizer)
-        return loaded[0], loaded[1]
-    return loaded, getattr(loaded, "tokenizer", None)
-
-
 def merge_adapters(base_bundle: Path, adapters: Path, rank: int, alpha: float, out_dir: Path,
                    extra_files: dict[str, str]) -> Path:
     """Base bundle + averaged adapters -> a merged model directory (config, safetensors, tokenizer)."""
@@ -95,21 +85,20 @@ def merge_adapters(base_bundle: Path, adapters: Path, rank: int, alpha: float, o
     from safetensors.numpy import load_file
 
     from edgellm.bundle import unpack
-    from edgellm.pipeline.lora import LoraConfig, apply_lora, load_lora_state, merge_lora
+    from edgellm.pipeline.gguf_load import gguf_tokenizer
+    from edgellm.pipeline.lora import LoraConfig, apply_lora, load_gguf_model, load_lora_state, merge_lora
     from edgellm.pipeline.model import save_model_dir
+    from edgellm.pipeline.tokenizer import load_tokenizer
 
     work = out_dir.parent / f".{out_dir.name}.base"
     shutil.rmtree(work, ignore_errors=True)
-    manifest = unpack(base_bundle, work)
+    manifest = unpack(base_bundle, work)  # verified against its manifest first
     try:
-        model, tok = _load_base(work / manifest.artifact)
-        if tok is None and (work / "tokenizer.json").is_file():
-            from edgellm.pipeline.tokenizer import load_tokenizer
-
+        model = load_gguf_model(work / manifest.artifact)
+        if (work / "tokenizer.json").is_file():
             tok = load_tokenizer(work / "tokenizer.json")
-        if tok is None:
-            raise FlError("the base bundle gives no tokenizer for the merged model",
-                          hint="build the base with a tokenizer (GGUF vocabulary or tokenizer.json)")
+        else:
+            tok = gguf_tokenizer(work / manifest.artifact)
         apply_lora(model, LoraConfig(rank=rank, alpha=alpha))
         load_lora_state(model, {k: torch.from_numpy(v.copy()) for k, v in load_file(str(adapters)).items()})
         merge_lora(model)
@@ -135,7 +124,6 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
     """Merge, build, publish and (unless --no-rollout) start the canary. Returns what was done."""
     from edgellm.pipeline.fleet_build import BuildConfig, run_build
     from edgellm.trust import Repository, canonical_safe, target_custom
-
     from server import rollout
 
     run = fl.run(run_id)

@@ -19,13 +19,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from edgellm._fs import atomic_write
-
 from server.federated.store import FlStore
-from server.federated.strategy import EdgeFedAvg, RoundReport, initial_adapters
+from server.federated.strategy import EdgeFedAvg, RoundReport
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -75,12 +75,22 @@ class _Recorder:
                                f"{len(rep.rejected)} rejected or lost, {len(rep.declined)} declined")
 
 
-def expected_shapes(plan: dict[str, Any], rank: int, alpha: float) -> dict[str, tuple[int, ...]]:
-    """Adapter shapes for the run's base model (read from the base GGUF the driver chose)."""
-    from edgellm.pipeline.lora import LoraConfig, expected_shapes as lora_shapes, load_gguf_model
+def base_adapters(base_bundle: Path, rank: int, alpha: float, seed: int
+                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+    """The adapter shapes a reply must match and round 1's adapters (A kaiming-uniform from
+    ``seed``, B zero: the first global model is the base), from the base bundle's GGUF."""
+    import tempfile
 
-    model = load_gguf_model(plan["base_path"])
-    return {k: tuple(v) for k, v in lora_shapes(model.config, LoraConfig(rank=rank, alpha=alpha)).items()}
+    from edgellm.pipeline.lora import LoraConfig, expected_shapes, initial_lora_state, load_gguf_model
+
+    from edgellm.bundle import unpack
+
+    with tempfile.TemporaryDirectory(prefix=".fl-base-", dir=base_bundle.parent) as tmp:
+        manifest = unpack(base_bundle, Path(tmp) / "b")  # verified against its manifest first
+        cfg = load_gguf_model(Path(tmp) / "b" / manifest.artifact).config
+    lcfg = LoraConfig(rank=rank, alpha=alpha)
+    shapes = {k: tuple(v) for k, v in expected_shapes(cfg, lcfg).items()}
+    return shapes, {k: v.numpy().astype(np.float32) for k, v in initial_lora_state(cfg, lcfg, seed).items()}
 
 
 def train_config(run: dict[str, Any]) -> ConfigRecord:
@@ -88,23 +98,24 @@ def train_config(run: dict[str, Any]) -> ConfigRecord:
     return ConfigRecord({
         "run-id": run["id"], "server-round": 0, "lora-rank": s.lora_rank, "lora-alpha": float(s.lora_alpha),
         "local-steps": s.local_steps, "lr": float(s.lr), "base-version": run["base_version"],
-        "base-sha256": ",".join(plan.get("base_sha256", [])), "dp-clip": float(s.dp_clip), "seed": s.seed,
+        "base-sha256": plan.get("base_sha256", ""), "dp-clip": float(s.dp_clip), "seed": s.seed,
     })
 
 
-def run_federated(fl: FlStore, run_id: str, grid: Grid, shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
-    """Carry out the run's rounds on ``grid``; returns the averaged adapters file."""
+def run_federated(fl: FlStore, run_id: str, grid: Grid,
+                  base: tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]] | None = None) -> Path:
+    """Carry out the run's rounds on ``grid``; returns the averaged adapters file. ``base``
+    (shapes, initial adapters) defaults to :func:`base_adapters` of the run's base bundle."""
     from safetensors.numpy import save as st_save
 
     run = fl.run(run_id)
     s, plan = run["settings"], run["plan"]
-    if shapes is None:
-        shapes = expected_shapes(plan, s.lora_rank, s.lora_alpha)
+    shapes, initial = base or base_adapters(Path(plan["train_bundle"]), s.lora_rank, s.lora_alpha, s.seed)
     allowed = {d["device"] for d in fl.devices(run_id) if d["status"] == "accepted"}
     strategy = EdgeFedAvg(expected=shapes, min_replies=s.min_devices, allowed=allowed, expected_nodes=len(allowed),
                           dp_clip=s.dp_clip, dp_noise=s.dp_noise, connect_timeout_s=s.invite_timeout_s,
                           report=_Recorder(fl, run_id, s.dp_noise, s.delta))
-    init = ArrayRecord({k: Array(v) for k, v in initial_adapters(shapes, s.seed).items()})
+    init = ArrayRecord({k: Array(np.asarray(initial[k], dtype=np.float32)) for k in sorted(shapes)})
     cfg = train_config(run)
     result = strategy.start(grid=grid, initial_arrays=init, num_rounds=s.rounds, timeout=s.round_timeout_s,
                             train_config=cfg, evaluate_config=ConfigRecord(dict(cfg)))

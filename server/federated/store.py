@@ -23,7 +23,6 @@ from typing import Any
 
 from edgellm.errors import EdgeLLMError
 from edgellm.ids import ID_RULE, valid_id
-
 from server.federated import privacy
 from server.store import Store
 
@@ -163,7 +162,7 @@ class FlStore:
         return d
 
     def runs(self, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-        q, args = "SELECT id FROM fl_runs", ()
+        q, args = "SELECT id FROM fl_runs", tuple[str, ...]()
         if states:
             q += f" WHERE state IN ({','.join('?' * len(states))})"
             args = states

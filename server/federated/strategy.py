@@ -309,21 +309,6 @@ def _with_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in zip(keys, nd, strict=True)})
 
 
-def initial_adapters(expected: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    """Round 1's adapters: ``lora_A`` like torch's default Linear init (kaiming-uniform, bound
-    1/sqrt(fan_in)) from ``seed``, ``lora_B`` zero, so the first global model equals the base."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for k in sorted(expected):
-        shape = tuple(expected[k])
-        if k.endswith("lora_A"):
-            bound = 1.0 / math.sqrt(max(1, shape[-1]))
-            out[k] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
-        else:
-            out[k] = np.zeros(shape, dtype=np.float32)
-    return out
-
-
 def to_json_safe(rep: RoundReport) -> dict[str, Any]:
     """A round report without the Flower messages (for logs and the store)."""
     return {
