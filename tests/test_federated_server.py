@@ -292,6 +292,9 @@ class FakeSuperLink:
     def supervise(self) -> None:
         pass
 
+    def ready(self) -> bool:
+        return True
+
     def submit(self, run_config: dict) -> str:
         self.submitted.append(run_config)
         return "4242"

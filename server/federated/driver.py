@@ -80,7 +80,7 @@ class FlDriver:
                 getattr(self, f"_step_{r['state']}")(r)
             except Exception as e:
                 logger.exception("federated run %s: step failed", r["id"])
-                self.fl.fail(r["id"], f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                self.fl.fail(r["id"], f"{type(e).__name__}: {_one_line(e)}")
 
     # -- commands
 
@@ -100,8 +100,8 @@ class FlDriver:
     # -- steps
 
     def _step_pending(self, r: dict[str, Any]) -> None:
-        if self.superlink is None:
-            return  # a server started with --fl picks it up
+        if self.superlink is None or not self.superlink.ready():
+            return  # a server started with --fl picks it up once its SuperLink answers
         rid, s = r["id"], r["settings"]
         targets = base_targets(self.root / "repo", r["model"], r["base_version"])
         if not targets:
@@ -238,13 +238,17 @@ class FlDriver:
             done = close_loop(fl, self.root, self.root / "keys", self.root / "repo", rid)
         except Exception as e:
             logger.exception("federated run %s: publishing failed", rid)
-            fl.fail(rid, f"publishing failed: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}")
+            fl.fail(rid, f"publishing failed: {_one_line(e) or type(e).__name__}")
             return
         run = fl.run(rid)
         msg = f"published {run['model']} {run['version']} ({', '.join(done['targets'])})"
         if done["rollout"]:
             msg += f"; canary rollout {done['rollout']} started"
         fl.set_state(rid, "published", msg, rollout=done["rollout"], result={**(run["result"] or {}), **done})
+
+
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    return " ".join(str(e).split())[:limit]
 
 
 def _training_target(targets: list[BaseTarget]) -> BaseTarget:

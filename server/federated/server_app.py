@@ -143,5 +143,5 @@ def main(grid: Grid, context: Context) -> None:
         run_federated(fl, run_id, grid)
     except Exception as e:
         logger.exception("federated run %s failed", run_id)
-        fl.fail(run_id, str(e).splitlines()[0][:500] or type(e).__name__)
+        fl.fail(run_id, " ".join(str(e).split())[:600] or type(e).__name__)
         raise

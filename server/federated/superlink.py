@@ -65,6 +65,8 @@ class SuperLink:
         self.max_restarts = max_restarts
         self.restarts = 0
         self._next_start = 0.0
+        self._ready = False
+        self._next_probe = 0.0
 
     @property
     def address(self) -> str:
@@ -99,10 +101,26 @@ class SuperLink:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             log.close()
+        self._ready = False
         logger.info("SuperLink started (pid %d): Fleet API at %s, FLWR_HOME %s", self.proc.pid, self.address, self.home)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def ready(self, probe_every_s: float = 2.0) -> bool:
+        """Whether the SuperLink answers its Control API (it takes a moment after starting)."""
+        if not self.alive():
+            self._ready = False
+            return False
+        if self._ready or time.monotonic() < self._next_probe:
+            return self._ready
+        self._next_probe = time.monotonic() + probe_every_s
+        try:
+            self._flwr(["ls", CONNECTION], timeout=30.0)
+        except SuperLinkError:
+            return False
+        self._ready = True
+        return True
 
     def supervise(self) -> None:
         """Called periodically: restart a SuperLink that exited (backoff up to a minute)."""
@@ -143,7 +161,8 @@ class SuperLink:
         except ValueError:
             data = {}
         if p.returncode != 0 or data.get("success") is False:
-            why = data.get("error-message") or p.stderr.decode(errors="replace").strip()[-500:] or out[-500:]
+            err = p.stderr.decode(errors="replace").strip()
+            why = data.get("error-message") or " | ".join(x for x in (out[-600:], err[-600:]) if x) or f"exit {p.returncode}"
             raise SuperLinkError(f"flwr {args[0]} failed: {why}", hint=f"see {self.home / 'superlink.log'}")
         return data
 
