@@ -21,10 +21,10 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("agent.federated.supervisor")
 
-from agent.federated import supervisor  # noqa: E402
 from test_federated_client import make_agent, private_text  # noqa: E402
 
 from agent.config import AgentConfig  # noqa: E402
+from agent.federated import supervisor  # noqa: E402
 from agent.telemetry.client import Telemetry  # noqa: E402
 from edgellm.bundle import pack  # noqa: E402
 from edgellm.telemetry import MqttConfig  # noqa: E402
@@ -94,6 +94,14 @@ def publish_base(data: DataDir, gguf: Path, tmp: Path) -> None:
     Repository(data.repo, data.keys).add_bundle(pack(src, tmp / "tiny-1.0.0.bundle").path)
 
 
+def _logs(tmp: Path) -> str:
+    """The SuperLink's and SuperNodes' logs, for a failure message."""
+    out = []
+    for p in sorted(tmp.glob("srv/flwr/superlink.log")) + sorted(tmp.glob("agent-*/federated/supernode.log")):
+        out.append(f"--- {p.relative_to(tmp)}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-25:]))
+    return "\n".join(out)
+
+
 def test_three_devices_fine_tune_one_dies_the_run_publishes_and_canaries(tmp_path, mqtt_broker, tiny_gguf):
     from edgellm.trust import Repository
 
@@ -119,7 +127,7 @@ def test_three_devices_fine_tune_one_dies_the_run_publishes_and_canaries(tmp_pat
                 os.killpg(victim.proc.pid, signal.SIGKILL)  # the device dies mid-run
             final = wait_for(lambda: fl.run(rid)["state"] in ("published", "failed") and fl.run(rid), 1800, "the end")
             st = status(fl, rid)[0]
-            assert final["state"] == "published", (final["reason"], json.dumps(st["history"], indent=1))
+            assert final["state"] == "published", (final["reason"], json.dumps(st["history"], indent=1), _logs(tmp_path))
         finally:
             supervisor.stop_all("test over")
             for d in devices:

@@ -81,9 +81,8 @@ def base_adapters(base_bundle: Path, rank: int, alpha: float, seed: int
     ``seed``, B zero: the first global model is the base), from the base bundle's GGUF."""
     import tempfile
 
-    from edgellm.pipeline.lora import LoraConfig, expected_shapes, initial_lora_state, load_gguf_model
-
     from edgellm.bundle import unpack
+    from edgellm.pipeline.lora import LoraConfig, expected_shapes, initial_lora_state, load_gguf_model
 
     with tempfile.TemporaryDirectory(prefix=".fl-base-", dir=base_bundle.parent) as tmp:
         manifest = unpack(base_bundle, Path(tmp) / "b")  # verified against its manifest first

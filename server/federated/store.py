@@ -231,14 +231,10 @@ class FlStore:
         return privacy.epsilon(self.noise_multipliers(device), delta)
 
     def ledger(self, run_id: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
-        q, args = "SELECT * FROM fl_ledger WHERE 1=1", []
-        if run_id:
-            q += " AND run=?"
-            args.append(run_id)
-        if device:
-            q += " AND device=?"
-            args.append(device)
-        rows = [dict(r) for r in self.db.execute(q + " ORDER BY device, ts", args)]
+        filters = {k: v for k, v in (("run", run_id), ("device", device)) if v}
+        where = " AND ".join(f"{k}=?" for k in filters) or "1=1"
+        rows = [dict(r) for r in self.db.execute(f"SELECT * FROM fl_ledger WHERE {where} ORDER BY device, ts",
+                                                 tuple(filters.values()))]
         for r in rows:
             for k in ("epsilon_round", "epsilon_total"):
                 r[k] = math.inf if r[k] < 0 else r[k]
