@@ -88,23 +88,52 @@ def merge_adapters(base_bundle: Path, adapters: Path, rank: int, alpha: float, o
     from edgellm.pipeline.gguf_load import gguf_tokenizer
     from edgellm.pipeline.lora import LoraConfig, apply_lora, load_gguf_model, load_lora_state, merge_lora
     from edgellm.pipeline.model import save_model_dir
-    from edgellm.pipeline.tokenizer import load_tokenizer
 
     work = out_dir.parent / f".{out_dir.name}.base"
     shutil.rmtree(work, ignore_errors=True)
     manifest = unpack(base_bundle, work)  # verified against its manifest first
     try:
-        model = load_gguf_model(work / manifest.artifact)
-        if (work / "tokenizer.json").is_file():
-            tok = load_tokenizer(work / "tokenizer.json")
-        else:
-            tok = gguf_tokenizer(work / manifest.artifact)
+        gguf = work / manifest.artifact
+        model = load_gguf_model(gguf)
         apply_lora(model, LoraConfig(rank=rank, alpha=alpha))
         load_lora_state(model, {k: torch.from_numpy(v.copy()) for k, v in load_file(str(adapters)).items()})
         merge_lora(model)
-        return save_model_dir(model, out_dir, tokenizer=tok, extra_files=extra_files, overwrite=True)
+        files = dict(extra_files)
+        if (work / "tokenizer.json").is_file():  # the bundle's own tokenizer files travel as they are
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (work / name).is_file():
+                    files[name] = (work / name).read_text(encoding="utf-8")
+        else:  # the GGUF's vocabulary, with its own special tokens
+            tok = gguf_tokenizer(gguf)
+            files["tokenizer.json"] = tok.to_str()
+            files["tokenizer_config.json"] = json.dumps(_tokenizer_config(gguf, tok, model.config), indent=2)
+        return save_model_dir(model, out_dir, extra_files=files, overwrite=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tokenizer_config(gguf: Path, tok: Any, cfg: Any) -> dict[str, Any]:
+    """tokenizer_config.json for a GGUF's vocabulary: its BOS/EOS/UNK/PAD tokens, add_bos/add_eos
+    and chat template, so the build writes the same tokenizer metadata back into new GGUFs."""
+    from edgellm.pipeline.gguf_load import _field, _reader
+
+    reader = _reader(gguf)
+    out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
+                           "clean_up_tokenization_spaces": False}
+    for key, gkey in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        tid = _field(reader, f"tokenizer.ggml.{gkey}")
+        token = tok.id_to_token(int(tid)) if isinstance(tid, int) else None
+        if token is not None:
+            out[key] = token
+    for key in ("add_bos_token", "add_eos_token"):
+        v = _field(reader, f"tokenizer.ggml.{key}")
+        if isinstance(v, bool):
+            out[key] = v
+    template = _field(reader, "tokenizer.chat_template")
+    if isinstance(template, str) and template:
+        out["chat_template"] = template
+    return out
 
 
 def lineage(fl: FlStore, run: dict[str, Any]) -> dict[str, Any]:
