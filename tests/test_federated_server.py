@@ -23,7 +23,7 @@ from edgellm import telemetry as wire
 from server.app import DataDir
 from server.cli import main as server_cli
 from server.federated import privacy
-from server.federated.driver import FlDriver
+from server.federated.driver import FlDriver, parse_invite_reply
 from server.federated.server_app import run_dir, run_federated
 from server.federated.store import FlStore, RunSettings, status
 from server.federated.strategy import EdgeFedAvg, RunFailed
@@ -383,6 +383,18 @@ def test_max_epsilon_excludes_devices_whose_ledger_would_pass_it(data, tmp_path)
     assert dev_a["status"] == "excluded" and "--max-epsilon 5" in dev_a["reason"]
 
 
+@pytest.mark.parametrize("body,want", [
+    ({"id": "c", "ok": True, "result": {"accepted": True, "reason": ""}}, (True, "")),
+    ({"id": "c", "ok": True, "result": {"accepted": False, "reason": "no-train-data"}}, (False, "no-train-data")),
+    ({"id": "c", "ok": False, "error": "unknown command 'fl_invite'"}, (False, "agent error: unknown command 'fl_invite'")),
+    ({"id": "c", "ok": True, "result": {"accepted": "yes"}}, (False, "malformed reply (no 'accepted')")),
+    ({"id": "c", "ok": True, "result": {"accepted": False, "reason": "x" * 5000}}, (False, "x" * 200)),
+    ("not an object", (False, "malformed reply")),
+])
+def test_invite_replies_are_typed_and_bounded(body, want):
+    assert parse_invite_reply(body) == want
+
+
 def test_too_few_eligible_devices_fails_before_inviting(data, tmp_path):
     _publish_base(data, tmp_path)
     store = data.store()
@@ -412,6 +424,8 @@ def test_fl_start_and_status_json_on_a_data_dir(data, tmp_path):
     st = json.loads(r.output)[0]
     assert st["state"] == "pending" and st["rounds"] == 2 and st["version"] == "1.1.0"
     assert st["settings"]["dp_noise"] == 1.0 and st["settings"]["max_epsilon"] == 8.0 and st["settings"]["rollout"] is False
+    r = cli.invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), rid])
+    assert r.exit_code == 0 and f"{rid}  tiny 1.0.0 -> 1.1.0 on lab: pending" in r.output
     # a second run while one is active, an unpublished base, bad DP settings: refused with a hint, nothing recorded
     for args, says in ((["--version", "1.0.0"], "still active"), (["--version", "9.9.9"], "no bundle of tiny 9.9.9")):
         r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", *args,
