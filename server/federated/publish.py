@@ -137,13 +137,15 @@ def _tokenizer_config(gguf: Path, tok: Any, cfg: Any) -> dict[str, Any]:
 
 
 def lineage(fl: FlStore, run: dict[str, Any]) -> dict[str, Any]:
-    """What a published version records about the run that made it."""
+    """What a published version records about the run that made it. Contributors are the devices
+    whose update was averaged in at least one round (the ledger has a row for each)."""
     s = run["settings"]
-    trained = [d for d in fl.devices(run["id"]) if d["status"] == "trained"]
-    eps = {d["device"]: fl.epsilon(d["device"], s.delta) for d in trained}
+    contributed = {e["device"] for e in fl.ledger(run_id=run["id"])}
+    devices = [d for d in fl.devices(run["id"]) if d["device"] in contributed]
+    eps = {d["device"]: fl.epsilon(d["device"], s.delta) for d in devices}
     return {"parent_version": run["base_version"], "federated": {
-        "run": run["id"], "base_version": run["base_version"], "rounds": s.rounds, "devices": len(trained),
-        "device_data_sha256": {d["device"]: d["data_sha256"] for d in trained},
+        "run": run["id"], "base_version": run["base_version"], "rounds": s.rounds, "devices": len(devices),
+        "device_data_sha256": {d["device"]: d["data_sha256"] for d in devices},
         "epsilon": {k: (v if v != float("inf") else "inf") for k, v in eps.items()}, "delta": s.delta,
         "dp_noise": s.dp_noise, "dp_clip": s.dp_clip, "adapters_sha256": (run["result"] or {}).get("adapters_sha256"),
     }}

@@ -124,8 +124,8 @@ def run_federated(fl: FlStore, run_id: str, grid: Grid,
                    metadata={"run": run_id, "base_version": run["base_version"]})
     out = run_dir(fl.store.path, run_id) / "adapters.safetensors"
     atomic_write(out, data, mode=0o600)
-    trained = [d for d in fl.devices(run_id) if d["status"] == "trained"]
-    fl.set_state(run_id, "aggregated", f"{s.rounds} rounds done with {len(trained)} device(s); adapters averaged",
+    trained = {e["device"] for e in fl.ledger(run_id=run_id)}
+    fl.set_state(run_id, "aggregated", f"{s.rounds} rounds done; updates of {len(trained)} device(s) averaged",
                  result={"adapters": str(out), "adapters_sha256": hashlib.sha256(data).hexdigest(),
                          "rounds": s.rounds, "devices": len(trained)})
     return out
