@@ -445,3 +445,38 @@ def test_fl_status_wait_exits_nonzero_when_the_run_failed(data, tmp_path):
     fl.fail(rid, "2 device(s) accepted, the run needs 3")
     r = CliRunner().invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), rid, "--wait"])
     assert r.exit_code == 1 and "the run needs 3" in r.output
+
+
+# --------------------------------------------------------------------------- the SuperLink
+
+
+def test_superlink_is_started_answers_is_restarted_after_a_crash_and_stopped(tmp_path):
+    import os
+    import signal
+    import socket
+
+    from server.federated.superlink import SuperLink
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    link = SuperLink(tmp_path / "flwr", f"127.0.0.1:{port}")
+    link.start()
+    try:
+        assert {"--disable-runtime-dependency-installation", "--insecure"} <= set(link.proc.args)
+        deadline = time.monotonic() + 60
+        while not link.ready(probe_every_s=0.5):
+            assert time.monotonic() < deadline, (tmp_path / "flwr" / "superlink.log").read_text()[-2000:]
+            time.sleep(0.5)
+        assert f'address = "127.0.0.1:{port}"' in (tmp_path / "flwr" / "config.toml").read_text()
+        first = link.proc.pid
+        os.killpg(first, signal.SIGKILL)
+        link.proc.wait(10)
+        assert not link.ready()
+        link._next_start = 0.0
+        link.supervise()
+        assert link.alive() and link.proc.pid != first and link.restarts == 1
+    finally:
+        proc = link.proc
+        link.stop()
+    assert proc is not None and proc.poll() is not None
