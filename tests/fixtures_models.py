@@ -46,7 +46,7 @@ FAMILY_SPECS: dict[str, tuple[str, dict[str, Any], str, str]] = {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "llama3", LLAMA3_TEMPLATE),
     "tinyllama": ("Llama", {}, "spm", INST_TEMPLATE),
-    "mistral": ("Mistral", {"sliding_window": 64, "head_dim": 16}, "spm", INST_TEMPLATE),
+    "mistral": ("Mistral", {"sliding_window": 120, "head_dim": 16}, "spm", INST_TEMPLATE),
     "qwen2": ("Qwen2", {"tie_word_embeddings": True}, "qwen2", CHATML),
     "qwen3": ("Qwen3", {"head_dim": 16}, "qwen2", CHATML),
     "smollm2": ("Llama", {"tie_word_embeddings": True}, "smollm", SMOL_TEMPLATE),
@@ -102,7 +102,7 @@ def _write_bpe(out: Path, kind: str, template: str) -> int:
     tok = _bpe(kind, specials, bos)
     tok.save(str(out / "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
-           "add_bos_token": bos is not None, "clean_up_tokenization_spaces": False, "model_max_length": 128,
+           "add_bos_token": bos is not None, "clean_up_tokenization_spaces": False, "model_max_length": 512,
            "chat_template": template}
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
     return int(tok.get_vocab_size())
@@ -119,7 +119,7 @@ def _write_spm(out: Path, template: str) -> int:
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
            "add_bos_token": True, "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False,
-           "model_max_length": 128, "chat_template": template}
+           "model_max_length": 512, "chat_template": template}
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
     return 420
 
@@ -136,7 +136,7 @@ def make_family(out: Path, name: str, *, seed: int = 0) -> Path:
     ids = {t: i for i, t in enumerate(_vocab_list(out))}
     config = getattr(transformers, f"{prefix}Config")(
         vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
         bos_token_id=ids.get(tcfg["bos_token"]) if tcfg["bos_token"] else None,
         eos_token_id=ids.get(tcfg["eos_token"]), **extra)
     torch.manual_seed(seed)

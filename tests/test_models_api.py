@@ -100,7 +100,7 @@ def test_json_schema_response_format_always_parses(models, tmp_path):
         texts = []
         for seed in range(20):
             r = _post(srv, "/v1/chat/completions", {
-                "messages": [{"role": "user", "content": "Pick a color and a size."}], "max_tokens": 200,
+                "messages": [{"role": "user", "content": "Pick a color and a size."}], "max_tokens": 400,
                 "temperature": 1.0, "seed": seed, "response_format": fmt})
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]

@@ -158,3 +158,26 @@ def test_gguf_loads_back_into_torch_for_lora(family):
     if FAMILY_SPECS[name][2] != "spm":
         back = gguf_tokenizer(gguf)
         assert back.encode(MIXED_TEXT, add_special_tokens=False).ids == tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    """Attention beyond Mistral's window is masked as transformers masks it."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from edgellm.pipeline.model import load_model
+
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          max_position_embeddings=128, sliding_window=8)).eval()
+    hf.save_pretrained(str(tmp_path))
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = load_model(tmp_path)(ids)[0]
+        full = load_model(tmp_path)
+        full.config.sliding_window = None
+        unwindowed = full(ids)[0]
+    assert (ours - ref).abs().max() <= TOL
+    assert (unwindowed - ref).abs().max() > 10 * TOL  # the window matters at this length
