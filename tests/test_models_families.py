@@ -181,3 +181,52 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
         unwindowed = full(ids)[0]
     assert (ours - ref).abs().max() <= TOL
     assert (unwindowed - ref).abs().max() > 10 * TOL  # the window matters at this length
+
+
+@pytest.mark.parametrize("model_type, arch", [("phi3", "Phi3ForCausalLM"), ("gemma2", "Gemma2ForCausalLM"),
+                                              ("llama", "Qwen2ForCausalLM"), ("mixtral", "MixtralForCausalLM")])
+def test_other_families_are_refused_before_work_naming_the_supported_list(tmp_path, model_type, arch):
+    from edgellm.errors import BuildError
+    from edgellm.pipeline.export.gguf import export_gguf
+    from edgellm.pipeline.fleet_build import BuildConfig, run_build
+    from edgellm.pipeline.model import load_model
+    from edgellm.pipeline.model_check import check_model_dir
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [arch], "vocab_size": 64,
+                                               "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2}))
+    for call in (lambda: check_model_dir(d), lambda: load_model(d), lambda: export_gguf(d, tmp_path / "x.gguf", "gguf-f32"),
+                 lambda: run_build(BuildConfig(model_dir=d, profiles=["rpi4-4gb"], out_dir=tmp_path / "out"))):
+        with pytest.raises(BuildError) as e:
+            call()
+        text = f"{e.value} {e.value.hint}"
+        assert all(name in text for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                             "Qwen3ForCausalLM")), text
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_build_states_family_tokenizer_and_template(family, tmp_path):
+    from edgellm.pipeline.model_check import check_model_dir
+
+    name, d, _ = family
+    facts = check_model_dir(d)
+    assert facts["chat_template"] == "model" and facts["warnings"] == []
+    assert facts["tokenizer"].startswith("tokenizer.model" if FAMILY_SPECS[name][2] == "spm" else "tokenizer.json")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in d.iterdir():
+        if f.is_file():
+            (bare / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert check_model_dir(bare)["chat_template"] == "none" and check_model_dir(bare)["warnings"]
+    from edgellm.pipeline.export.gguf import export_gguf
+    from edgellm.runtime.chat import TemplateError
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+    export_gguf(bare, tmp_path / "bare.gguf", "gguf-f32")
+    with LlamaCppRuntime.load(tmp_path / "bare.gguf") as rt, pytest.raises(TemplateError):
+        rt.chat_token_ids([{"role": "user", "content": "hi"}])  # refused (400), never edgellm's markers

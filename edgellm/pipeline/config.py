@@ -1,5 +1,5 @@
 """Model configuration: the fields of a Hugging Face ``config.json`` of a supported family
-(:mod:`edgellm.pipeline.arch`: Llama, Mistral, Qwen2, Qwen3).
+(:mod:`edgellm.runtime.families`: Llama, Mistral, Qwen2, Qwen3).
 
 No torch here: reading or writing a config must not need it. Unknown fields are kept in
 ``extra`` and written back, so a user's checkpoint round-trips without losing anything.
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import BuildError
-from edgellm.pipeline.arch import FAMILIES, Family, family_of
+from edgellm.runtime.families import FAMILIES, Family, family_of
 
 _KNOWN = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -47,7 +47,7 @@ class ModelConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     torch_dtype: str = "float32"
-    model_type: str = "llama"  # the family (edgellm.pipeline.arch.FAMILIES)
+    model_type: str = "llama"  # the family (edgellm.runtime.families.FAMILIES)
     sliding_window: int | None = None  # Mistral: attention sees only the last N positions
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 

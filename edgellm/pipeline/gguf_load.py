@@ -5,7 +5,7 @@
 
 A device trains on the exact model it serves, so the base comes from its GGUF, not from a
 checkpoint it does not have. gguf-py dequantizes every tensor to float32 (F32, F16, Q8_0, Q4_0,
-K-quants...); tensor names and the family come from :mod:`edgellm.pipeline.arch` (llama.cpp's
+K-quants...); tensor names and the family come from :mod:`edgellm.runtime.families` (llama.cpp's
 ``llama``, ``qwen2``, ``qwen3``); for the ``llama`` architecture the Q/K rows llama.cpp stores in
 adjacent-pair RoPE order are permuted back to the rotate-half order of
 :class:`edgellm.pipeline.model.LlamaLM` (the inverse of the exporter's ``permute_rope_rows``). llama3-style RoPE scaling (a ``rope_freqs`` tensor) is applied to the
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from edgellm.errors import BuildError
-from edgellm.pipeline.arch import FAMILIES, GGUF_ARCHS, Family, tensor_suffixes
+from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, Family, tensor_suffixes
 from edgellm.pipeline.config import ModelConfig
 from edgellm.pipeline.model import LlamaLM, expected_shapes, rope_inv_freq
 

@@ -1,6 +1,6 @@
 """The decoder of every supported family in torch, and the Hugging Face model directory format.
 
-One module tree serves Llama, Mistral, Qwen2 and Qwen3 (:mod:`edgellm.pipeline.arch` says what
+One module tree serves Llama, Mistral, Qwen2 and Qwen3 (:mod:`edgellm.runtime.families` says what
 differs: q/k/v biases, q/k norms, a sliding window). It mirrors ``transformers``' ``*ForCausalLM``
 so ``state_dict()`` keys are the HF tensor names (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ...,
 ``model.norm.weight``, ``lm_head.weight``). A model directory holds::
@@ -153,7 +153,7 @@ class _Backbone(nn.Module):
 
 
 class LlamaLM(nn.Module):
-    """Causal LM with HF ``*ForCausalLM`` tensor names (every family of edgellm.pipeline.arch)."""
+    """Causal LM with HF ``*ForCausalLM`` tensor names (every family of edgellm.runtime.families)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgellm.errors import GenerationError, ModelLoadError, PromptTooLongError, RuntimeFailure
 from edgellm.runtime._sampling import Sampler, StopBuffer, log_softmax
-from edgellm.runtime.chat import EDGELLM_CHAT_TEMPLATE, ChatTemplate
+from edgellm.runtime.chat import EDGELLM_CHAT_TEMPLATE, ChatTemplate, TemplateError
 
 __all__ = ["Completion", "GenerationError", "GenerationParams", "ModelLoadError", "PromptTooLongError",
            "Runtime", "RuntimeFailure", "TextDecoder", "TokenEvent", "render_chat", "runtime_error"]
@@ -329,9 +329,9 @@ class Runtime(abc.ABC):
             return self.chat_template.token_ids(lambda t, sp: self.tokenize(t, add_bos=False, special=sp),
                                                 messages, add_generation_prompt=add_generation_prompt)
         if len(self.tokenize("<|user|>", add_bos=False, special=True)) != 1:
-            raise runtime_error(GenerationError, "this model has no chat template and no edgellm role markers",
-                                "use the completions endpoint, or add the model's chat_template to "
-                                "tokenizer_config.json and rebuild")
+            raise TemplateError("this model has no chat template and no edgellm role markers",
+                                hint="use the completions endpoint, or add the model's chat_template to "
+                                     "tokenizer_config.json and rebuild")
         ids = self.tokenize("", add_bos=True)  # [bos] when the model adds one, else []
         for m in messages:
             role = m.get("role", "user")

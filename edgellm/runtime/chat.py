@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from edgellm.errors import GenerationError
+
 #: The chat template of models edgellm trains (role markers are special tokens of its tokenizer).
 EDGELLM_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -41,8 +43,13 @@ _PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
 Tokenize = Callable[[str, bool], list[int]]  # (text, parse_special) -> ids, never adding bos
 
 
-class TemplateError(ValueError):
-    """The template failed to render these messages (its own ``raise_exception``, or a bug)."""
+class TemplateError(GenerationError, ValueError):
+    """The chat prompt cannot be built: the template refused the messages (its own
+    ``raise_exception``), failed, or the model has no chat template. A ValueError: the API answers 400."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint or "check the messages against the model's chat template "
+                                               "(roles, order), or use the completions endpoint")
 
 
 def _compile(template: str) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm._fs import sha256_file
-from edgellm.pipeline.arch import FAMILIES, GGUF_ARCHS, tensor_suffixes
+from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, tensor_suffixes
 from edgellm.runtime.base import ModelLoadError
 from edgellm.runtime.base import runtime_error as _err
 

@@ -2,10 +2,10 @@
 
     export_gguf(model_dir, out_path, fmt) -> report dict
 
-``model_dir`` is an HF-format directory (config.json of a family in :mod:`edgellm.pipeline.arch`,
+``model_dir`` is an HF-format directory (config.json of a family in :mod:`edgellm.runtime.families`,
 model.safetensors or a sharded index, tokenizer.json or tokenizer.model, tokenizer_config.json) —
 ours or one written by transformers' ``save_pretrained``. The family decides llama.cpp's
-architecture name and tensor names (:func:`edgellm.pipeline.arch.tensor_suffixes`). F32/F16 are written directly with gguf-py; every quantized
+architecture name and tensor names (:func:`edgellm.runtime.families.tensor_suffixes`). F32/F16 are written directly with gguf-py; every quantized
 format is produced by llama.cpp's own quantizer from an F32 GGUF (:mod:`edgellm.pipeline.export.quantize_gguf`),
 and the tensor types are read back to report what each tensor became.
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BuildError
-from edgellm.pipeline.arch import Family, family_of, tensor_suffixes
+from edgellm.runtime.families import Family, family_of, tensor_suffixes
 from edgellm.pipeline.export.gguf_vocab import read_vocab
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ attention; they differ only in the few facts a :class:`Family` records. The torc
 checkpoint loader, the GGUF exporter and the docs read this table; nothing else branches on
 ``model_type``. A checkpoint of any other family is refused before any work starts.
 
-No torch here: the config reader and the exporters import it.
+No torch, nothing of the pipeline: the config reader, the exporters and the runtime GGUF checks
+import it.
 """
 
 from __future__ import annotations
