@@ -230,3 +230,32 @@ def test_build_states_family_tokenizer_and_template(family, tmp_path):
     export_gguf(bare, tmp_path / "bare.gguf", "gguf-f32")
     with LlamaCppRuntime.load(tmp_path / "bare.gguf") as rt, pytest.raises(TemplateError):
         rt.chat_token_ids([{"role": "user", "content": "hi"}])  # refused (400), never edgellm's markers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2", "tinyllama"])
+def test_distill_keeps_teacher_family_tokenizer_and_template(tmp_path, name):
+    from fixtures_models import corpus
+
+    from edgellm.pipeline.distill import distill_model
+    from edgellm.pipeline.model_check import check_model_dir
+    from edgellm.pipeline.train import TrainConfig
+    from edgellm.runtime.llamacpp import LlamaCppRuntime
+
+    teacher = make_family(tmp_path / "teacher", name)
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(corpus(120)))
+    student = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "max_position_embeddings": 128}
+    distill_model(teacher, str(data), student, tmp_path / "student",
+                  TrainConfig(steps=3, batch_size=2, seq_len=32, eval_every=3, eval_windows=2, progress=False))
+    s = tmp_path / "student"
+    cfg = json.loads((s / "config.json").read_text())
+    assert cfg["model_type"] == json.loads((teacher / "config.json").read_text())["model_type"]
+    assert check_model_dir(s)["chat_template"] == "model"
+    from edgellm.pipeline.export.gguf import export_gguf
+
+    export_gguf(s, tmp_path / "s.gguf", "gguf-f32")
+    msgs = [{"role": "user", "content": "hello there"}]
+    with LlamaCppRuntime.load(tmp_path / "s.gguf") as rt:
+        assert rt.chat_token_ids(msgs) == _hf_chat_ids(hf_tokenizer(teacher), msgs)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from edgellm.errors import BuildError
-from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, Family, tensor_suffixes
 from edgellm.pipeline.config import ModelConfig
 from edgellm.pipeline.model import LlamaLM, expected_shapes, rope_inv_freq
+from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, Family, tensor_suffixes
 
 log = logging.getLogger(__name__)
 

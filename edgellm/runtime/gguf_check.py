@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgellm._fs import sha256_file
-from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, tensor_suffixes
 from edgellm.runtime.base import ModelLoadError
 from edgellm.runtime.base import runtime_error as _err
+from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, tensor_suffixes
 
 MAX_BLOCK_COUNT = 1024
 MAX_EMBEDDING = 1 << 16

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BuildError
-from edgellm.runtime.families import Family, family_of, tensor_suffixes
 from edgellm.pipeline.export.gguf_vocab import read_vocab
+from edgellm.runtime.families import Family, family_of, tensor_suffixes
 
 log = logging.getLogger(__name__)
 
