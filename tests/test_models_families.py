@@ -43,19 +43,24 @@ def _hf_chat_ids(tok, msgs) -> list[int]:
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
+def _matches_transformers(rt, name: str, d: Path, tok) -> None:
+    """Tokens (with and without bos), logits and chat prompt ids of ``rt`` equal transformers'."""
+    assert rt.tokenize(MIXED_TEXT, add_bos=False) == tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    ids = tok(MIXED_TEXT)["input_ids"][:48]
+    assert rt.tokenize(MIXED_TEXT)[:48] == ids  # bos as the HF tokenizer adds it (or not)
+    diff = np.abs(rt.logits(ids) - hf_logits(d, ids)).max()
+    assert diff <= TOL, f"{name}: max |Δlogit| {diff}"
+    for msgs in CHATS:
+        assert rt.chat_token_ids(msgs) == _hf_chat_ids(tok, msgs), name
+
+
 def test_gguf_f32_logits_and_tokens_match_transformers(family):
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     name, d, gguf = family
     tok = hf_tokenizer(d)
     with LlamaCppRuntime.load(gguf, kv_cache_type="f32") as rt:
-        assert rt.tokenize(MIXED_TEXT, add_bos=False) == tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
-        ids = tok(MIXED_TEXT)["input_ids"][:48]
-        assert rt.tokenize(MIXED_TEXT)[:48] == ids  # bos as the HF tokenizer adds it (or not)
-        diff = np.abs(rt.logits(ids) - hf_logits(d, ids)).max()
-        assert diff <= TOL, f"{name}: max |Δlogit| {diff}"
-        for msgs in CHATS:
-            assert rt.chat_token_ids(msgs) == _hf_chat_ids(tok, msgs), name
+        _matches_transformers(rt, name, d, tok)
 
 
 def test_gguf_metadata_is_llama_cpp_layout(family):
@@ -120,12 +125,7 @@ def test_onnx_logits_and_tokens_match_transformers(family):
     export_onnx(d, out, evaluate=False)
     tok = hf_tokenizer(d)
     with OnnxRuntime.load(out) as rt:
-        assert rt.tokenize(MIXED_TEXT, add_bos=False) == tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
-        ids = tok(MIXED_TEXT)["input_ids"][:48]
-        diff = np.abs(rt.logits(ids) - hf_logits(d, ids)).max()
-        assert diff <= TOL, f"{name}: max |Δlogit| {diff}"
-        for msgs in CHATS:
-            assert rt.chat_token_ids(msgs) == _hf_chat_ids(tok, msgs), name
+        _matches_transformers(rt, name, d, tok)
 
 
 def test_torch_model_matches_transformers(family):

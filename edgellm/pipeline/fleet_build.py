@@ -41,6 +41,7 @@ from edgellm.pipeline.candidates import (
 from edgellm.pipeline.evaluate import train_report
 from edgellm.pipeline.model_check import check_model_dir
 from edgellm.pipeline.select import Budget, Selection, select
+from edgellm.pipeline.tokenizer import tokenizer_json_text
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,9 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
                 os.link(m.artifact, artifact)
             except OSError:
                 shutil.copyfile(m.artifact, artifact)
-            if m.runtime == "onnx":
-                for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if m.runtime == "onnx":  # tokenizer.json: converted when the model has only tokenizer.model
+                (src / "tokenizer.json").write_text(tokenizer_json_text(model_dir), encoding="utf-8")
+                for f in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
                     if (model_dir / f).is_file():
                         shutil.copyfile(model_dir / f, src / f)
             manifest = _manifest(cfg, name, prof, m, sel, cands, golden_cache[m.fmt])
