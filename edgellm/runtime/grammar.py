@@ -39,6 +39,8 @@ def grammar_for_response_format(response_format: Any) -> str | None:
         schema = response_format.get("schema")  # llama-server's extension; plain JSON otherwise
         if schema is None:
             return str(llama_grammar.JSON_GBNF)
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.schema must be an object (a JSON schema)")
     elif kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
