@@ -135,6 +135,8 @@ class Runtime(abc.ABC):
     chat_template: ChatTemplate | None = None
     #: whether :class:`GenerationParams.grammar` can be enforced
     supports_grammar: bool = False
+    #: set at load: the model has neither its own template nor edgellm's role markers (chat refused)
+    _no_markers: bool = False
 
     @property
     @abc.abstractmethod
@@ -307,6 +309,9 @@ class Runtime(abc.ABC):
         """Backends call this at load with the template the model carries (see :mod:`.chat`)."""
         if source and source != EDGELLM_CHAT_TEMPLATE:
             self.chat_template = ChatTemplate(source, special_tokens, control_texts)
+        else:
+            self._no_markers = any(len(self.tokenize(f"<|{role}|>", add_bos=False, special=True)) != 1
+                                   for role in ("system", "user", "assistant"))
 
     def chat_prompt(self, messages: Sequence[dict]) -> str:
         """Render chat messages as text with the model's template (for display and logs).
@@ -328,7 +333,7 @@ class Runtime(abc.ABC):
         if self.chat_template is not None:
             return self.chat_template.token_ids(lambda t, sp: self.tokenize(t, add_bos=False, special=sp),
                                                 messages, add_generation_prompt=add_generation_prompt)
-        if len(self.tokenize("<|user|>", add_bos=False, special=True)) != 1:
+        if self._no_markers:
             raise TemplateError("this model has no chat template and no edgellm role markers",
                                 hint="use the completions endpoint, or add the model's chat_template to "
                                      "tokenizer_config.json and rebuild")
