@@ -259,3 +259,12 @@ def test_distill_keeps_teacher_family_tokenizer_and_template(tmp_path, name):
     msgs = [{"role": "user", "content": "hello there"}]
     with LlamaCppRuntime.load(tmp_path / "s.gguf") as rt:
         assert rt.chat_token_ids(msgs) == _hf_chat_ids(hf_tokenizer(teacher), msgs)
+
+
+def test_pipeline_chat_ids_equal_the_runtime_s(family):
+    """Training and report samples prompt a model as its devices will."""
+    from edgellm.pipeline.tokenizer import chat_prompt_ids, load_tokenizer
+
+    name, d, _ = family
+    for msgs in CHATS:
+        assert chat_prompt_ids(load_tokenizer(d), msgs, d) == _hf_chat_ids(hf_tokenizer(d), msgs), name

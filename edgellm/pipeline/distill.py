@@ -114,7 +114,7 @@ def distill_model(teacher_dir: str | Path, data: Any, student: str | Path | Mode
         "top1_agreement": top1_agreement(model, teacher, val_w),
         "temperature": temperature, "alpha": alpha,
         "config": scfg.to_dict(), "train_config": tcfg.to_dict(), "data": ds.lineage(),
-        "sample": {"prompt": "turn on the kitchen light", "reply": _safe_sample(model, tok)},
+        "sample": {"prompt": "turn on the kitchen light", "reply": _safe_sample(model, tok, Path(teacher_dir))},
         **summary,
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -127,8 +127,8 @@ def distill_model(teacher_dir: str | Path, data: Any, student: str | Path | Mode
     return report
 
 
-def _safe_sample(model: LlamaLM, tok: Any) -> str | None:
+def _safe_sample(model: LlamaLM, tok: Any, teacher_dir: Path) -> str | None:
     try:
-        return sample_reply(model, tok)
+        return sample_reply(model, tok, model_dir=teacher_dir)
     except Exception:  # noqa: BLE001 - a foreign tokenizer without our role tokens
         return None

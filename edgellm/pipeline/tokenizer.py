@@ -159,6 +159,23 @@ def encode(tok: Any, text: str, *, special: bool) -> list[int]:
         tok.encode_special_tokens = prev
 
 
+def chat_prompt_ids(tok: Any, messages: list[dict], model_dir: Path | None = None) -> list[int]:
+    """Prompt ids of a chat as a device will build them: the model's own template when
+    ``model_dir`` has one (rendered as transformers does), else bos + edgellm's role markers."""
+    from edgellm.runtime.chat import ChatTemplate
+
+    template = chat_template_of(model_dir) if model_dir is not None else None
+    if template is not None and template != CHAT_TEMPLATE:
+        tcfg = read_tokenizer_config(model_dir) if model_dir is not None else {}
+        specials = {k: str(v.get("content") if isinstance(v, dict) else v) for k, v in tcfg.items()
+                    if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
+        added = [t.content for t in tok.get_added_tokens_decoder().values()]
+        return ChatTemplate(template, specials, added).token_ids(
+            lambda text, sp: encode(tok, text, special=sp), messages)
+    bos = tok.token_to_id(BOS)
+    return ([bos] if bos is not None else []) + encode_chat(tok, messages)
+
+
 def encode_chat(tok: Any, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
     """Chat messages -> ids: role markers as special tokens, contents as plain text."""
     ids: list[int] = []
