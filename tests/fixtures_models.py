@@ -52,18 +52,12 @@ FAMILY_SPECS: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "smollm2": ("Llama", {"tie_word_embeddings": True}, "smollm", SMOL_TEMPLATE),
 }
 
-_WORDS = ["robot", "sensor", "caméra", "motor", "drône", "gateway", "valve", "pump", "naïve", "crème",
-          "temperature", "speed", "warning", "battery", "light", "über", "façade", "你好", "🤖", "🚀"]
-
-
 def corpus(n: int = 300) -> list[str]:
-    out = []
-    for i in range(n):
-        a, b, c = _WORDS[i % 20], _WORDS[(i * 7) % 20], _WORDS[(i * 3) % 20]
-        out.append(f"The {a} reads {b} and {c} every {i % 97} seconds, value {i * 37 % 1000}.")
-        if i % 5 == 0:
-            out.append(f"def {a.encode('ascii', 'ignore').decode() or 'f'}_{i}(x):\n    return x * {i % 9}  # ok\t{{'k': [{i}]}}")
-    return out
+    """The GGUF fixtures' training text, plus numbers and decomposed accents for the tokenizers."""
+    from fixtures_gguf import training_corpus
+
+    extra = [f"value {i * 37 % 1000}, {i * 7919 % 100000} units; Cafe\u0301 n\u0303 {i}" for i in range(n // 3)]
+    return training_corpus(n) + extra
 
 
 def _bpe(kind: str, specials: list[str], bos: str | None) -> Any:
