@@ -197,3 +197,31 @@ def test_onnx_model_refuses_response_format_but_gives_logprobs(models, tmp_path)
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
     assert r.json()["error"]["param"] == "response_format"
     assert lp.status_code == 200 and len(lp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+def test_hostile_values_of_the_new_parameters_never_500(models, tmp_path):
+    from test_agent_api import HOSTILE_VALUES
+
+    rt = LlamaCppRuntime.load(models["qwen3"].parent / "model.gguf")
+    srv = _serve(tmp_path, rt)
+    deep: dict = {"type": "object", "properties": {}}
+    node = deep
+    for _ in range(200):
+        node["properties"]["x"] = {"type": "object", "properties": {}}
+        node = node["properties"]["x"]
+    extra = [{"type": "json_schema", "json_schema": {"schema": deep}}, {"type": "json_object", "schema": "x"},
+             {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}},
+             {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(" * 50}}}]
+    try:
+        statuses = {}
+        for field in ("response_format", "tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias",
+                      "presence_penalty", "echo"):
+            for v in [*HOSTILE_VALUES, *(extra if field == "response_format" else [])]:
+                r = httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, timeout=60, content=json.dumps(
+                    {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], field: v},
+                    allow_nan=True))
+                statuses[(field, repr(v)[:40])] = r.status_code
+    finally:
+        srv.close()
+        rt.close()
+    assert all(s < 500 for s in statuses.values()), {k: s for k, s in statuses.items() if s >= 500}
