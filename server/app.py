@@ -7,7 +7,8 @@ Data directory::
                        root devices pin. Never the root key: it stays with the operator
     repo/              TUF repository served at /metadata/ and /targets/
     ca/                fleet CA (``edgellm-server ca init``), device certs in ca/devices/
-    store.sqlite       device registry, telemetry, rollouts
+    store.sqlite       device registry, telemetry, rollouts, API tokens, audit log (unless
+                       ``run --db postgresql://...`` puts them in PostgreSQL)
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 
 from edgellm._fs import atomic_write
 from edgellm.telemetry import MqttConfig
+from server.api import ApiContext
 from server.errors import ServerError
+from server.leader import Leadership
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -90,8 +93,9 @@ class DataDir:
                               hint=f"run `edgellm-server init --data-dir {self.root}` first")
         return self
 
-    def store(self) -> Store:
-        return Store(self.store_path)
+    def store(self, db: str | None = None) -> Store:
+        """The store: ``db`` (a ``postgresql://`` URL) or the SQLite file in the directory."""
+        return Store(db or self.store_path)
 
     def offline_keys_present(self) -> list[str]:
         """Private keys of offline roles (root) found in ``keys/``: they should not be here."""
@@ -150,7 +154,8 @@ class Server:
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
                  max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
-                 drive_rollouts: bool = True, retention_days: float = 30.0) -> None:
+                 drive_rollouts: bool = True, retention_days: float = 30.0, db: str | None = None,
+                 leader_ttl_s: float = 10.0, trust_loopback: bool = True) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
@@ -160,13 +165,16 @@ class Server:
         if offline:
             logger.warning("the data directory holds offline keys (%s): the server needs only the online roles; "
                            "move them to the operator's machine", ", ".join(offline))
-        self.store = self.data.store()
+        self.store = self.data.store(db)
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
-        self.driver = RolloutDriver(Store(self.data.store_path), lambda t, p, r: self.ingest.publish(t, p, retain=r),
+        self.leadership = Leadership(self.store.reopen(), client_id, ttl_s=leader_ttl_s)
+        self.driver = RolloutDriver(self.store.reopen(), lambda t, p, r: self.ingest.publish(t, p, retain=r),
                                     min_samples=min_samples, max_bake_factor=max_bake_factor,
                                     update_timeout_s=update_timeout_s)
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
-        self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
+        self.http = HttpServer(self.store, self.data.repo, http_host, http_port,
+                               api=ApiContext(self.data, self.store, lambda t, p, r: self.ingest.publish(t, p, retain=r),
+                                              self.leadership, trust_loopback=trust_loopback))
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400
@@ -195,7 +203,7 @@ class Server:
             if time.monotonic() >= next_ts:
                 next_ts = time.monotonic() + self.timestamp_refresh_s
                 self._hourly()
-            if not self.drive_rollouts:
+            if not self._leading():
                 continue
             if self._republish.is_set():
                 self._republish.clear()
@@ -205,8 +213,14 @@ class Server:
                     logger.exception("republishing desired state failed")
             self.driver.tick()
 
+    def _leading(self) -> bool:
+        """Take or renew the leader lease; a new leader re-sends desired state first."""
+        if self.drive_rollouts and self.leadership.check():
+            self._republish.set()
+        return self.drive_rollouts and self.leadership.is_leader
+
     def _hourly(self) -> None:
-        if self.drive_rollouts:  # one replica signs
+        if self.leadership.is_leader:  # one replica signs
             try:
                 from edgellm.trust import Repository
 
@@ -224,6 +238,7 @@ class Server:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.leadership.release()
         self.http.stop()
         self.ingest.stop()
 

@@ -4,7 +4,10 @@ the message text.
 
     EdgeLLMError                      (edgellm.errors)
     └── ServerError                   the data directory, its settings or keys are wrong
+        ├── NotFoundError             no such rollout, device or token (HTTP 404)
+        ├── AuthError                 (server.auth) no usable token (401) or too low a role (403)
         ├── RolloutError              a rollout request is invalid or cannot be carried out
+        │   └── RolloutNotFound       (also a NotFoundError)
         ├── IdentityError             fleet CA or certificate problems (reserved names included)
         └── IngestError               one telemetry message is refused; ``reason`` names the check
                                       (oversized, json, schema, topic, unstorable) and is the
@@ -20,8 +23,16 @@ class ServerError(EdgeLLMError):
     """The server's data directory, settings or keys are wrong."""
 
 
+class NotFoundError(ServerError):
+    """The named rollout, device or token does not exist."""
+
+
 class RolloutError(ServerError):
     """A rollout request is invalid or cannot be carried out."""
+
+
+class RolloutNotFound(RolloutError, NotFoundError):
+    """No rollout of that id."""
 
 
 class IdentityError(ServerError):

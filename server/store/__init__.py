@@ -63,7 +63,7 @@ class Store(TelemetryTables, RolloutTables, ControlTables):
         return Store(self.url or self.path)  # type: ignore[arg-type]
 
     @property
-    def db(self) -> Conn:
+    def db(self) -> Conn:  # type: ignore[override]
         db = getattr(self._local, "db", None)
         if db is None:
             db = PgConn(self.url) if self.url else open_sqlite(self.path)  # type: ignore[arg-type]

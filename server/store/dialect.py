@@ -87,7 +87,7 @@ def pg_sql(sql: str) -> str:
     return "".join(out)
 
 
-class _PgRow(dict):  # type: ignore[type-arg]
+class _PgRow(dict):
     """A row readable as ``row["name"]`` and ``row[0]``."""
 
     def __init__(self, names: list[str], values: Sequence[Any]) -> None:
@@ -135,17 +135,17 @@ class PgConn:
         self._conn.adapters.register_loader("numeric", _numeric_loader())
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self._conn.execute(pg_sql(sql), tuple(args))  # type: ignore[arg-type]
+        return self._conn.execute(pg_sql(sql), tuple(args))
 
     def executemany(self, sql: str, rows: Any) -> Any:
         with self._conn.cursor() as cur:
-            cur.executemany(pg_sql(sql), list(rows))  # type: ignore[arg-type]
+            cur.executemany(pg_sql(sql), list(rows))
             return cur
 
     def executescript(self, script: str) -> None:
         for stmt in (s.strip() for s in script.split(";")):
             if stmt:
-                self._conn.execute(stmt)  # type: ignore[arg-type]
+                self._conn.execute(stmt)
 
     @contextmanager
     def tx(self) -> Iterator[PgConn]:

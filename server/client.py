@@ -1,0 +1,173 @@
+"""Where an ``edgellm-server`` command acts: a data directory on this machine (``--data-dir``,
+:class:`LocalTarget`, the functions of :mod:`server.ops` called directly) or a running server
+(``--server URL --token T``, :class:`RemoteTarget`, the same functions behind ``/api/v1``).
+Both return the same JSON-shaped values, so each command prints them one way."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from server import ops
+from server.errors import ServerError
+
+DATA_DIR_ENV = "EDGELLM_SERVER_DATA"
+DB_ENV = "EDGELLM_SERVER_DB"
+URL_ENV = "EDGELLM_SERVER_URL"
+TOKEN_ENV = "EDGELLM_SERVER_TOKEN"
+
+
+class LocalTarget:
+    def __init__(self, data_dir: Path, db: str | None = None) -> None:
+        from server.app import DataDir
+
+        self.data = DataDir(data_dir).check()
+        self.store = self.data.store(db)
+        self.where = f"--data-dir {data_dir}"
+
+    def devices(self, group: str | None) -> list[dict[str, Any]]:
+        return ops.devices(self.store, group)
+
+    def device_command(self, device: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        return ops.device_command(self.store, None, device, name, args)
+
+    def device_replies(self, device: str) -> list[dict[str, Any]]:
+        return ops.device_replies(self.store, device)
+
+    def publish(self, bundle: Path) -> dict[str, Any]:
+        return ops.publish(self.data.repo, self.data.keys, self.store, bundle)
+
+    def rollout_start(self, **kw: Any) -> dict[str, Any]:
+        return ops.rollout_start(self.data.repo, self.store, **kw)
+
+    def rollout_status(self, rollout_id: str | None) -> list[dict[str, Any]]:
+        return ops.rollout_status(self.store, rollout_id)
+
+    def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        return ops.rollout_action(self.store, rollout_id, action)
+
+    def token_create(self, name: str, role: str) -> dict[str, Any]:
+        return ops.token_create(self.store, name, role)
+
+    def token_list(self) -> list[dict[str, Any]]:
+        return ops.token_list(self.store)
+
+    def token_revoke(self, token_id: str) -> dict[str, Any]:
+        return ops.token_revoke(self.store, token_id)
+
+    def audit(self, limit: int) -> list[dict[str, Any]]:
+        return [a.to_dict() for a in self.store.audit_log(limit=limit)]
+
+
+class RemoteError(ServerError):
+    """The server refused a call; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+class RemoteTarget:
+    def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
+        import httpx
+
+        if not url.startswith(("http://", "https://")):
+            raise ServerError(f"--server {url!r} is not an http(s) URL", hint="e.g. --server https://fleet.example:8080")
+        self.where = f"--server {url}"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise ServerError(f"cannot reach the server: {e}", hint="check --server (or $EDGELLM_SERVER_URL)") from None
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code >= 400:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            raise RemoteError(f"{r.status_code}: {err.get('message') or r.text[:200]}", status=r.status_code,
+                              hint=err.get("hint"))
+        return body
+
+    def devices(self, group: str | None) -> list[dict[str, Any]]:
+        return self._call("GET", "/devices", params={"group": group} if group else None)
+
+    def device_command(self, device: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"/devices/{quote(device, safe='')}/commands", json={"name": name, "args": args})
+
+    def device_replies(self, device: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/devices/{quote(device, safe='')}/replies")
+
+    def publish(self, bundle: Path) -> dict[str, Any]:
+        with open(bundle, "rb") as fh:
+            return self._call("POST", "/publish", params={"filename": bundle.name}, content=fh,
+                              headers={"Content-Type": "application/octet-stream",
+                                       "Content-Length": str(bundle.stat().st_size)})
+
+    def rollout_start(self, **kw: Any) -> dict[str, Any]:
+        return self._call("POST", "/rollouts", json=kw)
+
+    def rollout_status(self, rollout_id: str | None) -> list[dict[str, Any]]:
+        if rollout_id:
+            return [self._call("GET", f"/rollouts/{quote(rollout_id, safe='')}")]
+        return self._call("GET", "/rollouts")
+
+    def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        return self._call("POST", f"/rollouts/{quote(rollout_id, safe='')}/{action}")
+
+    def token_create(self, name: str, role: str) -> dict[str, Any]:
+        return self._call("POST", "/tokens", json={"name": name, "role": role})
+
+    def token_list(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/tokens")
+
+    def token_revoke(self, token_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/tokens/{quote(token_id, safe='')}")
+
+    def audit(self, limit: int) -> list[dict[str, Any]]:
+        return self._call("GET", "/audit", params={"limit": limit})
+
+
+Target = LocalTarget | RemoteTarget
+
+
+def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--data-dir`` (local) or ``--server``/``--token`` (remote); the command gets ``target``."""
+
+    @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help=f"Server data directory on this machine (or ${DATA_DIR_ENV}).")
+    @click.option("--db", default=None, help=f"With --data-dir: the server's PostgreSQL URL, if it uses one (or ${DB_ENV}).")
+    @click.option("--server", "server_url", default=None, metavar="URL",
+                  help=f"A running server's URL, instead of --data-dir (or ${URL_ENV}).")
+    @click.option("--token", default=None, help=f"API token for --server (or ${TOKEN_ENV}).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, data_dir: Path | None, db: str | None, server_url: str | None, token: str | None,
+                **kw: Any) -> Any:
+        return fn(*args, target=resolve(data_dir, db, server_url, token), **kw)
+
+    return wrapper
+
+
+def resolve(data_dir: Path | None, db: str | None, server_url: str | None, token: str | None) -> Target:
+    """Flags first, then the environment; naming both a data directory and a server is refused."""
+    if data_dir is not None and server_url is not None:
+        raise click.UsageError("give --data-dir (this machine) or --server (a running server), not both")
+    server_url = server_url or (None if data_dir is not None else os.environ.get(URL_ENV) or None)
+    if server_url:
+        return RemoteTarget(server_url, token or os.environ.get(TOKEN_ENV) or None)
+    data_dir = data_dir or (Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else None)
+    if data_dir is None:
+        raise click.UsageError(f"say where: --data-dir DIR on the server host, or --server URL --token T "
+                               f"(or ${DATA_DIR_ENV} / ${URL_ENV} and ${TOKEN_ENV})")
+    return LocalTarget(data_dir, db or os.environ.get(DB_ENV) or None)

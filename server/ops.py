@@ -1,0 +1,118 @@
+"""What an operator can do, in one place: the ``edgellm-server`` CLI calls these directly with
+``--data-dir``, and the API (:mod:`server.api`) calls the same functions for remote callers.
+Every function takes and returns JSON-shaped values."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgellm import telemetry as wire
+from edgellm.ids import ID_RULE, valid_id
+from server import auth, rollout
+from server.errors import NotFoundError, RolloutError, ServerError
+from server.store import Store
+
+Publish = Callable[[str, bytes, bool], None]
+
+#: how long one replica may hold the repository for a publish before another may take over
+PUBLISH_LEASE_S = 600.0
+#: bound of a device command's name and JSON arguments
+COMMAND_NAME_MAX = 64
+
+
+def devices(store: Store, group: str | None = None) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in store.devices(group=group)]
+
+
+def device_replies(store: Store, device: str) -> list[dict[str, Any]]:
+    return store.message_bodies(_device_id(device), "reply")
+
+
+def published(repo_dir: Path) -> list[dict[str, Any]]:
+    from edgellm.trust import Repository
+
+    out = []
+    for t in Repository(repo_dir).list_targets():
+        facts = t.custom.get("edgellm", {})
+        out.append({"target": t.name, "model": facts.get("name"), "version": facts.get("version"),
+                    "runtime": facts.get("runtime"), "profiles": facts.get("profiles", [])})
+    return out
+
+
+def publish(repo_dir: Path, keys_dir: Path, store: Store, bundle: Path) -> dict[str, Any]:
+    """Sign and publish one bundle archive. Replicas share the repository directory: the
+    ``publish`` lease in the store lets one write it at a time."""
+    from edgellm.trust import Repository
+
+    holder = secrets.token_hex(8)
+    if store.acquire_lease("publish", holder, PUBLISH_LEASE_S) is None:
+        raise ServerError("another publish is writing the repository", hint="try again in a moment")
+    try:
+        name = Repository(repo_dir, keys_dir).add_bundle(bundle)
+    finally:
+        store.release_lease("publish", holder)
+    return next(p for p in published(repo_dir) if p["target"] == name)
+
+
+def rollout_start(repo_dir: Path, store: Store, *, model: str, version: str, group: str = "default",
+                  canary: str = "10%", gate: str = "", bake: str = "10m", force: bool = False) -> dict[str, Any]:
+    if not force and not any(p["model"] == model and p["version"] == version for p in published(repo_dir)):
+        raise RolloutError(f"the repository has no target for {model} {version}: devices could not install it",
+                           hint="`edgellm-server publish BUNDLE` first (or force)")
+    rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, bake=bake)
+    return {"id": rid}
+
+
+def rollout_status(store: Store, rollout_id: str | None = None) -> list[dict[str, Any]]:
+    return rollout.status(store, rollout_id)
+
+
+def rollout_action(store: Store, rollout_id: str, action: str) -> dict[str, Any]:
+    rollout.request(store, rollout_id, action)
+    return {"id": rollout_id, "requested": action}
+
+
+def device_command(store: Store, publish_fn: Publish | None, device: str, name: str,
+                   args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Send a command to a device over MQTT (the server's connection); the device answers with
+    a ``reply`` message carrying the same id (see :func:`device_replies`)."""
+    _device_id(device)
+    if not isinstance(name, str) or not valid_id(name) or len(name) > COMMAND_NAME_MAX:
+        raise ServerError(f"command name {name!r} is not valid", hint=f"use {ID_RULE}, e.g. ping, state, update")
+    if args is not None and not isinstance(args, dict):
+        raise ServerError("command args must be a JSON object", hint='e.g. {"version": "2"}')
+    if store.device(device) is None:
+        raise NotFoundError(f"no device {device!r}", hint="list devices with `edgellm-server devices`")
+    if publish_fn is None:
+        raise ServerError("device commands go through a running server's broker connection",
+                          hint="use --server URL --token T")
+    cmd = wire.Command(id=secrets.token_hex(8), name=name, args=dict(args or {}))
+    payload = wire.dumps(cmd.to_dict())
+    if len(payload) > wire.MAX_PAYLOAD_BYTES:
+        raise ServerError("command too large", hint=f"keep it under {wire.MAX_PAYLOAD_BYTES} bytes")
+    publish_fn(wire.command_topic(device), payload, False)
+    return {"id": cmd.id, "device": device, "name": name}
+
+
+def token_create(store: Store, name: str, role: str) -> dict[str, Any]:
+    row, token = auth.create_token(store, name=name, role=role)
+    return {**row.to_dict(), "token": token}
+
+
+def token_list(store: Store) -> list[dict[str, Any]]:
+    return [t.to_dict() for t in store.tokens()]
+
+
+def token_revoke(store: Store, token_id: str) -> dict[str, Any]:
+    if not store.revoke_token(token_id):
+        raise NotFoundError(f"no live token {token_id!r}", hint="list tokens with `edgellm-server token list`")
+    return {"id": token_id, "revoked": True}
+
+
+def _device_id(device: str) -> str:
+    if not valid_id(device):
+        raise ServerError(f"device id {device!r} is not valid", hint=f"use {ID_RULE}")
+    return device
