@@ -49,6 +49,8 @@ class ApiContext:
     publish: ops.Publish | None = None
     leadership: Leadership | None = None
     trust_loopback: bool = True
+    #: this process's own figures (what its ingest received and stored)
+    replica_stats: Callable[[], dict[str, Any]] | None = None
 
 
 class HttpError(Exception):
@@ -160,9 +162,11 @@ def _targets(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiReq
     return ops.published(ctx.data.repo)
 
 
-@route("GET", "/leader", "viewer", "Which replica drives rollouts now.")
-def _leader(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
-    return ctx.leadership.status() if ctx.leadership is not None else {"leader": None}
+@route("GET", "/replica", "viewer", "This replica: its id, whether it drives rollouts, the current leader, "
+       "and what its own ingest received and stored.")
+def _replica(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
+    out: dict[str, Any] = ctx.leadership.status() if ctx.leadership is not None else {"leader": None}
+    return {**out, "ingest": ctx.replica_stats() if ctx.replica_stats is not None else {}}
 
 
 @route("GET", "/ingest", "viewer", "Ingest counters.")

@@ -174,7 +174,8 @@ class Server:
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
         self.http = HttpServer(self.store, self.data.repo, http_host, http_port,
                                api=ApiContext(self.data, self.store, lambda t, p, r: self.ingest.publish(t, p, retain=r),
-                                              self.leadership, trust_loopback=trust_loopback))
+                                              self.leadership, trust_loopback=trust_loopback,
+                                              replica_stats=lambda: dict(self.ingest.counters)))
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400
