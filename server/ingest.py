@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -33,13 +32,14 @@ from typing import Any, TypeVar
 from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
 from server.errors import IngestError
+from server.store import TRANSIENT as STORE_TRANSIENT
 from server.store import Store
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: database errors worth retrying with the batch unacknowledged; anything else is the data's fault
-TRANSIENT = (OSError, sqlite3.OperationalError)
+TRANSIENT = STORE_TRANSIENT
 
 
 @dataclasses.dataclass(frozen=True)

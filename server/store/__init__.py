@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from server.store.control import ControlTables
-from server.store.dialect import POSTGRES, SQLITE, Conn, PgConn, is_postgres, open_sqlite, redact_url, sqlite_tx
+from server.store.dialect import (
+    POSTGRES,
+    SQLITE,
+    Conn,
+    PgConn,
+    is_postgres,
+    open_sqlite,
+    redact_url,
+    sqlite_tx,
+    transient_errors,
+)
 from server.store.rollouts import RolloutTables
 from server.store.rows import (
     AuditRow,
@@ -34,8 +44,11 @@ from server.store.rows import (
 from server.store.schema import migrate
 from server.store.telemetry import QUARANTINE_KEEP, QUARANTINE_PAYLOAD_BYTES, TelemetryTables
 
-__all__ = ["QUARANTINE_KEEP", "QUARANTINE_PAYLOAD_BYTES", "AuditRow", "DeviceRow", "EventRow", "LogEntry",
+__all__ = ["TRANSIENT", "QUARANTINE_KEEP", "QUARANTINE_PAYLOAD_BYTES", "AuditRow", "DeviceRow", "EventRow", "LogEntry",
            "MetricSummary", "QuarantineRow", "RolloutDeviceRow", "RolloutRow", "SeriesPoint", "Store", "TokenRow"]
+
+#: database errors worth retrying (the data is not at fault), on either database
+TRANSIENT = transient_errors()
 
 
 class Store(TelemetryTables, RolloutTables, ControlTables):
@@ -65,6 +78,8 @@ class Store(TelemetryTables, RolloutTables, ControlTables):
     @property
     def db(self) -> Conn:  # type: ignore[override]
         db = getattr(self._local, "db", None)
+        if isinstance(db, PgConn) and db.broken:
+            db = None
         if db is None:
             db = PgConn(self.url) if self.url else open_sqlite(self.path)  # type: ignore[arg-type]
             self._local.db = db

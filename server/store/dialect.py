@@ -67,6 +67,19 @@ POSTGRES = Dialect("postgresql", {"REAL": "DOUBLE PRECISION", "INT": "BIGINT", "
                    floor="FLOOR({})", insertion_order="id")
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Database errors worth retrying (lost connection, lock timeouts, deadlock victims): the
+    data is not at fault."""
+    out: list[type[BaseException]] = [OSError, sqlite3.OperationalError]
+    try:
+        import psycopg
+
+        out += [psycopg.OperationalError, psycopg.InterfaceError]
+    except ImportError:
+        pass
+    return tuple(out)
+
+
 def is_postgres(target: str | Path) -> bool:
     return isinstance(target, str) and target.startswith(PG_SCHEMES)
 
@@ -133,6 +146,11 @@ class PgConn:
             raise ServerError(f"cannot connect to the database: {_redact(str(e))}",
                               hint="check the --db URL (host, port, user, database) and that PostgreSQL runs") from None
         self._conn.adapters.register_loader("numeric", _numeric_loader())
+
+    @property
+    def broken(self) -> bool:
+        """The connection was lost (server restart, network): the store opens a new one."""
+        return bool(self._conn.broken or self._conn.closed)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self._conn.execute(pg_sql(sql), tuple(args))

@@ -45,8 +45,12 @@ class TelemetryTables:
         Returns {"stored": n, "duplicates": n}."""
         now = received if received is not None else time.time()
         stored = dups = 0
+        # One device's messages keep their order; devices go in id order, so two replicas writing
+        # batches at once take row locks in the same order (no deadlock between them).
+        ordered = sorted(envelopes, key=lambda e: e.device)
+        seen: set[str] = set()
         with self.tx() as db:
-            for env in envelopes:
+            for env in ordered:
                 if env.seq > 0:
                     cur = db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                                      (env.device, env.epoch, env.seq, env.kind, env.ts, now,
@@ -55,6 +59,11 @@ class TelemetryTables:
                         dups += 1
                         continue
                 stored += 1
+                if env.device not in seen:  # registry row and last_seen: once per device and batch
+                    seen.add(env.device)
+                    db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
+                               " SET last_seen=CASE WHEN COALESCE(devices.last_seen, 0) > excluded.last_seen"
+                               " THEN devices.last_seen ELSE excluded.last_seen END", (env.device, now, now))
                 _apply(db, env, now)
             if stored or dups:
                 db.executemany(_BUMP, [("stored", stored), ("duplicates", dups)])
@@ -195,12 +204,8 @@ def _device(r: Any, stale_after_s: float) -> DeviceRow:
 
 
 def _apply(db: Conn, env: wire.Envelope, now: float) -> None:
-    """What one stored message changes besides the messages table. The body is re-read as its
-    typed record, so only checked values reach SQL."""
-    db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES (?,?,?) "
-               "ON CONFLICT(id) DO UPDATE SET last_seen=CASE WHEN COALESCE(devices.last_seen, 0) > excluded.last_seen"
-               " THEN devices.last_seen ELSE excluded.last_seen END",
-               (env.device, now, now))
+    """What one stored message changes besides the messages table and the device's registry row
+    (made by the caller). The body is re-read as its typed record, so only checked values reach SQL."""
     b = env.typed_body()
     if isinstance(b, wire.Birth):
         db.execute("UPDATE devices SET online=1, session=?, profile=COALESCE(NULLIF(?, ''), profile),"
