@@ -76,6 +76,7 @@ def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg
             seqs = store.message_seqs(d.id)
             assert len(seqs) == len(set(seqs)) > 0
         assert store.counters().get("duplicates", 0) == 0
+        assert store.quarantine_size() == 0  # concurrent batches never refused (no deadlock victim set aside)
 
         # a rollout; the leader dies (SIGKILL) while the canary bakes
         rid = rollout.start(store, model="demo", version="2.0", group="lab", canary="50%", gate=GATE, bake="5s")
