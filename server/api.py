@@ -238,6 +238,32 @@ def _token_revoke(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: A
     return ops.token_revoke(ctx.store, m["id"])
 
 
+@route("POST", "/ca", "admin", "Create the fleet CA.")
+def _ca_init(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
+    return ops.ca_init(ctx.data.ca)
+
+
+@route("POST", "/ca/certificates", "admin", "Issue a certificate (kind: device, server-client or server); the "
+       "response holds the PEM texts, the private key is not kept.", {"kind": "string", "name": "string", "hosts": "array"})
+def _ca_issue(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
+    b = req.json()
+    hosts = b.get("hosts") or []
+    if not isinstance(hosts, list) or len(hosts) > 32 or not all(isinstance(x, str) and len(x) <= 253 for x in hosts):
+        raise HttpError(400, "'hosts' must be a list of at most 32 host names", code="bad_field",
+                        hint='e.g. ["broker.example", "10.0.0.5"]')
+    return ops.ca_issue_pem(ctx.data.ca, _text(b, "kind", required=True), name=_text(b, "name"), hosts=hosts)
+
+
+@route("POST", "/ca/mosquitto-conf", "admin", "A Mosquitto configuration requiring fleet client certificates "
+       "(writes the ACL on the server).", {"port": "integer", "bind": "string"})
+def _ca_mosquitto(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
+    b = req.json()
+    port = b.get("port", 8883)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise HttpError(400, "'port' must be a TCP port number", code="bad_field", hint="e.g. 8883")
+    return {"config": ops.mosquitto_conf(ctx.data.ca, ctx.data.root / "mosquitto", port, _text(b, "bind", "0.0.0.0"))}
+
+
 @route("GET", "/audit", "admin", "The operator audit log, newest first (query: limit).")
 def _audit(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     limit = int(req.arg("limit", "100") or 100)

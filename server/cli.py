@@ -1,6 +1,6 @@
 """The ``edgellm-server`` command: init, run, publish, devices, device, rollout, token, audit, ca.
 
-Every command but ``init``, ``run`` and ``ca`` works on this machine's data directory
+Every command but ``init`` and ``run`` works on this machine's data directory
 (``--data-dir``) or against a running server (``--server URL --token T``): see
 :mod:`server.client`."""
 
@@ -300,82 +300,57 @@ def ca_group() -> None:
 
 
 @ca_group.command("init")
-@data_dir_option
-def ca_init(data_dir: Path) -> None:
+@target_options
+def ca_init(target: Target) -> None:
     """Create the fleet CA in DATA_DIR/ca."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
+    click.echo(f"fleet CA: {target.ca_init()['ca']}")
 
-    ca = CertificateAuthority.init(DataDir(data_dir).ca)
-    click.echo(f"fleet CA: {ca.cert_path}")
+
+def _issued(paths: dict[str, str]) -> None:
+    click.echo(f"cert: {paths['cert']}\nkey:  {paths['key']}\nca:   {paths['ca']}")
 
 
 @ca_group.command("issue-device")
-@data_dir_option
+@target_options
 @click.argument("device_id")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for DEVICE_ID.crt/.key (default DATA_DIR/ca/devices).")
-def ca_issue_device(data_dir: Path, device_id: str, out: Path | None) -> None:
+              help="Directory for DEVICE_ID.crt/.key (default DATA_DIR/ca/devices; with --server, here).")
+def ca_issue_device(target: Target, device_id: str, out: Path | None) -> None:
     """Issue a client certificate for DEVICE_ID (its common name)."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
-
-    d = DataDir(data_dir)
-    issued = CertificateAuthority(d.ca).issue_device(device_id, out or d.ca / "devices")
-    click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
+    _issued(target.ca_issue("device", out, name=device_id))
 
 
 @ca_group.command("issue-server-client")
-@data_dir_option
+@target_options
 @click.option("--name", default="edgellm-server", show_default=True,
               help="edgellm-server, or edgellm-server-N for another replica.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for NAME.crt/.key (default DATA_DIR/ca/server-client).")
-def ca_issue_server_client(data_dir: Path, name: str, out: Path | None) -> None:
+              help="Directory for NAME.crt/.key (default DATA_DIR/ca/server-client; with --server, here).")
+def ca_issue_server_client(target: Target, name: str, out: Path | None) -> None:
     """Issue the control plane's own MQTT client certificate (the broker's ACL gives it the
     server's rights; `ca issue-device` refuses these names)."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
-
-    d = DataDir(data_dir)
-    issued = CertificateAuthority(d.ca).issue_server_client(out or d.ca / "server-client", name)
-    click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
+    _issued(target.ca_issue("server-client", out, name=name))
 
 
 @ca_group.command("issue-server")
-@data_dir_option
+@target_options
 @click.option("--host", "hosts", multiple=True, required=True, help="Broker host name or IP (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
-def ca_issue_server(data_dir: Path, hosts: tuple[str, ...], out: Path | None) -> None:
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for server.crt/.key (default DATA_DIR/ca/broker; with --server, here).")
+def ca_issue_server(target: Target, hosts: tuple[str, ...], out: Path | None) -> None:
     """Issue the broker's TLS server certificate."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
-
-    d = DataDir(data_dir)
-    issued = CertificateAuthority(d.ca).issue_server(out or d.ca / "broker", list(hosts))
-    click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
+    _issued(target.ca_issue("server", out, hosts=list(hosts)))
 
 
 @ca_group.command("mosquitto-conf")
-@data_dir_option
+@target_options
 @click.option("--port", default=8883, show_default=True)
 @click.option("--bind", default="0.0.0.0", show_default=True)
-def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
+def ca_mosquitto_conf(target: Target, port: int, bind: str) -> None:
     """Print a Mosquitto configuration that requires fleet client certificates; writes the ACL
     (each device only on its own topics) to DATA_DIR/ca/mosquitto.acl. Issue the server's own
     client certificate with `ca issue-server-client`."""
-    from edgellm._fs import atomic_write
-    from server.app import DataDir
-    from server.identity import mosquitto_acl, mosquitto_config
-
-    d = DataDir(data_dir)
-    broker = d.ca / "broker"
-    if not (broker / "server.crt").is_file():
-        raise click.ClickException("no broker certificate yet\n  hint: run `edgellm-server ca issue-server --host NAME` first")
-    acl = d.ca / "mosquitto.acl"
-    atomic_write(acl, mosquitto_acl().encode(), mode=0o644)
-    click.echo(mosquitto_config(port=port, bind=bind, ca=d.ca / "ca.crt", cert=broker / "server.crt",
-                                key=broker / "server.key", persistence_dir=d.root / "mosquitto", acl_file=acl), nl=False)
+    click.echo(target.ca_mosquitto_conf(port, bind), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,6 +64,17 @@ class LocalTarget:
     def audit(self, limit: int) -> list[dict[str, Any]]:
         return [a.to_dict() for a in self.store.audit_log(limit=limit)]
 
+    def ca_init(self) -> dict[str, Any]:
+        return ops.ca_init(self.data.ca)
+
+    def ca_issue(self, kind: str, out: Path | None, *, name: str | None = None,
+                 hosts: list[str] | None = None) -> dict[str, str]:
+        default = {"device": "devices", "server-client": "server-client", "server": "broker"}.get(kind, "x")
+        return ops.ca_issue(self.data.ca, kind, out or self.data.ca / default, name=name, hosts=hosts)
+
+    def ca_mosquitto_conf(self, port: int, bind: str) -> str:
+        return ops.mosquitto_conf(self.data.ca, self.data.root / "mosquitto", port, bind)
+
 
 class RemoteError(ServerError):
     """The server refused a call; ``status`` is its HTTP status."""
@@ -137,6 +148,27 @@ class RemoteTarget:
 
     def audit(self, limit: int) -> list[dict[str, Any]]:
         return self._call("GET", "/audit", params={"limit": limit})
+
+    def ca_init(self) -> dict[str, Any]:
+        return self._call("POST", "/ca")
+
+    def ca_issue(self, kind: str, out: Path | None, *, name: str | None = None,
+                 hosts: list[str] | None = None) -> dict[str, str]:
+        """The server issues; the certificate, key and CA land in ``out`` (default: here)."""
+        from edgellm._fs import atomic_write
+
+        got = self._call("POST", "/ca/certificates", json={"kind": kind, "name": name, "hosts": hosts or []})
+        out = out or Path.cwd()
+        out.mkdir(parents=True, exist_ok=True)
+        stem = Path(str(got["stem"])).name  # never a path from the server
+        paths = {"cert": out / f"{stem}.crt", "key": out / f"{stem}.key", "ca": out / "ca.crt"}
+        atomic_write(paths["key"], got["key_pem"].encode(), mode=0o600)
+        atomic_write(paths["cert"], got["cert_pem"].encode(), mode=0o644)
+        atomic_write(paths["ca"], got["ca_pem"].encode(), mode=0o644)
+        return {k: str(v) for k, v in paths.items()}
+
+    def ca_mosquitto_conf(self, port: int, bind: str) -> str:
+        return self._call("POST", "/ca/mosquitto-conf", json={"port": port, "bind": bind})["config"]
 
 
 Target = LocalTarget | RemoteTarget

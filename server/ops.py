@@ -116,3 +116,61 @@ def _device_id(device: str) -> str:
     if not valid_id(device):
         raise ServerError(f"device id {device!r} is not valid", hint=f"use {ID_RULE}")
     return device
+
+
+# --------------------------------------------------------------------------- fleet CA
+
+CA_KINDS = ("device", "server-client", "server")
+
+
+def ca_init(ca_dir: Path) -> dict[str, Any]:
+    from server.identity import CertificateAuthority
+
+    ca = CertificateAuthority.init(ca_dir)
+    return {"ca": str(ca.cert_path), "ca_pem": ca.cert_path.read_text()}
+
+
+def ca_issue(ca_dir: Path, kind: str, out_dir: Path, *, name: str | None = None,
+             hosts: list[str] | None = None) -> dict[str, str]:
+    """Issue a device, control-plane client or broker certificate into ``out_dir``; returns the
+    paths (``cert``, ``key``, ``ca``)."""
+    from server.identity import SERVER_IDENTITY, CertificateAuthority
+
+    ca = CertificateAuthority(ca_dir)
+    if kind == "device":
+        issued = ca.issue_device(name or "", out_dir)
+    elif kind == "server-client":
+        issued = ca.issue_server_client(out_dir, name or SERVER_IDENTITY)
+    elif kind == "server":
+        issued = ca.issue_server(out_dir, list(hosts or []))
+    else:
+        raise ServerError(f"unknown certificate kind {kind!r}", hint=f"use one of {', '.join(CA_KINDS)}")
+    return {"cert": str(issued.cert), "key": str(issued.key), "ca": str(issued.ca)}
+
+
+def ca_issue_pem(ca_dir: Path, kind: str, *, name: str | None = None, hosts: list[str] | None = None) -> dict[str, str]:
+    """:func:`ca_issue` for a remote caller: the PEM texts, the private key not kept on the server."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgellm-issue-"))
+    try:
+        paths = ca_issue(ca_dir, kind, tmp, name=name, hosts=hosts)
+        return {"stem": Path(paths["cert"]).stem, "cert_pem": Path(paths["cert"]).read_text(),
+                "key_pem": Path(paths["key"]).read_text(), "ca_pem": Path(paths["ca"]).read_text()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def mosquitto_conf(ca_dir: Path, persistence_dir: Path, port: int, bind: str) -> str:
+    """A Mosquitto configuration requiring fleet client certificates; writes the ACL next to the CA."""
+    from edgellm._fs import atomic_write
+    from server.identity import mosquitto_acl, mosquitto_config
+
+    broker = ca_dir / "broker"
+    if not (broker / "server.crt").is_file():
+        raise ServerError("no broker certificate yet", hint="run `edgellm-server ca issue-server --host NAME` first")
+    acl = ca_dir / "mosquitto.acl"
+    atomic_write(acl, mosquitto_acl().encode(), mode=0o644)
+    return mosquitto_config(port=port, bind=bind, ca=ca_dir / "ca.crt", cert=broker / "server.crt",
+                            key=broker / "server.key", persistence_dir=persistence_dir, acl_file=acl)

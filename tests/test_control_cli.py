@@ -1,0 +1,82 @@
+"""The `edgellm-server` CLI on both targets (the data directory here, or a server's API): token
+commands, the fleet CA issued remotely (the key lands with the caller, never kept on the
+server), and where a command acts when told both or neither."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from server import auth
+from server.api import ApiContext
+from server.app import DataDir
+from server.cli import main
+from server.http import HttpServer
+
+
+def run(*args: str, ok: bool = True):
+    r = CliRunner().invoke(main, list(args), env={k: None for k in os.environ if k.startswith("EDGELLM_SERVER_")})
+    assert (r.exit_code == 0) == ok, r.output
+    return r
+
+
+@pytest.fixture
+def server(tmp_path):
+    data = DataDir.init(tmp_path / "srv")
+    store = data.store()
+    srv = HttpServer(store, data.repo, port=0, api=ApiContext(data, store))
+    srv.start()
+    yield data, srv.url
+    srv.stop()
+
+
+def test_token_commands(server):
+    data, _ = server
+    out = run("token", "create", "--data-dir", str(data.root), "--role", "operator", "--name", "alice").output
+    token = out.strip().splitlines()[-1]
+    assert auth.authenticate(data.store(), f"Bearer {token}").role == "operator"
+    listed = run("token", "list", "--data-dir", str(data.root)).output
+    assert "alice" in listed and token not in listed
+    run("token", "create", "--data-dir", str(data.root), "--role", "root", "--name", "x", ok=False)
+    run("token", "create", "--data-dir", str(data.root), "--role", "viewer", "--name", "../x", ok=False)
+
+
+def test_fleet_ca_remotely(server, tmp_path, monkeypatch):
+    data, url = server
+    admin = auth.create_token(data.store(), name="adm", role="admin")[1]
+    op = auth.create_token(data.store(), name="op", role="operator")[1]
+    laptop = tmp_path / "laptop"
+    laptop.mkdir()
+    monkeypatch.chdir(laptop)
+    remote = ("--server", url, "--token", admin)
+    run("ca", "init", *remote)
+    assert (data.ca / "ca.crt").is_file()
+    run("ca", "issue-device", "robot-7", "--server", url, "--token", op, ok=False)  # admin only
+    run("ca", "issue-device", "robot-7", *remote)
+    cert = x509.load_pem_x509_certificate((laptop / "robot-7.crt").read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "robot-7"
+    assert stat.S_IMODE((laptop / "robot-7.key").stat().st_mode) == 0o600
+    assert not list(data.ca.rglob("robot-7.key"))  # the server kept no copy of the key
+    r = run("ca", "issue-device", "edgellm-server", *remote, ok=False)  # reserved name
+    assert "reserved" in r.output
+    run("ca", "issue-server", "--host", "127.0.0.1", "--out", str(laptop / "broker"), *remote)
+    run("ca", "mosquitto-conf", *remote, ok=False)  # no broker cert in the server's CA dir yet
+    run("ca", "issue-server", "--host", "127.0.0.1", "--data-dir", str(data.root))
+    conf = run("ca", "mosquitto-conf", *remote).output
+    assert "require_certificate true" in conf and (data.ca / "mosquitto.acl").is_file()
+
+
+def test_where_a_command_acts(server, tmp_path):
+    data, url = server
+    r = run("devices", "--data-dir", str(data.root), "--server", url, ok=False)
+    assert "not both" in r.output
+    r = run("devices", ok=False)
+    assert "--server URL --token T" in r.output
+    r = run("devices", "--server", url, ok=False)
+    assert "401" in r.output and "token" in r.output
+    run("rollout", "status", "nope", "--data-dir", str(data.root), ok=False)
