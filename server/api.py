@@ -337,3 +337,7 @@ def _audit_call(ctx: ApiContext, req: ApiRequest, who: auth.Principal | None, st
     ctx.store.audit(token=who.token_id if who else None, who=who.name if who else "(no valid token)",
                     role=who.role if who else None, action=f"{req.method} {req.path}", target=req.path,
                     status=status, result=result)
+
+
+# Endpoints of other parts register themselves with :func:`route` when imported.
+from server import api_fl  # noqa: E402,F401

@@ -170,6 +170,15 @@ class RemoteTarget:
     def ca_mosquitto_conf(self, port: int, bind: str) -> str:
         return self._call("POST", "/ca/mosquitto-conf", json={"port": port, "bind": bind})["config"]
 
+    def fl_start(self, **kw: Any) -> dict[str, Any]:
+        """``kw``: model, version, group, publish, settings (the fields of ``fl start``)."""
+        return self._call("POST", "/fl/runs", json=kw)
+
+    def fl_status(self, run_id: str | None) -> list[dict[str, Any]]:
+        if run_id:
+            return [self._call("GET", f"/fl/runs/{quote(run_id, safe='')}")]
+        return self._call("GET", "/fl/runs")
+
 
 Target = LocalTarget | RemoteTarget
 
