@@ -315,17 +315,22 @@ def dispatch(ctx: ApiContext, req: ApiRequest) -> tuple[int, Any]:
     except HttpError as e:
         status, body = e.status, e.body()
     except auth.AuthError as e:
-        status, body = e.status, HttpError(e.status, str(e), code="unauthorized" if e.status == 401 else "forbidden",
+        status, body = e.status, HttpError(e.status, message(e), code="unauthorized" if e.status == 401 else "forbidden",
                                            hint=e.hint).body()
     except NotFoundError as e:
-        status, body = 404, HttpError(404, str(e), code="not_found", hint=e.hint).body()
+        status, body = 404, HttpError(404, message(e), code="not_found", hint=e.hint).body()
     except EdgeLLMError as e:
-        status, body = 400, HttpError(400, str(e), code=type(e).__name__, hint=e.hint).body()
+        status, body = 400, HttpError(400, message(e), code=type(e).__name__, hint=e.hint).body()
     except ValueError as e:
         status, body = 400, HttpError(400, f"bad request: {e}", code="bad_request", hint="check the call").body()
     if req.method in ("POST", "PUT", "PATCH", "DELETE"):
         _audit_call(ctx, req, who, status, body)
     return status, body
+
+
+def message(e: BaseException) -> str:
+    """An error's message without the hint its ``str()`` appends (the hint has its own field)."""
+    return str(e.args[0]) if e.args else type(e).__name__
 
 
 def _audit_call(ctx: ApiContext, req: ApiRequest, who: auth.Principal | None, status: int, body: Any) -> None:

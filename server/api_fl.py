@@ -23,16 +23,18 @@ def _fl(ctx: ApiContext) -> Any:
 
 @route("GET", "/fl/runs", "viewer", "Federated runs, newest first: state, round, devices, losses, ε spent.")
 def _runs(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
+    fl = _fl(ctx)
     from server.federated.store import status
 
-    return status(_fl(ctx))
+    return status(fl)
 
 
 @route("GET", "/fl/runs/{id}", "viewer", "One federated run.")
 def _run(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
+    fl = _fl(ctx)
     from server.federated.store import status
 
-    return status(_fl(ctx), m["id"])[0]
+    return status(fl, m["id"])[0]
 
 
 @route("POST", "/fl/runs", "operator", "Start a federated fine-tuning run (as `fl start`).",

@@ -194,7 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._route()
         except auth.AuthError as e:
-            self._error(e.status, str(e), e.hint)
+            self._error(e.status, v1.message(e), e.hint)
         except RolloutError as e:
             self._error(404, str(e))
         except ValueError as e:

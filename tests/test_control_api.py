@@ -109,3 +109,18 @@ def test_leadership_is_exclusive_and_taken_over(tmp_path):
     time.sleep(0.6)  # a stops renewing (as if killed)
     assert b.check() and b.term == 2
     assert not a.check() and not a.is_leader
+
+
+def test_federated_runs_need_a_role_and_the_federated_package(api):
+    store, tokens, _, serve = api
+    url = serve()
+    assert httpx.post(url + "/api/v1/fl/runs", json={}, headers=h(tokens["viewer"])).status_code == 403
+    r = httpx.get(url + "/api/v1/fl/runs", headers=h(tokens["viewer"]))
+    try:
+        import server.federated.store  # noqa: F401
+    except ImportError:
+        assert r.status_code == 501 and r.json()["error"]["hint"]
+    else:
+        assert r.status_code == 200
+    err = httpx.post(url + "/api/v1/rollouts", json={"model": "x"}, headers=h(tokens["operator"])).json()["error"]
+    assert "hint:" not in err["message"] and err["hint"]  # the hint has its own field
