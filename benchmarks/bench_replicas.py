@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fixtures_mqtt import Broker, free_port  # noqa: E402
 from fixtures_pg import PgServer  # noqa: E402
+from waiting import wait_for  # noqa: E402
+
 from server.app import DataDir  # noqa: E402
 from server.store import Store  # noqa: E402
 
@@ -46,24 +48,21 @@ def run(agents: int, messages: int, replicas: int, db: str | None, work: Path) -
         assert sim.stdout is not None and sim.stdout.readline().strip() == "ready"
         t0 = time.perf_counter()
         expected = agents * messages
-        while store.message_count(kind="event") < expected:
-            time.sleep(0.05)
-            if time.perf_counter() - t0 > 600:
-                raise RuntimeError(f"only {store.message_count(kind='event')} of {expected} stored")
+        wait_for(lambda: store.message_count(kind="event") >= expected, timeout=600, every=0.05,
+                 what=f"{expected} events stored")
         return expected / (time.perf_counter() - t0)
     finally:
-        for p in [sim, *procs]:
-            if p is not None:
-                p.terminate()
-                p.wait(timeout=60)
+        for p in (p for p in [sim, *procs] if p is not None):
+            p.terminate()
+            p.wait(timeout=60)
         store.close()
         broker.stop()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--agents", type=int, default=20)
-    ap.add_argument("--messages", type=int, default=500)
+    ap.add_argument("--agents", type=int, default=20, help="simulated agents (one process)")
+    ap.add_argument("--messages", type=int, default=500, help="events queued in each agent's outbox")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-replicas-", dir="/tmp"))
     os.chmod(root, 0o755)
