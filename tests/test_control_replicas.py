@@ -102,3 +102,62 @@ def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg
             r.stop()
         log.close()
         store.close()
+
+
+@pytest.mark.slow
+def test_real_agent_follows_a_rollout_through_leader_failover(tmp_path, mqtt_broker, pg_url, agent_bundles):  # noqa: F811
+    """The same failover with a real `edgellm-agent run` (tiny GGUF model, python-tuf) in the
+    canary: it installs through TUF from the surviving replica's repository."""
+    import json
+    import shutil
+
+    from fixtures_agent import AgentProcess, agent_cli, provision_agent
+
+    data = tmp_path / "srv"
+    shutil.copytree(agent_bundles["keys"], data / "keys")
+    shutil.copytree(agent_bundles["repo_dir"], data / "repo")
+    (data / "server.json").write_text(json.dumps({"format": "edgellm-server", "version": 1}))
+    store = Store(pg_url)
+    log = open(tmp_path / "replicas.log", "w")
+    first = Replica("srv-a", data, pg_url, mqtt_broker.url, log)
+    replicas = [first]
+    devices: list[SimDevice] = []
+    agent = None
+    try:
+        wait_for(lambda: (h := store.lease_holder("leader")) is not None and h[0].startswith("srv-a@"), timeout=60,
+                 what="srv-a leads")
+        second = Replica("srv-b", data, pg_url, mqtt_broker.url, log)
+        replicas.append(second)
+        wait_for(second.up, timeout=60, what="srv-b up")
+        d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=second.url,
+                            args=("--mqtt", mqtt_broker.url, "--group", "lab"))
+        agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
+        agent = AgentProcess(d)
+        devices = [SimDevice(f"sim-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="lab", model="tiny",
+                             version="1.0.0", metrics_interval_s=0.3, infer_every_s=0.02).start() for i in range(2)]
+        wait_for(lambda: sum(x.online for x in store.devices(group="lab")) == 3
+                 and store.device("dev-1").version == "1.0.0", timeout=60, what="agent and sims online")
+
+        rid = rollout.start(store, model="tiny", version="1.1.0", group="lab", canary="50%", gate=GATE, bake="6s")
+        wait_for(lambda: store.rollout(rid).state == "bake", timeout=120, what="canary installed, baking")
+        assert store.device("dev-1").version == "1.1.0"  # the real agent was in the canary
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(timeout=10)
+
+        st = wait_for(lambda: (row := store.rollout(rid)).state in rollout.FINAL and row, timeout=120,
+                      what="rollout finished under srv-b")
+        assert st.state == "completed", st.reason
+        assert store.lease_holder("leader")[0].startswith("srv-b@")
+        steps = collections.Counter(h.state for h in store.rollout_log(rid))
+        assert steps == {"pending": 1, "canary": 1, "bake": 1, "full": 1, "completed": 1}, store.rollout_log(rid)
+        assert {x.id: x.version for x in store.devices(group="lab")} == {"dev-1": "1.1.0", "sim-0": "1.1.0",
+                                                                         "sim-1": "1.1.0"}
+    finally:
+        if agent is not None:
+            agent.stop()
+        for x in devices:
+            x.stop()
+        for r in replicas:
+            r.stop()
+        log.close()
+        store.close()
