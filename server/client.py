@@ -23,6 +23,32 @@ URL_ENV = "EDGELLM_SERVER_URL"
 TOKEN_ENV = "EDGELLM_SERVER_TOKEN"
 
 
+def _audited(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A change made on the server host goes into the audit log too (who: the local user)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(self: LocalTarget, *args: Any, **kw: Any) -> Any:
+            import getpass
+
+            target = " ".join([*(str(a) for a in args), *(f"{k}={v}" for k, v in kw.items())])[:200] or "-"
+            who = f"local:{getpass.getuser()}"
+            try:
+                out = fn(self, *args, **kw)
+            except Exception as e:
+                self.store.audit(token=None, who=who, role=None, action=action, target=target, status=400,
+                                 result=str(e.args[0]) if e.args else type(e).__name__)
+                raise
+            result = {k: v for k, v in out.items() if k != "token"} if isinstance(out, dict) else "ok"
+            self.store.audit(token=None, who=who, role=None, action=action, target=target, status=200,
+                             result=str(result)[:1000])
+            return out
+
+        return wrapper
+
+    return deco
+
+
 class LocalTarget:
     def __init__(self, data_dir: Path, db: str | None = None) -> None:
         from server.app import DataDir
@@ -40,33 +66,40 @@ class LocalTarget:
     def device_replies(self, device: str) -> list[dict[str, Any]]:
         return ops.device_replies(self.store, device)
 
+    @_audited("cli publish")
     def publish(self, bundle: Path) -> dict[str, Any]:
         return ops.publish(self.data.repo, self.data.keys, self.store, bundle)
 
+    @_audited("cli rollout start")
     def rollout_start(self, **kw: Any) -> dict[str, Any]:
         return ops.rollout_start(self.data.repo, self.store, **kw)
 
     def rollout_status(self, rollout_id: str | None) -> list[dict[str, Any]]:
         return ops.rollout_status(self.store, rollout_id)
 
+    @_audited("cli rollout action")
     def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
         return ops.rollout_action(self.store, rollout_id, action)
 
+    @_audited("cli token create")
     def token_create(self, name: str, role: str) -> dict[str, Any]:
         return ops.token_create(self.store, name, role)
 
     def token_list(self) -> list[dict[str, Any]]:
         return ops.token_list(self.store)
 
+    @_audited("cli token revoke")
     def token_revoke(self, token_id: str) -> dict[str, Any]:
         return ops.token_revoke(self.store, token_id)
 
     def audit(self, limit: int) -> list[dict[str, Any]]:
         return [a.to_dict() for a in self.store.audit_log(limit=limit)]
 
+    @_audited("cli ca init")
     def ca_init(self) -> dict[str, Any]:
         return ops.ca_init(self.data.ca)
 
+    @_audited("cli ca issue")
     def ca_issue(self, kind: str, out: Path | None, *, name: str | None = None,
                  hosts: list[str] | None = None) -> dict[str, str]:
         default = {"device": "devices", "server-client": "server-client", "server": "broker"}.get(kind, "x")

@@ -124,3 +124,15 @@ def test_federated_runs_need_a_role_and_the_federated_package(api):
         assert r.status_code == 200
     err = httpx.post(url + "/api/v1/rollouts", json={"model": "x"}, headers=h(tokens["operator"])).json()["error"]
     assert "hint:" not in err["message"] and err["hint"]  # the hint has its own field
+
+
+@pytest.mark.skipif(__import__("shutil").which("promtool") is None, reason="promtool not installed (Debian prometheus)")
+def test_metrics_pass_promtool_with_a_viewer_token_beyond_loopback(api):
+    import subprocess
+
+    store, tokens, _, serve = api
+    store.ingest([wire.Envelope(device="d1", kind="birth", seq=0, ts=time.time(), body={"session": "s", "version": "1"})])
+    text = httpx.get(serve("0.0.0.0") + "/metrics", headers=h(tokens["viewer"])).text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'edgellm_devices_by_version{version="1"} 1' in text

@@ -42,6 +42,8 @@ def test_token_commands(server):
     assert auth.authenticate(data.store(), f"Bearer {token}").role == "operator"
     listed = run("token", "list", "--data-dir", str(data.root)).output
     assert "alice" in listed and token not in listed
+    audit = run("audit", "--data-dir", str(data.root), "--format", "json").output
+    assert '"cli token create"' in audit and '"local:' in audit and token not in audit  # changes on the host too
     run("token", "create", "--data-dir", str(data.root), "--role", "root", "--name", "x", ok=False)
     run("token", "create", "--data-dir", str(data.root), "--role", "viewer", "--name", "../x", ok=False)
 
