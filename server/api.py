@@ -17,6 +17,7 @@ import dataclasses
 import json
 import re
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from edgellm.errors import EdgeLLMError
 from server import auth, ops
 from server.errors import NotFoundError
 from server.store import Store
+from server.store.control import ANONYMOUS
 
 if TYPE_CHECKING:
     from server.app import DataDir
@@ -207,7 +209,7 @@ def _command(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiReq
        {"binary": "bundle archive"})
 def _publish(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     uploads = ctx.data.root / "uploads"
-    uploads.mkdir(mode=0o700, exist_ok=True)
+    uploads.mkdir(mode=0o700, exist_ok=True)  # inside the data directory: same filesystem, same owner
     name = req.arg("filename") or "bundle.tar"
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", name):
         raise HttpError(400, f"filename {name!r} is not valid", code="bad_field", hint="use letters, digits, . _ -")
@@ -217,9 +219,7 @@ def _publish(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiReq
         req.save_body(tmp / name, BUNDLE_BODY_MAX)
         return ops.publish(ctx.data.repo, ctx.data.keys, ctx.store, tmp / name)
     finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @route("GET", "/tokens", "admin", "API tokens (never the tokens themselves).")
@@ -339,7 +339,7 @@ def _audit_call(ctx: ApiContext, req: ApiRequest, who: auth.Principal | None, st
             {k: v for k, v in body.items() if k != "token"}, default=str)[:1000]
     else:
         result = str(body.get("error", {}).get("message", "")) if isinstance(body, dict) else str(status)
-    ctx.store.audit(token=who.token_id if who else None, who=who.name if who else "(no valid token)",
+    ctx.store.audit(token=who.token_id if who else None, who=who.name if who else ANONYMOUS,
                     role=who.role if who else None, action=f"{req.method} {req.path}", target=req.path,
                     status=status, result=result)
 

@@ -109,6 +109,18 @@ def test_tokens_and_audit(store):
     assert [a.status for a in log] == [401, 403] and len(log[0].result) == 1000
 
 
+def test_unauthenticated_audit_rows_are_bounded(store, monkeypatch):
+    from server.store import control
+
+    monkeypatch.setattr(control, "UNAUTHENTICATED_KEEP", 3)
+    store.audit(token="t", who="alice", role="admin", action="POST /x", target="x", status=200, result="ok")
+    for i in range(10):
+        store.audit(token=None, who=control.ANONYMOUS, role=None, action="POST /x", target=str(i), status=401, result="")
+    log = store.audit_log()
+    assert [a.target for a in log if a.who == control.ANONYMOUS] == ["9", "8", "7"]
+    assert [a.who for a in log][-1] == "alice"  # operators' entries are never pushed out
+
+
 def test_lease_has_one_holder_until_it_expires(store):
     assert store.acquire_lease("leader", "a", 0.5) == 1
     assert store.acquire_lease("leader", "b", 0.5) is None

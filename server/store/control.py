@@ -12,6 +12,10 @@ from server.store.rows import AuditRow, TokenRow
 
 #: bound of an audit row's text fields
 _AUDIT_TEXT = 1000
+#: calls without a valid token are logged too, but only those among the last this many entries
+#: are kept: anyone who can reach the API can make them, and they must not fill the database
+UNAUTHENTICATED_KEEP = 10_000
+ANONYMOUS = "(no valid token)"
 _TOKEN_COLUMNS = "id, name, role, created, revoked, last_used"
 
 
@@ -50,6 +54,9 @@ class ControlTables:
                         " VALUES (?,?,?,?,?,?,?,?)",
                         (time.time(), token, who[:_AUDIT_TEXT], role, action[:_AUDIT_TEXT], target[:_AUDIT_TEXT],
                          status, result[:_AUDIT_TEXT]))
+        if who == ANONYMOUS:
+            self.db.execute("DELETE FROM audit_log WHERE who=? AND id <= (SELECT MAX(id) FROM audit_log WHERE who=?) - ?",
+                            (ANONYMOUS, ANONYMOUS, UNAUTHENTICATED_KEEP))
 
     def audit_log(self, limit: int = 100, since: float = 0.0) -> list[AuditRow]:
         """The newest entries first."""
