@@ -106,6 +106,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:
         logger.debug("http: " + fmt, *args)
 
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.store.release()  # one thread per connection: hand its database connection back
+
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)

@@ -138,3 +138,23 @@ def test_reopen_shares_the_database(store):
     store.count("x", 2)
     assert other.counters() == {"x": 2}
     other.close()
+
+
+def test_released_connections_are_reused_by_the_next_thread(store):
+    import threading
+
+    seen = []
+
+    def request() -> None:
+        store.devices()
+        if store.dialect.name == "postgresql":
+            seen.append(store.db.execute("SELECT pg_backend_pid()").fetchone()[0])
+        store.release()
+
+    for _ in range(20):
+        t = threading.Thread(target=request)
+        t.start()
+        t.join()
+    if store.dialect.name == "postgresql":
+        assert len(set(seen)) == 1  # one connection, handed from thread to thread
+    assert store.devices() == []  # the store still works in this thread

@@ -47,6 +47,8 @@ from server.store.telemetry import QUARANTINE_KEEP, QUARANTINE_PAYLOAD_BYTES, Te
 __all__ = ["TRANSIENT", "QUARANTINE_KEEP", "QUARANTINE_PAYLOAD_BYTES", "AuditRow", "DeviceRow", "EventRow", "LogEntry",
            "MetricSummary", "QuarantineRow", "RolloutDeviceRow", "RolloutRow", "SeriesPoint", "Store", "TokenRow"]
 
+#: PostgreSQL connections kept for reuse by short-lived threads
+POOL_SIZE = 8
 #: database errors worth retrying (the data is not at fault), on either database
 TRANSIENT = transient_errors()
 
@@ -61,6 +63,8 @@ class Store(TelemetryTables, RolloutTables, ControlTables):
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._pool: list[PgConn] = []  # PostgreSQL connections released by short-lived threads
+        self._pool_lock = threading.Lock()
         if self.url:  # replicas starting together: one migrates at a time
             with self.tx() as db:
                 db.execute("SELECT pg_advisory_xact_lock(7414)")
@@ -81,9 +85,27 @@ class Store(TelemetryTables, RolloutTables, ControlTables):
         if isinstance(db, PgConn) and db.broken:
             db = None
         if db is None:
-            db = PgConn(self.url) if self.url else open_sqlite(self.path)  # type: ignore[arg-type]
+            with self._pool_lock:
+                while self._pool and db is None:
+                    db = self._pool.pop()
+                    db = None if db.broken else db
+            if db is None:
+                db = PgConn(self.url) if self.url else open_sqlite(self.path)  # type: ignore[arg-type]
             self._local.db = db
         return db
+
+    def release(self) -> None:
+        """This thread is done with the store for now (an HTTP request thread, say): its
+        PostgreSQL connection goes back to a small pool for the next thread; SQLite's is closed."""
+        db = getattr(self._local, "db", None)
+        self._local.db = None
+        if isinstance(db, PgConn) and not db.broken:
+            with self._pool_lock:
+                if len(self._pool) < POOL_SIZE:
+                    self._pool.append(db)
+                    return
+        if db is not None:
+            db.close()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
