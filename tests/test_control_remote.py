@@ -114,3 +114,24 @@ def test_remote_cli_with_only_server_and_token(running, tmp_path):
     tid = admin.split("_")[1]
     cli("token", "revoke", tid, "--server", url, "--token", admin, cwd=elsewhere)
     assert httpx.get(url + "/api/v1/tokens", headers={"Authorization": f"Bearer {admin}"}).status_code == 401
+
+
+@pytest.mark.slow
+def test_remote_device_command_gets_the_reply(running, tmp_path, mqtt_broker):
+    from agent.telemetry.sim import SimDevice
+    from edgellm.telemetry import MqttConfig
+
+    data, url = running
+    operator = new_token(data, "operator", tmp_path)
+    dev = SimDevice("cam-7", tmp_path / "dev", MqttConfig(mqtt_broker.url), group="lab").start(infer=False)
+    try:
+        remote = ("--server", url, "--token", operator)
+        wait_for(lambda: any(d["id"] == "cam-7" and d["online"] for d in json.loads(
+            cli("devices", "--format", "json", *remote, cwd=tmp_path).stdout)), timeout=30, what="device online")
+        out = json.loads(cli("device", "command", "cam-7", "ping", "--wait", "20", "--format", "json", *remote,
+                             cwd=tmp_path).stdout)
+        assert out["reply"] == {"id": out["id"], "name": "ping", "ok": True, "result": "pong"}
+        r = cli("device", "command", "ghost", "ping", *remote, cwd=tmp_path, check=False)
+        assert r.returncode != 0 and "404" in r.stderr + r.stdout
+    finally:
+        dev.stop()
