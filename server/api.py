@@ -5,7 +5,8 @@ cannot disagree.
 
 Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code", "hint"}}``:
 401 without a usable token, 403 for too low a role, 404 for an unknown rollout/device/token,
-400 for a bad request, 413 for an oversized body. Every mutating call (POST, DELETE), allowed
+409 when another replica holds what the call needs (the repository), 400 for a bad request, 413
+for an oversized body. Every mutating call (POST, DELETE), allowed
 or not, goes into the audit log: who, what, when, the status and the result.
 
 Other parts add their endpoints with :func:`route` (e.g. federated runs).
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgellm.errors import EdgeLLMError
 from server import auth, ops
-from server.errors import NotFoundError
+from server.errors import ConflictError, NotFoundError
 from server.store import Store
 from server.store.control import ANONYMOUS
 
@@ -319,6 +320,8 @@ def dispatch(ctx: ApiContext, req: ApiRequest) -> tuple[int, Any]:
                                            hint=e.hint).body()
     except NotFoundError as e:
         status, body = 404, HttpError(404, message(e), code="not_found", hint=e.hint).body()
+    except ConflictError as e:
+        status, body = 409, HttpError(409, message(e), code="conflict", hint=e.hint).body()
     except EdgeLLMError as e:
         status, body = 400, HttpError(400, message(e), code=type(e).__name__, hint=e.hint).body()
     except ValueError as e:

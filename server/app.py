@@ -224,8 +224,10 @@ class Server:
         if self.leadership.is_leader:  # one replica signs
             try:
                 from edgellm.trust import Repository
+                from server.ops import repository_lock
 
-                Repository(self.data.repo, self.data.keys).refresh_timestamp()
+                with repository_lock(self.store):
+                    Repository(self.data.repo, self.data.keys).refresh_timestamp()
             except Exception:
                 logger.exception("refreshing the TUF timestamp failed")
         try:

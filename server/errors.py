@@ -5,6 +5,7 @@ the message text.
     EdgeLLMError                      (edgellm.errors)
     └── ServerError                   the data directory, its settings or keys are wrong
         ├── NotFoundError             no such rollout, device or token (HTTP 404)
+        ├── ConflictError             busy: another replica is writing the same thing (HTTP 409)
         ├── AuthError                 (server.auth) no usable token (401) or too low a role (403)
         ├── RolloutError              a rollout request is invalid or cannot be carried out
         │   └── RolloutNotFound       (also a NotFoundError)
@@ -25,6 +26,10 @@ class ServerError(EdgeLLMError):
 
 class NotFoundError(ServerError):
     """The named rollout, device or token does not exist."""
+
+
+class ConflictError(ServerError):
+    """Another writer holds what this call needs (e.g. the repository); try again shortly."""
 
 
 class RolloutError(ServerError):

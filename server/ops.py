@@ -5,14 +5,15 @@ Every function takes and returns JSON-shaped values."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from edgellm import telemetry as wire
 from edgellm.ids import ID_RULE, valid_id
 from server import auth, rollout
-from server.errors import NotFoundError, RolloutError, ServerError
+from server.errors import ConflictError, NotFoundError, RolloutError, ServerError
 from server.store import Store
 
 Publish = Callable[[str, bytes, bool], None]
@@ -42,18 +43,25 @@ def published(repo_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def publish(repo_dir: Path, keys_dir: Path, store: Store, bundle: Path) -> dict[str, Any]:
-    """Sign and publish one bundle archive. Replicas share the repository directory: the
-    ``publish`` lease in the store lets one write it at a time."""
-    from edgellm.trust import Repository
-
+@contextmanager
+def repository_lock(store: Store) -> Iterator[None]:
+    """Replicas share the repository directory: whoever writes it (a publish, the timestamp
+    refresh) holds the ``publish`` lease in the store meanwhile."""
     holder = secrets.token_hex(8)
     if store.acquire_lease("publish", holder, PUBLISH_LEASE_S) is None:
-        raise ServerError("another publish is writing the repository", hint="try again in a moment")
+        raise ConflictError("another publish is writing the repository", hint="try again in a moment")
     try:
-        name = Repository(repo_dir, keys_dir).add_bundle(bundle)
+        yield
     finally:
         store.release_lease("publish", holder)
+
+
+def publish(repo_dir: Path, keys_dir: Path, store: Store, bundle: Path) -> dict[str, Any]:
+    """Sign and publish one bundle archive."""
+    from edgellm.trust import Repository
+
+    with repository_lock(store):
+        name = Repository(repo_dir, keys_dir).add_bundle(bundle)
     return next(p for p in published(repo_dir) if p["target"] == name)
 
 

@@ -136,3 +136,21 @@ def test_metrics_pass_promtool_with_a_viewer_token_beyond_loopback(api):
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'edgellm_devices_by_version{version="1"} 1' in text
+
+
+def test_one_writer_of_the_repository_at_a_time(api, tmp_path):
+    from fixtures_trust import make_bundle_dir
+
+    from edgellm.bundle import pack
+
+    store, tokens, _, serve = api
+    url = serve()
+    bundle = pack(make_bundle_dir(tmp_path / "b", version="3.0"), tmp_path / "demo-3.0.bundle").path
+    post = lambda: httpx.post(url + "/api/v1/publish?filename=demo-3.0.bundle", content=bundle.read_bytes(),  # noqa: E731
+                              headers=h(tokens["admin"]))
+    assert store.acquire_lease("publish", "another-replica", 60) is not None
+    busy = post()
+    assert busy.status_code == 409 and "try again" in busy.json()["error"]["hint"]
+    store.release_lease("publish", "another-replica")
+    assert post().json()["version"] == "3.0"
+    assert httpx.post(url + "/api/v1/publish?filename=../x", content=b"x", headers=h(tokens["admin"])).status_code == 400
