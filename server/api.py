@@ -6,8 +6,8 @@ cannot disagree.
 Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code", "hint"}}``:
 401 without a usable token, 403 for too low a role, 404 for an unknown rollout/device/token,
 409 when another replica holds what the call needs (the repository), 400 for a bad request, 413
-for an oversized body. Every mutating call (POST, DELETE), allowed
-or not, goes into the audit log: who, what, when, the status and the result.
+for an oversized body. Every mutating call (POST, DELETE), allowed or not, goes into the audit
+log: who, what, when, the status and the result.
 
 Other parts add their endpoints with :func:`route` (e.g. federated runs).
 """
