@@ -7,10 +7,13 @@
     install      the one install path: unpack -> child-process health check -> atomic switch
     health       the health check (runs as ``python -m agent.health``)
     engine       the single worker that owns the Runtime, bounded queue, hot swap
-    api          the OpenAI-compatible FastAPI app (auth, limits, SSE, audit, metrics)
+    schemas      typed, bounded request bodies and the one UpdateRequest
+    errors       the agent's exception tree (drawn in its docstring)
+    api/         the OpenAI-compatible FastAPI app, one router per area, and its guarded uvicorn server
     daemon       `run`: sockets, uvicorn, update loop, reconcile/hot swap, telemetry bridge
     cli          the `edgellm-agent` command
-    telemetry/   MQTT telemetry with a durable outbox (control-plane area)
+    telemetry_bridge  the daemon's view of telemetry (a Protocol) and the stand-in that says why it is off
+    telemetry/   MQTT telemetry: client (interface), connection (MQTT + outbox pump), commands (registry)
 
 Importing ``agent`` imports nothing heavy.
 """

@@ -1,8 +1,9 @@
-"""Small filesystem helpers: atomic writes, directory fsync, advisory locks, hashing.
+"""Small filesystem helpers of the agent: JSON on top of the one atomic write, private files,
+tree removal and advisory locks.
 
 Every file the agent relies on after a crash (config, slot pointer, keys) is written with
-:func:`atomic_write_bytes`: temp file in the same directory, fsync, ``os.replace``, fsync of the
-directory. A kill at any instant leaves either the old or the new content, never a mix.
+:func:`edgellm._fs.atomic_write` (temp file in the same directory, fsync, ``os.replace``, fsync
+of the directory): a kill at any instant leaves either the old or the new content, never a mix.
 """
 
 from __future__ import annotations
@@ -18,16 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.errors import LockTimeout
 from edgellm._fs import atomic_write, fsync_dir, sha256_file  # noqa: F401 (re-exported)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (see :mod:`edgellm._fs`)."""
-    atomic_write(path, data, mode)
-
-
 def atomic_write_json(path: str | Path, obj: Any, *, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode=mode)
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
 def read_json(path: str | Path) -> Any:
@@ -64,10 +61,6 @@ def remove_tree(path: str | Path) -> None:
     shutil.rmtree(path, onerror=_onerror)
 
 
-class LockTimeout(Exception):
-    pass
-
-
 @contextlib.contextmanager
 def file_lock(path: str | Path, *, timeout: float | None = None) -> Iterator[None]:
     """An exclusive advisory lock (``flock``): released by the kernel if the holder dies."""
@@ -82,7 +75,8 @@ def file_lock(path: str | Path, *, timeout: float | None = None) -> Iterator[Non
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or deadline is None:
                     raise
                 if time.monotonic() >= deadline:
-                    raise LockTimeout(str(path)) from e
+                    raise LockTimeout(f"{path} is held by another process",
+                                      hint="another install, update or rollback is running; retry when it ends") from e
                 time.sleep(0.05)
         yield
     finally:

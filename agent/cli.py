@@ -59,17 +59,23 @@ def main(verbose: int) -> None:
 @click.option("--socket", "socket_path", default=None, help="Default Unix socket path of the local API.")
 @click.option("--key-type", type=click.Choice(["ecdsa-p256", "ed25519"]), default="ecdsa-p256", show_default=True)
 @click.option("--force", is_flag=True, help="Re-provision an already provisioned data dir.")
+@click.option("--train-data", "train_data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory of local text (.txt, .jsonl with a 'text' field) this device may learn from "
+                   "in federated fine-tuning; the text never leaves the device.")
+@click.option("--learn-from-use", is_flag=True,
+              help="Also learn from the user's own messages (capped in bytes; `edgellm-agent learn wipe` erases them).")
 def provision(data_dir, device_id, profile, server, root, group, mqtt_url, ca, cert, key, listen, socket_path,
-              key_type, force) -> None:
+              key_type, force, train_data, learn_from_use) -> None:
     """Pin the trust root, record the profile, create the API token and device keys."""
     from agent.provision import provision as _provision
 
     paths = _paths(data_dir)
     cfg = _provision(paths, device_id=device_id, profile=profile, server=server, root=root, group=group,
                      mqtt_url=mqtt_url, ca=ca, cert=cert, key=key, listen=listen, socket_path=socket_path,
-                     key_type=key_type, force=force)
+                     key_type=key_type, force=force, train_data=train_data, learn_from_use=learn_from_use)
     click.echo(f"provisioned {cfg.device_id} (profile {cfg.profile}) in {paths.root}")
     click.echo(f"  API token: {paths.token} (mode 0600)")
+    click.echo(f"  admin token: {paths.admin_token} (mode 0600; admin API calls only)")
     click.echo(f"  device public key: {paths.keys / 'device.pub'}, CSR: {paths.keys / 'device.csr'}")
 
 
@@ -111,6 +117,8 @@ def status(data_dir, fmt) -> None:
     lu = st["last_update"]
     click.echo(f"{'last update':13} " + (f"{lu['action']} {'ok' if lu['ok'] else 'FAILED'} {lu.get('version') or ''}"
                                           f"{' — ' + lu['reason'] if lu.get('reason') else ''}" if lu else "-"))
+    tm = st["telemetry"]
+    click.echo(f"{'telemetry':13} {tm['state']}" + (f" — {tm['error']}" if tm.get("error") else ""))
     d = st["daemon"]
     click.echo(f"{'daemon':13} " + (f"running (pid {d.get('pid')}, port {d.get('port')}, socket {d.get('socket')})"
                                      if d.get("running") else "not running"))
@@ -126,10 +134,11 @@ def install(data_dir, file, allow_downgrade, force, fmt) -> None:
     """Install a signed bundle file offline (same verification and A/B path as updates)."""
     from agent.config import AgentConfig
     from agent.install import Installer
+    from agent.schemas import UpdateRequest
 
     paths = _paths(data_dir)
-    res = Installer(paths, AgentConfig.load(paths)).install_envelope(file, allow_downgrade=allow_downgrade,
-                                                                     force=force)
+    res = Installer(paths, AgentConfig.load(paths)).install_envelope(
+        file, UpdateRequest(rollback=allow_downgrade, force=force))
     _echo_result(res, fmt)
 
 
@@ -144,15 +153,15 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     """Check the server for an update now and install it."""
     from agent.config import AgentConfig
     from agent.install import Installer
+    from agent.schemas import UpdateRequest
     from agent.source import tuf_source
 
     paths = _paths(data_dir)
     cfg = AgentConfig.load(paths)
     if not cfg.server:
         raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
-    desired = {k: v for k, v in (("version", version), ("model", model), ("rollback", allow_rollback),
-                                 ("force", force)) if v}
-    res = Installer(paths, cfg).update(tuf_source(paths, cfg), desired)
+    request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
+    res = Installer(paths, cfg).update(tuf_source(paths, cfg), request)
     _echo_result(res, fmt)
 
 
@@ -167,6 +176,38 @@ def rollback(data_dir, fmt) -> None:
     paths = _paths(data_dir)
     res = Installer(paths, AgentConfig.load(paths)).rollback()
     _echo_result(res, fmt)
+
+
+@main.group()
+def learn() -> None:
+    """What --learn-from-use kept of the user's messages (never leaves the device)."""
+
+
+@learn.command("status")
+@data_dir_option
+@format_option
+def learn_status(data_dir, fmt) -> None:
+    """Whether learning from use is on, and how much text is kept."""
+    from agent.config import AgentConfig
+    from agent.federated.learn import status as _status
+
+    paths = _paths(data_dir)
+    st = _status(paths, AgentConfig.load(paths))
+    text = (f"learn from use: {'on' if st['enabled'] else 'off'}; {st['messages']} messages, "
+            f"{st['bytes']} of {st['max_bytes']} bytes in {st['path']}")
+    click.echo(json.dumps(st, indent=2, sort_keys=True) if fmt == "json" else text)
+
+
+@learn.command("wipe")
+@data_dir_option
+def learn_wipe(data_dir) -> None:
+    """Erase every kept message now."""
+    from agent.config import AgentConfig
+    from agent.federated.learn import wipe as _wipe
+
+    paths = _paths(data_dir)
+    AgentConfig.load(paths)  # refuses a data dir that is not an agent's
+    click.echo(f"wiped {_wipe(paths)} bytes of kept messages")
 
 
 if __name__ == "__main__":

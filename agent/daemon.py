@@ -18,16 +18,22 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from agent._fs import atomic_write_json, remove_tree
 from agent.config import AgentConfig, AgentPaths
 from agent.engine import Engine, ModelHandle
-from agent.errors import AgentError, InstallError
+from agent.errors import ConfigError, InstallError, message_of
 from agent.install import Installer
-from agent.manifest import mget, read_manifest
+from agent.manifest import read_manifest
+from agent.schemas import UpdateRequest
 from agent.slots import SlotStore
-from agent.telemetry_bridge import make_telemetry
+from agent.telemetry_bridge import TelemetryPort, make_telemetry, telemetry_problem
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +41,14 @@ log = logging.getLogger(__name__)
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise AgentError(f"--listen {listen!r} is not HOST:PORT", hint="for example --listen 127.0.0.1:8321")
+        raise ConfigError(f"--listen {listen!r} is not HOST:PORT", hint="for example --listen 127.0.0.1:8321")
     host = host.strip("[]") or "127.0.0.1"
     try:
         ip = ipaddress.ip_address(host)
     except ValueError as e:
-        raise AgentError(f"--listen host {host!r} is not an IP address", hint="use 127.0.0.1 or ::1") from e
+        raise ConfigError(f"--listen host {host!r} is not an IP address", hint="use 127.0.0.1 or ::1") from e
     if not ip.is_loopback:
-        raise AgentError(f"refusing to listen on {host}: the local API is for this device's own software",
+        raise ConfigError(f"refusing to listen on {host}: the local API is for this device's own software",
                          hint="listen on 127.0.0.1 (or ::1), or use --socket for a Unix socket")
     return host, int(port)
 
@@ -66,7 +72,7 @@ def bind_unix(path: str | Path, mode: int = 0o660) -> socket.socket:
         except OSError:
             path.unlink()  # stale socket of a dead agent
         else:
-            raise AgentError(f"{path} is in use by a running process", hint="stop the other agent first")
+            raise ConfigError(f"{path} is in use by a running process", hint="stop the other agent first")
         finally:
             probe.close()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,15 +93,15 @@ def load_handle(paths: AgentPaths, slot: str, *, threads: int) -> ModelHandle:
 
     slot_dir = paths.slot_dir(slot)
     m = read_manifest(slot_dir)
-    rt = load_runtime(mget(m, "runtime"), slot_dir / mget(m, "artifact"), model_dir=slot_dir, threads=threads,
-                      context_length=mget(mget(m, "memory"), "context_length"))
-    return ModelHandle(runtime=rt, name=str(mget(m, "name")), version=str(mget(m, "version")), slot=slot,
-                       kind=str(mget(m, "runtime")), quantization=mget(m, "quantization"),
-                       defaults=dict(mget(m, "generation") or {}))
+    rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, threads=threads,
+                      context_length=m.memory.context_length or None)
+    return ModelHandle(runtime=rt, name=m.name, version=m.version, slot=slot, kind=m.runtime,
+                       quantization=m.quantization, defaults=dict(m.generation))
 
 
-def status_dict(paths: AgentPaths, config: AgentConfig | None = None) -> dict:
-    """What `status` and GET /v1/admin/status report (works with or without a running daemon)."""
+def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry: TelemetryPort | None = None) -> dict:
+    """What `status` and GET /v1/admin/status report (works with or without a running daemon;
+    without one, telemetry is what starting it would give: disabled, or the error it would hit)."""
     state = SlotStore(paths).load()
     rec = state.current_record
     run: dict[str, Any] = {}
@@ -131,7 +137,19 @@ def status_dict(paths: AgentPaths, config: AgentConfig | None = None) -> dict:
         "last_update": state.last_result,
         "rejected": state.rejected,
         "daemon": run or {"running": False},
+        "telemetry": _telemetry_status(paths, config, telemetry),
     }
+
+
+def _telemetry_status(paths: AgentPaths, config: AgentConfig | None, telemetry: TelemetryPort | None) -> dict:
+    if telemetry is not None:
+        return telemetry.status()
+    if config is None or config.mqtt is None:
+        return {"state": "disabled", "error": None}
+    problem = telemetry_problem(config)
+    if problem is not None:
+        return {"state": "error", "error": problem}
+    return {"state": "configured", "error": None, "broker": config.mqtt.url}
 
 
 class Daemon:
@@ -147,12 +165,12 @@ class Daemon:
         self.installer = Installer(paths, config, on_event=self._event)
         self._stop = threading.Event()
         self._update_now = threading.Event()
-        self._desired: dict = {}
+        self._desired = UpdateRequest()
         self._loaded_key: tuple | None = None
         self._failed_key: tuple | None = None
         self._loaded_at = 0.0
         self._reconcile_lock = threading.Lock()
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self.engine: Engine | None = None
 
     # -- events ---------------------------------------------------------------------------------
@@ -164,12 +182,22 @@ class Daemon:
         if self.metrics is not None and kind.startswith("update."):
             self.metrics.updates.labels(kind.split(".", 1)[1]).inc()
 
-    def request_update(self, desired: dict | None = None) -> None:
-        """Check for an update now, towards ``desired`` (API call or the server's desired state).
+    def request_update(self, request: UpdateRequest) -> None:
+        """Check for an update now, towards ``request`` (admin API, MQTT command, desired state).
 
-        ``desired`` replaces the previous one: ``{}`` means "the newest target for this profile"."""
-        self._desired = {k: v for k, v in (desired or {}).items() if v is not None}
+        It replaces the previous one: an empty request means "the newest target for this profile"."""
+        self._desired = request
         self._update_now.set()
+
+    def _on_desired(self, desired: dict[str, Any]) -> None:
+        """The control plane's desired state (retained MQTT message) as an update request."""
+        try:
+            req = UpdateRequest(model=desired.get("model"), version=desired.get("version"),
+                                rollback=bool(desired.get("rollback")), rollout=desired.get("rollout"))
+        except ValidationError as e:
+            log.warning("ignoring desired state %r: %s", desired, e.errors(include_url=False)[0].get("msg"))
+            return
+        self.request_update(req)
 
     # -- model reconciliation -------------------------------------------------------------------
 
@@ -183,7 +211,7 @@ class Daemon:
         rec = state.current_record
         key = (state.current, rec.manifest_sha256) if rec else None
         if key != self._loaded_key and key != self._failed_key:
-            if rec is None:
+            if rec is None or state.current is None:
                 self.engine.swap(None)
                 self._loaded_key = None
                 self._set_state(None, state)
@@ -205,7 +233,7 @@ class Daemon:
             self._loaded_at = time.monotonic()
             if state.trial is not None and state.trial.boots == 0:
                 with self.installer.lock():
-                    self.store.count_boot(state.current)
+                    self.store.count_boot(handle.slot or state.current)
             self._set_state(handle, state)
         if state.trial is not None and state.trial.slot == state.current and self._loaded_key == key \
                 and time.monotonic() - self._loaded_at >= self.config.trial_commit_s:
@@ -234,19 +262,19 @@ class Daemon:
         v = self.config.extra.get("follow_latest")
         return bool(v) if v is not None else self.config.mqtt is None
 
-    def check_updates(self, desired: dict | None = None, *, explicit: bool = True) -> dict | None:
+    def check_updates(self, request: UpdateRequest | None = None, *, explicit: bool = True) -> dict | None:
         source = self._source()
         if source is None:
             return None
-        desired = dict(self._desired if desired is None else desired)
-        if not explicit and not desired and not self.follows_latest():
+        desired = self._desired if request is None else request
+        if not explicit and desired == UpdateRequest() and not self.follows_latest():
             log.debug("no desired state from the control plane yet: nothing to update")
             return None
         try:
             res = self.installer.update(source, desired)
         except InstallError as e:
-            log.warning("update failed: %s", e)
-            res = {"ok": False, "reason": str(e)}
+            log.warning("update failed: %s", message_of(e))
+            res = {"ok": False, "reason": message_of(e), "hint": e.hint}
         self.reconcile()
         return res
 
@@ -283,7 +311,7 @@ class Daemon:
             if self.socket_path:
                 socks.append(bind_unix(self.socket_path))
             if not socks:
-                raise AgentError("nothing to listen on", hint="pass --listen 127.0.0.1:PORT and/or --socket PATH")
+                raise ConfigError("nothing to listen on", hint="pass --listen 127.0.0.1:PORT and/or --socket PATH")
             yield socks
         finally:
             for s in socks:
@@ -293,14 +321,14 @@ class Daemon:
                     os.unlink(self.socket_path)
 
     def run(self) -> int:
-        import uvicorn
-
-        from agent.api import AdminHooks, create_app
+        from agent.api.server import uvicorn_config
         from agent.audit import AuditLog
+        from agent.federated.supervisor import reap_stale
         from agent.metrics import Metrics
-        from agent.provision import read_token
 
         self.paths.ensure_dirs()
+
+        reap_stale(self.paths)  # a SuperNode left by an agent that died
         with self.installer.lock():
             self.store.boot(max_boots=self.config.max_boot_attempts)
         self.metrics = Metrics()
@@ -310,18 +338,10 @@ class Daemon:
         self.engine.start()
         audit = AuditLog(self.paths.audit_log, include_prompts=self.config.audit_prompts)
         self.reconcile()
-        app = create_app(engine=self.engine, token=read_token(self.paths), limits=lim, metrics=self.metrics,
-                         audit=audit, hooks=AdminHooks(status=lambda: status_dict(self.paths, self.config),
-                                                       request_update=self.request_update))
+        app = self._app(audit)
         threads = [threading.Thread(target=self._update_loop, name="edgellm-updates", daemon=True),
                    threading.Thread(target=self._watch_loop, name="edgellm-watch", daemon=True)]
-        try:
-            self.telemetry.on_desired(self.request_update)
-            if hasattr(self.telemetry, "on_command"):
-                self.telemetry.on_command(self._command)
-            self.telemetry.start()
-        except Exception:  # noqa: BLE001 - telemetry never stops serving
-            log.exception("telemetry did not start")
+        self._start_telemetry()
         try:
             with self._sockets() as socks:
                 port = next((s.getsockname()[1] for s in socks if s.family != socket.AF_UNIX), None)
@@ -331,10 +351,8 @@ class Daemon:
                     t.start()
                 log.info("agent listening", extra={"port": port, "socket": self.socket_path,
                                                    "device_id": self.config.device_id})
-                server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                                timeout_graceful_shutdown=5, server_header=False,
-                                                limit_concurrency=lim.max_connections, timeout_keep_alive=5))
-                server.run(sockets=socks)
+                _Server(uvicorn_config(app, lim, audit=audit, metrics=self.metrics,
+                                       timeout_graceful_shutdown=5)).run(sockets=socks)
         finally:
             log.info("agent stopping")
             self._stop.set()
@@ -343,6 +361,9 @@ class Daemon:
                 if t.is_alive():
                     t.join(timeout=10)
             self.engine.stop()
+            from agent.federated.supervisor import stop_all
+
+            stop_all()
             with contextlib.suppress(Exception):
                 self.telemetry.stop()
             audit.close()
@@ -350,43 +371,76 @@ class Daemon:
             log.info("agent stopped")
         return 0
 
-    def _command(self, name: str, args: dict) -> Any:
-        """Commands from the control plane (besides ping/state, which telemetry answers itself)."""
-        if name == "update":
-            self.request_update(args)
-            return {"accepted": True}
-        if name == "rollback":
-            res = self.installer.rollback()
-            self.reconcile()
-            return res
-        if name == "status":
-            return status_dict(self.paths, self.config)
-        raise ValueError(f"unknown command {name!r}: the agent knows update, rollback and status")
+    def _app(self, audit: Any) -> Any:
+        from agent.api import AdminHooks, create_app
+        from agent.federated.learn import recorder as learn_recorder
+        from agent.provision import ensure_admin_token, read_token
+
+        assert self.engine is not None and self.metrics is not None
+        hooks = AdminHooks(status=lambda: status_dict(self.paths, self.config, self.telemetry),
+                           request_update=self.request_update, telemetry=self.telemetry.status,
+                           on_chat=learn_recorder(self.paths, self.config))
+        return create_app(engine=self.engine, token=read_token(self.paths), admin_token=ensure_admin_token(self.paths),
+                          limits=self.config.limits, metrics=self.metrics, audit=audit, hooks=hooks)
+
+    def _start_telemetry(self) -> None:
+        self.telemetry.on_desired(self._on_desired)
+        cmds = self.telemetry.commands
+        cmds.register("update", self._command_update)
+        cmds.register("rollback", self._command_rollback)
+        cmds.register("status", lambda args: status_dict(self.paths, self.config, self.telemetry))
+        cmds.register("fl_invite", self._command_fl)
+        cmds.register("fl_stop", lambda args: self._command_fl(args, stop=True))
+        try:
+            self.telemetry.start()
+        except Exception as e:  # noqa: BLE001 - telemetry never stops serving, and never stops silently
+            log.exception("telemetry did not start")
+            from agent.telemetry_bridge import NoTelemetry
+
+            self.telemetry = NoTelemetry("error", f"telemetry did not start: {type(e).__name__}: {e}")
+
+    # -- commands from the control plane (ping and state are telemetry's own) --------------------
+
+    def _command_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.request_update(UpdateRequest.parse(args))
+        return {"accepted": True}
+
+    def _command_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args:
+            raise ConfigError(f"rollback takes no arguments, got {sorted(args)}", hint="send an empty args object")
+        res = self.installer.rollback()
+        self.reconcile()
+        return res
+
+    def _command_fl(self, args: dict[str, Any], *, stop: bool = False) -> dict[str, Any]:
+        """Federated runs: start or stop this device's SuperNode (agent/federated; no torch here)."""
+        from agent.federated import supervisor as fl
+
+        handler = fl.handle_fl_stop if stop else fl.handle_fl_invite
+        return handler(args, fl.AgentHandle(self.paths, self.config, self._event))
 
     def _record_inference(self, **kw: Any) -> None:
         self.telemetry.record_inference(**kw)
 
 
-class _Server:
+def _Server(config: Any) -> Any:  # noqa: N802 - reads as the class it makes
     """uvicorn's Server without re-raising the captured signal after a graceful stop."""
+    import uvicorn
 
-    def __new__(cls, config):  # noqa: ANN001
-        import uvicorn
+    class S(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            import signal
 
-        class S(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):  # type: ignore[override]
-                import signal
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            old = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                sigs = (signal.SIGINT, signal.SIGTERM)
-                old = {s: signal.signal(s, self.handle_exit) for s in sigs}
-                try:
-                    yield
-                finally:
-                    for s, h in old.items():
-                        signal.signal(s, h)
-
-        return S(config)
+    return S(config)

@@ -1,7 +1,7 @@
 """The one worker that owns the model: a bounded queue in front of a single Runtime.
 
 A Runtime context serves one generation at a time, so every request becomes a :class:`Job`
-in a bounded queue (full -> :class:`QueueFull`, the API answers 429). The worker thread
+in a bounded queue (full -> :class:`~agent.errors.QueueFull`, the API answers 429). The worker thread
 tokenizes (never parsing special tokens out of user text), enforces the token limits, streams
 :class:`~edgellm.runtime.TokenEvent` s to the job's sink and stops as soon as the job is
 cancelled (client went away). A new model is swapped in between two jobs
@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from agent.errors import QueueFull
 from edgellm.runtime import GenerationParams, PromptTooLongError, Runtime
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,6 @@ class JobError:
     code: str
     message: str
     type: str = "invalid_request_error"
-
-
-class QueueFull(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("request queue is full")
-        self.retry_after = retry_after
 
 
 Sink = Callable[[str, Any], None]  # ("start", dict) ("token", TokenEvent) ("done", dict) ("error", JobError)
@@ -184,6 +179,7 @@ class Engine:
                 self._do_swap(swap[0])
                 swap[1].set()
                 continue
+            assert job is not None
             t0 = time.monotonic()
             try:
                 self._serve(job)
@@ -248,7 +244,9 @@ class Engine:
             job.sink("error", JobError(400, "context_length_exceeded", str(e)))
             return
         finally:
-            gen.close()
+            close = getattr(gen, "close", None)  # a generator: stop it (and free its native state) now
+            if close is not None:
+                close()
         dt = time.perf_counter() - t0
         decode_s = dt - (first or 0.0)
         tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else (n / dt if dt > 0 else 0.0)

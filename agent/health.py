@@ -1,6 +1,6 @@
 """Health check of a freshly unpacked slot, run in a child process.
 
-llama.cpp aborts the whole process on some malformed metadata (FIELD-NOTES), so the daemon never
+llama.cpp aborts the whole process on some malformed metadata, so the daemon never
 loads an unproven model in its own process: ``run_health_check`` starts
 ``python -m agent.health`` which loads the slot, runs the bundle's golden prompts, measures
 tokens/s and peak memory, and writes a JSON report. A child that crashes, hangs past the timeout
@@ -21,7 +21,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgellm.bundle import GoldenPrompt, Manifest
+    from edgellm.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -30,40 +34,33 @@ DEFAULT_PROMPT = "Hello"
 
 @dataclasses.dataclass
 class HealthBudget:
-    """Limits a new model must meet (the stricter of the bundle's own and the profile's)."""
+    """Limits a new model must meet (the stricter of the bundle's own and the profile's).
+
+    ``max_memory_bytes`` also bounds the child's address space (``RLIMIT_AS``): what the process
+    had mapped before loading, plus the budget, plus ``headroom_bytes`` for the runtime's own
+    mappings (thread stacks, allocator arenas). A model that needs more cannot be loaded at all,
+    so an over-budget model fails its check instead of pushing the device into the OOM killer."""
 
     min_tokens_per_second: float | None = None
     max_memory_bytes: int | None = None
     threads: int = 1
+    headroom_bytes: int = 256 << 20
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def budget_for(manifest: Any, profile: Any | None, *, threads: int = 1) -> HealthBudget:
-    from agent.manifest import mget
-
-    health = mget(manifest, "health") or {}
-    min_tps = mget(health, "min_tokens_per_second")
-    max_mem = mget(health, "max_memory_bytes")
-    if profile is not None:
-        p_tps = _profile_value(profile, ("min_tokens_per_second",))
-        p_mem = _profile_value(profile, ("usable_ram_bytes",))
-        if p_tps is not None:
-            min_tps = max(float(min_tps or 0), float(p_tps))
-        if p_mem is not None:
-            max_mem = min(int(max_mem), int(p_mem)) if max_mem else int(p_mem)
+def budget_for(manifest: Manifest, profile: Profile | None, *, threads: int = 1) -> HealthBudget:
+    min_tps = manifest.health.get("min_tokens_per_second")
+    max_mem = manifest.health.get("max_memory_bytes")
+    p_tps = getattr(profile, "min_tokens_per_second", None)
+    p_mem = getattr(profile, "usable_ram_bytes", None)
+    if p_tps is not None:
+        min_tps = max(float(min_tps or 0), float(p_tps))
+    if p_mem is not None:
+        max_mem = min(int(max_mem), int(p_mem)) if max_mem else int(p_mem)
     return HealthBudget(min_tokens_per_second=float(min_tps) if min_tps else None,
                         max_memory_bytes=int(max_mem) if max_mem else None, threads=threads)
-
-
-def _profile_value(profile: Any, names: tuple[str, ...]) -> Any:
-    for n in names:
-        for obj in (profile, getattr(profile, "budget", None), getattr(profile, "limits", None)):
-            v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
-            if v is not None and not callable(v):
-                return v
-    return None
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -101,6 +98,7 @@ def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: flo
         cmd = [sys.executable, "-m", "agent.health", "--slot", str(slot_dir), "--out", str(out),
                "--budget", json.dumps(budget.to_dict())]
         env = {**os.environ, "OMP_NUM_THREADS": str(budget.threads), "OMP_WAIT_POLICY": "PASSIVE",
+               "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MiB of address space per arena otherwise
                PARENT_ENV: str(os.getpid())}
         t0 = time.monotonic()
         try:
@@ -112,8 +110,11 @@ def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: flo
             rc = proc.returncode
             how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
             tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-            return {"ok": False, "reason": f"health check process {how} while loading/running the model",
-                    "stderr": tail, "duration_s": elapsed}
+            reason = f"health check process {how} while loading/running the model"
+            if budget.max_memory_bytes:
+                reason += (f" (its address space was limited to the memory budget of "
+                           f"{budget.max_memory_bytes / 2**20:.0f} MiB + headroom: a model over budget ends like this)")
+            return {"ok": False, "reason": reason, "stderr": tail, "duration_s": elapsed}
         try:
             report = json.loads(out.read_text())
         except (OSError, ValueError):
@@ -124,42 +125,71 @@ def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: flo
 
 # -- child side -----------------------------------------------------------------------------------
 
-def check_slot(slot_dir: Path, budget: HealthBudget) -> dict:
-    from agent.manifest import mget, read_manifest
-    from edgellm.runtime import GenerationParams, load_runtime
+def limit_address_space(budget: HealthBudget) -> int | None:
+    """Cap this process's address space at what it maps now + the memory budget + headroom."""
+    if not budget.max_memory_bytes:
+        return None
+    import resource
 
-    baseline = _proc_status_bytes("VmRSS")
+    limit = _proc_status_bytes("VmSize") + budget.max_memory_bytes + budget.headroom_bytes
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit
+
+
+def _run_golden(rt: Any, gp: GoldenPrompt) -> tuple[dict, list[str], int, float]:
+    """One golden prompt, greedy: (result, failures, tokens, seconds)."""
+    from edgellm.runtime import GenerationParams
+
+    if gp.chat:
+        ids = rt.chat_token_ids([{"role": "user", "content": gp.prompt}])
+    else:
+        ids = rt.tokenize(gp.prompt, add_bos=True, special=False)
+    t1 = time.perf_counter()
+    comp = rt.complete(ids, GenerationParams(max_tokens=gp.max_tokens or 16, temperature=0.0, logprobs=True))
+    dt = time.perf_counter() - t1
+    failures = []
+    if not comp.token_ids:
+        failures.append(f"golden prompt {gp.prompt[:40]!r}: produced no tokens")
+    bad = sum(1 for x in comp.logprobs if not math.isfinite(x))
+    if bad:  # NaN/inf log-probabilities: broken weights or a broken runtime, whatever the text says
+        failures.append(f"golden prompt {gp.prompt[:40]!r}: {bad} of {len(comp.logprobs)} tokens have a "
+                        "non-finite log-probability (NaN or inf)")
+    if gp.expect is not None and gp.expect not in comp.text:
+        failures.append(f"golden prompt {gp.prompt[:40]!r}: expected {gp.expect!r} in the output, "
+                        f"got {comp.text[:80]!r}")
+    res = {"prompt": gp.prompt[:200], "ok": not failures, "tokens": len(comp.token_ids), "text": comp.text[:200]}
+    return res, failures, len(comp.token_ids), dt
+
+
+def check_slot(slot_dir: Path, budget: HealthBudget) -> dict:
+    from agent.manifest import read_manifest
+    from edgellm.bundle import GoldenPrompt
+    from edgellm.runtime import load_runtime
+
     manifest = read_manifest(slot_dir)
-    memory = mget(manifest, "memory")
+    _import_backend(manifest.runtime)  # its libraries are mapped before the limit is measured
+    baseline = _proc_status_bytes("VmRSS")
+    limit = limit_address_space(budget)
     t0 = time.perf_counter()
-    rt = load_runtime(mget(manifest, "runtime"), slot_dir / mget(manifest, "artifact"), model_dir=slot_dir,
-                      threads=budget.threads, context_length=mget(memory, "context_length"))
+    try:
+        rt = load_runtime(manifest.runtime, slot_dir / manifest.artifact, model_dir=slot_dir, threads=budget.threads,
+                          context_length=manifest.memory.context_length or None)
+    except MemoryError:
+        return {"ok": False, "reason": _over_limit(limit)}
     load_s = time.perf_counter() - t0
     failures: list[str] = []
-    prompts = list(mget(manifest, "golden_prompts") or []) or [{"prompt": DEFAULT_PROMPT, "max_tokens": 8}]
     results = []
-    n_tokens = 0
-    gen_s = 0.0
+    n_tokens, gen_s = 0, 0.0
     try:
-        for gp in prompts:
-            prompt = mget(gp, "prompt")
-            expect = mget(gp, "expect")
-            max_tokens = int(mget(gp, "max_tokens") or 16)
-            if mget(gp, "chat"):
-                ids = rt.chat_token_ids([{"role": "user", "content": prompt}])
-            else:
-                ids = rt.tokenize(prompt, add_bos=True, special=False)
-            t1 = time.perf_counter()
-            comp = rt.complete(ids, GenerationParams(max_tokens=max_tokens, temperature=0.0))
-            gen_s += time.perf_counter() - t1
-            n_tokens += len(comp.token_ids)
-            ok = len(comp.token_ids) > 0 and all(math.isfinite(x) for x in comp.logprobs if x == x)
-            if expect is not None and expect not in comp.text:
-                ok = False
-                failures.append(f"golden prompt {prompt[:40]!r}: expected {expect!r} in the output, got {comp.text[:80]!r}")
-            elif not ok:
-                failures.append(f"golden prompt {prompt[:40]!r}: produced no valid tokens")
-            results.append({"prompt": prompt[:200], "ok": ok, "tokens": len(comp.token_ids), "text": comp.text[:200]})
+        for gp in manifest.golden_prompts or [GoldenPrompt(prompt=DEFAULT_PROMPT, max_tokens=8)]:
+            res, fails, n, dt = _run_golden(rt, gp)
+            results.append(res)
+            failures += fails
+            n_tokens += n
+            gen_s += dt
     finally:
         rt.close()
     tps = n_tokens / gen_s if gen_s > 0 else 0.0
@@ -176,9 +206,24 @@ def check_slot(slot_dir: Path, budget: HealthBudget) -> dict:
         "tokens_per_second": round(tps, 2),
         "memory_bytes": model_mem,
         "peak_rss_bytes": peak,
+        "address_space_limit_bytes": limit,
         "golden": results,
         "budget": budget.to_dict(),
     }
+
+
+def _import_backend(kind: str) -> None:
+    if kind == "gguf":
+        from edgellm.runtime.llamacpp import import_llama_cpp
+
+        import_llama_cpp()
+    elif kind == "onnx":
+        import onnxruntime  # noqa: F401
+
+
+def _over_limit(limit: int | None) -> str:
+    return (f"the model does not fit the memory budget: loading it needed more than the "
+            f"{(limit or 0) / 2**20:.0f} MiB address-space limit of the health check")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         os.abort()
     try:
         report = check_slot(Path(a.slot), budget)
+    except MemoryError:
+        report = {"ok": False, "reason": "the model does not fit the memory budget (out of memory under the "
+                                         "health check's address-space limit)"}
     except Exception as e:  # a model that cannot load is a failed check, not a crash of the check
         report = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
     Path(a.out).write_text(json.dumps(report))

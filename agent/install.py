@@ -25,9 +25,10 @@ from typing import Any
 
 from agent._fs import file_lock, fsync_dir, remove_tree
 from agent.config import AgentConfig, AgentPaths
-from agent.errors import AlreadyCurrent, HealthCheckFailed, InstallError, UpdateRefused, split_error
+from agent.errors import AlreadyCurrent, HealthCheckFailed, InstallError, UpdateRefused, hint_of, message_of
 from agent.health import HealthBudget, budget_for, run_health_check
-from agent.manifest import manifest_sha256, mget, verify_slot
+from agent.manifest import manifest_sha256, verify_slot
+from agent.schemas import UpdateRequest
 from agent.slots import AgentState, SlotRecord, SlotStore, result
 from agent.source import TargetInfo, UpdateSource, compare_versions
 
@@ -135,15 +136,7 @@ class Installer:
                                allow_model_change=allow_model_change)
         slot = state.inactive
         slot_dir = self.store.slot_dir(slot)
-        # 1. forget, then wipe, the inactive slot
-        if slot in state.slots or (state.trial and state.trial.previous == slot):
-            state.slots.pop(slot, None)
-            if state.trial and state.trial.previous == slot:
-                state.trial.previous = None
-            self.store.save(state)
-        _crashpoint("forgotten")
-        remove_tree(slot_dir)
-        self.store.cleanup_scratch()
+        self._forget_slot(state, slot)  # 1. forget, then wipe, the inactive slot
         self.paths.staging.mkdir(parents=True, exist_ok=True)
         staging = self.paths.staging / "unpack"
         # 2. safe unpack into staging, check it is what was verified, move into the slot
@@ -151,11 +144,11 @@ class Installer:
             manifest = unpack(archive, staging, **self._unpack_kwargs())
         except Exception as e:
             remove_tree(staging)
-            msg, hint = split_error(e)
+            msg, hint = message_of(e), hint_of(e)
             self._fail("install", target.version if target else None, f"bundle could not be unpacked: {msg}")
             raise InstallError(f"bundle could not be unpacked: {msg}",
                                hint=hint or "the file is damaged or not an edgellm bundle; rebuild or re-download it") from e
-        name, version = str(mget(manifest, "name")), str(mget(manifest, "version"))
+        name, version = manifest.name, manifest.version
         if target is not None and ((target.version and target.version != version) or (target.name and target.name != name)):
             remove_tree(staging)
             reason = f"bundle says {name} {version} but the signed target says {target.name} {target.version}"
@@ -191,8 +184,8 @@ class Installer:
         state = self.store.load()
         previous = state.current_record
         state.slots[slot] = SlotRecord(
-            name=name, version=version, runtime=str(mget(manifest, "runtime")),
-            quantization=mget(manifest, "quantization"), manifest_sha256=msha, source=source,
+            name=name, version=version, runtime=manifest.runtime,
+            quantization=manifest.quantization, manifest_sha256=msha, source=source,
             target=target.path if target else None, installed_at=time.time(), health=report,
         )
         if version in state.rejected:  # it passed its health check this time (a forced retry)
@@ -207,6 +200,16 @@ class Installer:
                       tokens_per_second=report.get("tokens_per_second"))
         return state.last_result
 
+    def _forget_slot(self, state: AgentState, slot: str) -> None:
+        if slot in state.slots or (state.trial and state.trial.previous == slot):
+            state.slots.pop(slot, None)
+            if state.trial and state.trial.previous == slot:
+                state.trial.previous = None
+            self.store.save(state)
+        _crashpoint("forgotten")
+        remove_tree(self.store.slot_dir(slot))
+        self.store.cleanup_scratch()
+
     def _unpack_kwargs(self) -> dict:
         from edgellm.bundle import UnpackLimits
 
@@ -218,8 +221,10 @@ class Installer:
 
     # -- entry points ----------------------------------------------------------------------------
 
-    def install_envelope(self, envelope: str | Path, *, allow_downgrade: bool = False, force: bool = False) -> dict:
-        """Offline install of a signed bundle file (verified against the pinned root)."""
+    def install_envelope(self, envelope: str | Path, request: UpdateRequest | None = None) -> dict:
+        """Offline install of a signed bundle file (verified against the pinned root); ``request``
+        carries ``rollback`` (allow an older version) and ``force`` (reinstall, retry a rejected one)."""
+        request = request or UpdateRequest()
         from agent.source import verify_envelope
 
         envelope = Path(envelope)
@@ -231,27 +236,26 @@ class Installer:
                 try:
                     archive, target = verify_envelope(envelope, self.paths, work)
                 except Exception as e:
-                    msg, hint = split_error(e)
+                    msg, hint = message_of(e), hint_of(e)
                     reason = f"{envelope.name} failed verification: {msg}"
                     self._fail("install", None, reason)
                     raise InstallError(reason, hint=(hint + "; " if hint else "") +
                                        "only bundles signed by this fleet's keys install") from e
                 try:
                     return self._install_verified(archive, target, source="offline",
-                                                  allow_downgrade=allow_downgrade, force=force)
+                                                  allow_downgrade=request.rollback, force=request.force)
                 except AlreadyCurrent as e:
-                    return result("install", True, version=target.version, reason=split_error(e)[0])
+                    return result("install", True, version=target.version, reason=message_of(e))
             finally:
                 remove_tree(work)
 
-    def select_target(self, targets: list[TargetInfo], state: AgentState, desired: dict | None) -> TargetInfo | None:
-        desired = desired or {}
+    def select_target(self, targets: list[TargetInfo], state: AgentState, desired: UpdateRequest) -> TargetInfo | None:
         cands = [t for t in targets if self.config.profile in t.profiles and t.version]
-        want_model = desired.get("model") or (state.current_record.name if state.current_record else None)
+        want_model = desired.model or (state.current_record.name if state.current_record else None)
         if want_model:
             cands = [t for t in cands if t.name == want_model]
-        if desired.get("version"):
-            cands = [t for t in cands if t.version == str(desired["version"])]
+        if desired.version:
+            cands = [t for t in cands if t.version == desired.version]
         else:
             cands = [t for t in cands if t.version not in state.rejected]
         if not cands:
@@ -262,33 +266,33 @@ class Installer:
                 best = t
         return best
 
-    def update(self, source: UpdateSource, desired: dict | None = None) -> dict:
+    def update(self, source: UpdateSource, desired: UpdateRequest | None = None) -> dict:
         """One update check: refresh metadata, pick the target, download, verify, install."""
-        desired = desired or {}
+        desired = desired or UpdateRequest()
         with self.lock():
             try:
                 source.refresh()
                 targets = source.targets()
             except Exception as e:
-                msg, hint = split_error(e)
-                self._fail("update", desired.get("version"), f"repository refresh failed: {msg}")
+                msg, hint = message_of(e), hint_of(e)
+                self._fail("update", desired.version, f"repository refresh failed: {msg}")
                 raise InstallError(f"could not refresh the repository metadata: {msg}",
                                    hint=hint or "check the server URL and the network; the current model keeps serving") from e
             state = self.store.load()
             target = self.select_target(targets, state, desired)
             cur = state.current_record
             if target is None:
-                reason = (f"no target {desired['version']} for profile {self.config.profile}" if desired.get("version")
+                reason = (f"no target {desired.version} for profile {self.config.profile}" if desired.version
                           else "no matching target for this profile")
-                if desired.get("version"):
-                    state.last_result = result("update", False, version=desired["version"], reason=reason)
+                if desired.version:
+                    state.last_result = result("update", False, version=desired.version, reason=reason)
                     self.store.save(state)
                     return state.last_result
                 return result("update", True, version=cur.version if cur else None, reason=reason)
             if cur is not None and target.version == cur.version:
                 return result("update", True, version=cur.version, reason="up to date")
             prev = state.slots.get(state.inactive)
-            rollback_ok = bool(desired.get("rollback") or desired.get("allow_downgrade"))
+            rollback_ok = desired.rollback
             if cur is not None and compare_versions(target.version, cur.version) < 0:
                 if prev is not None and prev.version == target.version and prev.name == target.name:
                     # the server asks for the version in the other slot: that is a rollback, done locally
@@ -309,14 +313,13 @@ class Installer:
                 try:
                     archive = source.download(target, dl)
                 except Exception as e:
-                    msg, hint = split_error(e)
+                    msg, hint = message_of(e), hint_of(e)
                     reason = f"download of {target.path} failed: {msg}"
                     self._fail("update", target.version, reason)
                     raise InstallError(reason, hint=(hint + "; " if hint else "") +
                                        "the current model keeps serving; the next check retries") from e
                 return self._install_verified(archive, target, source="tuf", allow_downgrade=rollback_ok,
-                                              force=bool(desired.get("force")),
-                                              allow_model_change=bool(desired.get("model")))
+                                              force=desired.force, allow_model_change=desired.model is not None)
             finally:
                 remove_tree(dl)
 

@@ -8,9 +8,11 @@ import secrets
 import shutil
 from pathlib import Path
 
-from agent._fs import atomic_write_bytes, create_private_file, fsync_dir
-from agent.config import AgentConfig, AgentPaths, MqttSettings
-from agent.errors import AgentError
+from agent._fs import atomic_write, create_private_file, fsync_dir
+from agent.config import AgentConfig, AgentPaths
+from agent.errors import AgentError, ConfigError
+from edgellm.ids import ID_RULE, check_id
+from edgellm.telemetry import MqttConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def _key_pair(key_type: str, device_id: str) -> tuple[bytes, bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
     from cryptography.x509.oid import NameOID
 
+    key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
     if key_type == "ed25519":
         key = ed25519.Ed25519PrivateKey.generate()
         algo = None
@@ -57,46 +60,59 @@ def _key_pair(key_type: str, device_id: str) -> tuple[bytes, bytes, bytes]:
 def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | None, root: str | Path,
               group: str = "default", mqtt_url: str | None = None, ca: str | None = None,
               cert: str | None = None, key: str | None = None, listen: str | None = None,
-              socket_path: str | None = None, key_type: str = "ecdsa-p256", force: bool = False) -> AgentConfig:
+              socket_path: str | None = None, key_type: str = "ecdsa-p256", force: bool = False,
+              train_data: str | Path | None = None, learn_from_use: bool = False) -> AgentConfig:
     if paths.config.exists() and not force:
         raise AgentError(f"{paths.root} is already provisioned",
                          hint="pass --force to re-provision (this replaces the API token and the device key)")
-    if not device_id or "/" in device_id or "+" in device_id or "#" in device_id:
-        raise AgentError(f"invalid device id {device_id!r}", hint="use letters, digits, '-', '_' and '.'")
+    for value, what in ((device_id, "device id"), (group, "group")):
+        try:
+            check_id(value, what)
+        except ValueError:
+            raise ConfigError(f"{what} {value!r} is not valid here (telemetry topics, the server and the "
+                              "repository all use it)", hint=f"use {ID_RULE}, e.g. robot-1") from None
     _validate_profile(profile)
+    if mqtt_url:
+        _ = MqttConfig(mqtt_url).port  # refuses a URL that is not mqtt:// or mqtts:// now, not at run time
     root_bytes = _check_root(Path(root))
     for f in (ca, cert, key):
         if f and not Path(f).is_file():
             raise AgentError(f"{f} does not exist", hint="pass existing PEM files to --ca/--cert/--key")
+    if train_data is not None and not Path(train_data).is_dir():
+        raise AgentError(f"--train-data {train_data} is not a directory",
+                         hint="pass a directory of .txt/.jsonl text this device may learn from")
     paths.ensure_dirs()
     os.chmod(paths.root, 0o750)
     # pinned root: read-only file in a directory the agent itself never writes into
     paths.trust.mkdir(parents=True, exist_ok=True)
     if paths.trust_root.exists():
         os.chmod(paths.trust_root, 0o644)
-    atomic_write_bytes(paths.trust_root, root_bytes, mode=0o444)
-    # API token
-    if paths.token.exists():
-        paths.token.unlink()
-    create_private_file(paths.token, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
+    atomic_write(paths.trust_root, root_bytes, 0o444)
+    # API tokens: one for inference, one for admin actions (the first is not the second)
+    for token_file in (paths.token, paths.admin_token):
+        if token_file.exists():
+            token_file.unlink()
+        create_private_file(token_file, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
     # device key pair (for mTLS to the broker)
     if paths.keys.exists():
         shutil.rmtree(paths.keys)
     paths.keys.mkdir(mode=0o700)
     priv, pub, csr = _key_pair(key_type, device_id)
     create_private_file(paths.keys / "device.key", priv, mode=0o600)
-    atomic_write_bytes(paths.keys / "device.pub", pub, mode=0o644)
-    atomic_write_bytes(paths.keys / "device.csr", csr, mode=0o644)
+    atomic_write(paths.keys / "device.pub", pub, 0o644)
+    atomic_write(paths.keys / "device.csr", csr, 0o644)
     fsync_dir(paths.keys)
     mqtt = None
     if mqtt_url:
-        mqtt = MqttSettings(url=mqtt_url, ca=_abs(ca), cert=_abs(cert), key=_abs(key))
+        mqtt = MqttConfig(url=mqtt_url, ca=_abs(ca), cert=_abs(cert), key=_abs(key))
     cfg = AgentConfig(device_id=device_id, profile=profile, server=server.rstrip("/") if server else None,
                       group=group, mqtt=mqtt)
     if listen is not None:
         cfg.listen = listen or None
     if socket_path is not None:
         cfg.socket = socket_path or None
+    cfg.train_data = str(Path(train_data).absolute()) if train_data is not None else None
+    cfg.learn_from_use = learn_from_use
     cfg.save(paths)
     log.info("provisioned", extra={"device_id": device_id, "profile": profile})
     return cfg
@@ -113,8 +129,17 @@ def _validate_profile(name: str) -> None:
     try:
         get_profile(name)
     except ProfileError as e:
-        raise AgentError(str(e).split("\n")[0], hint="choose a profile from `edgellm profiles list`") from e
+        raise ConfigError(e.message,
+                          hint=e.hint or "choose a profile from `edgellm profiles list`") from e
 
 
 def read_token(paths: AgentPaths) -> str:
     return paths.token.read_text().strip()
+
+
+def ensure_admin_token(paths: AgentPaths) -> str:
+    """The admin token; a data dir provisioned before admin tokens existed gets one (0600) now."""
+    if not paths.admin_token.exists():
+        create_private_file(paths.admin_token, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
+        log.warning("created %s: admin API calls need this token from now on", paths.admin_token)
+    return paths.admin_token.read_text().strip()

@@ -67,7 +67,7 @@ class AgentState(Record):
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AgentState":
+    def from_dict(cls, d: dict) -> AgentState:
         d = dict(d)
         d["slots"] = {k: SlotRecord.from_dict(v) for k, v in (d.get("slots") or {}).items()}
         d["trial"] = Trial.from_dict(d["trial"]) if d.get("trial") else None

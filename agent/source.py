@@ -27,7 +27,7 @@ class TargetInfo:
     custom: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_custom(cls, path: str, custom: dict | None, length: int | None = None) -> "TargetInfo":
+    def from_custom(cls, path: str, custom: dict | None, length: int | None = None) -> TargetInfo:
         meta = dict((custom or {}).get("edgellm") or custom or {})
         profiles = meta.get("profiles") or ([meta["profile"]] if meta.get("profile") else [])
         return cls(path=path, name=str(meta.get("name") or ""), version=str(meta.get("version") or ""),

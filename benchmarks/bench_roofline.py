@@ -31,8 +31,9 @@ def main() -> None:
     ap.add_argument("--profiles", default="rpi4-4gb,rpi5-8gb,jetson-orin-nano-8gb")
     args = ap.parse_args()
 
+    from edgellm.hardware import measure_bandwidth_gbps
     from edgellm.pipeline.candidates import gguf_tensor_stats
-    from edgellm.profiles import get_profile, measure_bandwidth_gbps
+    from edgellm.profiles import get_profile
 
     with tempfile.TemporaryDirectory(prefix="bench-roofline-") as tmp:
         work = Path(tmp)

@@ -19,11 +19,11 @@ from edgellm.errors import EdgeLLMError
 class FriendlyGroup(click.Group):
     """Turns an :class:`EdgeLLMError` into a one-paragraph message with its hint (exit 1), no traceback."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EdgeLLMError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(e.describe()) from e
 
 
 format_option = click.option(

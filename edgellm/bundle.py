@@ -1,6 +1,6 @@
 """Bundles: a model artifact plus everything needed to run and judge it.
 
-A bundle is an uncompressed, deterministic tar archive::
+A bundle is an uncompressed, deterministic (PAX) tar archive::
 
     manifest.json        typed manifest (see :class:`Manifest`), lists every other file
     model.gguf | model.onnx
@@ -8,10 +8,18 @@ A bundle is an uncompressed, deterministic tar archive::
     ...                  any other file listed in the manifest
 
 ``pack`` writes the same bytes for the same inputs (sorted entries, fixed timestamps, owners
-and modes). ``unpack`` is written for hostile input: it refuses absolute paths, ``..``,
-links, device files, duplicate names, more files or bytes than :class:`UnpackLimits`
-allows, and any file whose hash or size differs from the manifest, and it writes nothing
-outside a temporary directory until every check passed; the result appears atomically.
+and modes; names of any length). ``unpack`` is written for hostile input: the member checks of
+:mod:`edgellm._archive` (no absolute paths, ``..``, links, device or sparse files, duplicate
+names, over-long names, a name both file and directory, more files or bytes than
+:class:`UnpackLimits` allows), plus any file whose size or hash differs from the manifest (never
+more than the manifest's size is written); nothing is written outside a temporary directory until
+every check passed, and the result appears atomically.
+
+Errors (from :mod:`edgellm.errors`)::
+
+    EdgeLLMError
+    └── BundleError               malformed or hostile archive or manifest, over a limit
+        └── BundleIntegrityError  a file's size or sha256 differs from the manifest
 
 Verification of *who* made a bundle (signatures) is :mod:`edgellm.trust`'s job and must run
 before ``unpack`` ever sees downloaded bytes.
@@ -20,20 +28,16 @@ before ``unpack`` ever sees downloaded bytes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import os
-import posixpath
 import re
 import shutil
-import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from edgellm._archive import MemberGuard, extract_member, name_problem, open_tar, read_member, write_archive
 from edgellm._fs import atomic_write, fsync_dir, sha256_file
 from edgellm._record import Record
 from edgellm.errors import BundleError, BundleIntegrityError
@@ -43,9 +47,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 RUNTIMES = ("onnx", "gguf")
-_CHUNK = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -147,14 +149,16 @@ class Manifest(_Record):
             raise bad("runtime", f"must be one of {RUNTIMES}, got {self.runtime!r}")
         for field in ("artifact", "tokenizer"):
             v = getattr(self, field)
-            if v is not None and not _safe_relpath(v):
-                raise bad(field, f"must be a relative path inside the bundle, got {v!r}")
+            problem = None if v is None else name_problem(v)
+            if problem is not None:
+                raise bad(field, f"must be a relative path inside the bundle: {problem}")
         if not isinstance(self.profiles, list) or not all(isinstance(p, str) for p in self.profiles):
             raise bad("profiles", "must be a list of profile names")
         seen = set()
         for fe in self.files:
-            if not _safe_relpath(fe.path) or fe.path == MANIFEST_NAME:
-                raise bad("files", f"unsafe or reserved path {fe.path!r}")
+            problem = name_problem(fe.path) or (f"{fe.path!r} is reserved" if fe.path == MANIFEST_NAME else None)
+            if problem is not None:
+                raise bad("files", f"path {problem}")
             if fe.path in seen:
                 raise bad("files", f"duplicate path {fe.path!r}")
             seen.add(fe.path)
@@ -201,12 +205,6 @@ class Manifest(_Record):
         atomic_write(Path(path), self.to_json())
 
 
-def _safe_relpath(p: Any) -> bool:
-    if not isinstance(p, str) or not _PATH_RE.match(p):
-        return False
-    return all(part not in ("", ".", "..") for part in p.split("/"))
-
-
 # --------------------------------------------------------------------------- pack
 
 
@@ -231,8 +229,9 @@ def _scan(src: Path) -> list[str]:
                 raise BundleError(f"{full}: not a regular file")
             if rel == MANIFEST_NAME:
                 continue
-            if not _safe_relpath(rel):
-                raise BundleError(f"{full}: file name {rel!r} is not allowed in a bundle", hint="use [A-Za-z0-9._-] names")
+            problem = name_problem(rel)
+            if problem is not None:
+                raise BundleError(f"{full}: file name {problem}: not allowed in a bundle", hint="use short [A-Za-z0-9._-] names")
             files.append(rel)
     return sorted(files)
 
@@ -249,39 +248,14 @@ def build_manifest(src_dir: str | Path) -> Manifest:
     return manifest
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mtime = 0
-    ti.mode = 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    ti.type = tarfile.REGTYPE
-    return ti
-
-
 def pack(src_dir: str | Path, out: str | Path) -> PackResult:
     """Pack ``src_dir`` into a deterministic bundle archive at ``out`` (written atomically)."""
     src = Path(src_dir)
     out = Path(out)
     manifest = build_manifest(src)
-    manifest_bytes = manifest.to_json()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                tar.addfile(_tarinfo(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
-                for fe in manifest.files:
-                    with open(src / fe.path, "rb") as f:
-                        tar.addfile(_tarinfo(fe.path, fe.size), f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    entries: list[tuple[str, bytes | Path]] = [(MANIFEST_NAME, manifest.to_json())]
+    entries += [(fe.path, src / fe.path) for fe in manifest.files]
+    write_archive(out, entries)
     digest = sha256_file(out)
     logger.info("packed %s (%d files, sha256 %s)", out, len(manifest.files) + 1, digest)
     return PackResult(out, digest, out.stat().st_size, manifest)
@@ -298,59 +272,18 @@ class UnpackLimits:
     max_manifest_bytes: int = 1 << 20
 
 
-def _check_member(m: tarfile.TarInfo, limits: UnpackLimits) -> str:
-    name = m.name
-    if m.issym() or m.islnk():
-        raise BundleError(f"bundle entry {name!r} is a link: links are refused", hint="rebuild the bundle with `edgellm bundle pack`")
-    if m.isdir():
-        raise BundleError(f"bundle entry {name!r} is a directory entry: bundles hold files only")
-    if not m.isreg():
-        raise BundleError(f"bundle entry {name!r} is a device, fifo or other special file: refused")
-    if name.startswith("/") or posixpath.isabs(name) or "\\" in name:
-        raise BundleError(f"bundle entry {name!r} has an absolute path: refused")
-    if ".." in name.split("/"):
-        raise BundleError(f"bundle entry {name!r} escapes the bundle with '..': refused")
-    if not (_safe_relpath(name) or name == MANIFEST_NAME):
-        raise BundleError(f"bundle entry {name!r} has an unsafe name: refused")
-    if m.size > limits.max_file_bytes:
-        raise BundleError(f"bundle entry {name!r} is {m.size} bytes, over the {limits.max_file_bytes}-byte limit")
-    return name
-
-
-def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    while True:
-        try:
-            m = tar.next()
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise BundleError(f"bundle archive is truncated or corrupted ({e})", hint="re-download or rebuild the bundle") from e
-        if m is None:
-            return
-        yield m
-
-
-def _open_tar(fileobj: BinaryIO) -> tarfile.TarFile:
-    try:
-        return tarfile.open(fileobj=fileobj, mode="r:")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise BundleError(f"not a bundle archive ({e})", hint="pass a file written by `edgellm bundle pack` or `edgellm build`") from e
+def _guard(limits: UnpackLimits) -> MemberGuard:
+    return MemberGuard(max_files=limits.max_files, max_total_bytes=limits.max_total_bytes)
 
 
 def read_manifest(archive: str | Path, limits: UnpackLimits = UnpackLimits()) -> Manifest:
     """Read only the manifest of a bundle archive (first entry) without extracting anything."""
     with open(archive, "rb") as f:
-        tar = _open_tar(f)
-        for m in _iter_members(tar):
-            _check_member(m, limits)
+        tar = open_tar(f)
+        for m in _guard(limits).members(tar, limits.max_file_bytes):
             if m.name != MANIFEST_NAME:
                 break
-            if m.size > limits.max_manifest_bytes:
-                raise BundleError(f"manifest.json is {m.size} bytes, over the {limits.max_manifest_bytes}-byte limit")
-            ef = tar.extractfile(m)
-            assert ef is not None
-            data = ef.read()
-            if len(data) != m.size:
-                raise BundleError("bundle archive is truncated inside manifest.json")
-            return Manifest.from_json(data)
+            return Manifest.from_json(read_member(tar, m, limits.max_manifest_bytes))
     raise BundleError(f"{archive}: manifest.json is not the first entry", hint="pack bundles with `edgellm bundle pack`")
 
 
@@ -375,67 +308,30 @@ def unpack(archive: str | Path, dest: str | Path, limits: UnpackLimits = UnpackL
         raise
 
 
-def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, out_path: Path) -> tuple[str, int]:
-    """Stream a (checked, regular) member into a new file; return its sha256 and length."""
-    src = tar.extractfile(m)
-    assert src is not None
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    n = 0
-    try:
-        with open(out_path, "xb") as out:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                n += len(chunk)
-                h.update(chunk)
-                out.write(chunk)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise BundleError(f"archive is truncated inside {m.name!r} ({e})", hint="re-download or rebuild the file") from e
-    if n != m.size:
-        raise BundleError(f"archive is truncated inside {m.name!r}", hint="re-download or rebuild the file")
-    return h.hexdigest(), n
-
-
 def _extract_checked(archive: Path, tmp: Path, limits: UnpackLimits) -> Manifest:
-    total = 0
-    count = 0
     manifest: Manifest | None = None
-    seen: dict[str, tuple[str, int]] = {}
+    seen: set[str] = set()
     with open(archive, "rb") as f:
-        tar = _open_tar(f)
-        for m in _iter_members(tar):
-            name = _check_member(m, limits)
-            count += 1
-            if count > limits.max_files:
-                raise BundleError(f"bundle has more than {limits.max_files} files: refused")
-            total += m.size
-            if total > limits.max_total_bytes:
-                raise BundleError(f"bundle holds more than {limits.max_total_bytes} bytes: refused")
-            if name in seen or (name == MANIFEST_NAME and manifest is not None):
-                raise BundleError(f"bundle entry {name!r} appears twice: refused")
-            if count == 1 and name != MANIFEST_NAME:
-                raise BundleError("manifest.json is not the first entry of the bundle", hint="pack bundles with `edgellm bundle pack`")
-            if name == MANIFEST_NAME:
-                src = tar.extractfile(m)
-                assert src is not None
-                if m.size > limits.max_manifest_bytes:
-                    raise BundleError(f"manifest.json is {m.size} bytes, over the {limits.max_manifest_bytes}-byte limit")
-                data = src.read()
-                if len(data) != m.size:
-                    raise BundleError("bundle archive is truncated inside manifest.json")
-                manifest = Manifest.from_json(data)
+        tar = open_tar(f)
+        for m in _guard(limits).members(tar, limits.max_file_bytes):
+            name = m.name
+            if manifest is None:
+                if name != MANIFEST_NAME:
+                    raise BundleError("manifest.json is not the first entry of the bundle", hint="pack bundles with `edgellm bundle pack`")
+                manifest = Manifest.from_json(read_member(tar, m, limits.max_manifest_bytes))
                 continue
-            assert manifest is not None
             try:
                 expected = manifest.file(name)
             except KeyError:
-                raise BundleError(f"bundle entry {name!r} is not listed in the manifest: refused") from None
-            digest, n = _extract_member(tar, m, tmp / name)
+                raise BundleError(f"bundle entry {name!r} is not listed in the manifest: refused",
+                                  hint="the bundle was altered: re-download it") from None
+            digest, n = ("", m.size) if m.size != expected.size else extract_member(tar, m, tmp / name, max_bytes=expected.size)
             if n != expected.size or digest != expected.sha256:
                 raise BundleIntegrityError(
                     f"{name}: sha256/size do not match the manifest (got {n} bytes, {digest[:12]}…)",
                     hint="the bundle was altered or corrupted: re-download it and verify it with `edgellm bundle verify`",
                 )
-            seen[name] = (digest, n)
+            seen.add(name)
     if manifest is None:
         raise BundleError("bundle is empty (no manifest.json)")
     missing = [fe.path for fe in manifest.files if fe.path not in seen]

@@ -1,30 +1,40 @@
 """Errors of the edgellm SDK.
 
 Every error carries a message that says what went wrong and, where possible, a ``hint``
-saying what to do next; the CLI prints both.
+saying what to do next. The two are separate fields: ``str(e)`` is the message alone, ``e.hint``
+the next step; :meth:`EdgeLLMError.describe` joins them for people (the CLI prints that).
+Callers branch on the class, never on the text.
 
     EdgeLLMError
-    ├── ProfileError          a hardware profile is missing or invalid
-    ├── BundleError           a bundle archive or manifest is malformed or hostile
+    ├── ProfileError           a hardware profile is missing or invalid
+    ├── BundleError            a bundle archive or manifest is malformed or hostile
     │   └── BundleIntegrityError   a file's hash or size does not match the manifest
-    ├── TrustError            keys, signing, repository metadata
+    ├── TrustError             keys, signing, repository metadata
     │   └── VerificationError      a bundle or metadata failed TUF verification
-    └── BuildError            (edgellm.pipeline) training, export, quantization failures
+    ├── BuildError             (edgellm.pipeline) training, export, quantization failures
+    └── RuntimeFailure         (edgellm.runtime) a model that cannot load or generate
+        ├── ModelLoadError         the artifact is missing, malformed or not what the manifest says
+        └── GenerationError        a request could not be served
+            └── PromptTooLongError     prompt + max_tokens exceed the context
+
+Other parts extend the tree from their own modules (``TelemetryError`` in
+:mod:`edgellm.telemetry`, ``FetchError`` under ``TrustError``, the agent's and server's errors).
 """
 
 from __future__ import annotations
 
 
 class EdgeLLMError(Exception):
-    """Base of every edgellm error. ``hint`` says what to do next."""
+    """Base of every edgellm error: ``message`` (also ``str(e)``) and ``hint`` (what to do next)."""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.hint = hint
 
-    def __str__(self) -> str:
-        msg = super().__str__()
-        return f"{msg}\n  hint: {self.hint}" if self.hint else msg
+    def describe(self) -> str:
+        """The message and, on its own line, the hint: what a person should read."""
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
 class ProfileError(EdgeLLMError):
@@ -49,3 +59,19 @@ class VerificationError(TrustError):
 
 class BuildError(EdgeLLMError):
     """The build pipeline failed (bad model dir, data, export, quantization)."""
+
+
+class RuntimeFailure(EdgeLLMError):
+    """Base of every runtime failure (a model that cannot load or generate)."""
+
+
+class ModelLoadError(RuntimeFailure):
+    """The artifact could not be loaded: missing, malformed, or not what the manifest says."""
+
+
+class GenerationError(RuntimeFailure):
+    """A request could not be served (e.g. the prompt does not fit in the context)."""
+
+
+class PromptTooLongError(GenerationError):
+    """The prompt (plus max_tokens) exceeds the model context."""

@@ -392,14 +392,29 @@ class Command(_Record):
 
 
 @dataclasses.dataclass
-class MqttConfig:
+class MqttConfig(Record):
     """Where the broker is: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS; with ``cert`` and
-    ``key`` the client authenticates with a certificate signed by the fleet CA)."""
+    ``key`` the client authenticates with a certificate signed by the fleet CA).
+
+    The one MQTT settings type of both sides: the server's ingest and the agent's telemetry take it,
+    and the agent's ``config.json`` stores it (unknown fields kept in ``extra``)."""
 
     url: str
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    error: ClassVar[type[Exception]] = TelemetryError
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url:
+            raise TelemetryError(f"MQTT URL {self.url!r} is not a string",
+                                 hint="write it like mqtt://127.0.0.1:1883 or mqtts://broker:8883")
+        for name in ("ca", "cert", "key"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise TelemetryError(f"MQTT setting {name!r} must be a file path",
+                                     hint="give the path of a PEM file")
 
     @property
     def tls(self) -> bool:
@@ -416,13 +431,6 @@ class MqttConfig:
             raise TelemetryError(f"MQTT URL {self.url!r}: scheme must be mqtt:// or mqtts://",
                                  hint="write it like mqtt://127.0.0.1:1883 or mqtts://broker:8883")
         return u.port or (8883 if self.tls else 1883)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MqttConfig:
-        return cls(url=d["url"], ca=d.get("ca"), cert=d.get("cert"), key=d.get("key"))
 
     def apply_tls(self, client: Any) -> None:
         """Configure TLS on a paho client (no-op for plain mqtt://)."""

@@ -333,6 +333,8 @@ def dispatch(ctx: ApiContext, req: ApiRequest) -> tuple[int, Any]:
 
 def message(e: BaseException) -> str:
     """An error's message without the hint its ``str()`` appends (the hint has its own field)."""
+    if isinstance(e, EdgeLLMError):
+        return e.message
     return str(e.args[0]) if e.args else type(e).__name__
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -32,35 +31,20 @@ from server.store import Store
 
 logger = logging.getLogger(__name__)
 
-#: the TUF roles whose keys the server holds; root is signed offline, by the operator
-ONLINE_ROLES = ("targets", "snapshot", "timestamp")
-
-
 def default_root_keys_dir(data_dir: Path) -> Path:
     """Where ``init`` without ``--keys`` puts the full keys directory (root key included):
     next to the data directory, never inside it."""
     return data_dir.with_name(f"{data_dir.name}-root-keys")
 
 
-def copy_online_keys(src: Path, dst: Path) -> list[str]:
-    """Copy ``keys.json``, ``root.json`` and the online roles' private keys from the keys
-    directory ``src`` to ``dst`` (0700, keys 0600). Returns the root key files left behind."""
+def offline_key_files(keys_dir: Path) -> list[str]:
+    """Private key files of offline roles (root) present in ``keys_dir``."""
     from edgellm.trust import KeyStore
+    from edgellm.trust.keys import ONLINE_ROLES
 
-    index = KeyStore(src).index  # refuses a directory that is not a keys directory
-    dst.mkdir(parents=True, exist_ok=False)
-    os.chmod(dst, 0o700)
-    left = []
-    for role, entries in index["roles"].items():
-        for e in entries:
-            f = src / e["file"]
-            if role not in ONLINE_ROLES:
-                left += [e["file"]] if f.exists() else []
-            elif f.exists():
-                atomic_write(dst / e["file"], f.read_bytes(), mode=0o600)
-    for name in ("keys.json", "root.json"):
-        atomic_write(dst / name, (src / name).read_bytes(), mode=0o644)
-    return left
+    index = KeyStore(keys_dir).index
+    return [e["file"] for role, entries in index["roles"].items() if role not in ONLINE_ROLES
+            for e in entries if (keys_dir / e["file"]).exists()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +83,7 @@ class DataDir:
 
     def offline_keys_present(self) -> list[str]:
         """Private keys of offline roles (root) found in ``keys/``: they should not be here."""
-        from edgellm.trust import KeyStore
-
-        index = KeyStore(self.keys).index
-        return [e["file"] for role, entries in index["roles"].items() if role not in ONLINE_ROLES
-                for e in entries if (self.keys / e["file"]).exists()]
+        return offline_key_files(self.keys)
 
     @classmethod
     def init(cls, root: Path, *, expiry: Any = None, keys: Path | None = None, repo: Path | None = None,
@@ -116,7 +96,7 @@ class DataDir:
         a new keys directory is made at ``root_keys_out`` (default: next to the data
         directory, see :func:`default_root_keys_dir`) and only its online keys are copied in:
         move that directory off the server."""
-        from edgellm.trust import KeyStore, Repository, init_keys
+        from edgellm.trust import KeyStore, Repository, copy_online_keys, init_keys
 
         d = cls(Path(root))
         if d.config_path.exists():
@@ -134,7 +114,8 @@ class DataDir:
                                   hint="pass a directory outside it (and move it offline afterwards)")
             init_keys(keys, **({"expiry": expiry} if expiry is not None else {}))
         d.root.mkdir(parents=True, exist_ok=True)
-        left = copy_online_keys(Path(keys), d.keys)
+        copy_online_keys(Path(keys), d.keys)
+        left = offline_key_files(Path(keys))
         if left:
             logger.info("root key(s) %s stay in %s, not in the server's data directory", ", ".join(left), keys)
         if repo is not None:
@@ -154,13 +135,16 @@ class Server:
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
                  max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
-                 drive_rollouts: bool = True, retention_days: float = 30.0, db: str | None = None,
-                 leader_ttl_s: float = 10.0, trust_loopback: bool = True) -> None:
+                 drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None,
+                 db: str | None = None, leader_ttl_s: float = 10.0, trust_loopback: bool = True) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
 
         self.data = DataDir(Path(data_dir)).check()
+        if fl is not None and db is not None:
+            raise ServerError("federated runs (--fl) keep their state in the SQLite store for now",
+                              hint="run the replica that serves --fl without --db")
         offline = self.data.offline_keys_present()
         if offline:
             logger.warning("the data directory holds offline keys (%s): the server needs only the online roles; "
@@ -176,6 +160,13 @@ class Server:
                                api=ApiContext(self.data, self.store, lambda t, p, r: self.ingest.publish(t, p, retain=r),
                                               self.leadership, trust_loopback=trust_loopback,
                                               replica_stats=lambda: dict(self.ingest.counters)))
+        self.fl = None
+        if fl is not None:  # federated runs: a supervised SuperLink and the run driver
+            from server.federated.driver import FlDriver
+            from server.federated.superlink import SuperLink
+
+            self.fl = FlDriver(self.store.reopen(), self.data.root,
+                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl))
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400
@@ -194,6 +185,8 @@ class Server:
     def start(self) -> None:
         self.ingest.start()
         self.http.start()
+        if self.fl is not None and self.fl.superlink is not None:
+            self.fl.superlink.start()
         self._thread = threading.Thread(target=self._loop, name="rollout-driver", daemon=True)
         self._thread.start()
         logger.info("edgellm-server: dashboard and repository at %s", self.url)
@@ -213,6 +206,8 @@ class Server:
                 except Exception:
                     logger.exception("republishing desired state failed")
             self.driver.tick()
+            if self.fl is not None:
+                self.fl.tick()
 
     def _leading(self) -> bool:
         """Take or renew the leader lease; a new leader re-sends desired state first."""
@@ -242,6 +237,8 @@ class Server:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.leadership.release()
+        if self.fl is not None and self.fl.superlink is not None:
+            self.fl.superlink.stop()
         self.http.stop()
         self.ingest.stop()
 

@@ -73,9 +73,11 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
               help=f"postgresql://USER@HOST/DB for replicas sharing one database [default: DATA_DIR/store.sqlite] (or ${DB_ENV}).")
 @click.option("--leader-ttl", default=10.0, show_default=True,
               help="Seconds a replica's leadership lasts without renewal (a takeover after a crash takes this long).")
+@click.option("--fl", "fl_addr", default=None, metavar="HOST:PORT",
+              help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.")
 def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
         client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool,
-        db: str | None, leader_ttl: float) -> None:
+        db: str | None, leader_ttl: float, fl_addr: str | None) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -87,7 +89,7 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
         logging.getLogger().setLevel(logging.INFO)
     srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
                  client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
-                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl)
+                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl, fl=fl_addr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -351,6 +353,11 @@ def ca_mosquitto_conf(target: Target, port: int, bind: str) -> None:
     (each device only on its own topics) to DATA_DIR/ca/mosquitto.acl. Issue the server's own
     client certificate with `ca issue-server-client`."""
     click.echo(target.ca_mosquitto_conf(port, bind), nl=False)
+
+
+from server.federated.cli import register as _register_fl  # noqa: E402
+
+_register_fl(main, data_dir_option)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,7 @@ def _audited(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 out = fn(self, *args, **kw)
             except Exception as e:
                 self.store.audit(token=None, who=who, role=None, action=action, target=target, status=400,
-                                 result=str(e.args[0]) if e.args else type(e).__name__)
+                                 result=getattr(e, "message", None) or (str(e.args[0]) if e.args else type(e).__name__))
                 raise
             result = {k: v for k, v in out.items() if k != "token"} if isinstance(out, dict) else "ok"
             self.store.audit(token=None, who=who, role=None, action=action, target=target, status=200,

@@ -1,4 +1,4 @@
-"""Fixtures for the device agent (issue 5): signed bundles of a real tiny GGUF model, and agents.
+"""Fixtures for the device agent: signed bundles of a real tiny GGUF model, and agents.
 
     agent_bundles    session: {"keys", "root", "repo", "v1", "v2", "bad_health", "tampered",
                      "foreign", "bundles": {version: bundle path}} — signed envelopes (``edgellm
@@ -188,6 +188,7 @@ class AgentProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.token = (data_dir / "api-token").read_text().strip()
         self.headers = {"Authorization": f"Bearer {self.token}"}
+        self.admin_headers = {"Authorization": f"Bearer {(data_dir / 'admin-token').read_text().strip()}"}
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -224,7 +225,7 @@ class AgentProcess:
         self.log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "AgentProcess":
+    def __enter__(self) -> AgentProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -41,6 +41,9 @@ class ScriptedRuntime(Runtime):
         return ""
 
     def generate(self, prompt, params: GenerationParams) -> Iterator[TokenEvent]:
+        from edgellm.runtime._sampling import Sampler
+
+        Sampler(params)  # the real runtimes' sampler: the parameters must be ones it accepts
         try:
             for i in range(params.max_tokens):
                 if self.delay:
@@ -59,7 +62,8 @@ class Server:
     def __init__(self, tmp_path, *, delay: float = 0.0, queue_size: int = 4, audit_prompts: bool = False) -> None:
         import uvicorn
 
-        from agent.api import create_app
+        from agent.api import AdminHooks, create_app
+        from agent.api.server import uvicorn_config
         from agent.audit import AuditLog
         from agent.config import Limits
         from agent.daemon import bind_tcp, bind_unix
@@ -73,19 +77,23 @@ class Server:
         self.engine.swap(ModelHandle(self.rt, "tiny", "1.0.0", "A", "fake"))
         self.audit_path = tmp_path / "audit.jsonl"
         self.audit = AuditLog(self.audit_path, include_prompts=audit_prompts)
-        self.token = "t0ken"
-        app = create_app(engine=self.engine, token=self.token, metrics=self.metrics, audit=self.audit,
-                         limits=Limits(max_tokens=2000, queue_size=queue_size))
+        self.token, self.admin_token = "t0ken", "adm1n"
+        self.updates: list = []
+        hooks = AdminHooks(status=lambda: {"ok": True}, request_update=self.updates.append)
+        limits = Limits(max_tokens=2000, queue_size=queue_size)
+        app = create_app(engine=self.engine, token=self.token, admin_token=self.admin_token, metrics=self.metrics,
+                         audit=self.audit, limits=limits, hooks=hooks)
         self.sock_path = tmp_path / "agent.sock"
         socks = [bind_tcp("127.0.0.1", 0), bind_unix(self.sock_path)]
         self.port = socks[0].getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none"))
+        self.server = uvicorn.Server(uvicorn_config(app, limits))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": socks}, daemon=True)
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)
         self.url = f"http://127.0.0.1:{self.port}"
         self.headers = {"Authorization": f"Bearer {self.token}"}
+        self.admin_headers = {"Authorization": f"Bearer {self.admin_token}"}
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -154,7 +162,7 @@ def test_client_disconnect_mid_stream_stops_generation(tmp_path):
         with httpx.stream("POST", s.url + "/v1/completions", headers=s.headers,
                           json={"model": "tiny", "prompt": "hi", "max_tokens": 500, "stream": True}) as r:
             it = r.iter_lines()
-            got = [line for line, _ in zip(it, range(6))]
+            got = [line for line, _ in zip(it, range(6), strict=False)]
             assert got
         # the connection is closed: the worker stops within a token or two and serves others
         deadline = time.monotonic() + 5
@@ -279,3 +287,81 @@ def test_default_max_tokens_fits_the_context_but_an_explicit_one_must(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 512 - 391
     r = httpx.post(url, headers=server.headers, json={"model": "tiny", "prompt": "x" * 380, "max_tokens": 200})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+# -- hostile input: typed, bounded fields; never a 5xx ------------------------------------------
+
+
+def test_seed_minus_one_as_openai_clients_send_it_is_no_seed(server):
+    for path, body in (("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "seed": -1}),
+                       ("/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "seed": -1,
+                                                 "messages": [{"role": "user", "content": "hi"}]})):
+        r = httpx.post(server.url + path, headers=server.headers, json=body)
+        assert r.status_code == 200, r.text
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers,
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "seed": -2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+
+
+HOSTILE_VALUES = [-1, -2**63, 2**64, 10**30, 0, 1e308, -1e308, "NaN", float("inf"), True, None, "", "x" * 300_000,
+                  [], [1, "a", None], {}, {"a": {"b": {"c": [{}] * 50}}}, [[[[[]]]]], "\u0000\ud7ff", -0.0, 3.5]
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "seed", "stop", "stream", "stream_options", "n", "user", "logit_bias", "version", "rollback", "force"]
+
+
+def _hostile_bodies() -> list[bytes]:
+    base = {"model": "tiny", "prompt": "hi", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}]}
+    out = []
+    for field in FIELDS:
+        for v in HOSTILE_VALUES:
+            body = json.dumps({**base, field: v}, allow_nan=True)
+            out.append(body.encode())
+    out += [b"NaN", b"[" * 5000 + b"]" * 5000, b'{"prompt": "\\ud800"}', b"\xff\xfe\x00", b"{}",
+            json.dumps({**base, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(),
+            json.dumps({**base, "messages": [{"role": "user", "content": [{"type": "image", "x": "y"}] * 300}]}).encode(),
+            json.dumps({**base, "stop": ["a"] * 5}).encode(), json.dumps({**base, "stop": [""]}).encode(),
+            json.dumps({**base, "prompt": ["a", "b"]}).encode(), json.dumps({**base, "temperature": 1e-320}).encode()]
+    return out
+
+
+def test_no_hostile_value_in_any_field_of_any_endpoint_gives_a_5xx(server):
+    endpoints = [("POST", "/v1/completions", server.headers), ("POST", "/v1/chat/completions", server.headers),
+                 ("POST", "/v1/admin/update", server.admin_headers), ("GET", "/v1/models", server.headers),
+                 ("GET", "/v1/admin/status", server.admin_headers), ("GET", "/metrics", server.headers),
+                 ("GET", "/healthz", {})]
+    seen: dict[int, int] = {}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for method, path, headers in endpoints:
+            for body in _hostile_bodies():
+                r = c.request(method, path, content=body, headers={**headers, "Content-Type": "application/json"})
+                seen[r.status_code] = seen.get(r.status_code, 0) + 1
+                assert r.status_code < 500, (path, body[:200], r.status_code, r.text[:300])
+                if r.status_code >= 400:
+                    assert set(r.json()) == {"error"}, r.text[:300]
+        for path in ("/v1/models/" + "x" * 5000, "/v1/models/%00%ff", "/v1/completions?stream=true&" + "a=1&" * 500):
+            r = c.get(path, headers=server.headers)
+            assert r.status_code < 500, (path[:80], r.status_code)
+    assert seen.get(200) and seen.get(400) and seen.get(202)
+    assert all(u.version is None or isinstance(u.version, str) for u in server.updates)
+
+
+def test_update_requests_are_one_closed_model_and_need_the_admin_token(server):
+    url = server.url + "/v1/admin/update"
+    # the inference token is not an admin credential
+    r = httpx.post(url, headers=server.headers, json={"version": "1.0.0", "force": True})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_token_required"
+    assert httpx.get(server.url + "/v1/admin/status", headers=server.headers).status_code == 403
+    assert httpx.post(url, json={}).status_code == 401
+    # fields the model does not know are refused, not passed on to the installer
+    r = httpx.post(url, headers=server.admin_headers, json={"version": "1.0.0", "allow_downgrade": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "allow_downgrade"
+    r = httpx.post(url, headers=server.admin_headers, json={"version": "../../etc"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "version"
+    assert server.updates == []
+    r = httpx.post(url, headers=server.admin_headers, json={"version": "1.0.0", "rollback": True})
+    assert r.status_code == 202
+    from agent.schemas import UpdateRequest
+
+    assert server.updates == [UpdateRequest(version="1.0.0", rollback=True)]
+    assert httpx.get(server.url + "/v1/admin/status", headers=server.admin_headers).json() == {"ok": True}

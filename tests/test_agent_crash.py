@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
 
 pytestmark = pytest.mark.slow

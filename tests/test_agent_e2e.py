@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
 from waiting import wait_for as _wait_for
 
@@ -53,7 +52,7 @@ class Traffic:
                 if r.status_code == 200:
                     self.versions.add(r.json()["system_fingerprint"])
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         self._t.start()
         return self
 
@@ -202,7 +201,9 @@ def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles, tuf_se
     d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=tuf_server)
     agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
     with AgentProcess(d) as a, Traffic(a) as traffic:
-        admin = httpx.Client(base_url=a.base_url, headers=a.headers, timeout=10)
+        admin = httpx.Client(base_url=a.base_url, headers=a.admin_headers, timeout=10)
+        r = httpx.post(a.base_url + "/v1/admin/update", headers=a.headers, json={"version": "1.1.0", "force": True})
+        assert r.status_code == 403  # the inference token cannot ask for updates
         # 1.2.0 fails its health check: stays on 1.0.0, keeps serving
         assert admin.post("/v1/admin/update", json={"version": "1.2.0"}).status_code == 202
         st = _wait(lambda: (s := _status(d))["last_update"]["version"] == "1.2.0" and s, what="1.2.0 attempt")
@@ -244,6 +245,9 @@ def test_desired_state_over_mqtt_drives_a_verified_update(tmp_path, agent_bundle
     try:
         with AgentProcess(d) as a:
             _wait(lambda: any(e.kind == "birth" and e.body.get("version") == "1.0.0" for e in seen), what="birth")
+            assert httpx.get(a.base_url + "/healthz").json()["telemetry"] == "connected"
+            tm = httpx.get(a.base_url + "/v1/admin/status", headers=a.admin_headers).json()["telemetry"]
+            assert tm["state"] == "connected" and tm["error"] is None
             pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
             pub.connect("127.0.0.1", mqtt_broker.port)
             pub.loop_start()

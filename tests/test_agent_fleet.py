@@ -14,7 +14,6 @@ import sys
 
 import httpx
 import pytest
-
 from fixtures_agent import AgentProcess, provision_agent
 from fixtures_mqtt import free_port
 from waiting import wait_for as _wait_for
@@ -91,4 +90,4 @@ def _served(a: AgentProcess) -> str | None:
 
 
 def a_status(a: AgentProcess) -> dict:
-    return httpx.get(a.base_url + "/v1/admin/status", headers=a.headers, timeout=10).json()
+    return httpx.get(a.base_url + "/v1/admin/status", headers=a.admin_headers, timeout=10).json()

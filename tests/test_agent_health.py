@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
 from fixtures_agent import AGENT_PROFILE
 
 pytestmark = pytest.mark.slow
@@ -62,3 +63,49 @@ def test_budget_is_the_stricter_of_bundle_and_profile():
     m.health = {"min_tokens_per_second": 50.0, "max_memory_bytes": 1 << 20}
     b = budget_for(m, prof)
     assert (b.min_tokens_per_second, b.max_memory_bytes) == (50.0, 1 << 20)
+
+
+def _poison(slot, tmp_path, tensor: str = "output_norm.weight"):
+    """A copy of the slot whose ``tensor`` (F32) is all NaN: the model loads and runs, its numbers are garbage."""
+    import shutil
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    bad = tmp_path / "nan-slot"
+    shutil.copytree(slot, bad)
+    reader = GGUFReader(bad / "model.gguf", "r+")
+    t = next(t for t in reader.tensors if t.name == tensor)
+    assert t.data.dtype == np.float32
+    t.data[...] = np.nan
+    reader.data.flush()
+    del reader
+    manifest = json.loads((bad / "manifest.json").read_text())
+    for gp in manifest["golden_prompts"]:
+        gp.pop("expect", None)  # whatever the text is, the numbers must be finite
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+def test_a_model_producing_nan_logprobs_fails_its_health_check(slot, tmp_path):
+    from agent.health import HealthBudget, run_health_check
+
+    bad = _poison(slot, tmp_path)
+    report = run_health_check(bad, HealthBudget())
+    assert not report["ok"], report
+    assert "non-finite log-probability" in report["reason"]
+
+
+def test_a_model_over_the_memory_budget_is_refused_cleanly_by_the_address_space_limit(slot):
+    from agent.health import HealthBudget, run_health_check
+
+    report = run_health_check(slot, HealthBudget(max_memory_bytes=1 << 20, headroom_bytes=0))
+    assert not report["ok"], report
+    assert "memory budget" in report["reason"]
+    # the same model within a budget from a real profile loads under its limit and passes
+    from edgellm.profiles import get_profile
+
+    budget = HealthBudget(max_memory_bytes=get_profile(AGENT_PROFILE).usable_ram_bytes)
+    report = run_health_check(slot, budget)
+    assert report["ok"], report
+    assert report["address_space_limit_bytes"] > budget.max_memory_bytes

@@ -9,7 +9,6 @@ import threading
 
 import httpx
 import pytest
-
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixtures_trust import make_bundle_dir
+
+from agent.schemas import UpdateRequest
 
 
 @pytest.fixture
@@ -150,11 +151,11 @@ def test_select_target_for_profile_and_desired_version(installer):
     t = lambda v, prof="rpi4-4gb", name="demo": TargetInfo(f"{name}-{v}", name, v, profiles=[prof])  # noqa: E731
     targets = [t("1.0.0"), t("1.2.0"), t("1.10.0", prof="rpi5-8gb"), t("1.9.0"), t("2.0.0", name="other")]
     st = AgentState()
-    assert installer.select_target(targets, st, {"model": "demo"}).version == "1.9.0"
-    assert installer.select_target(targets, st, {"model": "demo", "version": "1.2.0"}).version == "1.2.0"
+    assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo"})).version == "1.9.0"
+    assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo", "version": "1.2.0"})).version == "1.2.0"
     st.rejected.append("1.9.0")
-    assert installer.select_target(targets, st, {"model": "demo"}).version == "1.2.0"
-    assert installer.select_target(targets, st, {"model": "demo", "version": "3.0"}) is None
+    assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo"})).version == "1.2.0"
+    assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo", "version": "3.0"})) is None
 
 
 def test_agent_imports_and_runs_with_torch_unimportable():
@@ -199,18 +200,18 @@ class FakeSource:
 
 def test_update_never_downgrades_unless_asked(installer, archives):
     src = FakeSource(archives)
-    res = installer.update(src, {})
+    res = installer.update(src, UpdateRequest())
     assert res["ok"] and installer.store.load().current_record.version == "1.10.0"
-    assert installer.update(src, {})["reason"] == "up to date"
-    res = installer.update(src, {"version": "1.1.0"})
+    assert installer.update(src, UpdateRequest())["reason"] == "up to date"
+    res = installer.update(src, UpdateRequest(**{"version": "1.1.0"}))
     assert not res["ok"] and "older" in res["reason"]
     assert installer.store.load().current_record.version == "1.10.0" and src.downloads == ["1.10.0"]
-    res = installer.update(src, {"version": "1.1.0", "rollback": True})
+    res = installer.update(src, UpdateRequest(**{"version": "1.1.0", "rollback": True}))
     assert res["ok"] and installer.store.load().current_record.version == "1.1.0"
-    res = installer.update(src, {"version": "1.10.0"})  # an upgrade again: downloaded and verified again
+    res = installer.update(src, UpdateRequest(**{"version": "1.10.0"}))  # an upgrade again: downloaded and verified again
     assert res["ok"] and installer.store.load().current_record.version == "1.10.0"
     # asking for the older version held in the other slot rolls back locally, without a download
-    res = installer.update(src, {"version": "1.1.0"})
+    res = installer.update(src, UpdateRequest(**{"version": "1.1.0"}))
     assert res["ok"] and res["action"] == "rollback"
     assert installer.store.load().current_record.version == "1.1.0"
     assert src.downloads == ["1.10.0", "1.1.0", "1.10.0"]

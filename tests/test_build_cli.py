@@ -79,3 +79,30 @@ def test_export_dispatches_gguf_formats(tiny_model_dir, tmp_path):
     r = _run(["export", "--model", str(tiny_model_dir), "--format", "gguf-f32", "--out", str(out), "--no-eval"])
     assert r.exit_code == 0, r.output
     assert out.read_bytes()[:4] == b"GGUF" and (tmp_path / "m.gguf.report.json").exists()
+
+
+def test_train_on_one_record_per_line_text_with_progress_lines(tmp_path):
+    """A 180 KB file without blank lines (one document) still gets a validation split, and a run
+    outside a terminal prints plain progress lines as it goes, not silence."""
+    records = tmp_path / "records.txt"
+    lines = [f"sensor {i % 53} reports {18 + i % 11}.{i % 10} degrees, battery {i % 100} percent\n" for i in range(3600)]
+    records.write_text("".join(lines))
+    assert records.stat().st_size > 170_000 and "\n\n" not in records.read_text()
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(json.dumps(MICRO))
+
+    r = _run(["train", "--data", str(records), "--config", str(cfg), "--out", str(tmp_path / "m"),
+              "--steps", "20", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "2"])
+
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["data"]["val_docs"] >= 1
+    progress = [line for line in r.stderr.splitlines() if line.startswith("[train] ")]
+    assert any(" 10/20 " in line for line in progress) and any(" 20/20 " in line for line in progress), r.stderr
+
+
+def test_eval_without_data_refuses_a_model_edgellm_did_not_train(hf_llama_dir, tmp_path):
+    """A brought-in model records no training data: scoring it on the demo corpus would mislead."""
+    r = CliRunner().invoke(main, ["eval", "--model", str(hf_llama_dir), "--max-windows", "1"])
+
+    assert r.exit_code == 1 and "--data" in r.output and "hint:" in r.output
+    assert "perplexity" not in r.output

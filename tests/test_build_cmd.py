@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from fixtures_gguf import training_corpus
 
 GIB = 1024**3
@@ -23,8 +22,8 @@ def eval_text() -> str:
 @pytest.fixture(scope="module")
 def build_env(tmp_path_factory, hf_llama_dir, eval_text):
     """Measured candidates (cached) and a fleet of three test profiles sized around them + the MCU."""
+    from edgellm._toml import dumps_toml
     from edgellm.pipeline.candidates import ALL_FORMATS, build_candidates
-    from edgellm.profiles import dumps_toml
 
     try:
         import tomllib
@@ -82,6 +81,23 @@ def _run(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+def test_refused_profiles_are_a_reported_outcome_unless_strict(hf_llama_dir, tmp_path):
+    """A refusal is the build's answer (exit 0, `set -e` scripts go on); --strict makes it fail."""
+    args = ["build", "--model", str(hf_llama_dir), "--profile", "esp32-s3-8mb", "--candidates", "gguf-q8_0",
+            "--profiles-dir", str(REPO_ROOT / "hardware_profiles"), "--cache-dir", str(tmp_path / "cache")]
+
+    res = _run([*args, "--out", str(tmp_path / "dist")])
+    strict = _run([*args, "--out", str(tmp_path / "dist-strict"), "--strict"])
+
+    assert res.exit_code == 0, res.output
+    assert "esp32-s3-8mb" in res.output and "REFUSED" in res.output
+    assert json.loads((tmp_path / "dist" / "report.json").read_text())["profiles"][0]["chosen"] is None
+    assert strict.exit_code == 2 and "REFUSED" in strict.output
+    # not a terminal: plain progress lines, one per step, not silence
+    steps = [line for line in res.output.splitlines() if line.startswith("[build] ")]
+    assert len(steps) >= 2 and any("gguf-q8_0" in line for line in steps), res.output
+
+
 @pytest.mark.slow  # shares the ~20 s candidate build (two ONNX exports)
 def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_path):
     from edgellm.bundle import unpack
@@ -97,8 +113,9 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
                 "--profile", "test-big", "--profile", "test-medium", "--profile", "test-small",
                 "--profile", "esp32-s3-8mb", "--profiles-dir", str(build_env["profiles"]),
                 "--cache-dir", str(build_env["cache"]), "--eval-text", str(build_env["eval"]),
-                "--repo", str(tmp_path / "repo"), "--keys", str(keys), "--name", "tiny", "--version", "1.2.0"])
-    assert res.exit_code == 2, res.output  # the MCU is refused
+                "--repo", str(tmp_path / "repo"), "--keys", str(keys), "--name", "tiny", "--version", "1.2.0",
+                "--strict"])
+    assert res.exit_code == 2, res.output  # the MCU is refused, and --strict wants every profile
     assert "esp32-s3-8mb" in res.output and "REFUSED" in res.output and "no LLM runtime" in res.output
 
     report = json.loads((dist / "report.json").read_text())

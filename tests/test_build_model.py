@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from edgellm.errors import BuildError  # noqa: E402
 from edgellm.pipeline import tokenizer as tk  # noqa: E402
 from edgellm.pipeline.config import ModelConfig, resolve_config  # noqa: E402
 from edgellm.pipeline.model import LlamaLM, generate_ids, load_model, save_model_dir  # noqa: E402
-from edgellm.errors import BuildError  # noqa: E402
 
 
 def _hf_model(tie: bool, **kw):

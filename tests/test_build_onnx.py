@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from edgellm.errors import BuildError  # noqa: E402
 from edgellm.pipeline.evaluate import evaluate_artifact  # noqa: E402
 from edgellm.pipeline.export.onnx import export_onnx, report_path  # noqa: E402
 from edgellm.pipeline.model import generate_ids, load_model  # noqa: E402
-from edgellm.errors import BuildError  # noqa: E402
 
 
 def _session(path):
@@ -109,8 +109,8 @@ def test_export_of_a_broken_model_leaves_nothing(tiny_model_dir, tmp_path):
 def test_transformers_checkpoint_exports_and_generates_on_device_runtime(tmp_path):
     """A user's HF checkpoint (saved by transformers, own tokenizer) -> ONNX -> OnnxRuntime."""
     transformers = pytest.importorskip("transformers")
-    from edgellm.pipeline import tokenizer as tk
     from edgellm.data import generate_corpus
+    from edgellm.pipeline import tokenizer as tk
     from edgellm.runtime import GenerationParams
     from edgellm.runtime.onnx import OnnxRuntime
 

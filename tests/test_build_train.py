@@ -8,13 +8,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from edgellm.data import generate_corpus  # noqa: E402
+from edgellm.errors import BuildError  # noqa: E402
 from edgellm.pipeline import tokenizer as tk  # noqa: E402
 from edgellm.pipeline.data import load_dataset, split_documents  # noqa: E402
 from edgellm.pipeline.distill import distill_model  # noqa: E402
 from edgellm.pipeline.model import load_model  # noqa: E402
 from edgellm.pipeline.train import TrainConfig, train_model  # noqa: E402
-from edgellm.data import generate_corpus  # noqa: E402
-from edgellm.errors import BuildError  # noqa: E402
 from edgellm.runtime.base import render_chat  # noqa: E402
 
 MICRO = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

@@ -9,10 +9,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from fixtures_trust import make_bundle_dir
 
 from edgellm.bundle import Manifest, UnpackLimits, pack, read_manifest, unpack
 from edgellm.errors import BundleError, BundleIntegrityError
-from fixtures_trust import make_bundle_dir
 
 
 def test_pack_twice_gives_identical_bytes(tmp_path: Path, bundle_src: Path) -> None:
@@ -170,3 +170,70 @@ def test_pack_refuses_symlink_in_source(tmp_path: Path, bundle_src: Path) -> Non
     (bundle_src / "link").symlink_to("/etc/passwd")
     with pytest.raises(BundleError, match="symlink"):
         pack(bundle_src, tmp_path / "x.bundle")
+
+
+# ---- long names (PAX) and clear refusals -------------------------------------------------------
+
+
+def test_long_member_names_pack_deterministically_and_round_trip(tmp_path: Path, bundle_src: Path) -> None:
+    long_name = "weights/" + "jetson-agx-orin-64gb-" * 7 + "adapter.bin"  # over USTAR's 100 characters
+    (bundle_src / "weights").mkdir()
+    (bundle_src / long_name).write_bytes(b"w" * 300)
+    a = pack(bundle_src, tmp_path / "a.bundle")
+    b = pack(bundle_src, tmp_path / "b.bundle")
+    assert a.path.read_bytes() == b.path.read_bytes()
+    with tarfile.open(a.path) as t:
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mode == 0o644 for m in t.getmembers())
+    m = unpack(a.path, tmp_path / "out")
+    assert (tmp_path / "out" / long_name).read_bytes() == b"w" * 300
+    assert m.file(long_name).size == 300
+
+
+def _entry(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti, data
+
+
+def _pax(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        for ti, data in members:
+            t.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def test_member_name_over_the_file_system_limit_says_so(tmp_path: Path) -> None:
+    name = "m" * 300
+    archive = _pax(tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes({name: b"x"})), _entry(name, b"x")])
+    with pytest.raises(BundleError, match="too long") as ei:
+        unpack(archive, tmp_path / "dest")
+    assert "truncated" not in str(ei.value)
+
+
+@pytest.mark.parametrize("order", [["a", "a/b"], ["a/b", "a"]])
+def test_file_and_directory_of_the_same_name_says_so(tmp_path: Path, order: list[str]) -> None:
+    files = {p: p.encode() for p in order}
+    archive = _pax(tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes(files))] + [_entry(p, b) for p, b in files.items()])
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(BundleError, match="both a file and a directory") as ei:
+        unpack(archive, work / "dest")
+    assert "truncated" not in str(ei.value) and "Errno" not in str(ei.value)
+    assert list(work.iterdir()) == []
+
+
+def test_duplicate_member_says_so(tmp_path: Path) -> None:
+    ok = b"x" * 100
+    archive = _pax(tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes({"model.gguf": ok})),
+                                        _entry("model.gguf", ok), _entry("model.gguf", ok)])
+    with pytest.raises(BundleError, match="appears twice") as ei:
+        unpack(archive, tmp_path / "dest")
+    assert "truncated" not in str(ei.value)
+
+
+def test_sparse_member_refused(tmp_path: Path) -> None:
+    ti, data = _entry("model.gguf", b"x" * 100)
+    ti.pax_headers = {"GNU.sparse.map": "0,100", "GNU.sparse.size": str(1 << 20)}
+    archive = _pax(tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes({"model.gguf": b"x" * 100})), (ti, data)])
+    with pytest.raises(BundleError, match="sparse"):
+        unpack(archive, tmp_path / "dest")

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from fixtures_trust import make_bundle_dir
 
 from edgellm.cli import main
-from fixtures_trust import make_bundle_dir
 
 
 def run(*args: str, ok: bool = True):

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from fixtures_gguf import MIXED_TEXT, make_hf_llama, training_corpus
 
 
@@ -110,8 +109,8 @@ def test_k_quant_fallback_is_reported(tmp_path):
 
 
 def test_export_refuses_what_llama_cpp_cannot_reproduce(hf_llama_dir, tmp_path):
-    from edgellm.pipeline.export.gguf import export_gguf
     from edgellm.errors import BuildError
+    from edgellm.pipeline.export.gguf import export_gguf
 
     with pytest.raises(BuildError, match="unknown GGUF format"):
         export_gguf(hf_llama_dir, tmp_path / "x.gguf", "gguf-q3_k")

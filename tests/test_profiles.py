@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from click.testing import CliRunner
 
+from edgellm._toml import dumps_toml
 from edgellm.cli import main
 from edgellm.errors import ProfileError
+from edgellm.hardware import detect, isa_from_cpu_flags, measure_bandwidth_gbps
 from edgellm.profiles import (
     GIB,
     KNOWN_ISA,
     KNOWN_RUNTIMES,
     Profile,
     default_profiles_dir,
-    detect,
-    dumps_toml,
     get_profile,
-    isa_from_cpu_flags,
     load_profile,
     load_profiles,
-    measure_bandwidth_gbps,
 )
 
 SHIPPED = Path(__file__).resolve().parent.parent / "hardware_profiles"
@@ -269,3 +267,19 @@ def test_cli_detect_writes_a_loadable_profile(tmp_path):
     # --name and --out disagreeing is refused
     r = runner.invoke(main, ["profiles", "detect", "--no-bandwidth", "--name", "a", "--out", str(tmp_path / "b.toml")])
     assert r.exit_code != 0 and re.search(r"stem must equal", r.output)
+
+
+def test_every_profiles_listing_takes_format_json(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "box.toml"
+
+    printed = runner.invoke(main, ["profiles", "detect", "--no-bandwidth", "--name", "box", "--format", "json"])
+    written = runner.invoke(main, ["profiles", "detect", "--no-bandwidth", "--out", str(out), "--format", "json"])
+    shown = runner.invoke(main, ["profiles", "show", "box", "--dir", str(tmp_path), "--format", "json"])
+
+    assert printed.exit_code == 0, printed.output
+    d = json.loads(printed.output)
+    assert d["name"] == "box" and d["derived"]["ram_bytes"] > 0 and d["memory"]["bandwidth_gbps"] == 1.0
+    assert written.exit_code == 0, written.output
+    assert json.loads(written.output)["derived"]["path"] == str(out) and load_profile(out).name == "box"
+    assert json.loads(shown.output)["name"] == "box"

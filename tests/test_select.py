@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgellm.pipeline.candidates import MemoryModel, Measurement
+from edgellm.pipeline.candidates import Measurement, MemoryModel
 from edgellm.pipeline.select import Budget, select
 
 MIB = 2**20

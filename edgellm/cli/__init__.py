@@ -17,7 +17,7 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from edgellm.cli import bundle, build, keys, profiles, repo, train
+    from edgellm.cli import build, bundle, keys, profiles, repo, train
 
     for mod in (profiles, bundle, keys, repo, train, build):
         for cmd in mod.commands:

@@ -1,4 +1,4 @@
-"""`edgellm build` — one bundle per hardware profile, with a report of every candidate (issue 4)."""
+"""`edgellm build` — one bundle per hardware profile, with a report of every candidate."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 import click
 
 from edgellm.cli._common import echo_json, format_option
+from edgellm.formats import ALL_FORMATS
 
-_FORMATS = ("onnx-fp32", "onnx-int8", "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0")
+#: exit status of `edgellm build --strict` when a profile was refused
+EXIT_REFUSED = 2
 
 
 def _fraction(text: str | None) -> float | None:
@@ -36,8 +38,8 @@ def _fraction(text: str | None) -> float | None:
 @click.option("--name", default=None, help="Bundle/model name (default: the model directory's name).")
 @click.option("--version", "version", default="0.1.0", show_default=True)
 @click.option("--candidates", "candidates", default=None,
-              help=f"Comma-separated formats to consider (default: all the profiles' runtimes allow: {', '.join(_FORMATS)}).")
-@click.option("--pin-format", type=click.Choice(_FORMATS), default=None, help="Only ever choose this format.")
+              help=f"Comma-separated formats to consider (default: all the profiles' runtimes allow: {', '.join(ALL_FORMATS)}).")
+@click.option("--pin-format", type=click.Choice(ALL_FORMATS), default=None, help="Only ever choose this format.")
 @click.option("--max-quality-loss", default=None,
               help="Largest perplexity increase accepted vs the unquantized model, e.g. 5% or 0.05.")
 @click.option("--min-tokens-per-second", type=float, default=None,
@@ -50,23 +52,24 @@ def _fraction(text: str | None) -> float | None:
 @click.option("--profiles-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of profile *.toml files (default: the shipped hardware_profiles).")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads for measurements here.")
+@click.option("--strict", is_flag=True,
+              help=f"Exit with status {EXIT_REFUSED} if any profile is refused (for CI that needs every profile built).")
 @format_option
 def build_cmd(model_dir: Path, profiles: tuple[str, ...], out_dir: Path, repo: Path | None, keys: Path | None,
               name: str | None, version: str, candidates: str | None, pin_format: str | None,
               max_quality_loss: str | None, min_tokens_per_second: float | None, headroom: str,
               eval_text: Path | None, cache_dir: Path | None, profiles_dir: Path | None, threads: int,
-              fmt: str) -> None:
+              strict: bool, fmt: str) -> None:
     """Build the right bundle for each hardware PROFILE from MODEL_DIR.
 
     Exports and quantizes candidates (cached by content hash), measures quality, size, memory and
     speed, picks per profile the candidate that fits its RAM, meets its speed target and loses
     least quality, and writes one bundle per profile plus report.md and report.json. A profile
-    nothing fits is refused (exit status 2) with what would fit.
+    nothing fits is refused, with what would fit, in the output and the report; the command still
+    succeeds (exit 0) unless --strict is given (then exit status 2).
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from edgellm.pipeline.fleet_build import BuildConfig, run_build
+    from edgellm.pipeline.progress import progress_reporter, step_callback
     from edgellm.pipeline.select import Budget
 
     budget = Budget(headroom=_fraction(headroom) or 0.0, max_quality_loss=_fraction(max_quality_loss),
@@ -77,15 +80,9 @@ def build_cmd(model_dir: Path, profiles: tuple[str, ...], out_dir: Path, repo: P
         budget=budget, eval_text=eval_text.read_text(encoding="utf-8") if eval_text else None,
         cache_dir=cache_dir, profiles_dir=profiles_dir, repo=repo, keys=keys, threads=threads,
     )
-    console = Console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=fmt == "json") as bar:
-        task = bar.add_task("starting", total=1)
-
-        def progress(step: str, i: int, n: int) -> None:
-            bar.update(task, description=step, completed=i, total=max(n, 1))
-
-        result = run_build(cfg, progress=progress)
+    # JSON output is for machines reading stdout; people and logs get progress on stderr
+    with progress_reporter("build", 1, enabled=fmt != "json") as bar:
+        result = run_build(cfg, progress=step_callback(bar))
 
     if fmt == "json":
         import json
@@ -103,8 +100,8 @@ def build_cmd(model_dir: Path, profiles: tuple[str, ...], out_dir: Path, repo: P
             else:
                 click.echo(f"{r.profile:<24} REFUSED: {sel.refusal}")
         click.echo(f"report: {result.report_md} and {result.report_json}")
-    if result.refused:
-        raise SystemExit(2)
+    if result.refused and strict:
+        raise SystemExit(EXIT_REFUSED)
 
 
 commands: list = [build_cmd]

@@ -55,4 +55,19 @@ def keys_init(directory: str, thresholds: tuple[str, ...], counts: tuple[str, ..
     click.echo(f"trust root for devices: {root}")
 
 
+@keys_group.command("copy-online")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+def keys_copy_online(directory: str, dest: str) -> None:
+    """Copy DIRECTORY's keys to DEST without the root's private keys: what a server may hold.
+
+    DEST gets root.json, keys.json and the targets, snapshot and timestamp keys. Keep DIRECTORY
+    (the root keys) offline; rotating a key or re-signing the root is done where they are.
+    """
+    from edgellm.trust import copy_online_keys
+
+    copy_online_keys(directory, dest)
+    click.echo(f"copied the online keys to {dest} (no root private key); keep {directory} offline")
+
+
 commands = [keys_group]

@@ -1,13 +1,12 @@
-"""`edgellm profiles` commands: list, show, detect (issue 2)."""
+"""`edgellm profiles` commands: list, show, detect; each takes ``--format json``."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
+from edgellm._fs import atomic_write
 from edgellm.cli._common import echo_json, format_option
 
 dir_option = click.option(
@@ -106,12 +105,17 @@ def show_cmd(name: str, fmt: str, directory: Path | None) -> None:
               type=click.Choice(["sbc", "jetson", "mini-pc", "laptop", "server", "mcu"]),
               help="Override the guessed device class.")
 @click.option("--no-bandwidth", is_flag=True, help="Skip the ~0.5 s memory bandwidth measurement (writes a 1.0 GB/s placeholder).")
-def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_bandwidth: bool) -> None:
-    """Describe this machine (cores, RAM, ISA flags, runtimes, measured memory bandwidth) as a profile."""
+@click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True,
+              help="What to print: the profile file (toml) or, for machines, the profile with derived figures (json).")
+def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_bandwidth: bool, fmt: str) -> None:
+    """Describe this machine (cores, RAM, ISA flags, runtimes, measured memory bandwidth) as a profile.
+
+    Prints the profile, or writes it to --out (always TOML, the format profiles are read from).
+    """
     from datetime import datetime, timezone
 
     from edgellm.errors import ProfileError
-    from edgellm.profiles import detect
+    from edgellm.hardware import detect
 
     if name is None:
         name = out.stem if out is not None else "detected"
@@ -124,22 +128,17 @@ def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_
           if no_bandwidth else "memory.bandwidth_gbps: numpy copy (read + write), best pass")
     header = (f"Written by `edgellm profiles detect` on {stamp}.\n{bw}.\n"
               "model_share, targets and power.budget_w are defaults: edit them for your device.")
-    text = prof.to_toml(header=header)
-    if out is None:
-        click.echo(text, nl=False)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    click.echo(f"wrote {out}")
+    if out is not None:
+        atomic_write(out, prof.to_toml(header=header).encode("utf-8"))
+    if fmt == "json":
+        summary = prof.summary()
+        if out is not None:
+            summary["derived"]["path"] = str(out)
+        echo_json(summary)
+    elif out is None:
+        click.echo(prof.to_toml(header=header), nl=False)
+    else:
+        click.echo(f"wrote {out}")
 
 
 commands = [profiles_group]

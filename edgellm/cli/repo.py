@@ -18,8 +18,14 @@ def repo_group() -> None:
 @click.option("--targets-expiry", default=None, help="Override the keys' targets expiry (e.g. 90d).")
 @click.option("--snapshot-expiry", default=None)
 @click.option("--timestamp-expiry", default=None)
-def repo_init(directory: str, keys_dir: str, targets_expiry: str | None, snapshot_expiry: str | None, timestamp_expiry: str | None) -> None:
-    """Create an empty signed repository in DIRECTORY."""
+@click.option("--root", "root", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The root.json to trust (default KEYS/root.json), e.g. one signed on an offline machine.")
+def repo_init(directory: str, keys_dir: str, targets_expiry: str | None, snapshot_expiry: str | None,
+              timestamp_expiry: str | None, root: str | None) -> None:
+    """Create an empty signed repository in DIRECTORY.
+
+    KEYS needs the targets, snapshot and timestamp keys only; the root keys may stay offline
+    (`edgellm keys copy-online`)."""
     import dataclasses
 
     from edgellm.trust import ExpiryPolicy, KeyStore, Repository, parse_duration
@@ -27,7 +33,7 @@ def repo_init(directory: str, keys_dir: str, targets_expiry: str | None, snapsho
     expiry = ExpiryPolicy.from_dict(KeyStore(keys_dir).index.get("expiry", {}))
     over = {k: parse_duration(v) for k, v in
             {"targets": targets_expiry, "snapshot": snapshot_expiry, "timestamp": timestamp_expiry}.items() if v}
-    Repository.create(directory, keys_dir, expiry=dataclasses.replace(expiry, **over))
+    Repository.create(directory, keys_dir, expiry=dataclasses.replace(expiry, **over), root=root)
     click.echo(f"created repository {directory} (serve {directory}/metadata and {directory}/targets as static files)")
 
 
@@ -38,18 +44,22 @@ def repo_init(directory: str, keys_dir: str, targets_expiry: str | None, snapsho
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
               help="Also write a signed bundle (installable offline) per bundle into this directory.")
 def repo_add(directory: str, bundles: tuple[str, ...], keys_dir: str, export_dir: str | None) -> None:
-    """Publish BUNDLES as targets (custom metadata carries the model facts), re-signing metadata."""
+    """Publish BUNDLES as targets (custom metadata carries the model facts), re-signing metadata.
+
+    All or nothing: the repository changes only if every bundle (and signed bundle) was written."""
     from pathlib import Path
 
     from edgellm.trust import Repository
 
     repo = Repository(directory, keys_dir)
-    for b in bundles:
-        name = repo.add_bundle(b)
-        click.echo(f"published {name}")
-        if export_dir:
-            out = repo.export_signed(name, Path(export_dir) / f"{name}.signed")
-            click.echo(f"  signed bundle: {out}")
+    lines = []
+    with repo.transaction():
+        names = [repo.add_bundle(b) for b in bundles]
+        for name in names:  # every signed bundle carries the final metadata: installable in any order
+            lines.append(f"published {name}")
+            if export_dir:
+                lines.append(f"  signed bundle: {repo.export_signed(name, Path(export_dir) / f'{name}.signed')}")
+    click.echo("\n".join(lines))
 
 
 @repo_group.command("export")

@@ -37,7 +37,7 @@ def _train_options(f):
         click.option("--val-fraction", type=float, default=0.05, show_default=True),
         click.option("--max-seconds", type=float, default=None, help="Stop cleanly after this much time."),
         click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically)."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--quiet", is_flag=True, help="No progress output on stderr."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -121,9 +121,10 @@ def _export_onnx(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: 
 
 
 def _export_gguf(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: Any, overwrite: bool) -> dict:
-    from edgellm.pipeline._atomic import check_output_path, write_text_atomic
-    from edgellm.pipeline.export.onnx import report_path
+    from edgellm._fs import atomic_write
+    from edgellm.pipeline._atomic import check_output_path
     from edgellm.pipeline.export.gguf import export_gguf
+    from edgellm.pipeline.export.onnx import report_path
 
     check_output_path(out, overwrite)
     report = dict(export_gguf(model_dir, out, fmt))
@@ -133,7 +134,7 @@ def _export_gguf(model_dir: Path, out: Path, fmt: str, *, evaluate: bool, data: 
         from edgellm.pipeline.evaluate import evaluate_artifact
 
         report["eval"] = evaluate_artifact(out, model_dir=model_dir, data=data)
-    write_text_atomic(report_path(out), json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(report_path(out), (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
     return report
 
 
@@ -165,9 +166,16 @@ def export_cmd(model_dir: Path, fmt: str, out: Path, data: tuple[str, ...], no_e
     Writes OUT atomically plus OUT.report.json (size, perplexity, bits/byte, KL and top-1
     agreement vs the fp32 model, decode tokens/s here) and prints that report.
     """
+    from edgellm.pipeline.progress import progress_reporter
+
     fn = exporter_for(fmt)
-    report = fn(model_dir, out, fmt, evaluate=not no_eval, data=list(data) or None, overwrite=overwrite)
+    with progress_reporter("export", 1) as bar:
+        bar.update(0, step=f"exporting {fmt}" + ("" if no_eval else " and evaluating"))
+        report = fn(model_dir, out, fmt, evaluate=not no_eval, data=list(data) or None, overwrite=overwrite)
+        bar.update(1, step="done")
     ev = report.get("eval") or {}
+    if (ev.get("data") or {}).get("note"):
+        click.echo(f"note: {ev['data']['note']}", err=True)
     msg = f"wrote {out} ({report.get('size_bytes', out.stat().st_size) / 2**20:.2f} MiB)"
     if ev:
         msg += (f": ppl {ev['perplexity']:.3f} (fp32 {ev.get('reference_perplexity', float('nan')):.3f}), "
@@ -182,14 +190,27 @@ def export_cmd(model_dir: Path, fmt: str, out: Path, data: tuple[str, ...], no_e
               help="Model directory, .onnx or .gguf file.")
 @click.option("--reference", "reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="fp32 model directory to compare with (default: --model itself if it is a directory).")
-@click.option("--data", "data", multiple=True, help="Evaluation data (default: the reference's training data).")
+@click.option("--data", "data", multiple=True,
+              help="Evaluation data (default: the data the reference was trained on, from its train report; "
+                   "required for models edgellm did not train).")
 @click.option("--max-windows", type=int, default=16, show_default=True, help="Validation windows to score.")
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True)
 def eval_cmd(artifact: Path, reference: Path | None, data: tuple[str, ...], max_windows: int, seq_len: int,
              threads: int) -> None:
-    """Perplexity, bits per byte, KL and top-1 agreement vs the fp32 reference, size, tokens/s."""
-    from edgellm.pipeline.evaluate import evaluate_artifact
+    """Perplexity, bits per byte, KL and top-1 agreement vs the fp32 reference, size, tokens/s.
+
+    Without --data, scores on the validation split of the data the model was trained on; a model
+    edgellm did not train (no train report) needs --data.
+    """
+    from edgellm.errors import BuildError
+    from edgellm.pipeline.evaluate import evaluate_artifact, training_data
+
+    model_dir = reference if reference is not None else (artifact if artifact.is_dir() else None)
+    if not data and training_data(model_dir) is None:
+        raise BuildError(f"{model_dir or artifact}: no training data recorded (no train_report.json naming files "
+                         "that still exist), so there is nothing meaningful to score it on by default",
+                         hint="pass --data FILE|DIR with text like what the model will see")
 
     rep = evaluate_artifact(artifact, model_dir=reference, data=list(data) or None, max_windows=max_windows,
                             seq_len=seq_len, threads=threads)

@@ -44,7 +44,7 @@ def _sensor_log(r: random.Random) -> str:
         kind = r.choice(list(SENSORS))
         unit, lo, hi, warn = SENSORS[kind]
         value = r.randint(lo, hi)
-        if kind == "battery":
+        if warn is None:  # battery: low below 20 %
             status = "low" if value < 20 else "ok"
         else:
             status = "warn" if value > warn else "ok"

@@ -1,4 +1,7 @@
-"""Atomic outputs: write into a temporary sibling, rename into place only when complete."""
+"""Atomic outputs the pipeline needs beyond :mod:`edgellm._fs`: whole directories, and files
+written by a tool that needs a path (an exporter, a quantizer). Plain file contents go through
+:func:`edgellm._fs.atomic_write`.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgellm._fs import fsync_dir
 from edgellm.errors import BuildError
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
@@ -61,7 +52,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -69,7 +60,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path next to ``out``; on success it is renamed to ``out``."""
+    """Yield a temporary path next to ``out`` for a tool to write; on success it becomes ``out``."""
     out = Path(out)
     check_output_path(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,12 +73,7 @@ def atomic_file(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_file(path, overwrite=True) as tmp:
-        tmp.write_text(text, encoding="utf-8")

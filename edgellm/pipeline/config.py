@@ -82,7 +82,7 @@ class ModelConfig:
 
     # ---- (de)serialisation ----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         # transformers >= 5 nests rope_theta in rope_parameters; older versions use rope_scaling.
         rope_params = d.pop("rope_parameters", None)
@@ -125,7 +125,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
@@ -147,7 +147,7 @@ class ModelConfig:
         except BuildError as e:
             raise BuildError(f"{path}: {e.args[0]}", hint=e.hint) from e
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -9,7 +9,9 @@ Special-token strings in training text (``<|user|>``...) ARE parsed as special t
 data is trusted, user prompts at inference time are not.
 
 The train/validation split is deterministic and content-based (sha256 of each document), so
-it does not change when files are reordered. ``DataSet.sha256`` goes into the lineage.
+it does not change when files are reordered. When the documents are too few to leave any for
+validation (a file without blank lines is one document), they are cut at line boundaries into
+pieces of a few KB and the pieces are split instead. ``DataSet.sha256`` goes into the lineage.
 """
 
 from __future__ import annotations
@@ -116,12 +118,49 @@ def _sha_docs(docs: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def split_documents(docs: Sequence[str], val_fraction: float = 0.05) -> tuple[list[str], list[str]]:
-    """Deterministic content-based split; guarantees at least one doc on each side if possible."""
-    train, val = [], []
+#: a lone large document is cut into pieces of about this many characters (at line boundaries)
+PIECE_CHARS_MAX = 4096
+PIECE_CHARS_MIN = 256
+
+
+def _hash_split(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    train: list[str] = []
+    val: list[str] = []
     for d in docs:
         bucket = int.from_bytes(hashlib.sha256(d.encode("utf-8")).digest()[:4], "big") / 2**32
         (val if bucket < val_fraction else train).append(d)
+    return train, val
+
+
+def line_pieces(docs: Sequence[str]) -> list[str]:
+    """``docs`` cut at line boundaries into pieces of about a twentieth of the text (between
+    :data:`PIECE_CHARS_MIN` and :data:`PIECE_CHARS_MAX` characters); a longer line stays whole."""
+    target = max(PIECE_CHARS_MIN, min(PIECE_CHARS_MAX, sum(map(len, docs)) // 20))
+    pieces: list[str] = []
+    for d in docs:
+        cur: list[str] = []
+        size = 0
+        for line in d.splitlines(keepends=True):
+            cur.append(line)
+            size += len(line)
+            if size >= target:
+                pieces.append("".join(cur))
+                cur, size = [], 0
+        if cur:
+            pieces.append("".join(cur))
+    return pieces
+
+
+def split_documents(docs: Sequence[str], val_fraction: float = 0.05) -> tuple[list[str], list[str]]:
+    """Deterministic content-based split; guarantees at least one doc on each side if possible.
+
+    Documents too few to leave any for validation are split as line pieces (:func:`line_pieces`).
+    """
+    train, val = _hash_split(docs, val_fraction)
+    if not val and val_fraction > 0:
+        pieces = line_pieces(docs)
+        if len(pieces) > len(docs):
+            train, val = _hash_split(pieces, val_fraction)
     if not val and len(train) > 1:
         val.append(train.pop())
     if not train and len(val) > 1:

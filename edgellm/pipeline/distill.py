@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgellm.errors import BuildError
 from edgellm.pipeline import tokenizer as tk
 from edgellm.pipeline._atomic import atomic_dir, check_output_path
 from edgellm.pipeline.config import ModelConfig, resolve_config
@@ -36,7 +37,6 @@ from edgellm.pipeline.train import (
     val_loss,
     write_model_and_tokenizer,
 )
-from edgellm.errors import BuildError
 
 
 def kd_loss_fn(teacher: LlamaLM, temperature: float, alpha: float):

@@ -9,6 +9,7 @@ Artifacts: a model directory (torch), an ``.onnx`` file (onnxruntime) or a ``.gg
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BuildError
+from edgellm.formats import GGUF, ONNX
+
+log = logging.getLogger(__name__)
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -62,29 +66,52 @@ def score_windows(scorer: Scorer, windows: np.ndarray, batch_size: int = 8) -> n
     return out.reshape(-1, out.shape[-1])
 
 
-def _default_data(model_dir: Path | None) -> Any:
-    """The training data recorded in the model's train report (its validation split), else the
-    embedded corpus."""
-    if model_dir is not None:
-        for rep in (model_dir / "train_report.json", model_dir / "distill_report.json"):
-            if not rep.exists():
-                continue
+def train_report(model_dir: Path) -> dict[str, Any]:
+    """The model's ``train_report.json`` (or ``distill_report.json``) as written by edgellm, else {}."""
+    for name in ("train_report.json", "distill_report.json"):
+        p = model_dir / name
+        if p.is_file():
             try:
-                srcs = [s["path"] for s in json.loads(rep.read_text(encoding="utf-8"))["data"]["sources"]]
-                if srcs and all(s.startswith("builtin") or Path(s).exists() for s in srcs):
-                    return srcs
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-    return "builtin:devices"
+                d = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {}
+            return d if isinstance(d, dict) else {}
+    return {}
+
+
+def training_data(model_dir: Path | None) -> list[str] | None:
+    """The data sources recorded in the model's train or distill report, when they are all still
+    there; None for a model edgellm did not train (or whose data is gone)."""
+    if model_dir is None:
+        return None
+    try:
+        srcs = [s["path"] for s in train_report(model_dir)["data"]["sources"]]
+    except (KeyError, TypeError):
+        return None
+    if srcs and all(isinstance(s, str) and (s.startswith("builtin") or Path(s).exists()) for s in srcs):
+        return srcs
+    return None
+
+
+def _default_data(model_dir: Path | None) -> tuple[Any, str | None]:
+    """(data, note): the model's own training data (its validation split), else the embedded
+    corpus with a note saying so — scores on it say little about a model not trained on it."""
+    srcs = training_data(model_dir)
+    if srcs is not None:
+        return srcs, None
+    note = (f"scored on the built-in demo corpus: {model_dir or 'the artifact'} records no training data "
+            "edgellm can find; pass --data for a meaningful score")
+    log.warning("%s", note)
+    return "builtin:devices", note
 
 
 def _kind(path: Path) -> str:
     if path.is_dir():
         return "torch"
     if path.suffix == ".onnx":
-        return "onnx"
+        return ONNX
     if path.suffix == ".gguf":
-        return "gguf"
+        return GGUF
     raise BuildError(f"{path}: unknown artifact type", hint="pass a model directory, a .onnx or a .gguf file")
 
 
@@ -105,6 +132,27 @@ def torch_decode_speed(model: Any, n_tokens: int = 32, bos: int = 1) -> float:
             nxt = int(logits[0, -1].argmax())
             logits, past = model(torch.tensor([[nxt]]), past)
     return n_tokens / (time.perf_counter() - t0)
+
+
+def _score_artifact(kind: str, artifact: Path, md: Path | None, reference: Any, ref_logits: np.ndarray | None,
+                    windows: np.ndarray, *, threads: int, speed_tokens: int, bos: int) -> tuple[np.ndarray, float]:
+    """Logits of ``windows`` under ``artifact`` and its decode tokens/s here."""
+    from edgellm.pipeline.model import load_model
+
+    if kind == "torch":
+        model = reference if reference is not None and md == artifact else load_model(artifact)
+        if model is reference and ref_logits is not None:
+            logits = ref_logits
+        else:
+            logits = score_windows(torch_scorer(model), windows)
+        return logits, torch_decode_speed(model, speed_tokens, bos)
+    from edgellm.runtime import load_runtime
+
+    # llama.cpp gets a context that holds a window (at least its 256-token granule); ONNX its own
+    ctx = max(256, windows.shape[1]) if kind == GGUF else None
+    with load_runtime(kind, artifact, model_dir=md, threads=threads, context_length=ctx) as rt:
+        logits = score_windows(rt.batch_logits, windows)
+        return logits, max(rt.decode_speed(speed_tokens) for _ in range(2))
 
 
 def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = None, data: Any = None,
@@ -130,13 +178,16 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
         reference = load_model(md)
     if md is not None:
         tok = load_tokenizer(md)
-    elif kind == "onnx":
+    elif kind == ONNX:
         from edgellm.runtime.onnx import OnnxRuntime
 
-        tok = OnnxRuntime.load(artifact)._tok
+        with OnnxRuntime.load(artifact) as rt:
+            tok = rt.tokenizer
     else:
         raise BuildError(f"{artifact}: evaluation needs the model directory", hint="pass --reference MODEL_DIR")
-    data = data if data is not None else _default_data(md)
+    note = None
+    if data is None:
+        data, note = _default_data(md)
     ds = load_dataset(data)
     cfg = reference.config if reference is not None else None
     bos = cfg.bos_token_id if cfg is not None else tok.token_to_id("<s>")
@@ -147,27 +198,13 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
     n_bytes = sum(len(tok.decode(w[1:].tolist(), skip_special_tokens=True).encode("utf-8")) for w in windows)
     ref_logits = score_windows(torch_scorer(reference), windows) if reference is not None else None
 
-    speed: float | None = None
-    if kind == "torch":
-        model = reference if reference is not None and md == artifact else load_model(artifact)
-        logits = ref_logits if model is reference else score_windows(torch_scorer(model), windows)
-        speed = torch_decode_speed(model, speed_tokens, bos or 0)
-    elif kind == "onnx":
-        from edgellm.runtime.onnx import OnnxRuntime
-
-        with OnnxRuntime.load(artifact, model_dir=md, threads=threads) as rt:
-            logits = score_windows(rt.batch_logits, windows)
-            speed = max(rt.decode_speed(speed_tokens) for _ in range(2))
-    else:
-        from edgellm.runtime.llamacpp import LlamaCppRuntime
-
-        with LlamaCppRuntime.load(artifact, threads=threads, context_length=max(256, windows.shape[1])) as rt:
-            logits = np.concatenate([rt.logits(w[:-1].tolist()) for w in windows])
-            speed = rt.decode_speed(speed_tokens)
+    logits, speed = _score_artifact(kind, artifact, md, reference, ref_logits, windows, threads=threads,
+                                    speed_tokens=speed_tokens, bos=bos or 0)
     same = kind == "torch" and ref_logits is not None and logits is ref_logits
     metrics = compare_logits(logits, targets, None if same else ref_logits, n_bytes)
     if same:
         metrics.update(reference_perplexity=metrics["perplexity"], kl_divergence=0.0, top1_agreement=1.0)
     return {"artifact": str(artifact), "kind": kind, "size_bytes": artifact_size(artifact),
-            "data": {"sha256": ds.sha256, "sources": [s["path"] for s in ds.sources], "split": "validation"},
+            "data": {"sha256": ds.sha256, "sources": [s["path"] for s in ds.sources], "split": "validation",
+                     **({"note": note} if note else {})},
             "decode_tokens_per_second": round(speed, 1) if speed else None, "threads": threads, **metrics}

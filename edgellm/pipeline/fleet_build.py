@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgellm.errors import BuildError
 from edgellm.pipeline.candidates import (
     ALL_FORMATS,
     DEFAULT_EVAL_TEXT,
@@ -37,8 +38,8 @@ from edgellm.pipeline.candidates import (
     build_candidates,
     kind_of,
 )
+from edgellm.pipeline.evaluate import train_report
 from edgellm.pipeline.select import Budget, Selection, select
-from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class BuildConfig:
     keys: Path | None = None
     threads: int = 1
     golden_prompts: list[str] | None = None
+    lineage: dict[str, Any] | None = None     # merged into each manifest's lineage (e.g. a federated run's)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -151,31 +153,20 @@ def _golden_prompts(m: Measurement, prompts: list[str], model_dir: Path) -> list
     return out
 
 
-def _train_report(model_dir: Path) -> dict[str, Any]:
-    for name in ("train_report.json", "distill_report.json"):
-        p = model_dir / name
-        if p.is_file():
-            try:
-                d = json.loads(p.read_text(encoding="utf-8"))
-                return d if isinstance(d, dict) else {}
-            except (OSError, ValueError):
-                return {}
-    return {}
-
-
 def default_eval_text(model_dir: Path, max_chars: int = 6000) -> str:
     """The validation split of the data the model was trained on (from its train report, via
     build pipeline I's data loader), else a built-in paragraph."""
-    try:
-        sources = [s["path"] for s in _train_report(model_dir)["data"]["sources"]]
-        if sources and all(s.startswith("builtin") or Path(s).exists() for s in sources):
-            from edgellm.pipeline.data import load_dataset
+    from edgellm.pipeline.data import load_dataset
+    from edgellm.pipeline.evaluate import training_data
 
-            val = load_dataset(sources).val
-            if val:
-                return "\n".join(val)[:max_chars]
-    except (KeyError, TypeError, ImportError, OSError, ValueError, BuildError) as e:
+    sources = training_data(model_dir)
+    try:
+        val = load_dataset(sources).val if sources else []
+    except (OSError, ValueError, BuildError) as e:
         log.info("evaluation text: training data unavailable (%s); using the built-in text", e)
+        val = []
+    if val:
+        return "\n".join(val)[:max_chars]
     return DEFAULT_EVAL_TEXT
 
 
@@ -210,10 +201,10 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
         },
         "generation": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "max_tokens": 128, "stop": [],
                        "threads": profile.threads, "context_length": v.memory["context_length"]},
-        "lineage": {"parent_version": None, "data_sha256": (_train_report(cfg.model_dir).get("data") or {}).get("sha256"),
+        "lineage": {"parent_version": None, "data_sha256": (train_report(cfg.model_dir).get("data") or {}).get("sha256"),
                     "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
                                      "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
-                                     "eval_sha256": cands.eval_sha256}},
+                                     "eval_sha256": cands.eval_sha256}, **(cfg.lineage or {})},
         "golden_prompts": golden,
         "health": {"min_tokens_per_second": profile.min_tokens_per_second, "max_load_seconds": 60,
                    "max_memory_bytes": int(profile.usable_ram_bytes)},
@@ -247,6 +238,8 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     repo = None
+    signing: list[tuple[ProfileResult, Path, str]] = []  # signed together after the loop
+    stage = tempfile.TemporaryDirectory(prefix=".signing-", dir=out)  # removed with the object, even on error
     if cfg.repo is not None:
         from edgellm.trust import Repository
 
@@ -287,15 +280,32 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
             (src / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             packed = pack(src, Path(tmp) / bundle_name)
             res.bundle_sha256 = packed.sha256
-            if repo is not None:  # DIST gets the signed envelope (same naming as `repo add --export`)
-                res.target = repo.add_bundle(packed.path)
-                res.bundle = repo.export_signed(res.target, out / f"{bundle_name}.signed")
-                res.signed = True
+            if repo is not None:
+                signing.append((res, Path(stage.name) / bundle_name, bundle_name))
+                os.replace(packed.path, signing[-1][1])
             else:
                 res.bundle = out / bundle_name
                 os.replace(packed.path, res.bundle)
+    if repo is not None:
+        _publish_signed(repo, signing, out)
+    stage.cleanup()
     report_json, report_md = write_reports(out, cfg, cands, results)
     return BuildResult(cfg, cands, results, report_json, report_md)
+
+
+def _publish_signed(repo: Any, signing: list[tuple[ProfileResult, Path, str]], out: Path) -> None:
+    """Publish every bundle and put its signed envelope in DIST (named as `repo add --export` does).
+
+    One repository transaction: the repository changes only if every envelope was written, and
+    the envelopes appear only once the repository has their targets.
+    """
+    with repo.transaction():
+        for res, path, _ in signing:
+            res.target = repo.add_bundle(path)
+        for res, _, bundle_name in signing:  # all carry the final metadata: installable in any order
+            res.bundle = repo.export_signed(res.target, out / f"{bundle_name}.signed")
+    for res, _, _ in signing:
+        res.signed = True
 
 
 # --------------------------------------------------------------------------- reports

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgellm.errors import BuildError
 from edgellm.pipeline._atomic import atomic_dir
 from edgellm.pipeline.config import PRESETS, ModelConfig, resolve_config  # noqa: F401  (re-exported)
-from edgellm.errors import BuildError
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def generate_ids(model: LlamaLM, prompt_ids: list[int], max_new_tokens: int,
 
 # ---- model directory I/O --------------------------------------------------------------------
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    H, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim_
+    H, FF, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim_
     nq, nkv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
     for i in range(cfg.num_hidden_layers):
@@ -220,15 +220,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({
             p + "self_attn.q_proj.weight": (nq, H), p + "self_attn.k_proj.weight": (nkv, H),
             p + "self_attn.v_proj.weight": (nkv, H), p + "self_attn.o_proj.weight": (H, nq),
-            p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-            p + "mlp.down_proj.weight": (H, I),
+            p + "mlp.gate_proj.weight": (FF, H), p + "mlp.up_proj.weight": (FF, H),
+            p + "mlp.down_proj.weight": (H, FF),
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
         })
         if cfg.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (nq,), p + "self_attn.k_proj.bias": (nkv,),
                            p + "self_attn.v_proj.bias": (nkv,), p + "self_attn.o_proj.bias": (H,)})
         if cfg.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (I,), p + "mlp.up_proj.bias": (I,),
+            shapes.update({p + "mlp.gate_proj.bias": (FF,), p + "mlp.up_proj.bias": (FF,),
                            p + "mlp.down_proj.bias": (H,)})
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, H)

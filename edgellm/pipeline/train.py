@@ -1,5 +1,5 @@
 """Training: AdamW, warmup + cosine, gradient clipping, validation perplexity, checkpoints
-(safetensors only, never pickle), exact resume, fixed seeds, a rich progress bar, a JSON report.
+(safetensors only, never pickle), exact resume, fixed seeds, progress on stderr (:mod:`edgellm.pipeline.progress`), a JSON report.
 
 Public API::
 
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgellm.errors import BuildError
 from edgellm.pipeline import tokenizer as tk
 from edgellm.pipeline._atomic import atomic_dir, check_output_path
 from edgellm.pipeline.config import ModelConfig, resolve_config
 from edgellm.pipeline.data import DataSet, eval_windows, load_dataset, token_stream
 from edgellm.pipeline.model import LlamaLM, copy_tokenizer_files, generate_ids, load_model, write_model_files
-from edgellm.errors import BuildError
+from edgellm.pipeline.progress import progress_reporter
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -104,8 +105,9 @@ def param_count(model: torch.nn.Module) -> int:
 
 
 def _make_optimizer(model: LlamaLM, tcfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for _name, p in model.named_parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
@@ -184,10 +186,8 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
     tokens = 0
     last_loss = float("nan")
     vloss = float("nan")
-    progress = _progress(tcfg.progress, label)
-    with progress as bar:
-        task = bar.add_task(label, total=tcfg.steps, completed=start_step, loss=float("nan"),
-                            ppl=float("nan"), tps=0.0)
+    with progress_reporter(label, tcfg.steps, enabled=tcfg.progress) as bar:
+        bar.update(start_step)
         done = start_step
         for step in range(start_step, tcfg.steps):
             lr = tcfg.lr_at(step)
@@ -217,8 +217,8 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
             if "val_loss" in rec or done % 10 == 0:
                 rec["elapsed_s"] = round(elapsed, 2)
                 history.append(rec)
-            bar.update(task, completed=done, loss=last_loss, ppl=math.exp(vloss) if math.isfinite(vloss) else float("nan"),
-                       tps=tokens / max(elapsed, 1e-9))
+            bar.update(done, detail=f"loss {last_loss:.3f}  val ppl {math.exp(vloss) if math.isfinite(vloss) else float('nan'):.2f}  "
+                                    f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
             if ckpt_dir is not None and tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and not is_last:
                 _save_checkpoint(ckpt_dir, model, tok, opt, gen,
                                  {"step": done, "history": history, "fingerprint": fingerprint}, tok_src)
@@ -232,31 +232,6 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
             "final_train_loss": last_loss, "val_loss": vloss, "val_ppl": math.exp(vloss),
             "tokens_trained": tokens, "seconds": round(seconds, 2),
             "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "history": history}
-
-
-class _NullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-
-def _progress(enabled: bool, label: str):
-    if not enabled:
-        return _NullProgress()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}  val ppl {task.fields[ppl]:.2f}  {task.fields[tps]:.0f} tok/s"),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
 
 
 def sample_reply(model: LlamaLM, tok: Any, messages: list[dict] = SAMPLE_PROMPT, max_new_tokens: int = 24) -> str:

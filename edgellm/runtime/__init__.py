@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgellm.formats import GGUF, ONNX, RUNTIMES
 from edgellm.runtime.base import (
     Completion,
     GenerationError,
@@ -11,7 +12,7 @@ from edgellm.runtime.base import (
     ModelLoadError,
     PromptTooLongError,
     Runtime,
-    RuntimeError_,
+    RuntimeFailure,
     TokenEvent,
     render_chat,
 )
@@ -22,8 +23,9 @@ __all__ = [
     "GenerationParams",
     "ModelLoadError",
     "PromptTooLongError",
+    "RUNTIMES",
     "Runtime",
-    "RuntimeError_",
+    "RuntimeFailure",
     "TokenEvent",
     "load_runtime",
     "render_chat",
@@ -32,17 +34,17 @@ __all__ = [
 
 def load_runtime(kind: str, artifact: str | Path, *, model_dir: str | Path | None = None,
                  threads: int = 1, context_length: int | None = None) -> Runtime:
-    """Load ``artifact`` with the backend for ``kind`` ("onnx" or "gguf").
+    """Load ``artifact`` with the backend for ``kind`` (one of :data:`edgellm.formats.RUNTIMES`).
 
     ``model_dir`` holds ``tokenizer.json``/``generation_config.json`` (for ONNX; GGUF carries
     its tokenizer). Backends are imported here, lazily.
     """
-    if kind == "onnx":
+    if kind == ONNX:
         from edgellm.runtime.onnx import OnnxRuntime
 
         return OnnxRuntime.load(artifact, model_dir=model_dir, threads=threads, context_length=context_length)
-    if kind == "gguf":
+    if kind == GGUF:
         from edgellm.runtime.llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime.load(artifact, threads=threads, context_length=context_length)
-    raise ModelLoadError(f"unknown runtime {kind!r}: expected 'onnx' or 'gguf'")
+    raise ModelLoadError(f"unknown runtime {kind!r}", hint=f"use one of {', '.join(RUNTIMES)}")

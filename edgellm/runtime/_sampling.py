@@ -8,9 +8,12 @@ The logprob is that of the chosen token under the model's own distribution
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from edgellm.runtime.base import GenerationParams
+if TYPE_CHECKING:  # base imports this module
+    from edgellm.runtime.base import GenerationParams
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -11,31 +11,26 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import time
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
-from edgellm.errors import EdgeLLMError
+import numpy as np
+
+from edgellm.errors import GenerationError, ModelLoadError, PromptTooLongError, RuntimeFailure
+from edgellm.runtime._sampling import Sampler, StopBuffer
+
+__all__ = ["Completion", "GenerationError", "GenerationParams", "ModelLoadError", "PromptTooLongError",
+           "Runtime", "RuntimeFailure", "TextDecoder", "TokenEvent", "render_chat", "runtime_error"]
 
 
-class RuntimeError_(EdgeLLMError):
-    """Base of every runtime failure (a model that cannot load or generate)."""
+E = TypeVar("E", bound=RuntimeFailure)
+R = TypeVar("R", bound="Runtime")
 
 
-def runtime_error(cls: type[RuntimeError_], message: str, hint: str) -> RuntimeError_:
+def runtime_error(cls: type[E], message: str, hint: str) -> E:
     """Build a runtime error with its hint (what to do next)."""
     return cls(message, hint=hint)
-
-
-class ModelLoadError(RuntimeError_):
-    """The artifact could not be loaded: missing, malformed, or not what the manifest says."""
-
-
-class GenerationError(RuntimeError_):
-    """A request could not be served (e.g. the prompt does not fit in the context)."""
-
-
-class PromptTooLongError(GenerationError):
-    """The prompt (plus max_tokens) exceeds the model context."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,16 +78,43 @@ class Completion:
     finish_reason: FinishReason
 
 
-class Runtime(abc.ABC):
-    """A loaded model that can tokenize and generate."""
+class TextDecoder(abc.ABC):
+    """Turns generated token ids into text as they come, never splitting a UTF-8 character."""
 
-    #: "onnx" or "gguf"
+    @abc.abstractmethod
+    def push(self, token: int) -> str:
+        """Text this token completes (empty while a multi-byte character is incomplete)."""
+
+    @abc.abstractmethod
+    def finish(self) -> str:
+        """Whatever is still held back at the end of the generation."""
+
+
+class Runtime(abc.ABC):
+    """A loaded model that can tokenize, score and generate.
+
+    Backends implement the tokenizer, :attr:`context_length`, and the evaluation hooks
+    (``_prefill``, ``_step``, ``_all_logits``, ``_is_end``, ``_text_decoder``); the generation
+    loop, input checks, scoring and benchmarking below are shared, so every backend streams,
+    samples, stops and reports log-probabilities the same way. The hooks, :attr:`n_vocab` and
+    :meth:`memory_bytes` raise ``NotImplementedError`` until a backend provides them, so a scripted
+    stand-in that only overrides :meth:`generate` (the agent's queueing tests) stays small.
+    """
+
+    #: the artifact kind this runtime loads (one of :data:`edgellm.formats.RUNTIMES`)
     kind: str = ""
+    #: token the benchmark starts from when no prompt is given
+    bos_id: int | None = None
 
     @property
     @abc.abstractmethod
     def context_length(self) -> int:
         """Maximum prompt + generated tokens."""
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size (valid token ids are ``0 <= id < n_vocab``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its vocabulary size")
 
     @abc.abstractmethod
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -102,6 +124,47 @@ class Runtime(abc.ABC):
     def detokenize(self, ids: Sequence[int]) -> str:
         ...
 
+    def memory_bytes(self) -> dict[str, int]:
+        """``weights_bytes``, ``kv_cache_bytes`` and ``peak_bytes`` the loaded model needs."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its memory")
+
+    _closed: bool = False  # set by close(); every call after it raises GenerationError
+
+    # ---- backend hooks ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise runtime_error(GenerationError, "runtime is closed", "load the model again")
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Evaluate ``ids`` (reusing any cached prefix); return the logits after the last one."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation loop")
+
+    def _step(self, token: int) -> np.ndarray:
+        """Append one token to the evaluated sequence; return the logits after it."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation loop")
+
+    def _all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits of every position of ``ids`` from a fresh evaluation, shape (len(ids), vocab)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score sequences")
+
+    def _is_end(self, token: int) -> bool:
+        """True for an end-of-generation token."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation loop")
+
+    def _text_decoder(self) -> TextDecoder:
+        """A fresh decoder for one generation's tokens."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation loop")
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_ids(self, ids: Sequence[int], what: str = "input") -> list[int]:
+        """``ids`` as ints, refusing an empty list and ids outside the vocabulary."""
+        out = [int(t) for t in ids]
+        if not out:
+            raise runtime_error(GenerationError, f"empty {what}", "send at least one token")
+        if any(not 0 <= t < self.n_vocab for t in out):
+            raise runtime_error(GenerationError, f"{what} token id outside the vocabulary", "tokenize with this model")
+        return out
+
     def check_fits(self, n_prompt: int, params: GenerationParams) -> None:
         """Refuse a prompt that, with ``max_tokens`` generated after it, exceeds the context."""
         if n_prompt + params.max_tokens > self.context_length:
@@ -109,9 +172,66 @@ class Runtime(abc.ABC):
                                 f"prompt of {n_prompt} tokens + max_tokens {params.max_tokens} exceeds the context of "
                                 f"{self.context_length}", "shorten the prompt or lower max_tokens")
 
-    @abc.abstractmethod
+    def _check_scored(self, ids: Sequence[int]) -> list[int]:
+        self._check_open()
+        out = self.check_ids(ids)
+        if len(out) > self.context_length:
+            raise runtime_error(PromptTooLongError, f"{len(out)} tokens for a context of {self.context_length}",
+                                "score at most context_length tokens at a time")
+        return out
+
+    # ---- scoring and benchmarking ---------------------------------------------------------------
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits for every position of ``ids`` (a fresh evaluation), shape (len(ids), vocab)."""
+        return self._all_logits(self._check_scored(ids))
+
+    def batch_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``[B, S, V]`` for the equal-length rows of ``batch`` ``[B, S]``."""
+        return np.stack([self.logits(row) for row in np.asarray(batch, dtype=np.int64).tolist()])
+
+    def last_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits after ``ids`` (reusing the cached prefix)."""
+        return self._prefill(self._check_scored(ids))
+
+    def decode_speed(self, n_tokens: int = 64, prompt: Sequence[int] | None = None) -> float:
+        """Greedy single-token decode tokens/s after a short prompt, end tokens ignored (a benchmark)."""
+        self._check_open()
+        ids = self.check_ids(prompt if prompt else [self.bos_id or 0], "prompt")
+        n_tokens = max(1, min(n_tokens, self.context_length - len(ids)))
+        logits = self._prefill(ids)
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = self._step(int(np.argmax(logits)))
+        return n_tokens / (time.perf_counter() - t0)
+
+    # ---- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenEvent]:
         """Stream tokens. Closing the iterator early stops generation (client went away)."""
+        self._check_open()
+        ids = self.check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt, "prompt")
+        self.check_fits(len(ids), params)
+        return self._generate(ids, params)
+
+    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent]:
+        sampler = Sampler(params)  # one sampler for every backend: same seed, same choices
+        stops = StopBuffer(params.stop)
+        text = self._text_decoder()
+        logits = self._prefill(ids)
+        for i in range(params.max_tokens):
+            tok, logprob = sampler.sample(logits)
+            lp = logprob if params.logprobs else None
+            if self._is_end(tok):
+                yield TokenEvent(tok, stops.flush(), lp, "stop")
+                return
+            out, hit = stops.push(text.push(tok))
+            if hit:
+                yield TokenEvent(tok, out, lp, "stop")
+                return
+            if i == params.max_tokens - 1:
+                yield TokenEvent(tok, out + stops.push(text.finish())[0] + stops.flush(), lp, "length")
+                return
+            yield TokenEvent(tok, out, lp)
+            logits = self._step(tok)
 
     def complete(self, prompt: str | Sequence[int], params: GenerationParams) -> Completion:
         """Run ``generate`` to the end and collect the result."""
@@ -153,12 +273,24 @@ class Runtime(abc.ABC):
 
     def close(self) -> None:
         """Free native resources. Idempotent."""
+        self._closed = True
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self: R) -> R:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def shared_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading tokens of ``ids`` a cache holding ``cached`` can reuse (never all of
+    ``ids``: the last token is always evaluated, to get its logits)."""
+    k = 0
+    for a, b in zip(cached, ids, strict=False):
+        if a != b:
+            break
+        k += 1
+    return min(k, len(ids) - 1)
 
 
 def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:

@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgellm.runtime._sampling import Sampler, StopBuffer
-from edgellm.runtime.base import (
-    GenerationError,
-    GenerationParams,
-    ModelLoadError,
-    PromptTooLongError,
-    Runtime,
-    TokenEvent,
-)
+from edgellm.formats import ONNX
+from edgellm.runtime.base import GenerationError, ModelLoadError, Runtime, TextDecoder, shared_prefix
 from edgellm.runtime.base import runtime_error as _err
 
 log = logging.getLogger(__name__)
-
-
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -46,10 +36,36 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _load_tokenizer(path: Path, md: Path | None, meta: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer and its config: ``md/tokenizer.json``, else the copy in the ONNX metadata,
+    else ``tokenizer.json`` next to the file."""
+    from tokenizers import Tokenizer
+
+    tok_cfg: dict[str, Any] = {}
+    tokenizer = None
+    try:
+        if md is not None and (md / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_file(str(md / "tokenizer.json"))
+            tok_cfg = _read_json(md / "tokenizer_config.json")
+        elif meta.get("edgellm.tokenizer"):
+            tokenizer = Tokenizer.from_str(meta["edgellm.tokenizer"])
+            tok_cfg = json.loads(meta.get("edgellm.tokenizer_config") or "{}")
+        elif (path.parent / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_file(str(path.parent / "tokenizer.json"))
+            tok_cfg = _read_json(path.parent / "tokenizer_config.json")
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise _err(ModelLoadError, f"unreadable tokenizer for {path.name}: {e}",
+                   "copy tokenizer.json from the model directory again") from e
+    if tokenizer is None:
+        raise _err(ModelLoadError, f"no tokenizer.json for {path.name}",
+                   "pass model_dir= (the directory with tokenizer.json) or put it next to the file")
+    return tokenizer, tok_cfg
+
+
 class OnnxRuntime(Runtime):
     """An ONNX causal LM in onnxruntime. Create with :meth:`load`."""
 
-    kind = "onnx"
+    kind = ONNX
 
     def __init__(self, session: Any, tokenizer: Any, *, path: Path, n_layers: int, n_kv: int, head_dim: int,
                  vocab_size: int, context_length: int, bos_id: int | None, eos_ids: list[int],
@@ -72,11 +88,11 @@ class OnnxRuntime(Runtime):
     # ---- construction --------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, model_dir: str | Path | None = None, threads: int = 1,
-             context_length: int | None = None) -> "OnnxRuntime":
+             context_length: int | None = None) -> OnnxRuntime:
         """Load ``path`` with ``threads`` intra-op threads (no spin-waiting)."""
         try:
             import onnxruntime as ort
-            from tokenizers import Tokenizer
+            import tokenizers  # noqa: F401 (fail early with the install hint)
         except ImportError as e:  # pragma: no cover - depends on the install
             raise _err(ModelLoadError, f"onnxruntime/tokenizers not installed ({e})",
                        "pip install 'edgellm[agent]'") from e
@@ -110,25 +126,7 @@ class OnnxRuntime(Runtime):
         vocab = int(meta.get("edgellm.vocab_size") or logits_shape[-1])
 
         md = Path(model_dir) if model_dir is not None else None
-        tok_cfg: dict[str, Any] = {}
-        tokenizer = None
-        try:
-            if md is not None and (md / "tokenizer.json").is_file():
-                tokenizer = Tokenizer.from_file(str(md / "tokenizer.json"))
-                tok_cfg = _read_json(md / "tokenizer_config.json")
-            elif meta.get("edgellm.tokenizer"):
-                tokenizer = Tokenizer.from_str(meta["edgellm.tokenizer"])
-                tok_cfg = json.loads(meta.get("edgellm.tokenizer_config") or "{}")
-            elif (path.parent / "tokenizer.json").is_file():
-                tokenizer = Tokenizer.from_file(str(path.parent / "tokenizer.json"))
-                tok_cfg = _read_json(path.parent / "tokenizer_config.json")
-        except Exception as e:  # tokenizers raises a bare Exception
-            raise _err(ModelLoadError, f"unreadable tokenizer for {path.name}: {e}",
-                       "copy tokenizer.json from the model directory again") from e
-        if tokenizer is None:
-            raise _err(ModelLoadError, f"no tokenizer.json for {path.name}",
-                       "pass model_dir= (the directory with tokenizer.json) or put it next to the file")
-
+        tokenizer, tok_cfg = _load_tokenizer(path, md, meta)
         cfg: dict[str, Any] = {}
         if meta.get("edgellm.config"):
             cfg = json.loads(meta["edgellm.config"])
@@ -164,15 +162,16 @@ class OnnxRuntime(Runtime):
     def n_vocab(self) -> int:
         return self.vocab_size
 
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` this model uses."""
+        return self._tok
+
     def memory_bytes(self) -> dict[str, int]:
         """File size (weights) + fp32 KV cache for the context: what the model needs resident."""
         w = self.path.stat().st_size
         kv = 2 * self.n_layers * self._context_length * self.n_kv * self.head_dim * 4
         return {"weights_bytes": w, "kv_cache_bytes": kv, "peak_bytes": w + kv}
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise _err(GenerationError, "runtime is closed", "load the model again")
 
     # ---- tokenizer -------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -209,103 +208,69 @@ class OnnxRuntime(Runtime):
             present[f"past.{i}.value"] = outs[2 + 2 * i]
         return outs[0], present
 
-    def _check_ids(self, ids: Sequence[int], what: str = "input") -> list[int]:
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise _err(GenerationError, f"empty {what}", "send at least one token")
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise _err(GenerationError, f"{what} token id outside the vocabulary", "tokenize with this model")
-        return ids
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits for every position of ``ids`` (one fresh pass), shape (len(ids), vocab)."""
-        self._check_open()
-        ids = self._check_ids(ids)
-        if len(ids) > self._context_length:
-            raise _err(PromptTooLongError, f"{len(ids)} tokens for a context of {self._context_length}",
-                       "score at most context_length tokens at a time")
+    def _all_logits(self, ids: list[int]) -> np.ndarray:
         out, _ = self._run(np.asarray([ids], dtype=np.int64), self._empty_past())
         return out[0]
 
     def batch_logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``[B, S, V]`` for equal-length rows ``batch`` ``[B, S]``."""
+        """Logits ``[B, S, V]`` for equal-length rows ``batch`` ``[B, S]`` (one batched pass)."""
         self._check_open()
         batch = np.asarray(batch, dtype=np.int64)
         out, _ = self._run(batch, self._empty_past(batch.shape[0]))
         return out
 
-    def last_logits(self, ids: Sequence[int]) -> np.ndarray:
-        return self.logits(ids)[-1]
-
-    def decode_speed(self, n_tokens: int = 64, prompt: Sequence[int] | None = None) -> float:
-        """Greedy single-token decode tokens/s after a short prompt, EOS ignored (a benchmark)."""
-        self._check_open()
-        ids = list(prompt) if prompt else [self.bos_id if self.bos_id is not None else 0]
-        n_tokens = max(1, min(n_tokens, self._context_length - len(ids)))
-        logits, past = self._run(np.asarray([ids], dtype=np.int64), self._empty_past())
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            nxt = int(np.argmax(logits[0, -1]))
-            logits, past = self._run(np.asarray([[nxt]], dtype=np.int64), past)
-        return n_tokens / (time.perf_counter() - t0)
-
-    # ---- generation ------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenEvent]:
-        self._check_open()
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        ids = self._check_ids(ids, "prompt")
-        self.check_fits(len(ids), params)
-        return self._generate(ids, params)
-
-    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    # ---- hooks of the shared generation loop -----------------------------------------------
+    def _prefill(self, ids: list[int]) -> np.ndarray:
         """Run ``ids`` reusing the cached prefix (at least the last token is evaluated)."""
-        k = 0
-        for a, b in zip(self._cached_ids, ids):
-            if a != b:
-                break
-            k += 1
-        k = min(k, len(ids) - 1)
+        k = shared_prefix(self._cached_ids, ids)
         if k > 0 and self._cached_past is not None:
             past = {n: a[:, :, :k, :] for n, a in self._cached_past.items()}
         else:
             k, past = 0, self._empty_past()
-        self._cached_ids, self._cached_past = [], None
+        self._cached_ids, self._cached_past = [], None  # invalid until the run succeeds
         logits, past = self._run(np.asarray([ids[k:]], dtype=np.int64), past)
         self._cached_ids, self._cached_past = list(ids), past
-        return logits, past
+        return logits[0, -1]
 
-    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent]:
-        sampler = Sampler(params)
-        stops = StopBuffer(params.stop)
-        logits, past = self._prefill(ids)
-        out_ids: list[int] = []
-        emitted = ""  # decoded text of out_ids already passed to the stop buffer
-        for i in range(params.max_tokens):
-            tok, lp = sampler.sample(logits[0, -1])
-            lp_out = lp if params.logprobs else None
-            if tok in self.eos_ids:
-                yield TokenEvent(tok, stops.flush(), lp_out, "stop")
-                return
-            out_ids.append(tok)
-            full = self._tok.decode(out_ids, skip_special_tokens=True)
-            new = ""
-            if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                new, emitted = full[len(emitted):], full
-            text, hit = stops.push(new)
-            if hit:
-                yield TokenEvent(tok, text, lp_out, "stop")
-                return
-            if i == params.max_tokens - 1:
-                rest = full[len(emitted):] if full != emitted else ""
-                yield TokenEvent(tok, text + stops.push(rest)[0] + stops.flush(), lp_out, "length")
-                return
-            yield TokenEvent(tok, text, lp_out)
-            self._cached_ids, self._cached_past = [], None
-            logits, past = self._run(np.asarray([[tok]], dtype=np.int64), past)
-            self._cached_ids, self._cached_past = ids + out_ids, past
+    def _step(self, token: int) -> np.ndarray:
+        ids, past = self._cached_ids, self._cached_past
+        if past is None:  # a failed run cleared the cache: there is nothing to continue
+            raise _err(GenerationError, "no evaluated prompt to continue", "start the generation again")
+        self._cached_ids, self._cached_past = [], None
+        logits, past = self._run(np.asarray([[token]], dtype=np.int64), past)
+        self._cached_ids, self._cached_past = [*ids, token], past
+        return logits[0, -1]
+
+    def _is_end(self, token: int) -> bool:
+        return token in self.eos_ids
+
+    def _text_decoder(self) -> TextDecoder:
+        return _TokenizerDecoder(self._tok)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._session = None
             self._cached_ids, self._cached_past = [], None
+
+
+class _TokenizerDecoder(TextDecoder):
+    """Decodes the whole output so far and releases what is new once no character is cut in half."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._full = ""
+        self._emitted = ""
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        self._full = self._tok.decode(self._ids, skip_special_tokens=True)
+        if self._full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        new, self._emitted = self._full[len(self._emitted):], self._full
+        return new
+
+    def finish(self) -> str:
+        rest, self._emitted = self._full[len(self._emitted):], self._full
+        return rest

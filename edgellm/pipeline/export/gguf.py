@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.pipeline.export.gguf_vocab import read_vocab
 from edgellm.errors import BuildError
+from edgellm.pipeline.export.gguf_vocab import read_vocab
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgellm.pipeline._atomic import atomic_file, check_output_path, write_text_atomic
+from edgellm._fs import atomic_write
 from edgellm.errors import BuildError
+from edgellm.pipeline._atomic import atomic_file, check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
 
         report["eval"] = evaluate_artifact(out, model_dir=model_dir, data=eval_data, max_windows=eval_windows,
                                            reference=model)
-    write_text_atomic(report_path(out), json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write(report_path(out), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return report
 
 
