@@ -357,7 +357,7 @@ def ca_mosquitto_conf(target: Target, port: int, bind: str) -> None:
 
 from server.federated.cli import register as _register_fl  # noqa: E402
 
-_register_fl(main, data_dir_option)
+_register_fl(main, target_options)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -108,6 +108,13 @@ class LocalTarget:
     def ca_mosquitto_conf(self, port: int, bind: str) -> str:
         return ops.mosquitto_conf(self.data.ca, self.data.root / "mosquitto", port, bind)
 
+    @_audited("cli fl start")
+    def fl_start(self, **kw: Any) -> dict[str, Any]:
+        return ops.fl_start(self.data.repo, self.store, **kw)
+
+    def fl_status(self, run_id: str | None) -> list[dict[str, Any]]:
+        return ops.fl_status(self.store, run_id)
+
 
 class RemoteError(ServerError):
     """The server refused a call; ``status`` is its HTTP status."""
@@ -216,21 +223,37 @@ class RemoteTarget:
 Target = LocalTarget | RemoteTarget
 
 
-def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--data-dir`` (local) or ``--server``/``--token`` (remote); the command gets ``target``."""
+_TARGET_OPTIONS = (
+    click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help=f"Server data directory on this machine (or ${DATA_DIR_ENV})."),
+    click.option("--db", default=None, help=f"With --data-dir: the server's PostgreSQL URL, if it uses one (or ${DB_ENV})."),
+    click.option("--server", "server_url", default=None, metavar="URL",
+                 help=f"A running server's URL, instead of --data-dir (or ${URL_ENV})."),
+    click.option("--token", default=None, help=f"API token for --server (or ${TOKEN_ENV})."),
+)
 
-    @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                  help=f"Server data directory on this machine (or ${DATA_DIR_ENV}).")
-    @click.option("--db", default=None, help=f"With --data-dir: the server's PostgreSQL URL, if it uses one (or ${DB_ENV}).")
-    @click.option("--server", "server_url", default=None, metavar="URL",
-                  help=f"A running server's URL, instead of --data-dir (or ${URL_ENV}).")
-    @click.option("--token", default=None, help=f"API token for --server (or ${TOKEN_ENV}).")
-    @functools.wraps(fn)
-    def wrapper(*args: Any, data_dir: Path | None, db: str | None, server_url: str | None, token: str | None,
-                **kw: Any) -> Any:
-        return fn(*args, target=resolve(data_dir, db, server_url, token), **kw)
 
-    return wrapper
+def target_options(fn: Any) -> Any:
+    """``--data-dir`` (local) or ``--server``/``--token`` (remote); the command gets ``target``.
+    Decorates a command function, or an existing :class:`click.Command`."""
+
+    def resolving(callback: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(callback)
+        def wrapper(*args: Any, data_dir: Path | None, db: str | None, server_url: str | None, token: str | None,
+                    **kw: Any) -> Any:
+            return callback(*args, target=resolve(data_dir, db, server_url, token), **kw)
+
+        return wrapper
+
+    if isinstance(fn, click.Command):
+        fn.callback = resolving(fn.callback) if fn.callback is not None else None
+        for opt in _TARGET_OPTIONS:
+            opt(fn)  # on a Command, click appends the option to its params
+        return fn
+    fn = resolving(fn)
+    for opt in reversed(_TARGET_OPTIONS):
+        fn = opt(fn)
+    return fn
 
 
 def resolve(data_dir: Path | None, db: str | None, server_url: str | None, token: str | None) -> Target:

@@ -182,3 +182,40 @@ def mosquitto_conf(ca_dir: Path, persistence_dir: Path, port: int, bind: str) ->
     atomic_write(acl, mosquitto_acl().encode(), mode=0o644)
     return mosquitto_config(port=port, bind=bind, ca=ca_dir / "ca.crt", cert=broker / "server.crt",
                             key=broker / "server.key", persistence_dir=persistence_dir, acl_file=acl)
+
+
+# --------------------------------------------------------------------------- federated runs
+
+
+def fl_start(repo_dir: Path, store: Store, *, model: str, version: str, publish: str, group: str = "default",
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record a federated run (the leader's federated driver carries it out). ``settings``: the
+    fields of :class:`server.federated.store.RunSettings`; unknown ones are refused."""
+    import dataclasses
+
+    from server.federated.store import FlStore, RunSettings
+    from server.gate import Gate, parse_percent
+
+    given = dict(settings or {})
+    known = {f.name for f in dataclasses.fields(RunSettings)}
+    if set(given) - known:
+        raise ServerError(f"unknown settings: {', '.join(sorted(set(given) - known))}",
+                          hint=f"settings may hold {', '.join(sorted(known))}")
+    try:
+        s = RunSettings(**given)
+    except TypeError as e:
+        raise ServerError(f"bad settings: {e}", hint="see `edgellm-server fl start --help`") from None
+    parse_percent(s.canary)
+    Gate.parse(s.gate)
+    rollout.parse_bake(s.bake)
+    if not any(p["model"] == model and p["version"] == version for p in published(repo_dir)):
+        raise ServerError(f"the repository has no bundle of {model} {version} for devices to fine-tune",
+                          hint="`edgellm-server publish BUNDLE` first")
+    rid = FlStore(store).create(model=model, base_version=version, version=publish, group=group, settings=s.check())
+    return {"id": rid, "state": "pending"}
+
+
+def fl_status(store: Store, run_id: str | None = None) -> list[dict[str, Any]]:
+    from server.federated.store import FlStore, status
+
+    return status(FlStore(store), run_id)
