@@ -85,6 +85,7 @@ FINAL = (S.COMPLETED, S.ROLLED_BACK, S.ABORTED, S.FAILED)
 ACTIONS = ("pause", "resume", "abort", "rollback")
 ABORTED_BY_OPERATOR = "aborted by operator"
 ROLLED_BACK_BY_OPERATOR = "rolled back by operator"
+WAITING = "bake time over, waiting for canary telemetry"
 
 
 class _Moved(Exception):
@@ -192,7 +193,6 @@ class RolloutDriver:
         self.update_timeout_s = update_timeout_s
         self.min_samples = min_samples
         self.max_bake_factor = max(1.0, max_bake_factor)
-        self._waiting: set[str] = set()
 
     # -- desired state
 
@@ -322,10 +322,10 @@ class RolloutDriver:
     def _wait_for_evidence(self, r: RolloutRow, n: int, baked: float) -> None:
         """A quiet canary keeps baking up to ``max_bake_factor`` bakes, then rolls back."""
         if baked < r.bake_s * self.max_bake_factor:
-            if r.id not in self._waiting:  # say it once in the history, not every tick
-                self._waiting.add(r.id)
-                self._set(r, S.BAKE, f"bake time over, waiting for canary telemetry (n={n}, need {self.min_samples})",
-                          phase_started=False)
+            # said once in the history, not every tick (nor again by a new leader: read from the store)
+            if not any(h.message.startswith(WAITING) for h in self.store.rollout_log(r.id)
+                       if h.ts >= (r.phase_started or r.created)):
+                self._set(r, S.BAKE, f"{WAITING} (n={n}, need {self.min_samples})", phase_started=False)
             return
         self._rollback(r, f"not enough canary telemetry to judge the gate within "
                           f"{r.bake_s * self.max_bake_factor:g}s (n={n}, need {self.min_samples})")

@@ -27,6 +27,15 @@ BEHAVIOUR = {"1.0": Behaviour(latency_ms=100, mean_logprob=-1.2), "2.0": Behavio
 GATE = "p95_latency_ms<=300,error_rate<=0.05"
 
 
+def assert_each_step_once(log) -> None:
+    """The rollout went pending → canary → bake → full → completed, and no entry of its history
+    was written twice (a quiet bake may add one "waiting for telemetry" entry, once)."""
+    states = [h.state for i, h in enumerate(log) if i == 0 or h.state != log[i - 1].state]
+    assert states == ["pending", "canary", "bake", "full", "completed"], log
+    messages = collections.Counter(h.message.split(" (")[0] for h in log)
+    assert max(messages.values()) == 1, log
+
+
 class Replica:
     def __init__(self, name: str, data, db: str, mqtt: str, log) -> None:
         self.name = name
@@ -92,8 +101,7 @@ def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg
         assert st.state == "completed", st.reason
         holder2, _, term2 = store.lease_holder("leader")
         assert holder2.startswith(survivor.name + "@") and term2 == term + 1
-        steps = collections.Counter(h.state for h in store.rollout_log(rid))
-        assert steps == {"pending": 1, "canary": 1, "bake": 1, "full": 1, "completed": 1}, store.rollout_log(rid)
+        assert_each_step_once(store.rollout_log(rid))
         assert all(d.version == "2.0" for d in devices)
     finally:
         for d in devices:
@@ -148,8 +156,7 @@ def test_real_agent_follows_a_rollout_through_leader_failover(tmp_path, mqtt_bro
                       what="rollout finished under srv-b")
         assert st.state == "completed", st.reason
         assert store.lease_holder("leader")[0].startswith("srv-b@")
-        steps = collections.Counter(h.state for h in store.rollout_log(rid))
-        assert steps == {"pending": 1, "canary": 1, "bake": 1, "full": 1, "completed": 1}, store.rollout_log(rid)
+        assert_each_step_once(store.rollout_log(rid))
         assert {x.id: x.version for x in store.devices(group="lab")} == {"dev-1": "1.1.0", "sim-0": "1.1.0",
                                                                          "sim-1": "1.1.0"}
     finally:
