@@ -25,6 +25,7 @@ from typing import Any
 from edgellm._fs import atomic_write
 from edgellm.telemetry import MqttConfig
 from server.api import ApiContext
+from server.drain import SessionJanitor
 from server.errors import ServerError
 from server.leader import Leadership
 from server.store import Store
@@ -152,6 +153,7 @@ class Server:
         self.store = self.data.store(db)
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
         self.leadership = Leadership(self.store.reopen(), client_id, ttl_s=leader_ttl_s)
+        self.janitor = SessionJanitor(self.leadership.store, mqtt, client_id, self.leadership.holder, leader_ttl_s)
         self.driver = RolloutDriver(self.store.reopen(), lambda t, p, r: self.ingest.publish(t, p, retain=r),
                                     min_samples=min_samples, max_bake_factor=max_bake_factor,
                                     update_timeout_s=update_timeout_s)
@@ -197,7 +199,9 @@ class Server:
             if time.monotonic() >= next_ts:
                 next_ts = time.monotonic() + self.timestamp_refresh_s
                 self._hourly()
-            if not self._leading():
+            leading = self._leading()
+            self.janitor.tick(leading)
+            if not leading:
                 continue
             if self._republish.is_set():
                 self._republish.clear()

@@ -103,6 +103,9 @@ def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg
         assert holder2.startswith(survivor.name + "@") and term2 == term + 1
         assert_each_step_once(store.rollout_log(rid))
         assert all(d.version == "2.0" for d in devices)
+        # the dead replica's broker session (where the broker queues its share) is taken over and ended
+        wait_for(lambda: store.lease_holder(f"ingest:{leader.name}") is None, timeout=60, what="dead session drained")
+        assert store.lease_holder(f"ingest:{survivor.name}") is not None
     finally:
         for d in devices:
             d.stop()

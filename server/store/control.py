@@ -84,6 +84,17 @@ class ControlTables:
     def release_lease(self, name: str, holder: str) -> None:
         self.db.execute("UPDATE leases SET expires=0 WHERE name=? AND holder=?", (name, holder))
 
+    def expired_leases(self, prefix: str, older_than_s: float) -> list[tuple[str, str]]:
+        """``(name, holder)`` of leases named ``prefix...`` that ran out over ``older_than_s`` ago."""
+        return [(r["name"], r["holder"]) for r in self.db.execute(
+            "SELECT name, holder FROM leases WHERE name LIKE ? AND expires < ? ORDER BY name",
+            (prefix.replace("%", "") + "%", time.time() - older_than_s))]
+
+    def forget_lease(self, name: str, holder: str) -> bool:
+        """Delete a lease still held by ``holder`` and still run out."""
+        return self.db.execute("DELETE FROM leases WHERE name=? AND holder=? AND expires < ?",
+                               (name, holder, time.time())).rowcount == 1
+
     def lease_holder(self, name: str) -> tuple[str, float, int] | None:
         """``(holder, expires, term)`` of a lease, expired or not."""
         r = self.db.execute("SELECT holder, expires, term FROM leases WHERE name=?", (name,)).fetchone()
