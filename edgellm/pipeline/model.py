@@ -155,6 +155,8 @@ class _Backbone(nn.Module):
 class LlamaLM(nn.Module):
     """Causal LM with HF ``*ForCausalLM`` tensor names (every family of edgellm.runtime.families)."""
 
+    inv_freq: torch.Tensor  # a registered (non-persistent) buffer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg

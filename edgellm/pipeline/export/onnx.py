@@ -88,6 +88,8 @@ def _export_fp32(model, path: Path) -> str:
                 warnings.simplefilter("ignore")
                 prog = torch.onnx.export(wrapper, (ids, *past), dynamo=True, input_names=ins, output_names=outs,
                                          dynamic_shapes=dyn, optimize=True, verbose=False)
+                if prog is None:  # only the legacy exporter returns None; dynamo=True always gives a program
+                    raise BuildError("torch.onnx.export returned no program", hint="check the torch and onnxscript versions")
                 prog.save(str(path))
         finally:
             noisy.setLevel(level)
