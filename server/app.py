@@ -131,7 +131,8 @@ class Server:
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
                  max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
-                 drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None) -> None:
+                 drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None,
+                 fl_advertise: str | None = None) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
@@ -154,7 +155,8 @@ class Server:
             from server.federated.superlink import SuperLink
 
             self.fl = FlDriver(Store(self.data.store_path), self.data.root,
-                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl))
+                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl),
+                               advertise=fl_advertise)
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400
