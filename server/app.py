@@ -152,8 +152,10 @@ class Server:
         self.fl = None
         if fl is not None:  # federated runs: a supervised SuperLink and the run driver
             from server.federated.driver import FlDriver
-            from server.federated.superlink import SuperLink
+            from server.federated.superlink import SuperLink, parse_address
 
+            if fl_advertise is not None:
+                parse_address(fl_advertise, "--fl-advertise")  # HOST:PORT, or a clear error before anything starts
             self.fl = FlDriver(Store(self.data.store_path), self.data.root,
                                lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl),
                                advertise=fl_advertise)
