@@ -301,7 +301,8 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
         measured = {dev: (llama_perplexity(tiny_gguf, texts), llama_perplexity(v2, texts))
                     for dev, texts in heldout.items()}
         print(f"\nfleet e2e: {ROUNDS} rounds, 3 devices, {manifest.quantization} {v2.stat().st_size} B, "
-              f"wall {time.monotonic() - t0:.0f}s; held-out perplexity base -> {NEW}: "
+              f"wall {time.monotonic() - t0:.0f}s; global held-out loss per round "
+              f"{[round(x, 3) for x in globals_]}; held-out perplexity base -> {NEW}: "
               + ", ".join(f"{d} {b:.2f} -> {n:.2f}" for d, (b, n) in measured.items()))
         for dev, (before, after) in measured.items():
             assert after < before, (dev, measured)
