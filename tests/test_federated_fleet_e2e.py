@@ -18,9 +18,7 @@ from __future__ import annotations
 import http.server
 import json
 import math
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +29,7 @@ import httpx
 import pytest
 from fixtures_agent import AgentProcess, agent_cli, make_gguf_bundle, provision_agent
 from fixtures_mqtt import free_port
-from waiting import wait_for
+from waiting import stop_group, wait_for
 
 pytest.importorskip("flwr")
 pytest.importorskip("torch")
@@ -139,16 +137,6 @@ def server_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -325,7 +313,7 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
     finally:
         for a in agents:
             a.stop()
-        stop_group(srv)
+        stop_group(srv, 30)
         log.close()
         proxy.close()
         mqtt_broker.stop()  # mosquitto writes its persistence file on exit
