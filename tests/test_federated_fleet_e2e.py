@@ -8,7 +8,8 @@ its lineage; the canary rollout brings it to every device. And privacy: every re
 make to the SuperLink goes through a recording proxy (the server advertises it with
 ``--fl-advertise``), and what they push decodes to adapter tensors, metrics and a device record
 only; a line that exists only in one device's training data is nowhere in the server's data dir,
-its log, the SuperLink's state, the broker's persistence or anything the devices sent.
+its log, the SuperLink's state, the broker's persistence, any MQTT message or anything the devices
+sent to the SuperLink.
 
 A device killed mid-round is tested in ``test_federated_e2e.py``.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fixtures_agent import AgentProcess, agent_cli, make_gguf_bundle, provision_agent
-from fixtures_mqtt import free_port
+from fixtures_mqtt import free_port, raw_client
 from waiting import stop_group, wait_for
 
 pytest.importorskip("flwr")
@@ -153,6 +154,13 @@ def all_logs(tmp: Path) -> str:
     return "\n".join(tail(p) for p in paths)
 
 
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def agent_status(a: AgentProcess) -> dict:
     return httpx.get(a.base_url + "/v1/admin/status", headers=a.admin_headers, timeout=10).json()
 
@@ -224,6 +232,10 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
     server_url = f"http://127.0.0.1:{http_port}"
     agents: list[AgentProcess] = []
     heldout: dict[str, list[str]] = {}
+    mqtt_seen: list[bytes] = []  # every MQTT message of the test, as an eavesdropper on '#' sees it
+    spy = raw_client(mqtt_broker.url, "test-spy")
+    spy.on_message = lambda _c, _u, m: mqtt_seen.append(bytes(m.payload))
+    spy.subscribe("#")
     try:
         for i, device in enumerate(TEMPLATES):
             data = tmp_path / f"text-{i}"
@@ -236,7 +248,7 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
                                       "--train-data", str(data)))
             agent_cli("install", str(envelope), data_dir=d)
             agents.append(AgentProcess(d))
-        wait_for(lambda: httpx.get(server_url + "/healthz", timeout=2).status_code == 200, 60, "server up")
+        wait_for(lambda: _ok(server_url + "/healthz"), 60, "server up")
 
         def online() -> bool:
             r = server_cli("devices", "--data-dir", str(srv_dir), "--group", GROUP, "--format", "json")
@@ -310,18 +322,24 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
                                          "heldout-loss-after", "heldout-loss"}
         for c in train:
             assert {k: tuple(v.shape) for k, v in c["arrays"].items()} == shapes
+    except BaseException:
+        print(all_logs(tmp_path))
+        raise
     finally:
         for a in agents:
             a.stop()
         stop_group(srv, 30)
         log.close()
         proxy.close()
+        spy.loop_stop()
+        spy.disconnect()
         mqtt_broker.stop()  # mosquitto writes its persistence file on exit
 
     # a line that exists only in dev-0's training data is nowhere on the server side
     needle = marker.encode()
     sent = [p for _, p, body in proxy.records if needle in body]
     assert not sent, f"the marker went over the Fleet API in {sent}"
+    assert mqtt_seen and not [m for m in mqtt_seen if needle in m], "the marker went over MQTT"
     leaks = files_containing([srv_dir, tmp_path / "server.log", mqtt_broker.workdir], needle)
     assert not leaks, leaks
     assert files_containing([tmp_path / "text-0"], needle)  # the search does find it where it is
