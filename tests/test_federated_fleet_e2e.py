@@ -122,14 +122,18 @@ def pushed_contents(records: list[tuple[str, str, bytes]]) -> list[object]:
             for oid, c in objects.items() if get_object_type_from_object_content(c) == "RecordDict"]
 
 
-def training_marker(docs: list[str]) -> str:
-    """A unique line that the device's split puts in its training part (it is trained on)."""
-    from edgellm.pipeline.data import split_documents
+def write_local_text(data: Path, device: str, marker: str | None = None) -> list[str]:
+    """The device's text as `--train-data` holds it (documents separated by blank lines); returns
+    its held-out part, as the device splits it. A marker line goes to the part it trains on."""
+    from edgellm.pipeline.data import load_dataset
 
+    data.mkdir(exist_ok=True)
     while True:
-        marker = f"ZEBRA-{secrets.token_hex(8)} lives only on dev-0"
-        if marker in split_documents([*docs, marker], 0.2)[0]:
-            return marker
+        (data / "notes.txt").write_text("\n\n".join(local_text(device) + ([marker] if marker else [])) + "\n")
+        ds = load_dataset([data], val_fraction=0.2)
+        if marker is None or any(marker in d for d in ds.train):
+            return ds.val
+        marker = f"{marker}!"  # another hash, another side of the split
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -206,13 +210,12 @@ def files_containing(roots: list[Path], needle: bytes) -> list[str]:
 
 def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_path, tiny_gguf, mqtt_broker):
     from edgellm.bundle import unpack
-    from edgellm.pipeline.data import load_dataset
     from edgellm.pipeline.gguf_load import _reader, gguf_config
     from edgellm.pipeline.lora import LoraConfig, expected_shapes
     from edgellm.trust import Repository
 
     t0 = time.monotonic()
-    marker = training_marker(local_text("dev-0"))
+    marker = f"ZEBRA-{secrets.token_hex(8)} lives only on dev-0"
     srv_dir = tmp_path / "srv"
     server_cli("init", "--data-dir", str(srv_dir))
     bundle = make_gguf_bundle(tmp_path / "bundles", tiny_gguf, version=BASE,
@@ -239,10 +242,7 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
     try:
         for i, device in enumerate(TEMPLATES):
             data = tmp_path / f"text-{i}"
-            data.mkdir()
-            docs = local_text(device) + ([marker] if device == "dev-0" else [])
-            (data / "notes.txt").write_text("\n\n".join(docs) + "\n")
-            heldout[device] = load_dataset([data], val_fraction=0.2).val
+            heldout[device] = write_local_text(data, device, marker if device == "dev-0" else None)
             d = provision_agent(tmp_path / f"agent-{i}", srv_dir / "keys" / "root.json", server=server_url,
                                 args=("--device-id", device, "--mqtt", mqtt_broker.url, "--group", GROUP,
                                       "--train-data", str(data)))
