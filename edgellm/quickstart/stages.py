@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgellm.durations import parse_seconds
 from edgellm.quickstart.fleet import DEVICES, fleet_table, perplexity, target_artifact, write_local_text
 from edgellm.quickstart.procs import ProcessRegistry, StepFailed
 
@@ -27,6 +28,9 @@ TEACHER_CONFIG = {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 5
                   "tie_word_embeddings": True}
 GATE = "error_rate<=0.05,p95_latency_ms<=5000"
 PROMPT = "turn on the kitchen light"
+#: agents report inference metrics once a minute: a canary's gate is judged on them, so a short
+#: bake keeps baking (up to --max-bake-factor) until a report has arrived
+AGENT_METRICS_S = 60.0
 MOSQUITTO_HINT = ("install Mosquitto (Debian/Ubuntu: sudo apt-get install -y mosquitto; macOS: brew install "
                   "mosquitto) and run the quickstart again; it starts its own broker on a free local port")
 
@@ -34,11 +38,11 @@ MOSQUITTO_HINT = ("install Mosquitto (Debian/Ubuntu: sudo apt-get install -y mos
 @dataclasses.dataclass
 class Options:
     workdir: Path
-    steps: int = 400
-    distill_steps: int = 300
+    steps: int = 300
+    distill_steps: int = 200
     fl_rounds: int = 1
     fl_local_steps: int = 12
-    bake: str = "15s"
+    bake: str = "30s"
     min_samples: int = 5
     threads: int = 2
 
@@ -190,7 +194,8 @@ def fleet(run: Run) -> None:
     run.ports["http"], run.ports["fl"] = free_port(), free_port()
     srv = run.procs.start("server", server_cmd(
         "run", "--data-dir", str(run.srv), "--mqtt", run.mqtt_url, "--http", f"127.0.0.1:{run.ports['http']}",
-        "--fl", f"127.0.0.1:{run.ports['fl']}", "--tick", "0.5", "--min-samples", str(run.opts.min_samples)))
+        "--fl", f"127.0.0.1:{run.ports['fl']}", "--tick", "0.5", "--min-samples", str(run.opts.min_samples),
+        "--max-bake-factor", f"{max(3.0, AGENT_METRICS_S * 2.5 / parse_seconds(run.opts.bake)):.1f}"))
     wait_until(lambda: srv.poll() is not None or _http_ok(run.server_url + "/healthz"), 90, "the server", every=0.3)
     if srv.poll() is not None:
         raise StepFailed("edgellm-server run exited", log=run.procs.log_path("server"))
