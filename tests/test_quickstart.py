@@ -49,7 +49,8 @@ def strays(tag: str, workdir: Path) -> list[str]:
         except OSError:
             continue
         if needle in env or where in cmd:
-            found.append(f"{entry.name}: {cmd.replace(b'\0', b' ').decode(errors='replace')[:200]}")
+            shown = cmd.replace(b"\0", b" ").decode(errors="replace")[:200]
+            found.append(f"{entry.name}: {shown}")
     return found
 
 

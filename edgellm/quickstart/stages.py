@@ -7,9 +7,11 @@ Every command runs as its own process, as an operator would type it (``edgellm``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -212,8 +214,7 @@ def fleet(run: Run) -> None:
             "--server", run.server_url, "--mqtt", run.mqtt_url, "--group", GROUP, "--train-data", str(text_dir),
             "--force"))
         proc = run.procs.start(f"agent-{device}", agent_cmd("run", "--data-dir", str(data), "--listen", "127.0.0.1:0"))
-        info = wait_until(lambda d=data, p=proc: p.poll() is not None or _read_json(d / "run" / "agent.json"), 60,
-                          f"agent {device} to start", every=0.2)
+        info = wait_until(functools.partial(_agent_started, proc, data), 60, f"agent {device} to start", every=0.2)
         if proc.poll() is not None:
             raise StepFailed(f"agent {device} exited", log=run.procs.log_path(f"agent-{device}"))
         run.agents[device] = {"profile": profile, "data_dir": data, "url": f"http://127.0.0.1:{info['port']}"}
@@ -221,6 +222,10 @@ def fleet(run: Run) -> None:
     wait_until(lambda: sum(1 for d in run.devices() if d.get("online")) == len(DEVICES), 120,
                "three devices online", hint="see logs/agent-*.log")
     run.say("three devices online in group " + GROUP)
+
+
+def _agent_started(proc: subprocess.Popen, data_dir: Path) -> Any:
+    return proc.poll() is not None or _read_json(data_dir / "run" / "agent.json")
 
 
 def _http_ok(url: str) -> bool:
@@ -368,7 +373,7 @@ def summary(run: Run) -> dict[str, Any]:
 STAGES: dict[str, tuple[str, Callable[[Run], Any]]] = {
     "train": ("train a teacher on the embedded corpus", train),
     "distill": ("distill a student from it", distill),
-    "build": ("build signed-ready bundles for three hardware profiles", build),
+    "build": ("build bundles for three hardware profiles", build),
     "server": ("initialise a server and its TUF repository, publish v1", server),
     "broker": ("start an MQTT broker", broker),
     "fleet": ("start the server and three agents (separate processes)", fleet),
