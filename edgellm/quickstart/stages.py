@@ -282,9 +282,9 @@ class Traffic:
 
 def _rollout(run: Run, version: str) -> None:
     out = run.server_json("rollout", "start", "--data-dir", str(run.srv), "--model", MODEL, "--version", version,
-                          "--group", GROUP, "--canary", "34%", "--gate", GATE, "--bake", run.opts.bake)
+                          "--group", GROUP, "--canary", "33%", "--gate", GATE, "--bake", run.opts.bake)
     rid = (out[0] if isinstance(out, list) else out)["id"]
-    run.say(f"rollout {rid}: {MODEL} {version} to group {GROUP}, canary 34%, gate {GATE}, bake {run.opts.bake}")
+    run.say(f"rollout {rid}: {MODEL} {version} to group {GROUP}, canary 33%, gate {GATE}, bake {run.opts.bake}")
     seen: set[str] = set()
 
     def done() -> dict[str, Any] | None:
