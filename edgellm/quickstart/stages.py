@@ -139,9 +139,10 @@ def distill(run: Run) -> None:
 
 
 def build(run: Run) -> None:
-    # GGUF only: devices fine-tune the GGUF they serve (federated learning declines ONNX models)
+    # GGUF F16 for every profile: devices fine-tune the GGUF they serve, and a federated run trains one
+    # artifact (a device on another one is excluded as base-mismatch)
     args = ["build", "--model", str(run.path("models", "student")), "--out", str(run.path("dist")),
-            "--name", MODEL, "--version", V1, "--candidates", "gguf-f16,gguf-q8_0",
+            "--name", MODEL, "--version", V1, "--candidates", "gguf-f16",
             "--cache-dir", str(run.path("cache")), "--format", "json"]
     for profile, _tpl, _words in DEVICES.values():
         args += ["--profile", profile]
