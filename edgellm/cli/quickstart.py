@@ -59,7 +59,7 @@ def quickstart_cmd(workdir: Path, fresh: bool, keep_running: bool, steps: int, d
         say(f"quickstart {e}; every process it started is stopped")
         raise SystemExit(130) from None
     if "dashboard" in result:
-        say(f"dashboard: {result['dashboard']}")
+        say(f"dashboard: {result['dashboard']} (the fleet is stopped now; --keep-running leaves it up to explore)")
     say(f"summary: {opts.workdir / 'summary.json'} ({result['seconds']:.0f}s)")
 
 

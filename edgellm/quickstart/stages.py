@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgellm._fs import atomic_write
 from edgellm.durations import parse_seconds
 from edgellm.quickstart.fleet import DEVICES, fleet_table, perplexity, target_artifact, write_local_text
 from edgellm.quickstart.procs import ProcessRegistry, StepFailed
@@ -360,13 +361,17 @@ def summary(run: Run) -> dict[str, Any]:
         ppl.setdefault(device, {})["after"] = p
     devices = run.devices()
     run.say("\n" + fleet_table(devices, ppl))
+    token = run.server_json("token", "create", "--data-dir", str(run.srv), "--role", "viewer", "--name", "quickstart")
+    token_file = run.path("dashboard-token")
+    atomic_write(token_file, (token["token"] + "\n").encode(), mode=0o600)
+    run.say(f"dashboard: {run.server_url}/ (viewer token in {token_file})")
     return {
         "workdir": str(run.opts.workdir), "model": MODEL, "group": GROUP,
         "devices": [{"id": d["id"], "profile": d.get("profile"), "version": d.get("version"),
                      "online": bool(d.get("online")), "url": run.agents.get(d["id"], {}).get("url")}
                     for d in devices],
         "rollouts": run.rollouts, "federated": run.federated, "request": {"prompt": PROMPT, "answer": run.answer},
-        "dashboard": run.server_url + "/", "server": run.server_url, "mqtt": run.mqtt_url,
+        "dashboard": run.server_url + "/", "dashboard_token_file": str(token_file), "server": run.server_url, "mqtt": run.mqtt_url,
     }
 
 
