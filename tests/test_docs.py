@@ -77,6 +77,11 @@ def invocations(line: str) -> list[list[str]]:
     for seg in found:
         i = 0
         while i < len(seg) and (seg[i] in WRAPPERS or re.match(r"^[A-Za-z_]+=", seg[i])):
+            if seg[i] in WRAPPERS:  # sudo -u edgellm edgellm-agent ...
+                i += 1
+                while i < len(seg) and seg[i].startswith("-"):
+                    i += 2 if seg[i] in ("-u", "-g") else 1
+                continue
             value = seg[i].partition("=")[2]
             if Path(value).name in PROGRAMS:  # ExecStart=/usr/bin/edgellm-agent run ...
                 seg = [value, *seg[i + 1:]]
@@ -143,7 +148,7 @@ def test_the_checker_catches_what_is_wrong() -> None:
     text = textwrap.dedent("""\
         ```bash
         edgellm bundle verify x.bundle --root root.json --no-such-flag   # comment --nor-this
-        sudo edgellm-agent status --data-dir d && edgellm frobnicate
+        sudo -u edgellm edgellm-agent status --data-dir d && edgellm frobnicate
         edgellm-server rollout ACTION --data-dir srv
         ```
         ```python
