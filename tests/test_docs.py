@@ -66,7 +66,8 @@ def invocations(line: str) -> list[list[str]]:
         tokens = list(lexer)
     except ValueError:
         return []
-    found, segment = [], []
+    found: list[list[str]] = []
+    segment: list[str] = []
     for tok in [*tokens, ";"]:
         if tok and set(tok) <= set("|&;()"):
             found.append(segment)
@@ -93,7 +94,7 @@ def invocations(line: str) -> list[list[str]]:
     return calls
 
 
-def _option(cmd: click.Command, name: str) -> click.Parameter | None:
+def _option(cmd: click.Command, name: str) -> click.Option | None:
     for p in cmd.params:
         if isinstance(p, click.Option) and name in (*p.opts, *p.secondary_opts):
             return p
