@@ -62,15 +62,18 @@ def machine_line(bandwidth_seconds: float) -> str:
     from edgellm.hardware import measure_bandwidth_gbps
 
     bw = measure_bandwidth_gbps(seconds=bandwidth_seconds)
-    return (f"{os.cpu_count()} cores ({cpu_model()}, {platform.machine()}), memory bandwidth "
-            f"{bw:.1f} GB/s measured (1 thread, numpy copy), load average {load_average()} (1/5/15 min), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    return (
+        f"{os.cpu_count()} cores ({cpu_model()}, {platform.machine()}), memory bandwidth "
+        f"{bw:.1f} GB/s measured (1 thread, numpy copy), load average {load_average()} (1/5/15 min), "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def wants_quick(python: str, script: Path, env: dict[str, str]) -> bool:
     try:
-        out = subprocess.run([python, str(script), "--help"], capture_output=True, text=True,
-                             timeout=120, cwd=ROOT, env=env)
+        out = subprocess.run(
+            [python, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+        )
     except subprocess.TimeoutExpired:
         return False
     return out.returncode == 0 and "--quick" in out.stdout
@@ -112,15 +115,27 @@ def _fence(text: str) -> str:
 
 
 def section(result: Result, script: Path, machine: str) -> str:
-    lines = [f"## {result.script}", "", f"Command: `{_display_command(result.argv, script)}`", "",
-             f"Machine: {machine}; load average {result.load_before} before, {result.load_after} after "
-             f"this script; it ran {result.seconds:.0f} s.", ""]
+    lines = [
+        f"## {result.script}",
+        "",
+        f"Command: `{_display_command(result.argv, script)}`",
+        "",
+        f"Machine: {machine}; load average {result.load_before} before, {result.load_after} after "
+        f"this script; it ran {result.seconds:.0f} s.",
+        "",
+    ]
     if result.returncode is None:
-        lines += [f"**FAILED: timed out after {result.seconds:.0f} s.** Its output so far and the end of "
-                  "its stderr are below; rerun the command above to see the whole run.", ""]
+        lines += [
+            f"**FAILED: timed out after {result.seconds:.0f} s.** Its output so far and the end of "
+            "its stderr are below; rerun the command above to see the whole run.",
+            "",
+        ]
     elif result.returncode != 0:
-        lines += [f"**FAILED: exit status {result.returncode}.** The end of its stderr is below; "
-                  "rerun the command above to see the whole run.", ""]
+        lines += [
+            f"**FAILED: exit status {result.returncode}.** The end of its stderr is below; "
+            "rerun the command above to see the whole run.",
+            "",
+        ]
     out = result.stdout if result.stdout.endswith("\n") or not result.stdout else result.stdout + "\n"
     fence = _fence(out)
     lines += [f"{fence}text", out.rstrip("\n") if out else "(no output)", fence, ""]

@@ -85,12 +85,12 @@ def invocations(line: str) -> list[list[str]]:
                 continue
             value = seg[i].partition("=")[2]
             if Path(value).name in PROGRAMS:  # ExecStart=/usr/bin/edgellm-agent run ...
-                seg = [value, *seg[i + 1:]]
+                seg = [value, *seg[i + 1 :]]
                 i = 0
                 break
             i += 1
         if i < len(seg) and Path(seg[i]).name in PROGRAMS:
-            calls.append([Path(seg[i]).name, *seg[i + 1:]])
+            calls.append([Path(seg[i]).name, *seg[i + 1 :]])
     return calls
 
 
@@ -157,8 +157,12 @@ def test_the_checker_catches_what_is_wrong() -> None:
         ```
         """)
     calls = [argv for _, line in shell_lines(text) for argv in invocations(line)]
-    assert [c[:2] for c in calls] == [["edgellm", "bundle"], ["edgellm-agent", "status"], ["edgellm", "frobnicate"],
-                                      ["edgellm-server", "rollout"]]
+    assert [c[:2] for c in calls] == [
+        ["edgellm", "bundle"],
+        ["edgellm-agent", "status"],
+        ["edgellm", "frobnicate"],
+        ["edgellm-server", "rollout"],
+    ]
     assert check(calls[0]) == ["edgellm bundle verify has no option --no-such-flag"]
     assert check(calls[1]) == []
     assert check(calls[2]) == ["edgellm has no command 'frobnicate'"]
@@ -176,7 +180,7 @@ if "--help" in sys.argv:
 print("args:", sys.argv[1:])
 print("a vs b: 2.50x  ```fence``` inside")
 '''
-FAKE_FAIL = '''\
+FAKE_FAIL = """\
 import sys
 if "--help" in sys.argv:
     print("usage: bench_b.py")
@@ -184,7 +188,7 @@ if "--help" in sys.argv:
 print("partial line")
 print("Traceback: broke because the broker is missing", file=sys.stderr)
 sys.exit(3)
-'''
+"""
 
 
 def test_report_writes_one_section_per_script_and_reports_failures(tmp_path: Path) -> None:
@@ -195,14 +199,29 @@ def test_report_writes_one_section_per_script_and_reports_failures(tmp_path: Pat
     (bench / "helper.py").write_text("raise SystemExit('not a benchmark: must not run')\n")
     out = tmp_path / "page.md"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_report.py"), "--benchmarks", str(bench),
-                        "--out", str(out), "--bandwidth-seconds", "0.05"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "_report.py"),
+            "--benchmarks",
+            str(bench),
+            "--out",
+            str(out),
+            "--bandwidth-seconds",
+            "0.05",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr  # one script failed: the page is written, the run says so
     page = out.read_text()
     assert page.startswith("# Benchmarks")
     assert "`make bench` regenerates this page" in page
-    assert re.search(r"Machine: \d+ cores .*memory bandwidth [\d.]+ GB/s measured.*load average [\d.]+ [\d.]+ [\d.]+", page)
+    assert re.search(
+        r"Machine: \d+ cores .*memory bandwidth [\d.]+ GB/s measured.*load average [\d.]+ [\d.]+ [\d.]+", page
+    )
     assert "Scripts: 2, failed: 1 (bench_b.py)." in page
     assert "helper.py" not in page
     a, b = page.index("## bench_a.py"), page.index("## bench_b.py")
@@ -218,8 +237,19 @@ def test_report_writes_one_section_per_script_and_reports_failures(tmp_path: Pat
 
 
 def test_report_refuses_an_empty_directory(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_report.py"), "--benchmarks", str(tmp_path),
-                        "--out", str(tmp_path / "p.md")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "_report.py"),
+            "--benchmarks",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "p.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "--benchmarks DIR" in r.stderr
     assert not (tmp_path / "p.md").exists()
 
@@ -240,9 +270,10 @@ def test_completion_script_names_the_program(shell: str, prog: str) -> None:
     assert prog in r.output
 
 
-@pytest.mark.parametrize("prog,partial,expected", [("edgellm", "rep", "repo"),
-                                                   ("edgellm-agent", "prov", "provision"),
-                                                   ("edgellm-server", "rollo", "rollout")])
+@pytest.mark.parametrize(
+    "prog,partial,expected",
+    [("edgellm", "rep", "repo"), ("edgellm-agent", "prov", "provision"), ("edgellm-server", "rollo", "rollout")],
+)
 def test_completion_answers_from_the_real_command(prog: str, partial: str, expected: str) -> None:
     """What the printed script does at a TAB: call the program back with the completion variable set."""
     var = "_{}_COMPLETE".format(prog.replace("-", "_").upper())

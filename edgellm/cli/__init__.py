@@ -21,8 +21,14 @@ PROGRAMS = ("edgellm", "edgellm-agent", "edgellm-server")
 
 @click.command("completion")
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
-@click.option("--command", "prog", type=click.Choice(PROGRAMS), default="edgellm", show_default=True,
-              help="Which of the three commands the script completes.")
+@click.option(
+    "--command",
+    "prog",
+    type=click.Choice(PROGRAMS),
+    default="edgellm",
+    show_default=True,
+    help="Which of the three commands the script completes.",
+)
 def completion(shell: str, prog: str) -> None:
     """Print the shell completion script for SHELL (click's own completion).
 
