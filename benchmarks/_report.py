@@ -58,13 +58,15 @@ def cpu_model() -> str:
 
 
 def machine_line(bandwidth_seconds: float) -> str:
-    """One line describing the machine: cores, CPU, measured bandwidth (single thread), load average."""
+    """One line describing the machine: cores, CPU, measured bandwidth (single thread), Python, OS.
+
+    Load average is given per script (before and after it), and once for the whole run."""
     from edgellm.hardware import measure_bandwidth_gbps
 
     bw = measure_bandwidth_gbps(seconds=bandwidth_seconds)
     return (
         f"{os.cpu_count()} cores ({cpu_model()}, {platform.machine()}), memory bandwidth "
-        f"{bw:.1f} GB/s measured (1 thread, numpy copy), load average {load_average()} (1/5/15 min), "
+        f"{bw:.1f} GB/s measured (1 thread, numpy copy), "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
 
@@ -120,8 +122,8 @@ def section(result: Result, script: Path, machine: str) -> str:
         "",
         f"Command: `{_display_command(result.argv, script)}`",
         "",
-        f"Machine: {machine}; load average {result.load_before} before, {result.load_after} after "
-        f"this script; it ran {result.seconds:.0f} s.",
+        f"Machine: {machine}; load average (1/5/15 min) {result.load_before} before, {result.load_after} "
+        f"after this script; it ran {result.seconds:.0f} s.",
         "",
     ]
     if result.returncode is None:
@@ -158,7 +160,7 @@ def render(results: list[tuple[Result, Path]], machine: str, when: str) -> str:
         "on the machine described, so it says how the alternatives compare there, not how fast any "
         "other device is. Reproduce one section with its command.",
         "",
-        f"Run: {when}. Machine: {machine}.",
+        f"Run: {when}. Machine: {machine}; load average {load_average()} (1/5/15 min) when the page was written.",
         "",
         f"Scripts: {len(results)}, failed: {len(failed)}" + (f" ({', '.join(failed)})." if failed else "."),
         "",

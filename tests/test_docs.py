@@ -219,14 +219,16 @@ def test_report_writes_one_section_per_script_and_reports_failures(tmp_path: Pat
     page = out.read_text()
     assert page.startswith("# Benchmarks")
     assert "`make bench` regenerates this page" in page
-    assert re.search(
-        r"Machine: \d+ cores .*memory bandwidth [\d.]+ GB/s measured.*load average [\d.]+ [\d.]+ [\d.]+", page
-    )
     assert "Scripts: 2, failed: 1 (bench_b.py)." in page
     assert "helper.py" not in page
     a, b = page.index("## bench_a.py"), page.index("## bench_b.py")
     assert a < b
     sec_a, sec_b = page[a:b], page[b:]
+    machine = r"Machine: \d+ cores \(.*\), memory bandwidth [\d.]+ GB/s measured"
+    assert re.search(machine + r".*; load average [\d.]+ [\d.]+ [\d.]+ \(1/5/15 min\) when", page)
+    assert re.search(
+        machine + r".*; load average \(1/5/15 min\) [\d.]+ [\d.]+ [\d.]+ before, [\d.]+ [\d.]+ [\d.]+ after", sec_a
+    )
     assert "bench_a.py --quick`" in sec_a  # --help lists --quick: the short run
     assert "args: ['--quick']\na vs b: 2.50x  ```fence``` inside\n" in sec_a  # verbatim
     assert "````text" in sec_a  # a fence longer than the output's backticks
