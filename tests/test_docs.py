@@ -1,4 +1,4 @@
-"""The docs stay honest: every command line in docs/*.md exists, the benchmarks page is generated, completion works."""
+"""The docs stay honest: every command line in docs/*.md and README.md exists, the benchmarks page is generated, completion works."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def check(argv: list[str]) -> list[str]:
 
 def doc_invocations() -> list[tuple[str, list[str]]]:
     found = []
-    for md in sorted(DOCS.glob("*.md")):
+    for md in [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]:
         for no, line in shell_lines(md.read_text()):
             for argv in invocations(line):
                 found.append((f"{md.relative_to(ROOT)}:{no}", argv))
