@@ -1,0 +1,147 @@
+"""Assignments signed by the director role (a delegation of the targets role), verified by the
+device with python-tuf's ngclient against its pinned root: a repository made before the
+director existed is upgraded, a forged or replayed assignment is refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from tuf.api.metadata import Metadata
+
+from edgellm.errors import VerificationError
+from edgellm.trust import KeyStore, Repository, TufClient
+from edgellm.trust.director import (
+    DIRECTOR,
+    Assignment,
+    ensure_director,
+    fetch_assignment,
+    new_assignment,
+    read_assignments,
+    write_assignments,
+)
+
+
+def _client(tmp_path, root, repo_dir, name="cache"):
+    c = TufClient(tmp_path / name, root, repo_dir / "metadata", repo_dir / "targets")
+    c.refresh()
+    return c
+
+
+def _assign(repo, scope, subject, version, prev=None):
+    a = new_assignment(scope, subject, previous=prev, model="demo", version=version, targets=["demo.bundle"])
+    write_assignments(repo, [(scope, subject, a)])
+    return a
+
+
+def test_an_old_repository_is_upgraded_and_its_devices_read_their_assignment(tmp_path, signed_repo):
+    repo, root, name = signed_repo
+    before = _client(tmp_path, root, repo.dir, "old-device")  # a device that trusted it before the upgrade
+    assert ensure_director(repo) is True
+    assert ensure_director(repo) is False  # idempotent
+    _assign(repo, "group", "lab", "1.0.0")
+    # the published bundle is still there, re-signed targets carry the delegation
+    assert [t.name for t in repo.list_targets()] == [name]
+    before.refresh()
+    a = fetch_assignment(before, "group", "lab", tmp_path / "dl")
+    assert (a.model, a.version, a.serial, a.targets) == ("demo", "1.0.0", 1, ("demo.bundle",))
+    assert fetch_assignment(before, "device", "dev-9", tmp_path / "dl") is None
+    assert read_assignments(repo)["assignments/group/lab.json"].version == "1.0.0"
+
+
+def test_device_assignment_removed_leaves_the_group_one(tmp_path, signed_repo):
+    repo, root, _ = signed_repo
+    ensure_director(repo)
+    g = _assign(repo, "group", "lab", "1.0.0")
+    _assign(repo, "device", "dev-1", "2.0.0")
+    c = _client(tmp_path, root, repo.dir)
+    assert fetch_assignment(c, "device", "dev-1", tmp_path / "dl").version == "2.0.0"
+    write_assignments(repo, [("device", "dev-1", None)])
+    c.refresh()
+    assert fetch_assignment(c, "device", "dev-1", tmp_path / "dl") is None
+    assert fetch_assignment(c, "group", "lab", tmp_path / "dl").serial == g.serial
+
+
+def test_assignment_signed_by_a_key_the_root_does_not_trust_is_refused(tmp_path, signed_repo):
+    repo, root, _ = signed_repo
+    ensure_director(repo)
+    _assign(repo, "group", "lab", "1.0.0")
+    c = _client(tmp_path, root, repo.dir)
+    assert fetch_assignment(c, "group", "lab", tmp_path / "dl").version == "1.0.0"
+    # an attacker with the server's disk but not its director key re-signs a newer director version
+    forged_keys = tmp_path / "forged-keys"
+    shutil.copytree(repo.keys.dir, forged_keys)
+    ks = KeyStore(forged_keys)
+    ks.index["roles"][DIRECTOR] = []
+    ks.save()
+    ks.add_key(DIRECTOR)
+    forged = Repository(repo.dir, forged_keys)
+    _forge(forged)
+    with pytest.raises(VerificationError, match="not enough valid signatures"):
+        c.refresh()
+        fetch_assignment(c, "group", "lab", tmp_path / "dl")
+
+
+def _forge(repo: Repository) -> None:
+    """Write a director version signed by ``repo``'s (untrusted) director key, bypassing the
+    delegation check the server makes."""
+    from edgellm.trust import director as d
+
+    a = Assignment("group", "lab", 99, "demo", "6.6.6-evil")
+    orig = d.has_director
+    d.has_director = lambda r: True
+    try:
+        write_assignments(repo, [("group", "lab", a)])
+    finally:
+        d.has_director = orig
+
+
+def test_replayed_older_director_metadata_is_refused(tmp_path, signed_repo):
+    repo, root, _ = signed_repo
+    ensure_director(repo)
+    old = _assign(repo, "group", "lab", "1.0.0")
+    md = repo.dir / "metadata"
+    saved = {f.name: f.read_bytes() for f in md.iterdir()}
+    _assign(repo, "group", "lab", "2.0.0", prev=old)
+    c = _client(tmp_path, root, repo.dir)
+    assert fetch_assignment(c, "group", "lab", tmp_path / "dl").version == "2.0.0"
+    # the attacker serves yesterday's metadata (timestamp, snapshot, director: all validly signed)
+    for f in md.iterdir():
+        if f.name not in saved:
+            f.unlink()
+    for n, data in saved.items():
+        (md / n).write_bytes(data)
+    with pytest.raises(VerificationError, match="backwards|does not match"):
+        _client(tmp_path, root, repo.dir)  # the same cache: it remembers the newer versions
+
+
+def test_old_director_version_under_the_current_snapshot_is_refused(tmp_path, signed_repo):
+    repo, root, _ = signed_repo
+    ensure_director(repo)
+    old = _assign(repo, "group", "lab", "1.0.0")
+    old_director = (repo.dir / "metadata" / "1.director.json").read_bytes()
+    _assign(repo, "group", "lab", "2.0.0", prev=old)
+    v = Metadata.from_bytes((repo.dir / "metadata" / f"{DIRECTOR}.json").read_bytes()).signed.version
+    # the server's consistent-snapshot file for the current version now holds the old content
+    (repo.dir / "metadata" / f"{v}.{DIRECTOR}.json").write_bytes(old_director)
+    c = TufClient(tmp_path / "fresh", root, repo.dir / "metadata", repo.dir / "targets")
+    c.refresh()
+    with pytest.raises(VerificationError):
+        fetch_assignment(c, "group", "lab", tmp_path / "dl")
+
+
+@pytest.mark.parametrize("bad", [
+    b"[]", b'{"format":"x"}', b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":0}',
+    b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":1,"model":"m"}',
+    b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"../x","serial":1}',
+    b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":1,"targets":["a/b"]}',
+    b"x" * 20000,
+])
+def test_malformed_assignment_bytes_are_refused(bad):
+    with pytest.raises(VerificationError):
+        Assignment.from_bytes(bad)
+
+
+def test_assignment_roundtrip():
+    a = new_assignment("device", "dev-1", previous=None, model="m", version="1.0", rollout="r-1", group="lab")
+    assert Assignment.from_bytes(a.to_json()) == a
