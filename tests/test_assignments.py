@@ -28,10 +28,9 @@ def _client(tmp_path, root, repo_dir, name="cache"):
     return c
 
 
-def _assign(repo, scope, subject, version, prev=None):
-    a = new_assignment(scope, subject, previous=prev, model="demo", version=version, targets=["demo.bundle"])
-    write_assignments(repo, [(scope, subject, a)])
-    return a
+def _assign(repo, scope, subject, version):
+    a = new_assignment(scope, subject, model="demo", version=version, targets=["demo.bundle"])
+    return write_assignments(repo, [(scope, subject, a)])
 
 
 def test_an_old_repository_is_upgraded_and_its_devices_read_their_assignment(tmp_path, signed_repo):
@@ -44,7 +43,7 @@ def test_an_old_repository_is_upgraded_and_its_devices_read_their_assignment(tmp
     assert [t.name for t in repo.list_targets()] == [name]
     before.refresh()
     a = fetch_assignment(before, "group", "lab", tmp_path / "dl")
-    assert (a.model, a.version, a.serial, a.targets) == ("demo", "1.0.0", 1, ("demo.bundle",))
+    assert (a.model, a.version, a.serial, a.targets) == ("demo", "1.0.0", 2, ("demo.bundle",))
     assert fetch_assignment(before, "device", "dev-9", tmp_path / "dl") is None
     assert read_assignments(repo)["assignments/group/lab.json"].version == "1.0.0"
 
@@ -59,7 +58,7 @@ def test_device_assignment_removed_leaves_the_group_one(tmp_path, signed_repo):
     write_assignments(repo, [("device", "dev-1", None)])
     c.refresh()
     assert fetch_assignment(c, "device", "dev-1", tmp_path / "dl") is None
-    assert fetch_assignment(c, "group", "lab", tmp_path / "dl").serial == g.serial
+    assert fetch_assignment(c, "group", "lab", tmp_path / "dl").serial == g
 
 
 def test_assignment_signed_by_a_key_the_root_does_not_trust_is_refused(tmp_path, signed_repo):
@@ -102,7 +101,7 @@ def test_replayed_older_director_metadata_is_refused(tmp_path, signed_repo):
     old = _assign(repo, "group", "lab", "1.0.0")
     md = repo.dir / "metadata"
     saved = {f.name: f.read_bytes() for f in md.iterdir()}
-    _assign(repo, "group", "lab", "2.0.0", prev=old)
+    _assign(repo, "group", "lab", "2.0.0")
     c = _client(tmp_path, root, repo.dir)
     assert fetch_assignment(c, "group", "lab", tmp_path / "dl").version == "2.0.0"
     # the attacker serves yesterday's metadata (timestamp, snapshot, director: all validly signed)
@@ -120,7 +119,7 @@ def test_old_director_version_under_the_current_snapshot_is_refused(tmp_path, si
     ensure_director(repo)
     old = _assign(repo, "group", "lab", "1.0.0")
     old_director = (repo.dir / "metadata" / "1.director.json").read_bytes()
-    _assign(repo, "group", "lab", "2.0.0", prev=old)
+    _assign(repo, "group", "lab", "2.0.0")
     v = Metadata.from_bytes((repo.dir / "metadata" / f"{DIRECTOR}.json").read_bytes()).signed.version
     # the server's consistent-snapshot file for the current version now holds the old content
     (repo.dir / "metadata" / f"{v}.{DIRECTOR}.json").write_bytes(old_director)
@@ -143,5 +142,5 @@ def test_malformed_assignment_bytes_are_refused(bad):
 
 
 def test_assignment_roundtrip():
-    a = new_assignment("device", "dev-1", previous=None, model="m", version="1.0", rollout="r-1", group="lab")
+    a = new_assignment("device", "dev-1", model="m", version="1.0", rollout="r-1", group="lab")
     assert Assignment.from_bytes(a.to_json()) == a

@@ -152,18 +152,21 @@ def ensure_director(repo: Repository) -> bool:
     return True
 
 
-def write_assignments(repo: Repository, changes: list[tuple[str, str, Assignment | None]]) -> None:
+def write_assignments(repo: Repository, changes: list[tuple[str, str, Assignment | None]]) -> int:
     """Set (or remove, with None) assignments ``(scope, subject, assignment)`` in one signed
-    director version, then snapshot and timestamp."""
+    director version, then snapshot and timestamp. Each assignment's serial becomes the version
+    of the director metadata that signs it (monotonic across removals). Returns that serial."""
     with repo.transaction() as txn:
         if not has_director(repo):
             raise TrustError("the repository has no director role", hint="run `edgellm-server init` or start the server once")
         with repo.edit_targets(DIRECTOR) as director:
+            serial = director.version + 1
             for scope, subject, a in changes:
                 path = assignment_path(scope, subject)
                 if a is None:
                     director.targets.pop(path, None)
                     continue
+                a = dataclasses.replace(a, serial=serial)
                 data = a.to_json()
                 digest = hashlib.sha256(data).hexdigest()
                 folder, _, base = path.rpartition("/")
@@ -177,6 +180,7 @@ def write_assignments(repo: Repository, changes: list[tuple[str, str, Assignment
                 director.targets[path] = tf
         repo.do_snapshot()
         repo.do_timestamp()
+    return serial
 
 
 def read_assignments(repo: Repository) -> dict[str, Assignment]:
@@ -191,12 +195,12 @@ def read_assignments(repo: Repository) -> dict[str, Assignment]:
     return out
 
 
-def new_assignment(scope: str, subject: str, *, previous: Assignment | None, model: str | None,
-                   version: str | None, targets: list[str] | tuple[str, ...] = (), rollout: str | None = None,
+def new_assignment(scope: str, subject: str, *, model: str | None, version: str | None,
+                   targets: list[str] | tuple[str, ...] = (), rollout: str | None = None,
                    group: str | None = None) -> Assignment:
-    """The next assignment at a scope: its serial one above the previous one's."""
-    return Assignment(scope, subject, (previous.serial if previous else 0) + 1, model, version, tuple(targets),
-                      rollout, group, time.time())
+    """An assignment to write (its serial is set by :func:`write_assignments`)."""
+    assignment_path(scope, subject)
+    return Assignment(scope, subject, 1, model, version, tuple(targets), rollout, group, time.time())
 
 
 # --------------------------------------------------------------------------- device side
