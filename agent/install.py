@@ -298,7 +298,8 @@ class Installer:
                     # the version in the other slot is asked for: switch back locally; the version
                     # left is not rejected (it did not fail here, the fleet chose another)
                     st = self.store.rollback(reason=f"desired version is {target.version}", reject=False)
-                    self.on_event("update.rolled_back", version=target.version, from_version=cur.version)
+                    self.on_event("update.installed", version=target.version, model=target.name,
+                                  from_version=cur.version, slot=st.current, reused_slot=True)
                     return st.last_result or {}
                 if not rollback_ok:
                     reason = (f"desired {target.version} is older than the current {cur.version} "

@@ -37,10 +37,11 @@ def default_root_keys_dir(data_dir: Path) -> Path:
 def offline_key_files(keys_dir: Path) -> list[str]:
     """Private key files of offline roles (root) present in ``keys_dir``."""
     from edgellm.trust import KeyStore
+    from edgellm.trust.director import DIRECTOR
     from edgellm.trust.keys import ONLINE_ROLES
 
     index = KeyStore(keys_dir).index
-    return [e["file"] for role, entries in index["roles"].items() if role not in ONLINE_ROLES
+    return [e["file"] for role, entries in index["roles"].items() if role not in (*ONLINE_ROLES, DIRECTOR)
             for e in entries if (keys_dir / e["file"]).exists()]
 
 
@@ -76,6 +77,13 @@ class DataDir:
 
     def store(self) -> Store:
         return Store(self.store_path)
+
+    def director(self, store: Store | None = None, publish: Any = None) -> Any:
+        """The director (:mod:`server.director`) over this repository; upgrades an older
+        repository with the director role on first use."""
+        from server.director import Director
+
+        return Director(self.repo, self.keys, store or self.store(), publish)
 
     def offline_keys_present(self) -> list[str]:
         """Private keys of offline roles (root) found in ``keys/``: they should not be here."""
@@ -118,6 +126,9 @@ class DataDir:
             shutil.copytree(repo, d.repo)
         else:
             Repository.create(d.repo, d.keys)
+        from edgellm.trust.director import ensure_director
+
+        ensure_director(Repository(d.repo, d.keys))
         Store(d.store_path).close()
         atomic_write(d.config_path, (json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()},
                                                 indent=2) + "\n").encode())
@@ -143,11 +154,13 @@ class Server:
                            "move them to the operator's machine", ", ".join(offline))
         self.store = self.data.store()
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
-        self.driver = RolloutDriver(Store(self.data.store_path), lambda t, p, r: self.ingest.publish(t, p, retain=r),
-                                    min_samples=min_samples, max_bake_factor=max_bake_factor,
-                                    update_timeout_s=update_timeout_s)
+        self.driver_store = Store(self.data.store_path)
+        self.publish = lambda t, p, r: self.ingest.publish(t, p, retain=r)
+        self.director = self.data.director(self.driver_store, self.publish)
+        self.driver = RolloutDriver(self.driver_store, self.director, min_samples=min_samples,
+                                    max_bake_factor=max_bake_factor, update_timeout_s=update_timeout_s)
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
-        self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
+        self.http = HttpServer(self.store, self.data.repo, http_host, http_port, director=self.director)
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400
@@ -185,6 +198,12 @@ class Server:
                 except Exception:
                     logger.exception("republishing desired state failed")
             self.driver.tick()
+            try:
+                from server import commands
+
+                commands.send_pending(self.driver_store, self.publish)
+            except Exception:
+                logger.exception("sending device commands failed")
 
     def _hourly(self) -> None:
         if self.drive_rollouts:  # one replica signs

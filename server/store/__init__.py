@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from server.store.fleet import FLEET_SCHEMA, FleetTables
 from server.store.rollouts import RolloutTables
 from server.store.rows import (
     DeviceRow,
@@ -32,12 +33,13 @@ __all__ = ["QUARANTINE_KEEP", "QUARANTINE_PAYLOAD_BYTES", "DeviceRow", "EventRow
            "QuarantineRow", "RolloutDeviceRow", "RolloutRow", "SeriesPoint", "Store"]
 
 
-class Store(TelemetryTables, RolloutTables):
+class Store(TelemetryTables, RolloutTables, FleetTables):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         migrate(self.db)
+        self.db.executescript(FLEET_SCHEMA)
 
     @property
     def db(self) -> sqlite3.Connection:  # type: ignore[override]
