@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from pathlib import Path
 
 import click
@@ -115,35 +114,12 @@ def publish(data_dir: Path, bundles: tuple[Path, ...], fmt: str) -> None:
             click.echo(f"published {o['target']}  ({o['model']} {o['version']}, {o['runtime']}, {', '.join(o['profiles'])})")
 
 
-@main.command()
-@data_dir_option
-@click.option("--group", default=None, help="Only this device group.")
-@format_option
-def devices(data_dir: Path, group: str | None, fmt: str) -> None:
-    """List devices: id, group, profile, version, online, last seen."""
-    from server.app import DataDir
-
-    rows = DataDir(data_dir).check().store().devices(group=group)
-    if fmt == "json":
-        click.echo(json.dumps([r.to_dict() for r in rows], indent=2, default=str))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table("id", "group", "profile", "version", "online", "health", "last seen")
-    for r in rows:
-        seen = f"{time.time() - r.last_seen:.0f}s ago" if r.last_seen else "never"
-        online = ("yes (silent)" if r.stale else "yes") if r.online else "no"
-        t.add_row(r.id, r.group, r.profile or "", r.version or "", online, r.health or "", seen)
-    Console().print(t)
-
-
 # --------------------------------------------------------------------------- rollouts
 
 
 @main.group("rollout")
 def rollout_group() -> None:
-    """Canary rollouts: start, status, pause, resume, abort."""
+    """Staged rollouts: start, status, pause, resume, abort, rollback."""
 
 
 @rollout_group.command("start")
@@ -151,28 +127,28 @@ def rollout_group() -> None:
 @click.option("--model", required=True)
 @click.option("--version", "version", required=True)
 @click.option("--group", default="default", show_default=True)
-@click.option("--canary", default="10%", show_default=True, help="Share of the group that goes first.")
+@click.option("--canary", default="10%", show_default=True,
+              help="Share of the group that goes first, drawn from online devices not on the version.")
+@click.option("--stages", default=None, help="Later stages, each with its own bake, e.g. 10%,50%,100%.")
 @click.option("--gate", default="", help="e.g. 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5'")
-@click.option("--bake", default="10m", show_default=True, help="How long the canary is watched (30s, 10m, 2h).")
-@click.option("--force", is_flag=True, help="Start even if the repository has no target for MODEL VERSION.")
+@click.option("--no-gate", is_flag=True, help="Promote on bake time alone (a rollout needs --gate or this).")
+@click.option("--min-samples", type=int, default=None,
+              help="Inferences a gate needs before it is judged (default: the server's --min-samples).")
+@click.option("--bake", default="10m", show_default=True, help="How long each stage is watched (30s, 10m, 2h).")
+@click.option("--device-timeout", default="15m", show_default=True,
+              help="A device that does not reach the version within this is reported (canary: rolls back).")
 @format_option
-def rollout_start(data_dir: Path, model: str, version: str, group: str, canary: str, gate: str, bake: str,
-                  force: bool, fmt: str) -> None:
-    """Start a rollout; a running `edgellm-server run` carries it out."""
-    from edgellm.trust import Repository
+def rollout_start(data_dir: Path, model: str, version: str, group: str, canary: str, stages: str | None, gate: str,
+                  no_gate: bool, min_samples: int | None, bake: str, device_timeout: str, fmt: str) -> None:
+    """Start a rollout: it assigns MODEL VERSION stage by stage; a running `edgellm-server run` carries it out."""
     from server import rollout
     from server.app import DataDir
 
     d = DataDir(data_dir).check()
-    if not force:
-        published = {(t.custom.get("edgellm", {}).get("name"), t.custom.get("edgellm", {}).get("version"))
-                     for t in Repository(d.repo).list_targets()}
-        if (model, version) not in published:
-            raise click.ClickException(
-                f"the repository has no target for {model} {version}: devices could not install it\n"
-                f"  hint: `edgellm-server publish --data-dir {data_dir} BUNDLE` first (or --force)")
     store = d.store()
-    rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, bake=bake)
+    rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, no_gate=no_gate,
+                        bake=bake, stages=stages, min_samples=min_samples, device_timeout=device_timeout,
+                        director=d.director(store))
     if fmt == "json":
         click.echo(json.dumps({"id": rid}))
     else:
@@ -194,19 +170,16 @@ def rollout_status(data_dir: Path, rollout_id: str | None, fmt: str) -> None:
         return
     if not rows:
         click.echo("no rollouts")
+    from server.cli_fleet import echo_rollout
+
     for r in rows:
-        paused = " (paused)" if r["paused"] else ""
-        click.echo(f"{r['id']}  {r['model']} {r['version']} -> {r['group']}: {r['state']}{paused}  "
-                   f"{r['on_new_version']}/{r['devices']} on new version, canary {r['canary_devices']}")
-        if r["reason"]:
-            click.echo(f"  reason: {r['reason']}")
-        if rollout_id:
-            for h in r["history"]:
-                click.echo(f"  {time.strftime('%H:%M:%S', time.localtime(h['ts']))} {h['state']:<12} {h['message']}")
+        echo_rollout(r, detail=rollout_id is not None)
 
 
 def _action(name: str) -> click.Command:
-    @click.command(name, help=f"{name.capitalize()} a rollout.")
+    helps = {"rollback": "Roll a rollout back: re-assign what the group ran before (also after it completed)."}
+
+    @click.command(name, help=helps.get(name, f"{name.capitalize()} a rollout."))
     @data_dir_option
     @click.argument("rollout_id")
     def cmd(data_dir: Path, rollout_id: str) -> None:
@@ -219,7 +192,7 @@ def _action(name: str) -> click.Command:
     return cmd
 
 
-for _name in ("pause", "resume", "abort"):
+for _name in ("pause", "resume", "abort", "rollback"):
     rollout_group.add_command(_action(_name))
 
 
@@ -309,6 +282,10 @@ def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
     click.echo(mosquitto_config(port=port, bind=bind, ca=d.ca / "ca.crt", cert=broker / "server.crt",
                                 key=broker / "server.key", persistence_dir=d.root / "mosquitto", acl_file=acl), nl=False)
 
+
+from server.cli_fleet import register as _register_fleet  # noqa: E402 - after the groups it extends
+
+_register_fleet(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -206,7 +206,7 @@ class RolloutDriver:
             return
         evidence = f"gate passed ({_fmt(summary)})" if gate.clauses else "no gate (--no-gate), bake time over"
         nxt = plan["stage"] + 1
-        if nxt < len(plan["stages"]):
+        if nxt < len(plan["stages"]) - 1:  # the last stage (100%) is the group's assignment
             log(self.store, r.id, S.BAKE, f"{evidence}; next stage {plan['stages'][nxt]:g}%")
             self._enter_stage(r, nxt)
         else:
@@ -226,6 +226,7 @@ class RolloutDriver:
         pinned = {d.device for d in devs if d.phase != Phase.REST}
         changes += [Change("device", x) for x in sorted(pinned)]
         self.director.apply(changes)
+        self.store.update_plan(r.id, stage=len(self._plan(r)["stages"]) - 1)
         self._set(r, S.FULL, message)
 
     # -- rollback

@@ -4,6 +4,7 @@ step is a signed assignment change made by :class:`server.director.Director`.
 State machine (one active rollout per group; ``stage`` counts the stages, 0 is the canary)::
 
     pending ──► canary ──► bake ──► (next stage: canary ──► bake ...) ──► full ──► completed
+                                                         (the last stage, 100%, is "full")
                   │  ▲       │                                              │
                   ▼  │       ▼                                              ▼
                 stalled    rolling_back ──► rolled_back | aborted        stalled
