@@ -221,10 +221,12 @@ class RolloutDriver:
                           f"(n={n}, need {need})")
 
     def _promote_full(self, r: RolloutRow, message: str) -> None:
-        devs = self.store.rollout_devices(r.id)
+        current = self.director.assignments()
         changes = [Change("group", r.group, r.model, r.version, r.id)]
-        pinned = {d.device for d in devs if d.phase != Phase.REST}
-        changes += [Change("device", x) for x in sorted(pinned)]
+        # the group's assignment becomes what every device of it runs: per-device pins go
+        # (this rollout's stages, and pins left by earlier rollbacks)
+        changes += [Change("device", d.device) for d in self.store.rollout_devices(r.id)
+                    if (a := self.director.of("device", d.device, current)) is not None and a.version is not None]
         self.director.apply(changes)
         self.store.update_plan(r.id, stage=len(self._plan(r)["stages"]) - 1)
         self._set(r, S.FULL, message)

@@ -26,9 +26,24 @@ BEHAVIOUR = {
 wait_for = functools.partial(_wait_for, timeout=30.0)
 
 
+def server_with(path, versions):
+    """A server data directory whose repository has model demo at ``versions`` (fake
+    artifacts: the simulated devices only need them to be assignable)."""
+    from edgellm.bundle import pack
+    from edgellm.trust import Repository
+    from fixtures_trust import make_bundle_dir
+
+    data = DataDir.init(path)
+    repo = Repository(data.repo, data.keys)
+    for v in versions:
+        repo.add_bundle(pack(make_bundle_dir(path.parent / f"src-{v}", name="demo", version=v),
+                             path.parent / f"demo-{v}.bundle").path)
+    return data
+
+
 @pytest.fixture
 def fleet(tmp_path, mqtt_broker):
-    data = DataDir.init(tmp_path / "server")
+    data = server_with(tmp_path / "server", ["1.0", "2.0-bad", "2.0"])
     srv = Server(data.root, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.1, min_samples=20)
     srv.start()
     assert srv.ingest.wait_connected(10)
@@ -59,7 +74,7 @@ def test_bad_version_stops_at_canary_and_rolls_back_then_good_version_reaches_al
     assert {d.id for d in touched} == {x["device"] for x in st["device_states"] if x["phase"] == "canary"}
     wait_for(lambda: all(d["version"] == "1.0" for d in srv.store.devices()), what="all back on 1.0")
     assert all(d.version == "1.0" for d in devices)
-    assert all(d.desired[-1]["rollback"] is True and d.desired[-1]["version"] == "1.0" for d in touched)
+    assert all(d.desired[-1]["version"] == "1.0" for d in touched)
     states = [h["state"] for h in st["history"]]
     assert states[:3] == ["pending", "canary", "bake"] and "rolling_back" in states and "full" not in states
 
@@ -74,14 +89,14 @@ def test_bad_version_stops_at_canary_and_rolls_back_then_good_version_reaches_al
 
 
 def test_failed_install_on_canary_rolls_back(tmp_path, mqtt_broker):
-    data = DataDir.init(tmp_path / "server")
+    data = server_with(tmp_path / "server", ["1.0", "3.0"])
     with Server(data.root, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.1) as srv:
         assert srv.ingest.wait_connected(10)
         devs = [SimDevice(f"f-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="g",
                           fail_versions=("3.0",)).start(infer=False) for i in range(3)]
         try:
             wait_for(lambda: sum(d["online"] for d in srv.store.devices()) == 3, what="3 online")
-            rid = rollout.start(srv.store, model="demo", version="3.0", group="g", canary="34%", gate="", bake="1s")
+            rid = rollout.start(srv.store, model="demo", version="3.0", group="g", canary="34%", no_gate=True, bake="1s")
             st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] == "rolled_back" and s,
                           what="rollback after failed install")
             assert "update.failed" in st["reason"]
@@ -93,16 +108,16 @@ def test_failed_install_on_canary_rolls_back(tmp_path, mqtt_broker):
 
 
 def test_pause_resume_abort(tmp_path, mqtt_broker):
-    data = DataDir.init(tmp_path / "server")
+    data = server_with(tmp_path / "server", ["1.0", "4.0", "5.0"])
     with Server(data.root, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.1) as srv:
         assert srv.ingest.wait_connected(10)
         devs = [SimDevice(f"p-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="g").start(infer=False)
                 for i in range(2)]
         try:
             wait_for(lambda: sum(d["online"] for d in srv.store.devices()) == 2, what="2 online")
-            rid = rollout.start(srv.store, model="demo", version="4.0", group="g", canary="50%", bake="1h")
+            rid = rollout.start(srv.store, model="demo", version="4.0", group="g", canary="50%", bake="1h", no_gate=True)
             with pytest.raises(RolloutError, match="already has an active rollout"):
-                rollout.start(srv.store, model="demo", version="5.0", group="g")
+                rollout.start(srv.store, model="demo", version="5.0", group="g", no_gate=True)
             wait_for(lambda: rollout.status(srv.store, rid)[0]["state"] == "bake", what="bake")
             rollout.request(srv.store, rid, "pause")
             assert rollout.status(srv.store, rid)[0]["paused"]
