@@ -64,8 +64,11 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
               help="A canary short of --min-samples keeps baking up to this many bake periods, then rolls back.")
 @click.option("--drive-rollouts/--no-drive-rollouts", default=True, show_default=True,
               help="Run the rollout driver here (exactly one replica should).")
+@click.option("--fl", "fl_addr", default=None, metavar="HOST:PORT",
+              help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.")
 def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
-        client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool) -> None:
+        client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool,
+        fl_addr: str | None) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -77,7 +80,7 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
         logging.getLogger().setLevel(logging.INFO)
     srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
                  client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
-                 drive_rollouts=drive_rollouts)
+                 drive_rollouts=drive_rollouts, fl=fl_addr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -284,8 +287,11 @@ def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
 
 
 from server.cli_fleet import register as _register_fleet  # noqa: E402 - after the groups it extends
+from server.federated.cli import register as _register_fl  # noqa: E402
 
 _register_fleet(main)
+_register_fl(main, data_dir_option)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -98,7 +98,7 @@ def _forge(repo: Repository) -> None:
 def test_replayed_older_director_metadata_is_refused(tmp_path, signed_repo):
     repo, root, _ = signed_repo
     ensure_director(repo)
-    old = _assign(repo, "group", "lab", "1.0.0")
+    _assign(repo, "group", "lab", "1.0.0")
     md = repo.dir / "metadata"
     saved = {f.name: f.read_bytes() for f in md.iterdir()}
     _assign(repo, "group", "lab", "2.0.0")
@@ -117,7 +117,7 @@ def test_replayed_older_director_metadata_is_refused(tmp_path, signed_repo):
 def test_old_director_version_under_the_current_snapshot_is_refused(tmp_path, signed_repo):
     repo, root, _ = signed_repo
     ensure_director(repo)
-    old = _assign(repo, "group", "lab", "1.0.0")
+    _assign(repo, "group", "lab", "1.0.0")
     old_director = (repo.dir / "metadata" / "1.director.json").read_bytes()
     _assign(repo, "group", "lab", "2.0.0")
     v = Metadata.from_bytes((repo.dir / "metadata" / f"{DIRECTOR}.json").read_bytes()).signed.version

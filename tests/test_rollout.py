@@ -29,9 +29,10 @@ wait_for = functools.partial(_wait_for, timeout=30.0)
 def server_with(path, versions):
     """A server data directory whose repository has model demo at ``versions`` (fake
     artifacts: the simulated devices only need them to be assignable)."""
+    from fixtures_trust import make_bundle_dir
+
     from edgellm.bundle import pack
     from edgellm.trust import Repository
-    from fixtures_trust import make_bundle_dir
 
     data = DataDir.init(path)
     repo = Repository(data.repo, data.keys)

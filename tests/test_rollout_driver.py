@@ -8,9 +8,9 @@ import json
 import time
 
 import pytest
+from fixtures_trust import make_bundle_dir
 
 from edgellm import telemetry as wire
-from fixtures_trust import make_bundle_dir
 from server import rollout
 from server.director import Change, Director
 from server.errors import RolloutError
