@@ -272,7 +272,7 @@ class Daemon:
                     raise
                 assigned = assignment.request_for(a)
                 if assigned is None:
-                    log.debug("no assignment for this device: nothing to update")
+                    log.info("no assignment for this device: nothing to update")
                     return None
                 desired = assigned
             res = self.installer.update(source, desired)
