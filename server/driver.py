@@ -114,9 +114,7 @@ class RolloutDriver:
         except RolloutError as e:
             self._set(r, S.FAILED, str(e), reason=str(e))
             return
-        prev = self.director.of("group", r.group)
-        self.store.update_plan(r.id, previous={"model": prev.model, "version": prev.version} if prev and prev.version
-                               else None)
+        self.store.update_plan(r.id, previous=self._group_before(r, devices))
         off = [d for d in devices if d.version != r.version]
         order = sorted(off, key=lambda d: (not d.online, d.id)) + [d for d in devices if d.version == r.version]
         self.store.assign_rollout_devices(r.id, [(d.id, str(Phase.REST), d.version, d.model) for d in order])
@@ -128,6 +126,19 @@ class RolloutDriver:
             self._set(r, S.FAILED, why, reason=why)
             return
         self._enter_stage(r, 0, order)
+
+    def _group_before(self, r: RolloutRow, devices: list[Any]) -> dict[str, Any] | None:
+        """What the group ran before: its assignment, or (never assigned) the version most of
+        its devices run, if it can be assigned; a rollback re-assigns it."""
+        prev = self.director.of("group", r.group)
+        if prev is not None and prev.version is not None:
+            return {"model": prev.model, "version": prev.version}
+        runs = _count(f"{d.model}\0{d.version}" for d in devices if d.model and d.version and d.version != r.version)
+        for key, _ in sorted(runs.items(), key=lambda kv: -kv[1]):
+            model, version = key.split("\0")
+            if not self.store.is_yanked(model, version) and self.director.targets_for(model, version):
+                return {"model": model, "version": version, "inferred": True}
+        return None
 
     def _enter_stage(self, r: RolloutRow, i: int, order: list[Any] | None = None) -> None:
         plan = self._plan(r)
