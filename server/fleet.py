@@ -89,8 +89,8 @@ def prometheus_text(store: Store, director: Any | None = None) -> str:
     x.metric("edgellm_rollouts", "gauge", "Rollouts by state.",
              {_labels(state=s): n for s, n in store.rollout_counts().items()})
     summ = {s.key: s for s in store.series(by="version", since=time.time() - 300, bucket_s=10**9)}
-    x.metric("edgellm_p95_latency_ms", "gauge", "Inference p95 latency over the last 5 minutes, by version.",
-             {_labels(version=k): s.p95_latency_ms for k, s in summ.items() if s.p95_latency_ms is not None})
+    x.metric("edgellm_latency_p95_seconds", "gauge", "Inference p95 latency over the last 5 minutes, by version.",
+             {_labels(version=k): s.p95_latency_ms / 1000.0 for k, s in summ.items() if s.p95_latency_ms is not None})
     x.metric("edgellm_error_rate", "gauge", "Inference error rate over the last 5 minutes, by version.",
              {_labels(version=k): s.error_rate for k, s in summ.items() if s.error_rate is not None})
     _rollout_metrics(x, status(store)[:50], ACTIVE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import httpx
 import pytest
 from waiting import wait_for as _wait_for
 
@@ -24,6 +25,17 @@ BEHAVIOUR = {
 
 
 wait_for = functools.partial(_wait_for, timeout=30.0)
+
+
+def promtool_check(text: str) -> None:
+    """``promtool check metrics`` (Debian's prometheus package) accepts the exposition."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.stdout, r.stderr, text)
+    assert "edgellm_rollout_state{" in text and 'state="bake"' in text
 
 
 def server_with(path, versions):
@@ -65,6 +77,9 @@ def test_bad_version_stops_at_canary_and_rolls_back_then_good_version_reaches_al
     srv, devices = fleet
     # Arrange / act: a version whose latency and quality break the gate
     rid = rollout.start(srv.store, model="demo", version="2.0-bad", group="lab", canary="20%", gate=GATE, bake="30s")
+    # during the bake, the server's /metrics passes Prometheus' own checker
+    wait_for(lambda: rollout.status(srv.store, rid)[0]["state"] == "bake", what="bake")
+    promtool_check(httpx.get(srv.url + "/metrics", timeout=10).text)
     st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] == "rolled_back" and s,
                   timeout=40, what="rollback")
     # Assert: only the canary (20% of 10) ever got it, they are back on 1.0, the reason is recorded
