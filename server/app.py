@@ -175,6 +175,7 @@ class Server:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._republish = threading.Event()
+        self._director_seen: int | None = None
 
     @property
     def url(self) -> str:
@@ -209,6 +210,12 @@ class Server:
             self.driver.tick()
             try:
                 from server import commands
+
+                v = self.director.version()
+                if v != self._director_seen:  # changed by another process (CLI, replica)
+                    if self._director_seen is not None:
+                        self.director.republish(scopes=("group",))
+                    self._director_seen = v
 
                 commands.send_pending(self.driver_store, self.publish)
             except Exception:

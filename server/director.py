@@ -135,13 +135,25 @@ class Director:
         self.store.log_assignment(serial, "device", device, a.model, a.version, None)
         self.store.set_device_group(device, group)
         self.nudge_device(device)
+        if self.publish is not None:
+            self.publish(wire.desired_device_topic(device), b"", True)
 
     def nudge_device(self, device: str) -> None:
         """Ask ``device`` to check its assignment now (the MQTT command channel)."""
         self.store.queue_command(f"c-{secrets.token_hex(6)}", device, "update", {})
 
+    def version(self) -> int:
+        """The version of the signed director metadata (it grows with every change)."""
+        from edgellm.trust.director import DIRECTOR
+
+        return self.repo.targets(DIRECTOR).version
+
     def _nudge(self, c: Change) -> None:
         if self.publish is None:
+            # a CLI process has no broker connection: the server's loop re-publishes the group
+            # nudges when it sees a new director version; a device is nudged by command
+            if c.scope == "device":
+                self.nudge_device(c.subject)
             return
         topic = wire.desired_device_topic(c.subject) if c.scope == "device" else wire.desired_group_topic(c.subject)
         if c.version is None or c.model is None:
@@ -152,10 +164,11 @@ class Director:
             self.publish(topic, wire.Desired(model=c.model, version=c.version, rollout=c.rollout,
                                              issued_at=time.time()).to_json(), True)
 
-    def republish(self) -> None:
-        """Re-send every assignment's nudge (after the broker lost its retained messages)."""
+    def republish(self, scopes: tuple[str, ...] = ("device", "group")) -> None:
+        """Re-send the nudge of every assignment at ``scopes`` (after the broker lost its
+        retained messages, or another process changed the assignments)."""
         for a in self.assignments().values():
-            if a.version is not None:
+            if a.version is not None and a.scope in scopes:
                 self._nudge(Change(a.scope, a.subject, a.model, a.version, a.rollout))
 
     def previous_version(self, scope: str, subject: str, leaving: str) -> dict[str, Any] | None:
