@@ -144,3 +144,60 @@ def test_malformed_assignment_bytes_are_refused(bad):
 def test_assignment_roundtrip():
     a = new_assignment("device", "dev-1", model="m", version="1.0", rollout="r-1", group="lab")
     assert Assignment.from_bytes(a.to_json()) == a
+
+
+def test_the_agent_refuses_a_forged_assignment_and_a_lower_serial(tmp_path, signed_repo):
+    """agent.assignment.current (what the daemon, the CLI and MQTT nudges all use): a forged
+    director version is an InstallError recorded as the device's update error; a serial lower
+    than one applied before is refused as a replay."""
+    import json
+
+    from agent.assignment import current, request_for
+    from agent.config import AgentConfig, AgentPaths
+    from agent.errors import InstallError
+    from agent.source import TufSource
+
+    repo, root, _ = signed_repo
+    ensure_director(repo)
+    _assign(repo, "group", "lab", "1.0.0")
+    paths = AgentPaths(tmp_path / "agent")
+    paths.ensure_dirs()
+    cfg = AgentConfig(device_id="dev-1", profile="rpi5-8gb", server=str(repo.dir), group="lab")
+    cfg.save(paths)
+    source = TufSource(str(repo.dir), root, paths.tuf_cache)
+    a = current(paths, cfg, source)
+    assert request_for(a).version == "1.0.0" and request_for(a).rollback is True  # assigned: older is fine
+    seen = json.loads((paths.root / "assignment.json").read_text())
+    (paths.root / "assignment.json").write_text(json.dumps({k: v + 100 for k, v in seen.items()}))
+    with pytest.raises(InstallError, match="older than .* applied before"):
+        current(paths, cfg, TufSource(str(repo.dir), root, paths.tuf_cache))
+    forged_keys = tmp_path / "forged-keys"
+    shutil.copytree(repo.keys.dir, forged_keys)
+    ks = KeyStore(forged_keys)
+    ks.index["roles"][DIRECTOR] = []
+    ks.save()
+    ks.add_key(DIRECTOR)
+    _forge(Repository(repo.dir, forged_keys))
+    with pytest.raises(InstallError, match="assignment refused: .*not enough valid signatures") as e:
+        current(paths, cfg, TufSource(str(repo.dir), root, paths.tuf_cache))
+    assert e.value.hint
+
+
+def test_a_device_assignment_can_move_the_device_to_another_group(tmp_path, signed_repo):
+    from agent.assignment import current
+    from agent.config import AgentConfig, AgentPaths
+    from agent.source import TufSource
+
+    repo, root, _ = signed_repo
+    ensure_director(repo)
+    _assign(repo, "group", "field", "2.0.0")
+    write_assignments(repo, [("device", "dev-1", new_assignment("device", "dev-1", model=None, version=None,
+                                                                 group="field"))])
+    paths = AgentPaths(tmp_path / "agent")
+    paths.ensure_dirs()
+    cfg = AgentConfig(device_id="dev-1", profile="rpi5-8gb", server=str(repo.dir), group="lab")
+    cfg.save(paths)
+    moved: list[str] = []
+    a = current(paths, cfg, TufSource(str(repo.dir), root, paths.tuf_cache), on_group=moved.append)
+    assert (a.scope, a.subject, a.version) == ("group", "field", "2.0.0") and moved == ["field"]
+    assert AgentConfig.load(paths).group == "field"
