@@ -85,6 +85,26 @@ def request_for(assignment: Any) -> UpdateRequest | None:
                          rollout=assignment.rollout)
 
 
+def check(paths: AgentPaths, config: AgentConfig, source: TufSource, installer: Any, *,
+          on_group: Callable[[str], None] | None = None) -> UpdateRequest | None:
+    """The update this device's assignment asks for (None: nothing assigned). A refused
+    assignment is recorded as the last update error, then raised."""
+    try:
+        return request_for(current(paths, config, source, on_group=on_group))
+    except InstallError as e:
+        installer._fail("update", None, str(e.args[0]) if e.args else "assignment refused")
+        raise
+
+
+def clear_rejected(installer: Any) -> list[str]:
+    """Forget the versions this device rejected (the control plane's ``retry``); returns them."""
+    with installer.lock():
+        state = installer.store.load()
+        cleared, state.rejected = list(state.rejected), []
+        installer.store.save(state)
+    return cleared
+
+
 def describe(assignment: Any) -> dict[str, Any] | None:
     """The assignment as `status` shows it."""
     if assignment is None:

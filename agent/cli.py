@@ -153,7 +153,6 @@ def install(data_dir, file, allow_downgrade, force, fmt) -> None:
 def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     """Check the server for this device's assignment now and install it."""
     from agent.config import AgentConfig
-    from agent.errors import InstallError
     from agent.install import Installer
     from agent.schemas import UpdateRequest
     from agent.source import tuf_source
@@ -167,11 +166,7 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     if version is None and model is None:  # what the fleet assigned this device
         from agent import assignment
 
-        try:
-            request = assignment.request_for(assignment.current(paths, cfg, source))
-        except InstallError as e:
-            installer._fail("update", None, str(e.args[0]))
-            raise
+        request = assignment.check(paths, cfg, source, installer)
         if request is None:
             _echo_result({"action": "update", "ok": True, "version": None,
                           "reason": "no version is assigned to this device or its group"}, fmt)

@@ -265,12 +265,8 @@ class Daemon:
             if desired == UpdateRequest():
                 from agent import assignment
 
-                try:
-                    a = assignment.current(self.paths, self.config, source, on_group=self._moved_to_group)
-                except InstallError as e:
-                    self.installer._fail("update", None, message_of(e))
-                    raise
-                assigned = assignment.request_for(a)
+                assigned = assignment.check(self.paths, self.config, source, self.installer,
+                                            on_group=self.telemetry.set_group)
                 if assigned is None:
                     log.info("no assignment for this device: nothing to update")
                     return None
@@ -281,10 +277,6 @@ class Daemon:
             res = {"ok": False, "reason": message_of(e), "hint": e.hint}
         self.reconcile()
         return res
-
-    def _moved_to_group(self, group: str) -> None:
-        with contextlib.suppress(Exception):
-            self.telemetry.set_group(group)
 
     def _update_loop(self) -> None:
         interval = self.config.update_interval_s
@@ -397,7 +389,9 @@ class Daemon:
         cmds.register("update", self._command_update)
         cmds.register("rollback", self._command_rollback)
         cmds.register("retry", self._command_retry)
-        cmds.register("logs", self._command_logs)
+        from agent.logs import logs_command
+
+        cmds.register("logs", logs_command)
         cmds.register("status", lambda args: status_dict(self.paths, self.config, self.telemetry))
         cmds.register("fl_invite", self._command_fl)
         cmds.register("fl_stop", lambda args: self._command_fl(args, stop=True))
@@ -424,21 +418,12 @@ class Daemon:
 
     def _command_retry(self, args: dict[str, Any]) -> dict[str, Any]:
         """Forget the rejected versions, then check the assignment again."""
-        with self.installer.lock():
-            state = self.store.load()
-            cleared, state.rejected = list(state.rejected), []
-            self.store.save(state)
+        from agent.assignment import clear_rejected
+
+        cleared = clear_rejected(self.installer)
         self._event("update.retry", cleared=cleared)
         self.request_update(UpdateRequest())
         return {"cleared": cleared}
-
-    def _command_logs(self, args: dict[str, Any]) -> dict[str, Any]:
-        from agent.logs import recent
-
-        n = args.get("lines", 50)
-        if type(n) is not int or not 1 <= n <= 200:
-            raise ConfigError("logs: lines must be an integer from 1 to 200", hint='send {"lines": 50}')
-        return {"lines": recent(n)}
 
     def _command_fl(self, args: dict[str, Any], *, stop: bool = False) -> dict[str, Any]:
         """Federated runs: start or stop this device's SuperNode (agent/federated; no torch here)."""

@@ -50,6 +50,16 @@ def recent(n: int) -> list[str]:
     return list(_RING.lines)[-n:]
 
 
+def logs_command(args: dict) -> dict:
+    """The control plane's ``logs`` command: ``{"lines": N}`` (1..200, default 50)."""
+    from agent.errors import ConfigError
+
+    n = args.get("lines", 50)
+    if type(n) is not int or not 1 <= n <= 200:
+        raise ConfigError("logs: lines must be an integer from 1 to 200", hint='send {"lines": 50}')
+    return {"lines": recent(n)}
+
+
 def configure(level: int = logging.INFO, *, json_lines: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
