@@ -172,4 +172,5 @@ def test_the_control_planes_update_command_and_desired_state_are_the_same_closed
     assert d._desired == UpdateRequest()
     d._on_desired({"model": "tiny", "version": "../x"})
     assert d._desired == UpdateRequest()
-    assert run(Command(id="3", name="reboot"))["hint"] == "this agent knows: rollback, status, update"
+    assert run(Command(id="3", name="reboot"))["hint"] == \
+        "this agent knows: fl_invite, fl_stop, logs, retry, rollback, status, update"
