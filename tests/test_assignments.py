@@ -68,24 +68,23 @@ def test_assignment_signed_by_a_key_the_root_does_not_trust_is_refused(tmp_path,
     c = _client(tmp_path, root, repo.dir)
     assert fetch_assignment(c, "group", "lab", tmp_path / "dl").version == "1.0.0"
     # an attacker with the server's disk but not its director key re-signs a newer director version
-    forged_keys = tmp_path / "forged-keys"
-    shutil.copytree(repo.keys.dir, forged_keys)
-    ks = KeyStore(forged_keys)
-    ks.index["roles"][DIRECTOR] = []
-    ks.save()
-    ks.add_key(DIRECTOR)
-    forged = Repository(repo.dir, forged_keys)
-    _forge(forged)
+    _forge(repo, tmp_path / "forged-keys")
     with pytest.raises(VerificationError, match="not enough valid signatures"):
         c.refresh()
         fetch_assignment(c, "group", "lab", tmp_path / "dl")
 
 
-def _forge(repo: Repository) -> None:
-    """Write a director version signed by ``repo``'s (untrusted) director key, bypassing the
-    delegation check the server makes."""
+def _forge(real: Repository, forged_keys) -> None:
+    """Write a director version signed by a director key the root does not chain to (the
+    server's other keys copied, the director's replaced), bypassing the server's own check."""
     from edgellm.trust import director as d
 
+    shutil.copytree(real.keys.dir, forged_keys)
+    ks = KeyStore(forged_keys)
+    ks.index["roles"][DIRECTOR] = []
+    ks.save()
+    ks.add_key(DIRECTOR)
+    repo = Repository(real.dir, forged_keys)
     a = Assignment("group", "lab", 99, "demo", "6.6.6-evil")
     orig = d.has_director
     d.has_director = lambda r: True
@@ -171,13 +170,7 @@ def test_the_agent_refuses_a_forged_assignment_and_a_lower_serial(tmp_path, sign
     (paths.root / "assignment.json").write_text(json.dumps({k: v + 100 for k, v in seen.items()}))
     with pytest.raises(InstallError, match="older than .* applied before"):
         current(paths, cfg, TufSource(str(repo.dir), root, paths.tuf_cache))
-    forged_keys = tmp_path / "forged-keys"
-    shutil.copytree(repo.keys.dir, forged_keys)
-    ks = KeyStore(forged_keys)
-    ks.index["roles"][DIRECTOR] = []
-    ks.save()
-    ks.add_key(DIRECTOR)
-    _forge(Repository(repo.dir, forged_keys))
+    _forge(repo, tmp_path / "forged-keys")
     with pytest.raises(InstallError, match="assignment refused: .*not enough valid signatures") as e:
         current(paths, cfg, TufSource(str(repo.dir), root, paths.tuf_cache))
     assert e.value.hint

@@ -68,12 +68,7 @@ def test_devices_run_their_assignment_through_rollout_rollback_and_yank(tmp_path
             r = server_cli("rollout", "start", *dd, "--model", "tiny", "--version", "1.1.0", "--group", "lab",
                            check=False)
             assert r.returncode != 0 and "needs a gate" in r.stderr and "--no-gate" in r.stderr
-            rid = json.loads(server_cli("rollout", "start", *dd, "--model", "tiny", "--version", "1.1.0",
-                                        "--group", "lab", "--canary", "50%", "--bake", "1s", "--no-gate",
-                                        "--format", "json").stdout)["id"]
-            st = wait_for(lambda: (s := _status(srv, rid))["state"] in ("completed", "rolled_back", "failed") and s,
-                          what="1.1.0 rollout")
-            assert st["state"] == "completed", st["reason"]
+            rid, st = roll_out(srv, dd, "1.1.0")
             assert [d["device"] for d in st["device_states"] if d["phase"] == "canary"] == ["dev-mqtt"]
             wait_for(lambda: served(a_poll) == "1.1.0", what="the polling device follows its group's assignment")
             assert served(a_mqtt) == "1.1.0"
@@ -92,12 +87,7 @@ def test_devices_run_their_assignment_through_rollout_rollback_and_yank(tmp_path
             assert status(poll)["rejected"] == [] and status(mqtt)["rejected"] == []
 
             # the same version again completes
-            rid2 = json.loads(server_cli("rollout", "start", *dd, "--model", "tiny", "--version", "1.1.0",
-                                         "--group", "lab", "--canary", "50%", "--bake", "1s", "--no-gate",
-                                         "--format", "json").stdout)["id"]
-            st = wait_for(lambda: (s := _status(srv, rid2))["state"] in ("completed", "rolled_back", "failed") and s,
-                          what="second 1.1.0 rollout")
-            assert st["state"] == "completed", st["reason"]
+            roll_out(srv, dd, "1.1.0")
             wait_for(lambda: served(a_poll) == "1.1.0", what="the polling device on 1.1.0 again")
 
             # yank: every device on 1.1.0 leaves it, and no rollout may name it
@@ -110,6 +100,16 @@ def test_devices_run_their_assignment_through_rollout_rollback_and_yank(tmp_path
             assert status(poll)["rejected"] == [] and status(mqtt)["rejected"] == []
             a_poll.stop()
             a_mqtt.stop()
+
+
+def roll_out(srv: Server, dd: tuple[str, ...], version: str) -> tuple[str, dict]:
+    """`rollout start` (canary 50%, no gate) through the CLI, waited for until it completes."""
+    rid = json.loads(server_cli("rollout", "start", *dd, "--model", "tiny", "--version", version, "--group", "lab",
+                                "--canary", "50%", "--bake", "1s", "--no-gate", "--format", "json").stdout)["id"]
+    st = wait_for(lambda: (s := _status(srv, rid))["state"] in ("completed", "rolled_back", "failed") and s,
+                  what=f"{version} rollout")
+    assert st["state"] == "completed", st["reason"]
+    return rid, st
 
 
 def _status(srv: Server, rid: str) -> dict:
