@@ -153,7 +153,7 @@ class RolloutDriver:
                                                   by_id[x].previous_version, by_id[x].previous_model) for x in chosen])
         self.store.update_plan(r.id, stage=i, stalled=None)
         self.director.apply([Change("device", x, r.model, r.version, r.id) for x in chosen
-                             if by_id[x].version != r.version or by_id[x].phase == Phase.REST])
+                             if by_id[x].phase == Phase.REST])  # the devices new to this stage
         what = "canary" if i == 0 else f"stage {i + 1}/{len(plan['stages'])}"
         self._set(r, S.CANARY, f"{what}: {len(chosen)} of {len(devs)} devices assigned {r.version}: "
                                f"{', '.join(chosen[:10])}")
