@@ -79,14 +79,16 @@ class FleetTables:
 
     def yank(self, model: str, version: str, reason: str | None = None) -> bool:
         """Withdraw ``model`` ``version``; False if it was already."""
-        cur = self.db.execute("INSERT OR IGNORE INTO yanked VALUES (?,?,?,?)", (model, version, time.time(), reason))
+        cur = self.db.execute("INSERT INTO yanked VALUES (?,?,?,?) ON CONFLICT (model, version) DO NOTHING",
+                              (model, version, time.time(), reason))
         return cur.rowcount == 1
 
     def is_yanked(self, model: str | None, version: str | None) -> bool:
         return self.db.execute("SELECT 1 FROM yanked WHERE model=? AND version=?", (model, version)).fetchone() is not None
 
     def yanked(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM yanked ORDER BY ts")]
+        return [{"model": r["model"], "version": r["version"], "ts": r["ts"], "reason": r["reason"]}
+                for r in self.db.execute("SELECT model, version, ts, reason FROM yanked ORDER BY ts")]
 
     # ------------------------------------------------------------------ assignment history
 
@@ -97,8 +99,9 @@ class FleetTables:
 
     def assignment_history(self, scope: str, subject: str) -> list[dict[str, Any]]:
         """Every version assigned at ``scope``/``subject``, newest first."""
-        return [dict(r) for r in self.db.execute(
-            "SELECT * FROM assignment_log WHERE scope=? AND subject=? ORDER BY serial DESC", (scope, subject))]
+        return [{"serial": r["serial"], "model": r["model"], "version": r["version"], "rollout": r["rollout"]}
+                for r in self.db.execute("SELECT serial, model, version, rollout FROM assignment_log"
+                                         " WHERE scope=? AND subject=? ORDER BY serial DESC", (scope, subject))]
 
     # ------------------------------------------------------------------ device commands
 
@@ -109,8 +112,9 @@ class FleetTables:
     def pending_commands(self, max_age_s: float = 300.0) -> list[dict[str, Any]]:
         """Commands not sent yet (older ones are dropped: their caller gave up)."""
         self.db.execute("DELETE FROM device_commands WHERE sent IS NULL AND created < ?", (time.time() - max_age_s,))
-        return [{**dict(r), "args": json.loads(r["args"])} for r in self.db.execute(
-            "SELECT * FROM device_commands WHERE sent IS NULL ORDER BY created")]
+        return [{"id": r["id"], "device": r["device"], "name": r["name"], "args": json.loads(r["args"])}
+                for r in self.db.execute("SELECT id, device, name, args FROM device_commands WHERE sent IS NULL"
+                                         " ORDER BY created")]
 
     def command_sent(self, cid: str) -> None:
         self.db.execute("UPDATE device_commands SET sent=? WHERE id=?", (time.time(), cid))
