@@ -212,7 +212,7 @@ class Server:
                 from server import commands
 
                 v = self.director.version()
-                if v != self._director_seen:  # changed by another process (CLI, replica)
+                if v != self._director_seen:  # the repository changed (CLI process, replica, publish)
                     if self._director_seen is not None:
                         self.director.republish(scopes=("group",))
                     self._director_seen = v

@@ -143,10 +143,9 @@ class Director:
         self.store.queue_command(f"c-{secrets.token_hex(6)}", device, "update", {})
 
     def version(self) -> int:
-        """The version of the signed director metadata (it grows with every change)."""
-        from edgellm.trust.director import DIRECTOR
-
-        return self.repo.targets(DIRECTOR).version
+        """The snapshot version devices see (the timestamp, written last, names it): it grows with
+        every assignment change, and only once the change is complete on disk."""
+        return self.repo.timestamp().snapshot_meta.version
 
     def _nudge(self, c: Change) -> None:
         if self.publish is None:

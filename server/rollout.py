@@ -132,6 +132,18 @@ def log(store: Store, rollout_id: str, state: str, message: str) -> None:
     logger.info("rollout %s: %s: %s", rollout_id, state, message)
 
 
+def gate_of(gate: str | None, no_gate: bool) -> Gate:
+    """The rollout's gate: one is needed, unless ``no_gate`` says so explicitly."""
+    g = Gate.parse(gate)
+    if not g.clauses and not no_gate:
+        raise RolloutError("a rollout needs a gate: without one nothing stops a broken model reaching the group",
+                           hint="pass --gate 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5' "
+                                "(or --no-gate to promote on bake time alone)")
+    if g.clauses and no_gate:
+        raise RolloutError("--gate and --no-gate contradict each other", hint="pass one of them")
+    return g
+
+
 def start(store: Store, *, model: str, version: str, group: str = "default", canary: str | float = "10%",
           gate: str | None = None, no_gate: bool = False, bake: str | float = "10m", stages: str | None = None,
           min_samples: int | None = None, device_timeout: str | float = DEFAULT_DEVICE_TIMEOUT,
@@ -143,13 +155,7 @@ def start(store: Store, *, model: str, version: str, group: str = "default", can
     for what, value in (("model", model), ("version", version), ("group", group)):
         if not valid_id(value):
             raise RolloutError(f"{what} {value!r} is not valid", hint=f"use {ID_RULE}")
-    g = Gate.parse(gate)
-    if not g.clauses and not no_gate:
-        raise RolloutError("a rollout needs a gate: without one nothing stops a broken model reaching the group",
-                           hint="pass --gate 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5' "
-                                "(or --no-gate to promote on bake time alone)")
-    if g.clauses and no_gate:
-        raise RolloutError("--gate and --no-gate contradict each other", hint="pass one of them")
+    g = gate_of(gate, no_gate)
     if min_samples is not None and not 1 <= min_samples <= 10**9:
         raise RolloutError(f"--min-samples {min_samples} must be at least 1", hint="write e.g. --min-samples 50")
     if store.is_yanked(model, version):
