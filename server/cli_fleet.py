@@ -1,23 +1,17 @@
 """Fleet commands of ``edgellm-server``: ``devices`` (desired vs running, drift, rejected,
 last error), ``device ping|status|update|logs|retry|group ID``, ``yank``, and how a rollout
-is printed."""
+is printed. Each works on a data directory or a running server (:mod:`server.client`)."""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import click
 
 from edgellm._click import format_option
-
-
-def _data_dir_option() -> Any:
-    from server.cli import data_dir_option
-
-    return data_dir_option
+from server.client import Target, target_options
 
 
 def echo_rollout(r: dict[str, Any], *, detail: bool) -> None:
@@ -48,17 +42,12 @@ def echo_rollout(r: dict[str, Any], *, detail: bool) -> None:
 
 def _devices_cmd() -> click.Command:
     @click.command("devices")
-    @_data_dir_option()
+    @target_options
     @click.option("--group", default=None, help="Only this device group.")
     @format_option
-    def devices(data_dir: Path, group: str | None, fmt: str) -> None:
+    def devices(target: Target, group: str | None, fmt: str) -> None:
         """List devices: group, desired vs running version, drift, rejected versions, last update error."""
-        from server.app import DataDir
-        from server.fleet import device_views
-
-        d = DataDir(data_dir).check()
-        store = d.store()
-        rows = device_views(store, d.director(store), group=group)
+        rows = target.devices(group)
         if fmt == "json":
             click.echo(json.dumps(rows, indent=2, default=str))
             return
@@ -70,31 +59,36 @@ def _devices_cmd() -> click.Command:
         for r in rows:
             seen = f"{time.time() - r['last_seen']:.0f}s ago" if r["last_seen"] else "never"
             online = ("yes (silent)" if r["stale"] else "yes") if r["online"] else "no"
-            t.add_row(r["id"], r["group"], r["profile"] or "", r["desired"] or "-", r["version"] or "",
-                      "DRIFT" if r["drift"] else "", online, r["health"] or "", ",".join(r["rejected"]),
-                      (r["last_error"] or "")[:80], seen)
+            t.add_row(r["id"], r["group"], r["profile"] or "", r.get("desired") or "-", r["version"] or "",
+                      "DRIFT" if r.get("drift") else "", online, r["health"] or "", ",".join(r.get("rejected") or []),
+                      (r.get("last_error") or "")[:80], seen)
         Console(width=200).print(t)
 
     return devices
 
 
-def _device_group() -> click.Group:
-    @click.group("device")
-    def device() -> None:
-        """One device: ping, status, update, logs, retry (over the MQTT command channel), group."""
+def run_command(target: Target, device: str, name: str, args: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
+    """Send ``name`` to ``device`` (through the running server) and wait for its reply."""
+    sent = target.device_command(device, name, dict(args or {}))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = next((r for r in target.device_replies(device) if r.get("id") == sent["id"]), None)
+        if reply is not None:
+            return reply
+        time.sleep(0.3)
+    raise click.ClickException(f"{device} did not answer {name} within {timeout_s:g}s\n  hint: is the device online, "
+                               "and `edgellm-server run` running (it sends the commands)?")
 
+
+def _device_commands(device: click.Group) -> None:
     def command(name: str, help_: str, args: dict[str, Any] | None = None) -> None:
         @device.command(name, help=help_)
-        @_data_dir_option()
+        @target_options
         @click.argument("device_id")
         @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the reply.")
         @format_option
-        def cmd(data_dir: Path, device_id: str, timeout: float, fmt: str) -> None:
-            from server import commands
-            from server.app import DataDir
-
-            reply = commands.run(DataDir(data_dir).check().store(), device_id, name, args, timeout_s=timeout)
-            _echo_reply(reply, fmt)
+        def cmd(target: Target, device_id: str, timeout: float, fmt: str) -> None:
+            _echo_reply(run_command(target, device_id, name, args, timeout), fmt)
 
     command("ping", "Ask the device to answer (round trip over MQTT).")
     command("status", "The device's own status: slot, version, health, last update, rejected versions.")
@@ -103,24 +97,13 @@ def _device_group() -> click.Group:
     command("retry", "Clear the device's rejected versions, then it checks its assignment again.")
 
     @device.command("group")
-    @_data_dir_option()
+    @target_options
     @click.argument("device_id")
     @click.argument("group")
-    def group_cmd(data_dir: Path, device_id: str, group: str) -> None:
+    def group_cmd(target: Target, device_id: str, group: str) -> None:
         """Move DEVICE_ID to GROUP without re-provisioning it (a signed device assignment)."""
-        from edgellm.ids import ID_RULE, valid_id
-        from server.app import DataDir
-
-        if not valid_id(group):
-            raise click.BadParameter(f"use {ID_RULE}", param_hint="GROUP")
-        d = DataDir(data_dir).check()
-        store = d.store()
-        if store.device(device_id) is None:
-            raise click.ClickException(f"no device {device_id!r}\n  hint: list devices with `edgellm-server devices`")
-        d.director(store).move_device(device_id, group)
+        target.device_group(device_id, group)
         click.echo(f"{device_id} -> group {group} (the device follows at its next check; nudged over MQTT)")
-
-    return device
 
 
 def _echo_reply(reply: dict[str, Any], fmt: str) -> None:
@@ -139,24 +122,19 @@ def _echo_reply(reply: dict[str, Any], fmt: str) -> None:
 
 def _yank_cmd() -> click.Command:
     @click.command("yank")
-    @_data_dir_option()
+    @target_options
     @click.option("--model", required=True)
     @click.option("--version", "version", required=True)
     @click.option("--reason", default=None, help="Why (shown with the yanked version).")
-    def yank(data_dir: Path, model: str, version: str, reason: str | None) -> None:
+    def yank(target: Target, model: str, version: str, reason: str | None) -> None:
         """Withdraw MODEL VERSION: no new assignment may name it, and devices on it are moved back."""
-        from server.app import DataDir
-        from server.yank import yank as do_yank
-
-        d = DataDir(data_dir).check()
-        store = d.store()
-        moved = do_yank(store, d.director(store), model, version, reason=reason)
+        moved = target.yank(model, version, reason)["moved"]
         click.echo(f"yanked {model} {version}; " + ("; ".join(moved) if moved else "no assignment named it"))
 
     return yank
 
 
-def register(main: click.Group) -> None:
+def register(main: click.Group, device: click.Group) -> None:
     main.add_command(_devices_cmd())
-    main.add_command(_device_group())
+    _device_commands(device)
     main.add_command(_yank_cmd())

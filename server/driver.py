@@ -25,6 +25,11 @@ from server.store import MetricSummary, RolloutDeviceRow, RolloutRow, Store
 
 logger = logging.getLogger(__name__)
 S = RolloutState
+WAITING = "bake time over, waiting for telemetry"
+
+
+class _Moved(Exception):
+    """Another driver moved the rollout since this one read it: act on the next tick."""
 
 
 class RolloutDriver:
@@ -35,7 +40,6 @@ class RolloutDriver:
         self.update_timeout_s = update_timeout_s
         self.min_samples = min_samples
         self.max_bake_factor = max(1.0, max_bake_factor)
-        self._said: set[tuple[str, str]] = set()
 
     def republish(self) -> None:
         """Re-send every assignment's nudge (after the broker lost its retained messages)."""
@@ -45,13 +49,15 @@ class RolloutDriver:
 
     def _set(self, r: RolloutRow, state: RolloutState, message: str, *, reason: str | None = None,
              phase_started: bool = True) -> None:
-        self.store.set_rollout_state(r.id, state, reason=reason, phase_started=phase_started)
+        if not self.store.set_rollout_state(r.id, state, reason=reason, phase_started=phase_started, expect=r):
+            raise _Moved(r.id)
         log(self.store, r.id, state, message)
 
-    def _once(self, r: RolloutRow, key: str, state: RolloutState, message: str, **kw: Any) -> None:
-        """Say it once in the history, not every tick."""
-        if (r.id, key) not in self._said:
-            self._said.add((r.id, key))
+    def _once(self, r: RolloutRow, prefix: str, state: RolloutState, message: str, **kw: Any) -> None:
+        """Say it once in the phase's history, not every tick (nor again after a new leader took
+        over: the history is read from the store)."""
+        since = r.phase_started or r.created
+        if not any(h.message.startswith(prefix) for h in self.store.rollout_log(r.id) if h.ts >= since):
             self._set(r, state, message, phase_started=False, **kw)
 
     def _plan(self, r: RolloutRow) -> dict[str, Any]:
@@ -90,6 +96,8 @@ class RolloutDriver:
         for r in self.store.rollouts(states=ACTIVE):
             try:
                 self.step(r)
+            except _Moved:
+                logger.info("rollout %s: moved by another driver; re-read on the next tick", r.id)
             except Exception:
                 logger.exception("rollout %s: step failed", r.id)
 
@@ -192,7 +200,7 @@ class RolloutDriver:
             self._rollback(r, f"canary devices {why}")
             return
         self.store.update_plan(r.id, stalled="full" if full else "stage")
-        self._once(r, "stalled:" + why[:80], S.STALLED, f"stalled: {why}", reason=f"stalled: {why}")
+        self._once(r, f"stalled: {why}"[:60], S.STALLED, f"stalled: {why}", reason=f"stalled: {why}")
 
     def _step_bake(self, r: RolloutRow) -> None:
         plan = self._plan(r)
@@ -226,7 +234,7 @@ class RolloutDriver:
     def _wait_for_evidence(self, r: RolloutRow, n: int, baked: float, need: int) -> None:
         """A quiet stage keeps baking up to ``max_bake_factor`` bakes, then rolls back."""
         if baked < r.bake_s * self.max_bake_factor:
-            self._once(r, "evidence", S.BAKE, f"bake time over, waiting for telemetry (n={n}, need {need})")
+            self._once(r, WAITING, S.BAKE, f"{WAITING} (n={n}, need {need})")
             return
         self._rollback(r, f"not enough telemetry to judge the gate within {r.bake_s * self.max_bake_factor:g}s "
                           f"(n={n}, need {need})")

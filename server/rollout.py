@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from edgellm.durations import parse_seconds
 from edgellm.ids import ID_RULE, valid_id
 from edgellm.telemetry import WireName
-from server.errors import RolloutError
+from server.errors import RolloutError, RolloutNotFound
 from server.gate import GATE_METRICS, Clause, Gate, parse_percent
 from server.store import RolloutRow, Store
 
@@ -123,7 +123,7 @@ def parse_stages(text: str | None, canary: float) -> list[float]:
 def _row(store: Store, rollout_id: str) -> RolloutRow:
     r = store.rollout(rollout_id)
     if r is None:
-        raise RolloutError(f"no rollout {rollout_id!r}", hint="list rollouts with `edgellm-server rollout status`")
+        raise RolloutNotFound(f"no rollout {rollout_id!r}", hint="list rollouts with `edgellm-server rollout status`")
     return r
 
 

@@ -5,7 +5,6 @@ to be sent to devices, and what devices said about their updates."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from typing import Any
 
@@ -13,23 +12,28 @@ from edgellm import telemetry as wire
 
 FLEET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollout_plans (
-    rollout TEXT PRIMARY KEY, stages TEXT NOT NULL, stage INTEGER NOT NULL DEFAULT 0, min_samples INTEGER NOT NULL,
-    device_timeout_s REAL NOT NULL, no_gate INTEGER NOT NULL DEFAULT 0, previous TEXT, final TEXT,
+    rollout TEXT PRIMARY KEY, stages TEXT NOT NULL, stage {INT} NOT NULL DEFAULT 0, min_samples {INT} NOT NULL,
+    device_timeout_s {REAL} NOT NULL, no_gate {INT} NOT NULL DEFAULT 0, previous TEXT, final TEXT,
     stalled TEXT
 );
 CREATE TABLE IF NOT EXISTS yanked (
-    model TEXT NOT NULL, version TEXT NOT NULL, ts REAL NOT NULL, reason TEXT, PRIMARY KEY (model, version)
+    model TEXT NOT NULL, version TEXT NOT NULL, ts {REAL} NOT NULL, reason TEXT, PRIMARY KEY (model, version)
 );
 CREATE TABLE IF NOT EXISTS assignment_log (
-    serial INTEGER NOT NULL, scope TEXT NOT NULL, subject TEXT NOT NULL, model TEXT, version TEXT,
-    rollout TEXT, ts REAL NOT NULL
+    serial {INT} NOT NULL, scope TEXT NOT NULL, subject TEXT NOT NULL, model TEXT, version TEXT,
+    rollout TEXT, ts {REAL} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS assignment_log_subject ON assignment_log (scope, subject, serial);
 CREATE TABLE IF NOT EXISTS device_commands (
-    id TEXT PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL, created REAL NOT NULL,
-    sent REAL
+    id TEXT PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL, created {REAL} NOT NULL,
+    sent {REAL}
 );
 """
+
+def migrate_fleet(db: Any, dialect: Any) -> None:
+    """Create the fleet tables that are missing (SQLite or PostgreSQL types)."""
+    db.executescript(dialect.schema(FLEET_SCHEMA))
+
 
 _UPDATE_EVENTS = tuple(str(e) for e in wire.EventName if str(e).startswith("update."))
 _FAILURES = {str(e) for e in wire.UPDATE_FAILURES}
@@ -43,7 +47,7 @@ def _text(v: Any, n: int = 300) -> str | None:
 class FleetTables:
     """Mixed into :class:`server.store.Store` (which provides ``db`` and ``tx``)."""
 
-    db: sqlite3.Connection
+    db: Any
 
     def tx(self) -> Any:  # provided by Store
         raise NotImplementedError
