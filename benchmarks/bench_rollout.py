@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fixtures_mqtt import Broker  # noqa: E402
-from fixtures_trust import make_bundle_dir  # noqa: E402
+from fixtures_trust import publish_versions  # noqa: E402
 
 from edgellm.telemetry import MqttConfig  # noqa: E402
 from server import rollout  # noqa: E402
@@ -64,13 +64,10 @@ def main() -> None:
         broker = Broker(work / "mq")
         broker.start()
         data = DataDir.init(work / "server")
-        from edgellm.bundle import pack
         from edgellm.trust import Repository
 
-        repo = Repository(data.repo, data.keys)
-        for v in ("1.0", "2.0-bad", "2.0", "3.0"):  # rollouts assign published versions only
-            repo.add_bundle(pack(make_bundle_dir(work / f"src-{v}", name="demo", version=v),
-                                 work / f"demo-{v}.bundle").path)
+        # rollouts assign published versions only
+        publish_versions(Repository(data.repo, data.keys), work, ("1.0", "2.0-bad", "2.0", "3.0"))
         srv = Server(data.root, MqttConfig(broker.url), http_port=0, tick_s=0.1, min_samples=20)
         procs = []
         try:

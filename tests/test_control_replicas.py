@@ -63,15 +63,11 @@ class Replica:
 @pytest.mark.slow
 def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg_url):  # noqa: F811
     data = DataDir.init(tmp_path / "srv").root
-    from fixtures_trust import make_bundle_dir
+    from fixtures_trust import publish_versions
 
-    from edgellm.bundle import pack
     from edgellm.trust import Repository
 
-    repo = Repository(data / "repo", data / "keys")
-    for v in ("1.0", "2.0"):  # a rollout assigns published versions only
-        repo.add_bundle(pack(make_bundle_dir(tmp_path / f"src-{v}", name="demo", version=v),
-                             tmp_path / f"demo-{v}.bundle").path)
+    publish_versions(Repository(data / "repo", data / "keys"), tmp_path, ("1.0", "2.0"))  # what a rollout may assign
     store = Store(pg_url)
     _, token = auth.create_token(store, name="test", role="viewer")
     log = open(tmp_path / "replicas.log", "w")

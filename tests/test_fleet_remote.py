@@ -5,37 +5,25 @@ group, yank; a viewer is refused every change."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
-from click.testing import CliRunner
-from fixtures_trust import make_bundle_dir
+from fixtures_trust import publish_versions
+from test_control_cli import run
 
 from edgellm import telemetry as wire
 from server import auth
 from server.api import ApiContext
 from server.app import DataDir
-from server.cli import main
 from server.http import HttpServer
-
-
-def run(*args: str, ok: bool = True):
-    r = CliRunner().invoke(main, list(args), env={k: None for k in os.environ if k.startswith("EDGELLM_SERVER_")})
-    assert (r.exit_code == 0) == ok, r.output
-    return r
 
 
 @pytest.fixture
 def fleet(tmp_path):
-    from edgellm.bundle import pack
     from edgellm.trust import Repository
 
     data = DataDir.init(tmp_path / "srv")
-    repo = Repository(data.repo, data.keys)
-    for v in ("1.0", "2.0"):
-        repo.add_bundle(pack(make_bundle_dir(tmp_path / f"src-{v}", name="demo", version=v),
-                             tmp_path / f"demo-{v}.bundle").path)
+    publish_versions(Repository(data.repo, data.keys), tmp_path, ("1.0", "2.0"))
     store = data.store()
     for d in ("d1", "d2"):
         store.ingest([wire.Envelope(device=d, kind="birth", seq=0, ts=time.time(),

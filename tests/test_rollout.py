@@ -41,16 +41,12 @@ def promtool_check(text: str) -> None:
 def server_with(path, versions):
     """A server data directory whose repository has model demo at ``versions`` (fake
     artifacts: the simulated devices only need them to be assignable)."""
-    from fixtures_trust import make_bundle_dir
+    from fixtures_trust import publish_versions
 
-    from edgellm.bundle import pack
     from edgellm.trust import Repository
 
     data = DataDir.init(path)
-    repo = Repository(data.repo, data.keys)
-    for v in versions:
-        repo.add_bundle(pack(make_bundle_dir(path.parent / f"src-{v}", name="demo", version=v),
-                             path.parent / f"demo-{v}.bundle").path)
+    publish_versions(Repository(data.repo, data.keys), path.parent, versions)
     return data
 
 

@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from fixtures_trust import make_bundle_dir
+from fixtures_trust import publish_versions
 
 from edgellm import telemetry as wire
 from server import rollout
@@ -59,14 +59,11 @@ class Fleet:
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """Keys and a repository with model m at 1.0, 2.0 and 3.0 (fake artifacts: nothing installs them here)."""
-    from edgellm.bundle import pack
     from edgellm.trust import Repository, init_keys
 
     d = tmp_path_factory.mktemp("repo")
     init_keys(d / "keys")
-    repo = Repository.create(d / "repo", d / "keys")
-    for v in ("1.0", "2.0", "3.0"):
-        repo.add_bundle(pack(make_bundle_dir(d / f"src-{v}", name="m", version=v), d / f"m-{v}.bundle").path)
+    publish_versions(Repository.create(d / "repo", d / "keys"), d, ("1.0", "2.0", "3.0"), name="m")
     return d
 
 
