@@ -148,7 +148,8 @@ class Server:
                  max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
                  drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None,
-                 db: str | None = None, leader_ttl_s: float = 10.0, trust_loopback: bool = True) -> None:
+                 db: str | None = None, leader_ttl_s: float = 10.0, trust_loopback: bool = True,
+                 fl_advertise: str | None = None) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
@@ -179,10 +180,13 @@ class Server:
         self.fl = None
         if fl is not None:  # federated runs: a supervised SuperLink and the run driver
             from server.federated.driver import FlDriver
-            from server.federated.superlink import SuperLink
+            from server.federated.superlink import SuperLink, parse_address
 
+            if fl_advertise is not None:
+                parse_address(fl_advertise, "--fl-advertise")  # HOST:PORT, or a clear error before anything starts
             self.fl = FlDriver(self.store.reopen(), self.data.root,
-                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl))
+                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl),
+                               advertise=fl_advertise)
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400

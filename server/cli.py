@@ -75,9 +75,12 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
               help="Seconds a replica's leadership lasts without renewal (a takeover after a crash takes this long).")
 @click.option("--fl", "fl_addr", default=None, metavar="HOST:PORT",
               help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.")
+@click.option("--fl-advertise", "fl_advertise", default=None, metavar="HOST:PORT",
+              help="The SuperLink address devices are told, when a proxy or NAT sits in front (default: --fl).")
 def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
         client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool,
-        db: str | None, leader_ttl: float, fl_addr: str | None) -> None:
+        db: str | None, leader_ttl: float, fl_addr: str | None,
+        fl_advertise: str | None) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -89,7 +92,8 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
         logging.getLogger().setLevel(logging.INFO)
     srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
                  client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
-                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl, fl=fl_addr)
+                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl, fl=fl_addr,
+                 fl_advertise=fl_advertise)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -480,3 +480,17 @@ def test_superlink_is_started_answers_is_restarted_after_a_crash_and_stopped(tmp
         proc = link.proc
         link.stop()
     assert proc is not None and proc.poll() is not None
+
+
+def test_server_tells_devices_the_advertised_superlink_address_and_refuses_a_malformed_one(data):
+    from edgellm.telemetry import MqttConfig
+    from server.app import Server
+    from server.federated.superlink import SuperLinkError
+
+    srv = Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092",
+                 fl_advertise="fl.example.net:443")
+    assert srv.fl is not None and srv.fl.advertise == "fl.example.net:443"
+    assert Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092").fl.advertise \
+        == "127.0.0.1:9092"
+    with pytest.raises(SuperLinkError, match="--fl-advertise"):
+        Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092", fl_advertise="nope")
