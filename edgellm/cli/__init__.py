@@ -17,9 +17,9 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from edgellm.cli import build, bundle, keys, profiles, repo, train
+    from edgellm.cli import build, bundle, finetune, keys, profiles, repo, train
 
-    for mod in (profiles, bundle, keys, repo, train, build):
+    for mod in (profiles, bundle, keys, repo, train, finetune, build):
         for cmd in mod.commands:
             main.add_command(cmd)
 
