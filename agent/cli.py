@@ -167,14 +167,15 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
 
 @main.command()
 @data_dir_option
+@click.option("--adapter", default=None, help="Drop this LoRA adapter instead (the base keeps serving).")
 @format_option
-def rollback(data_dir, fmt) -> None:
+def rollback(data_dir, adapter, fmt) -> None:
     """Switch back to the previous slot (a running daemon picks it up within a second)."""
     from agent.config import AgentConfig
     from agent.install import Installer
 
     paths = _paths(data_dir)
-    res = Installer(paths, AgentConfig.load(paths)).rollback()
+    res = Installer(paths, AgentConfig.load(paths)).rollback(adapter)
     _echo_result(res, fmt)
 
 

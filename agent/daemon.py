@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from agent._fs import atomic_write_json, remove_tree
+from agent.adapters import AdapterStore, adapter_status
 from agent.config import AgentConfig, AgentPaths
 from agent.engine import Engine, ModelHandle
 from agent.errors import ConfigError, InstallError, message_of
 from agent.install import Installer
+from agent.lora_serving import sync_adapters
 from agent.manifest import read_manifest
 from agent.schemas import UpdateRequest
 from agent.slots import SlotStore
@@ -136,6 +138,7 @@ def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry:
                      if state.previous else None),
         "last_update": state.last_result,
         "rejected": state.rejected,
+        "adapters": adapter_status(paths, state),
         "daemon": run or {"running": False},
         "telemetry": _telemetry_status(paths, config, telemetry),
     }
@@ -167,6 +170,7 @@ class Daemon:
         self._update_now = threading.Event()
         self._desired = UpdateRequest()
         self._loaded_key: tuple | None = None
+        self._adapters_key: tuple | None = None
         self._failed_key: tuple | None = None
         self._loaded_at = 0.0
         self._reconcile_lock = threading.Lock()
@@ -235,6 +239,7 @@ class Daemon:
                 with self.installer.lock():
                     self.store.count_boot(handle.slot or state.current)
             self._set_state(handle, state)
+        self._adapters_key = sync_adapters(self.paths, state, self.engine.model, self._adapters_key)
         if state.trial is not None and state.trial.slot == state.current and self._loaded_key == key \
                 and time.monotonic() - self._loaded_at >= self.config.trial_commit_s:
             with self.installer.lock():
@@ -331,6 +336,7 @@ class Daemon:
         reap_stale(self.paths)  # a SuperNode left by an agent that died
         with self.installer.lock():
             self.store.boot(max_boots=self.config.max_boot_attempts)
+            AdapterStore(self.paths).boot()
         self.metrics = Metrics()
         lim = self.config.limits
         self.engine = Engine(queue_size=lim.queue_size, max_prompt_tokens=lim.max_prompt_tokens,

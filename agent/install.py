@@ -68,6 +68,18 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
+def _is_adapter_archive(archive: Path) -> bool:
+    """Whether a verified archive holds an adapter bundle (a damaged one goes the full-bundle way,
+    whose unpack reports what is wrong)."""
+    from edgellm.adapters import is_adapter
+    from edgellm.bundle import read_manifest
+
+    try:
+        return is_adapter(read_manifest(archive))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 class Installer:
     def __init__(self, paths: AgentPaths, config: AgentConfig, *,
                  health_runner: Callable[..., dict] = run_health_check,
@@ -130,6 +142,10 @@ class Installer:
         """Caller holds the lock and has verified ``archive`` against the pinned root."""
         from edgellm.bundle import unpack
 
+        if _is_adapter_archive(archive):  # a delta on top of the current base: agent.adapters
+            from agent.adapters import AdapterInstaller
+
+            return AdapterInstaller(self).install(archive, target, source=source, force=force)
         state = self.store.load()
         if target is not None and target.version:
             self._check_policy(state, target.name, target.version, allow_downgrade=allow_downgrade, force=force,
@@ -323,7 +339,15 @@ class Installer:
             finally:
                 remove_tree(dl)
 
-    def rollback(self) -> dict:
+    def rollback(self, adapter: str | None = None) -> dict:
+        """Switch back to the previous slot; with ``adapter``, drop that adapter (the base keeps serving)."""
+        if adapter is not None:
+            from agent.adapters import AdapterStore
+
+            with self.lock():
+                res = AdapterStore(self.paths).drop(adapter)
+            self.on_event("update.rolled_back", version=res.get("version"), adapter=adapter)
+            return res
         with self.lock():
             state = self.store.rollback()
         self.on_event("update.rolled_back", version=state.current_record.version if state.current_record else None)
