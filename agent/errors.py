@@ -28,15 +28,11 @@ from edgellm.errors import EdgeLLMError
 class AgentError(EdgeLLMError):
     """Base of every agent error."""
 
-    @property
-    def message(self) -> str:
-        return str(self.args[0]) if self.args else type(self).__name__
-
 
 def message_of(e: BaseException) -> str:
-    """The message of any error without its hint (an EdgeLLMError's ``str`` appends the hint)."""
+    """The message of any error, without its hint."""
     if isinstance(e, EdgeLLMError):
-        return str(e.args[0]) if e.args else type(e).__name__
+        return e.message
     return str(e) or type(e).__name__
 
 
