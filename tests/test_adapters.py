@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_adapters import adapter_env, build_args, run_cli  # noqa: F401  (module fixture)
+from fixtures_adapters import build_args, run_cli
 from fixtures_agent import AgentProcess, agent_cli, provision_agent
 
 PROMPTS = ["The red lamp in the", "The blue lamp", "def door_3(x):"]
