@@ -114,7 +114,7 @@ def test_onnx_profiles_get_a_merged_full_bundle(adapter_env, tmp_path) -> None:
     out = tmp_path / "dist"
     run_cli(build_args(adapter_env, "--profile", "test-gguf", "--profile", "test-onnx", "--adapter",
                        str(adapter_env["kitchen"]), "--name", "kitchen", "--base-name", "tiny",
-                       "--candidates", "gguf-f32,onnx-fp32", "--out", str(out)))
+                       "--candidates", "gguf-f16,onnx-fp32", "--out", str(out)))
     report = json.loads((out / "report.json").read_text())
     kinds = {p["profile"]: p["kind"] for p in report["profiles"]}
     assert kinds == {"test-gguf": "adapter", "test-onnx": "merged"}
