@@ -48,6 +48,8 @@ def make_adapter(model_dir: Path, out: Path, rank: int, targets: tuple[str, ...]
 
 
 def decode(paths: dict[str, tuple[Path, Path | None]], tokens: int, rounds: int) -> dict[str, list[float]]:
+    from bench_gguf import interleaved_speeds
+
     from edgellm.runtime.llamacpp import LlamaCppRuntime
     from edgellm.runtime.lora import LoraAdapters
 
@@ -59,17 +61,7 @@ def decode(paths: dict[str, tuple[Path, Path | None]], tokens: int, rounds: int)
             lora.load("a", adapter)
             lora.activate("a")
         rts[label] = rt
-    speeds: dict[str, list[float]] = {k: [] for k in rts}
-    try:
-        for rt in rts.values():
-            rt.decode_speed(n_tokens=8)
-        for _ in range(rounds):
-            for k, rt in rts.items():
-                speeds[k].append(rt.decode_speed(n_tokens=tokens))
-    finally:
-        for rt in rts.values():
-            rt.close()
-    return speeds
+    return interleaved_speeds(rts, tokens, rounds)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from edgellm.runtime.base import ModelLoadError
 from edgellm.runtime.base import runtime_error as _err
-from edgellm.runtime.gguf_check import GGUFInfo, _bad, _expected_tensors, _Fields, verify_file
+from edgellm.runtime.gguf_check import GGUFInfo, _bad, _expected_tensors, _Fields, open_gguf, verify_file
 
 MAX_RANK = 1024
 _NAME = re.compile(r"^(blk\.\d{1,4}\.[a-z_]+\.weight)\.lora_(a|b)$")
@@ -31,17 +31,8 @@ _NAME = re.compile(r"^(blk\.\d{1,4}\.[a-z_]+\.weight)\.lora_(a|b)$")
 
 def check_lora_gguf(path: str | Path, base: GGUFInfo) -> dict[str, Any]:
     """Validate a LoRA adapter GGUF against the base it is meant for; returns rank, alpha, tensor count."""
-    import gguf
-
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise _bad(path, "bad magic (not a GGUF file)")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises ValueError/IndexError/... on damaged structure
-        raise _bad(path, f"{type(e).__name__}: {e}") from e
+    reader, size = open_gguf(path)
     f = _Fields(reader, path)
     if f.val("general.type") != "adapter" or f.val("adapter.type") != "lora":
         raise _bad(path, "not a LoRA adapter (general.type must be 'adapter', adapter.type 'lora')")
