@@ -232,3 +232,31 @@ def test_agent_never_imports_torch_for_adapters() -> None:
     code = ("import sys; sys.modules['torch'] = None; import agent.adapters, agent.lora_serving, agent.install, "
             "agent.daemon, edgellm.runtime.lora, edgellm.adapters")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_federated_result_published_as_adapter_installs_on_the_base(adapter_env, tmp_path) -> None:
+    """server/federated: the averaged adapters become an adapter bundle per GGUF base bundle."""
+    from safetensors.numpy import save_file
+
+    from edgellm.pipeline.finetune import load_adapter
+    from edgellm.trust import Repository
+    from server.federated.adapter_publish import publish_adapters
+    from server.federated.publish import base_targets
+
+    ad = load_adapter(adapter_env["kitchen"])
+    save_file({k: v.numpy() for k, v in ad.state.items()}, str(tmp_path / "avg.safetensors"))
+    repo = Repository(adapter_env["repo"], adapter_env["keys"])
+    bases = base_targets(adapter_env["repo"], "tiny", "1.0.0")
+    names = publish_adapters(repo, bases, tmp_path / "avg.safetensors", ad.rank, ad.alpha, adapter_env["base"],
+                             model="tiny", base_version="1.0.0", version="1.1.0",
+                             lineage={"federated": {"run": "fl-test"}}, work=tmp_path / "work")
+    assert len(names) == 1
+    facts = {t.name: t.custom["edgellm"] for t in repo.list_targets()}[names[0]]
+    assert facts["kind"] == "adapter" and facts["base"]["artifact_sha256"] == bases[0].artifact_sha256
+    assert facts["federated"]["run"] == "fl-test"
+    envelope = repo.export_signed(names[0], tmp_path / "federated.signed")
+    d = provision_agent(tmp_path / "agent", adapter_env["root"])
+    agent_cli("install", str(adapter_env["base_envelope"]), data_dir=d)
+    agent_cli("install", str(envelope), data_dir=d)
+    st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
+    assert [(a["name"], a["version"], a["serving"]) for a in st["adapters"]["installed"]] == [("federated", "1.1.0", True)]

@@ -42,13 +42,13 @@ from edgellm.pipeline.select import select
 _BUNDLE_OVERHEAD = 16 * 1024
 
 
-def _adapter_manifest(base_manifest: dict[str, Any], *, name: str, base_name: str, base_version: str,
-                      base_sha256: str, adapter: Any, export: dict[str, Any],
-                      golden: list[dict[str, Any]]) -> dict[str, Any]:
-    m = dict(base_manifest)
-    m.update(name=name, artifact=ADAPTER_ARTIFACT, kind=KIND_ADAPTER, golden_prompts=golden,
-             base={"name": base_name, "version": base_version, "runtime": "gguf", "artifact_sha256": base_sha256},
-             quantization=base_manifest["quantization"])
+def adapter_manifest(base_manifest: dict[str, Any], *, name: str, version: str, base_name: str, base_version: str,
+                     base_sha256: str, adapter: Any, export: dict[str, Any],
+                     golden: list[dict[str, Any]]) -> dict[str, Any]:
+    """An adapter bundle's manifest from its base bundle's (profiles, memory, health, generation)."""
+    m = {k: v for k, v in base_manifest.items() if k not in ("files", "tokenizer")}
+    m.update(name=name, version=version, artifact=ADAPTER_ARTIFACT, kind=KIND_ADAPTER, golden_prompts=golden,
+             base={"name": base_name, "version": base_version, "runtime": "gguf", "artifact_sha256": base_sha256})
     mem = dict(m["memory"])
     mem["weights_bytes"] += export["size_bytes"]
     mem["peak_bytes"] += export["size_bytes"]
@@ -99,12 +99,12 @@ def run_adapter_build(cfg: BuildConfig, adapter_dir: str | Path, *, base_version
                 continue
             m = cands.measurements[sel.chosen]
             if m.fmt not in golden_cache:
-                golden_cache[m.fmt] = golden_prompts(m, prompts, model_dir, adapter=gguf)
+                golden_cache[m.fmt] = golden_prompts(m.runtime, m.artifact, prompts, model_dir, adapter=gguf)
             from edgellm._fs import sha256_file
 
             say(f"bundling the adapter for {prof.name} (base {m.fmt})", i, len(profiles))
-            manifest = _adapter_manifest(
-                manifest_for(cfg, name, prof, m, sel, cands, []), name=name, base_name=base_name,
+            manifest = adapter_manifest(
+                manifest_for(cfg, name, prof, m, sel, cands, []), name=name, version=cfg.version, base_name=base_name,
                 base_version=base_version, base_sha256=sha256_file(m.artifact), adapter=adapter, export=export,
                 golden=golden_cache[m.fmt])
             res.full_bundle_bytes = int(m.size_bytes) + _BUNDLE_OVERHEAD

@@ -137,7 +137,7 @@ def _onnx_available() -> bool:
     return onnx_supported()
 
 
-def golden_prompts(m: Measurement, prompts: list[str], model_dir: Path,
+def golden_prompts(runtime: str, artifact: str | Path, prompts: list[str], model_dir: Path,
                    adapter: Path | None = None) -> list[dict[str, Any]]:
     """Greedy continuations of a few prompts with the chosen artifact (+ ``adapter``, a LoRA GGUF);
     ``expect`` holds the confident prefix (every token at p > 0.6), so the device health check
@@ -146,9 +146,9 @@ def golden_prompts(m: Measurement, prompts: list[str], model_dir: Path,
 
     out = []
     try:
-        rt = load_runtime(m.runtime, m.artifact, model_dir=model_dir, threads=1, context_length=256)
+        rt = load_runtime(runtime, artifact, model_dir=model_dir, threads=1, context_length=256)
     except Exception as e:  # noqa: BLE001 - no runtime here: prompts without expectations
-        log.warning("golden prompts without expected text (%s runtime unavailable: %s)", m.runtime, e)
+        log.warning("golden prompts without expected text (%s runtime unavailable: %s)", runtime, e)
         return [{"prompt": p, "max_tokens": 8, "expect": None} for p in prompts]
     try:
         if adapter is not None:
@@ -332,7 +332,7 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
             continue
         m = cands.measurements[sel.chosen]
         if m.fmt not in golden_cache:
-            golden_cache[m.fmt] = golden_prompts(m, prompts, model_dir)
+            golden_cache[m.fmt] = golden_prompts(m.runtime, m.artifact, prompts, model_dir)
         say(f"bundling {prof.name} ({m.fmt})", i, n)
         packer.add(res, f"{name}-{cfg.version}-{prof.name}.bundle", bundle_files(m, model_dir),
                    manifest_for(cfg, name, prof, m, sel, cands, golden_cache[m.fmt]))
