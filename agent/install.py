@@ -80,6 +80,24 @@ def _is_adapter_archive(archive: Path) -> bool:
         return False
 
 
+def _applicable(targets: list[TargetInfo], paths: AgentPaths, state: AgentState) -> list[TargetInfo]:
+    """Full bundles, and adapter bundles whose base is the artifact the current slot runs."""
+    if not any(t.custom.get("kind") == "adapter" for t in targets):
+        return targets
+    from agent.adapters import base_artifact_sha256
+
+    have = base_artifact_sha256(paths, state)
+    return [t for t in targets if t.custom.get("kind") != "adapter"
+            or (t.custom.get("base") or {}).get("artifact_sha256") == have]
+
+
+def _adapter_installed(paths: AgentPaths, target: TargetInfo) -> bool:
+    from agent.adapters import AdapterStore
+
+    have = AdapterStore(paths).load().adapters.get(target.name)
+    return have is not None and have.version == target.version
+
+
 class Installer:
     def __init__(self, paths: AgentPaths, config: AgentConfig, *,
                  health_runner: Callable[..., dict] = run_health_check,
@@ -272,8 +290,9 @@ class Installer:
             cands = [t for t in cands if t.name == want_model]
         if desired.version:
             cands = [t for t in cands if t.version == desired.version]
-        else:
+        else:  # the newest this device can take: adapters only for the base it runs
             cands = [t for t in cands if t.version not in state.rejected]
+            cands = _applicable(cands, self.paths, state)
         if not cands:
             return None
         best = cands[0]
@@ -305,11 +324,14 @@ class Installer:
                     self.store.save(state)
                     return state.last_result
                 return result("update", True, version=cur.version if cur else None, reason=reason)
-            if cur is not None and target.version == cur.version:
+            adapter = target.custom.get("kind") == "adapter"  # versioned apart from the base: agent.adapters
+            if adapter and _adapter_installed(self.paths, target):
+                return result("update", True, version=target.version, reason="up to date", adapter=target.name)
+            if cur is not None and target.version == cur.version and not adapter:
                 return result("update", True, version=cur.version, reason="up to date")
             prev = state.slots.get(state.inactive)
             rollback_ok = desired.rollback
-            if cur is not None and compare_versions(target.version, cur.version) < 0:
+            if cur is not None and compare_versions(target.version, cur.version) < 0 and not adapter:
                 if prev is not None and prev.version == target.version and prev.name == target.name:
                     # the server asks for the version in the other slot: that is a rollback, done locally
                     st = self.store.rollback(reason=f"desired version is {target.version}")

@@ -260,3 +260,39 @@ def test_federated_result_published_as_adapter_installs_on_the_base(adapter_env,
     agent_cli("install", str(envelope), data_dir=d)
     st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
     assert [(a["name"], a["version"], a["serving"]) for a in st["adapters"]["installed"]] == [("federated", "1.1.0", True)]
+
+
+@pytest.fixture
+def adapter_repo_server(adapter_env):
+    """adapter_env's signed repository over HTTP ({url}/metadata/, {url}/targets/)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(Quiet, directory=str(adapter_env["repo"])))
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join(5)
+
+
+def test_online_update_to_an_adapter_installs_it_beside_the_base(adapter_env, adapter_repo_server, tmp_path) -> None:
+    d = provision_agent(tmp_path / "agent", adapter_env["root"], server=adapter_repo_server,
+                        profile="test-gguf")  # the profile the bundles were built for
+    agent_cli("install", str(adapter_env["base_envelope"]), data_dir=d)
+    # an adapter's version (0.1.0) is not compared with the base's (1.0.0): it is no downgrade
+    out = json.loads(agent_cli("update", "--model", "kitchen", "--format", "json", data_dir=d).stdout)
+    assert out["ok"] and out["adapter"] == "kitchen" and out["version"] == "0.1.0", out  # 0.2.0: another base
+    again = json.loads(agent_cli("update", "--model", "kitchen", "--format", "json", data_dir=d).stdout)
+    assert again["reason"] == "up to date"
+    st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
+    assert st["version"] == "1.0.0" and [a["name"] for a in st["adapters"]["installed"]] == ["kitchen"]
