@@ -70,6 +70,14 @@ class AdapterState(Record):
         return super().from_dict(d)
 
 
+class BaseNotInstalled(UpdateRefused):
+    """An adapter whose base is not the model this device runs (install the base first)."""
+
+    def __init__(self, message: str, *, hint: str, base: Any) -> None:
+        super().__init__(message, hint=hint)
+        self.base = base
+
+
 def base_artifact_sha256(paths: AgentPaths, state: AgentState) -> str | None:
     """sha256 of the current slot's artifact, as its verified manifest records it."""
     if state.current is None or state.current_record is None:
@@ -202,10 +210,10 @@ class AdapterInstaller:
         have = base_artifact_sha256(self.paths, slots)
         if cur is None or have != base.artifact_sha256 or cur.name != base.name:
             running = f"{cur.name} {cur.version} (sha256 {(have or '')[:12]}…)" if cur else "no model"
-            raise UpdateRefused(
+            raise BaseNotInstalled(
                 f"adapter {manifest.name} {manifest.version} applies to base {base.name} {base.version} "
                 f"(sha256 {base.artifact_sha256[:12]}…), but this device runs {running}",
-                hint=f"install base {base.name} {base.version} first, then the adapter")
+                hint=f"install base {base.name} {base.version} first, then the adapter", base=base)
         return base
 
     def install(self, archive: Path, target: Any, *, source: str, force: bool = False) -> dict:

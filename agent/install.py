@@ -283,6 +283,20 @@ class Installer:
             finally:
                 remove_tree(work)
 
+    def install_envelopes(self, envelopes: list[str | Path], request: UpdateRequest | None = None) -> list[dict]:
+        """Install several signed files; an adapter whose base is among them waits for it (base first)."""
+        from agent.adapters import BaseNotInstalled
+
+        results, waiting = [], []
+        for env in envelopes:
+            try:
+                results.append(self.install_envelope(env, request))
+            except BaseNotInstalled:
+                waiting.append(env)
+        if waiting and len(waiting) == len(envelopes):  # nothing else to install first: say why
+            return results + [self.install_envelope(waiting[0], request)]
+        return results + [self.install_envelope(env, request) for env in waiting]
+
     def select_target(self, targets: list[TargetInfo], state: AgentState, desired: UpdateRequest) -> TargetInfo | None:
         cands = [t for t in targets if self.config.profile in t.profiles and t.version]
         want_model = desired.model or (state.current_record.name if state.current_record else None)

@@ -132,6 +132,19 @@ def test_adapter_without_its_base_is_refused_with_the_reason(adapter_env, tmp_pa
     assert not any((d / "adapters").glob("kitchen@*"))
 
 
+def test_adapter_and_base_given_together_install_base_first(adapter_env, tmp_path) -> None:
+    from edgellm.trust import Repository
+
+    repo = Repository(adapter_env["repo"], adapter_env["keys"])  # both with today's metadata (TUF never goes back)
+    files = [repo.export_signed(adapter_env[k].name.removesuffix(".signed"), tmp_path / adapter_env[k].name)
+             for k in ("kitchen_envelope", "base_envelope")]
+    d = provision_agent(tmp_path / "agent", adapter_env["root"])
+    out = json.loads(agent_cli("install", *map(str, files), "--format", "json", data_dir=d).stdout)
+    assert [(r["ok"], r["version"]) for r in out] == [(True, "1.0.0"), (True, "0.1.0")]
+    st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
+    assert st["version"] == "1.0.0" and [a["name"] for a in st["adapters"]["installed"]] == ["kitchen"]
+
+
 def test_foreign_base_or_tampered_adapter_refused_device_keeps_serving(adapter_env, tmp_path) -> None:
     d = provision_agent(tmp_path / "agent", adapter_env["root"])
     agent_cli("install", str(adapter_env["base_envelope"]), data_dir=d)
