@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_adapters import build_args, run_cli
-from fixtures_agent import AgentProcess, agent_cli, provision_agent
+from fixtures_agent import AgentProcess, agent_cli, provision_agent, serve_directory
 
 PROMPTS = ["The red lamp in the", "The blue lamp", "def door_3(x):"]
 STEPS = 32
@@ -278,24 +278,8 @@ def test_federated_result_published_as_adapter_installs_on_the_base(adapter_env,
 @pytest.fixture
 def adapter_repo_server(adapter_env):
     """adapter_env's signed repository over HTTP ({url}/metadata/, {url}/targets/)."""
-    import functools
-    import http.server
-    import threading
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                            functools.partial(Quiet, directory=str(adapter_env["repo"])))
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        t.join(5)
+    with serve_directory(adapter_env["repo"]) as url:
+        yield url
 
 
 def test_online_update_to_an_adapter_installs_it_beside_the_base(adapter_env, adapter_repo_server, tmp_path) -> None:
