@@ -192,13 +192,14 @@ class AdapterInstaller:
         self.paths: AgentPaths = installer.paths
         self.store = AdapterStore(self.paths)
 
-    def _fail(self, reason: str, *, version: str | None, adapter: str | None, reject: bool = False) -> None:
+    def _fail(self, reason: str, *, version: str | None, adapter: str | None, reject: bool = False,
+              event: str = "update.failed") -> None:
         state = self.store.load()
         if reject and adapter and version and f"{adapter}@{version}" not in state.rejected:
             state.rejected.append(f"{adapter}@{version}")
         state.last_result = result("install", False, version=version, reason=reason, adapter=adapter)
         self.store.save(state)
-        self.installer.on_event("update.failed", version=version, reason=reason, adapter=adapter)
+        self.installer.on_event(event, version=version, reason=reason, adapter=adapter)
 
     def check_base(self, manifest: Any) -> Any:
         """The adapter's base must be the artifact the current slot serves; returns the base reference."""
@@ -228,9 +229,8 @@ class AdapterInstaller:
             raise InstallError(reason, hint="the repository is inconsistent: rebuild and republish the bundle")
         try:
             base = self.check_base(manifest)
-        except (UpdateRefused, AgentError) as e:
-            self._fail(message_of(e), version=version, adapter=name)
-            self.installer.on_event("update.refused", version=version, reason=message_of(e), adapter=name)
+        except AgentError as e:
+            self._fail(message_of(e), version=version, adapter=name, event="update.refused")
             raise
         except Exception as e:  # a malformed base reference in a signed manifest
             self._fail(message_of(e), version=version, adapter=name)
@@ -240,7 +240,7 @@ class AdapterInstaller:
         cur = state.adapters.get(name)
         if f"{name}@{version}" in state.rejected and not force:
             reason = f"adapter {name} {version} was rejected earlier (failed health check or rolled back)"
-            self._fail(reason, version=version, adapter=name)
+            self._fail(reason, version=version, adapter=name, event="update.refused")
             raise UpdateRefused(reason, hint="pass --force to try it again")
         if cur is not None and cur.version == version and cur.base_sha256 == base.artifact_sha256 and not force:
             raise AlreadyCurrent(f"adapter {name} {version} is already installed", hint="nothing to do")

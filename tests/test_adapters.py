@@ -293,3 +293,26 @@ def test_online_update_to_an_adapter_installs_it_beside_the_base(adapter_env, ad
     assert again["reason"] == "up to date"
     st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
     assert st["version"] == "1.0.0" and [a["name"] for a in st["adapters"]["installed"]] == ["kitchen"]
+
+
+def test_adapter_failing_its_golden_prompts_is_rejected_base_keeps_serving(adapter_env, tmp_path) -> None:
+    from edgellm.bundle import pack
+    from edgellm.trust import Repository
+
+    manifest, d = _unpacked(adapter_env["garage_envelope"], adapter_env, tmp_path / "g")
+    m = json.loads((d / "manifest.json").read_text())
+    m["version"] = "0.3.0"
+    m["golden_prompts"] = [{"prompt": "def door_3(x):", "max_tokens": 4, "expect": "never-said-xyz"}]
+    (d / "manifest.json").write_text(json.dumps(m))
+    repo = Repository(adapter_env["repo"], adapter_env["keys"])
+    envelope = repo.export_signed(repo.add_bundle(pack(d, tmp_path / "garage-0.3.0.bundle").path),
+                                  tmp_path / "garage-0.3.0.signed")
+    base = repo.export_signed(adapter_env["base_envelope"].name.removesuffix(".signed"), tmp_path / "base.signed")
+    dd = provision_agent(tmp_path / "agent", adapter_env["root"])
+    agent_cli("install", str(base), data_dir=dd)
+    r = agent_cli("install", str(envelope), data_dir=dd, check=False)
+    assert r.returncode != 0 and "health check failed" in r.stderr + r.stdout and "never-said-xyz" in r.stderr + r.stdout
+    st = json.loads(agent_cli("status", "--format", "json", data_dir=dd).stdout)
+    assert st["version"] == "1.0.0" and st["adapters"]["installed"] == []
+    assert st["adapters"]["rejected"] == ["garage@0.3.0"]
+    assert not any((dd / "adapters").glob("garage@*"))
