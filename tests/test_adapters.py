@@ -316,3 +316,47 @@ def test_adapter_failing_its_golden_prompts_is_rejected_base_keeps_serving(adapt
     assert st["version"] == "1.0.0" and st["adapters"]["installed"] == []
     assert st["adapters"]["rejected"] == ["garage@0.3.0"]
     assert not any((dd / "adapters").glob("garage@*"))
+
+
+def test_adapter_gguf_checked_against_the_base_before_llama_cpp_reads_it(adapter_env, tiny_gguf, tmp_path) -> None:
+    import gguf
+    import numpy as np
+
+    from edgellm.errors import ModelLoadError
+    from edgellm.pipeline.export.gguf_lora import write_lora_gguf
+    from edgellm.pipeline.finetune import load_adapter
+    from edgellm.runtime.gguf_check import check_gguf
+    from edgellm.runtime.lora import check_lora_gguf
+
+    ad = load_adapter(adapter_env["kitchen"])
+    good = tmp_path / "good.gguf"
+    write_lora_gguf(ad.state, ad.rank, ad.alpha, adapter_env["base"], good)
+    base = check_gguf(tiny_gguf)
+    assert check_lora_gguf(good, base)["rank"] == ad.rank
+
+    def hostile(name: str, tensors: dict[str, np.ndarray], general_type: str = "adapter") -> Path:
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        w.add_type(general_type)
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 8.0)
+        for k, v in tensors.items():
+            w.add_tensor(k, v)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    a, b = np.zeros((4, 256), np.float32), np.zeros((256, 4), np.float32)
+    cases = {
+        "a model, not an adapter": hostile("model.gguf", {"blk.0.attn_q.weight.lora_a": a,
+                                                          "blk.0.attn_q.weight.lora_b": b}, "model"),
+        "a layer the base lacks": hostile("layer.gguf", {"blk.99.attn_q.weight.lora_a": a,
+                                                        "blk.99.attn_q.weight.lora_b": b}),
+        "a shape that does not fit": hostile("shape.gguf", {"blk.0.attn_q.weight.lora_a": np.zeros((4, 100), np.float32),
+                                                           "blk.0.attn_q.weight.lora_b": b}),
+        "half a pair": hostile("half.gguf", {"blk.0.attn_q.weight.lora_a": a}),
+    }
+    for path in cases.values():  # keyed by what is wrong with each
+        with pytest.raises(ModelLoadError):
+            check_lora_gguf(path, base)
