@@ -39,7 +39,9 @@ from edgellm.pipeline.candidates import (
     kind_of,
 )
 from edgellm.pipeline.evaluate import train_report
+from edgellm.pipeline.model_check import check_model_dir
 from edgellm.pipeline.select import Budget, Selection, select
+from edgellm.pipeline.tokenizer import tokenizer_json_text
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +237,7 @@ def prepare_build(cfg: BuildConfig, say: ProgressFn) -> tuple[list[Any], str, st
     from edgellm.profiles import get_profile
 
     model_dir = Path(cfg.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise BuildError(f"{model_dir} is not a model directory (no config.json)",
-                         hint="pass the directory written by `edgellm train` or an HF save_pretrained checkpoint")
+    check_model_dir(model_dir)  # family, tokenizer, chat template: refused here, before any work
     if not cfg.profiles:
         raise BuildError("no --profile given", hint="pass one --profile per device class, see `edgellm profiles list`")
     if (cfg.repo is None) != (cfg.keys is None):
@@ -275,8 +275,10 @@ class Packer:
         self.signing: list[tuple[ProfileResult, Path, str]] = []  # signed together at the end
         self.stage = tempfile.TemporaryDirectory(prefix=".signing-", dir=self.out)  # removed even on error
 
-    def add(self, res: ProfileResult, bundle_name: str, files: dict[str, Path], manifest: dict[str, Any]) -> None:
-        """Pack ``files`` (bundle path -> source file, hard-linked when possible) with ``manifest``."""
+    def add(self, res: ProfileResult, bundle_name: str, files: dict[str, Path], manifest: dict[str, Any],
+            texts: dict[str, str] | None = None) -> None:
+        """Pack ``files`` (bundle path -> source file, hard-linked when possible) and ``texts``
+        (bundle path -> content) with ``manifest``."""
         from edgellm.bundle import pack
 
         with tempfile.TemporaryDirectory(prefix=".bundle-", dir=self.out) as tmp:
@@ -287,6 +289,8 @@ class Packer:
                     os.link(path, src / rel)
                 except OSError:
                     shutil.copyfile(path, src / rel)
+            for rel, text in (texts or {}).items():
+                (src / rel).write_text(text, encoding="utf-8")
             (src / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             packed = pack(src, Path(tmp) / bundle_name)
             res.bundle_sha256 = packed.sha256
@@ -307,10 +311,15 @@ def bundle_files(m: Measurement, model_dir: Path) -> dict[str, Path]:
     """A full bundle's files: the artifact, plus the tokenizer files an ONNX model needs."""
     files = {("model.gguf" if m.runtime == "gguf" else "model.onnx"): Path(m.artifact)}
     if m.runtime == "onnx":
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        for f in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
             if (model_dir / f).is_file():
                 files[f] = model_dir / f
     return files
+
+
+def bundle_texts(m: Measurement, model_dir: Path) -> dict[str, str]:
+    """An ONNX bundle's tokenizer.json (converted when the model has only tokenizer.model)."""
+    return {"tokenizer.json": tokenizer_json_text(model_dir)} if m.runtime == "onnx" else {}
 
 
 def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResult:
@@ -335,7 +344,7 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
             golden_cache[m.fmt] = golden_prompts(m.runtime, m.artifact, prompts, model_dir)
         say(f"bundling {prof.name} ({m.fmt})", i, n)
         packer.add(res, f"{name}-{cfg.version}-{prof.name}.bundle", bundle_files(m, model_dir),
-                   manifest_for(cfg, name, prof, m, sel, cands, golden_cache[m.fmt]))
+                   manifest_for(cfg, name, prof, m, sel, cands, golden_cache[m.fmt]), texts=bundle_texts(m, model_dir))
     packer.finish()
     report_json, report_md = write_reports(packer.out, cfg, cands, results)
     return BuildResult(cfg, cands, results, report_json, report_md)
@@ -366,7 +375,8 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
     return {
         "format": "edgellm-build-report", "version": 1,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference},
+        "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference,
+                  **check_model_dir(cands.model_dir)},
         "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "threads": cfg.threads},
         "config": cfg.to_dict(),
         "candidates": [m.to_dict() for m in cands.measurements.values()],
@@ -378,12 +388,19 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
     }
 
 
+_TEMPLATE_NAMES = {"model": "the model's own", "edgellm": "edgellm's role markers",
+                   "none": "none (chat refused on devices)"}
+
+
 def report_markdown(rep: dict[str, Any]) -> str:
     lines = [f"# Build report: {Path(rep['model']['dir']).name}", "",
              f"Model sha256 `{rep['model']['sha256'][:16]}…`; memory bandwidth measured here: "
              f"**{rep['machine']['bandwidth_gbps']:.2f} GB/s** (1 thread). Quality is measured against the "
              f"unquantized model (F32 in llama.cpp); tokens/s on each profile are predicted by the roofline: "
              f"efficiency here × profile bandwidth ÷ bytes read per token.", "",
+             f"Family {rep['model'].get('architecture')}, {rep['model'].get('tokenizer')}, chat template: "
+             f"{_TEMPLATE_NAMES.get(rep['model'].get('chat_template'), 'unknown')}.",
+             *(f"- warning: {w}" for w in rep["model"].get("warnings") or []), "",
              "## Candidates", "",
              "| format | size MiB | weights MiB | bytes/token MiB | ppl | ppl Δ | KL | top-1 | tok/s here | efficiency | fallbacks | cached |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]

@@ -28,7 +28,6 @@ from typing import Any
 
 from edgellm._fs import sha256_file
 from server.federated.store import FlError, FlStore
-from server.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
     work = adapters.parent
     merged = merge_adapters(base.path, adapters, s.lora_rank, s.lora_alpha, work / "merged",
                             {"federated_lineage.json": json.dumps(lin, indent=2, sort_keys=True)})
-    profiles = sorted({d["profile"] for d in Store(fl.store.path).devices(group=run["grp"]) if d["profile"]}) \
+    profiles = sorted({d["profile"] for d in fl.store.reopen().devices(group=run["grp"]) if d["profile"]}) \
         or list(base.profiles)
     built = run_build(BuildConfig(model_dir=merged, profiles=profiles, out_dir=work / "dist", name=run["model"],
                                   version=run["version"], lineage=lin))
@@ -192,7 +191,7 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
     rid = None
     if s.rollout:
         rid = rollout.start(fl.store, model=run["model"], version=run["version"], group=run["grp"],
-                            canary=s.canary, gate=s.gate or None, bake=s.bake)
+                            canary=s.canary, gate=s.gate or None, no_gate=not s.gate, bake=s.bake)
     digest = hashlib.sha256(json.dumps(lin, sort_keys=True).encode()).hexdigest()
     return {"targets": targets, "adapter_targets": adapter_targets, "profiles": profiles, "rollout": rid,
             "lineage_sha256": digest, "merge_base": base.name}
