@@ -86,19 +86,6 @@ def base_artifact_sha256(paths: AgentPaths, state: AgentState) -> str | None:
     return m.file(m.artifact).sha256
 
 
-def adapter_status(paths: AgentPaths, slots: AgentState) -> dict[str, Any]:
-    """Installed adapters (and whether each applies to the base now serving), for `status`."""
-    store = AdapterStore(paths)
-    state = store.load()
-    try:
-        base = base_artifact_sha256(paths, slots)
-    except Exception:  # noqa: BLE001 - a status never fails on a slot being replaced
-        base = None
-    return {"installed": [{"name": r.name, "version": r.version, "base": f"{r.base_name} {r.base_version}",
-                           "serving": r.base_sha256 == base} for r in sorted(state.adapters.values(), key=lambda r: r.name)],
-            "rejected": state.rejected, "last_update": state.last_result}
-
-
 class AdapterStore:
     """The adapter pointer and directories. Callers hold the install lock to mutate."""
 

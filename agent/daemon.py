@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent._fs import atomic_write_json, remove_tree
-from agent.adapters import AdapterStore, adapter_status
 from agent.config import AgentConfig, AgentPaths
 from agent.engine import Engine, ModelHandle
 from agent.errors import ConfigError, InstallError, message_of
 from agent.install import Installer
-from agent.lora_serving import sync_adapters
+from agent.lora_serving import adapter_status, served
 from agent.manifest import read_manifest
 from agent.schemas import UpdateRequest
 from agent.slots import SlotStore
@@ -96,7 +95,7 @@ def load_handle(paths: AgentPaths, slot: str, *, threads: int) -> ModelHandle:
     rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, threads=threads,
                       context_length=m.memory.context_length or None)
     return ModelHandle(runtime=rt, name=m.name, version=m.version, slot=slot, kind=m.runtime,
-                       quantization=m.quantization, defaults=dict(m.generation))
+                       quantization=m.quantization, defaults=dict(m.generation), adapters=served(paths, slot, rt, m))
 
 
 def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry: TelemetryPort | None = None) -> dict:
@@ -135,8 +134,7 @@ def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry:
         "previous": ({"slot": state.previous, "version": state.slots[state.previous].version}
                      if state.previous else None),
         "last_update": state.last_result,
-        "rejected": state.rejected,
-        "adapters": adapter_status(paths, state),
+        "rejected": state.rejected, "adapters": adapter_status(paths, state),
         "daemon": run or {"running": False},
         "telemetry": _telemetry_status(paths, config, telemetry),
     }
@@ -168,7 +166,6 @@ class Daemon:
         self._update_now = threading.Event()
         self._desired = UpdateRequest()
         self._loaded_key: tuple | None = None
-        self._adapters_key: tuple | None = None
         self._failed_key: tuple | None = None
         self._loaded_at = 0.0
         self._reconcile_lock = threading.Lock()
@@ -236,7 +233,6 @@ class Daemon:
                 with self.installer.lock():
                     self.store.count_boot(handle.slot or state.current)
             self._set_state(handle, state)
-        self._adapters_key = sync_adapters(self.paths, state, self.engine.model, self._adapters_key)
         if state.trial is not None and state.trial.slot == state.current and self._loaded_key == key \
                 and time.monotonic() - self._loaded_at >= self.config.trial_commit_s:
             with self.installer.lock():
@@ -336,7 +332,6 @@ class Daemon:
         reap_stale(self.paths)  # a SuperNode left by an agent that died
         with self.installer.lock():
             self.store.boot(max_boots=self.config.max_boot_attempts)
-            AdapterStore(self.paths).boot()
         self.metrics = Metrics()
         lim = self.config.limits
         self.engine = Engine(queue_size=lim.queue_size, max_prompt_tokens=lim.max_prompt_tokens,

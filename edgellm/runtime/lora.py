@@ -42,8 +42,8 @@ def check_lora_gguf(path: str | Path, base: GGUFInfo) -> dict[str, Any]:
     alpha = float(f.val("adapter.lora.alpha", 0.0))
     if not 0.0 <= alpha <= 1e6:
         raise _bad(path, f"adapter.lora.alpha={alpha!r} is out of range")
-    hp = {k: getattr(base, k) for k in ("block_count", "embedding_length", "feed_forward_length", "head_count",
-                                        "head_count_kv", "head_dim")}
+    hp = {k: getattr(base, k) for k in ("architecture", "block_count", "embedding_length", "feed_forward_length",
+                                        "head_count", "head_count_kv", "head_dim")}
     expected, _ = _expected_tensors(hp, base.vocab_size)
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     for t in reader.tensors:

@@ -5,15 +5,15 @@
 ``state`` holds the adapter tensors of :mod:`edgellm.pipeline.lora` (``layers.N.self_attn.q_proj.lora_A``
 (rank, in), ``...lora_B`` (out, rank)). The file llama.cpp loads with ``llama_adapter_lora_init``:
 
-- metadata ``general.architecture = llama``, ``general.type = "adapter"``, ``adapter.type = "lora"``,
+- metadata ``general.architecture`` (the base's: ``llama``, ``qwen2``...), ``general.type = "adapter"``, ``adapter.type = "lora"``,
   ``adapter.lora.alpha`` (llama.cpp scales the product by ``alpha / rank``, as training did);
 - tensors ``blk.N.<base tensor>.weight.lora_a`` and ``.lora_b`` named after the base tensor they
   patch. A torch ``(rank, in)`` array is ggml ``ne = [in, rank]`` and ``(out, rank)`` is
   ``ne = [rank, out]``: exactly the shapes llama.cpp checks against the base tensor, so both keep
   their torch layout.
-- The base exporter permutes Q and K rows from rotate-half to llama.cpp's adjacent-pair RoPE order
-  (``W' = P W``); the adapter's delta ``B A`` must follow, so ``lora_b`` rows of Q and K get the
-  same permutation (``P B A``).
+- For llama.cpp's ``llama`` architecture the base exporter permutes Q and K rows from rotate-half
+  to adjacent-pair RoPE order (``W' = P W``); the adapter's delta ``B A`` must follow, so ``lora_b``
+  rows of Q and K get the same permutation (``P B A``). Families that rotate halves (Qwen) keep both.
 """
 
 from __future__ import annotations
@@ -24,19 +24,20 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BuildError
-from edgellm.pipeline.export.gguf import _LAYER_MAP, permute_rope_rows, read_config
+from edgellm.pipeline.export.gguf import permute_rope_rows, read_config
+from edgellm.runtime.families import Family, family_of, tensor_suffixes
 
 #: llama.cpp's metadata for an adapter (gguf-py's Keys.Adapter)
 GENERAL_TYPE = "adapter"
 ADAPTER_TYPE = "lora"
 
 
-def gguf_lora_name(key: str) -> str:
+def gguf_lora_name(key: str, fam: Family) -> str:
     """``layers.3.self_attn.q_proj.lora_A`` -> ``blk.3.attn_q.weight.lora_a``."""
     try:
         _layers, idx, rest = key.split(".", 2)
         module, ab = rest.rsplit(".", 1)
-        base = _LAYER_MAP[module + ".weight"]
+        base = tensor_suffixes(fam)[module + ".weight"]
         suffix = {"lora_A": "lora_a", "lora_B": "lora_b"}[ab]
         return f"blk.{int(idx)}.{base}.{suffix}"
     except (ValueError, KeyError) as e:
@@ -52,10 +53,11 @@ def write_lora_gguf(state: dict[str, Any], rank: int, alpha: float, model_dir: s
     if dtype not in ("F32", "F16"):
         raise BuildError(f"adapter dtype {dtype!r}", hint="use F32 or F16")
     cfg = read_config(Path(model_dir))
+    fam = family_of(cfg)
     n_head = int(cfg["num_attention_heads"])
     n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
     out_path = Path(out_path)
-    w = gguf.GGUFWriter(str(out_path), "llama")
+    w = gguf.GGUFWriter(str(out_path), fam.gguf_arch)
     w.add_type(GENERAL_TYPE)
     w.add_string(gguf.Keys.Adapter.TYPE, ADAPTER_TYPE)
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
@@ -65,10 +67,10 @@ def write_lora_gguf(state: dict[str, Any], rank: int, alpha: float, model_dir: s
     for key in sorted(state):
         arr = np.asarray(state[key].detach().cpu().numpy() if hasattr(state[key], "detach") else state[key],
                          dtype=np.float32)
-        gname = gguf_lora_name(key)
-        if gname.endswith("attn_q.weight.lora_b"):
+        gname = gguf_lora_name(key, fam)
+        if fam.rope_permuted and gname.endswith("attn_q.weight.lora_b"):
             arr = permute_rope_rows(arr, n_head)
-        elif gname.endswith("attn_k.weight.lora_b"):
+        elif fam.rope_permuted and gname.endswith("attn_k.weight.lora_b"):
             arr = permute_rope_rows(arr, n_head_kv)
         if dtype == "F16":
             arr = arr.astype(np.float16)
