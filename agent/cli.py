@@ -126,31 +126,38 @@ def status(data_dir, fmt) -> None:
 
 @main.command()
 @data_dir_option
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--allow-downgrade", is_flag=True, help="Allow installing an older version than the current one.")
 @click.option("--force", is_flag=True, help="Reinstall the same version, or retry a rejected one.")
 @format_option
-def install(data_dir, file, allow_downgrade, force, fmt) -> None:
-    """Install a signed bundle file offline (same verification and A/B path as updates)."""
+def install(data_dir, files, allow_downgrade, force, fmt) -> None:
+    """Install signed bundle files offline (same verification and A/B path as updates).
+
+    Adapter bundles install on top of the base; given together, the base goes first."""
     from agent.config import AgentConfig
     from agent.install import Installer
     from agent.schemas import UpdateRequest
 
     paths = _paths(data_dir)
-    res = Installer(paths, AgentConfig.load(paths)).install_envelope(
-        file, UpdateRequest(rollback=allow_downgrade, force=force))
-    _echo_result(res, fmt)
+    results = Installer(paths, AgentConfig.load(paths)).install_envelopes(
+        list(files), UpdateRequest(rollback=allow_downgrade, force=force))
+    if fmt == "json" and len(results) > 1:
+        click.echo(json.dumps(results, indent=2, sort_keys=True, default=str))
+        return
+    for res in results:
+        _echo_result(res, fmt)
 
 
 @main.command()
 @data_dir_option
-@click.option("--version", "version", default=None, help="Desired version (default: newest for this profile).")
+@click.option("--version", "version", default=None,
+              help="Install this version now (default: the version the fleet assigned this device).")
 @click.option("--model", default=None)
 @click.option("--rollback", "allow_rollback", is_flag=True, help="Allow installing an older version.")
 @click.option("--force", is_flag=True, help="Retry a version that was rejected before.")
 @format_option
 def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
-    """Check the server for an update now and install it."""
+    """Check the server for this device's assignment now and install it."""
     from agent.config import AgentConfig
     from agent.install import Installer
     from agent.schemas import UpdateRequest
@@ -160,21 +167,34 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     cfg = AgentConfig.load(paths)
     if not cfg.server:
         raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
-    request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
-    res = Installer(paths, cfg).update(tuf_source(paths, cfg), request)
+    source = tuf_source(paths, cfg)
+    installer = Installer(paths, cfg)
+    if version is None and model is None:  # what the fleet assigned this device
+        from agent import assignment
+
+        request = assignment.check(paths, cfg, source, installer)
+        if request is None:
+            _echo_result({"action": "update", "ok": True, "version": None,
+                          "reason": "no version is assigned to this device or its group"}, fmt)
+            return
+        request = request.model_copy(update={"force": force})
+    else:
+        request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
+    res = installer.update(source, request)
     _echo_result(res, fmt)
 
 
 @main.command()
 @data_dir_option
+@click.option("--adapter", default=None, help="Drop this LoRA adapter instead (the base keeps serving).")
 @format_option
-def rollback(data_dir, fmt) -> None:
+def rollback(data_dir, adapter, fmt) -> None:
     """Switch back to the previous slot (a running daemon picks it up within a second)."""
     from agent.config import AgentConfig
     from agent.install import Installer
 
     paths = _paths(data_dir)
-    res = Installer(paths, AgentConfig.load(paths)).rollback()
+    res = Installer(paths, AgentConfig.load(paths)).rollback(adapter)
     _echo_result(res, fmt)
 
 

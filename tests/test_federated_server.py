@@ -429,11 +429,11 @@ def test_fl_start_and_status_json_on_a_data_dir(data, tmp_path):
     # a second run while one is active, an unpublished base, bad DP settings: refused with a hint, nothing recorded
     for args, says in ((["--version", "1.0.0"], "still active"), (["--version", "9.9.9"], "no bundle of tiny 9.9.9")):
         r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", *args,
-                                    "--publish", "2.0.0"])
+                                    "--publish", "2.0.0", "--no-gate"])
         assert r.exit_code != 0 and says in r.output and "hint" in r.output
     FlStore(data.store()).fail(rid, "test")
     r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", "--version", "1.0.0",
-                                "--publish", "2.0.0", "--dp-noise", "1"])
+                                "--publish", "2.0.0", "--dp-noise", "1", "--no-gate"])
     assert r.exit_code != 0 and "--dp-clip" in r.output
     assert len(json.loads(cli.invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), "--format", "json"]).output)) == 1
 
