@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 .PHONY: help venv wheelhouse install demo lint test test-quick bench clean
 
 help:
-	@echo "make demo        install, then run \`edgellm quickstart\` into $(DEMO_DIR)/ (about 15 minutes on 2 cores)"
+	@echo "make demo        install, then run \`edgellm quickstart\` into $(DEMO_DIR)/ (about 7 minutes on 2 cores)"
 	@echo "make install     create $(VENV) and install edgellm[all] (builds the llama.cpp wheel once)"
 	@echo "make lint        ruff (lint + format check) and mypy on edgellm/, agent/, server/"
 	@echo "make test        install, lint, then run the whole test suite (what CI runs)"

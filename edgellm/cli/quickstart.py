@@ -41,7 +41,7 @@ def _printers() -> tuple:
 @click.option("--stop-after", default=None, hidden=True, help="Stop (cleanly) after this stage.")
 def quickstart_cmd(workdir: Path, fresh: bool, keep_running: bool, steps: int, distill_steps: int, fl_rounds: int,
                    fl_local_steps: int, bake: str, threads: int, stop_after: str | None) -> None:
-    """Train, build, sign, serve, roll out and fine-tune on a local three-device fleet (about 15 minutes).
+    """Train, build, sign, serve, roll out and fine-tune on a local three-device fleet (about 7 minutes).
 
     Needs nothing downloaded; Mosquitto must be installed (it says how if not). Ends with a fleet
     table, each device's held-out perplexity before and after federated fine-tuning, the
