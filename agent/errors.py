@@ -26,11 +26,7 @@ from edgellm.errors import EdgeLLMError
 
 
 class AgentError(EdgeLLMError):
-    """Base of every agent error."""
-
-    @property
-    def message(self) -> str:
-        return str(self.args[0]) if self.args else type(self).__name__
+    """Base of every agent error (``message`` and ``hint`` are set by :class:`EdgeLLMError`)."""
 
 
 def message_of(e: BaseException) -> str:

@@ -40,6 +40,7 @@ from edgellm.pipeline.candidates import (
 )
 from edgellm.pipeline.evaluate import train_report
 from edgellm.pipeline.select import Budget, Selection, select
+from edgellm.runtime.settings import for_profile
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
                     "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
                                      "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
                                      "eval_sha256": cands.eval_sha256}},
+        "runtime_settings": for_profile(profile, m.runtime).to_dict(),
         "golden_prompts": golden,
         "health": {"min_tokens_per_second": profile.min_tokens_per_second, "max_load_seconds": 60,
                    "max_memory_bytes": int(profile.usable_ram_bytes)},

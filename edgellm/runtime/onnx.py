@@ -79,6 +79,7 @@ class OnnxRuntime(Runtime):
         self.bos_id, self.eos_ids, self.add_bos = bos_id, eos_ids, add_bos
         self.chat_template = chat_template
         self._out_names = [o.name for o in session.get_outputs()]
+        self.settings: dict[str, Any] = {}  # what onnxruntime was given (set by load)
         self._closed = False
         # KV cache kept between generations: a prompt sharing a prefix with the previous
         # prompt + output (chat turns, a fixed system prompt) only evaluates the new tokens.
@@ -149,9 +150,11 @@ class OnnxRuntime(Runtime):
             ctx = model_ctx
         add_bos = bool(tok_cfg.get("add_bos_token", True)) and bos is not None
         log.info("loaded %s (%d layers, ctx %d, %d threads)", path.name, n_layers, ctx, threads)
-        return cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
-                   vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
-                   chat_template=tok_cfg.get("chat_template"))
+        rt = cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
+                 vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
+                 chat_template=tok_cfg.get("chat_template"))
+        rt.settings = {"threads": int(so.intra_op_num_threads)}  # what onnxruntime was given
+        return rt
 
     # ---- properties ----------------------------------------------------------------------
     @property
