@@ -26,8 +26,9 @@ PROMPTS = ["The robot", "The sensor reads", "def camera_1(x):", "The drone check
 
 
 def tiny_gguf(work: Path) -> Path:
-    from edgellm.pipeline.export.gguf import export_gguf
     from fixtures_gguf import make_hf_llama
+
+    from edgellm.pipeline.export.gguf import export_gguf
 
     hf = make_hf_llama(work / "hf")
     out = work / "tiny-q8_0.gguf"
@@ -76,9 +77,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import httpx
+    from fixtures_agent import AgentProcess, agent_cli, make_gguf_bundle, provision_agent
 
     from edgellm.trust import Repository, init_keys
-    from fixtures_agent import AgentProcess, agent_cli, make_gguf_bundle, provision_agent
 
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as td:
         work = Path(td)

@@ -48,7 +48,7 @@ def decode_speeds(paths: dict[str, Path], tokens: int, rounds: int, threads: int
     runtimes = {f: LlamaCppRuntime.load(p, threads=threads, context_length=tokens + 32) for f, p in paths.items()}
     speeds: dict[str, list[float]] = {f: [] for f in paths}
     try:
-        for f, rt in runtimes.items():  # warm-up (page in the weights)
+        for rt in runtimes.values():  # warm-up (page in the weights)
             rt.decode_speed(n_tokens=8)
         for _ in range(rounds):
             for f, rt in runtimes.items():

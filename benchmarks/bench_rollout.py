@@ -25,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from edgellm.telemetry import MqttConfig  # noqa: E402
 from fixtures_mqtt import Broker  # noqa: E402
+
+from edgellm.telemetry import MqttConfig  # noqa: E402
 from server import rollout  # noqa: E402
 from server.app import DataDir, Server  # noqa: E402
 
