@@ -320,7 +320,7 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
         "format": "edgellm-build-report", "version": 1,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference},
-        "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "threads": cfg.threads},
+        "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "bandwidth": cands.bandwidth, "threads": cfg.threads},
         "config": cfg.to_dict(),
         "candidates": [m.to_dict() for m in cands.measurements.values()],
         "failed_candidates": cands.failures,
