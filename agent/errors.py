@@ -26,13 +26,13 @@ from edgellm.errors import EdgeLLMError
 
 
 class AgentError(EdgeLLMError):
-    """Base of every agent error (``message`` and ``hint`` are set by :class:`EdgeLLMError`)."""
+    """Base of every agent error."""
 
 
 def message_of(e: BaseException) -> str:
-    """The message of any error without its hint (an EdgeLLMError's ``str`` appends the hint)."""
+    """The message of any error, without its hint."""
     if isinstance(e, EdgeLLMError):
-        return str(e.args[0]) if e.args else type(e).__name__
+        return e.message
     return str(e) or type(e).__name__
 
 

@@ -131,7 +131,7 @@ class Server:
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
                  max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
-                 drive_rollouts: bool = True, retention_days: float = 30.0) -> None:
+                 drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
@@ -148,6 +148,13 @@ class Server:
                                     update_timeout_s=update_timeout_s)
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
         self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
+        self.fl = None
+        if fl is not None:  # federated runs: a supervised SuperLink and the run driver
+            from server.federated.driver import FlDriver
+            from server.federated.superlink import SuperLink
+
+            self.fl = FlDriver(Store(self.data.store_path), self.data.root,
+                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl))
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400
@@ -166,6 +173,8 @@ class Server:
     def start(self) -> None:
         self.ingest.start()
         self.http.start()
+        if self.fl is not None and self.fl.superlink is not None:
+            self.fl.superlink.start()
         self._thread = threading.Thread(target=self._loop, name="rollout-driver", daemon=True)
         self._thread.start()
         logger.info("edgellm-server: dashboard and repository at %s", self.url)
@@ -185,6 +194,8 @@ class Server:
                 except Exception:
                     logger.exception("republishing desired state failed")
             self.driver.tick()
+            if self.fl is not None:
+                self.fl.tick()
 
     def _hourly(self) -> None:
         if self.drive_rollouts:  # one replica signs
@@ -205,6 +216,8 @@ class Server:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.fl is not None and self.fl.superlink is not None:
+            self.fl.superlink.stop()
         self.http.stop()
         self.ingest.stop()
 

@@ -65,8 +65,11 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
               help="A canary short of --min-samples keeps baking up to this many bake periods, then rolls back.")
 @click.option("--drive-rollouts/--no-drive-rollouts", default=True, show_default=True,
               help="Run the rollout driver here (exactly one replica should).")
+@click.option("--fl", "fl_addr", default=None, metavar="HOST:PORT",
+              help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.")
 def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
-        client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool) -> None:
+        client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool,
+        fl_addr: str | None) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -78,7 +81,7 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
         logging.getLogger().setLevel(logging.INFO)
     srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
                  client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
-                 drive_rollouts=drive_rollouts)
+                 drive_rollouts=drive_rollouts, fl=fl_addr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -308,6 +311,11 @@ def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
     atomic_write(acl, mosquitto_acl().encode(), mode=0o644)
     click.echo(mosquitto_config(port=port, bind=bind, ca=d.ca / "ca.crt", cert=broker / "server.crt",
                                 key=broker / "server.key", persistence_dir=d.root / "mosquitto", acl_file=acl), nl=False)
+
+
+from server.federated.cli import register as _register_fl  # noqa: E402
+
+_register_fl(main, data_dir_option)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -134,14 +134,19 @@ def test_an_orphaned_supernode_of_a_dead_agent_is_reaped(ctx) -> None:
 
 def test_the_daemon_dispatches_fl_invite_and_fl_stop(ctx) -> None:
     from agent.daemon import Daemon
+    from edgellm.telemetry import Command
 
     daemon = Daemon(ctx.paths, ctx.config)
     events = []
     daemon._event = lambda kind, **f: events.append((kind, f))  # type: ignore[method-assign]
     payload = {"run_id": "run-9", "superlink": closed_port(), "base_version": "1.0.0",
                "base_sha256": sha256(ctx.paths.slot_dir("A") / "model.gguf")}
-    assert daemon._command("fl_invite", payload) == {"accepted": True, "reason": ""}
+    daemon._start_telemetry()  # registers the commands (telemetry itself is off in this config)
+    commands = daemon.telemetry.commands
+    invite = commands.run(Command(id="c1", name="fl_invite", args=payload))
+    assert invite["ok"] and invite["result"] == {"accepted": True, "reason": ""}
     pgid = supervisor.current(ctx.paths).proc.pid
-    assert daemon._command("fl_stop", {"run_id": "run-9"}) == {"stopped": True, "reason": ""}
+    stop = commands.run(Command(id="c2", name="fl_stop", args={"run_id": "run-9"}))
+    assert stop["ok"] and stop["result"] == {"stopped": True, "reason": ""}
     assert not group_alive(pgid)
     assert wait_for(lambda: [e[1]["state"] for e in events] == ["started", "stopped"])

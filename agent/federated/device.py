@@ -77,7 +77,6 @@ class LocalData:
 
 def training_base(paths: AgentPaths, base_sha256: str | None = None, *, deep: bool = True) -> TrainingBase:
     """The GGUF the device serves, after its slot verified; declines ONNX and other bases."""
-    from agent.manifest import mget
     from agent.slots import SlotStore
 
     store = SlotStore(paths)
@@ -93,17 +92,17 @@ def training_base(paths: AgentPaths, base_sha256: str | None = None, *, deep: bo
         manifest = store.verify(state, state.current, deep=deep)
     except SlotIntegrityError as e:
         raise Decline(NO_MODEL, f"the current slot does not verify: {e}", hint=e.hint) from e
-    artifact = str(mget(manifest, "artifact"))
+    artifact = manifest.artifact
     entry = manifest.file(artifact)
     if base_sha256 is not None and entry.sha256 != base_sha256:
         raise Decline(BASE_MISMATCH, f"this device runs {rec.version} ({entry.sha256[:12]}), "
                       f"the run trains on {base_sha256[:12]}", hint="update the device to the run's base first")
     slot_dir = paths.slot_dir(state.current)
-    tok_name = mget(manifest, "tokenizer")
+    tok_name = manifest.tokenizer
     tokenizer = slot_dir / tok_name if tok_name and (slot_dir / tok_name).is_file() else None
     return TrainingBase(slot=state.current, version=rec.version, artifact=slot_dir / artifact,
                         sha256=entry.sha256, size=int(entry.size),
-                        quantization=str(rec.quantization or mget(manifest, "quantization") or "").lower(),
+                        quantization=str(rec.quantization or manifest.quantization or "").lower(),
                         tokenizer=tokenizer)
 
 

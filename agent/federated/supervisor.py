@@ -38,9 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent._fs import atomic_write_bytes, atomic_write_json, read_json
+from agent._fs import atomic_write_json, read_json
 from agent.config import AgentConfig, AgentPaths
 from agent.federated import device as dev
+from edgellm._fs import atomic_write
 from edgellm.ids import valid_id
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class SuperNode:
         home = fl_dir(self.paths) / "flwr-home"
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         node_cfg = fl_dir(self.paths) / "node-config.toml"
-        atomic_write_bytes(node_cfg, (f"device-id = {_toml_str(self.config.device_id)}\n"
+        atomic_write(node_cfg, (f"device-id = {_toml_str(self.config.device_id)}\n"
                                       f"agent-dir = {_toml_str(str(self.paths.root))}\n").encode(), mode=0o600)
         # the SuperNode starts flower-superexec / flwr-clientapp from PATH: the ones beside it first
         path = os.pathsep.join([str(Path(self.exe).parent), os.environ.get("PATH", "")])

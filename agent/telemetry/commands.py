@@ -51,7 +51,7 @@ class CommandRegistry:
         try:
             body.update(ok=True, result=handler(dict(cmd.args)))
         except EdgeLLMError as e:
-            body.update(ok=False, error=str(e.args[0]) if e.args else type(e).__name__, hint=e.hint)
+            body.update(ok=False, error=e.message, hint=e.hint)
         except Exception as e:  # noqa: BLE001 - a failing handler answers, it does not kill the thread
             logger.warning("telemetry: command %s failed: %s", cmd.name, e)
             body.update(ok=False, error=f"{type(e).__name__}: {e}")

@@ -69,6 +69,7 @@ class BuildConfig:
     keys: Path | None = None
     threads: int = 1
     golden_prompts: list[str] | None = None
+    lineage: dict[str, Any] | None = None     # merged into each manifest's lineage (e.g. a federated run's)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -204,7 +205,7 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
         "lineage": {"parent_version": None, "data_sha256": (train_report(cfg.model_dir).get("data") or {}).get("sha256"),
                     "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
                                      "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
-                                     "eval_sha256": cands.eval_sha256}},
+                                     "eval_sha256": cands.eval_sha256}, **(cfg.lineage or {})},
         "runtime_settings": for_profile(profile, m.runtime).to_dict(),
         "golden_prompts": golden,
         "health": {"min_tokens_per_second": profile.min_tokens_per_second, "max_load_seconds": 60,
