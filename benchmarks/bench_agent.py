@@ -127,6 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as td:
         work = Path(td)
         gguf = args.gguf or export_all(make_model(work, args.hidden, args.layers), work, ("gguf-q8_0",))["gguf-q8_0"]
+        model_desc = f"{gguf.name} ({gguf.stat().st_size / 2**20:.1f} MiB)"
         bundle = make_gguf_bundle(work, gguf, version="1.0.0", golden=[{"prompt": "Hello", "max_tokens": 4}],
                                   extra={"runtime_settings": RuntimeSettings(threads=args.threads).to_dict()})
         root = init_keys(work / "keys")
@@ -151,7 +152,7 @@ def main() -> None:
                 sides["agent API"].append(bench_api(a, prompts, args.max_tokens))
             served_rss = a.rss_bytes()
     load1 = os.getloadavg()
-    print(f"REAL: agent process + HTTP/SSE + llama.cpp; model {gguf.name} ({gguf.stat().st_size / 2**20:.1f} MiB); "
+    print(f"REAL: agent process + HTTP/SSE + llama.cpp; model {model_desc}; "
           f"{args.requests} requests x <= {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds")
     print(f"llama.cpp settings on every side (from the manifest, as the agent resolves them): {settings.to_dict()}")
     print(f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end on {os.cpu_count()} CPUs (shared machine; "
