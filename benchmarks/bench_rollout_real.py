@@ -86,6 +86,7 @@ def run_real(n: int, hidden: int, layers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rollout-real-") as td:
         work = Path(td)
         gguf = export_all(make_model(work, hidden, layers), work, ("gguf-q8_0",))["gguf-q8_0"]
+        size = gguf.stat().st_size
         golden = [{"prompt": "The robot", "max_tokens": 8}]
         bundles = {v: make_gguf_bundle(work, gguf, version=v, golden=golden) for v in ("1.0.0", "1.1.0")}
         data = work / "srv"
@@ -129,7 +130,6 @@ def run_real(n: int, hidden: int, layers: int) -> None:
             for p in proxies:
                 p.close()
             broker.stop()
-    size = gguf.stat().st_size
     print(f"REAL: {n} edgellm-agent processes, Mosquitto, the server (HTTP TUF repository, rollout driver); "
           f"model {size / 2**20:.1f} MiB Q8_0 GGUF; nothing simulated")
     print(f"load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end on {os.cpu_count()} CPUs (shared)")
