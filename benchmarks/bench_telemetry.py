@@ -69,6 +69,23 @@ def sender_main(url: str, first_device: int, devices: int, messages: int) -> Non
     c.loop_stop()
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads by role (paho's network thread, the ingest writer, the rest)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(task.name), "other")
+        role = "paho" if name.startswith("paho") else "writer" if name == "ingest-writer" else "other"
+        out[role] = out.get(role, 0.0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def run(cfg: dict, senders: int, devices: int, messages: int, work: Path) -> dict:
     from fixtures_mqtt import Broker
 
@@ -96,11 +113,12 @@ def run(cfg: dict, senders: int, devices: int, messages: int, work: Path) -> dic
             p.stdin.write("go\n")
             p.stdin.flush()
         expected = senders * devices * messages
-        cpu0 = time.process_time()
+        cpu0, th0 = time.process_time(), thread_cpu()
         t0 = time.monotonic()
         while store.message_count(kind="event") < expected and time.monotonic() - t0 < 600:
             time.sleep(0.05)
         cpu = time.process_time() - cpu0  # this process: paho's network thread + the writer (+ this poll)
+        th = {k: v - th0.get(k, 0.0) for k, v in thread_cpu().items()}
         reports = [json.loads(p.stdout.readline()) for p in procs if p.stdout is not None]
         time.sleep(0.5)  # late redeliveries would show up as duplicates
         stored = store.message_count(kind="event")
@@ -108,7 +126,8 @@ def run(cfg: dict, senders: int, devices: int, messages: int, work: Path) -> dic
         first = min(r["first_publish"] for r in reports)
         counters = dict(ing.counters)
         return {"stored": stored, "expected": expected, "seconds": last - first, "rate": stored / (last - first),
-                "cpu_us": cpu / max(stored, 1) * 1e6, "lost": expected - stored, "duplicates": counters.get("duplicates", 0)}
+                "cpu_us": cpu / max(stored, 1) * 1e6,
+                **{f"{k}_us": v / max(stored, 1) * 1e6 for k, v in th.items()}, "lost": expected - stored, "duplicates": counters.get("duplicates", 0)}
     finally:
         for p in procs:
             p.kill()
@@ -145,7 +164,9 @@ def main() -> None:
         rs = results[n]
         rates = " ".join(f"{r['rate']:.0f}" for r in rs)
         print(f"{n:<44} median {statistics.median(r['rate'] for r in rs):7.0f} msg/s stored, "
-              f"{statistics.median(r['cpu_us'] for r in rs):5.0f} us CPU/msg in the server process   "
+              f"{statistics.median(r['cpu_us'] for r in rs):5.0f} us CPU/msg in the server process (paho "
+              f"{statistics.median(r.get('paho_us', 0) for r in rs):.0f}, writer "
+              f"{statistics.median(r.get('writer_us', 0) for r in rs):.0f})   "
               f"runs: {rates}   lost {sum(r['lost'] for r in rs)}, duplicates {sum(r['duplicates'] for r in rs)}")
 
 
