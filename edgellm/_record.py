@@ -59,7 +59,11 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
-        known, extra = cls.split(d)
+        return cls.build(*cls.split(d))
+
+    @classmethod
+    def build(cls, known: dict[str, Any], extra: dict[str, Any]) -> Any:
+        """The record from an already :meth:`split` dict."""
         try:
             return cls(**known, extra=extra)  # type: ignore[call-arg]
         except TypeError as e:

@@ -212,7 +212,7 @@ class _Record(Record):
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
-        known, _ = cls.split(d)
+        known, extra = cls.split(d)
         required = required_fields(cls)
         for k, v in known.items():
             if v is None and k in required:
@@ -220,7 +220,7 @@ class _Record(Record):
             spec = cls._fields.get(k)
             if spec is not None:
                 spec.check(cls.__name__, k, v)
-        return super().from_dict(d)
+        return cls.build(known, extra)
 
 
 @dataclasses.dataclass
