@@ -136,3 +136,25 @@ def _params():
     from edgellm.runtime import GenerationParams
 
     return GenerationParams(max_tokens=4)
+
+
+@pytest.mark.slow
+def test_onnx_is_exported_once_per_build_and_predictions_are_capped(tmp_path, hf_llama_dir, monkeypatch) -> None:
+    """int8 quantizes the fp32 candidate's export; every prediction's inputs are in the measurement."""
+    import edgellm.pipeline.export.onnx as onnx_export
+    from edgellm.pipeline.candidates import build_candidates
+
+    calls = []
+    real = onnx_export._export_fp32
+    monkeypatch.setattr(onnx_export, "_export_fp32", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cands = build_candidates(hf_llama_dir, ["gguf-q8_0", "onnx-fp32", "onnx-int8"], cache_dir=tmp_path / "cache",
+                             eval_text="The robot checks the battery. " * 40, max_eval_tokens=64, window=32)
+    assert set(cands.measurements) == {"gguf-q8_0", "onnx-fp32", "onnx-int8"}, cands.failures
+    assert len(calls) == 1
+    assert cands.bandwidth["median_gbps"] > 0 and len(cands.bandwidth["samples_gbps"]) == 6
+    for m in cands.measurements.values():
+        inputs = m.extra["prediction_inputs"]
+        assert len(inputs["bandwidth_samples_gbps"]) == 2 and 0 < m.efficiency <= 1.0
+        assert m.efficiency == min(1.0, inputs["efficiency_measured"]) or abs(
+            m.efficiency - inputs["efficiency_measured"]) < 1e-3
+        assert m.predicted_tokens_per_second(1e6) <= 1e15 / m.bytes_per_token  # never above the roofline
