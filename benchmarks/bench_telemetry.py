@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 #: ingest configurations compared side by side: name -> Ingest keyword arguments
 CONFIGS: dict[str, dict] = {
-    "previous: per-message acks + 1-byte reads": {"fast_path": False},
-    "current": {},
+    "paho as is (per-message acks, 1-byte reads)": {"fast_path": False},
+    "fast path (buffered reads, lean PUBLISH decode, one write per batch of acks)": {},
 }
 
 
@@ -163,7 +163,7 @@ def main() -> None:
     for n in names:
         rs = results[n]
         rates = " ".join(f"{r['rate']:.0f}" for r in rs)
-        print(f"{n:<44} median {statistics.median(r['rate'] for r in rs):7.0f} msg/s stored, "
+        print(f"{n:<78} median {statistics.median(r['rate'] for r in rs):7.0f} msg/s stored, "
               f"{statistics.median(r['cpu_us'] for r in rs):5.0f} us CPU/msg in the server process (paho "
               f"{statistics.median(r.get('paho_us', 0) for r in rs):.0f}, writer "
               f"{statistics.median(r.get('writer_us', 0) for r in rs):.0f})   "

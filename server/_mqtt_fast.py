@@ -7,9 +7,12 @@ most of the ingest's CPU (measured: docs/speed.md). :class:`FastClient` changes 
 
 * the socket is wrapped in :class:`BufferedSocket` (one ``recv`` of up to 64 KiB feeds many
   packets; ``pending()`` tells paho's loop that bytes are waiting, as it already does for TLS);
-* :meth:`FastClient.ack_many` queues the PUBACKs of a whole batch as one write.
+* :meth:`FastClient.ack_many` queues the PUBACKs of a whole batch as one write;
+* QoS 1 PUBLISH packets are decoded by :func:`parse_publish_v5` (topic, packet id, payload;
+  properties skipped, the server uses none) and handed to ``on_publish_fast`` without paho's
+  MQTTMessage, property objects and topic matching; anything unusual goes to paho's parser.
 
-Both use paho internals (``_create_socket``, ``_packet_queue``, ``_sock``); paho is pinned below 3
+These use paho internals (``_create_socket``, ``_handle_publish``, ``_in_packet``, ``_packet_queue``, ``_sock``); paho is pinned below 3
 and the ingest falls back to plain ``ack`` when ``ack_many`` is missing.
 """
 
@@ -53,7 +56,56 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
+def parse_publish_v5(packet: bytes) -> tuple[int, str, bytes] | None:
+    """(packet id, topic, payload) of an MQTT 5 QoS 1 PUBLISH body (variable header + payload), or
+    None when anything is out of bounds or unusual (empty topic / topic alias, bad UTF-8): the
+    caller then hands the packet to paho's own parser."""
+    n = len(packet)
+    if n < 2:
+        return None
+    pos = 2 + ((packet[0] << 8) | packet[1])
+    if pos == 2 or pos + 3 > n:
+        return None
+    try:
+        topic = packet[2:pos].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    mid = (packet[pos] << 8) | packet[pos + 1]
+    pos += 2
+    plen, mult = 0, 1
+    for _ in range(4):  # property length: a variable byte integer of at most 4 bytes
+        if pos >= n:
+            return None
+        b = packet[pos]
+        pos += 1
+        plen += (b & 127) * mult
+        mult *= 128
+        if not b & 128:
+            break
+    else:
+        return None
+    pos += plen
+    if pos > n or mid == 0:
+        return None
+    return mid, topic, bytes(packet[pos:])
+
+
 class FastClient(mqtt.Client):
+    #: called in the network thread with (packet id, topic, payload) for every QoS 1 PUBLISH
+    #: instead of ``on_message`` (MQTT 5, manual acknowledgements); None: paho's own path
+    on_publish_fast: Any = None
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        fast = self.on_publish_fast
+        cmd = self._in_packet["command"]
+        if fast is None or (cmd & 0x06) >> 1 != 1 or self._protocol != mqtt.MQTTv5 or not self._manual_ack:
+            return super()._handle_publish()
+        parsed = parse_publish_v5(self._in_packet["packet"])
+        if parsed is None:
+            return super()._handle_publish()
+        fast(*parsed)
+        return mqtt.MQTT_ERR_SUCCESS
+
     def _create_socket(self) -> Any:
         return BufferedSocket(super()._create_socket())
 

@@ -96,6 +96,8 @@ class Ingest:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        if self.fast_path:
+            c.on_publish_fast = self._on_publish_fast
         c.on_subscribe = self._on_subscribe
         c.reconnect_delay_set(min_delay=1, max_delay=5)
         self.mqtt.apply_tls(c)
@@ -155,6 +157,9 @@ class Ingest:
 
     def _on_message(self, client, userdata, msg) -> None:
         self._q.put(Incoming(msg.mid, msg.qos, msg.topic, msg.payload))
+
+    def _on_publish_fast(self, mid: int, topic: str, payload: bytes) -> None:
+        self._q.put(Incoming(mid, 1, topic, payload))
 
     # ------------------------------------------------------------------ writer thread
 

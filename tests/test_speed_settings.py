@@ -158,3 +158,24 @@ def test_onnx_is_exported_once_per_build_and_predictions_are_capped(tmp_path, hf
         assert m.efficiency == min(1.0, inputs["efficiency_measured"]) or abs(
             m.efficiency - inputs["efficiency_measured"]) < 1e-3
         assert m.predicted_tokens_per_second(1e6) <= 1e15 / m.bytes_per_token  # never above the roofline
+
+
+def _publish_body(topic: bytes, mid: int, props: bytes, payload: bytes) -> bytes:
+    return len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + bytes([len(props)]) + props + payload
+
+
+def test_fast_publish_parser_matches_the_wire_and_refuses_oddities() -> None:
+    from server._mqtt_fast import parse_publish_v5
+
+    topic = b"edgellm/v1/dev/robot-1/event"
+    assert parse_publish_v5(_publish_body(topic, 7, b"", b'{"a":1}')) == (7, topic.decode(), b'{"a":1}')
+    props = b"\x01\x01\x03\x00\x10application/json"  # payload format + content type: skipped
+    assert parse_publish_v5(_publish_body(topic, 65535, props, b"x")) == (65535, topic.decode(), b"x")
+    good = _publish_body(topic, 7, b"", b"")
+    for bad in (b"", b"\x00", good[:len(topic) + 3], b"\x00\x00\x00\x07\x00",  # truncated; empty topic (alias)
+                _publish_body(b"\xff\xfe", 7, b"", b""),                       # not UTF-8
+                _publish_body(topic, 0, b"", b""),                             # packet id 0
+                len(topic).to_bytes(2, "big") + topic + b"\x00\x07\xff\xff\xff\xff\x01",  # 5-byte varint
+                len(topic).to_bytes(2, "big") + topic + b"\x00\x07\x05ab",  # properties past the end
+                b"\xff\xff" + topic):
+        assert parse_publish_v5(bad) is None, bad
