@@ -137,7 +137,13 @@ def main() -> None:
         with AgentProcess(d) as a:
             time.sleep(1.0)
             idle_rss = a.rss_bytes()
-        agent_cli("install", str(envelope), data_dir=d)
+        for attempt in range(3):  # the install's health check has a tokens/s floor a busy machine can miss
+            r = agent_cli("install", str(envelope), *(("--force",) if attempt else ()), data_dir=d, check=False)
+            if r.returncode == 0:
+                break
+            print(f"install attempt {attempt + 1} failed (machine busy?): {r.stderr.strip()[:200]}", file=sys.stderr)
+        else:
+            raise SystemExit("the bundle did not pass the agent's health check; retry when the machine is quieter")
         slot = d / "slots" / "A"
         settings = resolve(Manifest.load(slot / "manifest.json"))  # what the agent gives llama.cpp
         prompts = (PROMPTS * (args.requests // len(PROMPTS) + 1))[: args.requests]
