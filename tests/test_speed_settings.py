@@ -110,6 +110,10 @@ def test_old_manifest_threads_still_apply(tmp_path, tiny_gguf) -> None:
     m = Manifest.from_dict({"name": "t", "version": "1", "runtime": "gguf", "artifact": "model.gguf",
                             "generation": {"threads": 2}})
     assert resolve(m, cpus=4).threads == 2 and resolve(m, 1, cpus=4).threads == 1
+    four = Manifest.from_dict({"name": "t", "version": "1", "runtime": "gguf", "artifact": "model.gguf",
+                               "runtime_settings": {"threads": 4}})
+    assert [resolve(four, cpus=c).threads for c in (1, 2, 3, 4, 8)] == [1, 2, 3, 3, 4]  # one CPU spared from 4
+    assert resolve(four, 4, cpus=4).threads == 4  # an explicit --threads is used as given
 
 
 @pytest.mark.parametrize("bad", [

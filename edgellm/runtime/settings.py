@@ -12,8 +12,8 @@ One record, :class:`RuntimeSettings`, travels from the build to the device:
 The defaults are measured (``python benchmarks/bench_decode_settings.py``, figures in
 docs/speed.md): flash attention on and an F16 KV cache, batch = ubatch = 256, and one thread per
 core the profile lists. llama.cpp's worker threads busy-wait between graph nodes, so a thread
-count above the cores actually free slows every token down; hence the clamp to the CPUs this
-process may use.
+count above the cores actually free slows every token down (measured: 4-25x); hence the cap at
+the CPUs this process may use, less one from four CPUs up (:func:`thread_cap`).
 """
 
 from __future__ import annotations
@@ -104,9 +104,18 @@ def from_manifest(manifest: Any) -> RuntimeSettings:
 
 
 def resolve(manifest: Any, threads_override: int | None = None, *, cpus: int | None = None) -> RuntimeSettings:
-    """What the device runs: the manifest's settings with its thread count capped at ``cpus``
-    (default: :func:`usable_cpus`), or the config's thread count when one is set."""
+    """What the device runs: the manifest's settings with its thread count capped by
+    :func:`thread_cap` of ``cpus`` (default: :func:`usable_cpus`), or the config's thread count
+    when one is set."""
     s = from_manifest(manifest)
     if threads_override is not None:  # the operator's explicit choice is honoured as given
         return s.with_threads(int(threads_override))
-    return s.with_threads(max(1, min(s.threads, cpus or usable_cpus())))
+    return s.with_threads(max(1, min(s.threads, thread_cap(cpus or usable_cpus()))))
+
+
+def thread_cap(cpus: int) -> int:
+    """The most threads the agent gives llama.cpp on its own: every CPU on 1-3 CPU devices, one CPU
+    left free from 4 up. Measured (docs/speed.md): a spinning llama.cpp thread whose core is taken
+    by other work slows every token by 4-25x, while decode is memory-bound, so the last core of
+    four or more adds little."""
+    return cpus - 1 if cpus >= 4 else cpus
