@@ -2,8 +2,9 @@
 
 Every field is typed (strict: ``"5"`` is not an int) and bounded (numbers, string lengths, list
 lengths), so no input reaches the runtime that it could choke on: a value out of range is a 400
-naming the field, never a 500. Unknown fields of the OpenAI bodies are ignored (clients send
-``logit_bias``, ``presence_penalty``, ...). :class:`UpdateRequest` is closed: unknown fields
+naming the field, never a 500. OpenAI parameters the agent does not implement (``tools``,
+``logit_bias``, penalties, ...) are refused with 400 ``unsupported_parameter`` when set to anything
+but their neutral value (:meth:`_Req.unsupported`); fields no OpenAI API defines are ignored. :class:`UpdateRequest` is closed: unknown fields
 are refused, and it is the one shape an update request has on every path (HTTP, MQTT, CLI).
 """
 
@@ -33,6 +34,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+JsonObject = dict[str, Any]
+
+#: OpenAI parameters edgellm does not implement -> their neutral values (anything else is refused)
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]),
+}
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -47,6 +59,28 @@ class _Req(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=MAX_INT)
     user: str | None = Field(None, max_length=256)
+    response_format: JsonObject | None = None
+    tools: Annotated[list[Any], Field(max_length=MAX_ITEMS)] | None = None
+    tool_choice: str | JsonObject | None = None
+    functions: Annotated[list[Any], Field(max_length=MAX_ITEMS)] | None = None
+    function_call: str | JsonObject | None = None
+    parallel_tool_calls: bool | None = None
+    logit_bias: JsonObject | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = Field(None, max_length=MAX_TEXT)
+    prediction: JsonObject | None = None
+    audio: JsonObject | None = None
+    modalities: Annotated[list[Name], Field(max_length=8)] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first parameter set to a value edgellm would otherwise have to ignore."""
+        for name, neutral in UNSUPPORTED.items():
+            if getattr(self, name, None) not in neutral:
+                return name
+        return None
 
     @field_validator("seed")
     @classmethod
@@ -56,6 +90,7 @@ class _Req(BaseModel):
 
 class CompletionRequest(_Req):
     prompt: Text | Texts
+    logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: the N most likely tokens too
 
 
 class ContentPart(BaseModel):
@@ -81,6 +116,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class UpdateRequest(BaseModel):

@@ -7,7 +7,8 @@ Data directory::
                        root devices pin. Never the root key: it stays with the operator
     repo/              TUF repository served at /metadata/ and /targets/
     ca/                fleet CA (``edgellm-server ca init``), device certs in ca/devices/
-    store.sqlite       device registry, telemetry, rollouts
+    store.sqlite       device registry, telemetry, rollouts, API tokens, audit log (unless
+                       ``run --db postgresql://...`` puts them in PostgreSQL)
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from typing import Any
 
 from edgellm._fs import atomic_write
 from edgellm.telemetry import MqttConfig
+from server.api import ApiContext
+from server.drain import SessionJanitor
 from server.errors import ServerError
+from server.leader import Leadership
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -74,8 +78,9 @@ class DataDir:
                               hint=f"run `edgellm-server init --data-dir {self.root}` first")
         return self
 
-    def store(self) -> Store:
-        return Store(self.store_path)
+    def store(self, db: str | None = None) -> Store:
+        """The store: ``db`` (a ``postgresql://`` URL) or the SQLite file in the directory."""
+        return Store(db or self.store_path)
 
     def offline_keys_present(self) -> list[str]:
         """Private keys of offline roles (root) found in ``keys/``: they should not be here."""
@@ -131,29 +136,38 @@ class Server:
                  client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
                  max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
-                 drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None) -> None:
+                 drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None,
+                 db: str | None = None, leader_ttl_s: float = 10.0, trust_loopback: bool = True) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
 
         self.data = DataDir(Path(data_dir)).check()
+        if fl is not None and db is not None:
+            raise ServerError("federated runs (--fl) keep their state in the SQLite store for now",
+                              hint="run the replica that serves --fl without --db")
         offline = self.data.offline_keys_present()
         if offline:
             logger.warning("the data directory holds offline keys (%s): the server needs only the online roles; "
                            "move them to the operator's machine", ", ".join(offline))
-        self.store = self.data.store()
+        self.store = self.data.store(db)
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
-        self.driver = RolloutDriver(Store(self.data.store_path), lambda t, p, r: self.ingest.publish(t, p, retain=r),
+        self.leadership = Leadership(self.store.reopen(), client_id, ttl_s=leader_ttl_s)
+        self.janitor = SessionJanitor(self.leadership.store, mqtt, client_id, self.leadership.holder, leader_ttl_s)
+        self.driver = RolloutDriver(self.store.reopen(), lambda t, p, r: self.ingest.publish(t, p, retain=r),
                                     min_samples=min_samples, max_bake_factor=max_bake_factor,
                                     update_timeout_s=update_timeout_s)
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
-        self.http = HttpServer(self.store, self.data.repo, http_host, http_port)
+        self.http = HttpServer(self.store, self.data.repo, http_host, http_port,
+                               api=ApiContext(self.data, self.store, lambda t, p, r: self.ingest.publish(t, p, retain=r),
+                                              self.leadership, trust_loopback=trust_loopback,
+                                              replica_stats=lambda: dict(self.ingest.counters)))
         self.fl = None
         if fl is not None:  # federated runs: a supervised SuperLink and the run driver
             from server.federated.driver import FlDriver
             from server.federated.superlink import SuperLink
 
-            self.fl = FlDriver(Store(self.data.store_path), self.data.root,
+            self.fl = FlDriver(self.store.reopen(), self.data.root,
                                lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl))
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
@@ -185,7 +199,9 @@ class Server:
             if time.monotonic() >= next_ts:
                 next_ts = time.monotonic() + self.timestamp_refresh_s
                 self._hourly()
-            if not self.drive_rollouts:
+            leading = self._leading()
+            self.janitor.tick(leading)
+            if not leading:
                 continue
             if self._republish.is_set():
                 self._republish.clear()
@@ -197,12 +213,20 @@ class Server:
             if self.fl is not None:
                 self.fl.tick()
 
+    def _leading(self) -> bool:
+        """Take or renew the leader lease; a new leader re-sends desired state first."""
+        if self.drive_rollouts and self.leadership.check():
+            self._republish.set()
+        return self.drive_rollouts and self.leadership.is_leader
+
     def _hourly(self) -> None:
-        if self.drive_rollouts:  # one replica signs
+        if self.leadership.is_leader:  # one replica signs
             try:
                 from edgellm.trust import Repository
+                from server.ops import repository_lock
 
-                Repository(self.data.repo, self.data.keys).refresh_timestamp()
+                with repository_lock(self.store):
+                    Repository(self.data.repo, self.data.keys).refresh_timestamp()
             except Exception:
                 logger.exception("refreshing the TUF timestamp failed")
         try:
@@ -216,6 +240,7 @@ class Server:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.leadership.release()
         if self.fl is not None and self.fl.superlink is not None:
             self.fl.superlink.stop()
         self.http.stop()

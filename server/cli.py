@@ -1,4 +1,8 @@
-"""The ``edgellm-server`` command: init, run, publish, devices, rollout, ca."""
+"""The ``edgellm-server`` command: init, run, publish, devices, device, rollout, token, audit, ca.
+
+Every command but ``init`` and ``run`` works on this machine's data directory
+(``--data-dir``) or against a running server (``--server URL --token T``): see
+:mod:`server.client`."""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from pathlib import Path
 import click
 
 from edgellm._click import FriendlyGroup, format_option, setup_logging
-
-DATA_DIR_ENV = "EDGELLM_SERVER_DATA"
+from server.auth import ROLES
+from server.client import DATA_DIR_ENV, DB_ENV, Target, target_options
 
 data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_DIR_ENV, required=True,
@@ -64,12 +68,16 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
 @click.option("--max-bake-factor", default=3.0, show_default=True,
               help="A canary short of --min-samples keeps baking up to this many bake periods, then rolls back.")
 @click.option("--drive-rollouts/--no-drive-rollouts", default=True, show_default=True,
-              help="Run the rollout driver here (exactly one replica should).")
+              help="Take part in the leader election for driving rollouts (replicas choose one through the database).")
+@click.option("--db", default=None, envvar=DB_ENV, metavar="URL",
+              help=f"postgresql://USER@HOST/DB for replicas sharing one database [default: DATA_DIR/store.sqlite] (or ${DB_ENV}).")
+@click.option("--leader-ttl", default=10.0, show_default=True,
+              help="Seconds a replica's leadership lasts without renewal (a takeover after a crash takes this long).")
 @click.option("--fl", "fl_addr", default=None, metavar="HOST:PORT",
               help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.")
 def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
         client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool,
-        fl_addr: str | None) -> None:
+        db: str | None, leader_ttl: float, fl_addr: str | None) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -81,7 +89,7 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
         logging.getLogger().setLevel(logging.INFO)
     srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
                  client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
-                 drive_rollouts=drive_rollouts, fl=fl_addr)
+                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl, fl=fl_addr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -95,22 +103,12 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
 
 
 @main.command()
-@data_dir_option
+@target_options
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @format_option
-def publish(data_dir: Path, bundles: tuple[Path, ...], fmt: str) -> None:
+def publish(target: Target, bundles: tuple[Path, ...], fmt: str) -> None:
     """Sign and publish BUNDLE archives (plain or signed bundles) into the server's TUF repository."""
-    from edgellm.trust import Repository
-    from server.app import DataDir
-
-    d = DataDir(data_dir).check()
-    repo = Repository(d.repo, d.keys)
-    out = []
-    for b in bundles:
-        name = repo.add_bundle(b)
-        facts = next(t.custom.get("edgellm", {}) for t in repo.list_targets() if t.name == name)
-        out.append({"target": name, "model": facts.get("name"), "version": facts.get("version"),
-                    "runtime": facts.get("runtime"), "profiles": facts.get("profiles", [])})
+    out = [target.publish(b) for b in bundles]
     if fmt == "json":
         click.echo(json.dumps(out, indent=2))
     else:
@@ -119,26 +117,51 @@ def publish(data_dir: Path, bundles: tuple[Path, ...], fmt: str) -> None:
 
 
 @main.command()
-@data_dir_option
+@target_options
 @click.option("--group", default=None, help="Only this device group.")
 @format_option
-def devices(data_dir: Path, group: str | None, fmt: str) -> None:
+def devices(target: Target, group: str | None, fmt: str) -> None:
     """List devices: id, group, profile, version, online, last seen."""
-    from server.app import DataDir
-
-    rows = DataDir(data_dir).check().store().devices(group=group)
+    rows = target.devices(group)
     if fmt == "json":
-        click.echo(json.dumps([r.to_dict() for r in rows], indent=2, default=str))
+        click.echo(json.dumps(rows, indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
 
     t = Table("id", "group", "profile", "version", "online", "health", "last seen")
     for r in rows:
-        seen = f"{time.time() - r.last_seen:.0f}s ago" if r.last_seen else "never"
-        online = ("yes (silent)" if r.stale else "yes") if r.online else "no"
-        t.add_row(r.id, r.group, r.profile or "", r.version or "", online, r.health or "", seen)
+        seen = f"{time.time() - r['last_seen']:.0f}s ago" if r["last_seen"] else "never"
+        online = ("yes (silent)" if r["stale"] else "yes") if r["online"] else "no"
+        t.add_row(r["id"], r["group"], r["profile"] or "", r["version"] or "", online, r["health"] or "", seen)
     Console().print(t)
+
+
+@main.group("device")
+def device_group() -> None:
+    """One device: send it a command, read its replies."""
+
+
+@device_group.command("command")
+@target_options
+@click.argument("device_id")
+@click.argument("name")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Command argument (repeatable).")
+@click.option("--wait", default=0.0, show_default=True, help="Seconds to wait for the device's reply.")
+@format_option
+def device_command(target: Target, device_id: str, name: str, args: tuple[str, ...], wait: float, fmt: str) -> None:
+    """Send command NAME (ping, state, update, rollback) to DEVICE_ID through the running server."""
+    kv = dict(a.partition("=")[::2] for a in args)
+    sent = target.device_command(device_id, name, kv)
+    reply = None
+    deadline = time.monotonic() + wait
+    while wait and reply is None and time.monotonic() < deadline:
+        reply = next((r for r in target.device_replies(device_id) if r.get("id") == sent["id"]), None)
+        if reply is None:
+            time.sleep(0.5)
+    out = {**sent, "reply": reply}
+    click.echo(json.dumps(out, indent=2, default=str) if fmt == "json" else
+               f"command {sent['id']} sent to {device_id}" + (f"; reply: {json.dumps(reply)}" if reply else ""))
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -146,11 +169,11 @@ def devices(data_dir: Path, group: str | None, fmt: str) -> None:
 
 @main.group("rollout")
 def rollout_group() -> None:
-    """Canary rollouts: start, status, pause, resume, abort."""
+    """Canary rollouts: start, status, pause, resume, abort, rollback."""
 
 
 @rollout_group.command("start")
-@data_dir_option
+@target_options
 @click.option("--model", required=True)
 @click.option("--version", "version", required=True)
 @click.option("--group", default="default", show_default=True)
@@ -159,23 +182,11 @@ def rollout_group() -> None:
 @click.option("--bake", default="10m", show_default=True, help="How long the canary is watched (30s, 10m, 2h).")
 @click.option("--force", is_flag=True, help="Start even if the repository has no target for MODEL VERSION.")
 @format_option
-def rollout_start(data_dir: Path, model: str, version: str, group: str, canary: str, gate: str, bake: str,
+def rollout_start(target: Target, model: str, version: str, group: str, canary: str, gate: str, bake: str,
                   force: bool, fmt: str) -> None:
     """Start a rollout; a running `edgellm-server run` carries it out."""
-    from edgellm.trust import Repository
-    from server import rollout
-    from server.app import DataDir
-
-    d = DataDir(data_dir).check()
-    if not force:
-        published = {(t.custom.get("edgellm", {}).get("name"), t.custom.get("edgellm", {}).get("version"))
-                     for t in Repository(d.repo).list_targets()}
-        if (model, version) not in published:
-            raise click.ClickException(
-                f"the repository has no target for {model} {version}: devices could not install it\n"
-                f"  hint: `edgellm-server publish --data-dir {data_dir} BUNDLE` first (or --force)")
-    store = d.store()
-    rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, bake=bake)
+    rid = target.rollout_start(model=model, version=version, group=group, canary=canary, gate=gate, bake=bake,
+                               force=force)["id"]
     if fmt == "json":
         click.echo(json.dumps({"id": rid}))
     else:
@@ -183,17 +194,14 @@ def rollout_start(data_dir: Path, model: str, version: str, group: str, canary: 
 
 
 @rollout_group.command("status")
-@data_dir_option
+@target_options
 @click.argument("rollout_id", required=False)
 @format_option
-def rollout_status(data_dir: Path, rollout_id: str | None, fmt: str) -> None:
+def rollout_status(target: Target, rollout_id: str | None, fmt: str) -> None:
     """Show rollouts (or one), with progress, reason and history."""
-    from server import rollout
-    from server.app import DataDir
-
-    rows = rollout.status(DataDir(data_dir).check().store(), rollout_id)
+    rows = target.rollout_status(rollout_id)
     if fmt == "json":
-        click.echo(rollout.to_json(rows))
+        click.echo(json.dumps(rows, indent=2, default=str))
         return
     if not rows:
         click.echo("no rollouts")
@@ -210,20 +218,79 @@ def rollout_status(data_dir: Path, rollout_id: str | None, fmt: str) -> None:
 
 def _action(name: str) -> click.Command:
     @click.command(name, help=f"{name.capitalize()} a rollout.")
-    @data_dir_option
+    @target_options
     @click.argument("rollout_id")
-    def cmd(data_dir: Path, rollout_id: str) -> None:
-        from server import rollout
-        from server.app import DataDir
-
-        rollout.request(DataDir(data_dir).check().store(), rollout_id, name)
+    def cmd(target: Target, rollout_id: str) -> None:
+        target.rollout_action(rollout_id, name)
         click.echo(f"rollout {rollout_id}: {name} requested")
 
     return cmd
 
 
-for _name in ("pause", "resume", "abort"):
+for _name in ("pause", "resume", "abort", "rollback"):
     rollout_group.add_command(_action(_name))
+
+
+# --------------------------------------------------------------------------- API tokens, audit
+
+
+@main.group("token")
+def token_group() -> None:
+    """API tokens: viewer (read), operator (rollouts, device commands, federated runs), admin (tokens, publishing)."""
+
+
+@token_group.command("create")
+@target_options
+@click.option("--role", type=click.Choice(ROLES), required=True)
+@click.option("--name", required=True, help="Who or what holds it, e.g. ci-deploy or alice.")
+@format_option
+def token_create(target: Target, role: str, name: str, fmt: str) -> None:
+    """Make a token. It is printed once, as the last line: store it now."""
+    t = target.token_create(name, role)
+    if fmt == "json":
+        click.echo(json.dumps(t, indent=2, default=str))
+        return
+    click.echo(f"token {t['id']} ({t['name']}, {t['role']}); shown once, store it now:")
+    click.echo(t["token"])
+
+
+@token_group.command("list")
+@target_options
+@format_option
+def token_list(target: Target, fmt: str) -> None:
+    """List tokens (never the tokens themselves)."""
+    rows = target.token_list()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for t in rows:
+        state = "revoked" if t["revoked"] else "live"
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(t["last_used"])) if t["last_used"] else "never"
+        click.echo(f"{t['id']}  {t['role']:<8} {state:<7} last used {used:<16}  {t['name']}")
+
+
+@token_group.command("revoke")
+@target_options
+@click.argument("token_id")
+def token_revoke(target: Target, token_id: str) -> None:
+    """Revoke a token at once."""
+    target.token_revoke(token_id)
+    click.echo(f"token {token_id} revoked")
+
+
+@main.command()
+@target_options
+@click.option("--limit", default=50, show_default=True)
+@format_option
+def audit(target: Target, limit: int, fmt: str) -> None:
+    """The operator audit log: who did what through the API, when, and the result (newest first)."""
+    rows = target.audit(max(1, min(limit, 10_000)))
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for a in rows:
+        click.echo(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a['ts']))}  {a['who']:<16} "
+                   f"{a['action']:<40} {a['status']}  {a['result'][:80]}")
 
 
 # --------------------------------------------------------------------------- identity
@@ -235,87 +302,62 @@ def ca_group() -> None:
 
 
 @ca_group.command("init")
-@data_dir_option
-def ca_init(data_dir: Path) -> None:
+@target_options
+def ca_init(target: Target) -> None:
     """Create the fleet CA in DATA_DIR/ca."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
+    click.echo(f"fleet CA: {target.ca_init()['ca']}")
 
-    ca = CertificateAuthority.init(DataDir(data_dir).ca)
-    click.echo(f"fleet CA: {ca.cert_path}")
+
+def _issued(paths: dict[str, str]) -> None:
+    click.echo(f"cert: {paths['cert']}\nkey:  {paths['key']}\nca:   {paths['ca']}")
 
 
 @ca_group.command("issue-device")
-@data_dir_option
+@target_options
 @click.argument("device_id")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for DEVICE_ID.crt/.key (default DATA_DIR/ca/devices).")
-def ca_issue_device(data_dir: Path, device_id: str, out: Path | None) -> None:
+              help="Directory for DEVICE_ID.crt/.key (default DATA_DIR/ca/devices; with --server, here).")
+def ca_issue_device(target: Target, device_id: str, out: Path | None) -> None:
     """Issue a client certificate for DEVICE_ID (its common name)."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
-
-    d = DataDir(data_dir)
-    issued = CertificateAuthority(d.ca).issue_device(device_id, out or d.ca / "devices")
-    click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
+    _issued(target.ca_issue("device", out, name=device_id))
 
 
 @ca_group.command("issue-server-client")
-@data_dir_option
+@target_options
 @click.option("--name", default="edgellm-server", show_default=True,
               help="edgellm-server, or edgellm-server-N for another replica.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for NAME.crt/.key (default DATA_DIR/ca/server-client).")
-def ca_issue_server_client(data_dir: Path, name: str, out: Path | None) -> None:
+              help="Directory for NAME.crt/.key (default DATA_DIR/ca/server-client; with --server, here).")
+def ca_issue_server_client(target: Target, name: str, out: Path | None) -> None:
     """Issue the control plane's own MQTT client certificate (the broker's ACL gives it the
     server's rights; `ca issue-device` refuses these names)."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
-
-    d = DataDir(data_dir)
-    issued = CertificateAuthority(d.ca).issue_server_client(out or d.ca / "server-client", name)
-    click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
+    _issued(target.ca_issue("server-client", out, name=name))
 
 
 @ca_group.command("issue-server")
-@data_dir_option
+@target_options
 @click.option("--host", "hosts", multiple=True, required=True, help="Broker host name or IP (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
-def ca_issue_server(data_dir: Path, hosts: tuple[str, ...], out: Path | None) -> None:
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for server.crt/.key (default DATA_DIR/ca/broker; with --server, here).")
+def ca_issue_server(target: Target, hosts: tuple[str, ...], out: Path | None) -> None:
     """Issue the broker's TLS server certificate."""
-    from server.app import DataDir
-    from server.identity import CertificateAuthority
-
-    d = DataDir(data_dir)
-    issued = CertificateAuthority(d.ca).issue_server(out or d.ca / "broker", list(hosts))
-    click.echo(f"cert: {issued.cert}\nkey:  {issued.key}\nca:   {issued.ca}")
+    _issued(target.ca_issue("server", out, hosts=list(hosts)))
 
 
 @ca_group.command("mosquitto-conf")
-@data_dir_option
+@target_options
 @click.option("--port", default=8883, show_default=True)
 @click.option("--bind", default="0.0.0.0", show_default=True)
-def ca_mosquitto_conf(data_dir: Path, port: int, bind: str) -> None:
+def ca_mosquitto_conf(target: Target, port: int, bind: str) -> None:
     """Print a Mosquitto configuration that requires fleet client certificates; writes the ACL
     (each device only on its own topics) to DATA_DIR/ca/mosquitto.acl. Issue the server's own
     client certificate with `ca issue-server-client`."""
-    from edgellm._fs import atomic_write
-    from server.app import DataDir
-    from server.identity import mosquitto_acl, mosquitto_config
-
-    d = DataDir(data_dir)
-    broker = d.ca / "broker"
-    if not (broker / "server.crt").is_file():
-        raise click.ClickException("no broker certificate yet\n  hint: run `edgellm-server ca issue-server --host NAME` first")
-    acl = d.ca / "mosquitto.acl"
-    atomic_write(acl, mosquitto_acl().encode(), mode=0o644)
-    click.echo(mosquitto_config(port=port, bind=bind, ca=d.ca / "ca.crt", cert=broker / "server.crt",
-                                key=broker / "server.key", persistence_dir=d.root / "mosquitto", acl_file=acl), nl=False)
+    click.echo(target.ca_mosquitto_conf(port, bind), nl=False)
 
 
 from server.federated.cli import register as _register_fl  # noqa: E402
 
-_register_fl(main, data_dir_option)
+_register_fl(main, target_options)
 
 
 if __name__ == "__main__":  # pragma: no cover

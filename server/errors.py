@@ -4,7 +4,11 @@ the message text.
 
     EdgeLLMError                      (edgellm.errors)
     └── ServerError                   the data directory, its settings or keys are wrong
+        ├── NotFoundError             no such rollout, device or token (HTTP 404)
+        ├── ConflictError             busy: another replica is writing the same thing (HTTP 409)
+        ├── AuthError                 (server.auth) no usable token (401) or too low a role (403)
         ├── RolloutError              a rollout request is invalid or cannot be carried out
+        │   └── RolloutNotFound       (also a NotFoundError)
         ├── IdentityError             fleet CA or certificate problems (reserved names included)
         └── IngestError               one telemetry message is refused; ``reason`` names the check
                                       (oversized, json, schema, topic, unstorable) and is the
@@ -20,8 +24,20 @@ class ServerError(EdgeLLMError):
     """The server's data directory, settings or keys are wrong."""
 
 
+class NotFoundError(ServerError):
+    """The named rollout, device or token does not exist."""
+
+
+class ConflictError(ServerError):
+    """Another writer holds what this call needs (e.g. the repository); try again shortly."""
+
+
 class RolloutError(ServerError):
     """A rollout request is invalid or cannot be carried out."""
+
+
+class RolloutNotFound(RolloutError, NotFoundError):
+    """No rollout of that id."""
 
 
 class IdentityError(ServerError):

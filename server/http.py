@@ -1,5 +1,6 @@
 """The server's HTTP side (stdlib, one thread per request):
 
+    /api/v1/...            the operator API (bearer tokens, roles, audit): :mod:`server.api`
     /                      fleet dashboard (self-contained HTML, inline JS + SVG, no CDN)
     /metadata/<file>       TUF metadata  } the repository, served as static files;
     /targets/<file>        bundles       } devices verify everything with python-tuf
@@ -10,11 +11,16 @@
     /api/quarantine        the newest refused messages: reason, topic, size, first bytes (base64)
     /metrics               Prometheus text format
     /healthz               liveness
+
+The read-only pages under /api/ and /metrics are open when the server is bound to loopback;
+bound beyond it they need a viewer token too (``Authorization: Bearer``), as /api/v1 always does.
+The dashboard page itself, /healthz and the repository stay open (devices verify what they fetch).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import math
@@ -27,7 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from server import rollout
+from server import api as v1
+from server import auth, rollout
 from server.errors import RolloutError
 from server.store import Store
 
@@ -99,6 +106,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:
         logger.debug("http: " + fmt, *args)
 
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.store.release()  # one thread per connection: hand its database connection back
+
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
@@ -112,15 +125,82 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, obj: Any, code: int = 200) -> None:
         self._send(code, json.dumps(obj, default=str).encode(), "application/json")
 
-    def _error(self, code: int, msg: str) -> None:
-        self._json({"error": msg}, code)
+    def _error(self, code: int, msg: str, hint: str | None = None) -> None:
+        self._json(v1.HttpError(code, msg, code={401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(
+            code, "bad_request" if code < 500 else "internal_error"), hint=hint).body(), code)
 
     def do_HEAD(self) -> None:  # noqa: N802
         self.do_GET()
 
+    def do_POST(self) -> None:  # noqa: N802
+        self._v1()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._v1()
+
+    def _v1(self) -> None:
+        u = urlparse(self.path)
+        ctx = self.server.api
+        if ctx is None or not u.path.startswith(v1.PREFIX + "/"):
+            self._drain()
+            self._error(404 if ctx is None or self.command == "GET" else 405, f"no such endpoint: {u.path}",
+                        hint=f"the operator API is under {v1.PREFIX}")
+            return
+        req = v1.ApiRequest(self.command, u.path, parse_qs(u.query), self.headers.get("Authorization"),
+                            self._read_body, self._save_body)
+        try:
+            status, body = v1.dispatch(ctx, req)
+        except _TooLarge as e:
+            self.close_connection = True
+            status, body = 413, v1.HttpError(413, str(e), code="too_large", hint="send a smaller body").body()
+        except Exception:
+            logger.exception("http: %s %s failed", self.command, self.path)
+            self.close_connection = True
+            status, body = 500, v1.HttpError(500, "internal error", code="internal_error",
+                                             hint="see the server log").body()
+        self._drain()
+        self._json(body, status)
+
+    def _length(self, limit: int) -> int:
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise _TooLarge("Content-Length is not a number") from None
+        if n < 0 or n > limit:
+            raise _TooLarge(f"body of {n} bytes; the limit is {limit}")
+        return n
+
+    def _read_body(self, limit: int) -> bytes:
+        n = self._length(limit)
+        self._body_read = True
+        return self.rfile.read(n)
+
+    def _save_body(self, path: Path, limit: int) -> int:
+        n = self._length(limit)
+        self._body_read = True
+        left = n
+        with open(path, "wb") as fh:
+            while left:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    raise ValueError("the body ended early")
+                fh.write(chunk)
+                left -= len(chunk)
+        return n
+
+    def _drain(self) -> None:
+        """An unread body would be taken for the next request on this connection: close it."""
+        if self.headers.get("Content-Length") not in (None, "0") and not getattr(self, "_body_read", False):
+            self.close_connection = True
+
     def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith(v1.PREFIX + "/"):
+            self._v1()
+            return
         try:
             self._route()
+        except auth.AuthError as e:
+            self._error(e.status, v1.message(e), e.hint)
         except RolloutError as e:
             self._error(404, str(e))
         except ValueError as e:
@@ -133,6 +213,9 @@ class _Handler(BaseHTTPRequestHandler):
         u = urlparse(self.path)
         path, qs = u.path, parse_qs(u.query)
         store = self.server.store
+        if (path.startswith("/api/") or path == "/metrics") and not self.server.open_reads:
+            who = auth.authenticate(store, self.headers.get("Authorization"))
+            auth.require(who, "viewer")
         if path in ("/", "/dashboard"):
             self._send(200, dashboard_html(), "text/html; charset=utf-8")
         elif path == "/healthz":
@@ -155,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path.startswith("/metadata/") or path.startswith("/targets/"):
             self._static(path)
         else:
-            self._error(404, f"no such page: {path}")
+            self._error(404, f"no such page: {path}", hint=f"the operator API is under {v1.PREFIX}")
 
     def _static(self, path: str) -> None:
         repo = self.server.repo_dir
@@ -179,18 +262,34 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], store: Store, repo_dir: Path | None) -> None:
+    def __init__(self, addr: tuple[str, int], store: Store, repo_dir: Path | None, api: v1.ApiContext | None) -> None:
         super().__init__(addr, _Handler)
         self.store = store
         self.repo_dir = repo_dir
+        self.api = api
+        self.open_reads = api is None or (api.trust_loopback and is_loopback(addr[0]))
 
 
 class HttpServer:
-    def __init__(self, store: Store, repo_dir: Path | None, host: str = "127.0.0.1", port: int = 8080) -> None:
-        self._srv = _Server((host, port), store, repo_dir)
+    def __init__(self, store: Store, repo_dir: Path | None, host: str = "127.0.0.1", port: int = 8080,
+                 api: v1.ApiContext | None = None) -> None:
+        self._srv = _Server((host, port), store, repo_dir, api)
         self._thread: threading.Thread | None = None
 
     @property

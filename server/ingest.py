@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -38,13 +37,14 @@ from typing import Any, TypeVar
 from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
 from server.errors import IngestError
+from server.store import TRANSIENT as STORE_TRANSIENT
 from server.store import Store
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: database errors worth retrying with the batch unacknowledged; anything else is the data's fault
-TRANSIENT = (OSError, sqlite3.OperationalError)
+TRANSIENT = STORE_TRANSIENT
 #: how long the writer waits for one more message before committing what it has
 LINGER_S = 0.005
 
@@ -109,15 +109,33 @@ class Ingest:
         c.connect_async(self.mqtt.host, self.mqtt.port, keepalive=30, clean_start=False, properties=props)
         c.loop_start()
 
-    def stop(self) -> None:
+    def stop(self, *, end_session: bool = False) -> None:
+        """Stop; with ``end_session`` the broker forgets this client id's session (and its share
+        of the subscription) instead of queueing for it."""
         self._stop.set()
         if self._writer is not None:
             self._writer.join(timeout=10)
         if self._client is not None:
             try:
-                self._client.disconnect()
+                props = None
+                if end_session:
+                    from paho.mqtt.packettypes import PacketTypes
+                    from paho.mqtt.properties import Properties
+
+                    props = Properties(PacketTypes.DISCONNECT)
+                    props.SessionExpiryInterval = 0
+                self._client.disconnect(properties=props)
             finally:
                 self._client.loop_stop()
+
+    def leave_share(self) -> None:
+        """Unsubscribe: the broker stops giving this session a share (what it queued still comes)."""
+        self._client.unsubscribe(wire.shared_device_subscription(self.share_group))
+
+    def idle(self) -> bool:
+        """Nothing waiting to be written and everything received accounted for."""
+        c = self.counters
+        return self._q.empty() and c["received"] <= c["stored"] + c["duplicates"] + c["quarantined"]
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """True once connected *and* subscribed (the broker acknowledged the subscription)."""

@@ -41,7 +41,7 @@ from edgellm import telemetry as wire
 from edgellm.durations import parse_seconds
 from edgellm.ids import ID_RULE, valid_id
 from edgellm.telemetry import WireName
-from server.errors import RolloutError
+from server.errors import RolloutError, RolloutNotFound
 from server.gate import GATE_METRICS, Clause, Gate, parse_percent
 from server.store import MetricSummary, RolloutDeviceRow, RolloutRow, Store
 
@@ -82,8 +82,14 @@ class Phase(WireName):
 S = RolloutState
 ACTIVE = (S.PENDING, S.CANARY, S.BAKE, S.FULL, S.ROLLING_BACK)
 FINAL = (S.COMPLETED, S.ROLLED_BACK, S.ABORTED, S.FAILED)
-ACTIONS = ("pause", "resume", "abort")
+ACTIONS = ("pause", "resume", "abort", "rollback")
 ABORTED_BY_OPERATOR = "aborted by operator"
+ROLLED_BACK_BY_OPERATOR = "rolled back by operator"
+WAITING = "bake time over, waiting for canary telemetry"
+
+
+class _Moved(Exception):
+    """Another driver moved the rollout since this one read it: act on the next tick."""
 
 
 def parse_bake(text: str | float) -> float:
@@ -100,7 +106,7 @@ def parse_bake(text: str | float) -> float:
 def _row(store: Store, rollout_id: str) -> RolloutRow:
     r = store.rollout(rollout_id)
     if r is None:
-        raise RolloutError(f"no rollout {rollout_id!r}", hint="list rollouts with `edgellm-server rollout status`")
+        raise RolloutNotFound(f"no rollout {rollout_id!r}", hint="list rollouts with `edgellm-server rollout status`")
     return r
 
 
@@ -130,7 +136,8 @@ def start(store: Store, *, model: str, version: str, group: str = "default", can
 
 
 def request(store: Store, rollout_id: str, action: str) -> None:
-    """pause | resume | abort (acted upon by the driver; pause/resume take effect at once)."""
+    """pause | resume | abort | rollback (abort and rollback are acted upon by the driver;
+    pause/resume take effect at once). Rollback sends the canary back (canary and bake only)."""
     r = _row(store, rollout_id)
     if r.state in FINAL:
         raise RolloutError(f"rollout {rollout_id} is already {r.state}", hint="start a new rollout instead")
@@ -140,6 +147,11 @@ def request(store: Store, rollout_id: str, action: str) -> None:
         store.set_rollout_paused(rollout_id, False, restart_phase_in=S.BAKE)
     elif action == "abort":
         store.set_rollout_request(rollout_id, "abort")
+    elif action == "rollback":
+        if r.state not in (S.PENDING, S.CANARY, S.BAKE):
+            raise RolloutError(f"rollout {rollout_id} is {r.state}: only a canary can be rolled back",
+                               hint="start a rollout of the previous version to move the whole group back")
+        store.set_rollout_request(rollout_id, "rollback")
     else:
         raise RolloutError(f"unknown action {action!r}", hint=f"use one of {', '.join(ACTIONS)}")
     log(store, rollout_id, r.state, f"operator: {action}")
@@ -181,7 +193,6 @@ class RolloutDriver:
         self.update_timeout_s = update_timeout_s
         self.min_samples = min_samples
         self.max_bake_factor = max(1.0, max_bake_factor)
-        self._waiting: set[str] = set()
 
     # -- desired state
 
@@ -220,7 +231,8 @@ class RolloutDriver:
 
     def _set(self, r: RolloutRow, state: RolloutState, message: str, *, reason: str | None = None,
              phase_started: bool = True) -> None:
-        self.store.set_rollout_state(r.id, state, reason=reason, phase_started=phase_started)
+        if not self.store.set_rollout_state(r.id, state, reason=reason, phase_started=phase_started, expect=r):
+            raise _Moved(r.id)
         log(self.store, r.id, state, message)
 
     def _failed_updates(self, r: RolloutRow, devices: list[str]) -> list[str]:
@@ -239,16 +251,19 @@ class RolloutDriver:
         for r in self.store.rollouts(states=ACTIVE):
             try:
                 self.step(r)
+            except _Moved:
+                logger.info("rollout %s: moved by another driver; re-read on the next tick", r.id)
             except Exception:
                 logger.exception("rollout %s: step failed", r.id)
 
     def step(self, r: RolloutRow) -> None:
-        if r.request == "abort":
+        if r.request in ("abort", "rollback"):
+            why = ABORTED_BY_OPERATOR if r.request == "abort" else ROLLED_BACK_BY_OPERATOR
             self.store.set_rollout_request(r.id, None)
             if r.state in (S.CANARY, S.BAKE):
-                self._rollback(r, ABORTED_BY_OPERATOR)
+                self._rollback(r, why)
             else:
-                self._set(r, S.ABORTED, ABORTED_BY_OPERATOR, reason=ABORTED_BY_OPERATOR)
+                self._set(r, S.ABORTED if r.request == "abort" else S.ROLLED_BACK, why, reason=why)
             return
         if r.paused:
             return
@@ -307,10 +322,10 @@ class RolloutDriver:
     def _wait_for_evidence(self, r: RolloutRow, n: int, baked: float) -> None:
         """A quiet canary keeps baking up to ``max_bake_factor`` bakes, then rolls back."""
         if baked < r.bake_s * self.max_bake_factor:
-            if r.id not in self._waiting:  # say it once in the history, not every tick
-                self._waiting.add(r.id)
-                self._set(r, S.BAKE, f"bake time over, waiting for canary telemetry (n={n}, need {self.min_samples})",
-                          phase_started=False)
+            # said once in the history, not every tick (nor again by a new leader: read from the store)
+            if not any(h.message.startswith(WAITING) for h in self.store.rollout_log(r.id)
+                       if h.ts >= (r.phase_started or r.created)):
+                self._set(r, S.BAKE, f"{WAITING} (n={n}, need {self.min_samples})", phase_started=False)
             return
         self._rollback(r, f"not enough canary telemetry to judge the gate within "
                           f"{r.bake_s * self.max_bake_factor:g}s (n={n}, need {self.min_samples})")

@@ -171,4 +171,4 @@ def test_the_control_planes_update_command_and_desired_state_are_the_same_closed
     assert d._desired == UpdateRequest(model="tiny", version="1.1.0", rollout="r1")
     d._on_desired({"model": "tiny", "version": "../x"})  # refused, the previous request stands
     assert d._desired.version == "1.1.0"
-    assert run(Command(id="3", name="reboot"))["hint"] == "this agent knows: rollback, status, update"
+    assert run(Command(id="3", name="reboot"))["hint"] == "this agent knows: fl_invite, fl_stop, rollback, status, update"

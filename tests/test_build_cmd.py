@@ -149,7 +149,7 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
         # budgets from the manifest) passes on what the build produced
         from agent.health import budget_for, run_health_check
 
-        health = run_health_check(tmp_path / f"slot-{tier}", budget_for(manifest.to_dict(), None))
+        health = run_health_check(tmp_path / f"slot-{tier}", budget_for(manifest, None))
         assert health["ok"], health
         if manifest.runtime != "gguf":
             assert manifest.tokenizer == "tokenizer.json"

@@ -63,12 +63,6 @@ class Device:
         assert self.telemetry is not None
         self.telemetry.event(kind, **fields)
 
-    def command(self, name: str, args: dict):
-        if name == "fl_invite":
-            return supervisor.handle_fl_invite(args, self)
-        if name == "fl_stop":
-            return supervisor.handle_fl_stop(args, self)
-        raise ValueError(f"unknown command {name}")
 
 
 def start_device(root: Path, device_id: str, gguf: Path, broker_url: str) -> Device:
@@ -77,7 +71,8 @@ def start_device(root: Path, device_id: str, gguf: Path, broker_url: str) -> Dev
     cfg.save(paths)
     d = Device(paths, cfg)
     d.telemetry = Telemetry(device_id, root / "telemetry", MqttConfig(broker_url), PROFILE, group=GROUP)
-    d.telemetry.on_command(d.command)
+    d.telemetry.commands.register("fl_invite", lambda args: supervisor.handle_fl_invite(args, d))
+    d.telemetry.commands.register("fl_stop", lambda args: supervisor.handle_fl_stop(args, d))
     d.telemetry.start()
     return d
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from agent.api._common import ApiContext
 from agent.api.sse import next_event, sse_stream
+from agent.api.structured import Logprobs, grammar_of, refuse_unsupported, top_n
 from agent.engine import Job, JobError
 from agent.errors import ApiProblem, QueueFull
 from agent.schemas import ChatCompletionRequest, CompletionRequest
@@ -66,6 +67,8 @@ class Generation:
         lim = self.ctx.limits
         if req.n not in (None, 1):
             raise ApiProblem(400, "only n=1 is supported", code="unsupported_parameter", param="n")
+        refuse_unsupported(req)
+        _, n_top = top_n(req, isinstance(req, ChatCompletionRequest))
         mt = max_tokens if max_tokens is not None else lim.default_max_tokens
         if mt > lim.max_tokens:
             raise ApiProblem(400, f"max_tokens {mt} is over this device's limit of {lim.max_tokens}",
@@ -73,13 +76,14 @@ class Generation:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         m = self.ctx.engine.model
         defaults = dict(m.defaults) if m is not None else {}
+        grammar = grammar_of(req, m.runtime if m is not None else None)
         try:
             return GenerationParams(
                 max_tokens=mt,
                 temperature=req.temperature if req.temperature is not None else float(defaults.get("temperature", 0.0)),
                 top_p=req.top_p if req.top_p is not None else float(defaults.get("top_p", 1.0)),
                 top_k=req.top_k if req.top_k is not None else int(defaults.get("top_k", 0)),
-                seed=req.seed, stop=stop)
+                seed=req.seed, stop=stop, top_logprobs=n_top, grammar=grammar)
         except (TypeError, ValueError) as e:  # a bundle default out of range
             raise ApiProblem(400, f"invalid generation parameters: {e}", code="invalid_request") from None
 
@@ -122,7 +126,10 @@ class Generation:
             raise ApiProblem(400, f"prompt has {len(p.text)} characters; the limit is {ctx.limits.max_prompt_chars}",
                              code="context_length_exceeded", param="messages" if chat else "prompt")
         self.check_model(req)
-        job, q = self.submit(p, self.params(req, p.max_tokens), endpoint)
+        params = self.params(req, p.max_tokens)
+        model = ctx.engine.model
+        logprobs = Logprobs(model.runtime, chat) if top_n(req, chat)[0] and model is not None else None
+        job, q = self.submit(p, params, endpoint)
         if p.messages is not None:
             ctx.hooks.on_chat(p.messages)
         audit: dict[str, Any] = {"prompt": p.text, "user": req.user}
@@ -140,18 +147,21 @@ class Generation:
                 ctx.finish(request, endpoint, status, t0, **audit, completion_tokens=stats.get("completion_tokens"),
                            stream=True)
 
-            return StreamingResponse(sse_stream(q, job, chat=chat, head=head, include_usage=usage, on_end=on_end),
+            return StreamingResponse(sse_stream(q, job, chat=chat, head=head, include_usage=usage, on_end=on_end,
+                                                logprobs=logprobs),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, q, job, head, audit, chat=chat)
+        return await self._collect(request, q, job, head, audit, chat=chat, logprobs=logprobs)
 
     async def _collect(self, request: Request, q: asyncio.Queue, job: Job, head: dict, audit: dict,
-                       *, chat: bool) -> Response:
+                       *, chat: bool, logprobs: Logprobs | None) -> Response:
         parts: list[str] = []
+        events: list = []
         while True:
             kind, payload = await next_event(request, q, job)
             if kind == "token":
                 parts.append(payload.text)
+                events.append(payload)
             elif kind == "done":
                 stats = payload
                 break
@@ -162,11 +172,12 @@ class Generation:
         usage = {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
                  "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"]}
         fr = stats["finish_reason"] if stats["finish_reason"] in ("stop", "length") else "stop"
+        lp = logprobs.block(events) if logprobs is not None else None
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": fr}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": fr}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fr}
         audit["completion_tokens"] = stats["completion_tokens"]
         return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": usage})

@@ -94,7 +94,7 @@ class GuardedH11Protocol(H11Protocol):
 
     guard: ConnectionGuard  # set on the subclass made by :func:`protocol_class`
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows it too
         super().connection_made(transport)
         self.client_key = _client_key(transport)
         self.read_started = self.loop.time()

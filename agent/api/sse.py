@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import Request
 
+from agent.api.structured import Logprobs
 from agent.engine import Job
 from agent.errors import ApiProblem
 
@@ -31,21 +32,22 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _chunk(head: dict, chat: bool, text: str | None, finish_reason: str | None, *, role: bool = False) -> bytes:
+def _chunk(head: dict, chat: bool, text: str | None, finish_reason: str | None, *, role: bool = False,
+           logprobs: dict | None = None) -> bytes:
     if chat:
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     return _sse({**head, "choices": [choice]})
 
 
 async def sse_stream(q: asyncio.Queue, job: Job, *, chat: bool, head: dict, include_usage: bool,
-                     on_end: Callable[[int, dict], None]) -> AsyncIterator[bytes]:
+                     on_end: Callable[[int, dict], None], logprobs: Logprobs | None = None) -> AsyncIterator[bytes]:
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     status, stats = 499, {}
     try:
@@ -54,7 +56,9 @@ async def sse_stream(q: asyncio.Queue, job: Job, *, chat: bool, head: dict, incl
         while True:
             kind, payload = await q.get()
             if kind == "token":
-                if payload.text:
+                if logprobs is not None:
+                    yield _chunk(head, chat, payload.text, None, logprobs=logprobs.block([payload]))
+                elif payload.text:
                     yield _chunk(head, chat, payload.text, None)
             elif kind == "done":
                 stats = payload

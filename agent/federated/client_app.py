@@ -147,7 +147,8 @@ def _prepare(msg: Message, context: Context) -> _Round:
     model = lora.load_gguf_model(base.artifact)
     lora.apply_lora(model, lora.LoraConfig(rank=rc.lora_rank, alpha=rc.lora_alpha))
     try:
-        global_state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        arrays = msg.content.array_records["arrays"]
+        global_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         lora.load_lora_state(model, global_state)
     except (ValueError, TypeError) as e:
         raise dev.Decline(dev.BAD_REQUEST, f"the global adapters do not fit this model ({type(e).__name__})") from e

@@ -145,7 +145,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.on_message = lambda c, u, msg: self.on_message(msg.topic, msg.payload)
+        client.on_message = lambda c, u, msg: self.on_message(msg.topic, bytes(msg.payload))
         will = wire.Envelope(device=self.device_id, kind="death", seq=0, ts=time.time(),
                              body=wire.Death(session=self.session, reason="lost").to_dict())
         client.will_set(wire.device_topic(self.device_id, "death"), will.to_json(), qos=1, retain=False)

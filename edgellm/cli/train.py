@@ -1,4 +1,4 @@
-"""`edgellm train|distill|export|eval` commands (build pipeline I, issue 3).
+"""`edgellm train|distill|export|eval` commands.
 
 Each command calls the same Python API users call (``edgellm.pipeline.*``), prints its JSON report
 on stdout and shows progress on stderr. torch is imported inside the commands only.

@@ -1,4 +1,5 @@
-"""Model configuration: the fields of a Hugging Face ``LlamaForCausalLM`` ``config.json``.
+"""Model configuration: the fields of a Hugging Face ``config.json`` of a supported family
+(:mod:`edgellm.runtime.families`: Llama, Mistral, Qwen2, Qwen3).
 
 No torch here: reading or writing a config must not need it. Unknown fields are kept in
 ``extra`` and written back, so a user's checkpoint round-trips without losing anything.
@@ -12,18 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import BuildError
+from edgellm.runtime.families import FAMILIES, Family, family_of
 
 _KNOWN = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
     "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-    "pad_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype",
+    "pad_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "model_type",
+    "sliding_window",
 )
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """A Llama-architecture decoder (RMSNorm, RoPE (rotate_half), SwiGLU, grouped-query attention)."""
+    """A decoder of one supported family (RMSNorm, RoPE (rotate_half), SwiGLU, grouped-query attention)."""
 
     vocab_size: int = 2048
     hidden_size: int = 256
@@ -44,6 +47,8 @@ class ModelConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     torch_dtype: str = "float32"
+    model_type: str = "llama"  # the family (edgellm.runtime.families.FAMILIES)
+    sliding_window: int | None = None  # Mistral: attention sees only the last N positions
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +58,18 @@ class ModelConfig:
     @property
     def head_dim_(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def window(self) -> int | None:
+        """The attention window when it is shorter than the context (Mistral), else None."""
+        w = self.sliding_window
+        if self.family.sliding_window and isinstance(w, int) and 0 < w < self.max_position_embeddings:
+            return w
+        return None
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -74,16 +91,25 @@ class ModelConfig:
                 problems.append("num_attention_heads must be a multiple of num_key_value_heads")
             if self.head_dim_ % 2:
                 problems.append("head_dim must be even (rotary embeddings rotate pairs)")
+        if self.model_type not in FAMILIES:
+            problems.append(f"model_type {self.model_type!r} is not one of {sorted(FAMILIES)}")
+        if self.attention_bias or self.mlp_bias:
+            problems.append("attention_bias/mlp_bias are not supported")
         if self.hidden_act not in ("silu", "swish"):
             problems.append(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
         if problems:
             raise BuildError("invalid model config: " + "; ".join(problems),
-                             hint="fix config.json or the --config file (LlamaForCausalLM fields)")
+                             hint="fix config.json or the --config file (see docs/models.md)")
 
     # ---- (de)serialisation ----------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        family_of(d, "config")
         d = dict(d)
+        d.pop("architectures", None)
+        for flag in ("attention_bias", "mlp_bias"):  # Qwen2 saves null
+            if d.get(flag) is None:
+                d.pop(flag, None)
         # transformers >= 5 nests rope_theta in rope_parameters; older versions use rope_scaling.
         rope_params = d.pop("rope_parameters", None)
         kw: dict[str, Any] = {}
@@ -115,8 +141,7 @@ class ModelConfig:
             d[k] = getattr(self, k)
         if d["head_dim"] is None:
             d["head_dim"] = self.head_dim_
-        d.setdefault("architectures", ["LlamaForCausalLM"])
-        d.setdefault("model_type", "llama")
+        d["architectures"] = [self.family.hf_class]
         d["hidden_act"] = "silu"
         d.pop("rope_parameters", None)
         return d
@@ -131,17 +156,13 @@ class ModelConfig:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise BuildError(f"{path}: no such config file",
-                             hint="pass a preset name (tiny, small) or a JSON file with LlamaForCausalLM fields") from e
+                             hint="pass a preset name (tiny, small) or a config.json of a supported family (docs/models.md)") from e
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BuildError(f"{path}: not a readable JSON config ({e})",
                              hint="fix the JSON or pass a preset name (tiny, small)") from e
         if not isinstance(d, dict):
             raise BuildError(f"{path}: config must be a JSON object", hint="see docs/build.md for the fields")
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
-        mt = d.get("model_type", "llama")
-        if mt not in ("llama",) and "LlamaForCausalLM" not in archs:
-            raise BuildError(f"{path}: model_type {mt!r} / architectures {archs} is not a Llama-family model",
-                             hint="edgellm loads LlamaForCausalLM checkpoints (TinyLlama, SmolLM, Llama 3.x)")
+        family_of(d, str(path))
         try:
             return cls.from_dict(d)
         except BuildError as e:

@@ -3,8 +3,8 @@ distribution (KL) plus the data (cross-entropy).
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, data)
 
-The student shares the teacher's tokenizer (its vocabulary and special ids are taken from the
-teacher). The report gives teacher vs student parameters, validation perplexity of both, and
+The student shares the teacher's tokenizer, chat template and family (its vocabulary, special ids
+and ``model_type`` are taken from the teacher). The report gives teacher vs student parameters, validation perplexity of both, and
 the student's top-1 agreement with the teacher on the validation split.
 """
 
@@ -72,7 +72,7 @@ def top1_agreement(a: LlamaLM, b: LlamaLM, windows: np.ndarray, batch_size: int 
 
 def student_config(spec: str | Path | ModelConfig | dict, teacher: ModelConfig) -> ModelConfig:
     cfg = resolve_config(spec)
-    return cfg.replace(vocab_size=teacher.vocab_size, bos_token_id=teacher.bos_token_id,
+    return cfg.replace(model_type=teacher.model_type, vocab_size=teacher.vocab_size, bos_token_id=teacher.bos_token_id,
                        eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,
                        max_position_embeddings=min(cfg.max_position_embeddings, teacher.max_position_embeddings))
 
@@ -114,7 +114,7 @@ def distill_model(teacher_dir: str | Path, data: Any, student: str | Path | Mode
         "top1_agreement": top1_agreement(model, teacher, val_w),
         "temperature": temperature, "alpha": alpha,
         "config": scfg.to_dict(), "train_config": tcfg.to_dict(), "data": ds.lineage(),
-        "sample": {"prompt": "turn on the kitchen light", "reply": _safe_sample(model, tok)},
+        "sample": {"prompt": "turn on the kitchen light", "reply": _safe_sample(model, tok, Path(teacher_dir))},
         **summary,
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -127,8 +127,8 @@ def distill_model(teacher_dir: str | Path, data: Any, student: str | Path | Mode
     return report
 
 
-def _safe_sample(model: LlamaLM, tok: Any) -> str | None:
+def _safe_sample(model: LlamaLM, tok: Any, teacher_dir: Path) -> str | None:
     try:
-        return sample_reply(model, tok)
+        return sample_reply(model, tok, model_dir=teacher_dir)
     except Exception:  # noqa: BLE001 - a foreign tokenizer without our role tokens
         return None

@@ -39,7 +39,9 @@ from edgellm.pipeline.candidates import (
     kind_of,
 )
 from edgellm.pipeline.evaluate import train_report
+from edgellm.pipeline.model_check import check_model_dir
 from edgellm.pipeline.select import Budget, Selection, select
+from edgellm.pipeline.tokenizer import tokenizer_json_text
 from edgellm.runtime.settings import for_profile
 
 log = logging.getLogger(__name__)
@@ -219,9 +221,7 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
 
     say = progress or (lambda step, i, n: None)
     model_dir = Path(cfg.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise BuildError(f"{model_dir} is not a model directory (no config.json)",
-                         hint="pass the directory written by `edgellm train` or an HF save_pretrained checkpoint")
+    check_model_dir(model_dir)  # family, tokenizer, chat template: refused here, before any work
     if not cfg.profiles:
         raise BuildError("no --profile given", hint="pass one --profile per device class, see `edgellm profiles list`")
     if (cfg.repo is None) != (cfg.keys is None):
@@ -274,8 +274,9 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
                 os.link(m.artifact, artifact)
             except OSError:
                 shutil.copyfile(m.artifact, artifact)
-            if m.runtime == "onnx":
-                for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if m.runtime == "onnx":  # tokenizer.json: converted when the model has only tokenizer.model
+                (src / "tokenizer.json").write_text(tokenizer_json_text(model_dir), encoding="utf-8")
+                for f in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
                     if (model_dir / f).is_file():
                         shutil.copyfile(model_dir / f, src / f)
             manifest = _manifest(cfg, name, prof, m, sel, cands, golden_cache[m.fmt])
@@ -320,7 +321,8 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
     return {
         "format": "edgellm-build-report", "version": 1,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference},
+        "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference,
+                  **check_model_dir(cands.model_dir)},
         "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "bandwidth": cands.bandwidth, "threads": cfg.threads},
         "config": cfg.to_dict(),
         "candidates": [m.to_dict() for m in cands.measurements.values()],
@@ -332,12 +334,19 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
     }
 
 
+_TEMPLATE_NAMES = {"model": "the model's own", "edgellm": "edgellm's role markers",
+                   "none": "none (chat refused on devices)"}
+
+
 def report_markdown(rep: dict[str, Any]) -> str:
     lines = [f"# Build report: {Path(rep['model']['dir']).name}", "",
              f"Model sha256 `{rep['model']['sha256'][:16]}…`; memory bandwidth measured here: "
              f"**{rep['machine']['bandwidth_gbps']:.2f} GB/s** (1 thread). Quality is measured against the "
              f"unquantized model (F32 in llama.cpp); tokens/s on each profile are predicted by the roofline: "
              f"efficiency here × profile bandwidth ÷ bytes read per token.", "",
+             f"Family {rep['model'].get('architecture')}, {rep['model'].get('tokenizer')}, chat template: "
+             f"{_TEMPLATE_NAMES.get(rep['model'].get('chat_template'), 'unknown')}.",
+             *(f"- warning: {w}" for w in rep["model"].get("warnings") or []), "",
              "## Candidates", "",
              "| format | size MiB | weights MiB | bytes/token MiB | ppl | ppl Δ | KL | top-1 | tok/s here | efficiency | fallbacks | cached |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]

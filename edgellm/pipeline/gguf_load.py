@@ -1,13 +1,14 @@
-"""Read a Llama-architecture GGUF back into torch: the frozen base LoRA adapters train on.
+"""Read a GGUF of a supported family back into torch: the frozen base LoRA adapters train on.
 
     model = load_gguf_model("slot/model.gguf")          # LlamaLM, eval mode, requires_grad False
     tok = gguf_tokenizer("slot/model.gguf")             # tokenizers.Tokenizer from the GGUF vocab
 
 A device trains on the exact model it serves, so the base comes from its GGUF, not from a
 checkpoint it does not have. gguf-py dequantizes every tensor to float32 (F32, F16, Q8_0, Q4_0,
-K-quants...); the Q/K rows llama.cpp stores in adjacent-pair RoPE order are permuted back to the
-rotate-half order of :class:`edgellm.pipeline.model.LlamaLM` (the inverse of the exporter's
-``permute_rope_rows``). llama3-style RoPE scaling (a ``rope_freqs`` tensor) is applied to the
+K-quants...); tensor names and the family come from :mod:`edgellm.runtime.families` (llama.cpp's
+``llama``, ``qwen2``, ``qwen3``); for the ``llama`` architecture the Q/K rows llama.cpp stores in
+adjacent-pair RoPE order are permuted back to the rotate-half order of
+:class:`edgellm.pipeline.model.LlamaLM` (the inverse of the exporter's ``permute_rope_rows``). llama3-style RoPE scaling (a ``rope_freqs`` tensor) is applied to the
 model's inverse frequencies as llama.cpp does.
 
 Metadata is bounded before anything is allocated: a GGUF is parsed here only after its hash was
@@ -25,12 +26,12 @@ import torch
 
 from edgellm.errors import BuildError
 from edgellm.pipeline.config import ModelConfig
-from edgellm.pipeline.export.gguf import _LAYER_MAP
 from edgellm.pipeline.model import LlamaLM, expected_shapes, rope_inv_freq
+from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, Family, tensor_suffixes
 
 log = logging.getLogger(__name__)
 
-_HINT = "the file is not a Llama GGUF written by edgellm or llama.cpp: check the slot, or rebuild the model"
+_HINT = "the file is not a GGUF of a supported family written by edgellm or llama.cpp: check the slot, or rebuild the model"
 # Bounds on the metadata that sizes allocations (far beyond any model a device could train).
 _MAX = {"embedding_length": 1 << 15, "block_count": 256, "feed_forward_length": 1 << 17,
         "attention.head_count": 1024, "attention.head_count_kv": 1024, "context_length": 1 << 20,
@@ -40,7 +41,14 @@ _MAX_VOCAB = 1 << 20
 #: GGUF tensor name -> LlamaLM tensor name: the exporter's mapping, inverted (one source of truth)
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
-_BLOCK = {gguf_name: hf_name for hf_name, gguf_name in _LAYER_MAP.items()}
+
+
+def _family(arch: Any) -> Family:
+    """The family a GGUF architecture is read as (``llama`` covers Llama, SmolLM2 and Mistral)."""
+    if arch not in GGUF_ARCHS:
+        raise BuildError(f"GGUF architecture {arch!r} is not supported for training",
+                         hint=f"supported GGUF architectures: {', '.join(GGUF_ARCHS)}")
+    return next(f for f in FAMILIES.values() if f.gguf_arch == arch)
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -78,11 +86,9 @@ def _int(reader: Any, arch: str, key: str, default: int | None = None) -> int:
 
 
 def gguf_config(reader: Any) -> ModelConfig:
-    """The ModelConfig a Llama GGUF describes (bounded, validated)."""
+    """The ModelConfig a GGUF describes (bounded, validated)."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise BuildError(f"GGUF architecture {arch!r} is not supported for training",
-                         hint="only Llama-architecture models can be fine-tuned on a device")
+    family = _family(arch)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = len(tokens.data) if tokens is not None else 0
     if not 1 <= n_vocab <= _MAX_VOCAB:
@@ -102,21 +108,24 @@ def gguf_config(reader: Any) -> ModelConfig:
         num_hidden_layers=_int(reader, arch, "block_count"), num_attention_heads=heads,
         num_key_value_heads=_int(reader, arch, "attention.head_count_kv", heads),
         head_dim=_int(reader, arch, "attention.key_length") if head_dim is not None else None,
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_eps", 1e-5)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
         max_position_embeddings=_int(reader, arch, "context_length", 2048),
         tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
         bos_token_id=tok_id("bos"), eos_token_id=tok_id("eos"), pad_token_id=tok_id("padding"),
+        model_type=family.model_type,
     )
 
 
-def _torch_name(gname: str) -> str | None:
+def _torch_name(gname: str, block: dict[str, str]) -> str | None:
+    """LlamaLM's name for GGUF tensor ``gname``; ``block`` maps per-layer GGUF names to HF names
+    (the exporter's mapping for the family, inverted: one source of truth)."""
     if gname in _TOP:
         return _TOP[gname]
     blk, _, rest = gname.partition(".")
     idx, _, suffix = rest.partition(".")
-    if blk == "blk" and idx.isdigit() and suffix in _BLOCK:
-        return f"model.layers.{int(idx)}.{_BLOCK[suffix]}"
+    if blk == "blk" and idx.isdigit() and suffix in block:
+        return f"model.layers.{int(idx)}.{block[suffix]}"
     return None
 
 
@@ -137,13 +146,14 @@ def load_gguf_model(path: str | Path) -> LlamaLM:
     reader = _reader(path)
     cfg = gguf_config(reader)
     shapes = expected_shapes(cfg)
+    block = {gguf_name: hf_name for hf_name, gguf_name in tensor_suffixes(cfg.family).items()}
     tensors: dict[str, torch.Tensor] = {}
     rope_freqs = None
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             rope_freqs = torch.from_numpy(_dequantize(t).reshape(-1).copy())
             continue
-        name = _torch_name(t.name)
+        name = _torch_name(t.name, block)
         if name is None:
             raise BuildError(f"{path}: unexpected tensor {t.name!r}", hint=_HINT)
         want = shapes.get(name)
@@ -151,9 +161,9 @@ def load_gguf_model(path: str | Path) -> LlamaLM:
         if want is None or got != want:
             raise BuildError(f"{path}: tensor {t.name} has shape {got}, the metadata implies {want}", hint=_HINT)
         arr = _dequantize(t)
-        if t.name.endswith("attn_q.weight"):
+        if cfg.family.rope_permuted and t.name.endswith("attn_q.weight"):
             arr = unpermute_rope_rows(arr, cfg.num_attention_heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif cfg.family.rope_permuted and t.name.endswith("attn_k.weight"):
             arr = unpermute_rope_rows(arr, cfg.num_key_value_heads)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(arr))
     missing = sorted(set(shapes) - set(tensors))
@@ -177,9 +187,15 @@ def load_gguf_model(path: str | Path) -> LlamaLM:
 
 def gguf_tokenizer(path: str | Path) -> Any:
     """A ``tokenizers.Tokenizer`` equal to the GGUF's byte-level BPE vocabulary (``gpt2`` model)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from edgellm.pipeline.export.gguf_vocab import CONTROL, LLAMA3_REGEX, USER_DEFINED
+    from edgellm.pipeline.export.gguf_vocab import (
+        CONTROL,
+        LLAMA3_REGEX,
+        NORMALIZER_KEY,
+        QWEN2_REGEX,
+        USER_DEFINED,
+    )
 
     reader = _reader(path)
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
@@ -191,12 +207,18 @@ def gguf_tokenizer(path: str | Path) -> Any:
     if len(tokens) > _MAX_VOCAB or any(len(m) != 2 for m in merges):
         raise BuildError(f"{path}: malformed tokenizer vocabulary", hint=_HINT)
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    if _field(reader, "tokenizer.ggml.pre") == "llama3":
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre in ("llama3", "qwen2"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(LLAMA3_REGEX if pre == "llama3" else QWEN2_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if _field(reader, NORMALIZER_KEY) == "NFC":
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False)
                for t, ty in zip(tokens, types, strict=False) if ty in (CONTROL, USER_DEFINED)]

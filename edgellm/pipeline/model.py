@@ -1,12 +1,13 @@
-"""A Llama-architecture decoder in torch, and the Hugging Face model directory format.
+"""The decoder of every supported family in torch, and the Hugging Face model directory format.
 
-The module tree mirrors ``transformers.LlamaForCausalLM`` so ``state_dict()`` keys are the HF
-tensor names (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ...,
+One module tree serves Llama, Mistral, Qwen2 and Qwen3 (:mod:`edgellm.runtime.families` says what
+differs: q/k/v biases, q/k norms, a sliding window). It mirrors ``transformers``' ``*ForCausalLM``
+so ``state_dict()`` keys are the HF tensor names (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ...,
 ``model.norm.weight``, ``lm_head.weight``). A model directory holds::
 
-    config.json               LlamaForCausalLM fields (see edgellm.pipeline.config.ModelConfig)
+    config.json               *ForCausalLM fields (see edgellm.pipeline.config.ModelConfig)
     model.safetensors         or model-0000x-of-0000y.safetensors + model.safetensors.index.json
-    tokenizer.json            byte-level BPE (edgellm.pipeline.tokenizer)
+    tokenizer.json            byte-level BPE (edgellm.pipeline.tokenizer), or a sentencepiece tokenizer.model
     tokenizer_config.json     special tokens + jinja chat_template
     generation_config.json    bos/eos ids
 
@@ -82,17 +83,23 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
-        b = cfg.attention_bias
+        fam = cfg.family
+        b = fam.qkv_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=b)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if fam.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if fam.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 past: KV | None) -> tuple[torch.Tensor, KV]:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, S, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -114,10 +121,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        b = cfg.mlp_bias
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -147,7 +153,9 @@ class _Backbone(nn.Module):
 
 
 class LlamaLM(nn.Module):
-    """Causal LM with HF ``LlamaForCausalLM`` tensor names."""
+    """Causal LM with HF ``*ForCausalLM`` tensor names (every family of edgellm.runtime.families)."""
+
+    inv_freq: torch.Tensor  # a registered (non-persistent) buffer
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -182,7 +190,10 @@ class LlamaLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         kpos = torch.arange(P + S, device=input_ids.device)
-        mask = torch.where(kpos[None, :] <= pos[:, None], 0.0, float("-inf")).to(x.dtype)
+        visible = kpos[None, :] <= pos[:, None]
+        if self.config.window is not None:  # Mistral: only the last `window` positions
+            visible = visible & (kpos[None, :] > pos[:, None] - self.config.window)
+        mask = torch.where(visible, 0.0, float("-inf")).to(x.dtype)
         presents: list[KV] = []
         for i, layer in enumerate(self.model.layers):
             x, pr = layer(x, cos, sin, mask, past[i] if past else None)
@@ -224,12 +235,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.down_proj.weight": (H, FF),
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
         })
-        if cfg.attention_bias:
+        if cfg.family.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (nq,), p + "self_attn.k_proj.bias": (nkv,),
-                           p + "self_attn.v_proj.bias": (nkv,), p + "self_attn.o_proj.bias": (H,)})
-        if cfg.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (FF,), p + "mlp.up_proj.bias": (FF,),
-                           p + "mlp.down_proj.bias": (H,)})
+                           p + "self_attn.v_proj.bias": (nkv,)})
+        if cfg.family.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, H)
     return shapes
@@ -369,6 +379,7 @@ def save_model_dir(model: LlamaLM, out_dir: str | Path, *, tokenizer: Any | None
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     import shutil
 
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)

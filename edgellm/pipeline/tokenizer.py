@@ -14,20 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import BuildError
+from edgellm.runtime.chat import EDGELLM_CHAT_TEMPLATE
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, *ROLE_TOKENS)
 
 #: Jinja equivalent of edgellm.runtime.base.render_chat (bos is added by the tokenizer).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown chat role: use system, user or assistant') }}{% endif %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+CHAT_TEMPLATE = EDGELLM_CHAT_TEMPLATE
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
@@ -77,6 +71,7 @@ def save_tokenizer(tok: Any, out_dir: Path, *, model_max_length: int) -> None:
 
 
 def find_tokenizer_file(*candidates: Path | None) -> Path:
+    """The first ``tokenizer.json`` among ``candidates`` (files or directories)."""
     for c in candidates:
         if c is None:
             continue
@@ -90,10 +85,18 @@ def find_tokenizer_file(*candidates: Path | None) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """Load ``tokenizer.json`` (a file, or a directory containing it)."""
+    """Load ``tokenizer.json`` (a file, or a directory containing it; a directory with only a
+    sentencepiece ``tokenizer.model`` is converted as transformers does)."""
     from tokenizers import Tokenizer
 
-    p = find_tokenizer_file(Path(path))
+    d = Path(path)
+    if d.is_dir() and not (d / "tokenizer.json").exists() and (d / "tokenizer.model").is_file():
+        try:
+            return Tokenizer.from_str(tokenizer_json_text(d))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise BuildError(f"{d}/tokenizer.model: unusable tokenizer ({e})",
+                             hint="copy it again from the model's source") from e
+    p = find_tokenizer_file(d)
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -112,6 +115,39 @@ def read_tokenizer_config(model_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def chat_template_of(model_dir: Path) -> str | None:
+    """The model's own chat template: ``tokenizer_config.json`` ``chat_template`` (the default
+    one of a named list), else ``chat_template.jinja``; None when the model ships none."""
+    template = read_tokenizer_config(model_dir).get("chat_template")
+    if isinstance(template, list):  # named templates: keep the default one
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def tokenizer_json_text(model_dir: Path) -> str:
+    """``tokenizer.json`` of ``model_dir`` as text; a sentencepiece-only model (``tokenizer.model``)
+    is converted with transformers, as ``AutoTokenizer`` itself would, so the ONNX runtime (which
+    reads tokenizer.json) tokenizes as the Hugging Face tokenizer does."""
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        return (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    if not (model_dir / "tokenizer.model").is_file():
+        raise BuildError(f"no tokenizer.json or tokenizer.model in {model_dir}",
+                         hint="the model directory needs the tokenizer it was trained with")
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(model_dir))
+        return str(hf.backend_tokenizer.to_str())
+    except (ImportError, OSError, ValueError, AttributeError) as e:
+        raise BuildError(f"{model_dir}/tokenizer.model could not be converted to tokenizer.json ({e})",
+                         hint="pip install 'edgellm[pipeline]' (transformers, sentencepiece), or add tokenizer.json") from e
+
+
 def encode(tok: Any, text: str, *, special: bool) -> list[int]:
     """Ids for ``text`` without bos/eos. ``special=False`` treats special-token strings in
     the text as plain text (never as control tokens)."""
@@ -121,6 +157,23 @@ def encode(tok: Any, text: str, *, special: bool) -> list[int]:
         return tok.encode(text, add_special_tokens=False).ids
     finally:
         tok.encode_special_tokens = prev
+
+
+def chat_prompt_ids(tok: Any, messages: list[dict], model_dir: Path | None = None) -> list[int]:
+    """Prompt ids of a chat as a device will build them: the model's own template when
+    ``model_dir`` has one (rendered as transformers does), else bos + edgellm's role markers."""
+    from edgellm.runtime.chat import ChatTemplate
+
+    template = chat_template_of(model_dir) if model_dir is not None else None
+    if template is not None and template != CHAT_TEMPLATE:
+        tcfg = read_tokenizer_config(model_dir) if model_dir is not None else {}
+        specials = {k: str(v.get("content") if isinstance(v, dict) else v) for k, v in tcfg.items()
+                    if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
+        added = [t.content for t in tok.get_added_tokens_decoder().values()]
+        return ChatTemplate(template, specials, added).token_ids(
+            lambda text, sp: encode(tok, text, special=sp), messages)
+    bos = tok.token_to_id(BOS)
+    return ([bos] if bos is not None else []) + encode_chat(tok, messages)
 
 
 def encode_chat(tok: Any, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:

@@ -234,10 +234,15 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
             "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "history": history}
 
 
-def sample_reply(model: LlamaLM, tok: Any, messages: list[dict] = SAMPLE_PROMPT, max_new_tokens: int = 24) -> str:
-    """Greedy reply to a chat prompt (shows what the model learned)."""
-    ids = [model.config.bos_token_id] if model.config.bos_token_id is not None else []
-    ids += tk.encode_chat(tok, messages)
+def sample_reply(model: LlamaLM, tok: Any, messages: list[dict] = SAMPLE_PROMPT, max_new_tokens: int = 24,
+                 model_dir: Path | None = None) -> str:
+    """Greedy reply to a chat prompt (shows what the model learned), prompted with the chat
+    template of ``model_dir`` (the checkpoint the tokenizer came from) when it has one."""
+    if model_dir is not None and tk.chat_template_of(model_dir) not in (None, tk.CHAT_TEMPLATE):
+        ids = tk.chat_prompt_ids(tok, messages, model_dir)
+    else:
+        ids = [model.config.bos_token_id] if model.config.bos_token_id is not None else []
+        ids += tk.encode_chat(tok, messages)
     out = generate_ids(model, ids, max_new_tokens, eos_ids=model.config.eos_token_ids)
     return tok.decode(out)
 
@@ -296,7 +301,8 @@ def train_model(data: Any, config: str | Path | ModelConfig | dict | None, out: 
     report = {
         "kind": "train", "out": str(out), "from": str(from_dir) if from_dir else None,
         "params": param_count(model), "config": cfg.to_dict(), "train_config": tcfg.to_dict(),
-        "data": ds.lineage(), "sample": {"prompt": SAMPLE_PROMPT, "reply": sample_reply(model, tok)},
+        "data": ds.lineage(), "sample": {"prompt": SAMPLE_PROMPT,
+                                         "reply": sample_reply(model, tok, model_dir=Path(from_dir) if from_dir else None)},
         **summary,
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:

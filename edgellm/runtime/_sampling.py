@@ -29,9 +29,10 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray) -> tuple[int, float]:
+    def sample(self, logits: np.ndarray, raw: np.ndarray | None = None) -> tuple[int, float]:
+        """Draw from ``logits``; the logprob is under ``raw`` (the unconstrained logits) when given."""
         logits = np.asarray(logits).reshape(-1)
-        lp = log_softmax(logits)
+        lp = log_softmax(logits if raw is None else np.asarray(raw).reshape(-1))
         p = self.params
         if p.temperature == 0.0:
             tok = int(np.argmax(logits))

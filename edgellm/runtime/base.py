@@ -18,7 +18,8 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from edgellm.errors import GenerationError, ModelLoadError, PromptTooLongError, RuntimeFailure
-from edgellm.runtime._sampling import Sampler, StopBuffer
+from edgellm.runtime._sampling import Sampler, StopBuffer, log_softmax
+from edgellm.runtime.chat import EDGELLM_CHAT_TEMPLATE, ChatTemplate, TemplateError
 
 __all__ = ["Completion", "GenerationError", "GenerationParams", "ModelLoadError", "PromptTooLongError",
            "Runtime", "RuntimeFailure", "TextDecoder", "TokenEvent", "render_chat", "runtime_error"]
@@ -33,6 +34,9 @@ def runtime_error(cls: type[E], message: str, hint: str) -> E:
     return cls(message, hint=hint)
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int = 64
@@ -42,10 +46,14 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = True
+    top_logprobs: int = 0  # also report the N most likely tokens at each step (0..MAX_TOP_LOGPROBS)
+    grammar: str | None = None  # a GBNF grammar every generated token must follow (llama.cpp only)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be within [0, {MAX_TOP_LOGPROBS}]")
         if not 0.0 <= self.temperature <= 5.0:
             raise ValueError("temperature must be within [0, 5]")
         if not 0.0 < self.top_p <= 1.0:
@@ -67,6 +75,8 @@ class TokenEvent:
     text: str
     logprob: float | None
     finish_reason: FinishReason | None = None
+    #: the ``top_logprobs`` most likely (token id, logprob) at this step, most likely first
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +86,7 @@ class Completion:
     logprobs: tuple[float, ...]
     prompt_tokens: int
     finish_reason: FinishReason
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 class TextDecoder(abc.ABC):
@@ -88,6 +99,21 @@ class TextDecoder(abc.ABC):
     @abc.abstractmethod
     def finish(self) -> str:
         """Whatever is still held back at the end of the generation."""
+
+
+class Constraint(abc.ABC):
+    """A grammar followed during one generation: masks logits, then advances with each token."""
+
+    @abc.abstractmethod
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` with every token the grammar forbids next set to -inf."""
+
+    @abc.abstractmethod
+    def accept(self, token: int) -> None:
+        """Advance past the chosen ``token``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most constraints hold nothing native
+        """Free native resources."""
 
 
 class Runtime(abc.ABC):
@@ -105,6 +131,12 @@ class Runtime(abc.ABC):
     kind: str = ""
     #: token the benchmark starts from when no prompt is given
     bos_id: int | None = None
+    #: the model's own chat template (None: edgellm's role markers, for models edgellm trained)
+    chat_template: ChatTemplate | None = None
+    #: whether :class:`GenerationParams.grammar` can be enforced
+    supports_grammar: bool = False
+    #: set at load: the model has neither its own template nor edgellm's role markers (chat refused)
+    _no_markers: bool = False
 
     @property
     @abc.abstractmethod
@@ -123,6 +155,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
         ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (may be part of a UTF-8 character): what logprobs report."""
+        return self.detokenize([token]).encode("utf-8")
 
     def memory_bytes(self) -> dict[str, int]:
         """``weights_bytes``, ``kv_cache_bytes`` and ``peak_bytes`` the loaded model needs."""
@@ -154,6 +190,11 @@ class Runtime(abc.ABC):
     def _text_decoder(self) -> TextDecoder:
         """A fresh decoder for one generation's tokens."""
         raise NotImplementedError(f"{type(self).__name__} has no evaluation loop")
+
+    def _constraint(self, grammar: str) -> Constraint:
+        """A fresh grammar state for one generation (backends with :attr:`supports_grammar`)."""
+        raise runtime_error(GenerationError, f"the {self.kind or 'this'} runtime cannot enforce a grammar",
+                            "serve the model as GGUF (llama.cpp) for structured output")
 
     # ---- checks -------------------------------------------------------------------------------
     def check_ids(self, ids: Sequence[int], what: str = "input") -> list[int]:
@@ -210,55 +251,92 @@ class Runtime(abc.ABC):
         self._check_open()
         ids = self.check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt, "prompt")
         self.check_fits(len(ids), params)
-        return self._generate(ids, params)
+        constraint = self._constraint(params.grammar) if params.grammar else None
+        return self._generate(ids, params, constraint)
 
-    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent]:
+    def _generate(self, ids: list[int], params: GenerationParams,
+                  constraint: Constraint | None = None) -> Iterator[TokenEvent]:
         sampler = Sampler(params)  # one sampler for every backend: same seed, same choices
         stops = StopBuffer(params.stop)
         text = self._text_decoder()
-        logits = self._prefill(ids)
-        for i in range(params.max_tokens):
-            tok, logprob = sampler.sample(logits)
-            lp = logprob if params.logprobs else None
-            if self._is_end(tok):
-                yield TokenEvent(tok, stops.flush(), lp, "stop")
-                return
-            out, hit = stops.push(text.push(tok))
-            if hit:
-                yield TokenEvent(tok, out, lp, "stop")
-                return
-            if i == params.max_tokens - 1:
-                yield TokenEvent(tok, out + stops.push(text.finish())[0] + stops.flush(), lp, "length")
-                return
-            yield TokenEvent(tok, out, lp)
-            logits = self._step(tok)
+        try:
+            logits = self._prefill(ids)
+            for i in range(params.max_tokens):
+                allowed = constraint.apply(logits) if constraint is not None else logits
+                if constraint is not None and not np.isfinite(allowed).any():
+                    raise runtime_error(GenerationError, "the grammar allows no next token",
+                                        "check the grammar or JSON schema: it must accept a finished text")
+                tok, logprob = sampler.sample(allowed, raw=logits)
+                lp = logprob if params.logprobs else None
+                top = top_logprobs(logits, params.top_logprobs)
+                if self._is_end(tok):
+                    yield TokenEvent(tok, stops.flush(), lp, "stop", top)
+                    return
+                if constraint is not None:
+                    constraint.accept(tok)
+                out, hit = stops.push(text.push(tok))
+                if hit:
+                    yield TokenEvent(tok, out, lp, "stop", top)
+                    return
+                if i == params.max_tokens - 1:
+                    yield TokenEvent(tok, out + stops.push(text.finish())[0] + stops.flush(), lp, "length", top)
+                    return
+                yield TokenEvent(tok, out, lp, None, top)
+                logits = self._step(tok)
+        finally:
+            if constraint is not None:
+                constraint.close()
 
     def complete(self, prompt: str | Sequence[int], params: GenerationParams) -> Completion:
         """Run ``generate`` to the end and collect the result."""
         ids: list[int] = []
         lps: list[float] = []
+        tops: list[tuple[tuple[int, float], ...]] = []
         parts: list[str] = []
         finish: FinishReason = "length"
         n_prompt = len(prompt) if not isinstance(prompt, str) else len(self.tokenize(prompt))
         for ev in self.generate(prompt, params):
             ids.append(ev.token_id)
             lps.append(ev.logprob if ev.logprob is not None else float("nan"))
+            tops.append(ev.top_logprobs)
             parts.append(ev.text)
             if ev.finish_reason:
                 finish = ev.finish_reason
-        return Completion("".join(parts), tuple(ids), tuple(lps), n_prompt, finish)
+        return Completion("".join(parts), tuple(ids), tuple(lps), n_prompt, finish, tuple(tops))
+
+    def _set_chat_template(self, source: str | None, special_tokens: dict[str, str],
+                           control_texts: Sequence[str]) -> None:
+        """Backends call this at load with the template the model carries (see :mod:`.chat`)."""
+        if source and source != EDGELLM_CHAT_TEMPLATE:
+            self.chat_template = ChatTemplate(source, special_tokens, control_texts)
+        else:
+            self._no_markers = any(len(self.tokenize(f"<|{role}|>", add_bos=False, special=True)) != 1
+                                   for role in ("system", "user", "assistant"))
 
     def chat_prompt(self, messages: Sequence[dict]) -> str:
-        """Render chat messages as text with the default template (for display and logs).
+        """Render chat messages as text with the model's template (for display and logs).
 
         To generate, use :meth:`chat_token_ids`: ``generate(str)`` never parses special tokens,
         so role markers in a rendered string would become plain text."""
+        if self.chat_template is not None:
+            return self.chat_template.render(messages)
         return render_chat(messages)
 
     def chat_token_ids(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        """The default chat template as ids: role markers as special tokens, contents as plain
-        text, so a user cannot inject role markers or end-of-sequence. Tokenized exactly as the
-        build pipeline's ``encode_chat`` does for training."""
+        """The chat prompt as ids.
+
+        A model with its own template: that template, rendered and tokenized as transformers'
+        ``apply_chat_template`` does (:class:`edgellm.runtime.chat.ChatTemplate`). A model edgellm
+        trained: role markers as special tokens, contents as plain text, so a user cannot inject
+        role markers or end-of-sequence (tokenized exactly as the pipeline's ``encode_chat``)."""
+        self._check_open()
+        if self.chat_template is not None:
+            return self.chat_template.token_ids(lambda t, sp: self.tokenize(t, add_bos=False, special=sp),
+                                                messages, add_generation_prompt=add_generation_prompt)
+        if self._no_markers:
+            raise TemplateError("this model has no chat template and no edgellm role markers",
+                                hint="use the completions endpoint, or add the model's chat_template to "
+                                     "tokenizer_config.json and rebuild")
         ids = self.tokenize("", add_bos=True)  # [bos] when the model adds one, else []
         for m in messages:
             role = m.get("role", "user")
@@ -280,6 +358,17 @@ class Runtime(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def top_logprobs(logits: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
+    """The ``n`` most likely (token id, logprob) under ``logits``, most likely first."""
+    if n <= 0:
+        return ()
+    lp = log_softmax(np.asarray(logits).reshape(-1))
+    n = min(n, lp.shape[0])
+    idx = np.argpartition(-lp, n - 1)[:n]
+    idx = idx[np.argsort(-lp[idx], kind="stable")]
+    return tuple((int(i), float(lp[i])) for i in idx)
 
 
 def shared_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:

@@ -15,12 +15,13 @@ from typing import Any
 from edgellm._fs import sha256_file
 from edgellm.runtime.base import ModelLoadError
 from edgellm.runtime.base import runtime_error as _err
+from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, tensor_suffixes
 
 MAX_BLOCK_COUNT = 1024
 MAX_EMBEDDING = 1 << 16
 MAX_VOCAB = 1 << 20
 MAX_CONTEXT = 1 << 20
-_SUPPORTED_ARCHS = ("llama",)
+_SUPPORTED_ARCHS = GGUF_ARCHS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,19 +164,22 @@ def _tokenizer(f: _Fields) -> tuple[int, dict[str, int | None]]:
 
 
 def _expected_tensors(hp: dict[str, Any], n_vocab: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """(required, optional) tensor name -> shape for a Llama model with ``hp``."""
+    """(required, optional) tensor name -> shape for a model of ``hp["architecture"]`` with ``hp``."""
     n_embd, n_ff, head_dim = hp["embedding_length"], hp["feed_forward_length"], hp["head_dim"]
     q_out, kv_out = hp["head_count"] * head_dim, hp["head_count_kv"] * head_dim
+    shapes = {
+        "attn_norm.weight": (n_embd,), "ffn_norm.weight": (n_embd,),
+        "attn_q.weight": (n_embd, q_out), "attn_k.weight": (n_embd, kv_out),
+        "attn_v.weight": (n_embd, kv_out), "attn_output.weight": (q_out, n_embd),
+        "ffn_gate.weight": (n_embd, n_ff), "ffn_up.weight": (n_embd, n_ff), "ffn_down.weight": (n_ff, n_embd),
+        "attn_q.bias": (q_out,), "attn_k.bias": (kv_out,), "attn_v.bias": (kv_out,),
+        "attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,),
+    }
+    family = next(f for f in FAMILIES.values() if f.gguf_arch == hp["architecture"])
+    suffixes = tensor_suffixes(family).values()
     expected: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_embd, n_vocab), "output_norm.weight": (n_embd,)}
     for i in range(hp["block_count"]):
-        b = f"blk.{i}."
-        expected.update({
-            b + "attn_norm.weight": (n_embd,), b + "ffn_norm.weight": (n_embd,),
-            b + "attn_q.weight": (n_embd, q_out), b + "attn_k.weight": (n_embd, kv_out),
-            b + "attn_v.weight": (n_embd, kv_out), b + "attn_output.weight": (q_out, n_embd),
-            b + "ffn_gate.weight": (n_embd, n_ff), b + "ffn_up.weight": (n_embd, n_ff),
-            b + "ffn_down.weight": (n_ff, n_embd),
-        })
+        expected.update({f"blk.{i}.{name}": shapes[name] for name in suffixes})
     return expected, {"output.weight": (n_embd, n_vocab), "rope_freqs.weight": (head_dim // 2,)}
 
 

@@ -13,8 +13,12 @@ Generation runs its own loop over the context (no ``logits_all``: the last row o
 through the context), samples with the numpy sampler shared with the ONNX runtime
 (:mod:`edgellm.runtime._sampling`: greedy / temperature / top-k / top-p, seeded), streams
 UTF-8-safe text, honours stop sequences, and reports the model's log-probability of every generated
-token (log-softmax of the raw logits, before temperature). User text is tokenized without
-special-token parsing. Not thread-safe: one generation at a time (see :mod:`edgellm.runtime.base`).
+token (log-softmax of the raw logits, before temperature and grammar). User text is tokenized without
+special-token parsing. A grammar (:mod:`edgellm.runtime.grammar`) constrains sampling through
+llama.cpp's grammar sampler. Chat prompts use the template the GGUF carries
+(``tokenizer.chat_template``), and text is normalized (NFC) first when the GGUF records the
+tokenizer's normalizer (``edgellm.tokenizer.normalizer``), and gets its sentencepiece dummy prefix
+here when that goes at the start of a text only (``edgellm.tokenizer.space_prefix``). Not thread-safe: one generation at a time (see :mod:`edgellm.runtime.base`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import os
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ import numpy as np
 
 from edgellm.formats import GGUF
 from edgellm.runtime._sampling import log_softmax  # noqa: F401 (re-exported)
-from edgellm.runtime.base import GenerationError, ModelLoadError, Runtime, TextDecoder, shared_prefix
+from edgellm.runtime.base import Constraint, GenerationError, ModelLoadError, Runtime, TextDecoder, shared_prefix
 from edgellm.runtime.base import runtime_error as _err
 from edgellm.runtime.gguf_check import GGUFInfo, check_gguf, verify_file  # noqa: F401 (re-exported)
 
@@ -95,6 +100,7 @@ class LlamaCppRuntime(Runtime):
     """A GGUF model loaded in llama.cpp. Create with :meth:`load`."""
 
     kind = GGUF
+    supports_grammar = True
 
     def __init__(self, llm: Any, info: GGUFInfo, context_length: int, threads: int) -> None:
         self._llm = llm
@@ -109,6 +115,35 @@ class LlamaCppRuntime(Runtime):
         self.use_mmap = True
         self.settings: dict[str, Any] = {"threads": threads}  # what llama.cpp was given (set by load)
         self._closed = False
+        meta = getattr(llm, "metadata", None) or {}
+        self._normalizer = meta.get("edgellm.tokenizer.normalizer")
+        if self._normalizer not in (None, "NFC"):
+            raise _err(ModelLoadError, f"unknown tokenizer normalizer {self._normalizer!r}",
+                       "re-export the model with this version of edgellm")
+        self._space_first = meta.get("edgellm.tokenizer.space_prefix") == "first"
+        controls = self._control_texts()
+        self._controls = tuple(controls)
+        self._set_chat_template(meta.get("tokenizer.chat_template"), self._special_token_texts(meta), controls)
+
+    def _special_token_texts(self, meta: dict[str, str]) -> dict[str, str]:
+        """The bos/eos/unk/pad token texts the GGUF declares: the variables a chat template may use."""
+        out = {}
+        for name in ("bos", "eos", "unk", "pad"):
+            value = meta.get(f"tokenizer.ggml.{name}_token_id")
+            if value is not None and value.isdigit() and int(value) < self._n_vocab:
+                out[f"{name}_token"] = self._token_text(int(value))
+        return out
+
+    def _token_text(self, token: int) -> str:
+        raw = self._llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def _control_texts(self) -> list[str]:
+        """Texts that tokenize to a control or user-defined token when special tokens are parsed."""
+        lib = self._llama_cpp
+        mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_USER_DEFINED
+        return [self._token_text(t) for t in range(self._n_vocab)
+                if lib.llama_vocab_get_attr(self._vocab, t) & mask]
 
     # ---- construction
     @classmethod
@@ -189,6 +224,11 @@ class LlamaCppRuntime(Runtime):
     # ---- tokenizer
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         self._check_open()
+        if self._normalizer == "NFC":
+            text = unicodedata.normalize("NFC", text)
+        if self._space_first and text and not text.startswith(" ") and not (
+                special and any(c and text.startswith(c) for c in self._controls)):
+            text = " " + text  # the dummy prefix, at the start of the text only
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def _piece(self, token: int) -> bytes:
@@ -199,6 +239,9 @@ class LlamaCppRuntime(Runtime):
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, big, len(big), 0, False)
             return big.raw[:max(n, 0)]
         return buf.raw[:max(n, 0)]
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._piece(int(token))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         self._check_open()
@@ -256,6 +299,14 @@ class LlamaCppRuntime(Runtime):
 
     def _text_decoder(self) -> TextDecoder:
         return _PieceDecoder(self._piece)
+
+    def _constraint(self, grammar: str) -> Constraint:
+        from edgellm.runtime.grammar import LlamaGrammar
+
+        try:
+            return LlamaGrammar(self._llama_cpp, self._vocab, self._n_vocab, grammar)
+        except ValueError as e:
+            raise _err(GenerationError, str(e), "fix the grammar or JSON schema") from e
 
     def close(self) -> None:
         if not self._closed:

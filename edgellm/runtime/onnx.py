@@ -62,6 +62,27 @@ def _load_tokenizer(path: Path, md: Path | None, meta: dict[str, str]) -> tuple[
     return tokenizer, tok_cfg
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character standing for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token of tokenizer_config.json: a string or ``{"content": ...}``."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
 class OnnxRuntime(Runtime):
     """An ONNX causal LM in onnxruntime. Create with :meth:`load`."""
 
@@ -69,7 +90,8 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, session: Any, tokenizer: Any, *, path: Path, n_layers: int, n_kv: int, head_dim: int,
                  vocab_size: int, context_length: int, bos_id: int | None, eos_ids: list[int],
-                 add_bos: bool = True, chat_template: str | None = None) -> None:
+                 add_bos: bool = True, chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None) -> None:
         self._session = session
         self._tok = tokenizer
         self.path = path
@@ -77,7 +99,10 @@ class OnnxRuntime(Runtime):
         self.vocab_size = vocab_size
         self._context_length = context_length
         self.bos_id, self.eos_ids, self.add_bos = bos_id, eos_ids, add_bos
-        self.chat_template = chat_template
+        added_tokens = tokenizer.get_added_tokens_decoder()
+        self._added_ids = frozenset(added_tokens)
+        added = [t.content for t in added_tokens.values()]
+        self._set_chat_template(chat_template, special_tokens or {}, added)
         self._out_names = [o.name for o in session.get_outputs()]
         self.settings: dict[str, Any] = {}  # what onnxruntime was given (set by load)
         self._closed = False
@@ -150,9 +175,12 @@ class OnnxRuntime(Runtime):
             ctx = model_ctx
         add_bos = bool(tok_cfg.get("add_bos_token", True)) and bos is not None
         log.info("loaded %s (%d layers, ctx %d, %d threads)", path.name, n_layers, ctx, threads)
+        template = meta.get("edgellm.chat_template") or tok_cfg.get("chat_template")
+        specials = {name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+                    if isinstance(text := _token_text(tok_cfg.get(name)), str)}
         rt = cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
                  vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
-                 chat_template=tok_cfg.get("chat_template"))
+                 chat_template=template if isinstance(template, str) else None, special_tokens=specials)
         rt.settings = {"threads": int(so.intra_op_num_threads)}  # what onnxruntime was given
         return rt
 
@@ -189,6 +217,23 @@ class OnnxRuntime(Runtime):
         if add_bos and self.add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes: byte-level pieces through GPT-2's byte alphabet, sentencepiece byte
+        pieces ``<0xNN>`` as that byte, ``▁`` as a space; added tokens as their text."""
+        piece = self._tok.id_to_token(int(token))
+        if piece is None:
+            return b""
+        if int(token) in self._added_ids:
+            return piece.encode("utf-8")
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if all(c in _BYTE_DECODER for c in piece) and type(self._tok.decoder).__name__ == "ByteLevel":
+            return bytes(_BYTE_DECODER[c] for c in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def detokenize(self, ids: Sequence[int]) -> str:
         self._check_open()

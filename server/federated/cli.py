@@ -1,15 +1,15 @@
 """``edgellm-server fl``: start a federated fine-tuning run, show runs. A running
-``edgellm-server run --fl HOST:PORT`` carries the runs out; these commands only talk to the store.
+``edgellm-server run --fl HOST:PORT`` carries the runs out; these commands only record and read
+runs, on this machine's data directory or through a running server's API.
 
-:mod:`server.cli` registers the group with :func:`register`, which adds its shared ``--data-dir``
-option to every command here."""
+:mod:`server.cli` registers the group with :func:`register`, which adds its target options
+(``--data-dir``, or ``--server``/``--token``; see :mod:`server.client`) to every command here."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -22,18 +22,11 @@ def fl_group() -> None:
     """Federated LoRA fine-tuning on the devices' own data: start, status."""
 
 
-def register(parent: click.Group, data_dir_option: Any) -> None:
-    """Add ``fl`` to ``parent`` (the ``edgellm-server`` group), each command taking ``data_dir_option``."""
+def register(parent: click.Group, target_options: Any) -> None:
+    """Add ``fl`` to ``parent`` (the ``edgellm-server`` group), each command taking ``target_options``."""
     for cmd in fl_group.commands.values():
-        data_dir_option(cmd)
+        target_options(cmd)
     parent.add_command(fl_group)
-
-
-def _fl(data_dir: Path) -> Any:
-    from server.app import DataDir
-    from server.federated.store import FlStore
-
-    return FlStore(DataDir(data_dir).check().store())
 
 
 @fl_group.command("start")
@@ -62,18 +55,14 @@ def _fl(data_dir: Path) -> Any:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial adapters.")
 @click.option("--wait", is_flag=True, help="Block until the run ends; exit 1 if it failed.")
 @format_option
-def fl_start(data_dir: Path, model: str, version: str, group: str, rounds: int, min_devices: int,
+def fl_start(target: Any, model: str, version: str, group: str, rounds: int, min_devices: int,
              publish_version: str, local_steps: int, lr: float, lora_rank: int, lora_alpha: float, dp_noise: float,
              dp_clip: float, max_epsilon: float | None, canary: str, gate: str, bake: str, no_rollout: bool,
              invite_timeout: str, round_timeout: str, seed: int, wait: bool, fmt: str) -> None:
     """Record a run; the running server invites GROUP, trains, averages, publishes and canaries."""
     from edgellm.durations import parse_seconds
-    from edgellm.trust import Repository
     from server import rollout
-    from server.app import DataDir
-    from server.federated.store import RunSettings
 
-    d = DataDir(data_dir).check()
     try:
         rollout.parse_percent(canary)
         rollout.Gate.parse(gate)
@@ -81,17 +70,12 @@ def fl_start(data_dir: Path, model: str, version: str, group: str, rounds: int, 
         inv_s, round_s = parse_seconds(invite_timeout), parse_seconds(round_timeout)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
-    published = {(t.custom.get("edgellm", {}).get("name"), t.custom.get("edgellm", {}).get("version"))
-                 for t in Repository(d.repo).list_targets()}
-    if (model, version) not in published:
-        raise click.ClickException(f"the repository has no bundle of {model} {version} for devices to fine-tune\n"
-                                   f"  hint: `edgellm-server publish --data-dir {data_dir} BUNDLE` first")
-    settings = RunSettings(rounds=rounds, min_devices=min_devices, local_steps=local_steps, lr=lr,
-                           lora_rank=lora_rank, lora_alpha=lora_alpha, dp_noise=dp_noise, dp_clip=dp_clip,
-                           max_epsilon=max_epsilon, canary=canary, gate=gate, bake=bake, rollout=not no_rollout,
-                           seed=seed, invite_timeout_s=max(1.0, inv_s), round_timeout_s=max(1.0, round_s))
-    fl = _fl(data_dir)
-    rid = fl.create(model=model, base_version=version, version=publish_version, group=group, settings=settings)
+    settings = dict(rounds=rounds, min_devices=min_devices, local_steps=local_steps, lr=lr, lora_rank=lora_rank,
+                    lora_alpha=lora_alpha, dp_noise=dp_noise, dp_clip=dp_clip, max_epsilon=max_epsilon, canary=canary,
+                    gate=gate, bake=bake, rollout=not no_rollout, seed=seed, invite_timeout_s=max(1.0, inv_s),
+                    round_timeout_s=max(1.0, round_s))
+    rid = target.fl_start(model=model, version=version, publish=publish_version, group=group,
+                          settings=settings)["id"]
     if fmt == "json" and not wait:
         click.echo(json.dumps({"id": rid, "state": "pending"}))
     elif not wait:
@@ -99,38 +83,34 @@ def fl_start(data_dir: Path, model: str, version: str, group: str, rounds: int, 
                    f"  a server started with `edgellm-server run ... --fl HOST:PORT` carries it out; "
                    f"follow it with `edgellm-server fl status {rid}`")
     if wait:
-        _wait_and_show(fl, rid, fmt)
+        _wait_and_show(target, rid, fmt)
 
 
 @fl_group.command("status")
 @click.argument("run_id", required=False)
 @click.option("--wait", is_flag=True, help="Block until RUN_ID ends; exit 1 if it failed.")
 @format_option
-def fl_status(data_dir: Path, run_id: str | None, wait: bool, fmt: str) -> None:
+def fl_status(target: Any, run_id: str | None, wait: bool, fmt: str) -> None:
     """Show runs (or RUN_ID): state, round, devices and reasons, losses, ε, published version."""
-    fl = _fl(data_dir)
     if wait:
         if not run_id:
             raise click.UsageError("--wait needs a RUN_ID")
-        _wait_and_show(fl, run_id, fmt)
+        _wait_and_show(target, run_id, fmt)
         return
-    _show(fl, run_id, fmt)
+    _show(target.fl_status(run_id), run_id, fmt)
 
 
-def _wait_and_show(fl: Any, run_id: str, fmt: str, poll_s: float = 1.0) -> None:
+def _wait_and_show(target: Any, run_id: str, fmt: str, poll_s: float = 1.0) -> None:
     from server.federated.store import FINAL
 
-    while fl.run(run_id)["state"] not in FINAL:
+    while (rows := target.fl_status(run_id))[0]["state"] not in FINAL:
         time.sleep(poll_s)
-    _show(fl, run_id, fmt)
-    if fl.run(run_id)["state"] == "failed":
+    _show(rows, run_id, fmt)
+    if rows[0]["state"] == "failed":
         raise SystemExit(1)
 
 
-def _show(fl: Any, run_id: str | None, fmt: str) -> None:
-    from server.federated.store import status
-
-    rows = status(fl, run_id)
+def _show(rows: list[dict[str, Any]], run_id: str | None, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2, default=str))
         return

@@ -233,7 +233,7 @@ class FlDriver:
     def _publish(self, rid: str) -> None:
         from server.federated.publish import close_loop
 
-        fl = FlStore(Store(self.store.path))  # this thread's own connection
+        fl = FlStore(self.store.reopen())  # this thread's own connection
         try:
             done = close_loop(fl, self.root, self.root / "keys", self.root / "repo", rid)
         except Exception as e:

@@ -28,7 +28,6 @@ from typing import Any
 
 from edgellm._fs import sha256_file
 from server.federated.store import FlError, FlStore
-from server.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
     work = adapters.parent
     merged = merge_adapters(base.path, adapters, s.lora_rank, s.lora_alpha, work / "merged",
                             {"federated_lineage.json": json.dumps(lin, indent=2, sort_keys=True)})
-    profiles = sorted({d["profile"] for d in Store(fl.store.path).devices(group=run["grp"]) if d["profile"]}) \
+    profiles = sorted({d["profile"] for d in fl.store.reopen().devices(group=run["grp"]) if d["profile"]}) \
         or list(base.profiles)
     built = run_build(BuildConfig(model_dir=merged, profiles=profiles, out_dir=work / "dist", name=run["model"],
                                   version=run["version"], lineage=lin))

@@ -122,6 +122,7 @@ def run_federated(fl: FlStore, run_id: str, grid: Grid,
         raise RuntimeError("no round produced an average")
     data = st_save({k: result.arrays[k].numpy() for k in sorted(result.arrays.keys())},
                    metadata={"run": run_id, "base_version": run["base_version"]})
+    assert fl.store.path is not None  # federated runs keep their files next to the SQLite store
     out = run_dir(fl.store.path, run_id) / "adapters.safetensors"
     atomic_write(out, data, mode=0o600)
     trained = {e["device"] for e in fl.ledger(run_id=run_id)}

@@ -100,7 +100,7 @@ def _device_record(msg: Message) -> tuple[str, str, str]:
     if rec is None:
         raise Rejected("no 'device' record in the reply")
     dev, sha, decline = rec.get("device-id"), rec.get("data-sha256", ""), rec.get("decline-reason", "")
-    if not valid_id(dev):
+    if not isinstance(dev, str) or not valid_id(dev):
         raise Rejected(f"device-id {str(dev)[:80]!r} is not a valid id")
     if not isinstance(sha, str) or len(sha) > 128 or not isinstance(decline, str) or len(decline) > 512:
         raise Rejected("data-sha256 / decline-reason are not short strings", device=dev)

@@ -1,21 +1,36 @@
 """The server's store: device registry, telemetry (deduplicated on device + epoch + seq), the
-quarantine of refused messages, ingest counters, rollouts. Every SQL statement of the server
-lives in this package; callers get typed rows (:mod:`server.store.rows`).
+quarantine of refused messages, ingest counters, rollouts, API tokens, the operator audit log and
+the leader lease. Every SQL statement of the server lives in this package; callers get typed rows
+(:mod:`server.store.rows`).
 
-One connection per thread (WAL mode, so the HTTP threads, the ingest writer, the rollout
-driver and CLI processes can all use the same file). A replicated deployment would put the
-same tables in PostgreSQL; nothing here depends on SQLite beyond ``INSERT OR IGNORE``.
+Two databases, one interface: a SQLite file (``Store(path)``, the default; WAL mode, so the HTTP
+threads, the ingest writer, the rollout driver and CLI processes can share it) or PostgreSQL
+(``Store("postgresql://...")``, for several server replicas). :mod:`server.store.dialect` holds
+what differs. One connection per thread either way.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
+from server.store.control import ControlTables
+from server.store.dialect import (
+    POSTGRES,
+    SQLITE,
+    Conn,
+    PgConn,
+    is_postgres,
+    open_sqlite,
+    redact_url,
+    sqlite_tx,
+    transient_errors,
+)
 from server.store.rollouts import RolloutTables
 from server.store.rows import (
+    AuditRow,
     DeviceRow,
     EventRow,
     LogEntry,
@@ -24,31 +39,73 @@ from server.store.rows import (
     RolloutDeviceRow,
     RolloutRow,
     SeriesPoint,
+    TokenRow,
 )
 from server.store.schema import migrate
 from server.store.telemetry import QUARANTINE_KEEP, QUARANTINE_PAYLOAD_BYTES, TelemetryTables
 
-__all__ = ["QUARANTINE_KEEP", "QUARANTINE_PAYLOAD_BYTES", "DeviceRow", "EventRow", "LogEntry", "MetricSummary",
-           "QuarantineRow", "RolloutDeviceRow", "RolloutRow", "SeriesPoint", "Store"]
+__all__ = ["TRANSIENT", "QUARANTINE_KEEP", "QUARANTINE_PAYLOAD_BYTES", "AuditRow", "DeviceRow", "EventRow", "LogEntry",
+           "MetricSummary", "QuarantineRow", "RolloutDeviceRow", "RolloutRow", "SeriesPoint", "Store", "TokenRow"]
+
+#: PostgreSQL connections kept for reuse by short-lived threads
+POOL_SIZE = 8
+#: database errors worth retrying (the data is not at fault), on either database
+TRANSIENT = transient_errors()
 
 
-class Store(TelemetryTables, RolloutTables):
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+class Store(TelemetryTables, RolloutTables, ControlTables):
+    """``target``: a SQLite file path, or a ``postgresql://`` URL."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.url: str | None = str(target) if is_postgres(target) else None
+        self.path: Path | None = None if self.url else Path(target)
+        self.dialect = POSTGRES if self.url else SQLITE
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        migrate(self.db)
+        self._pool: list[PgConn] = []  # PostgreSQL connections released by short-lived threads
+        self._pool_lock = threading.Lock()
+        if self.url:  # replicas starting together: one migrates at a time
+            with self.tx() as db:
+                db.execute("SELECT pg_advisory_xact_lock(7414)")
+                migrate(db, self.dialect)
+        else:
+            migrate(self.db, self.dialect)
+
+    def __repr__(self) -> str:
+        return f"Store({redact_url(self.url) if self.url else str(self.path)!r})"
+
+    def reopen(self) -> Store:
+        """Another store on the same database (its own connections)."""
+        return Store(self.url or self.path)  # type: ignore[arg-type]
 
     @property
-    def db(self) -> sqlite3.Connection:  # type: ignore[override]
+    def db(self) -> Conn:  # type: ignore[override]
         db = getattr(self._local, "db", None)
+        if isinstance(db, PgConn) and db.broken:
+            db = None
         if db is None:
-            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            with self._pool_lock:
+                while self._pool and db is None:
+                    db = self._pool.pop()
+                    db = None if db.broken else db
+            if db is None:
+                db = PgConn(self.url) if self.url else open_sqlite(self.path)  # type: ignore[arg-type]
             self._local.db = db
         return db
+
+    def release(self) -> None:
+        """This thread is done with the store for now (an HTTP request thread, say): its
+        PostgreSQL connection goes back to a small pool for the next thread; SQLite's is closed."""
+        db = getattr(self._local, "db", None)
+        self._local.db = None
+        if isinstance(db, PgConn) and not db.broken:
+            with self._pool_lock:
+                if len(self._pool) < POOL_SIZE:
+                    self._pool.append(db)
+                    return
+        if db is not None:
+            db.close()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -56,17 +113,6 @@ class Store(TelemetryTables, RolloutTables):
             db.close()
             self._local.db = None
 
-    def tx(self) -> _Tx:
-        return _Tx(self.db)
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.db.execute("COMMIT" if et is None else "ROLLBACK")
+    def tx(self) -> AbstractContextManager[Any]:
+        db = self.db
+        return db.tx() if isinstance(db, PgConn) else sqlite_tx(db)  # type: ignore[arg-type]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from server.store.dialect import Conn, Dialect
 from server.store.rows import LogEntry, RolloutDeviceRow, RolloutRow
 
 
-def _rollout(r: sqlite3.Row) -> RolloutRow:
+def _rollout(r: Any) -> RolloutRow:
     return RolloutRow(id=r["id"], model=r["model"], version=r["version"], group=r["grp"], canary_pct=r["canary_pct"],
                       gate=r["gate"], bake_s=r["bake_s"], state=r["state"], reason=r["reason"], paused=bool(r["paused"]),
                       created=r["created"], updated=r["updated"], phase_started=r["phase_started"], request=r["request"])
@@ -19,7 +19,8 @@ def _rollout(r: sqlite3.Row) -> RolloutRow:
 class RolloutTables:
     """Mixed into :class:`server.store.Store` (which provides ``db`` and ``tx``)."""
 
-    db: sqlite3.Connection
+    db: Conn
+    dialect: Dialect
 
     def tx(self) -> Any:  # provided by Store
         raise NotImplementedError
@@ -53,13 +54,19 @@ class RolloutTables:
         return {r["state"]: r["n"] for r in self.db.execute("SELECT state, COUNT(*) n FROM rollouts GROUP BY state")}
 
     def set_rollout_state(self, rollout_id: str, state: str, *, reason: str | None = None,
-                          phase_started: bool = True) -> None:
+                          phase_started: bool = True, expect: RolloutRow | None = None) -> bool:
         """Move a rollout to ``state`` (``reason`` kept unless given; the phase clock restarts
-        unless ``phase_started`` is false)."""
+        unless ``phase_started`` is false). With ``expect``, only if the rollout is still in that
+        row's state and phase (compare-and-set: of two drivers acting on the same reading, one
+        moves it). Returns whether it moved."""
         now = time.time()
-        self.db.execute("UPDATE rollouts SET state=?, updated=?, reason=COALESCE(?, reason),"
-                        " phase_started=CASE WHEN ? THEN ? ELSE phase_started END WHERE id=?",
-                        (str(state), now, reason, phase_started, now, rollout_id))
+        q = ("UPDATE rollouts SET state=?, updated=?, reason=COALESCE(?, reason),"
+             " phase_started=CASE WHEN ? THEN ? ELSE phase_started END WHERE id=?")
+        args: list[Any] = [str(state), now, reason, phase_started, now, rollout_id]
+        if expect is not None:
+            q += " AND state=? AND COALESCE(phase_started, -1.0)=COALESCE(?, -1.0)"
+            args += [expect.state, expect.phase_started]
+        return self.db.execute(q, args).rowcount == 1
 
     def set_rollout_paused(self, rollout_id: str, paused: bool, *, restart_phase_in: str | None = None) -> None:
         """Pause or resume; resuming restarts the phase clock when the rollout is in ``restart_phase_in``."""
@@ -74,7 +81,9 @@ class RolloutTables:
     def assign_rollout_devices(self, rollout_id: str, devices: Sequence[tuple[str, str, str | None, str | None]]) -> None:
         """``(device, phase, previous_version, previous_model)`` for every device of the rollout."""
         with self.tx() as db:
-            db.executemany("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+            db.executemany("INSERT INTO rollout_devices VALUES (?,?,?,?,?) ON CONFLICT(rollout, device) DO UPDATE SET"
+                           " phase=excluded.phase, previous_version=excluded.previous_version,"
+                           " previous_model=excluded.previous_model",
                            [(rollout_id, *d) for d in devices])
 
     def rollout_devices(self, rollout_id: str, phase: str | None = None) -> list[RolloutDeviceRow]:
@@ -88,8 +97,9 @@ class RolloutTables:
                                  bool(r["online"])) for r in self.db.execute(q + " ORDER BY rd.device", args)]
 
     def log_rollout(self, rollout_id: str, state: str, message: str) -> None:
-        self.db.execute("INSERT INTO rollout_log VALUES (?,?,?,?)", (rollout_id, time.time(), str(state), message))
+        self.db.execute("INSERT INTO rollout_log (rollout, ts, state, message) VALUES (?,?,?,?)", (rollout_id, time.time(), str(state), message))
 
     def rollout_log(self, rollout_id: str) -> list[LogEntry]:
         return [LogEntry(r["ts"], r["state"], r["message"]) for r in self.db.execute(
-            "SELECT ts, state, message FROM rollout_log WHERE rollout=? ORDER BY ts, rowid", (rollout_id,))]
+            f"SELECT ts, state, message FROM rollout_log WHERE rollout=? ORDER BY ts, {self.dialect.insertion_order}",
+            (rollout_id,))]

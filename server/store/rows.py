@@ -129,3 +129,30 @@ class LogEntry(Row):
     ts: float
     state: str
     message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRow(Row):
+    """An API token (its hash only: the token itself is shown once, when made)."""
+
+    id: str
+    name: str
+    role: str
+    created: float
+    revoked: float | None
+    last_used: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRow(Row):
+    """One operator action through the API: who, what, when, result."""
+
+    id: int
+    ts: float
+    token: str | None
+    who: str
+    role: str | None
+    action: str
+    target: str
+    status: int
+    result: str

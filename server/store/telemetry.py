@@ -4,12 +4,12 @@ refused messages, the device registry, events and metrics queries."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from edgellm import telemetry as wire
+from server.store.dialect import Conn, Dialect
 from server.store.rows import DeviceRow, EventRow, MetricSummary, QuarantineRow, SeriesPoint
 
 #: bounds of what a refused message may occupy: its first bytes, a short reason, a few rows
@@ -19,7 +19,7 @@ _TEXT_MAX = 500
 
 _DEVICE_COLUMNS = ("id, profile, grp, version, model, slot, health, online, session, first_seen, last_seen, "
                    "outbox_dropped, outbox_pending")
-_BUMP = "INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value"
+_BUMP = "INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value=counters.value+excluded.value"
 # A heartbeat replaces the device's reported state only when it is newer by the device's own
 # sequence (same outbox epoch) or, from another epoch, by the server's receive time.
 _NEWER = ("(state_epoch IS NULL OR (state_epoch=? AND state_seq<?) OR (state_epoch<>? AND state_received<=?))")
@@ -32,7 +32,8 @@ def _weighted(col: str) -> str:
 class TelemetryTables:
     """Mixed into :class:`server.store.Store` (which provides ``db`` and ``tx``)."""
 
-    db: sqlite3.Connection
+    db: Conn
+    dialect: Dialect
 
     def tx(self) -> Any:  # provided by Store
         raise NotImplementedError
@@ -44,16 +45,25 @@ class TelemetryTables:
         Returns {"stored": n, "duplicates": n}."""
         now = received if received is not None else time.time()
         stored = dups = 0
+        # One device's messages keep their order; devices go in id order, so two replicas writing
+        # batches at once take row locks in the same order (no deadlock between them).
+        ordered = sorted(envelopes, key=lambda e: e.device)
+        seen: set[str] = set()
         with self.tx() as db:
-            for env in envelopes:
+            for env in ordered:
                 if env.seq > 0:
-                    cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?,?,?,?,?,?,?)",
+                    cur = db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                                      (env.device, env.epoch, env.seq, env.kind, env.ts, now,
                                       json.dumps(env.body, allow_nan=False)))
                     if cur.rowcount == 0:
                         dups += 1
                         continue
                 stored += 1
+                if env.device not in seen:  # registry row and last_seen: once per device and batch
+                    seen.add(env.device)
+                    db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
+                               " SET last_seen=CASE WHEN COALESCE(devices.last_seen, 0) > excluded.last_seen"
+                               " THEN devices.last_seen ELSE excluded.last_seen END", (env.device, now, now))
                 _apply(db, env, now)
             if stored or dups:
                 db.executemany(_BUMP, [("stored", stored), ("duplicates", dups)])
@@ -165,7 +175,7 @@ class TelemetryTables:
                device: str | None = None) -> list[SeriesPoint]:
         """Time-bucketed metrics for charts, keyed by version or device."""
         key = "device" if by == "device" else "COALESCE(version, '?')"
-        q = (f"SELECT {key} k, CAST(received/? AS INTEGER)*? t, SUM(count) n, SUM(errors) e, {_weighted('p95')} p95,"
+        q = (f"SELECT {key} k, {self.dialect.floor.format('received/?')}*? t, SUM(count) n, SUM(errors) e, {_weighted('p95')} p95,"
              f" {_weighted('p50')} p50, {_weighted('tps')} tps, {_weighted('mean_logprob')} lp"
              " FROM metrics WHERE received>=?")
         args: list[Any] = [bucket_s, bucket_s, since]
@@ -184,7 +194,7 @@ class TelemetryTables:
         return self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
 
 
-def _device(r: sqlite3.Row, stale_after_s: float) -> DeviceRow:
+def _device(r: Any, stale_after_s: float) -> DeviceRow:
     online = bool(r["online"])
     return DeviceRow(id=r["id"], profile=r["profile"], group=r["grp"], version=r["version"], model=r["model"],
                      slot=r["slot"], health=r["health"], online=online, session=r["session"],
@@ -193,12 +203,9 @@ def _device(r: sqlite3.Row, stale_after_s: float) -> DeviceRow:
                      stale=online and (r["last_seen"] or 0) < time.time() - stale_after_s)
 
 
-def _apply(db: sqlite3.Connection, env: wire.Envelope, now: float) -> None:
-    """What one stored message changes besides the messages table. The body is re-read as its
-    typed record, so only checked values reach SQL."""
-    db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES (?,?,?) "
-               "ON CONFLICT(id) DO UPDATE SET last_seen=MAX(COALESCE(last_seen, 0), excluded.last_seen)",
-               (env.device, now, now))
+def _apply(db: Conn, env: wire.Envelope, now: float) -> None:
+    """What one stored message changes besides the messages table and the device's registry row
+    (made by the caller). The body is re-read as its typed record, so only checked values reach SQL."""
     b = env.typed_body()
     if isinstance(b, wire.Birth):
         db.execute("UPDATE devices SET online=1, session=?, profile=COALESCE(NULLIF(?, ''), profile),"
@@ -215,10 +222,10 @@ def _apply(db: sqlite3.Connection, env: wire.Envelope, now: float) -> None:
                    (b.version, b.model, b.slot, b.health, b.profile, b.group, b.outbox_dropped or 0,
                     b.outbox_pending or 0, env.epoch, env.seq, now, env.device, env.epoch, env.seq, env.epoch, now))
     elif isinstance(b, wire.Metrics):
-        db.execute("INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        db.execute("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                    (env.device, env.epoch, env.seq, env.ts, now, b.version, b.model, b.count, b.errors or 0,
                     b.p50_latency_ms, b.p95_latency_ms, b.tokens_per_second, b.mean_logprob, b.prompt_tokens_mean,
                     b.prompt_tokens_max, b.completion_tokens or 0))
     elif isinstance(b, wire.Event):
-        db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)",
+        db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                    (env.device, env.epoch, env.seq, env.ts, now, b.name, json.dumps(b.fields, allow_nan=False)))

@@ -1,15 +1,19 @@
-"""Export a Llama-family HF-format model directory to GGUF (llama.cpp's format).
+"""Export an HF-format model directory of a supported family to GGUF (llama.cpp's format).
 
     export_gguf(model_dir, out_path, fmt) -> report dict
 
-``model_dir`` is an HF-format directory (config.json with LlamaForCausalLM fields,
-model.safetensors or a sharded index, tokenizer.json, tokenizer_config.json) — ours or one written
-by transformers' ``save_pretrained``. F32/F16 are written directly with gguf-py; every quantized
+``model_dir`` is an HF-format directory (config.json of a family in :mod:`edgellm.runtime.families`,
+model.safetensors or a sharded index, tokenizer.json or tokenizer.model, tokenizer_config.json) —
+ours or one written by transformers' ``save_pretrained``. The family decides llama.cpp's
+architecture name and tensor names (:func:`edgellm.runtime.families.tensor_suffixes`). F32/F16 are written directly with gguf-py; every quantized
 format is produced by llama.cpp's own quantizer from an F32 GGUF (:mod:`edgellm.pipeline.export.quantize_gguf`),
 and the tensor types are read back to report what each tensor became.
 
-Layout (see FIELD-NOTES): torch Linear weights keep their (out, in) shape; norms stay F32; Q and K
-rows are permuted from HF's rotate-half RoPE layout to llama.cpp's adjacent-pair layout.
+Layout: torch Linear weights keep their (out, in) shape; norms and biases stay F32; for llama.cpp's
+``llama`` architecture Q and K rows are permuted from HF's rotate-half RoPE layout to llama.cpp's
+adjacent-pair layout (Qwen's architectures rotate halves, as HF does). Mistral's sliding window is
+not an attention option of llama.cpp's ``llama`` architecture, so the GGUF's context is capped at
+the window, where both agree exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from edgellm.errors import BuildError
 from edgellm.pipeline.export.gguf_vocab import read_vocab
+from edgellm.runtime.families import Family, family_of, tensor_suffixes
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +45,6 @@ FORMATS: dict[str, tuple[str, int]] = {
     "gguf-q4_0": ("Q4_0", 2),
 }
 
-_LAYER_MAP = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """HF rotate-half row order -> llama.cpp adjacent-pair order, per head (Q: heads, K: kv-heads)."""
     rows = w.shape[0]
@@ -66,21 +58,17 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise BuildError(f"{path} not found", hint="pass an HF-format model directory (config.json + *.safetensors)")
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
-        raise BuildError(f"model type {cfg.get('model_type')!r} is not Llama-family",
-                         hint="GGUF export supports LlamaForCausalLM checkpoints")
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise BuildError(f"config.json sets {flag}=true, which this exporter does not write",
-                             hint="export a Llama model without biases")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BuildError(f"{path}: not a readable JSON config ({e})", hint="re-save the model") from e
+    if not isinstance(cfg, dict):
+        raise BuildError(f"{path}: config must be a JSON object", hint="re-save the model")
+    family_of(cfg, str(path))
     kind = rope_scaling(cfg)[0]
     if kind not in ("default", "linear", "llama3"):
         raise BuildError(f"rope scaling {kind!r} is not supported by this exporter",
                          hint="export a model with default, linear or llama3 RoPE scaling")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise BuildError(f"hidden_act {cfg.get('hidden_act')!r} is not SiLU", hint="Llama models use silu")
     return cfg
 
 
@@ -145,7 +133,7 @@ def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
                     yield name, st.get_tensor(name).float().numpy()
 
 
-def _gguf_name(hf: str) -> str | None:
+def _gguf_name(hf: str, layer_map: dict[str, str]) -> str | None:
     name = hf[len("model."):] if hf.startswith("model.") else hf
     if name == "embed_tokens.weight":
         return "token_embd.weight"
@@ -155,36 +143,36 @@ def _gguf_name(hf: str) -> str | None:
         return "output.weight"
     if name.startswith("layers."):
         _, idx, rest = name.split(".", 2)
-        if rest in _LAYER_MAP:
-            return f"blk.{int(idx)}.{_LAYER_MAP[rest]}"
+        if rest in layer_map:
+            return f"blk.{int(idx)}.{layer_map[rest]}"
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise BuildError(f"unexpected tensor {hf!r} in the checkpoint", hint="only Llama-architecture weights can be exported")
+    raise BuildError(f"unexpected tensor {hf!r} in the checkpoint",
+                     hint="the weights do not match config.json's model_type: re-save the model with its own config")
 
 
-def write_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "F32", name: str | None = None) -> dict:
-    """Write an F32 or F16 GGUF (norms always F32). Returns a small summary."""
+def _context_length(cfg: dict[str, Any], fam: Family) -> int:
+    ctx = int(cfg.get("max_position_embeddings") or 2048)
+    window = cfg.get("sliding_window")
+    if fam.sliding_window and isinstance(window, int) and 0 < window < ctx:
+        log.warning("%s: sliding window %d < context %d; the GGUF's context is capped at %d", fam.hf_class,
+                    window, ctx, window)
+        return window
+    return ctx
+
+
+def _write_hparams(w: Any, cfg: dict[str, Any], fam: Family, dtype: str) -> None:
     import gguf
 
-    model_dir, out_path = Path(model_dir), Path(out_path)
-    cfg = read_config(model_dir)
-    n_embd = int(cfg["hidden_size"])
-    n_head = int(cfg["num_attention_heads"])
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
+    n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or n_embd // n_head)
-    n_layer = int(cfg["num_hidden_layers"])
-    n_vocab = int(cfg["vocab_size"])
-    vocab = read_vocab(model_dir, n_vocab)
-
-    w = gguf.GGUFWriter(str(out_path), "llama")
-    w.add_name(name or model_dir.name)
-    w.add_vocab_size(n_vocab)
-    w.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
+    w.add_vocab_size(int(cfg["vocab_size"]))
+    w.add_context_length(_context_length(cfg, fam))
     w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
+    w.add_block_count(int(cfg["num_hidden_layers"]))
     w.add_feed_forward_length(int(cfg["intermediate_size"]))
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or n_head))
     if head_dim != n_embd // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -198,23 +186,41 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "F32
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg, head_dim))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps") or 1e-6))
     w.add_file_type(0 if dtype == "F32" else 1)
+
+
+def write_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "F32", name: str | None = None) -> dict:
+    """Write an F32 or F16 GGUF (norms and biases always F32). Returns a small summary."""
+    import gguf
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    cfg = read_config(model_dir)
+    fam = family_of(cfg)
+    layer_map = tensor_suffixes(fam)
+    n_head = int(cfg["num_attention_heads"])
+    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
+    n_layer = int(cfg["num_hidden_layers"])
+    vocab = read_vocab(model_dir, int(cfg["vocab_size"]))
+
+    w = gguf.GGUFWriter(str(out_path), fam.gguf_arch)
+    w.add_name(name or model_dir.name)
+    _write_hparams(w, cfg, fam, dtype)
     vocab.write(w)
 
     seen: set[str] = set()
     for hf_name, arr in iter_hf_tensors(model_dir):
-        gname = _gguf_name(hf_name)
+        gname = _gguf_name(hf_name, layer_map)
         if gname is None:
             continue
-        if gname.endswith("attn_q.weight"):
+        if fam.rope_permuted and gname.endswith("attn_q.weight"):
             arr = permute_rope_rows(arr, n_head)
-        elif gname.endswith("attn_k.weight"):
+        elif fam.rope_permuted and gname.endswith("attn_k.weight"):
             arr = permute_rope_rows(arr, n_head_kv)
         if dtype == "F16" and arr.ndim == 2:
             arr = arr.astype(np.float16)
         w.add_tensor(gname, np.ascontiguousarray(arr))
         seen.add(gname)
     missing = {"token_embd.weight", "output_norm.weight"} - seen
-    missing |= {f"blk.{i}.{v}" for i in range(n_layer) for v in _LAYER_MAP.values()} - seen
+    missing |= {f"blk.{i}.{v}" for i in range(n_layer) for v in layer_map.values()} - seen
     if missing:
         w.close()
         out_path.unlink(missing_ok=True)
@@ -225,7 +231,9 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "F32
     w.write_tensors_to_file()
     w.close()
     return {"tied_embeddings": "output.weight" not in seen, "n_params_tensors": len(seen),
-            "tokenizer_pre": vocab.pre, "vocab_size": n_vocab}
+            "tokenizer_pre": vocab.pre, "tokenizer_model": vocab.model, "vocab_size": int(cfg["vocab_size"]),
+            "architecture": fam.gguf_arch, "family": fam.model_type,
+            "chat_template": "model's own" if vocab.chat_template else "none"}
 
 
 def export_gguf(model_dir: str | Path, out_path: str | Path, fmt: str, *, nthread: int = 1) -> dict:

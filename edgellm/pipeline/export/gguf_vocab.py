@@ -1,14 +1,21 @@
-"""Read an HF-format byte-level BPE tokenizer into the fields a GGUF file carries.
+"""Read an HF-format tokenizer into the fields a GGUF file carries.
 
-llama.cpp must tokenize exactly as our ``tokenizers`` tokenizer does. For a byte-level BPE that
-means (see FIELD-NOTES): ``tokenizer.ggml.model = "gpt2"``, the vocabulary in GPT-2's
+Two kinds, each written the way llama.cpp reads it: a sentencepiece ``tokenizer.model`` (Llama 2,
+TinyLlama, Mistral v0.1; :mod:`edgellm.pipeline.export.gguf_spm`) becomes llama.cpp's ``llama``
+tokenizer, and a byte-level BPE ``tokenizer.json`` (Llama 3, Qwen, SmolLM2, ours) its ``gpt2`` one.
+
+llama.cpp must tokenize exactly as the HF tokenizer does. For a byte-level BPE that
+means: ``tokenizer.ggml.model = "gpt2"``, the vocabulary in GPT-2's
 byte-to-unicode alphabet (which is how ``tokenizer.json`` already stores it), the merges, token
 types (added special tokens are CONTROL, so llama.cpp never parses them out of user text unless
 asked to), bos/eos/unk/pad ids, explicit ``add_bos``/``add_eos`` flags, the pre-tokenizer name
-whose regex equals ours, and the chat template.
+whose regex equals the tokenizer's (by llama.cpp's names: gpt-2, llama3, qwen2, smollm), and the chat
+template. llama.cpp applies no normalizer; an NFC normalizer (Qwen's) is recorded as
+``edgellm.tokenizer.normalizer`` and applied by edgellm's runtime before llama.cpp tokenizes. Likewise a
+non-legacy sentencepiece tokenizer's start-only dummy prefix (``edgellm.tokenizer.space_prefix``).
 
-Only what llama.cpp can reproduce is accepted; anything else (a normalizer, a prefix space, an
-unknown split regex) is refused with a hint instead of producing a GGUF that tokenizes differently.
+Only what llama.cpp can reproduce is accepted; anything else (another normalizer, a prefix space,
+an unknown split regex) is refused with a hint instead of producing a GGUF that tokenizes differently.
 """
 
 from __future__ import annotations
@@ -32,11 +39,21 @@ LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_KNOWN_SPLITS = {GPT2_REGEX: "gpt-2", LLAMA3_REGEX: "llama3"}
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_KNOWN_SPLITS = {GPT2_REGEX: "gpt-2", LLAMA3_REGEX: "llama3", QWEN2_REGEX: "qwen2"}
+#: GGUF key naming the normalizer edgellm's runtime applies before llama.cpp tokenizes
+NORMALIZER_KEY = "edgellm.tokenizer.normalizer"
+#: GGUF key: "first" when the sentencepiece dummy prefix goes only at the start of a text (not after
+#: special tokens, where llama.cpp's add_space_prefix would put it); edgellm's runtime adds it
+SPACE_PREFIX_KEY = "edgellm.tokenizer.space_prefix"
 
 
 @dataclasses.dataclass
 class GGUFVocab:
+    model: str  # llama.cpp's tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (sentencepiece)
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
@@ -49,14 +66,27 @@ class GGUFVocab:
     add_eos: bool
     chat_template: str | None
     special_tokens: dict[str, int]
+    scores: list[float] | None = None  # sentencepiece piece scores
+    add_space_prefix: bool | None = None  # sentencepiece's dummy prefix
+    normalizer: str | None = None  # "NFC": applied by edgellm's runtime before tokenizing
+    space_prefix: str | None = None  # "first": edgellm's runtime prefixes a space at the start only
 
     def write(self, writer: Any) -> None:
         """Add the tokenizer keys to a ``gguf.GGUFWriter``."""
-        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_model(self.model)
         writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
         writer.add_token_types(self.token_types)
-        writer.add_token_merges(self.merges)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+        if self.normalizer:
+            writer.add_string(NORMALIZER_KEY, self.normalizer)
+        if self.space_prefix:
+            writer.add_string(SPACE_PREFIX_KEY, self.space_prefix)
         if self.bos_id is not None:
             writer.add_bos_token_id(self.bos_id)
         if self.eos_id is not None:
@@ -100,6 +130,9 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
             pattern = (parts[0].get("pattern") or {}).get("Regex")
             if pattern in _KNOWN_SPLITS:
                 return _KNOWN_SPLITS[pattern]
+        if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
+                and _pre_tokenizer_name(parts[1]) == "gpt-2"):
+            return "smollm"
         if len(parts) == 1:
             return _pre_tokenizer_name(parts[0])
     raise BuildError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent", hint=hint)
@@ -138,23 +171,50 @@ def _post_processor_adds(post: dict | None, token: str | None) -> tuple[bool, bo
     return bool(ids and ids[0] == token), False
 
 
+def _normalizer(norm: dict | None) -> str | None:
+    """None, or "NFC" (the one normalizer edgellm reproduces); anything else is refused."""
+    if not norm:
+        return None
+    kind = norm.get("type")
+    if kind == "NFC":
+        return "NFC"
+    if kind == "Sequence":
+        names = {_normalizer(n) for n in norm.get("normalizers") or []} - {None}
+        return names.pop() if len(names) == 1 else None
+    raise BuildError(f"tokenizer normalizer {kind!r} has no llama.cpp equivalent",
+                     hint="supported normalizers: none or NFC (as Qwen's tokenizers use)")
+
+
 def read_vocab(model_dir: str | Path, vocab_size: int) -> GGUFVocab:
-    """Build the GGUF tokenizer fields from ``model_dir/tokenizer.json`` (+ tokenizer_config.json)."""
+    """Build the GGUF tokenizer fields from ``model_dir``: ``tokenizer.model`` (sentencepiece) if
+    present, else ``tokenizer.json`` (byte-level BPE); plus tokenizer_config.json."""
+    from edgellm.pipeline.tokenizer import chat_template_of, read_tokenizer_config
+
     model_dir = Path(model_dir)
+    tcfg = read_tokenizer_config(model_dir)
+    template = chat_template_of(model_dir)
+    if (model_dir / "tokenizer.model").is_file():
+        from edgellm.pipeline.export.gguf_spm import read_spm_vocab
+
+        return read_spm_vocab(model_dir, vocab_size, tcfg, template)
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():
-        raise BuildError(f"{tok_path} not found", hint="the model directory needs a tokenizers tokenizer.json")
-    tj = json.loads(tok_path.read_text(encoding="utf-8"))
-    cfg_path = model_dir / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        raise BuildError(f"no tokenizer.json or tokenizer.model in {model_dir}",
+                         hint="the model directory needs the tokenizer it was trained with")
+    try:
+        tj = json.loads(tok_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BuildError(f"{tok_path}: unreadable ({e})", hint="copy the tokenizer file again") from e
+    return _bpe_vocab(tj, tcfg, template, vocab_size)
+
+
+def _bpe_vocab(tj: dict, tcfg: dict, template: str | None, vocab_size: int) -> GGUFVocab:
 
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise BuildError(f"tokenizer model {model.get('type')!r} is not BPE",
-                         hint="export supports byte-level BPE tokenizers (tokenizers ByteLevelBPE)")
-    if tj.get("normalizer"):
-        raise BuildError("the tokenizer has a normalizer, which llama.cpp's gpt2 tokenizer does not apply",
-                         hint="train the tokenizer without a normalizer")
+                         hint="export supports byte-level BPE tokenizer.json or a sentencepiece tokenizer.model")
+    normalizer = _normalizer(tj.get("normalizer"))
     pre = _pre_tokenizer_name(tj.get("pre_tokenizer"))
 
     vocab: dict[str, int] = dict(model.get("vocab") or {})
@@ -199,13 +259,6 @@ def read_vocab(model_dir: str | Path, vocab_size: int) -> GGUFVocab:
     if add_bos and bos is None:
         raise BuildError("the tokenizer adds a BOS token but none is defined", hint="set bos_token")
 
-    template = tcfg.get("chat_template")
-    if isinstance(template, list):  # named templates: keep the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja = model_dir / "chat_template.jinja"
-    if not template and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-
-    return GGUFVocab(tokens=tokens, token_types=types, merges=_merges(model), pre=pre,
+    return GGUFVocab(model="gpt2", normalizer=normalizer, tokens=tokens, token_types=types, merges=_merges(model), pre=pre,
                      bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad, add_bos=add_bos,
-                     add_eos=add_eos, chat_template=template or None, special_tokens=specials)
+                     add_eos=add_eos, chat_template=template, special_tokens=specials)

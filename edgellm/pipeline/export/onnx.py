@@ -8,8 +8,9 @@ One graph serves prefill (empty past) and decode::
              present.{i}.key / present.{i}.value [batch, n_kv_heads, past_len + seq, head_dim]
 
 Positions continue after ``past_len``. Metadata (``metadata_props``): ``edgellm.*`` shape
-fields, ``edgellm.config`` (config.json) and ``edgellm.tokenizer`` (tokenizer.json) so the file
-is self-contained; ``tokenizer.json`` is also copied next to the file when absent there.
+fields, ``edgellm.config`` (config.json), ``edgellm.tokenizer`` (tokenizer.json, converted from a
+sentencepiece tokenizer.model if that is all the model has) and ``edgellm.chat_template`` (the
+model's own template) so the file is self-contained; ``tokenizer.json`` is also copied next to the file when absent there.
 Every export writes ``<file>.report.json`` with the evaluation (unless ``evaluate=False``).
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 from edgellm._fs import atomic_write
 from edgellm.errors import BuildError
 from edgellm.pipeline._atomic import atomic_file, check_output_path
+from edgellm.pipeline.tokenizer import chat_template_of, tokenizer_json_text
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def _export_fp32(model, path: Path) -> str:
                 warnings.simplefilter("ignore")
                 prog = torch.onnx.export(wrapper, (ids, *past), dynamo=True, input_names=ins, output_names=outs,
                                          dynamic_shapes=dyn, optimize=True, verbose=False)
+                if prog is None:  # only the legacy exporter returns None; dynamo=True always gives a program
+                    raise BuildError("torch.onnx.export returned no program", hint="check the torch and onnxscript versions")
                 prog.save(str(path))
         finally:
             noisy.setLevel(level)
@@ -130,9 +134,12 @@ def _add_metadata(path: Path, model_dir: Path, cfg, fmt: str, exporter: str) -> 
         "edgellm.bos_token_id": json.dumps(cfg.bos_token_id), "edgellm.eos_token_id": json.dumps(cfg.eos_token_id),
         "edgellm.config": cfg.to_json(),
     }
-    for name, key in (("tokenizer.json", "edgellm.tokenizer"), ("tokenizer_config.json", "edgellm.tokenizer_config")):
-        if (model_dir / name).exists():
-            props[key] = (model_dir / name).read_text(encoding="utf-8")
+    props["edgellm.tokenizer"] = tokenizer_json_text(model_dir)
+    if (model_dir / "tokenizer_config.json").exists():
+        props["edgellm.tokenizer_config"] = (model_dir / "tokenizer_config.json").read_text(encoding="utf-8")
+    template = chat_template_of(model_dir)
+    if template:
+        props["edgellm.chat_template"] = template
     del m.metadata_props[:]
     for k, v in props.items():
         e = m.metadata_props.add()
@@ -204,9 +211,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
                 _quantize_int8(fp32, q, work)
                 _add_metadata(q, model_dir, model.config, fmt, exporter)
                 shutil.copyfile(q, tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (model_dir / name).exists() and not (out.parent / name).exists():
-            shutil.copyfile(model_dir / name, out.parent / name)
+    if not (out.parent / "tokenizer.json").exists():
+        atomic_write(out.parent / "tokenizer.json", tokenizer_json_text(model_dir).encode("utf-8"))
+    if (model_dir / "tokenizer_config.json").exists() and not (out.parent / "tokenizer_config.json").exists():
+        shutil.copyfile(model_dir / "tokenizer_config.json", out.parent / "tokenizer_config.json")
     report: dict[str, Any] = {"kind": "export", "format": fmt, "file": out.name, "exporter": exporter,
                               "size_bytes": out.stat().st_size, "model_dir": str(model_dir),
                               "params": model.num_parameters()}
