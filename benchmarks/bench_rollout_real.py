@@ -59,23 +59,13 @@ class CountingProxy:
         self.httpd.shutdown()
 
 
-def _wait(cond, what: str, timeout: float = 600.0):
-    t0 = time.monotonic()
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def run_real(n: int, hidden: int, layers: int) -> None:
     import tempfile
 
     from bench_gguf import export_all, make_model
     from fixtures_agent import AgentProcess, agent_cli, make_gguf_bundle, provision_agent
     from fixtures_mqtt import Broker
+    from waiting import wait_for
 
     from edgellm.telemetry import MqttConfig
     from edgellm.trust import Repository, init_keys
@@ -111,14 +101,14 @@ def run_real(n: int, hidden: int, layers: int) -> None:
                     agent_cli("install", str(v1), data_dir=d, timeout=600)
                     offline.append(time.perf_counter() - t0)
                     agents.append(AgentProcess(d))
-                _wait(lambda: all((x := srv.store.device(f"dev-{i}")) and x["online"] and x["version"] == "1.0.0"
-                                  for i in range(n)), "every agent online on 1.0.0")
+                wait_for(lambda: all((x := srv.store.device(f"dev-{i}")) and x["online"] and x["version"] == "1.0.0"
+                                     for i in range(n)), 600, "every agent online on 1.0.0", every=0.1)
                 for p in proxies:
                     p.bytes = p.requests = 0
                 t_start = time.time()
                 rid = rollout.start(srv.store, model="tiny", version="1.1.0", group="bench", canary="100%", bake="1s")
-                st = _wait(lambda: (s := rollout.status(srv.store, rid)[0])["state"] in
-                           ("completed", "rolled_back", "failed") and s, "the rollout")
+                st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] in
+                              ("completed", "rolled_back", "failed") and s, 600, "the rollout", every=0.1)
                 total_s = time.time() - t_start
                 installed = []
                 for i in range(n):
