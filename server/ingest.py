@@ -10,8 +10,9 @@
   ``batch_s`` for more only while messages keep coming (the broker holds back what is over its
   in-flight limit until we acknowledge, so waiting on an idle queue would only stall it).
 * Throughput (measured, docs/speed.md): paho reads each packet with 3+ one-byte ``recv`` calls
-  and sends each PUBACK as its own packet and wake-up; with ``fast_path`` (the default) the
-  socket is read through a 64 KiB buffer and a batch's PUBACKs leave in one write after commit.
+  and sends each PUBACK as its own packet and wake-up; with ``fast_path`` (the default,
+  :mod:`server._mqtt_fast`) the socket is read through a 64 KiB buffer, QoS 1 PUBLISH packets are
+  decoded straight into the writer's queue and a batch's PUBACKs leave in one write after commit.
 * A message is refused at the boundary when it is over the size limit, not strict JSON, off the
   schema (every field typed and bounded by :mod:`edgellm.telemetry`) or on the wrong topic. A
   batch the database still refuses is split in halves until the message it cannot store is
@@ -72,7 +73,7 @@ class Ingest:
         self.batch_size = batch_size
         self.batch_s = batch_s
         self.session_expiry_s = session_expiry_s
-        self.fast_path = fast_path  # buffered reads + one write per batch of PUBACKs (see the module doc)
+        self.fast_path = fast_path  # buffered reads, lean PUBLISH decode, batched PUBACKs (module doc)
         self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self.on_connect_hooks: list[Callable[[], None]] = []
