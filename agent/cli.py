@@ -148,13 +148,14 @@ def install(data_dir, file, allow_downgrade, force, fmt) -> None:
 
 @main.command()
 @data_dir_option
-@click.option("--version", "version", default=None, help="Desired version (default: newest for this profile).")
+@click.option("--version", "version", default=None,
+              help="Install this version now (default: the version the fleet assigned this device).")
 @click.option("--model", default=None)
 @click.option("--rollback", "allow_rollback", is_flag=True, help="Allow installing an older version.")
 @click.option("--force", is_flag=True, help="Retry a version that was rejected before.")
 @format_option
 def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
-    """Check the server for an update now and install it."""
+    """Check the server for this device's assignment now and install it."""
     from agent.config import AgentConfig
     from agent.install import Installer
     from agent.schemas import UpdateRequest
@@ -164,8 +165,20 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
     cfg = AgentConfig.load(paths)
     if not cfg.server:
         raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
-    request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
-    res = Installer(paths, cfg).update(tuf_source(paths, cfg), request)
+    source = tuf_source(paths, cfg)
+    installer = Installer(paths, cfg)
+    if version is None and model is None:  # what the fleet assigned this device
+        from agent import assignment
+
+        request = assignment.check(paths, cfg, source, installer)
+        if request is None:
+            _echo_result({"action": "update", "ok": True, "version": None,
+                          "reason": "no version is assigned to this device or its group"}, fmt)
+            return
+        request = request.model_copy(update={"force": force})
+    else:
+        request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
+    res = installer.update(source, request)
     _echo_result(res, fmt)
 
 

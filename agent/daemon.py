@@ -20,8 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from agent._fs import atomic_write_json, remove_tree
 from agent.config import AgentConfig, AgentPaths
 from agent.engine import Engine, ModelHandle
@@ -179,6 +177,9 @@ class Daemon:
     # -- events ---------------------------------------------------------------------------------
 
     def _event(self, kind: str, **fields: Any) -> None:
+        if kind.startswith("update."):  # the server shows each device's rejected versions
+            with contextlib.suppress(Exception):
+                fields.setdefault("rejected", self.store.load().rejected[-20:])
         log.info(kind, extra=fields)
         with contextlib.suppress(Exception):
             self.telemetry.event(kind, **fields)
@@ -188,19 +189,15 @@ class Daemon:
     def request_update(self, request: UpdateRequest) -> None:
         """Check for an update now, towards ``request`` (admin API, MQTT command, desired state).
 
-        It replaces the previous one: an empty request means "the newest target for this profile"."""
+        It replaces the previous one: an empty request means "what the fleet assigned me"."""
         self._desired = request
         self._update_now.set()
 
     def _on_desired(self, desired: dict[str, Any]) -> None:
-        """The control plane's desired state (retained MQTT message) as an update request."""
-        try:
-            req = UpdateRequest(model=desired.get("model"), version=desired.get("version"),
-                                rollback=bool(desired.get("rollback")), rollout=desired.get("rollout"))
-        except ValidationError as e:
-            log.warning("ignoring desired state %r: %s", desired, e.errors(include_url=False)[0].get("msg"))
-            return
-        self.request_update(req)
+        """The control plane's desired state (retained MQTT message) is a nudge: check the signed
+        assignment now. Its payload is never trusted for what to install."""
+        log.info("desired state changed: checking the signed assignment", extra={"hint": desired.get("version")})
+        self.request_update(UpdateRequest())
 
     # -- model reconciliation -------------------------------------------------------------------
 
@@ -260,20 +257,23 @@ class Daemon:
 
         return tuf_source(self.paths, self.config)
 
-    def follows_latest(self) -> bool:
-        """Periodic checks install the newest target only on devices no control plane steers."""
-        v = self.config.extra.get("follow_latest")
-        return bool(v) if v is not None else self.config.mqtt is None
-
     def check_updates(self, request: UpdateRequest | None = None, *, explicit: bool = True) -> dict | None:
+        """One update check: towards an explicit request (admin API, CLI), else towards this
+        device's signed assignment (periodic poll, MQTT nudge). No assignment: nothing to do."""
         source = self._source()
         if source is None:
             return None
         desired = self._desired if request is None else request
-        if not explicit and desired == UpdateRequest() and not self.follows_latest():
-            log.debug("no desired state from the control plane yet: nothing to update")
-            return None
         try:
+            if desired == UpdateRequest():
+                from agent import assignment
+
+                assigned = assignment.check(self.paths, self.config, source, self.installer,
+                                            on_group=self.telemetry.set_group)
+                if assigned is None:
+                    log.info("no assignment for this device: nothing to update")
+                    return None
+                desired = assigned
             res = self.installer.update(source, desired)
         except InstallError as e:
             log.warning("update failed: %s", message_of(e))
@@ -391,6 +391,10 @@ class Daemon:
         cmds = self.telemetry.commands
         cmds.register("update", self._command_update)
         cmds.register("rollback", self._command_rollback)
+        cmds.register("retry", self._command_retry)
+        from agent.logs import logs_command
+
+        cmds.register("logs", logs_command)
         cmds.register("status", lambda args: status_dict(self.paths, self.config, self.telemetry))
         cmds.register("fl_invite", self._command_fl)
         cmds.register("fl_stop", lambda args: self._command_fl(args, stop=True))
@@ -414,6 +418,15 @@ class Daemon:
         res = self.installer.rollback()
         self.reconcile()
         return res
+
+    def _command_retry(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Forget the rejected versions, then check the assignment again."""
+        from agent.assignment import clear_rejected
+
+        cleared = clear_rejected(self.installer)
+        self._event("update.retry", cleared=cleared)
+        self.request_update(UpdateRequest())
+        return {"cleared": cleared}
 
     def _command_fl(self, args: dict[str, Any], *, stop: bool = False) -> dict[str, Any]:
         """Federated runs: start or stop this device's SuperNode (agent/federated; no torch here)."""

@@ -295,9 +295,11 @@ class Installer:
             rollback_ok = desired.rollback
             if cur is not None and compare_versions(target.version, cur.version) < 0:
                 if prev is not None and prev.version == target.version and prev.name == target.name:
-                    # the server asks for the version in the other slot: that is a rollback, done locally
-                    st = self.store.rollback(reason=f"desired version is {target.version}")
-                    self.on_event("update.rolled_back", version=target.version, from_version=cur.version)
+                    # the version in the other slot is asked for: switch back locally; the version
+                    # left is not rejected (it did not fail here, the fleet chose another)
+                    st = self.store.rollback(reason=f"desired version is {target.version}", reject=False)
+                    self.on_event("update.installed", version=target.version, model=target.name,
+                                  from_version=cur.version, slot=st.current, reused_slot=True)
                     return st.last_result or {}
                 if not rollback_ok:
                     reason = (f"desired {target.version} is older than the current {cur.version} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import sys
@@ -26,11 +27,45 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class RingHandler(logging.Handler):
+    """Keeps the newest formatted lines in memory (the control plane's ``logs`` command)."""
+
+    def __init__(self, capacity: int = 200, max_line: int = 400) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=capacity)
+        self.max_line = max_line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record)[: self.max_line])
+        except Exception:  # noqa: BLE001 - logging never raises into the caller
+            self.handleError(record)
+
+
+_RING = RingHandler()
+
+
+def recent(n: int) -> list[str]:
+    """The newest ``n`` log lines of this process (bounded in number and length)."""
+    return list(_RING.lines)[-n:]
+
+
+def logs_command(args: dict) -> dict:
+    """The control plane's ``logs`` command: ``{"lines": N}`` (1..200, default 50)."""
+    from agent.errors import ConfigError
+
+    n = args.get("lines", 50)
+    if type(n) is not int or not 1 <= n <= 200:
+        raise ConfigError("logs: lines must be an integer from 1 to 200", hint='send {"lines": 50}')
+    return {"lines": recent(n)}
+
+
 def configure(level: int = logging.INFO, *, json_lines: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    _RING.setFormatter(handler.formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, _RING]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error"):
         lg = logging.getLogger(name)

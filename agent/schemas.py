@@ -121,7 +121,7 @@ class ChatCompletionRequest(_Req):
 
 
 class UpdateRequest(BaseModel):
-    """Install ``version`` of ``model`` now (``None``: the newest target for this profile).
+    """Install ``version`` of ``model`` now (all fields empty: what the fleet assigned this device).
 
     ``rollback`` allows going to an older version; ``force`` reinstalls the current version or
     retries a rejected one. Only admin callers reach this: the admin token (HTTP), the control

@@ -146,8 +146,11 @@ class SlotStore:
             self.save(state)
         return state
 
-    def rollback(self, *, reason: str = "rollback requested", action: str = "rollback") -> AgentState:
-        """Make the previous slot current again (it must still verify)."""
+    def rollback(self, *, reason: str = "rollback requested", action: str = "rollback",
+                 reject: bool = True) -> AgentState:
+        """Make the previous slot current again (it must still verify). The version left is
+        marked rejected unless ``reject`` is false (the fleet assigned the older version: the
+        newer one did not fail here)."""
         state = self.load()
         prev = state.trial.previous if state.trial else state.previous
         if not prev or prev not in state.slots:
@@ -157,7 +160,7 @@ class SlotStore:
             )
         self.verify(state, prev)
         bad = state.current_record
-        if bad is not None and bad.version not in state.rejected:
+        if reject and bad is not None and bad.version not in state.rejected:
             state.rejected.append(bad.version)
         state.current = prev
         state.trial = None

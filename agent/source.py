@@ -108,3 +108,10 @@ def verify_envelope(envelope: Path, paths: Any, work_dir: Path) -> tuple[Path, T
 
     vt = verify_signed_bundle(envelope, paths.trust_root, paths.tuf_cache, work_dir)
     return Path(vt.path), TargetInfo.from_custom(vt.name, vt.custom, vt.length)
+
+
+def fetch_assignment(source: TufSource, scope: str, subject: str, dest_dir: Path) -> Any:
+    """The signed assignment at ``scope``/``subject`` (see :mod:`edgellm.trust.director`), or None."""
+    from edgellm.trust.director import fetch_assignment as _fetch
+
+    return _fetch(source.client, scope, subject, dest_dir)

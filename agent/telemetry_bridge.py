@@ -38,6 +38,8 @@ class TelemetryPort(Protocol):
 
     def event(self, kind: str, **fields: Any) -> None: ...
 
+    def set_group(self, group: str) -> None: ...
+
     def on_desired(self, callback: Callable[[dict[str, Any]], None]) -> None: ...
 
 
@@ -63,6 +65,9 @@ class NoTelemetry:
 
     def event(self, kind: str, **fields: Any) -> None:
         """Nothing is sent."""
+
+    def set_group(self, group: str) -> None:
+        """Nothing is reported."""
 
     def on_desired(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """No desired state ever arrives."""

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures_mqtt import Broker  # noqa: E402
+from fixtures_trust import publish_versions  # noqa: E402
 
 from edgellm.telemetry import MqttConfig  # noqa: E402
 from server import rollout  # noqa: E402
@@ -80,6 +81,10 @@ def main() -> None:
         broker = Broker(work / "mq")
         broker.start()
         data = DataDir.init(work / "server")
+        from edgellm.trust import Repository
+
+        # rollouts assign published versions only
+        publish_versions(Repository(data.repo, data.keys), work, ("1.0", "2.0-bad", "2.0", "3.0"))
         srv = Server(data.root, MqttConfig(broker.url), http_port=0, tick_s=0.1, min_samples=20)
         procs = []
         try:
@@ -112,7 +117,8 @@ def main() -> None:
                   f"  (canary on new version at {ph.get('bake', float('nan')):.2f} s, promoted at "
                   f"{ph.get('full', float('nan')):.2f} s, bake {a.bake:g} s)")
 
-            rid = rollout.start(srv.store, model="demo", version="3.0", group="bench", canary="100%", gate="", bake="0s")
+            rid = rollout.start(srv.store, model="demo", version="3.0", group="bench", canary="100%", no_gate=True,
+                                bake="0s")
             st, direct_s = wait_state(srv, rid, ("completed", "rolled_back", "failed"))
             print(f"direct push : {st['state']} on {st['on_new_version']}/{st['devices']} devices after {direct_s:6.2f} s")
             print(f"ratio canary rollout / direct push: {good_s / direct_s:.2f}x "

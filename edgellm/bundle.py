@@ -41,13 +41,13 @@ from edgellm._archive import MemberGuard, extract_member, name_problem, open_tar
 from edgellm._fs import atomic_write, fsync_dir, sha256_file
 from edgellm._record import Record
 from edgellm.errors import BundleError, BundleIntegrityError
+from edgellm.formats import RUNTIMES
+from edgellm.ids import ID_RULE, valid_id
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
-RUNTIMES = ("onnx", "gguf")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -143,8 +143,8 @@ class Manifest(_Record):
             raise bad("schema_version", f"unsupported version {self.schema_version!r} (this edgellm reads {SCHEMA_VERSION}); upgrade edgellm")
         for field in ("name", "version"):
             v = getattr(self, field)
-            if not isinstance(v, str) or not _NAME_RE.match(v):
-                raise bad(field, f"must be 1-128 chars of [A-Za-z0-9._-], got {v!r}")
+            if not valid_id(v):
+                raise bad(field, f"must be {ID_RULE}, got {v!r}")
         if self.runtime not in RUNTIMES:
             raise bad("runtime", f"must be one of {RUNTIMES}, got {self.runtime!r}")
         for field in ("artifact", "tokenizer"):

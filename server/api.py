@@ -140,9 +140,10 @@ def _whoami(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequ
     return {"name": who.name, "role": who.role, "roles": list(auth.ROLES)}
 
 
-@route("GET", "/devices", "viewer", "Device registry (query: group).")
+@route("GET", "/devices", "viewer", "Device registry with desired vs running version, drift, rejected versions "
+       "and last update error (query: group).")
 def _devices(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
-    return ops.devices(ctx.store, req.arg("group"))
+    return ops.devices(ctx.store, req.arg("group"), ctx.data.director(ctx.store))
 
 
 @route("GET", "/devices/{id}/replies", "viewer", "A device's command replies, oldest first.")
@@ -181,14 +182,20 @@ def _ingest(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequ
 
 
 @route("POST", "/rollouts", "operator", "Start a rollout.",
-       {"model": "string", "version": "string", "group": "string", "canary": "string", "gate": "string",
-        "bake": "string", "force": "boolean"})
+       {"model": "string", "version": "string", "group": "string", "canary": "string", "stages": "string",
+        "gate": "string", "no_gate": "boolean", "min_samples": "integer", "bake": "string",
+        "device_timeout": "string", "force": "boolean"})
 def _rollout_start(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     b = req.json()
+    n = b.get("min_samples")
+    if n is not None and (type(n) is not int or not 1 <= n <= 10**9):
+        raise HttpError(400, "'min_samples' must be a positive integer", code="bad_field", hint="e.g. 50")
     return ops.rollout_start(ctx.data.repo, ctx.store, model=_text(b, "model", required=True),
                              version=_text(b, "version", required=True), group=_text(b, "group", "default"),
                              canary=_text(b, "canary", "10%"), gate=_text(b, "gate", ""), bake=_text(b, "bake", "10m"),
-                             force=bool(b.get("force", False)))
+                             force=b.get("force") is True, no_gate=b.get("no_gate") is True,
+                             stages=_text(b, "stages"), min_samples=n,
+                             device_timeout=_text(b, "device_timeout", "15m"))
 
 
 @route("POST", "/rollouts/{id}/{action}", "operator", "pause | resume | abort | rollback a rollout.")
@@ -350,4 +357,4 @@ def _audit_call(ctx: ApiContext, req: ApiRequest, who: auth.Principal | None, st
 
 
 # Endpoints of other parts register themselves with :func:`route` when imported.
-from server import api_fl  # noqa: E402,F401
+from server import api_fl, api_fleet  # noqa: E402,F401

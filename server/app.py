@@ -41,10 +41,11 @@ def default_root_keys_dir(data_dir: Path) -> Path:
 def offline_key_files(keys_dir: Path) -> list[str]:
     """Private key files of offline roles (root) present in ``keys_dir``."""
     from edgellm.trust import KeyStore
+    from edgellm.trust.director import DIRECTOR
     from edgellm.trust.keys import ONLINE_ROLES
 
     index = KeyStore(keys_dir).index
-    return [e["file"] for role, entries in index["roles"].items() if role not in ONLINE_ROLES
+    return [e["file"] for role, entries in index["roles"].items() if role not in (*ONLINE_ROLES, DIRECTOR)
             for e in entries if (keys_dir / e["file"]).exists()]
 
 
@@ -81,6 +82,13 @@ class DataDir:
     def store(self, db: str | None = None) -> Store:
         """The store: ``db`` (a ``postgresql://`` URL) or the SQLite file in the directory."""
         return Store(db or self.store_path)
+
+    def director(self, store: Store | None = None, publish: Any = None) -> Any:
+        """The director (:mod:`server.director`) over this repository; upgrades an older
+        repository with the director role on first use."""
+        from server.director import Director
+
+        return Director(self.repo, self.keys, store or self.store(), publish)
 
     def offline_keys_present(self) -> list[str]:
         """Private keys of offline roles (root) found in ``keys/``: they should not be here."""
@@ -123,6 +131,9 @@ class DataDir:
             shutil.copytree(repo, d.repo)
         else:
             Repository.create(d.repo, d.keys)
+        from edgellm.trust.director import ensure_director
+
+        ensure_director(Repository(d.repo, d.keys))
         Store(d.store_path).close()
         atomic_write(d.config_path, (json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()},
                                                 indent=2) + "\n").encode())
@@ -137,7 +148,8 @@ class Server:
                  max_bake_factor: float = 3.0,
                  update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
                  drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None,
-                 db: str | None = None, leader_ttl_s: float = 10.0, trust_loopback: bool = True) -> None:
+                 db: str | None = None, leader_ttl_s: float = 10.0, trust_loopback: bool = True,
+                 fl_advertise: str | None = None) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
@@ -154,21 +166,27 @@ class Server:
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
         self.leadership = Leadership(self.store.reopen(), client_id, ttl_s=leader_ttl_s)
         self.janitor = SessionJanitor(self.leadership.store, mqtt, client_id, self.leadership.holder, leader_ttl_s)
-        self.driver = RolloutDriver(self.store.reopen(), lambda t, p, r: self.ingest.publish(t, p, retain=r),
-                                    min_samples=min_samples, max_bake_factor=max_bake_factor,
-                                    update_timeout_s=update_timeout_s)
+        self.driver_store = self.store.reopen()
+        self.publish = lambda t, p, r: self.ingest.publish(t, p, retain=r)
+        self.director = self.data.director(self.driver_store, self.publish)
+        self.driver = RolloutDriver(self.driver_store, self.director, min_samples=min_samples,
+                                    max_bake_factor=max_bake_factor, update_timeout_s=update_timeout_s)
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
         self.http = HttpServer(self.store, self.data.repo, http_host, http_port,
-                               api=ApiContext(self.data, self.store, lambda t, p, r: self.ingest.publish(t, p, retain=r),
-                                              self.leadership, trust_loopback=trust_loopback,
-                                              replica_stats=lambda: dict(self.ingest.counters)))
+                               api=ApiContext(self.data, self.store, self.publish, self.leadership,
+                                              trust_loopback=trust_loopback,
+                                              replica_stats=lambda: dict(self.ingest.counters)),
+                               director=self.director)
         self.fl = None
         if fl is not None:  # federated runs: a supervised SuperLink and the run driver
             from server.federated.driver import FlDriver
-            from server.federated.superlink import SuperLink
+            from server.federated.superlink import SuperLink, parse_address
 
+            if fl_advertise is not None:
+                parse_address(fl_advertise, "--fl-advertise")  # HOST:PORT, or a clear error before anything starts
             self.fl = FlDriver(self.store.reopen(), self.data.root,
-                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl))
+                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl),
+                               advertise=fl_advertise)
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400
@@ -176,6 +194,7 @@ class Server:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._republish = threading.Event()
+        self._director_seen: int | None = None
 
     @property
     def url(self) -> str:
@@ -210,6 +229,18 @@ class Server:
                 except Exception:
                     logger.exception("republishing desired state failed")
             self.driver.tick()
+            try:
+                from server import commands
+
+                v = self.director.version()
+                if v != self._director_seen:  # the repository changed (CLI process, replica, publish)
+                    if self._director_seen is not None:
+                        self.director.republish(scopes=("group",))
+                    self._director_seen = v
+
+                commands.send_pending(self.driver_store, self.publish)
+            except Exception:
+                logger.exception("sending device commands failed")
             if self.fl is not None:
                 self.fl.tick()
 

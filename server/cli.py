@@ -75,9 +75,12 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
               help="Seconds a replica's leadership lasts without renewal (a takeover after a crash takes this long).")
 @click.option("--fl", "fl_addr", default=None, metavar="HOST:PORT",
               help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.")
+@click.option("--fl-advertise", "fl_advertise", default=None, metavar="HOST:PORT",
+              help="The SuperLink address devices are told, when a proxy or NAT sits in front (default: --fl).")
 def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
         client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool,
-        db: str | None, leader_ttl: float, fl_addr: str | None) -> None:
+        db: str | None, leader_ttl: float, fl_addr: str | None,
+        fl_advertise: str | None) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -89,7 +92,8 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
         logging.getLogger().setLevel(logging.INFO)
     srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
                  client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
-                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl, fl=fl_addr)
+                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl, fl=fl_addr,
+                 fl_advertise=fl_advertise)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -114,27 +118,6 @@ def publish(target: Target, bundles: tuple[Path, ...], fmt: str) -> None:
     else:
         for o in out:
             click.echo(f"published {o['target']}  ({o['model']} {o['version']}, {o['runtime']}, {', '.join(o['profiles'])})")
-
-
-@main.command()
-@target_options
-@click.option("--group", default=None, help="Only this device group.")
-@format_option
-def devices(target: Target, group: str | None, fmt: str) -> None:
-    """List devices: id, group, profile, version, online, last seen."""
-    rows = target.devices(group)
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2, default=str))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table("id", "group", "profile", "version", "online", "health", "last seen")
-    for r in rows:
-        seen = f"{time.time() - r['last_seen']:.0f}s ago" if r["last_seen"] else "never"
-        online = ("yes (silent)" if r["stale"] else "yes") if r["online"] else "no"
-        t.add_row(r["id"], r["group"], r["profile"] or "", r["version"] or "", online, r["health"] or "", seen)
-    Console().print(t)
 
 
 @main.group("device")
@@ -177,15 +160,23 @@ def rollout_group() -> None:
 @click.option("--model", required=True)
 @click.option("--version", "version", required=True)
 @click.option("--group", default="default", show_default=True)
-@click.option("--canary", default="10%", show_default=True, help="Share of the group that goes first.")
+@click.option("--canary", default="10%", show_default=True,
+              help="Share of the group that goes first, drawn from online devices not on the version.")
+@click.option("--stages", default=None, help="Later stages, each with its own bake, e.g. 10%,50%,100%.")
 @click.option("--gate", default="", help="e.g. 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5'")
-@click.option("--bake", default="10m", show_default=True, help="How long the canary is watched (30s, 10m, 2h).")
+@click.option("--no-gate", is_flag=True, help="Promote on bake time alone (a rollout needs --gate or this).")
+@click.option("--min-samples", type=int, default=None,
+              help="Inferences a gate needs before it is judged (default: the server's --min-samples).")
+@click.option("--bake", default="10m", show_default=True, help="How long each stage is watched (30s, 10m, 2h).")
+@click.option("--device-timeout", default="15m", show_default=True,
+              help="A device that does not reach the version within this is reported (canary: rolls back).")
 @click.option("--force", is_flag=True, help="Start even if the repository has no target for MODEL VERSION.")
 @format_option
-def rollout_start(target: Target, model: str, version: str, group: str, canary: str, gate: str, bake: str,
-                  force: bool, fmt: str) -> None:
-    """Start a rollout; a running `edgellm-server run` carries it out."""
-    rid = target.rollout_start(model=model, version=version, group=group, canary=canary, gate=gate, bake=bake,
+def rollout_start(target: Target, model: str, version: str, group: str, canary: str, stages: str | None, gate: str,
+                  no_gate: bool, min_samples: int | None, bake: str, device_timeout: str, force: bool, fmt: str) -> None:
+    """Start a rollout: it assigns MODEL VERSION stage by stage; a running `edgellm-server run` carries it out."""
+    rid = target.rollout_start(model=model, version=version, group=group, canary=canary, gate=gate, no_gate=no_gate,
+                               stages=stages, min_samples=min_samples, bake=bake, device_timeout=device_timeout,
                                force=force)["id"]
     if fmt == "json":
         click.echo(json.dumps({"id": rid}))
@@ -205,19 +196,16 @@ def rollout_status(target: Target, rollout_id: str | None, fmt: str) -> None:
         return
     if not rows:
         click.echo("no rollouts")
+    from server.cli_fleet import echo_rollout
+
     for r in rows:
-        paused = " (paused)" if r["paused"] else ""
-        click.echo(f"{r['id']}  {r['model']} {r['version']} -> {r['group']}: {r['state']}{paused}  "
-                   f"{r['on_new_version']}/{r['devices']} on new version, canary {r['canary_devices']}")
-        if r["reason"]:
-            click.echo(f"  reason: {r['reason']}")
-        if rollout_id:
-            for h in r["history"]:
-                click.echo(f"  {time.strftime('%H:%M:%S', time.localtime(h['ts']))} {h['state']:<12} {h['message']}")
+        echo_rollout(r, detail=rollout_id is not None)
 
 
 def _action(name: str) -> click.Command:
-    @click.command(name, help=f"{name.capitalize()} a rollout.")
+    helps = {"rollback": "Roll a rollout back: re-assign what the group ran before (also after it completed)."}
+
+    @click.command(name, help=helps.get(name, f"{name.capitalize()} a rollout."))
     @target_options
     @click.argument("rollout_id")
     def cmd(target: Target, rollout_id: str) -> None:
@@ -355,7 +343,10 @@ def ca_mosquitto_conf(target: Target, port: int, bind: str) -> None:
     click.echo(target.ca_mosquitto_conf(port, bind), nl=False)
 
 
+from server.cli_fleet import register as _register_fleet  # noqa: E402 - after the groups it extends
 from server.federated.cli import register as _register_fl  # noqa: E402
+
+_register_fleet(main, device_group)
 
 _register_fl(main, target_options)
 

@@ -58,7 +58,19 @@ class LocalTarget:
         self.where = f"--data-dir {data_dir}"
 
     def devices(self, group: str | None) -> list[dict[str, Any]]:
-        return ops.devices(self.store, group)
+        return ops.devices(self.store, group, self.data.director(self.store))
+
+    @_audited("cli device group")
+    def device_group(self, device: str, group: str) -> dict[str, Any]:
+        from server import ops_fleet
+
+        return ops_fleet.device_group(self.data, self.store, device, group)
+
+    @_audited("cli yank")
+    def yank(self, model: str, version: str, reason: str | None) -> dict[str, Any]:
+        from server import ops_fleet
+
+        return ops_fleet.yank(self.data, self.store, model, version, reason)
 
     def device_command(self, device: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
         return ops.device_command(self.store, None, device, name, args)
@@ -159,6 +171,12 @@ class RemoteTarget:
 
     def device_replies(self, device: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/devices/{quote(device, safe='')}/replies")
+
+    def device_group(self, device: str, group: str) -> dict[str, Any]:
+        return self._call("POST", f"/devices/{quote(device, safe='')}/group", json={"group": group})
+
+    def yank(self, model: str, version: str, reason: str | None) -> dict[str, Any]:
+        return self._call("POST", "/yank", json={"model": model, "version": version, "reason": reason})
 
     def publish(self, bundle: Path) -> dict[str, Any]:
         with open(bundle, "rb") as fh:

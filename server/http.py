@@ -41,44 +41,17 @@ from server.store import Store
 logger = logging.getLogger(__name__)
 
 _FILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+_ASSIGNMENT_DIRS = ("assignments/device", "assignments/group")
 
 
 def dashboard_html() -> bytes:
     return resources.files("server").joinpath("static/dashboard.html").read_bytes()
 
 
-def prometheus_text(store: Store) -> str:
-    lines = []
+def prometheus_text(store: Store, director: Any = None) -> str:
+    from server.fleet import prometheus_text as text
 
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, v in samples:
-            lab = ",".join(f'{k}="{_esc(val)}"' for k, val in sorted(labels.items()))
-            lines.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
-
-    devs = store.devices()
-    metric("edgellm_devices", "gauge", "Known devices.", [({}, len(devs))])
-    metric("edgellm_devices_online", "gauge", "Devices online (birth seen, no death since).",
-           [({}, sum(1 for d in devs if d.online))])
-    by_version: dict[str, int] = {}
-    for d in devs:
-        by_version[d.version or "none"] = by_version.get(d.version or "none", 0) + 1
-    metric("edgellm_devices_by_version", "gauge", "Devices per reported model version.",
-           [({"version": v}, n) for v, n in sorted(by_version.items())])
-    counters = store.counters()
-    metric("edgellm_ingest_messages_total", "counter", "Telemetry messages by outcome.",
-           [({"outcome": k}, v) for k, v in sorted(counters.items())])
-    metric("edgellm_ingest_quarantine_rows", "gauge", "Refused telemetry messages kept for inspection.",
-           [({}, store.quarantine_size())])
-    metric("edgellm_rollouts", "gauge", "Rollouts by state.",
-           [({"state": s}, n) for s, n in sorted(store.rollout_counts().items())])
-    summ = store.series(by="version", since=time.time() - 300, bucket_s=300)
-    metric("edgellm_p95_latency_ms", "gauge", "Inference p95 latency over the last 5 minutes, by version.",
-           [({"version": s.key}, s.p95_latency_ms) for s in summ if s.p95_latency_ms is not None])
-    metric("edgellm_error_rate", "gauge", "Inference error rate over the last 5 minutes, by version.",
-           [({"version": s.key}, s.error_rate) for s in summ if s.error_rate is not None])
-    return "\n".join(lines) + "\n"
+    return text(store, director)
 
 
 def _series(store: Store, qs: dict[str, list[str]]) -> list[Any]:
@@ -221,9 +194,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/healthz":
             self._json({"ok": True})
         elif path == "/metrics":
-            self._send(200, prometheus_text(store).encode(), "text/plain; version=0.0.4")
+            self._send(200, prometheus_text(store, self.server.director).encode(), "text/plain; version=0.0.4")
         elif path == "/api/devices":
-            self._json([d.to_dict() for d in store.devices(group=qs.get("group", [None])[0])])
+            from server.fleet import device_views
+
+            self._json(device_views(store, self.server.director, group=qs.get("group", [None])[0]))
         elif path == "/api/rollouts":
             self._json(rollout.status(store))
         elif path.startswith("/api/rollouts/"):
@@ -243,7 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _static(self, path: str) -> None:
         repo = self.server.repo_dir
         sub, _, name = path.lstrip("/").partition("/")
-        if repo is None or not _FILE_RE.match(name) or name.startswith("."):
+        folder, _, base = name.rpartition("/")
+        if folder and not (sub == "targets" and folder in _ASSIGNMENT_DIRS):
+            base = "/"  # only the director's assignment folders are nested
+        if repo is None or not _FILE_RE.match(base) or base.startswith("."):
             self._error(404, "not found")
             return
         f = repo / sub / name
@@ -278,18 +256,20 @@ def is_loopback(host: str) -> bool:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], store: Store, repo_dir: Path | None, api: v1.ApiContext | None) -> None:
+    def __init__(self, addr: tuple[str, int], store: Store, repo_dir: Path | None, api: v1.ApiContext | None,
+                 director: Any = None) -> None:
         super().__init__(addr, _Handler)
         self.store = store
         self.repo_dir = repo_dir
         self.api = api
+        self.director = director
         self.open_reads = api is None or (api.trust_loopback and is_loopback(addr[0]))
 
 
 class HttpServer:
     def __init__(self, store: Store, repo_dir: Path | None, host: str = "127.0.0.1", port: int = 8080,
-                 api: v1.ApiContext | None = None) -> None:
-        self._srv = _Server((host, port), store, repo_dir, api)
+                 api: v1.ApiContext | None = None, director: Any = None) -> None:
+        self._srv = _Server((host, port), store, repo_dir, api, director)
         self._thread: threading.Thread | None = None
 
     @property

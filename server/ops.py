@@ -24,8 +24,12 @@ PUBLISH_LEASE_S = 600.0
 COMMAND_NAME_MAX = 64
 
 
-def devices(store: Store, group: str | None = None) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in store.devices(group=group)]
+def devices(store: Store, group: str | None = None, director: Any = None) -> list[dict[str, Any]]:
+    """Registry rows; with the ``director``, also desired vs running version, drift, rejected
+    versions and the last update error (:func:`server.fleet.device_views`)."""
+    from server.fleet import device_views
+
+    return device_views(store, director, group=group)
 
 
 def device_replies(store: Store, device: str) -> list[dict[str, Any]]:
@@ -66,11 +70,15 @@ def publish(repo_dir: Path, keys_dir: Path, store: Store, bundle: Path) -> dict[
 
 
 def rollout_start(repo_dir: Path, store: Store, *, model: str, version: str, group: str = "default",
-                  canary: str = "10%", gate: str = "", bake: str = "10m", force: bool = False) -> dict[str, Any]:
+                  canary: str = "10%", gate: str = "", bake: str = "10m", force: bool = False, no_gate: bool = False,
+                  stages: str | None = None, min_samples: int | None = None,
+                  device_timeout: str = rollout.DEFAULT_DEVICE_TIMEOUT) -> dict[str, Any]:
+    rollout.gate_of(gate, no_gate)  # a rollout without a gate is refused first, whatever else is wrong
     if not force and not any(p["model"] == model and p["version"] == version for p in published(repo_dir)):
         raise RolloutError(f"the repository has no target for {model} {version}: devices could not install it",
                            hint="`edgellm-server publish BUNDLE` first (or force)")
-    rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, bake=bake)
+    rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, bake=bake,
+                        no_gate=no_gate, stages=stages, min_samples=min_samples, device_timeout=device_timeout)
     return {"id": rid}
 
 
@@ -94,9 +102,10 @@ def device_command(store: Store, publish_fn: Publish | None, device: str, name: 
         raise ServerError("command args must be a JSON object", hint='e.g. {"version": "2"}')
     if store.device(device) is None:
         raise NotFoundError(f"no device {device!r}", hint="list devices with `edgellm-server devices`")
-    if publish_fn is None:
-        raise ServerError("device commands go through a running server's broker connection",
-                          hint="use --server URL --token T")
+    if publish_fn is None:  # no broker connection here: the leader sends it (server.commands)
+        from server import commands
+
+        return {"id": commands.queue(store, device, name, dict(args or {})), "device": device, "name": name}
     cmd = wire.Command(id=secrets.token_hex(8), name=name, args=dict(args or {}))
     payload = wire.dumps(cmd.to_dict())
     if len(payload) > wire.MAX_PAYLOAD_BYTES:

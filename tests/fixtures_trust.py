@@ -56,3 +56,12 @@ def signed_repo(tmp_path: Path, keys_dir: Path, packed_bundle: Path):
     repo = Repository.create(tmp_path / "repo", keys_dir)
     name = repo.add_bundle(packed_bundle)
     return repo, keys_dir / "root.json", name
+
+
+def publish_versions(repo, work: Path, versions, *, name: str = "demo") -> list[str]:
+    """Publish bundles of ``name`` at ``versions`` (fake artifacts) into ``repo``, a
+    :class:`edgellm.trust.Repository` with its keys: versions a rollout may assign."""
+    from edgellm.bundle import pack
+
+    return [repo.add_bundle(pack(make_bundle_dir(work / f"src-{name}-{v}", name=name, version=v),
+                                 work / f"{name}-{v}.bundle").path) for v in versions]

@@ -209,25 +209,35 @@ def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles, tuf_se
         st = _wait(lambda: (s := _status(d))["last_update"]["version"] == "1.2.0" and s, what="1.2.0 attempt")
         assert st["last_update"]["ok"] is False and "health check failed" in st["last_update"]["reason"]
         assert _served_version(a) == "1.0.0"
-        # no version asked: the newest non-rejected target for the profile, 1.1.0
+        # no version asked: what the fleet assigned; this repository has no director, so nothing
         assert admin.post("/v1/admin/update", json={}).status_code == 202
+        time.sleep(1.0)
+        assert _served_version(a) == "1.0.0"
+        assert admin.post("/v1/admin/update", json={"version": "1.1.0"}).status_code == 202
         _wait(lambda: _served_version(a) == "1.1.0", what="online update to 1.1.0")
         st = _status(d)
         assert st["version"] == "1.1.0" and st["last_update"]["ok"]
-        # the server asking for the version in the other slot is a rollback, done locally
-        admin.post("/v1/admin/update", json={"version": "1.0.0"})
-        _wait(lambda: _served_version(a) == "1.0.0", what="server-asked rollback")
+        # asking for the version in the other slot switches back locally (allowed downgrade)
+        admin.post("/v1/admin/update", json={"version": "1.0.0", "rollback": True})
+        _wait(lambda: _served_version(a) == "1.0.0", what="asked-for older version")
         assert _status(d)["last_update"]["action"] == "rollback"
     assert traffic.statuses and set(traffic.statuses) == {200}
-    # the one-shot CLI check goes through the same path: 1.1.0 was rolled back, so it needs --force
-    r = agent_cli("update", "--version", "1.1.0", data_dir=d, check=False)
-    assert r.returncode == 1 and "rejected earlier" in r.stderr
-    assert _status(d)["version"] == "1.0.0"
-    r = agent_cli("update", "--version", "1.1.0", "--force", "--format", "json", data_dir=d)
+    # the version left was not rejected (it failed nowhere); 1.2.0, which failed its health check, is
+    r = agent_cli("update", "--version", "1.1.0", "--format", "json", data_dir=d)
     assert json.loads(r.stdout)["ok"] and _status(d)["version"] == "1.1.0"
+    assert _status(d)["rejected"] == ["1.2.0"]
+    r = agent_cli("update", "--version", "1.2.0", data_dir=d, check=False)
+    assert r.returncode == 1 and "rejected earlier" in r.stderr
+    # with no version, the one-shot check asks for the assignment: there is none here
+    r = agent_cli("update", "--format", "json", data_dir=d)
+    assert "no version is assigned" in json.loads(r.stdout)["reason"]
 
 
-def test_desired_state_over_mqtt_drives_a_verified_update(tmp_path, agent_bundles, tuf_server, mqtt_broker):
+def test_unsigned_desired_state_over_mqtt_only_nudges_and_installs_nothing(tmp_path, agent_bundles, tuf_server,
+                                                                          mqtt_broker):
+    """Anyone who can publish on the broker can say "install 1.1.0"; the agent only checks its
+    signed assignment (there is none in this repository), so nothing changes. The signed path
+    is tests/test_fleet_assignments.py."""
     import paho.mqtt.client as mqtt
 
     from edgellm import telemetry as wire
@@ -255,11 +265,9 @@ def test_desired_state_over_mqtt_drives_a_verified_update(tmp_path, agent_bundle
                         qos=1, retain=True).wait_for_publish(10)
             pub.loop_stop()
             pub.disconnect()
-            _wait(lambda: _served_version(a) == "1.1.0", what="update from desired state")
-            _wait(lambda: any(e.kind == "event" and e.body.get("name") == "update.installed" for e in seen),
-                  what="update.installed event")
-            _wait(lambda: any(e.kind in ("heartbeat", "birth") and e.body.get("version") == "1.1.0" for e in seen),
-                  what="state with the new version")
+            _wait(lambda: "no assignment for this device" in a.logs(), what="the nudge checked the assignment")
+            assert _served_version(a) == "1.0.0"
+            assert not any(e.kind == "event" and e.body.get("name") == "update.installed" for e in seen)
     finally:
         sub.loop_stop()
         sub.disconnect()

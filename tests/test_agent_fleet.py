@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -16,6 +14,7 @@ import httpx
 import pytest
 from fixtures_agent import AgentProcess, provision_agent
 from fixtures_mqtt import free_port
+from waiting import stop_group
 from waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
@@ -50,7 +49,7 @@ def test_a_server_rollout_updates_a_real_agent(tmp_path, agent_bundles, mqtt_bro
             # the device registers itself (birth) with no model yet
             _wait(lambda: _device(server_url), what="device registered")
             out = _server_cli("rollout", "start", "--data-dir", str(srv_dir), "--model", "tiny", "--version", "1.1.0",
-                              "--group", "lab", "--canary", "100%", "--bake", "1s", "--format", "json")
+                              "--group", "lab", "--canary", "100%", "--bake", "1s", "--no-gate", "--format", "json")
             rid = json.loads(out.stdout)["id"]
             _wait(lambda: _served(a) == "1.1.0", what="the agent installs the rolled-out version")
             st = a_status(a)
@@ -61,13 +60,7 @@ def test_a_server_rollout_updates_a_real_agent(tmp_path, agent_bundles, mqtt_bro
             _wait(lambda: (_device(server_url) or {}).get("version") == "1.1.0", what="server sees the new version")
             assert rid
     finally:
-        if srv.poll() is None:
-            os.killpg(srv.pid, signal.SIGTERM)
-            try:
-                srv.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(srv.pid, signal.SIGKILL)
-                srv.wait()
+        stop_group(srv)
         log.close()
 
 

@@ -167,8 +167,10 @@ def test_the_control_planes_update_command_and_desired_state_are_the_same_closed
     assert d._desired == UpdateRequest()
     assert run(Command(id="2", name="update", args={"version": "1.0.0", "rollback": True}))["ok"]
     assert d._desired == UpdateRequest(version="1.0.0", rollback=True)
+    # desired state over MQTT is a nudge: check the signed assignment; its payload is not trusted
     d._on_desired({"model": "tiny", "version": "1.1.0", "rollout": "r1", "rollback": False, "source": "group"})
-    assert d._desired == UpdateRequest(model="tiny", version="1.1.0", rollout="r1")
-    d._on_desired({"model": "tiny", "version": "../x"})  # refused, the previous request stands
-    assert d._desired.version == "1.1.0"
-    assert run(Command(id="3", name="reboot"))["hint"] == "this agent knows: fl_invite, fl_stop, rollback, status, update"
+    assert d._desired == UpdateRequest()
+    d._on_desired({"model": "tiny", "version": "../x"})
+    assert d._desired == UpdateRequest()
+    assert run(Command(id="3", name="reboot"))["hint"] == \
+        "this agent knows: fl_invite, fl_stop, logs, retry, rollback, status, update"

@@ -69,7 +69,7 @@ def test_operator_actions_and_commands(api):
     store, tokens, sent, serve = api
     url = serve()
     store.ingest([wire.Envelope(device="d1", kind="birth", seq=0, ts=time.time(), body={"session": "s", "group": "g"})])
-    rid = rollout.start(store, model="demo", version="2", group="g")
+    rid = rollout.start(store, model="demo", version="2", group="g", no_gate=True)
     op = h(tokens["operator"])
     assert httpx.post(f"{url}/api/v1/rollouts/{rid}/pause", headers=op).status_code == 200
     assert store.rollout(rid).paused
@@ -135,7 +135,7 @@ def test_metrics_pass_promtool_with_a_viewer_token_beyond_loopback(api):
     text = httpx.get(serve("0.0.0.0") + "/metrics", headers=h(tokens["viewer"])).text
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert 'edgellm_devices_by_version{version="1"} 1' in text
+    assert 'edgellm_devices_by_version{group="default",version="1"} 1' in text
 
 
 def test_one_writer_of_the_repository_at_a_time(api, tmp_path):

@@ -26,7 +26,7 @@ def test_buttons_follow_the_role(tmp_path):
     data = DataDir.init(tmp_path / "srv")
     store = data.store()
     store.ingest([wire.Envelope(device="cam-01", kind="birth", seq=0, ts=time.time(), body={"session": "s", "group": "lab"})])
-    rid = rollout.start(store, model="demo", version="2.0", group="lab")
+    rid = rollout.start(store, model="demo", version="2.0", group="lab", no_gate=True)
     store.set_rollout_state(rid, rollout.RolloutState.CANARY)
     tokens = {r: auth.create_token(store, name=f"{r}-t", role=r)[1] for r in ("viewer", "operator")}
     srv = HttpServer(store, data.repo, port=0, api=ApiContext(data, store))

@@ -81,7 +81,8 @@ def test_remote_cli_with_only_server_and_token(running, tmp_path):
     devs = cli("devices", "--format", "json", "--server", url, "--token", viewer, cwd=elsewhere)
     assert json.loads(devs.stdout) == []
 
-    start = ["rollout", "start", "--model", "demo", "--version", "2.0.0", "--group", "lab", "--format", "json"]
+    start = ["rollout", "start", "--model", "demo", "--version", "2.0.0", "--group", "lab", "--no-gate",
+             "--format", "json"]
     rid = json.loads(cli(*start, "--server", url, "--token", operator, cwd=elsewhere).stdout)["id"]
     st = json.loads(cli("rollout", "status", rid, "--format", "json", "--server", url, "--token", viewer,
                         cwd=elsewhere).stdout)

@@ -63,6 +63,11 @@ class Replica:
 @pytest.mark.slow
 def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg_url):  # noqa: F811
     data = DataDir.init(tmp_path / "srv").root
+    from fixtures_trust import publish_versions
+
+    from edgellm.trust import Repository
+
+    publish_versions(Repository(data / "repo", data / "keys"), tmp_path, ("1.0", "2.0"))  # what a rollout may assign
     store = Store(pg_url)
     _, token = auth.create_token(store, name="test", role="viewer")
     log = open(tmp_path / "replicas.log", "w")

@@ -97,16 +97,11 @@ def _logs(tmp: Path) -> str:
     return "\n".join(out)
 
 
-def test_three_devices_fine_tune_one_dies_the_run_publishes_and_canaries(tmp_path, mqtt_broker, tiny_gguf,
-                                                                        monkeypatch):
-    import sys
-
+def test_three_devices_fine_tune_one_dies_the_run_publishes_and_canaries(tmp_path, mqtt_broker, tiny_gguf):
     from edgellm.trust import Repository
 
-    # A SuperNode starts `flower-superexec` by name: the environment's scripts must be on PATH,
-    # as they are in an activated or system-wide install.
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-
+    # PATH stays as it is: the supervisor puts flower-supernode's directory first, so the SuperNode
+    # finds `flower-superexec` without an activated environment.
     data = DataDir.init(tmp_path / "srv")
     publish_base(data, tiny_gguf, tmp_path)
     link = f"127.0.0.1:{free_port()}"

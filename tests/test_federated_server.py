@@ -429,11 +429,11 @@ def test_fl_start_and_status_json_on_a_data_dir(data, tmp_path):
     # a second run while one is active, an unpublished base, bad DP settings: refused with a hint, nothing recorded
     for args, says in ((["--version", "1.0.0"], "still active"), (["--version", "9.9.9"], "no bundle of tiny 9.9.9")):
         r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", *args,
-                                    "--publish", "2.0.0"])
+                                    "--publish", "2.0.0", "--no-gate"])
         assert r.exit_code != 0 and says in r.output and "hint" in r.output
     FlStore(data.store()).fail(rid, "test")
     r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", "--version", "1.0.0",
-                                "--publish", "2.0.0", "--dp-noise", "1"])
+                                "--publish", "2.0.0", "--dp-noise", "1", "--no-gate"])
     assert r.exit_code != 0 and "--dp-clip" in r.output
     assert len(json.loads(cli.invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), "--format", "json"]).output)) == 1
 
@@ -480,3 +480,17 @@ def test_superlink_is_started_answers_is_restarted_after_a_crash_and_stopped(tmp
         proc = link.proc
         link.stop()
     assert proc is not None and proc.poll() is not None
+
+
+def test_server_tells_devices_the_advertised_superlink_address_and_refuses_a_malformed_one(data):
+    from edgellm.telemetry import MqttConfig
+    from server.app import Server
+    from server.federated.superlink import SuperLinkError
+
+    srv = Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092",
+                 fl_advertise="fl.example.net:443")
+    assert srv.fl is not None and srv.fl.advertise == "fl.example.net:443"
+    assert Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092").fl.advertise \
+        == "127.0.0.1:9092"
+    with pytest.raises(SuperLinkError, match="--fl-advertise"):
+        Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092", fl_advertise="nope")

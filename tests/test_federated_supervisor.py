@@ -7,6 +7,7 @@ tests need (the federated end-to-end run lives with the server side).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -106,6 +107,9 @@ def test_invitations_that_cannot_be_honoured_are_declined(ctx, tmp_path) -> None
     assert invite(ctx, superlink="no port")["reason"] == "bad-request"
     assert invite(ctx, run_id="../etc")["reason"] == "bad-request"
     assert supervisor.handle_fl_invite("not a dict", ctx)["reason"] == "bad-request"  # type: ignore[arg-type]
+    ctx.config.train_data = str(tmp_path / "private-notes-of-alice")
+    reply = invite(ctx)
+    assert reply["reason"] == "no-train-data" and "alice" not in json.dumps(reply)  # the reply goes to the server
     ctx.config.train_data = None
     assert invite(ctx)["reason"] == "no-train-data"
     ctx.config.profile = "esp32-s3-8mb"

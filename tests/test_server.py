@@ -88,6 +88,9 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
 
             r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1", "--group", "lab",
                     ok=False)
+            assert r.exit_code != 0 and "needs a gate" in r.output and "--no-gate" in r.output
+            r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1", "--group", "lab",
+                    "--no-gate", ok=False)
             assert r.exit_code != 0 and "no target for demo 1.1" in r.output
             from fixtures_trust import make_bundle_dir
 
@@ -100,9 +103,9 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
                                  "--group", "lab", "--canary", "50%", "--gate", "p95_latency_ms<=1000",
                                  "--bake", "0.5s", "--format", "json").output)["id"]
             r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.2",
-                    "--group", "lab", ok=False)
+                    "--group", "lab", "--no-gate", ok=False)
             assert r.exit_code != 0 and "already has an active rollout" in r.output and "hint" in r.output
-            assert cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "9", "--force",
+            assert cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.2",
                        "--gate", "latency<3", ok=False).exit_code != 0
             st = wait_for(lambda: (s := json.loads(cli("rollout", "status", "--data-dir", data_dir, rid,
                                                        "--format", "json").output)[0])["state"] in ("completed", "rolled_back") and s,
@@ -120,7 +123,10 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
             code, ctype, text = get(srv.url + "/metrics")
             text = text.decode()
             assert ctype.startswith("text/plain")
-            assert "edgellm_devices 2" in text and 'edgellm_devices_by_version{version="1.1"} 2' in text
+            assert 'edgellm_devices{group="lab"} 2' in text
+            assert 'edgellm_devices_by_version{group="lab",version="1.1"} 2' in text
+            assert 'edgellm_devices_desired{group="lab",version="1.1"} 2' in text
+            assert 'edgellm_devices_drift{group="lab"} 0' in text
             assert 'edgellm_ingest_messages_total{outcome="stored"}' in text
             assert 'edgellm_rollouts{state="completed"} 1' in text
             with pytest.raises(urllib.error.HTTPError) as e:
@@ -129,7 +135,7 @@ def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
             from prometheus_client.parser import text_string_to_metric_families
 
             families = {f.name: f for f in text_string_to_metric_families(text)}  # parses cleanly
-            assert {"edgellm_devices", "edgellm_devices_online", "edgellm_p95_latency_ms"} <= set(families)
+            assert {"edgellm_devices", "edgellm_devices_online", "edgellm_latency_p95_seconds"} <= set(families)
             assert get(srv.url + "/")[1].startswith("text/html")
         finally:
             for d in devs:

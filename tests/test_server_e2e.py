@@ -36,14 +36,16 @@ def test_real_agent_follows_server_rollouts(tmp_path, agent_bundles, mqtt_broker
             wait_for(lambda: (x := srv.store.device("dev-1")) and x["online"] and x["version"] == "1.0.0",
                      what="agent online on 1.0.0")
             # 1.2.0: signed and published, but its golden prompt cannot pass on the device
-            bad = rollout.start(srv.store, model="tiny", version="1.2.0", group="lab", canary="100%", bake="1s")
+            bad = rollout.start(srv.store, model="tiny", version="1.2.0", group="lab", canary="100%", bake="1s",
+                                no_gate=True)
             st = wait_for(lambda: (s := rollout.status(srv.store, bad)[0])["state"] in ("rolled_back", "completed")
                           and s, timeout=120, what="bad rollout to finish")
             assert st["state"] == "rolled_back", st
             assert "dev-1: update.failed" in st["reason"] and "health check" in st["reason"], st["reason"]
             assert srv.store.device("dev-1")["version"] == "1.0.0"
             # 1.1.0 through TUF from the server's own HTTP repository
-            good = rollout.start(srv.store, model="tiny", version="1.1.0", group="lab", canary="100%", bake="1s")
+            good = rollout.start(srv.store, model="tiny", version="1.1.0", group="lab", canary="100%", bake="1s",
+                                 no_gate=True)
             st = wait_for(lambda: (s := rollout.status(srv.store, good)[0])["state"] in ("rolled_back", "completed")
                           and s, timeout=120, what="good rollout to finish")
             assert st["state"] == "completed", st["reason"]

@@ -111,8 +111,9 @@ def data_sources(paths: AgentPaths, config: AgentConfig) -> list[Path]:
     sources: list[Path] = []
     if config.train_data:
         d = Path(config.train_data)
-        if not d.is_dir():
-            raise Decline(NO_TRAIN_DATA, f"the training data directory {d} does not exist",
+        if not d.is_dir():  # the path stays in this device's log: a decline's text is sent to the server
+            log.warning("the training data directory %s does not exist", d)
+            raise Decline(NO_TRAIN_DATA, "the training data directory (--train-data) does not exist",
                           hint="create it or re-provision with another --train-data DIR")
         sources.append(d)
     learned = learned_path(paths)

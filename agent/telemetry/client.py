@@ -132,6 +132,13 @@ class Telemetry:
         if changed:
             self._put_heartbeat()
 
+    def set_group(self, group: str) -> None:
+        """The fleet moved this device to ``group``: report it at once (heartbeats carry it)."""
+        if not valid_id(group):
+            raise ValueError(f"group {group!r} is not a valid id")
+        self.group = group
+        self._put_heartbeat()
+
     def record_inference(self, *, latency_ms: float, prompt_tokens: int, completion_tokens: int,
                          tokens_per_second: float, mean_logprob: float | None = None, error: bool = False) -> None:
         self._agg.add(latency_ms=latency_ms, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,

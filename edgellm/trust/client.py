@@ -194,6 +194,16 @@ class TufClient:
             raise VerificationError(f"{name}: not in the signed targets metadata", hint="publish it with `edgellm repo add`, or check the name")
         return info
 
+    def lookup(self, name: str) -> Any | None:
+        """The signed ``TargetFile`` for ``name`` from the top-level targets or a role it
+        delegates to (e.g. the director's assignments), or None when no role lists it."""
+        if self._updater is None:
+            self.refresh()
+        try:
+            return self._updater.get_targetinfo(name)
+        except Exception as e:
+            raise wrap_tuf_error(e, name) from e
+
     def download(self, name: str, dest_dir: str | Path, *, max_length: int | None = None) -> VerifiedTarget:
         """Download a target and verify its length and sha256 before returning its path."""
         info = self.info(name)
@@ -202,7 +212,7 @@ class TufClient:
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            got = self._updater.download_target(info, filepath=str(dest / name))
+            got = self._updater.download_target(info, filepath=str(dest / name.replace("/", "__")))
         except Exception as e:
             raise wrap_tuf_error(e, name) from e
         return VerifiedTarget(name, Path(got), info.length, info.hashes["sha256"], dict(info.unrecognized_fields.get("custom", {})))

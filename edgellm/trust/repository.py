@@ -86,9 +86,11 @@ def target_custom(manifest: Any, bundle_sha256: str) -> dict[str, Any]:
 
 
 def _order(filename: str) -> tuple[int, str]:
-    """Commit order: roots, then targets, snapshot, and the timestamp last; versioned before plain."""
+    """Commit order: roots, then targets (and the roles it delegates to), snapshot, and the
+    timestamp last; versioned before plain."""
     role = filename.split(".")[-2]
-    return (ROLES.index(role) if role != "root" else -1, filename if filename[0].isdigit() else "~")
+    rank = -1 if role == "root" else ROLES.index(role if role in ROLES else "targets")
+    return (rank, filename if filename[0].isdigit() else "~")
 
 
 class Repository(TufRepository):
@@ -145,8 +147,8 @@ class Repository(TufRepository):
         data = self._read(f"{role}.json")
         if data is not None:
             return Metadata.from_bytes(data)
-        expires = now() + self.expiry.for_role(role)
-        signed = {"targets": Targets, "snapshot": Snapshot, "timestamp": Timestamp}[role](expires=expires)
+        expires = now() + self.expiry.for_role(_expiry_role(role))
+        signed = {"snapshot": Snapshot, "timestamp": Timestamp}.get(role, Targets)(expires=expires)
         return Metadata(signed)
 
     def close(self, role: str, md: Metadata) -> None:
@@ -154,7 +156,7 @@ class Repository(TufRepository):
         txn = self._require_txn()
         if self._read(f"{role}.json") is not None:
             md.signed.version += 1
-        md.signed.expires = now() + self.expiry.for_role(role)
+        md.signed.expires = now() + self.expiry.for_role(_expiry_role(role))
         md.signatures.clear()
         for s in self._signers.get(role) or self._require_keys().signers(role):
             md.sign(s, append=True)
@@ -165,7 +167,13 @@ class Repository(TufRepository):
 
     @property
     def targets_infos(self) -> dict[str, MetaFile]:
-        return {"targets.json": MetaFile(version=self.targets().version)}
+        """The top-level targets and every delegated targets role (e.g. the director) that exists."""
+        infos = {"targets.json": MetaFile(version=self.targets().version)}
+        delegations = self.targets().delegations
+        for name in (delegations.roles or {}) if delegations is not None else ():
+            if self._read(f"{name}.json") is not None:
+                infos[f"{name}.json"] = MetaFile(version=self.targets(name).version)
+        return infos
 
     @property
     def snapshot_info(self) -> MetaFile:
@@ -378,6 +386,11 @@ def _check_root(root_bytes: bytes, keys: KeyStore) -> Metadata:
             raise TrustError(f"{keys.dir} does not hold enough of the {role} keys the root trusts",
                              hint="use the keys directory the root was made with (`edgellm keys copy-online`)")
     return md
+
+
+def _expiry_role(role: str) -> str:
+    """Delegated targets roles expire like the top-level targets."""
+    return role if role in ROLES else "targets"
 
 
 class _Txn:

@@ -48,6 +48,7 @@ def register(parent: click.Group, target_options: Any) -> None:
               help="Devices whose privacy ledger would pass this ε are not invited.")
 @click.option("--canary", default="10%", show_default=True, help="Canary share of the rollout of --publish.")
 @click.option("--gate", default="", help="Rollout gate, as in `rollout start`.")
+@click.option("--no-gate", is_flag=True, help="Roll the merged model out on bake time alone (else --gate is needed).")
 @click.option("--bake", default="10m", show_default=True, help="Rollout bake time, as in `rollout start`.")
 @click.option("--no-rollout", is_flag=True, help="Publish only; start no rollout.")
 @click.option("--invite-timeout", default="2m", show_default=True, help="How long devices have to answer.")
@@ -57,12 +58,14 @@ def register(parent: click.Group, target_options: Any) -> None:
 @format_option
 def fl_start(target: Any, model: str, version: str, group: str, rounds: int, min_devices: int,
              publish_version: str, local_steps: int, lr: float, lora_rank: int, lora_alpha: float, dp_noise: float,
-             dp_clip: float, max_epsilon: float | None, canary: str, gate: str, bake: str, no_rollout: bool,
+             dp_clip: float, max_epsilon: float | None, canary: str, gate: str, no_gate: bool, bake: str, no_rollout: bool,
              invite_timeout: str, round_timeout: str, seed: int, wait: bool, fmt: str) -> None:
     """Record a run; the running server invites GROUP, trains, averages, publishes and canaries."""
     from edgellm.durations import parse_seconds
     from server import rollout
 
+    if not no_rollout and not gate.strip() and not no_gate:
+        raise click.UsageError("the rollout of the merged model needs --gate (or --no-gate, or --no-rollout)")
     try:
         rollout.parse_percent(canary)
         rollout.Gate.parse(gate)

@@ -190,7 +190,7 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
     rid = None
     if s.rollout:
         rid = rollout.start(fl.store, model=run["model"], version=run["version"], group=run["grp"],
-                            canary=s.canary, gate=s.gate or None, bake=s.bake)
+                            canary=s.canary, gate=s.gate or None, no_gate=not s.gate, bake=s.bake)
     digest = hashlib.sha256(json.dumps(lin, sort_keys=True).encode()).hexdigest()
     return {"targets": targets, "profiles": profiles, "rollout": rid, "lineage_sha256": digest,
             "merge_base": base.name}

@@ -37,10 +37,10 @@ class SuperLinkError(EdgeLLMError):
     """The SuperLink could not be started or refused a request."""
 
 
-def parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str, option: str = "--fl") -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SuperLinkError(f"--fl {text!r} is not HOST:PORT", hint="write e.g. --fl 0.0.0.0:9092")
+        raise SuperLinkError(f"{option} {text!r} is not HOST:PORT", hint=f"write e.g. {option} 0.0.0.0:9092")
     return host.strip("[]"), int(port)
 
 

@@ -28,6 +28,7 @@ from server.store.dialect import (
     sqlite_tx,
     transient_errors,
 )
+from server.store.fleet import FleetTables, migrate_fleet
 from server.store.rollouts import RolloutTables
 from server.store.rows import (
     AuditRow,
@@ -53,7 +54,7 @@ POOL_SIZE = 8
 TRANSIENT = transient_errors()
 
 
-class Store(TelemetryTables, RolloutTables, ControlTables):
+class Store(TelemetryTables, RolloutTables, ControlTables, FleetTables):
     """``target``: a SQLite file path, or a ``postgresql://`` URL."""
 
     def __init__(self, target: str | Path) -> None:
@@ -69,8 +70,10 @@ class Store(TelemetryTables, RolloutTables, ControlTables):
             with self.tx() as db:
                 db.execute("SELECT pg_advisory_xact_lock(7414)")
                 migrate(db, self.dialect)
+                migrate_fleet(db, self.dialect)
         else:
             migrate(self.db, self.dialect)
+            migrate_fleet(self.db, self.dialect)
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url) if self.url else str(self.path)!r})"
