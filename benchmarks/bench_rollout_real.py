@@ -106,7 +106,8 @@ def run_real(n: int, hidden: int, layers: int) -> None:
                 for p in proxies:
                     p.bytes = p.requests = 0
                 t_start = time.time()
-                rid = rollout.start(srv.store, model="tiny", version="1.1.0", group="bench", canary="100%", bake="1s")
+                rid = rollout.start(srv.store, model="tiny", version="1.1.0", group="bench", canary="100%", bake="1s",
+                                    no_gate=True)
                 st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] in
                               ("completed", "rolled_back", "failed") and s, 600, "the rollout", every=0.1)
                 total_s = time.time() - t_start
