@@ -15,7 +15,7 @@ help:
 	@echo "make lint        ruff (lint + format check) and mypy on edgellm/, agent/, server/"
 	@echo "make test        install, lint, then run the whole test suite (what CI runs)"
 	@echo "make test-quick  skip tests marked slow"
-	@echo "make bench       run every benchmark script"
+	@echo "make bench       run every benchmark script and write docs/benchmarks.md from their output"
 
 venv: $(VENV)/bin/python
 $(VENV)/bin/python:
@@ -45,8 +45,9 @@ test: install lint
 test-quick:
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Runs every benchmarks/bench_*.py and writes docs/benchmarks.md from their output (failures included).
 bench:
-	@for b in benchmarks/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+	$(VENV)/bin/python benchmarks/_report.py --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

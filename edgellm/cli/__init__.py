@@ -16,12 +16,45 @@ def main(verbose: int) -> None:
     setup_logging(verbose)
 
 
+PROGRAMS = ("edgellm", "edgellm-agent", "edgellm-server")
+
+
+@click.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@click.option(
+    "--command",
+    "prog",
+    type=click.Choice(PROGRAMS),
+    default="edgellm",
+    show_default=True,
+    help="Which of the three commands the script completes.",
+)
+def completion(shell: str, prog: str) -> None:
+    """Print the shell completion script for SHELL (click's own completion).
+
+    \b
+    bash: edgellm completion bash >> ~/.bashrc   (or eval "$(edgellm completion bash)")
+    zsh:  edgellm completion zsh >> ~/.zshrc
+    fish: edgellm completion fish > ~/.config/fish/completions/edgellm.fish
+    Repeat with --command edgellm-agent / edgellm-server for the other two commands.
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    if cls is None:  # click.Choice already restricts SHELL; kept for a click without one of them
+        raise click.ClickException(f"click has no completion for {shell}: use bash, zsh or fish")
+    # The script only calls `prog` back with this variable set; `prog` answers with its own commands.
+    complete_var = "_{}_COMPLETE".format(prog.replace("-", "_").upper())
+    click.echo(cls(main, {}, prog, complete_var).source())
+
+
 def _register() -> None:
     from edgellm.cli import build, bundle, keys, profiles, repo, train
 
     for mod in (profiles, bundle, keys, repo, train, build):
         for cmd in mod.commands:
             main.add_command(cmd)
+    main.add_command(completion)
 
 
 _register()
