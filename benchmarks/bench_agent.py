@@ -113,7 +113,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a short run (smaller model, fewer rounds)")
     args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.requests, args.max_tokens, args.rounds = 512, 8, 4, 32, 2
 
     import httpx
     from bench_gguf import export_all, make_model

@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--buffer-mb", type=int, default=256, help="bandwidth buffer (above the last-level cache)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"from: {', '.join(VARIANTS)}")
+    ap.add_argument("--quick", action="store_true", help="a short run (smaller model, fewer rounds)")
     args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.tokens, args.rounds = 512, 8, 32, 1
 
     from edgellm.hardware import BandwidthMeter
     from edgellm.pipeline.candidates import gguf_tensor_stats

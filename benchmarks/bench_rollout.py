@@ -13,7 +13,7 @@ metrics. Measured side by side in one run:
 
     python benchmarks/bench_rollout.py [--devices 100] [--bake 2]
 
-Real mode (``--real N``, see :mod:`bench_rollout_real`): N real ``edgellm-agent run`` processes
+Real mode (``--real N``, see `benchmarks/_rollout_real.py`): N real ``edgellm-agent run`` processes
 download, verify (TUF), health-check and switch to a new version of a real GGUF bundle served by
 the server's HTTP repository; reports time per phase and bytes moved per device.
 """
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     a = ap.parse_args()
     if a.real:
-        from bench_rollout_real import run_real
+        from _rollout_real import run_real
 
         run_real(a.real, a.hidden, a.layers)
         return

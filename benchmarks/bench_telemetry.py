@@ -146,7 +146,10 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=1000, help="events per device")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--quick", action="store_true", help="a short run (fewer messages, one round)")
     a = ap.parse_args()
+    if a.quick:
+        a.messages, a.rounds = 200, 1
     names = [n for n in CONFIGS if n in a.configs.split(",")] or list(CONFIGS)
     load0 = os.getloadavg()
     results: dict[str, list[dict]] = {n: [] for n in names}

@@ -49,7 +49,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a short run (smaller model, fewer rounds)")
     args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.tokens, args.rounds = 512, 8, 32, 1
     cpus = len(os.sched_getaffinity(0))
     load0 = os.getloadavg()
     res: dict[tuple[int, int], list[tuple[float, float]]] = {}

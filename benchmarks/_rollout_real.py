@@ -1,4 +1,4 @@
-"""Real-agent mode of bench_rollout.py: N ``edgellm-agent run`` processes take a real update.
+"""Real-agent mode of bench_rollout.py (``--real N``): N ``edgellm-agent run`` processes take a real update.
 
 REAL, nothing simulated: Mosquitto, the server (rollout driver, store, HTTP TUF repository, in
 this process), N agent processes provisioned against it, a random Llama exported to Q8_0 GGUF
