@@ -130,20 +130,26 @@ def status(data_dir, fmt) -> None:
 
 @main.command()
 @data_dir_option
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--allow-downgrade", is_flag=True, help="Allow installing an older version than the current one.")
 @click.option("--force", is_flag=True, help="Reinstall the same version, or retry a rejected one.")
 @format_option
-def install(data_dir, file, allow_downgrade, force, fmt) -> None:
-    """Install a signed bundle file offline (same verification and A/B path as updates)."""
+def install(data_dir, files, allow_downgrade, force, fmt) -> None:
+    """Install signed bundle files offline (same verification and A/B path as updates).
+
+    Adapter bundles install on top of the base; given together, the base goes first."""
     from agent.config import AgentConfig
     from agent.install import Installer
     from agent.schemas import UpdateRequest
 
     paths = _paths(data_dir)
-    res = Installer(paths, AgentConfig.load(paths)).install_envelope(
-        file, UpdateRequest(rollback=allow_downgrade, force=force))
-    _echo_result(res, fmt)
+    results = Installer(paths, AgentConfig.load(paths)).install_envelopes(
+        list(files), UpdateRequest(rollback=allow_downgrade, force=force))
+    if fmt == "json" and len(results) > 1:
+        click.echo(json.dumps(results, indent=2, sort_keys=True, default=str))
+        return
+    for res in results:
+        _echo_result(res, fmt)
 
 
 @main.command()
@@ -184,14 +190,15 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
 
 @main.command()
 @data_dir_option
+@click.option("--adapter", default=None, help="Drop this LoRA adapter instead (the base keeps serving).")
 @format_option
-def rollback(data_dir, fmt) -> None:
+def rollback(data_dir, adapter, fmt) -> None:
     """Switch back to the previous slot (a running daemon picks it up within a second)."""
     from agent.config import AgentConfig
     from agent.install import Installer
 
     paths = _paths(data_dir)
-    res = Installer(paths, AgentConfig.load(paths)).rollback()
+    res = Installer(paths, AgentConfig.load(paths)).rollback(adapter)
     _echo_result(res, fmt)
 
 

@@ -25,6 +25,7 @@ from agent.config import AgentConfig, AgentPaths
 from agent.engine import Engine, ModelHandle
 from agent.errors import ConfigError, InstallError, message_of
 from agent.install import Installer
+from agent.lora_serving import adapter_status, served
 from agent.manifest import read_manifest
 from agent.schemas import UpdateRequest
 from agent.slots import SlotStore
@@ -97,7 +98,7 @@ def load_handle(paths: AgentPaths, slot: str, *, threads: int | None = None) -> 
     rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, settings=resolve(m, threads),
                       context_length=m.memory.context_length or None)
     return ModelHandle(runtime=rt, name=m.name, version=m.version, slot=slot, kind=m.runtime,
-                       quantization=m.quantization, defaults=dict(m.generation))
+                       quantization=m.quantization, defaults=dict(m.generation), adapters=served(paths, slot, rt, m))
 
 
 def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry: TelemetryPort | None = None) -> dict:
@@ -136,7 +137,7 @@ def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry:
         "previous": ({"slot": state.previous, "version": state.slots[state.previous].version}
                      if state.previous else None),
         "last_update": state.last_result,
-        "rejected": state.rejected,
+        "rejected": state.rejected, "adapters": adapter_status(paths, state),
         "daemon": run or {"running": False},
         "telemetry": _telemetry_status(paths, config, telemetry),
     }

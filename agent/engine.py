@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.errors import QueueFull
+from agent.lora_serving import select_adapter
 from edgellm.runtime import GenerationParams, PromptTooLongError, Runtime
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,16 @@ class ModelHandle:
     quantization: str | None = None
     defaults: dict = dataclasses.field(default_factory=dict)   # the bundle's generation defaults
     loaded_at: float = dataclasses.field(default_factory=time.time)
+    adapters: Any = None   # agent.lora_serving.ServedAdapters: LoRA adapters served on this base
 
     @property
     def context_length(self) -> int:
         return int(self.runtime.context_length)
 
-    def describe(self) -> dict:
-        return {"model": self.name, "version": self.version, "slot": self.slot, "runtime": self.kind,
-                "quantization": self.quantization, "context_length": self.context_length}
+    def describe(self, adapter: str | None = None) -> dict:
+        return {"model": self.name if adapter is None else f"{self.name}:{adapter}", "version": self.version,
+                "slot": self.slot, "runtime": self.kind, "quantization": self.quantization,
+                "context_length": self.context_length, "adapter": adapter}
 
 
 @dataclasses.dataclass
@@ -58,8 +61,10 @@ Sink = Callable[[str, Any], None]  # ("start", dict) ("token", TokenEvent) ("don
 
 class Job:
     def __init__(self, *, params: GenerationParams, sink: Sink, prompt: str | None = None,
-                 messages: Sequence[dict] | None = None, endpoint: str = "", clamp_max_tokens: bool = False) -> None:
+                 messages: Sequence[dict] | None = None, endpoint: str = "", clamp_max_tokens: bool = False,
+                 adapter: str | None = None) -> None:
         self.prompt = prompt
+        self.adapter = adapter  # a LoRA adapter served on the base ("tiny:kitchen"), None: the base
         self.clamp_max_tokens = clamp_max_tokens  # max_tokens was a default: fit it to the context
         self.messages = messages
         self.params = params
@@ -202,6 +207,10 @@ class Engine:
                                        "server_error"))
             return
         rt = m.runtime
+        problem = select_adapter(m, job.adapter)
+        if problem is not None:
+            job.sink("error", JobError(404, "model_not_found", problem))
+            return
         try:
             ids = rt.chat_token_ids(job.messages) if job.messages is not None else \
                 rt.tokenize(job.prompt or "", add_bos=True, special=False)
@@ -219,7 +228,7 @@ class Engine:
                 f"{min(ctx, self.max_prompt_tokens + job.params.max_tokens)} in total and prompts of at most "
                 f"{min(self.max_prompt_tokens, ctx - 1)} tokens: shorten the prompt or lower max_tokens"))
             return
-        job.sink("start", {"prompt_tokens": n_prompt, **m.describe()})
+        job.sink("start", {"prompt_tokens": n_prompt, **m.describe(job.adapter)})
         t0 = time.perf_counter()
         first: float | None = None
         n = 0

@@ -91,12 +91,18 @@ def _set_pdeathsig() -> None:
         os._exit(1)
 
 
-def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: float = 300.0) -> dict:
-    """Run the check in a child process; returns its report (``ok`` False on any failure)."""
+def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: float = 300.0,
+                     adapter_dir: str | Path | None = None) -> dict:
+    """Run the check in a child process; returns its report (``ok`` False on any failure).
+
+    With ``adapter_dir`` (an installed adapter bundle), the slot's base is checked with that
+    adapter applied, on the adapter's own golden prompts."""
     with tempfile.TemporaryDirectory(prefix="edgellm-health-") as td:
         out = Path(td) / "report.json"
         cmd = [sys.executable, "-m", "agent.health", "--slot", str(slot_dir), "--out", str(out),
                "--budget", json.dumps(budget.to_dict())]
+        if adapter_dir is not None:
+            cmd += ["--adapter", str(adapter_dir)]
         env = {**os.environ, "OMP_NUM_THREADS": str(budget.threads or 1), "OMP_WAIT_POLICY": "PASSIVE",
                "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MiB of address space per arena otherwise
                PARENT_ENV: str(os.getpid())}
@@ -164,13 +170,14 @@ def _run_golden(rt: Any, gp: GoldenPrompt) -> tuple[dict, list[str], int, float]
     return res, failures, len(comp.token_ids), dt
 
 
-def check_slot(slot_dir: Path, budget: HealthBudget) -> dict:
+def check_slot(slot_dir: Path, budget: HealthBudget, adapter_dir: Path | None = None) -> dict:
     from agent.manifest import read_manifest
     from edgellm.bundle import GoldenPrompt
     from edgellm.runtime import load_runtime
     from edgellm.runtime.settings import resolve
 
     manifest = read_manifest(slot_dir)
+    adapter = read_manifest(adapter_dir) if adapter_dir is not None else None
     _import_backend(manifest.runtime)  # its libraries are mapped before the limit is measured
     baseline = _proc_status_bytes("VmRSS")
     limit = limit_address_space(budget)
@@ -181,11 +188,19 @@ def check_slot(slot_dir: Path, budget: HealthBudget) -> dict:
                           context_length=manifest.memory.context_length or None)
     except MemoryError:
         return {"ok": False, "reason": _over_limit(limit)}
-    load_s = time.perf_counter() - t0
     failures: list[str] = []
     results = []
     n_tokens, gen_s = 0, 0.0
     try:
+        if adapter is not None and adapter_dir is not None:
+            from edgellm.runtime.lora import LoraAdapters
+
+            art = adapter.file(adapter.artifact)
+            lora = LoraAdapters(rt)
+            lora.load(adapter.name, adapter_dir / adapter.artifact, sha256=art.sha256, size=art.size)
+            lora.activate(adapter.name)
+            manifest = adapter  # its golden prompts judge base + adapter
+        load_s = time.perf_counter() - t0
         for gp in manifest.golden_prompts or [GoldenPrompt(prompt=DEFAULT_PROMPT, max_tokens=8)]:
             res, fails, n, dt = _run_golden(rt, gp)
             results.append(res)
@@ -233,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slot", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", default="{}")
+    ap.add_argument("--adapter", default=None, help="an installed adapter bundle to apply on the slot's base")
     a = ap.parse_args(argv)
     _set_pdeathsig()
     logging.basicConfig(level=logging.WARNING)
@@ -244,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     elif crash == "health_abort":  # the model aborts the process, as llama.cpp does on some bad metadata
         os.abort()
     try:
-        report = check_slot(Path(a.slot), budget)
+        report = check_slot(Path(a.slot), budget, Path(a.adapter) if a.adapter else None)
     except MemoryError:
         report = {"ok": False, "reason": "the model does not fit the memory budget (out of memory under the "
                                          "health check's address-space limit)"}

@@ -68,6 +68,36 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
+def _is_adapter_archive(archive: Path) -> bool:
+    """Whether a verified archive holds an adapter bundle (a damaged one goes the full-bundle way,
+    whose unpack reports what is wrong)."""
+    from edgellm.adapters import is_adapter
+    from edgellm.bundle import read_manifest
+
+    try:
+        return is_adapter(read_manifest(archive))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _applicable(targets: list[TargetInfo], paths: AgentPaths, state: AgentState) -> list[TargetInfo]:
+    """Full bundles, and adapter bundles whose base is the artifact the current slot runs."""
+    if not any(t.custom.get("kind") == "adapter" for t in targets):
+        return targets
+    from agent.adapters import base_artifact_sha256
+
+    have = base_artifact_sha256(paths, state)
+    return [t for t in targets if t.custom.get("kind") != "adapter"
+            or (t.custom.get("base") or {}).get("artifact_sha256") == have]
+
+
+def _adapter_installed(paths: AgentPaths, target: TargetInfo) -> bool:
+    from agent.adapters import AdapterStore
+
+    have = AdapterStore(paths).load().adapters.get(target.name)
+    return have is not None and have.version == target.version
+
+
 class Installer:
     def __init__(self, paths: AgentPaths, config: AgentConfig, *,
                  health_runner: Callable[..., dict] = run_health_check,
@@ -130,6 +160,10 @@ class Installer:
         """Caller holds the lock and has verified ``archive`` against the pinned root."""
         from edgellm.bundle import unpack
 
+        if _is_adapter_archive(archive):  # a delta on top of the current base: agent.adapters
+            from agent.adapters import AdapterInstaller
+
+            return AdapterInstaller(self).install(archive, target, source=source, force=force)
         state = self.store.load()
         if target is not None and target.version:
             self._check_policy(state, target.name, target.version, allow_downgrade=allow_downgrade, force=force,
@@ -249,6 +283,20 @@ class Installer:
             finally:
                 remove_tree(work)
 
+    def install_envelopes(self, envelopes: list[str | Path], request: UpdateRequest | None = None) -> list[dict]:
+        """Install several signed files; an adapter whose base is among them waits for it (base first)."""
+        from agent.adapters import BaseNotInstalled
+
+        results, waiting = [], []
+        for env in envelopes:
+            try:
+                results.append(self.install_envelope(env, request))
+            except BaseNotInstalled:
+                waiting.append(env)
+        if waiting and len(waiting) == len(envelopes):  # nothing else to install first: say why
+            return results + [self.install_envelope(waiting[0], request)]
+        return results + [self.install_envelope(env, request) for env in waiting]
+
     def select_target(self, targets: list[TargetInfo], state: AgentState, desired: UpdateRequest) -> TargetInfo | None:
         cands = [t for t in targets if self.config.profile in t.profiles and t.version]
         want_model = desired.model or (state.current_record.name if state.current_record else None)
@@ -256,8 +304,9 @@ class Installer:
             cands = [t for t in cands if t.name == want_model]
         if desired.version:
             cands = [t for t in cands if t.version == desired.version]
-        else:
+        else:  # the newest this device can take: adapters only for the base it runs
             cands = [t for t in cands if t.version not in state.rejected]
+            cands = _applicable(cands, self.paths, state)
         if not cands:
             return None
         best = cands[0]
@@ -289,11 +338,14 @@ class Installer:
                     self.store.save(state)
                     return state.last_result
                 return result("update", True, version=cur.version if cur else None, reason=reason)
-            if cur is not None and target.version == cur.version:
+            adapter = target.custom.get("kind") == "adapter"  # versioned apart from the base: agent.adapters
+            if adapter and _adapter_installed(self.paths, target):
+                return result("update", True, version=target.version, reason="up to date", adapter=target.name)
+            if cur is not None and target.version == cur.version and not adapter:
                 return result("update", True, version=cur.version, reason="up to date")
             prev = state.slots.get(state.inactive)
             rollback_ok = desired.rollback
-            if cur is not None and compare_versions(target.version, cur.version) < 0:
+            if cur is not None and compare_versions(target.version, cur.version) < 0 and not adapter:
                 if prev is not None and prev.version == target.version and prev.name == target.name:
                     # the version in the other slot is asked for: switch back locally; the version
                     # left is not rejected (it did not fail here, the fleet chose another)
@@ -325,7 +377,15 @@ class Installer:
             finally:
                 remove_tree(dl)
 
-    def rollback(self) -> dict:
+    def rollback(self, adapter: str | None = None) -> dict:
+        """Switch back to the previous slot; with ``adapter``, drop that adapter (the base keeps serving)."""
+        if adapter is not None:
+            from agent.adapters import AdapterStore
+
+            with self.lock():
+                res = AdapterStore(self.paths).drop(adapter)
+            self.on_event("update.rolled_back", version=res.get("version"), adapter=adapter)
+            return res
         with self.lock():
             state = self.store.rollback()
         self.on_event("update.rolled_back", version=state.current_record.version if state.current_record else None)

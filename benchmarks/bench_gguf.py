@@ -46,7 +46,12 @@ def decode_speeds(paths: dict[str, Path], tokens: int, rounds: int, threads: int
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
     runtimes = {f: LlamaCppRuntime.load(p, threads=threads, context_length=tokens + 32) for f, p in paths.items()}
-    speeds: dict[str, list[float]] = {f: [] for f in paths}
+    return interleaved_speeds(runtimes, tokens, rounds)
+
+
+def interleaved_speeds(runtimes: dict, tokens: int, rounds: int) -> dict[str, list[float]]:
+    """Greedy decode tokens/s of each runtime, in interleaved rounds; closes the runtimes."""
+    speeds: dict[str, list[float]] = {f: [] for f in runtimes}
     try:
         for rt in runtimes.values():  # warm-up (page in the weights)
             rt.decode_speed(n_tokens=8)

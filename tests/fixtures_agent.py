@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -146,6 +147,13 @@ def provisioned_agent(tmp_path, agent_bundles) -> Path:
 @pytest.fixture
 def tuf_server(agent_bundles):
     """The signed repository of ``agent_bundles`` served over HTTP ({url}/metadata/, {url}/targets/)."""
+    with serve_directory(agent_bundles["repo_dir"]) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path):
+    """A directory (a TUF repository) over HTTP on a free loopback port; yields its URL."""
     import functools
     import http.server
     import threading
@@ -154,8 +162,7 @@ def tuf_server(agent_bundles):
         def log_message(self, *args: object) -> None:
             pass
 
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(agent_bundles["repo_dir"])))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
     try:

@@ -38,6 +38,24 @@ def _model_card(m: Any) -> dict:
             "context_length": m.context_length}
 
 
+def _model_cards(m: Any) -> list[dict]:
+    """The base, then base + each adapter it serves (``"tiny:kitchen"``)."""
+    base = _model_card(m)
+    served = m.adapters.entries if getattr(m, "adapters", None) is not None else []
+    return [base] + [{**base, "id": f"{m.name}:{e.name}", "version": e.version, "base": m.name,
+                      "base_version": m.version, "adapter": e.name} for e in served]
+
+
+def _adapter_of(m: Any, model: str | None) -> tuple[bool, str | None]:
+    """(served?, adapter) for a request's ``model`` field on the served model ``m``."""
+    if model in (None, "", "default", m.name, f"{m.name}:{m.version}", f"{m.name}@{m.version}"):
+        return True, None
+    base, sep, adapter = model.partition(":")
+    if sep and base == m.name and getattr(m, "adapters", None) is not None and adapter in m.adapters:
+        return True, adapter
+    return False, None
+
+
 def job_problem(e: JobError) -> ApiProblem:
     headers = {"Retry-After": "30"} if e.status == 503 else None
     return ApiProblem(e.status, e.message, code=e.code, kind=e.type, headers=headers)
@@ -87,16 +105,21 @@ class Generation:
         except (TypeError, ValueError) as e:  # a bundle default out of range
             raise ApiProblem(400, f"invalid generation parameters: {e}", code="invalid_request") from None
 
-    def check_model(self, req: Any) -> None:
+    def check_model(self, req: Any) -> str | None:
+        """The adapter the request's ``model`` selects (None: the base); 404 if not served here."""
         m = self.ctx.engine.model
         if m is None:
             raise ApiProblem(503, "no model is installed on this device yet", code="model_not_loaded",
                              kind="server_error", headers={"Retry-After": "30"})
-        if req.model not in (None, "", "default", m.name, f"{m.name}:{m.version}", f"{m.name}@{m.version}"):
-            raise ApiProblem(404, f"model {req.model!r} is not served here; this device serves {m.name!r}",
+        served, adapter = _adapter_of(m, req.model)
+        if not served:
+            ids = ", ".join(repr(c["id"]) for c in _model_cards(m))
+            raise ApiProblem(404, f"model {req.model!r} is not served here; this device serves {ids}",
                              code="model_not_found", param="model")
+        return adapter
 
-    def submit(self, p: _Prompt, params: GenerationParams, endpoint: str) -> tuple[Job, asyncio.Queue]:
+    def submit(self, p: _Prompt, params: GenerationParams, endpoint: str,
+               adapter: str | None = None) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -107,7 +130,7 @@ class Generation:
                 job.cancel.set()
 
         job = Job(params=params, sink=sink, prompt=p.prompt, messages=p.messages, endpoint=endpoint,
-                  clamp_max_tokens=p.max_tokens is None)
+                  clamp_max_tokens=p.max_tokens is None, adapter=adapter)
         try:
             self.ctx.engine.submit(job)
         except QueueFull as e:
@@ -125,11 +148,11 @@ class Generation:
             ctx.metrics.rejected.labels("prompt_too_long").inc()
             raise ApiProblem(400, f"prompt has {len(p.text)} characters; the limit is {ctx.limits.max_prompt_chars}",
                              code="context_length_exceeded", param="messages" if chat else "prompt")
-        self.check_model(req)
+        adapter = self.check_model(req)
         params = self.params(req, p.max_tokens)
         model = ctx.engine.model
         logprobs = Logprobs(model.runtime, chat) if top_n(req, chat)[0] and model is not None else None
-        job, q = self.submit(p, params, endpoint)
+        job, q = self.submit(p, params, endpoint, adapter)
         if p.messages is not None:
             ctx.hooks.on_chat(p.messages)
         audit: dict[str, Any] = {"prompt": p.text, "user": req.user}
@@ -191,16 +214,17 @@ def router(ctx: ApiContext) -> APIRouter:
     @ctx.endpoint("/v1/models")
     async def list_models(request: Request, t0: float) -> Response:
         m = ctx.engine.model
-        return JSONResponse({"object": "list", "data": [_model_card(m)] if m else []})
+        return JSONResponse({"object": "list", "data": _model_cards(m) if m else []})
 
     @r.get("/v1/models/{model_id}")
     @ctx.endpoint("/v1/models/{id}")
     async def get_model(request: Request, t0: float) -> Response:
         m = ctx.engine.model
         model_id = request.path_params["model_id"]
-        if m is None or model_id != m.name:
+        card = next((c for c in _model_cards(m) if c["id"] == model_id), None) if m is not None else None
+        if card is None:
             raise ApiProblem(404, f"model {model_id[:200]!r} is not served here", code="model_not_found")
-        return JSONResponse(_model_card(m))
+        return JSONResponse(card)
 
     @r.post("/v1/completions")
     @ctx.endpoint("/v1/completions")

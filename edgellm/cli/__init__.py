@@ -49,9 +49,9 @@ def completion(shell: str, prog: str) -> None:
 
 
 def _register() -> None:
-    from edgellm.cli import build, bundle, keys, profiles, repo, train
+    from edgellm.cli import build, bundle, finetune, keys, profiles, repo, train
 
-    for mod in (profiles, bundle, keys, repo, train, build):
+    for mod in (profiles, bundle, keys, repo, train, finetune, build):
         for cmd in mod.commands:
             main.add_command(cmd)
     main.add_command(completion)

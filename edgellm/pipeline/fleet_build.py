@@ -89,6 +89,16 @@ class ProfileResult:
     target: str | None = None
     signed: bool = False
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # the profile's figures used
+    kind: str = "full"                # "full", "adapter" or "merged" (a full bundle with an adapter folded in)
+    full_bundle_bytes: int | None = None  # an adapter's: what the full bundle it replaces would weigh
+
+
+def wire_bytes(r: ProfileResult) -> dict[str, Any]:
+    """Bytes a device downloads for this profile's bundle (the signed envelope when signed)."""
+    n = r.bundle.stat().st_size if r.bundle is not None and r.bundle.exists() else None
+    full = r.full_bundle_bytes if r.full_bundle_bytes is not None else n
+    return {"bundle_bytes": n, "full_bundle_bytes": full,
+            "ratio": (n / full) if n is not None and full else None}
 
 
 @dataclasses.dataclass
@@ -130,18 +140,26 @@ def _onnx_available() -> bool:
     return onnx_supported()
 
 
-def _golden_prompts(m: Measurement, prompts: list[str], model_dir: Path) -> list[dict[str, Any]]:
-    """Greedy continuations of a few prompts with the chosen artifact; ``expect`` holds the
-    confident prefix (every token at p > 0.6), so the device health check catches garbage."""
+def golden_prompts(runtime: str, artifact: str | Path, prompts: list[str], model_dir: Path,
+                   adapter: Path | None = None) -> list[dict[str, Any]]:
+    """Greedy continuations of a few prompts with the chosen artifact (+ ``adapter``, a LoRA GGUF);
+    ``expect`` holds the confident prefix (every token at p > 0.6), so the device health check
+    catches garbage."""
     from edgellm.runtime import GenerationParams, load_runtime
 
     out = []
     try:
-        rt = load_runtime(m.runtime, m.artifact, model_dir=model_dir, threads=1, context_length=256)
+        rt = load_runtime(runtime, artifact, model_dir=model_dir, threads=1, context_length=256)
     except Exception as e:  # noqa: BLE001 - no runtime here: prompts without expectations
-        log.warning("golden prompts without expected text (%s runtime unavailable: %s)", m.runtime, e)
+        log.warning("golden prompts without expected text (%s runtime unavailable: %s)", runtime, e)
         return [{"prompt": p, "max_tokens": 8, "expect": None} for p in prompts]
     try:
+        if adapter is not None:
+            from edgellm.runtime.lora import LoraAdapters
+
+            lora = LoraAdapters(rt)
+            lora.load("adapter", adapter)
+            lora.activate("adapter")
         for p in prompts:
             c = rt.complete(p, GenerationParams(max_tokens=8))
             keep = 0
@@ -173,7 +191,7 @@ def default_eval_text(model_dir: Path, max_chars: int = 6000) -> str:
     return DEFAULT_EVAL_TEXT
 
 
-def _default_prompts(eval_text: str, n: int = 3) -> list[str]:
+def default_prompts(eval_text: str, n: int = 3) -> list[str]:
     """The first half of the first few lines of the evaluation text (what the model should know)."""
     out = []
     for line in eval_text.splitlines():
@@ -185,7 +203,7 @@ def _default_prompts(eval_text: str, n: int = 3) -> list[str]:
     return out or [" ".join(eval_text.split()[:6]) or "Hello"]
 
 
-def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Selection,
+def manifest_for(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Selection,
               cands: CandidateSet, golden: list[dict[str, Any]]) -> dict[str, Any]:
     v = sel.verdict(m.fmt)
     artifact = "model.gguf" if m.runtime == "gguf" else "model.onnx"
@@ -215,11 +233,11 @@ def _manifest(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Se
     }
 
 
-def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResult:
-    from edgellm.bundle import pack
+def prepare_build(cfg: BuildConfig, say: ProgressFn) -> tuple[list[Any], str, str, CandidateSet]:
+    """Check the config, load the profiles, build and measure the candidates:
+    (profiles, bundle name, evaluation text, candidates)."""
     from edgellm.profiles import get_profile
 
-    say = progress or (lambda step, i, n: None)
     model_dir = Path(cfg.model_dir)
     check_model_dir(model_dir)  # family, tokenizer, chat template: refused here, before any work
     if not cfg.profiles:
@@ -236,67 +254,105 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
     if not cands.measurements:
         raise BuildError("no candidate could be built: " + "; ".join(f"{k}: {v}" for k, v in cands.failures.items()),
                          hint="check the model directory; run with -v for details")
+    return profiles, name, eval_text, cands
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    repo = None
-    signing: list[tuple[ProfileResult, Path, str]] = []  # signed together after the loop
-    stage = tempfile.TemporaryDirectory(prefix=".signing-", dir=out)  # removed with the object, even on error
-    if cfg.repo is not None:
-        from edgellm.trust import Repository
 
-        repo = Repository(cfg.repo, cfg.keys)
-    prompts = cfg.golden_prompts or _default_prompts(eval_text)
+def profile_facts(prof: Any) -> dict[str, Any]:
+    return {"display_name": prof.display_name, "usable_ram_bytes": int(prof.usable_ram_bytes),
+            "bandwidth_gbps": prof.bandwidth_gbps, "min_tokens_per_second": prof.min_tokens_per_second,
+            "context_length": prof.context_length, "threads": prof.threads, "runtimes": sorted(prof.runtimes)}
+
+
+class Packer:
+    """Packs bundles into DIST; with a repository, publishes and signs them all in one transaction."""
+
+    def __init__(self, cfg: BuildConfig) -> None:
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.repo = None
+        if cfg.repo is not None:
+            from edgellm.trust import Repository
+
+            self.repo = Repository(cfg.repo, cfg.keys)
+        self.signing: list[tuple[ProfileResult, Path, str]] = []  # signed together at the end
+        self.stage = tempfile.TemporaryDirectory(prefix=".signing-", dir=self.out)  # removed even on error
+
+    def add(self, res: ProfileResult, bundle_name: str, files: dict[str, Path], manifest: dict[str, Any],
+            texts: dict[str, str] | None = None) -> None:
+        """Pack ``files`` (bundle path -> source file, hard-linked when possible) and ``texts``
+        (bundle path -> content) with ``manifest``."""
+        from edgellm.bundle import pack
+
+        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=self.out) as tmp:
+            src = Path(tmp) / "src"
+            src.mkdir()
+            for rel, path in files.items():
+                try:
+                    os.link(path, src / rel)
+                except OSError:
+                    shutil.copyfile(path, src / rel)
+            for rel, text in (texts or {}).items():
+                (src / rel).write_text(text, encoding="utf-8")
+            (src / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            packed = pack(src, Path(tmp) / bundle_name)
+            res.bundle_sha256 = packed.sha256
+            if self.repo is not None:
+                self.signing.append((res, Path(self.stage.name) / bundle_name, bundle_name))
+                os.replace(packed.path, self.signing[-1][1])
+            else:
+                res.bundle = self.out / bundle_name
+                os.replace(packed.path, res.bundle)
+
+    def finish(self) -> None:
+        if self.repo is not None:
+            publish_signed(self.repo, self.signing, self.out)
+        self.stage.cleanup()
+
+
+def bundle_files(m: Measurement, model_dir: Path) -> dict[str, Path]:
+    """A full bundle's files: the artifact, plus the tokenizer files an ONNX model needs."""
+    files = {("model.gguf" if m.runtime == "gguf" else "model.onnx"): Path(m.artifact)}
+    if m.runtime == "onnx":
+        for f in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+            if (model_dir / f).is_file():
+                files[f] = model_dir / f
+    return files
+
+
+def bundle_texts(m: Measurement, model_dir: Path) -> dict[str, str]:
+    """An ONNX bundle's tokenizer.json (converted when the model has only tokenizer.model)."""
+    return {"tokenizer.json": tokenizer_json_text(model_dir)} if m.runtime == "onnx" else {}
+
+
+def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResult:
+    say = progress or (lambda step, i, n: None)
+    model_dir = Path(cfg.model_dir)
+    profiles, name, eval_text, cands = prepare_build(cfg, say)
+    packer = Packer(cfg)
+    prompts = cfg.golden_prompts or default_prompts(eval_text)
     results: list[ProfileResult] = []
     n = len(profiles)
     golden_cache: dict[str, list[dict[str, Any]]] = {}
     for i, prof in enumerate(profiles):
         say(f"selecting for {prof.name}", i, n)
         sel = select(prof, cands.measurements.values(), cfg.budget)
-        res = ProfileResult(prof.name, sel, facts={
-            "display_name": prof.display_name, "usable_ram_bytes": int(prof.usable_ram_bytes),
-            "bandwidth_gbps": prof.bandwidth_gbps, "min_tokens_per_second": prof.min_tokens_per_second,
-            "context_length": prof.context_length, "threads": prof.threads, "runtimes": sorted(prof.runtimes)})
+        res = ProfileResult(prof.name, sel, facts=profile_facts(prof))
         results.append(res)
         if sel.chosen is None:
             log.warning("%s", sel.refusal)
             continue
         m = cands.measurements[sel.chosen]
         if m.fmt not in golden_cache:
-            golden_cache[m.fmt] = _golden_prompts(m, prompts, model_dir)
+            golden_cache[m.fmt] = golden_prompts(m.runtime, m.artifact, prompts, model_dir)
         say(f"bundling {prof.name} ({m.fmt})", i, n)
-        bundle_name = f"{name}-{cfg.version}-{prof.name}.bundle"
-        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out) as tmp:
-            src = Path(tmp) / "src"
-            src.mkdir()
-            artifact = src / ("model.gguf" if m.runtime == "gguf" else "model.onnx")
-            try:
-                os.link(m.artifact, artifact)
-            except OSError:
-                shutil.copyfile(m.artifact, artifact)
-            if m.runtime == "onnx":  # tokenizer.json: converted when the model has only tokenizer.model
-                (src / "tokenizer.json").write_text(tokenizer_json_text(model_dir), encoding="utf-8")
-                for f in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
-                    if (model_dir / f).is_file():
-                        shutil.copyfile(model_dir / f, src / f)
-            manifest = _manifest(cfg, name, prof, m, sel, cands, golden_cache[m.fmt])
-            (src / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            packed = pack(src, Path(tmp) / bundle_name)
-            res.bundle_sha256 = packed.sha256
-            if repo is not None:
-                signing.append((res, Path(stage.name) / bundle_name, bundle_name))
-                os.replace(packed.path, signing[-1][1])
-            else:
-                res.bundle = out / bundle_name
-                os.replace(packed.path, res.bundle)
-    if repo is not None:
-        _publish_signed(repo, signing, out)
-    stage.cleanup()
-    report_json, report_md = write_reports(out, cfg, cands, results)
+        packer.add(res, f"{name}-{cfg.version}-{prof.name}.bundle", bundle_files(m, model_dir),
+                   manifest_for(cfg, name, prof, m, sel, cands, golden_cache[m.fmt]), texts=bundle_texts(m, model_dir))
+    packer.finish()
+    report_json, report_md = write_reports(packer.out, cfg, cands, results)
     return BuildResult(cfg, cands, results, report_json, report_md)
 
 
-def _publish_signed(repo: Any, signing: list[tuple[ProfileResult, Path, str]], out: Path) -> None:
+def publish_signed(repo: Any, signing: list[tuple[ProfileResult, Path, str]], out: Path) -> None:
     """Publish every bundle and put its signed envelope in DIST (named as `repo add --export` does).
 
     One repository transaction: the repository changes only if every envelope was written, and
@@ -329,7 +385,7 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
         "failed_candidates": cands.failures,
         "profiles": [{**r.selection.to_dict(), "bundle": None if r.bundle is None else r.bundle.name,
                       "bundle_sha256": r.bundle_sha256, "target": r.target, "signed": r.signed,
-                      "facts": r.facts}
+                      "facts": r.facts, "kind": r.kind, "wire": wire_bytes(r)}
                      for r in results],
     }
 
@@ -370,6 +426,11 @@ def report_markdown(rep: dict[str, Any]) -> str:
         if p["chosen"]:
             lines.append(f"**Chosen: {p['chosen']}** → `{p['bundle']}`"
                          + (" (signed, installs offline)" if p["signed"] else ""))
+            w = p.get("wire") or {}
+            if w.get("bundle_bytes") is not None:
+                lines += ["", f"On the wire: {_mib(w['bundle_bytes'])} MiB ({p.get('kind', 'full')} bundle)"
+                          + (f", {w['ratio']:.1%} of the full bundle's {_mib(w['full_bundle_bytes'])} MiB"
+                             if p.get("kind") == "adapter" and w.get("ratio") is not None else "") + "."]
         else:
             lines.append(f"**Refused:** {p['refusal']}")
         lines += ["", "| format | peak MiB (+headroom) | usable MiB | predicted tok/s | target | ppl Δ | verdict |",

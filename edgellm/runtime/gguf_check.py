@@ -207,24 +207,29 @@ def _tensors(f: _Fields, hp: dict[str, Any], n_vocab: int, size: int) -> tuple[d
     return dict(sorted(type_counts.items())), weights
 
 
-def check_gguf(path: str | Path) -> GGUFInfo:
-    """Validate a GGUF's header, metadata and tensor table without native code.
-
-    Raises :class:`ModelLoadError` for anything llama.cpp could crash on or misread.
-    """
+def open_gguf(path: Path) -> tuple[Any, int]:
+    """gguf-py's reader over ``path`` (magic checked first) and the file's size; damage is :func:`_bad`."""
     import gguf
 
-    path = Path(path)
-    if not path.is_file():
-        raise _err(ModelLoadError, f"{path} does not exist", "check the model path")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise _bad(path, "bad magic (not a GGUF file)")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path)), size
     except Exception as e:  # gguf-py raises ValueError/IndexError/... on damaged structure
         raise _bad(path, f"{type(e).__name__}: {e}") from e
+
+
+def check_gguf(path: str | Path) -> GGUFInfo:
+    """Validate a GGUF's header, metadata and tensor table without native code.
+
+    Raises :class:`ModelLoadError` for anything llama.cpp could crash on or misread.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _err(ModelLoadError, f"{path} does not exist", "check the model path")
+    reader, size = open_gguf(path)
     f = _Fields(reader, path)
     hp = _hparams(f)
     n_vocab, special = _tokenizer(f)

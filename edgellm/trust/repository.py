@@ -82,6 +82,9 @@ def target_custom(manifest: Any, bundle_sha256: str) -> dict[str, Any]:
         "quantization": manifest.quantization, "profiles": list(manifest.profiles),
         "metrics": dict(manifest.metrics), "memory": manifest.memory.to_dict(), "bundle_sha256": bundle_sha256,
     }})
+    if manifest.extra.get("kind"):  # an adapter bundle: devices choose by the base it applies to
+        out["edgellm"]["kind"] = str(manifest.extra["kind"])
+        out["edgellm"]["base"] = canonical_safe(manifest.extra.get("base"))
     return out
 
 

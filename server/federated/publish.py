@@ -187,10 +187,28 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
         refusals = "; ".join(f"{r.profile}: {r.selection.refusal}" for r in built.refused)
         raise FlError(f"no profile of group {run['grp']} could take the merged model ({refusals})",
                       hint="see the build report in " + str(work / "dist"))
+    adapter_targets = _publish_adapters(repo, repo_dir, run, adapters, merged, lin, work)
     rid = None
     if s.rollout:
         rid = rollout.start(fl.store, model=run["model"], version=run["version"], group=run["grp"],
                             canary=s.canary, gate=s.gate or None, no_gate=not s.gate, bake=s.bake)
     digest = hashlib.sha256(json.dumps(lin, sort_keys=True).encode()).hexdigest()
-    return {"targets": targets, "profiles": profiles, "rollout": rid, "lineage_sha256": digest,
-            "merge_base": base.name}
+    return {"targets": targets, "adapter_targets": adapter_targets, "profiles": profiles, "rollout": rid,
+            "lineage_sha256": digest, "merge_base": base.name}
+
+
+def _publish_adapters(repo: Any, repo_dir: Path, run: dict[str, Any], adapters: Path, merged: Path,
+                      lin: dict[str, Any], work: Path) -> list[str]:
+    """The result as adapter bundles beside the merged full ones; a failure here loses only the adapters."""
+    from server.federated.adapter_publish import publish_adapters
+
+    s = run["settings"]
+    try:
+        return publish_adapters(repo, base_targets(repo_dir, run["model"], run["base_version"]), adapters,
+                                s.lora_rank, s.lora_alpha, merged, model=run["model"],
+                                base_version=run["base_version"], version=run["version"], lineage=lin,
+                                work=work / "adapters")
+    except Exception as e:  # noqa: BLE001 - the merged full bundles are published already
+        logger.warning("run %s: adapter bundles not published (%s); devices take the merged bundles",
+                       run["id"], e)
+        return []
