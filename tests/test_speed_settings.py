@@ -21,14 +21,16 @@ PROFILE = "rpi5-8gb"  # 4 cores, 4 threads
 def _slot(data_dir: Path, gguf: Path, settings: dict | None) -> Path:
     """An unpacked slot as the installer leaves it: the artifact and its manifest."""
     from agent.config import AgentPaths
+    from edgellm._fs import sha256_file
 
     paths = AgentPaths(data_dir)
     slot = paths.slot_dir("a")
     slot.mkdir(parents=True)
     shutil.copyfile(gguf, slot / "model.gguf")
+    files = [{"path": "model.gguf", "sha256": sha256_file(gguf), "size": gguf.stat().st_size}]
     manifest = {"name": "tiny", "version": "1.0.0", "runtime": "gguf", "artifact": "model.gguf",
                 "quantization": "q8_0", "profiles": [PROFILE], "memory": {"context_length": 256},
-                "generation": {"temperature": 0.0, "threads": 1}}
+                "generation": {"temperature": 0.0, "threads": 1}, "files": files}
     if settings is not None:
         manifest["runtime_settings"] = settings
     (slot / "manifest.json").write_text(json.dumps(manifest))
