@@ -155,8 +155,9 @@ def test_init_keeps_the_root_key_out_of_the_data_directory_and_still_publishes(t
     assert str(operator) in r.output and "offline" in r.output
     assert not list((data / "keys").glob("root-*.pem"))
     assert list(operator.glob("root-*.pem")) and mode(operator / "root-1.pem") == 0o600
-    assert sorted(p.name for p in (data / "keys").glob("*.pem")) == ["snapshot-1.pem", "targets-1.pem",
-                                                                     "timestamp-1.pem"]
+    # the online roles, plus the director's online key that signs assignments
+    assert sorted(p.name for p in (data / "keys").glob("*.pem")) == ["director-1.pem", "snapshot-1.pem",
+                                                                     "targets-1.pem", "timestamp-1.pem"]
     assert all(mode(p) == 0o600 for p in (data / "keys").glob("*.pem")) and mode(data / "keys") == 0o700
     assert (data / "keys" / "root.json").read_bytes() == (operator / "root.json").read_bytes()
     cli("publish", "--data-dir", data, packed_bundle)  # the online keys are enough to publish
