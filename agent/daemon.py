@@ -87,12 +87,15 @@ def bind_unix(path: str | Path, mode: int = 0o660) -> socket.socket:
     return s
 
 
-def load_handle(paths: AgentPaths, slot: str, *, threads: int) -> ModelHandle:
+def load_handle(paths: AgentPaths, slot: str, *, threads: int | None = None) -> ModelHandle:
+    """Load a slot's model with the manifest's runtime settings; ``threads`` (the config's) overrides
+    the manifest's thread count, which is otherwise capped at the CPUs this process may use."""
     from edgellm.runtime import load_runtime
+    from edgellm.runtime.settings import resolve
 
     slot_dir = paths.slot_dir(slot)
     m = read_manifest(slot_dir)
-    rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, threads=threads,
+    rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, settings=resolve(m, threads),
                       context_length=m.memory.context_length or None)
     return ModelHandle(runtime=rt, name=m.name, version=m.version, slot=slot, kind=m.runtime,
                        quantization=m.quantization, defaults=dict(m.generation), adapters=served(paths, slot, rt, m))
