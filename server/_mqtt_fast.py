@@ -56,7 +56,7 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
-def parse_publish_v5(packet: bytes) -> tuple[int, str, bytes] | None:
+def parse_publish_v5(packet: bytes | bytearray) -> tuple[int, str, bytes] | None:
     """(packet id, topic, payload) of an MQTT 5 QoS 1 PUBLISH body (variable header + payload), or
     None when anything is out of bounds or unusual (empty topic / topic alias, bad UTF-8): the
     caller then hands the packet to paho's own parser."""

@@ -97,7 +97,7 @@ class Ingest:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        if self.fast_path:
+        if isinstance(c, FastClient):
             c.on_publish_fast = self._on_publish_fast
         c.on_subscribe = self._on_subscribe
         c.reconnect_delay_set(min_delay=1, max_delay=5)
