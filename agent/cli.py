@@ -64,15 +64,19 @@ def main(verbose: int) -> None:
                    "in federated fine-tuning; the text never leaves the device.")
 @click.option("--learn-from-use", is_flag=True,
               help="Also learn from the user's own messages (capped in bytes; `edgellm-agent learn wipe` erases them).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="Inference threads, overriding the bundle's per-profile setting (default: the bundle's, "
+                   "capped at the CPUs the agent may use).")
 def provision(data_dir, device_id, profile, server, root, group, mqtt_url, ca, cert, key, listen, socket_path,
-              key_type, force, train_data, learn_from_use) -> None:
+              key_type, force, train_data, learn_from_use, threads) -> None:
     """Pin the trust root, record the profile, create the API token and device keys."""
     from agent.provision import provision as _provision
 
     paths = _paths(data_dir)
     cfg = _provision(paths, device_id=device_id, profile=profile, server=server, root=root, group=group,
                      mqtt_url=mqtt_url, ca=ca, cert=cert, key=key, listen=listen, socket_path=socket_path,
-                     key_type=key_type, force=force, train_data=train_data, learn_from_use=learn_from_use)
+                     key_type=key_type, force=force, train_data=train_data, learn_from_use=learn_from_use,
+                     threads=threads)
     click.echo(f"provisioned {cfg.device_id} (profile {cfg.profile}) in {paths.root}")
     click.echo(f"  API token: {paths.token} (mode 0600)")
     click.echo(f"  admin token: {paths.admin_token} (mode 0600; admin API calls only)")

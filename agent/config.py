@@ -107,7 +107,7 @@ class AgentConfig(Record):
     mqtt: MqttConfig | None = None
     listen: str | None = f"127.0.0.1:{DEFAULT_PORT}"
     socket: str | None = None
-    threads: int = 1
+    threads: int | None = None          # None: the bundle manifest's (per profile), capped at the usable CPUs
     update_interval_s: float = 3600.0
     max_boot_attempts: int = 3          # daemon starts allowed before an uncommitted trial reverts
     trial_commit_s: float = 60.0        # a new slot commits after serving this long
@@ -124,6 +124,9 @@ class AgentConfig(Record):
 
     def __post_init__(self) -> None:
         _seconds(self, ("update_interval_s", "trial_commit_s", "health_timeout_s"))
+        if self.threads is not None and (type(self.threads) is not int or not 1 <= self.threads <= 256):
+            raise ConfigError(f"config.json: threads must be null or an integer in 1..256, got {self.threads!r}",
+                              hint="set threads to null (the bundle's setting) or re-provision with --threads N")
 
     @classmethod
     def from_dict(cls, d: dict) -> AgentConfig:

@@ -10,14 +10,12 @@ trial of a new slot once it has served for ``trial_commit_s``.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent._fs import atomic_write_json, remove_tree
@@ -25,6 +23,7 @@ from agent.config import AgentConfig, AgentPaths
 from agent.engine import Engine, ModelHandle
 from agent.errors import ConfigError, InstallError, message_of
 from agent.install import Installer
+from agent.listen import bind_tcp, bind_unix, parse_listen
 from agent.lora_serving import adapter_status, served
 from agent.manifest import read_manifest
 from agent.schemas import UpdateRequest
@@ -37,62 +36,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--listen {listen!r} is not HOST:PORT", hint="for example --listen 127.0.0.1:8321")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError as e:
-        raise ConfigError(f"--listen host {host!r} is not an IP address", hint="use 127.0.0.1 or ::1") from e
-    if not ip.is_loopback:
-        raise ConfigError(f"refusing to listen on {host}: the local API is for this device's own software",
-                         hint="listen on 127.0.0.1 (or ::1), or use --socket for a Unix socket")
-    return host, int(port)
-
-
-def bind_tcp(host: str, port: int) -> socket.socket:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port))
-    s.listen(128)
-    s.setblocking(False)
-    return s
-
-
-def bind_unix(path: str | Path, mode: int = 0o660) -> socket.socket:
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale socket of a dead agent
-        else:
-            raise ConfigError(f"{path} is in use by a running process", hint="stop the other agent first")
-        finally:
-            probe.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o777 & ~mode)
-    try:
-        s.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, mode)
-    s.listen(128)
-    s.setblocking(False)
-    return s
-
-
-def load_handle(paths: AgentPaths, slot: str, *, threads: int) -> ModelHandle:
+def load_handle(paths: AgentPaths, slot: str, *, threads: int | None = None) -> ModelHandle:
+    """Load a slot's model with the manifest's runtime settings; ``threads`` (the config's) overrides
+    the manifest's thread count, which is otherwise capped at the CPUs this process may use."""
     from edgellm.runtime import load_runtime
+    from edgellm.runtime.settings import resolve
 
     slot_dir = paths.slot_dir(slot)
     m = read_manifest(slot_dir)
-    rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, threads=threads,
+    rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, settings=resolve(m, threads),
                       context_length=m.memory.context_length or None)
     return ModelHandle(runtime=rt, name=m.name, version=m.version, slot=slot, kind=m.runtime,
                        quantization=m.quantization, defaults=dict(m.generation), adapters=served(paths, slot, rt, m))

@@ -43,14 +43,14 @@ class HealthBudget:
 
     min_tokens_per_second: float | None = None
     max_memory_bytes: int | None = None
-    threads: int = 1
+    threads: int | None = None  # None: the manifest's runtime settings (capped at the usable CPUs)
     headroom_bytes: int = 256 << 20
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def budget_for(manifest: Manifest, profile: Profile | None, *, threads: int = 1) -> HealthBudget:
+def budget_for(manifest: Manifest, profile: Profile | None, *, threads: int | None = None) -> HealthBudget:
     min_tps = manifest.health.get("min_tokens_per_second")
     max_mem = manifest.health.get("max_memory_bytes")
     p_tps = getattr(profile, "min_tokens_per_second", None)
@@ -103,7 +103,7 @@ def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: flo
                "--budget", json.dumps(budget.to_dict())]
         if adapter_dir is not None:
             cmd += ["--adapter", str(adapter_dir)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(budget.threads), "OMP_WAIT_POLICY": "PASSIVE",
+        env = {**os.environ, "OMP_NUM_THREADS": str(budget.threads or 1), "OMP_WAIT_POLICY": "PASSIVE",
                "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MiB of address space per arena otherwise
                PARENT_ENV: str(os.getpid())}
         t0 = time.monotonic()
@@ -174,6 +174,7 @@ def check_slot(slot_dir: Path, budget: HealthBudget, adapter_dir: Path | None = 
     from agent.manifest import read_manifest
     from edgellm.bundle import GoldenPrompt
     from edgellm.runtime import load_runtime
+    from edgellm.runtime.settings import resolve
 
     manifest = read_manifest(slot_dir)
     adapter = read_manifest(adapter_dir) if adapter_dir is not None else None
@@ -182,7 +183,8 @@ def check_slot(slot_dir: Path, budget: HealthBudget, adapter_dir: Path | None = 
     limit = limit_address_space(budget)
     t0 = time.perf_counter()
     try:
-        rt = load_runtime(manifest.runtime, slot_dir / manifest.artifact, model_dir=slot_dir, threads=budget.threads,
+        rt = load_runtime(manifest.runtime, slot_dir / manifest.artifact, model_dir=slot_dir,
+                          settings=resolve(manifest, budget.threads),
                           context_length=manifest.memory.context_length or None)
     except MemoryError:
         return {"ok": False, "reason": _over_limit(limit)}

@@ -61,7 +61,8 @@ def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | 
               group: str = "default", mqtt_url: str | None = None, ca: str | None = None,
               cert: str | None = None, key: str | None = None, listen: str | None = None,
               socket_path: str | None = None, key_type: str = "ecdsa-p256", force: bool = False,
-              train_data: str | Path | None = None, learn_from_use: bool = False) -> AgentConfig:
+              train_data: str | Path | None = None, learn_from_use: bool = False,
+              threads: int | None = None) -> AgentConfig:
     if paths.config.exists() and not force:
         raise AgentError(f"{paths.root} is already provisioned",
                          hint="pass --force to re-provision (this replaces the API token and the device key)")
@@ -106,7 +107,7 @@ def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | 
     if mqtt_url:
         mqtt = MqttConfig(url=mqtt_url, ca=_abs(ca), cert=_abs(cert), key=_abs(key))
     cfg = AgentConfig(device_id=device_id, profile=profile, server=server.rstrip("/") if server else None,
-                      group=group, mqtt=mqtt)
+                      group=group, mqtt=mqtt, threads=threads)
     if listen is not None:
         cfg.listen = listen or None
     if socket_path is not None:

@@ -1,15 +1,21 @@
-"""Time for a rollout to reach N simulated devices (default 100).
+"""Time for a rollout to reach N devices: simulated devices (default) or real agents (``--real N``).
 
-Two child processes run N/2 simulated devices each (real agent.telemetry over a real Mosquitto;
-they "install" a version 50 ms after desired state arrives and report inference metrics). The
-server (this process) runs the real rollout driver. Measured side by side in one run:
+Simulated mode. REAL: Mosquitto, the server's rollout driver and store (this process), the
+agents' telemetry code. SIMULATED: the devices: two child processes run N/2 simulated devices
+each (agent.telemetry.sim); they "install" a version by sleeping 50 ms after desired state arrives
+(no download, no verification, no health check, no bytes moved) and report made-up inference
+metrics. Measured side by side in one run:
 
 * a canary rollout (10% canary, gate on p95 latency / error rate / mean logprob, bake B s) of a
   good version: time to the canary, to promotion, and until every device reports the version;
 * a canary rollout of a bad version: time until the canary is rolled back by itself;
 * a direct push (100% at once, no gate, no bake): the floor set by MQTT + the devices.
 
-    .venv/bin/python benchmarks/bench_rollout.py [--devices 100] [--bake 2]
+    python benchmarks/bench_rollout.py [--devices 100] [--bake 2]
+
+Real mode (``--real N``, see `benchmarks/_rollout_real.py`): N real ``edgellm-agent run`` processes
+download, verify (TUF), health-check and switch to a new version of a real GGUF bundle served by
+the server's HTTP repository; reports time per phase and bytes moved per device.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures_mqtt import Broker  # noqa: E402
 from fixtures_trust import publish_versions  # noqa: E402
@@ -58,7 +65,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--bake", type=float, default=2.0)
+    ap.add_argument("--real", type=int, default=0, metavar="N", help="N real agent processes instead of simulated devices")
+    ap.add_argument("--hidden", type=int, default=768, help="real mode: model width (768 x 16 layers: 101M params)")
+    ap.add_argument("--layers", type=int, default=16)
     a = ap.parse_args()
+    if a.real:
+        from _rollout_real import run_real
+
+        run_real(a.real, a.hidden, a.layers)
+        return
+    print(f"SIMULATED devices ({a.devices}): install = 50 ms sleep, no download or health check; REAL: broker, "
+          f"server rollout driver, telemetry; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         broker = Broker(work / "mq")

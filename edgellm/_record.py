@@ -22,6 +22,27 @@ def plain(v: Any) -> Any:
     return v
 
 
+_NAMES: dict[type, frozenset[str]] = {}
+_REQUIRED: dict[type, frozenset[str]] = {}
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    """A record class's field names but ``extra`` (cached: telemetry ingest splits thousands a second)."""
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls)) - {"extra"}
+    return names
+
+
+def required_fields(cls: type) -> frozenset[str]:
+    """Fields without a default (cached per class)."""
+    req = _REQUIRED.get(cls)
+    if req is None:
+        req = _REQUIRED[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                                         and f.default_factory is dataclasses.MISSING)
+    return req
+
+
 class Record:
     """Mixin for a dataclass with an ``extra: dict`` field. Subclasses convert nested records by
     overriding ``from_dict`` and calling ``super().from_dict`` with the converted dict."""
@@ -33,12 +54,16 @@ class Record:
     def split(cls, d: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(d, dict):
             raise cls.error(f"{cls.__name__}: expected an object, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
+        names = _field_names(cls)
         return {k: v for k, v in d.items() if k in names}, {k: v for k, v in d.items() if k not in names}
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
-        known, extra = cls.split(d)
+        return cls.build(*cls.split(d))
+
+    @classmethod
+    def build(cls, known: dict[str, Any], extra: dict[str, Any]) -> Any:
+        """The record from an already :meth:`split` dict."""
         try:
             return cls(**known, extra=extra)  # type: ignore[call-arg]
         except TypeError as e:

@@ -4,14 +4,17 @@ CPU, ISA features, RAM, the runtimes installed, and a measured memory bandwidth.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from edgellm.errors import ProfileError
 from edgellm.formats import RUNTIME_NAMES
@@ -68,50 +71,105 @@ def _mem_available_bytes() -> int:
     return _mem_total_bytes() // 2
 
 
-def measure_bandwidth_gbps(seconds: float = 0.5, buffer_mb: int = 128, threads: int = 1) -> float:
-    """Sustained memory bandwidth in GB/s, measured with a numpy copy (STREAM-copy style).
+@dataclasses.dataclass(frozen=True)
+class Bandwidth:
+    """Several bandwidth samples (GB/s) of one buffer size: use the median, report the spread."""
 
-    Copies a ``buffer_mb`` MiB array into another repeatedly for about ``seconds`` (allocation
-    included; at least 3 passes) and counts
-    read + write bytes of the best pass. ``threads`` > 1 copies disjoint slices in parallel threads
-    (numpy releases the GIL while copying); one thread gives a single-core figure, which is lower
-    than what a multi-threaded decoder reaches on many-core parts. The buffer is capped at 1/8 of
-    the available RAM so this is safe on small boards.
-    """
-    from concurrent.futures import ThreadPoolExecutor
+    samples: tuple[float, ...]
+    buffer_mb: int
+    threads: int
+    cpu_samples: tuple[float, ...] = ()  # the same copies timed in CPU seconds (immune to time-slicing)
 
-    import numpy as np
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.samples))
 
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: 0.1 means the samples lie within 10% of each other."""
+        return (max(self.samples) - min(self.samples)) / self.median if self.median > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_gbps": round(self.median, 3), "min_gbps": round(min(self.samples), 3),
+                "max_gbps": round(max(self.samples), 3), "spread": round(self.spread, 3),
+                "samples_gbps": [round(x, 3) for x in self.samples], "buffer_mb": self.buffer_mb,
+                "threads": self.threads, "method": "numpy copy, read + write bytes, median pass per sample",
+                **({"cpu_median_gbps": round(float(statistics.median(self.cpu_samples)), 3)} if self.cpu_samples else {})}
+
+
+class BandwidthMeter:
+    """Holds two buffers so samples can be taken between other measurements (interleaved).
+
+    Each :meth:`sample` times ``passes`` full copies and keeps the median pass; a sample is one
+    figure, :meth:`result` the median over all samples taken. The buffer is capped at 1/8 of the
+    available RAM. Choose it larger than the last-level cache (or as large as the model the figure is
+    compared with): a buffer that fits in a large L3 measures the cache, not memory, which is how one
+    build read 10 GB/s and the next 38 GB/s."""
+
+    def __init__(self, buffer_mb: int = 256, threads: int = 1) -> None:
+        import numpy as np
+
+        nbytes = min(buffer_mb * 1024 * 1024, max(_mem_available_bytes() // 8, 8 * 1024 * 1024))
+        self.n = nbytes // 8
+        self.buffer_mb = nbytes >> 20
+        self.threads = max(1, int(threads))
+        self._src = np.ones(self.n, dtype=np.float64)
+        self._dst = np.empty_like(self._src)
+        np.copyto(self._dst, self._src)  # fault the pages in
+        self.samples: list[float] = []
+        self.cpu_samples: list[float] = []
+
+    def _copy(self) -> tuple[float, float]:
+        import numpy as np
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        if self.threads == 1:
+            np.copyto(self._dst, self._src)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            n, k = self.n, self.threads
+            bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+            with ThreadPoolExecutor(k) as pool:  # numpy releases the GIL while copying
+                list(pool.map(lambda b: np.copyto(self._dst[b[0]:b[1]], self._src[b[0]:b[1]]), bounds))
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def sample(self, passes: int = 3) -> float:
+        """One sample in GB/s of wall time; the same copies in CPU time go to :attr:`cpu_samples`."""
+        runs = [self._copy() for _ in range(max(1, passes))]
+        gbps = 2 * self.n * 8 / statistics.median(r[0] for r in runs) / 1e9
+        cpu = statistics.median(r[1] for r in runs)
+        self.samples.append(gbps)
+        self.cpu_samples.append(2 * self.n * 8 / cpu / 1e9 if cpu > 0 else gbps)
+        return gbps
+
+    def result(self) -> Bandwidth:
+        if not self.samples:
+            self.sample()
+        return Bandwidth(tuple(self.samples), self.buffer_mb, self.threads, tuple(self.cpu_samples))
+
+
+def measure_bandwidth(samples: int = 5, buffer_mb: int = 256, threads: int = 1, passes: int = 3) -> Bandwidth:
+    """Sustained memory bandwidth: ``samples`` samples of a numpy copy (STREAM-copy style, read +
+    write bytes counted), each the median of ``passes`` copies; see :class:`BandwidthMeter`."""
+    meter = BandwidthMeter(buffer_mb, threads)
+    for _ in range(max(1, samples)):
+        meter.sample(passes)
+    res = meter.result()
+    log.debug("bandwidth: %s", res.to_dict())
+    return res
+
+
+def measure_bandwidth_gbps(seconds: float = 0.5, buffer_mb: int = 256, threads: int = 1) -> float:
+    """The median of :func:`measure_bandwidth` (samples spread over about ``seconds``), in GB/s.
+
+    ``threads`` > 1 copies disjoint slices in parallel threads; one thread gives a single-core
+    figure, lower than what a multi-threaded decoder reaches on many-core parts."""
+    meter = BandwidthMeter(buffer_mb, threads)
     deadline = time.perf_counter() + max(seconds, 0.05)
-    nbytes = min(buffer_mb * 1024 * 1024, max(_mem_available_bytes() // 8, 8 * 1024 * 1024))
-    n = nbytes // 8
-    src = np.ones(n, dtype=np.float64)
-    dst = np.empty_like(src)
-    threads = max(1, int(threads))
-    bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
-
-    def copy_slice(b: tuple[int, int]) -> None:
-        np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]])
-
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    try:
-        np.copyto(dst, src)  # fault the pages in
-        best = math.inf
-        passes = 0
-        while passes < 3 or (time.perf_counter() < deadline and passes < 200):
-            t0 = time.perf_counter()
-            if pool is None:
-                np.copyto(dst, src)
-            else:
-                list(pool.map(copy_slice, bounds))
-            best = min(best, time.perf_counter() - t0)
-            passes += 1
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    gbps = 2 * n * 8 / best / 1e9
-    log.debug("bandwidth: %.2f GB/s (%d MiB buffer, %d threads, %d passes)", gbps, nbytes >> 20, threads, passes)
-    return gbps
+    while len(meter.samples) < 3 or (time.perf_counter() < deadline and len(meter.samples) < 50):
+        meter.sample(passes=1)
+    return meter.result().median
 
 
 def _detect_device_class(arch: str, ram_bytes: int, flags: list[str]) -> str:

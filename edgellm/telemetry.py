@@ -36,7 +36,7 @@ import math
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-from edgellm._record import Record
+from edgellm._record import Record, required_fields
 from edgellm.errors import EdgeLLMError
 from edgellm.ids import ID_RULE
 from edgellm.ids import valid_id as valid_id  # the one id rule, re-exported for wire users
@@ -212,16 +212,15 @@ class _Record(Record):
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
-        known, _ = cls.split(d)
-        required = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        known, extra = cls.split(d)
+        required = required_fields(cls)
         for k, v in known.items():
             if v is None and k in required:
                 raise TelemetryError(f"{cls.__name__}.{k} is required")
             spec = cls._fields.get(k)
             if spec is not None:
                 spec.check(cls.__name__, k, v)
-        return super().from_dict(d)
+        return cls.build(known, extra)
 
 
 @dataclasses.dataclass
@@ -336,9 +335,15 @@ class Envelope(_Record):
         return env
 
     def typed_body(self) -> _Record | dict[str, Any]:
-        """The body as its typed record (raises TelemetryError if it does not fit the schema)."""
+        """The body as its typed record (raises TelemetryError if it does not fit the schema).
+        Checked once per body object: ingest validates it and the store reads it again."""
+        cached = self.__dict__.get("_typed")
+        if cached is not None and cached[0] is self.body:
+            return cached[1]
         t = BODY_TYPES.get(self.kind)
-        return t.from_dict(self.body) if t else dict(self.body)
+        rec = t.from_dict(self.body) if t else dict(self.body)
+        self.__dict__["_typed"] = (self.body, rec)
+        return rec
 
     def to_json(self) -> bytes:
         return dumps(self.to_dict())

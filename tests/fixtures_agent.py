@@ -41,7 +41,7 @@ def agent_cli(*args: str, data_dir: Path | None = None, check: bool = True, time
 
 
 def make_gguf_bundle(out_dir: Path, gguf: Path, *, version: str, golden: list[dict],
-                     health: dict | None = None, name: str = MODEL_NAME) -> Path:
+                     health: dict | None = None, name: str = MODEL_NAME, extra: dict | None = None) -> Path:
     """Pack a bundle of ``gguf`` (a real model) at ``version``; returns the bundle archive."""
     from edgellm.bundle import pack
 
@@ -52,7 +52,7 @@ def make_gguf_bundle(out_dir: Path, gguf: Path, *, version: str, golden: list[di
         "name": name, "version": version, "runtime": "gguf", "artifact": "model.gguf",
         "quantization": "q8_0", "profiles": [AGENT_PROFILE],
         "memory": {"context_length": 256}, "generation": {"temperature": 0.0},
-        "golden_prompts": golden, "health": health or {},
+        "golden_prompts": golden, "health": health or {}, **(extra or {}),
     }))
     return pack(src, out_dir / f"{name}-{version}.bundle").path
 

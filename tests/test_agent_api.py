@@ -66,8 +66,8 @@ class Server:
         from agent.api.server import uvicorn_config
         from agent.audit import AuditLog
         from agent.config import Limits
-        from agent.daemon import bind_tcp, bind_unix
         from agent.engine import Engine, ModelHandle
+        from agent.listen import bind_tcp, bind_unix
         from agent.metrics import Metrics
 
         self.rt = ScriptedRuntime(delay)
@@ -247,8 +247,8 @@ def test_unix_socket_is_0660_and_audit_records_callers(tmp_path):
 
 
 def test_listen_refuses_non_loopback_addresses():
-    from agent.daemon import parse_listen
     from agent.errors import AgentError
+    from agent.listen import parse_listen
 
     assert parse_listen("127.0.0.1:8321") == ("127.0.0.1", 8321)
     assert parse_listen("[::1]:9") == ("::1", 9)
@@ -258,8 +258,8 @@ def test_listen_refuses_non_loopback_addresses():
 
 
 def test_stale_socket_is_replaced_but_a_live_one_is_not(tmp_path):
-    from agent.daemon import bind_unix
     from agent.errors import AgentError
+    from agent.listen import bind_unix
 
     p = tmp_path / "a.sock"
     s1 = bind_unix(p)

@@ -42,6 +42,7 @@ from edgellm.pipeline.evaluate import train_report
 from edgellm.pipeline.model_check import check_model_dir
 from edgellm.pipeline.select import Budget, Selection, select
 from edgellm.pipeline.tokenizer import tokenizer_json_text
+from edgellm.runtime.settings import for_profile
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ def manifest_for(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel:
                     "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
                                      "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
                                      "eval_sha256": cands.eval_sha256}, **(cfg.lineage or {})},
+        "runtime_settings": for_profile(profile, m.runtime).to_dict(),
         "golden_prompts": golden,
         "health": {"min_tokens_per_second": profile.min_tokens_per_second, "max_load_seconds": 60,
                    "max_memory_bytes": int(profile.usable_ram_bytes)},
@@ -377,7 +379,7 @@ def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResu
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference,
                   **check_model_dir(cands.model_dir)},
-        "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "threads": cfg.threads},
+        "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "bandwidth": cands.bandwidth, "threads": cfg.threads},
         "config": cfg.to_dict(),
         "candidates": [m.to_dict() for m in cands.measurements.values()],
         "failed_candidates": cands.failures,

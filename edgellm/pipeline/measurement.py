@@ -65,7 +65,7 @@ class Measurement:
 
     def predicted_tokens_per_second(self, bandwidth_gbps: float) -> float:
         """Roofline: efficiency measured here × the device's bandwidth ÷ bytes read per token."""
-        return self.efficiency * bandwidth_gbps * 1e9 / max(1, self.bytes_per_token)
+        return min(1.0, self.efficiency) * bandwidth_gbps * 1e9 / max(1, self.bytes_per_token)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -16,6 +16,7 @@ from edgellm.runtime.base import (
     TokenEvent,
     render_chat,
 )
+from edgellm.runtime.settings import RuntimeSettings
 
 __all__ = [
     "Completion",
@@ -26,6 +27,7 @@ __all__ = [
     "RUNTIMES",
     "Runtime",
     "RuntimeFailure",
+    "RuntimeSettings",
     "TokenEvent",
     "load_runtime",
     "render_chat",
@@ -33,12 +35,16 @@ __all__ = [
 
 
 def load_runtime(kind: str, artifact: str | Path, *, model_dir: str | Path | None = None,
-                 threads: int = 1, context_length: int | None = None) -> Runtime:
+                 threads: int = 1, context_length: int | None = None,
+                 settings: RuntimeSettings | None = None) -> Runtime:
     """Load ``artifact`` with the backend for ``kind`` (one of :data:`edgellm.formats.RUNTIMES`).
 
     ``model_dir`` holds ``tokenizer.json``/``generation_config.json`` (for ONNX; GGUF carries
-    its tokenizer). Backends are imported here, lazily.
+    its tokenizer). ``settings`` (threads, flash attention, KV type, batch sizes, mmap; see
+    :mod:`edgellm.runtime.settings`) replaces ``threads`` when given. Backends are imported here, lazily.
     """
+    if settings is not None:
+        threads = settings.threads
     if kind == ONNX:
         from edgellm.runtime.onnx import OnnxRuntime
 
@@ -46,5 +52,10 @@ def load_runtime(kind: str, artifact: str | Path, *, model_dir: str | Path | Non
     if kind == GGUF:
         from edgellm.runtime.llamacpp import LlamaCppRuntime
 
-        return LlamaCppRuntime.load(artifact, threads=threads, context_length=context_length)
+        if settings is None:
+            return LlamaCppRuntime.load(artifact, threads=threads, context_length=context_length)
+        return LlamaCppRuntime.load(artifact, threads=threads, context_length=context_length,
+                                    flash_attn=settings.flash_attn, kv_cache_type=settings.kv_cache_type,
+                                    batch_size=settings.batch_size, ubatch_size=settings.ubatch_size,
+                                    mmap=settings.mmap)
     raise ModelLoadError(f"unknown runtime {kind!r}", hint=f"use one of {', '.join(RUNTIMES)}")

@@ -49,6 +49,8 @@ CTX_ALIGN = 256  # llama.cpp rounds n_ctx up to this internally; we ask for mult
 #: through mmap, their file pages stay resident next to the copy (measured here: Q4_K_M 71.8 MiB
 #: peak RSS with mmap, 50.1 without), so such models are loaded without mmap.
 REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
+#: KV-cache types accepted by :meth:`LlamaCppRuntime.load` -> ggml type ids
+KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}
 
 
 def import_llama_cpp() -> Any:
@@ -111,6 +113,7 @@ class LlamaCppRuntime(Runtime):
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self.bos_id = info.bos_id
         self.use_mmap = True
+        self.settings: dict[str, Any] = {"threads": threads}  # what llama.cpp was given (set by load)
         self._closed = False
         meta = getattr(llm, "metadata", None) or {}
         self._normalizer = meta.get("edgellm.tokenizer.normalizer")
@@ -146,13 +149,16 @@ class LlamaCppRuntime(Runtime):
     @classmethod
     def load(cls, path: str | Path, threads: int = 1, context_length: int | None = None, *,
              sha256: str | None = None, size: int | None = None, isolate: bool = False,
-             kv_cache_type: str = "f16", batch_size: int = 256, mmap: bool | None = None) -> LlamaCppRuntime:
+             kv_cache_type: str = "f16", batch_size: int = 256, mmap: bool | None = None,
+             flash_attn: bool = False, ubatch_size: int | None = None) -> LlamaCppRuntime:
         """Verify, validate, then load ``path``.
 
         ``context_length`` defaults to the model's trained context (llama.cpp gets it rounded up to
         a multiple of 256). ``sha256``/``size`` (from a verified manifest) are checked before any
-        parser reads the file. ``kv_cache_type="f32"`` gives exact parity with torch. ``mmap``
-        defaults to on, except for models with repacked types (:data:`REPACKED_TYPES`).
+        parser reads the file. ``kv_cache_type="f32"`` gives exact parity with torch;
+        ``"q8_0"`` halves the cache and needs ``flash_attn``. ``mmap`` defaults to on, except for
+        models with repacked types (:data:`REPACKED_TYPES`). ``ubatch_size`` defaults to
+        ``batch_size``. What llama.cpp was given is in :attr:`settings`.
         """
         path = Path(path)
         if not path.is_file():
@@ -171,24 +177,33 @@ class LlamaCppRuntime(Runtime):
             ctx = info.context_length
         if isolate:
             probe_in_subprocess(path)
-        kv = {"f16": 1, "f32": 0}.get(kv_cache_type)
+        kv = KV_TYPES.get(kv_cache_type)
         if kv is None:
-            raise _err(ModelLoadError, f"kv_cache_type {kv_cache_type!r}", "use 'f16' or 'f32'")
+            raise _err(ModelLoadError, f"kv_cache_type {kv_cache_type!r}", f"use one of {', '.join(KV_TYPES)}")
+        if kv_cache_type == "q8_0" and not flash_attn:
+            raise _err(ModelLoadError, "a q8_0 KV cache needs flash attention in llama.cpp", "pass flash_attn=True")
         llama_cpp = import_llama_cpp()
         n_ctx = _round_ctx(ctx)
         use_mmap = mmap if mmap is not None else not (set(info.tensor_types) & REPACKED_TYPES)
         try:
             llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=min(batch_size, n_ctx), n_ubatch=min(batch_size, n_ctx),
-                n_threads=threads, n_threads_batch=threads, type_k=kv, type_v=kv, use_mmap=use_mmap,
+                model_path=str(path), n_ctx=n_ctx, n_batch=min(batch_size, n_ctx),
+                n_ubatch=min(ubatch_size or batch_size, batch_size, n_ctx), n_threads=threads,
+                n_threads_batch=threads, type_k=kv, type_v=kv, use_mmap=use_mmap, flash_attn=flash_attn,
                 verbose=False,
             )
         except Exception as e:  # llama-cpp-python raises ValueError on load failures
             raise _err(ModelLoadError, f"llama.cpp could not load {path.name}: {e}",
                        "re-export the model or check the file is complete") from e
-        log.info("loaded %s (%s, ctx %d, %d threads, mmap %s)", path.name, info.tensor_types, ctx, threads, use_mmap)
+        cp = llm.context_params
+        settings = {"threads": int(cp.n_threads), "threads_batch": int(cp.n_threads_batch),
+                    "flash_attn": cp.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                    "kv_cache_type": kv_cache_type, "batch_size": int(cp.n_batch), "ubatch_size": int(cp.n_ubatch),
+                    "mmap": llm.model_params.load_mode == llama_cpp.LLAMA_LOAD_MODE_MMAP}
+        log.info("loaded %s (%s, ctx %d, %s)", path.name, info.tensor_types, ctx, settings)
         rt = cls(llm, info, ctx, threads)
         rt.use_mmap = use_mmap
+        rt.settings = settings
         return rt
 
     # ---- properties

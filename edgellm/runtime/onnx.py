@@ -104,6 +104,7 @@ class OnnxRuntime(Runtime):
         added = [t.content for t in added_tokens.values()]
         self._set_chat_template(chat_template, special_tokens or {}, added)
         self._out_names = [o.name for o in session.get_outputs()]
+        self.settings: dict[str, Any] = {}  # what onnxruntime was given (set by load)
         self._closed = False
         # KV cache kept between generations: a prompt sharing a prefix with the previous
         # prompt + output (chat turns, a fixed system prompt) only evaluates the new tokens.
@@ -177,9 +178,11 @@ class OnnxRuntime(Runtime):
         template = meta.get("edgellm.chat_template") or tok_cfg.get("chat_template")
         specials = {name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
                     if isinstance(text := _token_text(tok_cfg.get(name)), str)}
-        return cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
-                   vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
-                   chat_template=template if isinstance(template, str) else None, special_tokens=specials)
+        rt = cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
+                 vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
+                 chat_template=template if isinstance(template, str) else None, special_tokens=specials)
+        rt.settings = {"threads": int(so.intra_op_num_threads)}  # what onnxruntime was given
+        return rt
 
     # ---- properties ----------------------------------------------------------------------
     @property

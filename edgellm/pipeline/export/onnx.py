@@ -148,6 +148,12 @@ def _add_metadata(path: Path, model_dir: Path, cfg, fmt: str, exporter: str) -> 
     onnx.save(m, str(path))
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def _quantize_int8(src: Path, dst: Path, work: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -163,8 +169,13 @@ def _quantize_int8(src: Path, dst: Path, work: Path) -> None:
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", overwrite: bool = True,
-                evaluate: bool = True, eval_data: Any = None, eval_windows: int = 8) -> dict[str, Any]:
+                evaluate: bool = True, eval_data: Any = None, eval_windows: int = 8,
+                fp32_source: str | Path | None = None) -> dict[str, Any]:
     """Export ``model_dir`` to ``out`` in ``fmt`` (``onnx`` or ``onnx-int8``); returns the report.
+
+    ``fp32_source``: an fp32 export of this same model made earlier (the build's ``onnx-fp32``
+    candidate); int8 then quantizes it instead of exporting again (the torch export is most of the
+    time an ONNX candidate takes).
 
     The file appears atomically; ``<out>.report.json`` holds size and (with ``evaluate``)
     perplexity, bits/byte, KL and top-1 agreement vs the fp32 torch model, and decode tokens/s.
@@ -186,8 +197,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
     with tempfile.TemporaryDirectory(prefix=".edgellm-export-", dir=out.parent if out.parent.exists() else None) as td:
         work = Path(td)
         fp32 = work / "model.onnx"
-        exporter = _export_fp32(model, fp32)
-        _add_metadata(fp32, model_dir, model.config, "onnx", exporter)
+        if fp32_source is not None:
+            shutil.copyfile(fp32_source, fp32)
+            exporter = _metadata(fp32).get("edgellm.exporter", "unknown")
+        else:
+            exporter = _export_fp32(model, fp32)
+            _add_metadata(fp32, model_dir, model.config, "onnx", exporter)
         with atomic_file(out, overwrite=overwrite) as tmp:
             if fmt == "onnx":
                 shutil.copyfile(fp32, tmp)
