@@ -7,10 +7,13 @@ WHEELHOUSE ?= $(HOME)/.cache/edgellm/wheelhouse
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
+DEMO_DIR ?= edgellm-quickstart
+DEMO_ARGS ?=
 
-.PHONY: help venv wheelhouse install lint test test-quick bench clean
+.PHONY: help venv wheelhouse install demo lint test test-quick bench clean
 
 help:
+	@echo "make demo        install, then run \`edgellm quickstart\` into $(DEMO_DIR)/ (about 7 minutes on 2 cores)"
 	@echo "make install     create $(VENV) and install edgellm[all] (builds the llama.cpp wheel once)"
 	@echo "make lint        ruff (lint + format check) and mypy on edgellm/, agent/, server/"
 	@echo "make test        install, lint, then run the whole test suite (what CI runs)"
@@ -33,6 +36,11 @@ install: wheelhouse
 	$(VENV)/bin/pip install -q --prefer-binary --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(VENV)/bin/pip install -q --find-links $(WHEELHOUSE) -e '.[all]'
 	$(VENV)/bin/pip check
+
+# the whole product on this machine: train, build, sign, a broker, a server, three agents, rollouts,
+# a federated round; DEMO_ARGS=--keep-running leaves the fleet up to explore
+demo: install
+	$(VENV)/bin/edgellm quickstart --workdir $(DEMO_DIR) --fresh $(DEMO_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check .

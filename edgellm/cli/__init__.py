@@ -49,9 +49,9 @@ def completion(shell: str, prog: str) -> None:
 
 
 def _register() -> None:
-    from edgellm.cli import build, bundle, finetune, keys, profiles, repo, train
+    from edgellm.cli import build, bundle, finetune, keys, profiles, quickstart, repo, train
 
-    for mod in (profiles, bundle, keys, repo, train, finetune, build):
+    for mod in (profiles, bundle, keys, repo, train, finetune, build, quickstart):
         for cmd in mod.commands:
             main.add_command(cmd)
     main.add_command(completion)

@@ -59,7 +59,7 @@ class SuperLink:
     """One ``flower-superlink`` child process, restarted if it dies (with backoff)."""
 
     def __init__(self, home: Path, address: str, *, max_restarts: int = 20) -> None:
-        self.home = Path(home)
+        self.home = Path(home).resolve()  # flwr runs with cwd=home: a relative FLWR_HOME would not resolve
         self.host, self.port = parse_address(address)
         self.proc: subprocess.Popen[bytes] | None = None
         self.max_restarts = max_restarts
