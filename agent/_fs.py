@@ -52,7 +52,7 @@ def remove_tree(path: str | Path) -> None:
     if not path.exists():
         return
 
-    def _onerror(func, p, exc_info):  # noqa: ANN001
+    def _onerror(func, p, exc_info):
         with contextlib.suppress(OSError):
             os.chmod(p, 0o700)
             os.chmod(os.path.dirname(p), 0o700)
@@ -75,8 +75,10 @@ def file_lock(path: str | Path, *, timeout: float | None = None) -> Iterator[Non
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or deadline is None:
                     raise
                 if time.monotonic() >= deadline:
-                    raise LockTimeout(f"{path} is held by another process",
-                                      hint="another install, update or rollback is running; retry when it ends") from e
+                    raise LockTimeout(
+                        f"{path} is held by another process",
+                        hint="another install, update or rollback is running; retry when it ends",
+                    ) from e
                 time.sleep(0.05)
         yield
     finally:

@@ -59,7 +59,7 @@ class AdapterRecord(Record):
 @dataclasses.dataclass
 class AdapterState(Record):
     adapters: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
-    rejected: list[str] = dataclasses.field(default_factory=list)   # "name@version" that failed or were dropped
+    rejected: list[str] = dataclasses.field(default_factory=list)  # "name@version" that failed or were dropped
     last_result: dict[str, Any] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -101,9 +101,11 @@ class AdapterStore:
         try:
             return AdapterState.from_dict(read_json(self.state_path))
         except (ValueError, TypeError, AttributeError) as e:
-            raise AgentError(f"{self.state_path} is not a valid adapter pointer ({e})",
-                             hint="it is only ever written atomically by the agent: delete it (the base keeps "
-                                  "serving) and install the adapters again") from e
+            raise AgentError(
+                f"{self.state_path} is not a valid adapter pointer ({e})",
+                hint="it is only ever written atomically by the agent: delete it (the base keeps "
+                "serving) and install the adapters again",
+            ) from e
 
     def save(self, state: AdapterState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -155,8 +157,9 @@ class AdapterStore:
         state = self.load()
         rec = state.adapters.pop(name, None)
         if rec is None:
-            raise UpdateRefused(f"no adapter {name!r} is installed",
-                                hint="list installed adapters with `edgellm-agent status`")
+            raise UpdateRefused(
+                f"no adapter {name!r} is installed", hint="list installed adapters with `edgellm-agent status`"
+            )
         if rec.dirname not in state.rejected:
             state.rejected.append(rec.dirname)
         state.last_result = result("rollback", True, version=rec.version, reason=reason, adapter=name)
@@ -179,8 +182,15 @@ class AdapterInstaller:
         self.paths: AgentPaths = installer.paths
         self.store = AdapterStore(self.paths)
 
-    def _fail(self, reason: str, *, version: str | None, adapter: str | None, reject: bool = False,
-              event: str = "update.failed") -> None:
+    def _fail(
+        self,
+        reason: str,
+        *,
+        version: str | None,
+        adapter: str | None,
+        reject: bool = False,
+        event: str = "update.failed",
+    ) -> None:
         state = self.store.load()
         if reject and adapter and version and f"{adapter}@{version}" not in state.rejected:
             state.rejected.append(f"{adapter}@{version}")
@@ -201,7 +211,9 @@ class AdapterInstaller:
             raise BaseNotInstalled(
                 f"adapter {manifest.name} {manifest.version} applies to base {base.name} {base.version} "
                 f"(sha256 {base.artifact_sha256[:12]}…), but this device runs {running}",
-                hint=f"install base {base.name} {base.version} first, then the adapter", base=base)
+                hint=f"install base {base.name} {base.version} first, then the adapter",
+                base=base,
+            )
         return base
 
     def install(self, archive: Path, target: Any, *, source: str, force: bool = False) -> dict:
@@ -221,8 +233,10 @@ class AdapterInstaller:
             raise
         except Exception as e:  # a malformed base reference in a signed manifest
             self._fail(message_of(e), version=version, adapter=name)
-            raise InstallError(f"adapter {name} {version}: {message_of(e)}",
-                               hint="rebuild the adapter bundle with `edgellm build --adapter`") from e
+            raise InstallError(
+                f"adapter {name} {version}: {message_of(e)}",
+                hint="rebuild the adapter bundle with `edgellm build --adapter`",
+            ) from e
         state = self.store.load()
         cur = state.adapters.get(name)
         if f"{name}@{version}" in state.rejected and not force:
@@ -242,12 +256,22 @@ class AdapterInstaller:
         except Exception as e:
             remove_tree(staging)
             self._fail(f"adapter bundle could not be unpacked: {message_of(e)}", version=version, adapter=name)
-            raise InstallError(f"adapter bundle could not be unpacked: {message_of(e)}",
-                               hint="the file is damaged or not an edgellm bundle; rebuild or re-download it") from e
+            raise InstallError(
+                f"adapter bundle could not be unpacked: {message_of(e)}",
+                hint="the file is damaged or not an edgellm bundle; rebuild or re-download it",
+            ) from e
         _crashpoint("unpacked")
-        rec = AdapterRecord(name=name, version=version, manifest_sha256=manifest_sha256(staging),
-                            base_name=base.name, base_version=base.version, base_sha256=base.artifact_sha256,
-                            source=source, target=getattr(target, "path", None), installed_at=time.time())
+        rec = AdapterRecord(
+            name=name,
+            version=version,
+            manifest_sha256=manifest_sha256(staging),
+            base_name=base.name,
+            base_version=base.version,
+            base_sha256=base.artifact_sha256,
+            source=source,
+            target=getattr(target, "path", None),
+            installed_at=time.time(),
+        )
         final = self.store.dir_of(rec)
         from agent.install import _fsync_tree
 
@@ -263,27 +287,40 @@ class AdapterInstaller:
         assert slots.current is not None
         budget = self.installer._budget(manifest)
         self.installer.on_event("update.health_check", version=rec.version, adapter=rec.name)
-        report = self.installer.health_runner(self.paths.slot_dir(slots.current), budget,
-                                              timeout=self.installer.config.health_timeout_s, adapter_dir=final)
+        report = self.installer.health_runner(
+            self.paths.slot_dir(slots.current),
+            budget,
+            timeout=self.installer.config.health_timeout_s,
+            adapter_dir=final,
+        )
         _crashpoint("health_checked")
         if not report.get("ok"):
             remove_tree(final)
             reason = f"health check failed: {report.get('reason')}"
             self._fail(reason, version=rec.version, adapter=rec.name, reject=True)
-            raise HealthCheckFailed(f"adapter {rec.name} {rec.version} {reason}", report=report,
-                                    hint="the base (and any previous adapter) keeps serving; fix the adapter bundle")
+            raise HealthCheckFailed(
+                f"adapter {rec.name} {rec.version} {reason}",
+                report=report,
+                hint="the base (and any previous adapter) keeps serving; fix the adapter bundle",
+            )
         rec.health = report
         state = self.store.load()
         previous = state.adapters.get(rec.name)
         state.adapters[rec.name] = rec
         if rec.dirname in state.rejected:
             state.rejected.remove(rec.dirname)
-        state.last_result = result("install", True, version=rec.version, adapter=rec.name,
-                                   from_version=previous.version if previous else None)
+        state.last_result = result(
+            "install", True, version=rec.version, adapter=rec.name, from_version=previous.version if previous else None
+        )
         self.store.save(state)  # the one atomic write that makes it served
         _crashpoint("switched")
-        self.store.sweep()      # the previous version's directory
+        self.store.sweep()  # the previous version's directory
         log.info("installed adapter %s %s on %s %s", rec.name, rec.version, rec.base_name, rec.base_version)
-        self.installer.on_event("update.installed", version=rec.version, model=f"{rec.base_name}:{rec.name}",
-                                adapter=rec.name, tokens_per_second=report.get("tokens_per_second"))
+        self.installer.on_event(
+            "update.installed",
+            version=rec.version,
+            model=f"{rec.base_name}:{rec.name}",
+            adapter=rec.name,
+            tokens_per_second=report.get("tokens_per_second"),
+        )
         return state.last_result

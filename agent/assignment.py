@@ -38,8 +38,9 @@ def _seen(paths: AgentPaths) -> dict[str, Any]:
     return d if isinstance(d, dict) else {}
 
 
-def current(paths: AgentPaths, config: AgentConfig, source: TufSource, *,
-            on_group: Callable[[str], None] | None = None) -> Any:
+def current(
+    paths: AgentPaths, config: AgentConfig, source: TufSource, *, on_group: Callable[[str], None] | None = None
+) -> Any:
     """The assignment in force for this device (refreshing the repository first), or None.
 
     Raises :class:`~agent.errors.InstallError` when an assignment is refused (bad signature,
@@ -57,18 +58,23 @@ def current(paths: AgentPaths, config: AgentConfig, source: TufSource, *,
             if on_group is not None:
                 on_group(dev.group)
         grp = fetch_assignment(source, "group", config.group, dl)
-    except Exception as e:  # noqa: BLE001 - one error type for the caller, with the hint kept
+    except Exception as e:
         from agent.errors import hint_of, message_of
 
-        raise InstallError(f"assignment refused: {message_of(e)}",
-                           hint=hint_of(e) or "the current model keeps serving; check the server") from e
+        raise InstallError(
+            f"assignment refused: {message_of(e)}",
+            hint=hint_of(e) or "the current model keeps serving; check the server",
+        ) from e
     finally:
         remove_tree(dl)
     seen = _seen(paths)
     for a in (dev, grp):
         if a is not None and a.serial < int(seen.get(a.path, 0)):
-            raise InstallError(f"assignment refused: {a.path} serial {a.serial} is older than {seen[a.path]} "
-                               "applied before (replayed?)", hint="the current model keeps serving; check the server")
+            raise InstallError(
+                f"assignment refused: {a.path} serial {a.serial} is older than {seen[a.path]} "
+                "applied before (replayed?)",
+                hint="the current model keeps serving; check the server",
+            )
     eff = dev if dev is not None and dev.version else grp
     if eff is not None:
         seen[eff.path] = max(eff.serial, int(seen.get(eff.path, 0)))
@@ -81,12 +87,17 @@ def request_for(assignment: Any) -> UpdateRequest | None:
     is an assignment too, no device-local flag needed)."""
     if assignment is None or assignment.version is None:
         return None
-    return UpdateRequest(model=assignment.model, version=assignment.version, rollback=True,
-                         rollout=assignment.rollout)
+    return UpdateRequest(model=assignment.model, version=assignment.version, rollback=True, rollout=assignment.rollout)
 
 
-def check(paths: AgentPaths, config: AgentConfig, source: TufSource, installer: Any, *,
-          on_group: Callable[[str], None] | None = None) -> UpdateRequest | None:
+def check(
+    paths: AgentPaths,
+    config: AgentConfig,
+    source: TufSource,
+    installer: Any,
+    *,
+    on_group: Callable[[str], None] | None = None,
+) -> UpdateRequest | None:
     """The update this device's assignment asks for (None: nothing assigned). A refused
     assignment is recorded as the last update error, then raised."""
     try:
@@ -109,5 +120,11 @@ def describe(assignment: Any) -> dict[str, Any] | None:
     """The assignment as `status` shows it."""
     if assignment is None:
         return None
-    return {"scope": assignment.scope, "subject": assignment.subject, "serial": assignment.serial,
-            "model": assignment.model, "version": assignment.version, "rollout": assignment.rollout}
+    return {
+        "scope": assignment.scope,
+        "subject": assignment.subject,
+        "serial": assignment.serial,
+        "model": assignment.model,
+        "version": assignment.version,
+        "rollout": assignment.rollout,
+    }

@@ -21,8 +21,13 @@ def _paths(data_dir: str | None):
     return AgentPaths(data_dir or default_data_dir())
 
 
-data_dir_option = click.option("--data-dir", "data_dir", type=click.Path(file_okay=False), default=None,
-                               help="Agent data dir (default: $EDGELLM_AGENT_DIR or /var/lib/edgellm-agent).")
+data_dir_option = click.option(
+    "--data-dir",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Agent data dir (default: $EDGELLM_AGENT_DIR or /var/lib/edgellm-agent).",
+)
 
 
 def _echo_result(res: dict, fmt: str) -> None:
@@ -30,8 +35,10 @@ def _echo_result(res: dict, fmt: str) -> None:
         click.echo(json.dumps(res, indent=2, sort_keys=True, default=str))
     else:
         verdict = "ok" if res.get("ok") else "FAILED"
-        click.echo(f"{res.get('action')}: {verdict} version={res.get('version')}"
-                   + (f" ({res['reason']})" if res.get("reason") else ""))
+        click.echo(
+            f"{res.get('action')}: {verdict} version={res.get('version')}"
+            + (f" ({res['reason']})" if res.get("reason") else "")
+        )
 
 
 @click.group(cls=FriendlyGroup)
@@ -48,8 +55,13 @@ def main(verbose: int) -> None:
 @click.option("--device-id", required=True)
 @click.option("--profile", required=True, help="Hardware profile of this device.")
 @click.option("--server", default=None, help="Control-plane URL (TUF repository at URL/metadata/, URL/targets/).")
-@click.option("--root", "root", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The fleet's TUF root.json to pin.")
+@click.option(
+    "--root",
+    "root",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The fleet's TUF root.json to pin.",
+)
 @click.option("--group", default="default", show_default=True, help="Device group for rollouts.")
 @click.option("--mqtt", "mqtt_url", default=None, help="Broker URL, e.g. mqtts://broker:8883.")
 @click.option("--ca", type=click.Path(exists=True, dir_okay=False), default=None)
@@ -59,24 +71,68 @@ def main(verbose: int) -> None:
 @click.option("--socket", "socket_path", default=None, help="Default Unix socket path of the local API.")
 @click.option("--key-type", type=click.Choice(["ecdsa-p256", "ed25519"]), default="ecdsa-p256", show_default=True)
 @click.option("--force", is_flag=True, help="Re-provision an already provisioned data dir.")
-@click.option("--train-data", "train_data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Directory of local text (.txt, .jsonl with a 'text' field) this device may learn from "
-                   "in federated fine-tuning; the text never leaves the device.")
-@click.option("--learn-from-use", is_flag=True,
-              help="Also learn from the user's own messages (capped in bytes; `edgellm-agent learn wipe` erases them).")
-@click.option("--threads", type=click.IntRange(1, 256), default=None,
-              help="Inference threads, overriding the bundle's per-profile setting (default: the bundle's, "
-                   "capped at the CPUs the agent may use).")
-def provision(data_dir, device_id, profile, server, root, group, mqtt_url, ca, cert, key, listen, socket_path,
-              key_type, force, train_data, learn_from_use, threads) -> None:
+@click.option(
+    "--train-data",
+    "train_data",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Directory of local text (.txt, .jsonl with a 'text' field) this device may learn from "
+    "in federated fine-tuning; the text never leaves the device.",
+)
+@click.option(
+    "--learn-from-use",
+    is_flag=True,
+    help="Also learn from the user's own messages (capped in bytes; `edgellm-agent learn wipe` erases them).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Inference threads, overriding the bundle's per-profile setting (default: the bundle's, "
+    "capped at the CPUs the agent may use).",
+)
+def provision(
+    data_dir,
+    device_id,
+    profile,
+    server,
+    root,
+    group,
+    mqtt_url,
+    ca,
+    cert,
+    key,
+    listen,
+    socket_path,
+    key_type,
+    force,
+    train_data,
+    learn_from_use,
+    threads,
+) -> None:
     """Pin the trust root, record the profile, create the API token and device keys."""
     from agent.provision import provision as _provision
 
     paths = _paths(data_dir)
-    cfg = _provision(paths, device_id=device_id, profile=profile, server=server, root=root, group=group,
-                     mqtt_url=mqtt_url, ca=ca, cert=cert, key=key, listen=listen, socket_path=socket_path,
-                     key_type=key_type, force=force, train_data=train_data, learn_from_use=learn_from_use,
-                     threads=threads)
+    cfg = _provision(
+        paths,
+        device_id=device_id,
+        profile=profile,
+        server=server,
+        root=root,
+        group=group,
+        mqtt_url=mqtt_url,
+        ca=ca,
+        cert=cert,
+        key=key,
+        listen=listen,
+        socket_path=socket_path,
+        key_type=key_type,
+        force=force,
+        train_data=train_data,
+        learn_from_use=learn_from_use,
+        threads=threads,
+    )
     click.echo(f"provisioned {cfg.device_id} (profile {cfg.profile}) in {paths.root}")
     click.echo(f"  API token: {paths.token} (mode 0600)")
     click.echo(f"  admin token: {paths.admin_token} (mode 0600; admin API calls only)")
@@ -116,16 +172,31 @@ def status(data_dir, fmt) -> None:
         click.echo(f"{k:13} {st[k] if st[k] is not None else '-'}")
     hc = st.get("health_check") or {}
     if hc.get("tokens_per_second") is not None:
-        click.echo(f"{'health check':13} {hc['tokens_per_second']:.1f} tok/s, "
-                   f"{(hc.get('memory_bytes') or 0) / 2**20:.1f} MiB, load {hc.get('load_s') or 0:.2f} s")
+        click.echo(
+            f"{'health check':13} {hc['tokens_per_second']:.1f} tok/s, "
+            f"{(hc.get('memory_bytes') or 0) / 2**20:.1f} MiB, load {hc.get('load_s') or 0:.2f} s"
+        )
     lu = st["last_update"]
-    click.echo(f"{'last update':13} " + (f"{lu['action']} {'ok' if lu['ok'] else 'FAILED'} {lu.get('version') or ''}"
-                                          f"{' — ' + lu['reason'] if lu.get('reason') else ''}" if lu else "-"))
+    click.echo(
+        f"{'last update':13} "
+        + (
+            f"{lu['action']} {'ok' if lu['ok'] else 'FAILED'} {lu.get('version') or ''}"
+            f"{' — ' + lu['reason'] if lu.get('reason') else ''}"
+            if lu
+            else "-"
+        )
+    )
     tm = st["telemetry"]
     click.echo(f"{'telemetry':13} {tm['state']}" + (f" — {tm['error']}" if tm.get("error") else ""))
     d = st["daemon"]
-    click.echo(f"{'daemon':13} " + (f"running (pid {d.get('pid')}, port {d.get('port')}, socket {d.get('socket')})"
-                                     if d.get("running") else "not running"))
+    click.echo(
+        f"{'daemon':13} "
+        + (
+            f"running (pid {d.get('pid')}, port {d.get('port')}, socket {d.get('socket')})"
+            if d.get("running")
+            else "not running"
+        )
+    )
 
 
 @main.command()
@@ -144,7 +215,8 @@ def install(data_dir, files, allow_downgrade, force, fmt) -> None:
 
     paths = _paths(data_dir)
     results = Installer(paths, AgentConfig.load(paths)).install_envelopes(
-        list(files), UpdateRequest(rollback=allow_downgrade, force=force))
+        list(files), UpdateRequest(rollback=allow_downgrade, force=force)
+    )
     if fmt == "json" and len(results) > 1:
         click.echo(json.dumps(results, indent=2, sort_keys=True, default=str))
         return
@@ -154,8 +226,12 @@ def install(data_dir, files, allow_downgrade, force, fmt) -> None:
 
 @main.command()
 @data_dir_option
-@click.option("--version", "version", default=None,
-              help="Install this version now (default: the version the fleet assigned this device).")
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="Install this version now (default: the version the fleet assigned this device).",
+)
 @click.option("--model", default=None)
 @click.option("--rollback", "allow_rollback", is_flag=True, help="Allow installing an older version.")
 @click.option("--force", is_flag=True, help="Retry a version that was rejected before.")
@@ -178,8 +254,15 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
 
         request = assignment.check(paths, cfg, source, installer)
         if request is None:
-            _echo_result({"action": "update", "ok": True, "version": None,
-                          "reason": "no version is assigned to this device or its group"}, fmt)
+            _echo_result(
+                {
+                    "action": "update",
+                    "ok": True,
+                    "version": None,
+                    "reason": "no version is assigned to this device or its group",
+                },
+                fmt,
+            )
             return
         request = request.model_copy(update={"force": force})
     else:
@@ -217,8 +300,10 @@ def learn_status(data_dir, fmt) -> None:
 
     paths = _paths(data_dir)
     st = _status(paths, AgentConfig.load(paths))
-    text = (f"learn from use: {'on' if st['enabled'] else 'off'}; {st['messages']} messages, "
-            f"{st['bytes']} of {st['max_bytes']} bytes in {st['path']}")
+    text = (
+        f"learn from use: {'on' if st['enabled'] else 'off'}; {st['messages']} messages, "
+        f"{st['bytes']} of {st['max_bytes']} bytes in {st['path']}"
+    )
     click.echo(json.dumps(st, indent=2, sort_keys=True) if fmt == "json" else text)
 
 

@@ -87,10 +87,10 @@ class Limits(Record):
     max_tokens: int = 1024
     default_max_tokens: int = 128
     queue_size: int = 8
-    max_connections: int = 128          # open connections of all clients; also requests running at once
+    max_connections: int = 128  # open connections of all clients; also requests running at once
     max_connections_per_client: int = 64  # per peer address (TCP) or peer uid (Unix socket)
-    header_timeout_s: float = 10.0      # a request's headers must arrive within this
-    body_timeout_s: float = 30.0        # ... and its body within this
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 30.0  # ... and its body within this
     max_header_bytes: int = 16 * 1024
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -107,26 +107,28 @@ class AgentConfig(Record):
     mqtt: MqttConfig | None = None
     listen: str | None = f"127.0.0.1:{DEFAULT_PORT}"
     socket: str | None = None
-    threads: int | None = None          # None: the bundle manifest's (per profile), capped at the usable CPUs
+    threads: int | None = None  # None: the bundle manifest's (per profile), capped at the usable CPUs
     update_interval_s: float = 3600.0
-    max_boot_attempts: int = 3          # daemon starts allowed before an uncommitted trial reverts
-    trial_commit_s: float = 60.0        # a new slot commits after serving this long
+    max_boot_attempts: int = 3  # daemon starts allowed before an uncommitted trial reverts
+    trial_commit_s: float = 60.0  # a new slot commits after serving this long
     health_timeout_s: float = 300.0
-    audit_prompts: bool = False         # write prompt text into the audit log
+    audit_prompts: bool = False  # write prompt text into the audit log
     download_max_bytes: int = 8 << 30
     limits: Limits = dataclasses.field(default_factory=Limits)
-    train_data: str | None = None       # local text this device may learn from (federated fine-tuning)
-    train_max_bytes: int = 64 << 20     # a larger training directory is declined, not read
-    learn_from_use: bool = False        # keep the user's messages (capped) as training text
+    train_data: str | None = None  # local text this device may learn from (federated fine-tuning)
+    train_max_bytes: int = 64 << 20  # a larger training directory is declined, not read
+    learn_from_use: bool = False  # keep the user's messages (capped) as training text
     learn_max_bytes: int = 1 << 20
-    fl_timeout_s: float = 6 * 3600.0    # a federated run's SuperNode is stopped after this long
+    fl_timeout_s: float = 6 * 3600.0  # a federated run's SuperNode is stopped after this long
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _seconds(self, ("update_interval_s", "trial_commit_s", "health_timeout_s"))
         if self.threads is not None and (type(self.threads) is not int or not 1 <= self.threads <= 256):
-            raise ConfigError(f"config.json: threads must be null or an integer in 1..256, got {self.threads!r}",
-                              hint="set threads to null (the bundle's setting) or re-provision with --threads N")
+            raise ConfigError(
+                f"config.json: threads must be null or an integer in 1..256, got {self.threads!r}",
+                hint="set threads to null (the bundle's setting) or re-provision with --threads N",
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> AgentConfig:
@@ -147,7 +149,7 @@ class AgentConfig(Record):
             raise NotProvisionedError(
                 f"{paths.root} is not a provisioned agent data dir (no config.json)",
                 hint=f"run `edgellm-agent provision --data-dir {paths.root} --device-id ID --profile NAME "
-                     "--server URL --root root.json` first, or pass the right --data-dir",
+                "--server URL --root root.json` first, or pass the right --data-dir",
             )
         return cls.from_dict(read_json(paths.config))
 

@@ -44,10 +44,23 @@ def load_handle(paths: AgentPaths, slot: str, *, threads: int | None = None) -> 
 
     slot_dir = paths.slot_dir(slot)
     m = read_manifest(slot_dir)
-    rt = load_runtime(m.runtime, slot_dir / m.artifact, model_dir=slot_dir, settings=resolve(m, threads),
-                      context_length=m.memory.context_length or None)
-    return ModelHandle(runtime=rt, name=m.name, version=m.version, slot=slot, kind=m.runtime,
-                       quantization=m.quantization, defaults=dict(m.generation), adapters=served(paths, slot, rt, m))
+    rt = load_runtime(
+        m.runtime,
+        slot_dir / m.artifact,
+        model_dir=slot_dir,
+        settings=resolve(m, threads),
+        context_length=m.memory.context_length or None,
+    )
+    return ModelHandle(
+        runtime=rt,
+        name=m.name,
+        version=m.version,
+        slot=slot,
+        kind=m.runtime,
+        quantization=m.quantization,
+        defaults=dict(m.generation),
+        adapters=served(paths, slot, rt, m),
+    )
 
 
 def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry: TelemetryPort | None = None) -> dict:
@@ -80,13 +93,18 @@ def status_dict(paths: AgentPaths, config: AgentConfig | None = None, telemetry:
         "runtime": rec.runtime if rec else None,
         "quantization": rec.quantization if rec else None,
         "health": health,
-        "health_check": ({k: rec.health.get(k) for k in ("tokens_per_second", "memory_bytes", "load_s", "duration_s")}
-                         if rec else None),
+        "health_check": (
+            {k: rec.health.get(k) for k in ("tokens_per_second", "memory_bytes", "load_s", "duration_s")}
+            if rec
+            else None
+        ),
         "trial": state.trial.to_dict() if state.trial else None,
-        "previous": ({"slot": state.previous, "version": state.slots[state.previous].version}
-                     if state.previous else None),
+        "previous": (
+            {"slot": state.previous, "version": state.slots[state.previous].version} if state.previous else None
+        ),
         "last_update": state.last_result,
-        "rejected": state.rejected, "adapters": adapter_status(paths, state),
+        "rejected": state.rejected,
+        "adapters": adapter_status(paths, state),
         "daemon": run or {"running": False},
         "telemetry": _telemetry_status(paths, config, telemetry),
     }
@@ -104,8 +122,15 @@ def _telemetry_status(paths: AgentPaths, config: AgentConfig | None, telemetry: 
 
 
 class Daemon:
-    def __init__(self, paths: AgentPaths, config: AgentConfig, *, listen: str | None = None,
-                 socket_path: str | None = None, watch_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        paths: AgentPaths,
+        config: AgentConfig,
+        *,
+        listen: str | None = None,
+        socket_path: str | None = None,
+        watch_interval_s: float = 1.0,
+    ) -> None:
         self.paths = paths
         self.config = config
         self.listen = listen if listen is not None else config.listen
@@ -185,8 +210,12 @@ class Daemon:
                 with self.installer.lock():
                     self.store.count_boot(handle.slot or state.current)
             self._set_state(handle, state)
-        if state.trial is not None and state.trial.slot == state.current and self._loaded_key == key \
-                and time.monotonic() - self._loaded_at >= self.config.trial_commit_s:
+        if (
+            state.trial is not None
+            and state.trial.slot == state.current
+            and self._loaded_key == key
+            and time.monotonic() - self._loaded_at >= self.config.trial_commit_s
+        ):
             with self.installer.lock():
                 self.store.commit_trial()
             self._event("update.committed", version=rec.version if rec else None, slot=state.current)
@@ -194,9 +223,12 @@ class Daemon:
 
     def _set_state(self, handle: ModelHandle | None, state: Any) -> None:
         with contextlib.suppress(Exception):
-            self.telemetry.set_state(version=handle.version if handle else None,
-                                     model=handle.name if handle else None, slot=state.current,
-                                     health="trial" if state.trial else ("ok" if handle else "no_model"))
+            self.telemetry.set_state(
+                version=handle.version if handle else None,
+                model=handle.name if handle else None,
+                slot=state.current,
+                health="trial" if state.trial else ("ok" if handle else "no_model"),
+            )
 
     # -- background threads ---------------------------------------------------------------------
 
@@ -218,8 +250,9 @@ class Daemon:
             if desired == UpdateRequest():
                 from agent import assignment
 
-                assigned = assignment.check(self.paths, self.config, source, self.installer,
-                                            on_group=self.telemetry.set_group)
+                assigned = assignment.check(
+                    self.paths, self.config, source, self.installer, on_group=self.telemetry.set_group
+                )
                 if assigned is None:
                     log.info("no assignment for this device: nothing to update")
                     return None
@@ -242,7 +275,7 @@ class Daemon:
             if woke or time.monotonic() >= next_at:
                 try:
                     self.check_updates(explicit=woke)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("update check crashed")
                 next_at = time.monotonic() + interval
 
@@ -250,7 +283,7 @@ class Daemon:
         while not self._stop.wait(self.watch_interval_s):
             try:
                 self.reconcile()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("reconcile failed")
 
     # -- main -----------------------------------------------------------------------------------
@@ -286,26 +319,37 @@ class Daemon:
             self.store.boot(max_boots=self.config.max_boot_attempts)
         self.metrics = Metrics()
         lim = self.config.limits
-        self.engine = Engine(queue_size=lim.queue_size, max_prompt_tokens=lim.max_prompt_tokens,
-                             metrics=self.metrics, on_inference=self._record_inference)
+        self.engine = Engine(
+            queue_size=lim.queue_size,
+            max_prompt_tokens=lim.max_prompt_tokens,
+            metrics=self.metrics,
+            on_inference=self._record_inference,
+        )
         self.engine.start()
         audit = AuditLog(self.paths.audit_log, include_prompts=self.config.audit_prompts)
         self.reconcile()
         app = self._app(audit)
-        threads = [threading.Thread(target=self._update_loop, name="edgellm-updates", daemon=True),
-                   threading.Thread(target=self._watch_loop, name="edgellm-watch", daemon=True)]
+        threads = [
+            threading.Thread(target=self._update_loop, name="edgellm-updates", daemon=True),
+            threading.Thread(target=self._watch_loop, name="edgellm-watch", daemon=True),
+        ]
         self._start_telemetry()
         try:
             with self._sockets() as socks:
                 port = next((s.getsockname()[1] for s in socks if s.family != socket.AF_UNIX), None)
-                atomic_write_json(self.paths.run_info, {"pid": os.getpid(), "port": port, "socket": self.socket_path,
-                                                        "started_at": time.time()})
+                atomic_write_json(
+                    self.paths.run_info,
+                    {"pid": os.getpid(), "port": port, "socket": self.socket_path, "started_at": time.time()},
+                )
                 for t in threads:
                     t.start()
-                log.info("agent listening", extra={"port": port, "socket": self.socket_path,
-                                                   "device_id": self.config.device_id})
-                _Server(uvicorn_config(app, lim, audit=audit, metrics=self.metrics,
-                                       timeout_graceful_shutdown=5)).run(sockets=socks)
+                log.info(
+                    "agent listening",
+                    extra={"port": port, "socket": self.socket_path, "device_id": self.config.device_id},
+                )
+                _Server(uvicorn_config(app, lim, audit=audit, metrics=self.metrics, timeout_graceful_shutdown=5)).run(
+                    sockets=socks
+                )
         finally:
             log.info("agent stopping")
             self._stop.set()
@@ -330,11 +374,21 @@ class Daemon:
         from agent.provision import ensure_admin_token, read_token
 
         assert self.engine is not None and self.metrics is not None
-        hooks = AdminHooks(status=lambda: status_dict(self.paths, self.config, self.telemetry),
-                           request_update=self.request_update, telemetry=self.telemetry.status,
-                           on_chat=learn_recorder(self.paths, self.config))
-        return create_app(engine=self.engine, token=read_token(self.paths), admin_token=ensure_admin_token(self.paths),
-                          limits=self.config.limits, metrics=self.metrics, audit=audit, hooks=hooks)
+        hooks = AdminHooks(
+            status=lambda: status_dict(self.paths, self.config, self.telemetry),
+            request_update=self.request_update,
+            telemetry=self.telemetry.status,
+            on_chat=learn_recorder(self.paths, self.config),
+        )
+        return create_app(
+            engine=self.engine,
+            token=read_token(self.paths),
+            admin_token=ensure_admin_token(self.paths),
+            limits=self.config.limits,
+            metrics=self.metrics,
+            audit=audit,
+            hooks=hooks,
+        )
 
     def _start_telemetry(self) -> None:
         self.telemetry.on_desired(self._on_desired)
@@ -350,7 +404,7 @@ class Daemon:
         cmds.register("fl_stop", lambda args: self._command_fl(args, stop=True))
         try:
             self.telemetry.start()
-        except Exception as e:  # noqa: BLE001 - telemetry never stops serving, and never stops silently
+        except Exception as e:
             log.exception("telemetry did not start")
             from agent.telemetry_bridge import NoTelemetry
 

@@ -34,18 +34,24 @@ class ModelHandle:
     slot: str | None = None
     kind: str = ""
     quantization: str | None = None
-    defaults: dict = dataclasses.field(default_factory=dict)   # the bundle's generation defaults
+    defaults: dict = dataclasses.field(default_factory=dict)  # the bundle's generation defaults
     loaded_at: float = dataclasses.field(default_factory=time.time)
-    adapters: Any = None   # agent.lora_serving.ServedAdapters: LoRA adapters served on this base
+    adapters: Any = None  # agent.lora_serving.ServedAdapters: LoRA adapters served on this base
 
     @property
     def context_length(self) -> int:
         return int(self.runtime.context_length)
 
     def describe(self, adapter: str | None = None) -> dict:
-        return {"model": self.name if adapter is None else f"{self.name}:{adapter}", "version": self.version,
-                "slot": self.slot, "runtime": self.kind, "quantization": self.quantization,
-                "context_length": self.context_length, "adapter": adapter}
+        return {
+            "model": self.name if adapter is None else f"{self.name}:{adapter}",
+            "version": self.version,
+            "slot": self.slot,
+            "runtime": self.kind,
+            "quantization": self.quantization,
+            "context_length": self.context_length,
+            "adapter": adapter,
+        }
 
 
 @dataclasses.dataclass
@@ -60,9 +66,17 @@ Sink = Callable[[str, Any], None]  # ("start", dict) ("token", TokenEvent) ("don
 
 
 class Job:
-    def __init__(self, *, params: GenerationParams, sink: Sink, prompt: str | None = None,
-                 messages: Sequence[dict] | None = None, endpoint: str = "", clamp_max_tokens: bool = False,
-                 adapter: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        params: GenerationParams,
+        sink: Sink,
+        prompt: str | None = None,
+        messages: Sequence[dict] | None = None,
+        endpoint: str = "",
+        clamp_max_tokens: bool = False,
+        adapter: str | None = None,
+    ) -> None:
         self.prompt = prompt
         self.adapter = adapter  # a LoRA adapter served on the base ("tiny:kitchen"), None: the base
         self.clamp_max_tokens = clamp_max_tokens  # max_tokens was a default: fit it to the context
@@ -75,8 +89,14 @@ class Job:
 
 
 class Engine:
-    def __init__(self, *, queue_size: int = 8, max_prompt_tokens: int = 4096, metrics: Any = None,
-                 on_inference: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        queue_size: int = 8,
+        max_prompt_tokens: int = 4096,
+        metrics: Any = None,
+        on_inference: Callable[..., None] | None = None,
+    ) -> None:
         self.queue_size = queue_size
         self.max_prompt_tokens = max_prompt_tokens
         self.metrics = metrics
@@ -161,10 +181,12 @@ class Engine:
         if old is not None and old is not handle:
             try:
                 old.runtime.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("closing the previous runtime failed")
-        log.info("serving model", extra={"model": handle.name if handle else None,
-                                         "version": handle.version if handle else None})
+        log.info(
+            "serving model",
+            extra={"model": handle.name if handle else None, "version": handle.version if handle else None},
+        )
 
     def _run(self) -> None:
         while True:
@@ -188,7 +210,7 @@ class Engine:
             t0 = time.monotonic()
             try:
                 self._serve(job)
-            except Exception as e:  # noqa: BLE001 - one bad request never kills the worker
+            except Exception as e:
                 log.exception("generation failed")
                 job.sink("error", JobError(500, "generation_failed", f"generation failed: {e}", "server_error"))
             finally:
@@ -203,8 +225,9 @@ class Engine:
             return
         m = self._model
         if m is None:
-            job.sink("error", JobError(503, "model_not_loaded", "no model is installed on this device yet",
-                                       "server_error"))
+            job.sink(
+                "error", JobError(503, "model_not_loaded", "no model is installed on this device yet", "server_error")
+            )
             return
         rt = m.runtime
         problem = select_adapter(m, job.adapter)
@@ -212,8 +235,11 @@ class Engine:
             job.sink("error", JobError(404, "model_not_found", problem))
             return
         try:
-            ids = rt.chat_token_ids(job.messages) if job.messages is not None else \
-                rt.tokenize(job.prompt or "", add_bos=True, special=False)
+            ids = (
+                rt.chat_token_ids(job.messages)
+                if job.messages is not None
+                else rt.tokenize(job.prompt or "", add_bos=True, special=False)
+            )
         except ValueError as e:
             job.sink("error", JobError(400, "invalid_request", str(e)))
             return
@@ -222,11 +248,16 @@ class Engine:
         if job.clamp_max_tokens and n_prompt < ctx and n_prompt + job.params.max_tokens > ctx:
             job.params = dataclasses.replace(job.params, max_tokens=ctx - n_prompt)
         if n_prompt > self.max_prompt_tokens or n_prompt + job.params.max_tokens > ctx:
-            job.sink("error", JobError(
-                400, "context_length_exceeded",
-                f"prompt has {n_prompt} tokens and max_tokens is {job.params.max_tokens}; this model accepts "
-                f"{min(ctx, self.max_prompt_tokens + job.params.max_tokens)} in total and prompts of at most "
-                f"{min(self.max_prompt_tokens, ctx - 1)} tokens: shorten the prompt or lower max_tokens"))
+            job.sink(
+                "error",
+                JobError(
+                    400,
+                    "context_length_exceeded",
+                    f"prompt has {n_prompt} tokens and max_tokens is {job.params.max_tokens}; this model accepts "
+                    f"{min(ctx, self.max_prompt_tokens + job.params.max_tokens)} in total and prompts of at most "
+                    f"{min(self.max_prompt_tokens, ctx - 1)} tokens: shorten the prompt or lower max_tokens",
+                ),
+            )
             return
         job.sink("start", {"prompt_tokens": n_prompt, **m.describe(job.adapter)})
         t0 = time.perf_counter()
@@ -259,14 +290,28 @@ class Engine:
         dt = time.perf_counter() - t0
         decode_s = dt - (first or 0.0)
         tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else (n / dt if dt > 0 else 0.0)
-        stats = {"prompt_tokens": n_prompt, "completion_tokens": n, "finish_reason": finish or "length",
-                 "duration_s": dt, "time_to_first_token_s": first, "tokens_per_second": tps,
-                 "mean_logprob": (lp_sum / lp_n) if lp_n else None, "model": m.name, "version": m.version}
+        stats = {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n,
+            "finish_reason": finish or "length",
+            "duration_s": dt,
+            "time_to_first_token_s": first,
+            "tokens_per_second": tps,
+            "mean_logprob": (lp_sum / lp_n) if lp_n else None,
+            "model": m.name,
+            "version": m.version,
+        }
         if self.metrics is not None:
             self.metrics.observe_generation(stats)
         try:
-            self.on_inference(latency_ms=dt * 1000.0, prompt_tokens=n_prompt, completion_tokens=n,
-                              tokens_per_second=tps, mean_logprob=stats["mean_logprob"], error=False)
-        except Exception:  # noqa: BLE001 - telemetry never breaks serving
+            self.on_inference(
+                latency_ms=dt * 1000.0,
+                prompt_tokens=n_prompt,
+                completion_tokens=n,
+                tokens_per_second=tps,
+                mean_logprob=stats["mean_logprob"],
+                error=False,
+            )
+        except Exception:
             log.exception("telemetry hook failed")
         job.sink("done", stats)

@@ -87,8 +87,17 @@ class QueueFull(AgentError):
 class ApiProblem(AgentError):
     """A refused API request, answered OpenAI-shaped: ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, *, code: str, kind: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        hint: str | None = None,
+    ) -> None:
         super().__init__(message, hint=hint)
         self.status, self.code, self.kind, self.param = status, code, kind, param
         self.headers = headers or {}

@@ -59,8 +59,11 @@ def budget_for(manifest: Manifest, profile: Profile | None, *, threads: int | No
         min_tps = max(float(min_tps or 0), float(p_tps))
     if p_mem is not None:
         max_mem = min(int(max_mem), int(p_mem)) if max_mem else int(p_mem)
-    return HealthBudget(min_tokens_per_second=float(min_tps) if min_tps else None,
-                        max_memory_bytes=int(max_mem) if max_mem else None, threads=threads)
+    return HealthBudget(
+        min_tokens_per_second=float(min_tps) if min_tps else None,
+        max_memory_bytes=int(max_mem) if max_mem else None,
+        threads=threads,
+    )
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -91,21 +94,35 @@ def _set_pdeathsig() -> None:
         os._exit(1)
 
 
-def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: float = 300.0,
-                     adapter_dir: str | Path | None = None) -> dict:
+def run_health_check(
+    slot_dir: str | Path, budget: HealthBudget, *, timeout: float = 300.0, adapter_dir: str | Path | None = None
+) -> dict:
     """Run the check in a child process; returns its report (``ok`` False on any failure).
 
     With ``adapter_dir`` (an installed adapter bundle), the slot's base is checked with that
     adapter applied, on the adapter's own golden prompts."""
     with tempfile.TemporaryDirectory(prefix="edgellm-health-") as td:
         out = Path(td) / "report.json"
-        cmd = [sys.executable, "-m", "agent.health", "--slot", str(slot_dir), "--out", str(out),
-               "--budget", json.dumps(budget.to_dict())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "agent.health",
+            "--slot",
+            str(slot_dir),
+            "--out",
+            str(out),
+            "--budget",
+            json.dumps(budget.to_dict()),
+        ]
         if adapter_dir is not None:
             cmd += ["--adapter", str(adapter_dir)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(budget.threads or 1), "OMP_WAIT_POLICY": "PASSIVE",
-               "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MiB of address space per arena otherwise
-               PARENT_ENV: str(os.getpid())}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(budget.threads or 1),
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MiB of address space per arena otherwise
+            PARENT_ENV: str(os.getpid()),
+        }
         t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True)
@@ -118,8 +135,10 @@ def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: flo
             tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
             reason = f"health check process {how} while loading/running the model"
             if budget.max_memory_bytes:
-                reason += (f" (its address space was limited to the memory budget of "
-                           f"{budget.max_memory_bytes / 2**20:.0f} MiB + headroom: a model over budget ends like this)")
+                reason += (
+                    f" (its address space was limited to the memory budget of "
+                    f"{budget.max_memory_bytes / 2**20:.0f} MiB + headroom: a model over budget ends like this)"
+                )
             return {"ok": False, "reason": reason, "stderr": tail, "duration_s": elapsed}
         try:
             report = json.loads(out.read_text())
@@ -130,6 +149,7 @@ def run_health_check(slot_dir: str | Path, budget: HealthBudget, *, timeout: flo
 
 
 # -- child side -----------------------------------------------------------------------------------
+
 
 def limit_address_space(budget: HealthBudget) -> int | None:
     """Cap this process's address space at what it maps now + the memory budget + headroom."""
@@ -161,11 +181,14 @@ def _run_golden(rt: Any, gp: GoldenPrompt) -> tuple[dict, list[str], int, float]
         failures.append(f"golden prompt {gp.prompt[:40]!r}: produced no tokens")
     bad = sum(1 for x in comp.logprobs if not math.isfinite(x))
     if bad:  # NaN/inf log-probabilities: broken weights or a broken runtime, whatever the text says
-        failures.append(f"golden prompt {gp.prompt[:40]!r}: {bad} of {len(comp.logprobs)} tokens have a "
-                        "non-finite log-probability (NaN or inf)")
+        failures.append(
+            f"golden prompt {gp.prompt[:40]!r}: {bad} of {len(comp.logprobs)} tokens have a "
+            "non-finite log-probability (NaN or inf)"
+        )
     if gp.expect is not None and gp.expect not in comp.text:
-        failures.append(f"golden prompt {gp.prompt[:40]!r}: expected {gp.expect!r} in the output, "
-                        f"got {comp.text[:80]!r}")
+        failures.append(
+            f"golden prompt {gp.prompt[:40]!r}: expected {gp.expect!r} in the output, got {comp.text[:80]!r}"
+        )
     res = {"prompt": gp.prompt[:200], "ok": not failures, "tokens": len(comp.token_ids), "text": comp.text[:200]}
     return res, failures, len(comp.token_ids), dt
 
@@ -183,9 +206,13 @@ def check_slot(slot_dir: Path, budget: HealthBudget, adapter_dir: Path | None = 
     limit = limit_address_space(budget)
     t0 = time.perf_counter()
     try:
-        rt = load_runtime(manifest.runtime, slot_dir / manifest.artifact, model_dir=slot_dir,
-                          settings=resolve(manifest, budget.threads),
-                          context_length=manifest.memory.context_length or None)
+        rt = load_runtime(
+            manifest.runtime,
+            slot_dir / manifest.artifact,
+            model_dir=slot_dir,
+            settings=resolve(manifest, budget.threads),
+            context_length=manifest.memory.context_length or None,
+        )
     except MemoryError:
         return {"ok": False, "reason": _over_limit(limit)}
     failures: list[str] = []
@@ -215,7 +242,9 @@ def check_slot(slot_dir: Path, budget: HealthBudget, adapter_dir: Path | None = 
     if budget.min_tokens_per_second and tps < budget.min_tokens_per_second:
         failures.append(f"{tps:.1f} tokens/s is below the budget of {budget.min_tokens_per_second:.1f}")
     if budget.max_memory_bytes and model_mem > budget.max_memory_bytes:
-        failures.append(f"model used {model_mem / 2**20:.1f} MiB, over the budget of {budget.max_memory_bytes / 2**20:.1f} MiB")
+        failures.append(
+            f"model used {model_mem / 2**20:.1f} MiB, over the budget of {budget.max_memory_bytes / 2**20:.1f} MiB"
+        )
     return {
         "ok": not failures,
         "reason": "; ".join(failures) or None,
@@ -239,8 +268,10 @@ def _import_backend(kind: str) -> None:
 
 
 def _over_limit(limit: int | None) -> str:
-    return (f"the model does not fit the memory budget: loading it needed more than the "
-            f"{(limit or 0) / 2**20:.0f} MiB address-space limit of the health check")
+    return (
+        f"the model does not fit the memory budget: loading it needed more than the "
+        f"{(limit or 0) / 2**20:.0f} MiB address-space limit of the health check"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = check_slot(Path(a.slot), budget, Path(a.adapter) if a.adapter else None)
     except MemoryError:
-        report = {"ok": False, "reason": "the model does not fit the memory budget (out of memory under the "
-                                         "health check's address-space limit)"}
-    except Exception as e:  # a model that cannot load is a failed check, not a crash of the check
+        report = {
+            "ok": False,
+            "reason": "the model does not fit the memory budget (out of memory under the "
+            "health check's address-space limit)",
+        }
+    except Exception as e:  # noqa: BLE001 - a model that cannot load is a failed check, not a crash of it
         report = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
     Path(a.out).write_text(json.dumps(report))
     return 0

@@ -87,8 +87,11 @@ def _applicable(targets: list[TargetInfo], paths: AgentPaths, state: AgentState)
     from agent.adapters import base_artifact_sha256
 
     have = base_artifact_sha256(paths, state)
-    return [t for t in targets if t.custom.get("kind") != "adapter"
-            or (t.custom.get("base") or {}).get("artifact_sha256") == have]
+    return [
+        t
+        for t in targets
+        if t.custom.get("kind") != "adapter" or (t.custom.get("base") or {}).get("artifact_sha256") == have
+    ]
 
 
 def _adapter_installed(paths: AgentPaths, target: TargetInfo) -> bool:
@@ -99,10 +102,15 @@ def _adapter_installed(paths: AgentPaths, target: TargetInfo) -> bool:
 
 
 class Installer:
-    def __init__(self, paths: AgentPaths, config: AgentConfig, *,
-                 health_runner: Callable[..., dict] = run_health_check,
-                 on_event: EventSink | None = None,
-                 profile: Any | None = None) -> None:
+    def __init__(
+        self,
+        paths: AgentPaths,
+        config: AgentConfig,
+        *,
+        health_runner: Callable[..., dict] = run_health_check,
+        on_event: EventSink | None = None,
+        profile: Any | None = None,
+    ) -> None:
         self.paths = paths
         self.config = config
         self.store = SlotStore(paths)
@@ -122,29 +130,53 @@ class Installer:
 
     # -- policy ----------------------------------------------------------------------------------
 
-    def _check_policy(self, state: AgentState, name: str, version: str, *,
-                      allow_downgrade: bool, force: bool, allow_model_change: bool = False) -> None:
+    def _check_policy(
+        self,
+        state: AgentState,
+        name: str,
+        version: str,
+        *,
+        allow_downgrade: bool,
+        force: bool,
+        allow_model_change: bool = False,
+    ) -> None:
         cur = state.current_record
         problem: tuple[str, str] | None = None
         if version in state.rejected and not force:
-            problem = (f"version {version} was rejected earlier (failed health check or rolled back)",
-                       "pass --force to try it again")
+            problem = (
+                f"version {version} was rejected earlier (failed health check or rolled back)",
+                "pass --force to try it again",
+            )
         elif cur is not None:
             c = compare_versions(version, cur.version)
             if cur.name and name and cur.name != name and not (force or allow_model_change):
-                problem = (f"bundle is model {name!r} but this device runs {cur.name!r}",
-                           "pass --force to replace the model")
+                problem = (
+                    f"bundle is model {name!r} but this device runs {cur.name!r}",
+                    "pass --force to replace the model",
+                )
             elif c == 0 and not force:
-                raise AlreadyCurrent(f"version {version} is already current", hint="nothing to do (--force reinstalls it)")
+                raise AlreadyCurrent(
+                    f"version {version} is already current", hint="nothing to do (--force reinstalls it)"
+                )
             elif c < 0 and not allow_downgrade:
-                problem = (f"version {version} is older than the current {cur.version}",
-                           "use `edgellm-agent rollback`, or pass --allow-downgrade on purpose")
+                problem = (
+                    f"version {version} is older than the current {cur.version}",
+                    "use `edgellm-agent rollback`, or pass --allow-downgrade on purpose",
+                )
         if problem is not None:
             self._fail("install", version, problem[0], event="update.refused")
             raise UpdateRefused(problem[0], hint=problem[1])
 
-    def _fail(self, action: str, version: str | None, reason: str, *, reject: bool = False,
-              event: str = "update.failed", **extra: Any) -> None:
+    def _fail(
+        self,
+        action: str,
+        version: str | None,
+        reason: str,
+        *,
+        reject: bool = False,
+        event: str = "update.failed",
+        **extra: Any,
+    ) -> None:
         state = self.store.load()
         if reject and version and version not in state.rejected:
             state.rejected.append(version)
@@ -154,9 +186,16 @@ class Installer:
 
     # -- the one install path --------------------------------------------------------------------
 
-    def _install_verified(self, archive: Path, target: TargetInfo | None, *, source: str,
-                          allow_downgrade: bool = False, force: bool = False,
-                          allow_model_change: bool = False) -> dict:
+    def _install_verified(
+        self,
+        archive: Path,
+        target: TargetInfo | None,
+        *,
+        source: str,
+        allow_downgrade: bool = False,
+        force: bool = False,
+        allow_model_change: bool = False,
+    ) -> dict:
         """Caller holds the lock and has verified ``archive`` against the pinned root."""
         from edgellm.bundle import unpack
 
@@ -166,8 +205,14 @@ class Installer:
             return AdapterInstaller(self).install(archive, target, source=source, force=force)
         state = self.store.load()
         if target is not None and target.version:
-            self._check_policy(state, target.name, target.version, allow_downgrade=allow_downgrade, force=force,
-                               allow_model_change=allow_model_change)
+            self._check_policy(
+                state,
+                target.name,
+                target.version,
+                allow_downgrade=allow_downgrade,
+                force=force,
+                allow_model_change=allow_model_change,
+            )
         slot = state.inactive
         slot_dir = self.store.slot_dir(slot)
         self._forget_slot(state, slot)  # 1. forget, then wipe, the inactive slot
@@ -180,18 +225,28 @@ class Installer:
             remove_tree(staging)
             msg, hint = message_of(e), hint_of(e)
             self._fail("install", target.version if target else None, f"bundle could not be unpacked: {msg}")
-            raise InstallError(f"bundle could not be unpacked: {msg}",
-                               hint=hint or "the file is damaged or not an edgellm bundle; rebuild or re-download it") from e
+            raise InstallError(
+                f"bundle could not be unpacked: {msg}",
+                hint=hint or "the file is damaged or not an edgellm bundle; rebuild or re-download it",
+            ) from e
         name, version = manifest.name, manifest.version
-        if target is not None and ((target.version and target.version != version) or (target.name and target.name != name)):
+        if target is not None and (
+            (target.version and target.version != version) or (target.name and target.name != name)
+        ):
             remove_tree(staging)
             reason = f"bundle says {name} {version} but the signed target says {target.name} {target.version}"
             self._fail("install", version, reason)
             raise InstallError(reason, hint="the repository is inconsistent: rebuild and republish the bundle")
         if target is None or not target.version:
             try:
-                self._check_policy(state, name, version, allow_downgrade=allow_downgrade, force=force,
-                                   allow_model_change=allow_model_change)
+                self._check_policy(
+                    state,
+                    name,
+                    version,
+                    allow_downgrade=allow_downgrade,
+                    force=force,
+                    allow_model_change=allow_model_change,
+                )
             except UpdateRefused:
                 remove_tree(staging)
                 raise
@@ -212,26 +267,41 @@ class Installer:
             remove_tree(slot_dir)
             reason = f"health check failed: {report.get('reason')}"
             self._fail("install", version, reason, reject=True, health=report)
-            raise HealthCheckFailed(f"{name} {version} {reason}", report=report,
-                                    hint="the previous model keeps serving; fix the bundle or the profile budget")
+            raise HealthCheckFailed(
+                f"{name} {version} {reason}",
+                report=report,
+                hint="the previous model keeps serving; fix the bundle or the profile budget",
+            )
         # 4. record + switch in one atomic pointer write
         state = self.store.load()
         previous = state.current_record
         state.slots[slot] = SlotRecord(
-            name=name, version=version, runtime=manifest.runtime,
-            quantization=manifest.quantization, manifest_sha256=msha, source=source,
-            target=target.path if target else None, installed_at=time.time(), health=report,
+            name=name,
+            version=version,
+            runtime=manifest.runtime,
+            quantization=manifest.quantization,
+            manifest_sha256=msha,
+            source=source,
+            target=target.path if target else None,
+            installed_at=time.time(),
+            health=report,
         )
         if version in state.rejected:  # it passed its health check this time (a forced retry)
             state.rejected.remove(version)
-        state.last_result = result("install", True, version=version, slot=slot,
-                                   from_version=previous.version if previous else None)
+        state.last_result = result(
+            "install", True, version=version, slot=slot, from_version=previous.version if previous else None
+        )
         self.store.switch(state, slot, trial=True)
         _crashpoint("switched")
         log.info("installed %s %s into slot %s (on trial)", name, version, slot)
-        self.on_event("update.installed", version=version, model=name, slot=slot,
-                      from_version=previous.version if previous else None,
-                      tokens_per_second=report.get("tokens_per_second"))
+        self.on_event(
+            "update.installed",
+            version=version,
+            model=name,
+            slot=slot,
+            from_version=previous.version if previous else None,
+            tokens_per_second=report.get("tokens_per_second"),
+        )
         return state.last_result
 
     def _forget_slot(self, state: AgentState, slot: str) -> None:
@@ -273,11 +343,13 @@ class Installer:
                     msg, hint = message_of(e), hint_of(e)
                     reason = f"{envelope.name} failed verification: {msg}"
                     self._fail("install", None, reason)
-                    raise InstallError(reason, hint=(hint + "; " if hint else "") +
-                                       "only bundles signed by this fleet's keys install") from e
+                    raise InstallError(
+                        reason, hint=(hint + "; " if hint else "") + "only bundles signed by this fleet's keys install"
+                    ) from e
                 try:
-                    return self._install_verified(archive, target, source="offline",
-                                                  allow_downgrade=request.rollback, force=request.force)
+                    return self._install_verified(
+                        archive, target, source="offline", allow_downgrade=request.rollback, force=request.force
+                    )
                 except AlreadyCurrent as e:
                     return result("install", True, version=target.version, reason=message_of(e))
             finally:
@@ -325,14 +397,19 @@ class Installer:
             except Exception as e:
                 msg, hint = message_of(e), hint_of(e)
                 self._fail("update", desired.version, f"repository refresh failed: {msg}")
-                raise InstallError(f"could not refresh the repository metadata: {msg}",
-                                   hint=hint or "check the server URL and the network; the current model keeps serving") from e
+                raise InstallError(
+                    f"could not refresh the repository metadata: {msg}",
+                    hint=hint or "check the server URL and the network; the current model keeps serving",
+                ) from e
             state = self.store.load()
             target = self.select_target(targets, state, desired)
             cur = state.current_record
             if target is None:
-                reason = (f"no target {desired.version} for profile {self.config.profile}" if desired.version
-                          else "no matching target for this profile")
+                reason = (
+                    f"no target {desired.version} for profile {self.config.profile}"
+                    if desired.version
+                    else "no matching target for this profile"
+                )
                 if desired.version:
                     state.last_result = result("update", False, version=desired.version, reason=reason)
                     self.store.save(state)
@@ -350,12 +427,20 @@ class Installer:
                     # the version in the other slot is asked for: switch back locally; the version
                     # left is not rejected (it did not fail here, the fleet chose another)
                     st = self.store.rollback(reason=f"desired version is {target.version}", reject=False)
-                    self.on_event("update.installed", version=target.version, model=target.name,
-                                  from_version=cur.version, slot=st.current, reused_slot=True)
+                    self.on_event(
+                        "update.installed",
+                        version=target.version,
+                        model=target.name,
+                        from_version=cur.version,
+                        slot=st.current,
+                        reused_slot=True,
+                    )
                     return st.last_result or {}
                 if not rollback_ok:
-                    reason = (f"desired {target.version} is older than the current {cur.version} "
-                              "(send rollback=true to downgrade)")
+                    reason = (
+                        f"desired {target.version} is older than the current {cur.version} "
+                        "(send rollback=true to downgrade)"
+                    )
                     self.on_event("update.refused", version=target.version, reason=reason)
                     state.last_result = result("update", False, version=target.version, reason=reason)
                     self.store.save(state)
@@ -370,10 +455,18 @@ class Installer:
                     msg, hint = message_of(e), hint_of(e)
                     reason = f"download of {target.path} failed: {msg}"
                     self._fail("update", target.version, reason)
-                    raise InstallError(reason, hint=(hint + "; " if hint else "") +
-                                       "the current model keeps serving; the next check retries") from e
-                return self._install_verified(archive, target, source="tuf", allow_downgrade=rollback_ok,
-                                              force=desired.force, allow_model_change=desired.model is not None)
+                    raise InstallError(
+                        reason,
+                        hint=(hint + "; " if hint else "") + "the current model keeps serving; the next check retries",
+                    ) from e
+                return self._install_verified(
+                    archive,
+                    target,
+                    source="tuf",
+                    allow_downgrade=rollback_ok,
+                    force=desired.force,
+                    allow_model_change=desired.model is not None,
+                )
             finally:
                 remove_tree(dl)
 
@@ -390,4 +483,3 @@ class Installer:
             state = self.store.rollback()
         self.on_event("update.rolled_back", version=state.current_record.version if state.current_record else None)
         return state.last_result or {}
-

@@ -20,8 +20,10 @@ def parse_listen(listen: str) -> tuple[str, int]:
     except ValueError as e:
         raise ConfigError(f"--listen host {host!r} is not an IP address", hint="use 127.0.0.1 or ::1") from e
     if not ip.is_loopback:
-        raise ConfigError(f"refusing to listen on {host}: the local API is for this device's own software",
-                         hint="listen on 127.0.0.1 (or ::1), or use --socket for a Unix socket")
+        raise ConfigError(
+            f"refusing to listen on {host}: the local API is for this device's own software",
+            hint="listen on 127.0.0.1 (or ::1), or use --socket for a Unix socket",
+        )
     return host, int(port)
 
 

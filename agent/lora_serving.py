@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class AdapterEntry:
     name: str
     version: str
-    path: Path          # the adapter GGUF inside its verified directory
+    path: Path  # the adapter GGUF inside its verified directory
     sha256: str
     size: int
 
@@ -129,9 +129,19 @@ def adapter_status(paths: Any, slots: Any) -> dict[str, Any]:
         base = base_artifact_sha256(paths, slots)
     except Exception:  # noqa: BLE001 - a status never fails on a slot being replaced
         base = None
-    return {"installed": [{"name": r.name, "version": r.version, "base": f"{r.base_name} {r.base_version}",
-                           "serving": r.base_sha256 == base} for r in sorted(state.adapters.values(), key=lambda r: r.name)],
-            "rejected": state.rejected, "last_update": state.last_result}
+    return {
+        "installed": [
+            {
+                "name": r.name,
+                "version": r.version,
+                "base": f"{r.base_name} {r.base_version}",
+                "serving": r.base_sha256 == base,
+            }
+            for r in sorted(state.adapters.values(), key=lambda r: r.name)
+        ],
+        "rejected": state.rejected,
+        "last_update": state.last_result,
+    }
 
 
 def select_adapter(handle: Any, name: str | None) -> str | None:
@@ -143,7 +153,7 @@ def select_adapter(handle: Any, name: str | None) -> str | None:
         served.prepare(name)
     except KeyError:
         return f"adapter {name!r} is not installed on {handle.name}"
-    except Exception as e:  # noqa: BLE001 - a verified adapter that fails to load: refuse the request, keep serving
+    except Exception as e:
         log.exception("adapter %s could not be applied", name)
         return f"adapter {name!r} could not be applied: {e}"
     return None

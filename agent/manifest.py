@@ -64,4 +64,3 @@ def verify_slot(slot_dir: str | Path, expected_manifest_sha256: str | None, *, d
         if deep and sha256_file(p) != sha:
             raise SlotIntegrityError(f"slot {slot_dir.name}: {rel} does not match its hash", hint=hint)
     return manifest
-

@@ -28,8 +28,10 @@ def _check_root(root_file: Path) -> bytes:
             raise ValueError(f"it is {md.signed.type} metadata, not root")
         md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
     except Exception as e:
-        raise AgentError(f"{root_file} is not a valid, self-signed TUF root: {e}",
-                         hint="use the root.json of your repository (`edgellm repo init` writes it)") from e
+        raise AgentError(
+            f"{root_file} is not a valid, self-signed TUF root: {e}",
+            hint="use the root.json of your repository (`edgellm repo init` writes it)",
+        ) from e
     return data
 
 
@@ -48,30 +50,51 @@ def _key_pair(key_type: str, device_id: str) -> tuple[bytes, bytes, bytes]:
         algo = hashes.SHA256()
     else:
         raise AgentError(f"unknown key type {key_type!r}", hint="use ecdsa-p256 or ed25519")
-    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    priv = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-           .sign(key, algo))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, algo)
+    )
     return priv, pub, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | None, root: str | Path,
-              group: str = "default", mqtt_url: str | None = None, ca: str | None = None,
-              cert: str | None = None, key: str | None = None, listen: str | None = None,
-              socket_path: str | None = None, key_type: str = "ecdsa-p256", force: bool = False,
-              train_data: str | Path | None = None, learn_from_use: bool = False,
-              threads: int | None = None) -> AgentConfig:
+def provision(
+    paths: AgentPaths,
+    *,
+    device_id: str,
+    profile: str,
+    server: str | None,
+    root: str | Path,
+    group: str = "default",
+    mqtt_url: str | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    listen: str | None = None,
+    socket_path: str | None = None,
+    key_type: str = "ecdsa-p256",
+    force: bool = False,
+    train_data: str | Path | None = None,
+    learn_from_use: bool = False,
+    threads: int | None = None,
+) -> AgentConfig:
     if paths.config.exists() and not force:
-        raise AgentError(f"{paths.root} is already provisioned",
-                         hint="pass --force to re-provision (this replaces the API token and the device key)")
+        raise AgentError(
+            f"{paths.root} is already provisioned",
+            hint="pass --force to re-provision (this replaces the API token and the device key)",
+        )
     for value, what in ((device_id, "device id"), (group, "group")):
         try:
             check_id(value, what)
         except ValueError:
-            raise ConfigError(f"{what} {value!r} is not valid here (telemetry topics, the server and the "
-                              "repository all use it)", hint=f"use {ID_RULE}, e.g. robot-1") from None
+            raise ConfigError(
+                f"{what} {value!r} is not valid here (telemetry topics, the server and the repository all use it)",
+                hint=f"use {ID_RULE}, e.g. robot-1",
+            ) from None
     _validate_profile(profile)
     if mqtt_url:
         _ = MqttConfig(mqtt_url).port  # refuses a URL that is not mqtt:// or mqtts:// now, not at run time
@@ -80,8 +103,10 @@ def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | 
         if f and not Path(f).is_file():
             raise AgentError(f"{f} does not exist", hint="pass existing PEM files to --ca/--cert/--key")
     if train_data is not None and not Path(train_data).is_dir():
-        raise AgentError(f"--train-data {train_data} is not a directory",
-                         hint="pass a directory of .txt/.jsonl text this device may learn from")
+        raise AgentError(
+            f"--train-data {train_data} is not a directory",
+            hint="pass a directory of .txt/.jsonl text this device may learn from",
+        )
     paths.ensure_dirs()
     os.chmod(paths.root, 0o750)
     # pinned root: read-only file in a directory the agent itself never writes into
@@ -106,8 +131,14 @@ def provision(paths: AgentPaths, *, device_id: str, profile: str, server: str | 
     mqtt = None
     if mqtt_url:
         mqtt = MqttConfig(url=mqtt_url, ca=_abs(ca), cert=_abs(cert), key=_abs(key))
-    cfg = AgentConfig(device_id=device_id, profile=profile, server=server.rstrip("/") if server else None,
-                      group=group, mqtt=mqtt, threads=threads)
+    cfg = AgentConfig(
+        device_id=device_id,
+        profile=profile,
+        server=server.rstrip("/") if server else None,
+        group=group,
+        mqtt=mqtt,
+        threads=threads,
+    )
     if listen is not None:
         cfg.listen = listen or None
     if socket_path is not None:
@@ -130,8 +161,7 @@ def _validate_profile(name: str) -> None:
     try:
         get_profile(name)
     except ProfileError as e:
-        raise ConfigError(e.message,
-                          hint=e.hint or "choose a profile from `edgellm profiles list`") from e
+        raise ConfigError(e.message, hint=e.hint or "choose a profile from `edgellm profiles list`") from e
 
 
 def read_token(paths: AgentPaths) -> str:

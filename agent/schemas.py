@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.errors import ConfigError
 from edgellm.ids import ID_RULE, valid_id
 
-MAX_TEXT = 1 << 20          # characters of one prompt or message (the body cap is lower anyway)
-MAX_ITEMS = 256             # messages, prompt list items, content parts
+MAX_TEXT = 1 << 20  # characters of one prompt or message (the body cap is lower anyway)
+MAX_ITEMS = 256  # messages, prompt list items, content parts
 MAX_INT = 2**31 - 1
 MAX_SEED = 2**63 - 1
 
@@ -38,10 +38,20 @@ JsonObject = dict[str, Any]
 
 #: OpenAI parameters edgellm does not implement -> their neutral values (anything else is refused)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None, False), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
 }
 
 
@@ -53,7 +63,7 @@ class _Req(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, le=100_000)
-    seed: int | None = Field(None, ge=-1, le=MAX_SEED)   # -1: no seed (what some OpenAI clients send)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED)  # -1: no seed (what some OpenAI clients send)
     stop: Stop | Stops | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -133,7 +143,7 @@ class UpdateRequest(BaseModel):
     version: str | None = None
     rollback: bool = False
     force: bool = False
-    rollout: str | None = None   # the control plane's rollout that asked for it (reported back)
+    rollout: str | None = None  # the control plane's rollout that asked for it (reported back)
 
     @field_validator("model", "version", "rollout")
     @classmethod
@@ -150,5 +160,7 @@ class UpdateRequest(BaseModel):
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
             where = ".".join(str(x) for x in err.get("loc", ())) or "request"
-            raise ConfigError(f"update request: {where}: {err.get('msg')}",
-                              hint="an update request has only model, version, rollback, force and rollout") from None
+            raise ConfigError(
+                f"update request: {where}: {err.get('msg')}",
+                hint="an update request has only model, version, rollback, force and rollout",
+            ) from None

@@ -38,12 +38,11 @@ class SlotRecord(Record):
     runtime: str
     manifest_sha256: str
     quantization: str | None = None
-    source: str = "offline"          # "offline" (signed envelope) or "tuf" (online update)
-    target: str | None = None        # TUF target path
+    source: str = "offline"  # "offline" (signed envelope) or "tuf" (online update)
+    target: str | None = None  # TUF target path
     installed_at: float = 0.0
     health: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
 
 
 @dataclasses.dataclass
@@ -55,14 +54,13 @@ class Trial(Record):
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-
 @dataclasses.dataclass
 class AgentState(Record):
     current: str | None = None
     slots: dict[str, SlotRecord] = dataclasses.field(default_factory=dict)
     trial: Trial | None = None
     last_result: dict[str, Any] | None = None
-    rejected: list[str] = dataclasses.field(default_factory=list)   # versions that failed or were rolled back
+    rejected: list[str] = dataclasses.field(default_factory=list)  # versions that failed or were rolled back
     format: int = STATE_FORMAT
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -105,9 +103,11 @@ class SlotStore:
         except (ValueError, TypeError, AttributeError) as e:
             from agent.errors import AgentError
 
-            raise AgentError(f"{self.paths.state} is not a valid slot pointer ({e})",
-                             hint="it is only ever written atomically by the agent: restore it from a backup, "
-                                  "or delete it and install a bundle again") from e
+            raise AgentError(
+                f"{self.paths.state} is not a valid slot pointer ({e})",
+                hint="it is only ever written atomically by the agent: restore it from a backup, "
+                "or delete it and install a bundle again",
+            ) from e
 
     def save(self, state: AgentState) -> None:
         self.paths.state.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +146,9 @@ class SlotStore:
             self.save(state)
         return state
 
-    def rollback(self, *, reason: str = "rollback requested", action: str = "rollback",
-                 reject: bool = True) -> AgentState:
+    def rollback(
+        self, *, reason: str = "rollback requested", action: str = "rollback", reject: bool = True
+    ) -> AgentState:
         """Make the previous slot current again (it must still verify). The version left is
         marked rejected unless ``reject`` is false (the fleet assigned the older version: the
         newer one did not fail here)."""
@@ -164,8 +165,9 @@ class SlotStore:
             state.rejected.append(bad.version)
         state.current = prev
         state.trial = None
-        state.last_result = result(action, True, version=state.slots[prev].version, reason=reason,
-                                   from_version=bad.version if bad else None)
+        state.last_result = result(
+            action, True, version=state.slots[prev].version, reason=reason, from_version=bad.version if bad else None
+        )
         self.save(state)
         return state
 
@@ -176,8 +178,7 @@ class SlotStore:
             state.trial.boots += 1
             if state.trial.boots > max_boots and state.trial.previous in state.slots:
                 log.warning("trial slot did not commit after %d starts: reverting", max_boots)
-                return self.rollback(reason=f"new slot failed to commit after {max_boots} starts",
-                                     action="revert")
+                return self.rollback(reason=f"new slot failed to commit after {max_boots} starts", action="revert")
             self.save(state)
         if state.current is not None:
             try:
@@ -195,8 +196,12 @@ class SlotStore:
                     except SlotIntegrityError:
                         state.slots.pop(other, None)
                 state.current = other if ok_other else None
-                state.last_result = result("revert", ok_other, reason=f"current slot failed verification: {e}",
-                                           version=state.slots[other].version if ok_other else None)
+                state.last_result = result(
+                    "revert",
+                    ok_other,
+                    reason=f"current slot failed verification: {e}",
+                    version=state.slots[other].version if ok_other else None,
+                )
                 self.save(state)
         self.cleanup_scratch()
         return state

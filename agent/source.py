@@ -30,9 +30,16 @@ class TargetInfo:
     def from_custom(cls, path: str, custom: dict | None, length: int | None = None) -> TargetInfo:
         meta = dict((custom or {}).get("edgellm") or custom or {})
         profiles = meta.get("profiles") or ([meta["profile"]] if meta.get("profile") else [])
-        return cls(path=path, name=str(meta.get("name") or ""), version=str(meta.get("version") or ""),
-                   runtime=meta.get("runtime"), quantization=meta.get("quantization"),
-                   profiles=list(profiles), length=length, custom=meta)
+        return cls(
+            path=path,
+            name=str(meta.get("name") or ""),
+            version=str(meta.get("version") or ""),
+            runtime=meta.get("runtime"),
+            quantization=meta.get("quantization"),
+            profiles=list(profiles),
+            length=length,
+            custom=meta,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,8 +104,10 @@ def tuf_source(paths: Any, config: Any) -> TufSource:
     if not config.server:
         from agent.errors import AgentError
 
-        raise AgentError("this device has no update server configured",
-                         hint="re-provision with --server URL, or install bundles offline with `edgellm-agent install FILE`")
+        raise AgentError(
+            "this device has no update server configured",
+            hint="re-provision with --server URL, or install bundles offline with `edgellm-agent install FILE`",
+        )
     return TufSource(config.server, paths.trust_root, paths.tuf_cache, max_length=config.download_max_bytes)
 
 

@@ -30,11 +30,25 @@ class TelemetryPort(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    def set_state(self, *, version: str | None = None, model: str | None = None, slot: str | None = None,
-                  health: str | None = None) -> None: ...
+    def set_state(
+        self,
+        *,
+        version: str | None = None,
+        model: str | None = None,
+        slot: str | None = None,
+        health: str | None = None,
+    ) -> None: ...
 
-    def record_inference(self, *, latency_ms: float, prompt_tokens: int, completion_tokens: int,
-                         tokens_per_second: float, mean_logprob: float | None = None, error: bool = False) -> None: ...
+    def record_inference(
+        self,
+        *,
+        latency_ms: float,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tokens_per_second: float,
+        mean_logprob: float | None = None,
+        error: bool = False,
+    ) -> None: ...
 
     def event(self, kind: str, **fields: Any) -> None: ...
 

@@ -37,7 +37,7 @@ class CountingProxy:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 try:
                     resp = urllib.request.urlopen(upstream + self.path, timeout=60)
                     status = resp.status
@@ -95,21 +95,40 @@ def run_real(n: int, hidden: int, layers: int) -> None:
                 offline = []
                 for i in range(n):
                     proxies.append(CountingProxy(srv.url))
-                    d = provision_agent(work / f"agent{i}", root, server=proxies[i].url,
-                                        args=("--device-id", f"dev-{i}", "--mqtt", broker.url, "--group", "bench"))
+                    d = provision_agent(
+                        work / f"agent{i}",
+                        root,
+                        server=proxies[i].url,
+                        args=("--device-id", f"dev-{i}", "--mqtt", broker.url, "--group", "bench"),
+                    )
                     t0 = time.perf_counter()
                     agent_cli("install", str(v1), data_dir=d, timeout=600)
                     offline.append(time.perf_counter() - t0)
                     agents.append(AgentProcess(d))
-                wait_for(lambda: all((x := srv.store.device(f"dev-{i}")) and x["online"] and x["version"] == "1.0.0"
-                                     for i in range(n)), 600, "every agent online on 1.0.0", every=0.1)
+                wait_for(
+                    lambda: all(
+                        (x := srv.store.device(f"dev-{i}")) and x["online"] and x["version"] == "1.0.0"
+                        for i in range(n)
+                    ),
+                    600,
+                    "every agent online on 1.0.0",
+                    every=0.1,
+                )
                 for p in proxies:
                     p.bytes = p.requests = 0
                 t_start = time.time()
-                rid = rollout.start(srv.store, model="tiny", version="1.1.0", group="bench", canary="100%", bake="1s",
-                                    no_gate=True)
-                st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] in
-                              ("completed", "rolled_back", "failed") and s, 600, "the rollout", every=0.1)
+                rid = rollout.start(
+                    srv.store, model="tiny", version="1.1.0", group="bench", canary="100%", bake="1s", no_gate=True
+                )
+                st = wait_for(
+                    lambda: (
+                        (s := rollout.status(srv.store, rid)[0])["state"] in ("completed", "rolled_back", "failed")
+                        and s
+                    ),
+                    600,
+                    "the rollout",
+                    every=0.1,
+                )
                 total_s = time.time() - t_start
                 installed = []
                 for i in range(n):
@@ -121,13 +140,21 @@ def run_real(n: int, hidden: int, layers: int) -> None:
             for p in proxies:
                 p.close()
             broker.stop()
-    print(f"REAL: {n} edgellm-agent processes, Mosquitto, the server (HTTP TUF repository, rollout driver); "
-          f"model {size / 2**20:.1f} MiB Q8_0 GGUF; nothing simulated")
+    print(
+        f"REAL: {n} edgellm-agent processes, Mosquitto, the server (HTTP TUF repository, rollout driver); "
+        f"model {size / 2**20:.1f} MiB Q8_0 GGUF; nothing simulated"
+    )
     print(f"load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end on {os.cpu_count()} CPUs (shared)")
-    print(f"offline install of 1.0.0 (verify + unpack + health check), per device: median "
-          f"{statistics.median(offline):.2f} s  ({' '.join(f'{x:.2f}' for x in offline)})")
-    print(f"rollout of 1.1.0: {st['state']} on {st.get('on_new_version')}/{st.get('devices')} devices after "
-          f"{total_s:.2f} s (includes 1 s bake); update.installed reported after "
-          f"{' '.join(f'{x:.2f}' for x in installed)} s")
-    print(f"bytes moved per device (HTTP from the server): {' '.join(f'{p.bytes / 2**20:.2f}' for p in proxies)} MiB "
-          f"in {' '.join(str(p.requests) for p in proxies)} requests; the model file is {size / 2**20:.2f} MiB")
+    print(
+        f"offline install of 1.0.0 (verify + unpack + health check), per device: median "
+        f"{statistics.median(offline):.2f} s  ({' '.join(f'{x:.2f}' for x in offline)})"
+    )
+    print(
+        f"rollout of 1.1.0: {st['state']} on {st.get('on_new_version')}/{st.get('devices')} devices after "
+        f"{total_s:.2f} s (includes 1 s bake); update.installed reported after "
+        f"{' '.join(f'{x:.2f}' for x in installed)} s"
+    )
+    print(
+        f"bytes moved per device (HTTP from the server): {' '.join(f'{p.bytes / 2**20:.2f}' for p in proxies)} MiB "
+        f"in {' '.join(str(p.requests) for p in proxies)} requests; the model file is {size / 2**20:.2f} MiB"
+    )

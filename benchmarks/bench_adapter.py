@@ -25,8 +25,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-TARGETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-           "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+TARGETS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 
 
 def make_adapter(model_dir: Path, out: Path, rank: int, targets: tuple[str, ...]) -> Path:
@@ -43,8 +45,9 @@ def make_adapter(model_dir: Path, out: Path, rank: int, targets: tuple[str, ...]
     for k, v in state.items():  # a trained-looking adapter: B is no longer zero
         if k.endswith(".lora_B"):
             state[k] = torch.randn(v.shape, generator=gen) * 0.01
-    return save_adapter(out, state, cfg, base_sha256=hash_model_dir(model_dir), base_name=model_dir.name,
-                        report={"kind": "benchmark"})
+    return save_adapter(
+        out, state, cfg, base_sha256=hash_model_dir(model_dir), base_name=model_dir.name, report={"kind": "benchmark"}
+    )
 
 
 def decode(paths: dict[str, tuple[Path, Path | None]], tokens: int, rounds: int) -> dict[str, list[float]]:
@@ -89,11 +92,21 @@ def main() -> None:
         adapter = make_adapter(model, work / "adapter", args.rank, TARGETS[args.targets])
         init_keys(work / "keys")
         Repository.create(work / "repo", work / "keys")
-        common = {"profiles": ["rpi5-8gb"], "formats": [args.format], "repo": work / "repo", "keys": work / "keys",
-                  "cache_dir": work / "cache", "eval_text": "The robot arm picks up the red block.\n" * 8}
+        common = {
+            "profiles": ["rpi5-8gb"],
+            "formats": [args.format],
+            "repo": work / "repo",
+            "keys": work / "keys",
+            "cache_dir": work / "cache",
+            "eval_text": "The robot arm picks up the red block.\n" * 8,
+        }
         full = run_build(BuildConfig(model_dir=model, out_dir=work / "full", name="base", **common))
-        delta = run_adapter_build(BuildConfig(model_dir=model, out_dir=work / "delta", name="base", **common),
-                                  adapter, base_version="0.1.0", adapter_name="delta")
+        delta = run_adapter_build(
+            BuildConfig(model_dir=model, out_dir=work / "delta", name="base", **common),
+            adapter,
+            base_version="0.1.0",
+            adapter_name="delta",
+        )
         full_bytes = wire_bytes(full.results[0])["bundle_bytes"]
         w = wire_bytes(delta.results[0])
         merged = merge_adapter(model, adapter, work / "merged")
@@ -104,17 +117,24 @@ def main() -> None:
 
         ad = load_adapter(adapter)
         write_lora_gguf(ad.state, ad.rank, ad.alpha, model, work / "adapter.gguf", dtype="F16")
-        speeds = decode({"base + adapter": (base_gguf, work / "adapter.gguf"), "merged": (work / "merged.gguf", None)},
-                        args.tokens, args.rounds)
+        speeds = decode(
+            {"base + adapter": (base_gguf, work / "adapter.gguf"), "merged": (work / "merged.gguf", None)},
+            args.tokens,
+            args.rounds,
+        )
 
         ratio = w["bundle_bytes"] / full_bytes
-        print(f"model: hidden {args.hidden}, {args.layers} layers, {args.format}; adapter rank {args.rank} on "
-              f"{','.join(TARGETS[args.targets])}")
+        print(
+            f"model: hidden {args.hidden}, {args.layers} layers, {args.format}; adapter rank {args.rank} on "
+            f"{','.join(TARGETS[args.targets])}"
+        )
         print(f"{'signed bundle':<22} {'bytes':>12} {'MiB':>8} {'1 Gbit/s s':>11} {'10 Mbit/s s':>12}")
         for label, n in (("full (" + args.format + ")", full_bytes), ("adapter (F16 LoRA)", w["bundle_bytes"])):
             print(f"{label:<22} {n:12d} {n / 2**20:8.2f} {n * 8 / 1e9:11.3f} {n * 8 / 1e7:12.1f}")
-        print(f"adapter / full = {ratio:.2%}  ({'within' if ratio <= 0.05 else 'OVER'} the 5% bar); "
-              f"100 devices: {100 * full_bytes / 1e9:.2f} GB vs {100 * w['bundle_bytes'] / 1e9:.3f} GB")
+        print(
+            f"adapter / full = {ratio:.2%}  ({'within' if ratio <= 0.05 else 'OVER'} the 5% bar); "
+            f"100 devices: {100 * full_bytes / 1e9:.2f} GB vs {100 * w['bundle_bytes'] / 1e9:.3f} GB"
+        )
         med = {k: statistics.median(v) for k, v in speeds.items()}
         print(f"decode, 1 thread, {args.tokens} tokens x {args.rounds} interleaved rounds:")
         for k, v in speeds.items():

@@ -31,8 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PROMPTS = ["The robot", "The sensor reads", "def camera_1(x):", "The drone checks the battery",
-           "Hello", "The pump stops", "The gateway sends a warning", "The valve"]
+PROMPTS = [
+    "The robot",
+    "The sensor reads",
+    "def camera_1(x):",
+    "The drone checks the battery",
+    "Hello",
+    "The pump stops",
+    "The gateway sends a warning",
+    "The valve",
+]
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -48,17 +56,27 @@ def bench_raw(path: Path, settings, prompts: list[str], max_tokens: int) -> tupl
 
     import_llama_cpp()  # quiet native log
     kv = KV_TYPES[settings.kv_cache_type]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=settings.batch_size, n_ubatch=settings.ubatch_size,
-                          n_threads=settings.threads, n_threads_batch=settings.threads, flash_attn=settings.flash_attn,
-                          type_k=kv, type_v=kv, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=256,
+        n_batch=settings.batch_size,
+        n_ubatch=settings.ubatch_size,
+        n_threads=settings.threads,
+        n_threads_batch=settings.threads,
+        flash_attn=settings.flash_attn,
+        type_k=kv,
+        type_v=kv,
+        verbose=False,
+    )
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     try:
         n = 0
         c0, t0 = time.process_time(), time.perf_counter()
         for p in prompts:
             k = 0
-            for tok in llm.generate(llm.tokenize(p.encode(), add_bos=True, special=False), top_k=1, temp=0.0,
-                                    reset=True):
+            for tok in llm.generate(
+                llm.tokenize(p.encode(), add_bos=True, special=False), top_k=1, temp=0.0, reset=True
+            ):
                 if llama_cpp.llama_vocab_is_eog(vocab, tok):
                     break
                 llm.detokenize([tok])  # streamed text, as a server would produce it
@@ -76,8 +94,9 @@ def bench_runtime(slot: Path, settings, prompts: list[str], max_tokens: int) -> 
     from edgellm.runtime import GenerationParams, load_runtime
 
     m = Manifest.load(slot / "manifest.json")
-    rt = load_runtime(m.runtime, slot / m.artifact, model_dir=slot, settings=settings,
-                      context_length=m.memory.context_length)
+    rt = load_runtime(
+        m.runtime, slot / m.artifact, model_dir=slot, settings=settings, context_length=m.memory.context_length
+    )
     try:
         n = 0
         c0, t0 = time.process_time(), time.perf_counter()
@@ -96,8 +115,9 @@ def bench_api(a, prompts: list[str], max_tokens: int) -> tuple[int, float, float
     n = 0
     c0, t0 = _proc_cpu_s(a.proc.pid), time.perf_counter()
     for p in prompts:
-        stream = client.completions.create(model="tiny", prompt=p, max_tokens=max_tokens, stream=True,
-                                           stream_options={"include_usage": True})
+        stream = client.completions.create(
+            model="tiny", prompt=p, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}
+        )
         for chunk in stream:
             if chunk.usage is not None:
                 n += chunk.usage.completion_tokens
@@ -131,8 +151,13 @@ def main() -> None:
         work = Path(td)
         gguf = args.gguf or export_all(make_model(work, args.hidden, args.layers), work, ("gguf-q8_0",))["gguf-q8_0"]
         model_desc = f"{gguf.name} ({gguf.stat().st_size / 2**20:.1f} MiB)"
-        bundle = make_gguf_bundle(work, gguf, version="1.0.0", golden=[{"prompt": "Hello", "max_tokens": 4}],
-                                  extra={"runtime_settings": RuntimeSettings(threads=args.threads).to_dict()})
+        bundle = make_gguf_bundle(
+            work,
+            gguf,
+            version="1.0.0",
+            golden=[{"prompt": "Hello", "max_tokens": 4}],
+            extra={"runtime_settings": RuntimeSettings(threads=args.threads).to_dict()},
+        )
         root = init_keys(work / "keys")
         repo = Repository.create(work / "repo", work / "keys")
         envelope = repo.export_signed(repo.add_bundle(bundle), work / "tiny.signed")
@@ -152,8 +177,12 @@ def main() -> None:
         prompts = (PROMPTS * (args.requests // len(PROMPTS) + 1))[: args.requests]
         sides: dict[str, list[tuple[int, float, float]]] = {"Llama.generate": [], "runtime": [], "agent API": []}
         with AgentProcess(d) as a:
-            httpx.post(a.base_url + "/v1/completions", headers=a.headers,
-                       json={"model": "tiny", "prompt": "warm up", "max_tokens": 8}, timeout=120)
+            httpx.post(
+                a.base_url + "/v1/completions",
+                headers=a.headers,
+                json={"model": "tiny", "prompt": "warm up", "max_tokens": 8},
+                timeout=120,
+            )
             loaded_rss = a.rss_bytes()
             for _ in range(args.rounds):  # interleaved, so machine load hits every side alike
                 sides["Llama.generate"].append(bench_raw(slot / "model.gguf", settings, prompts, args.max_tokens))
@@ -161,21 +190,29 @@ def main() -> None:
                 sides["agent API"].append(bench_api(a, prompts, args.max_tokens))
             served_rss = a.rss_bytes()
     load1 = os.getloadavg()
-    print(f"REAL: agent process + HTTP/SSE + llama.cpp; model {model_desc}; "
-          f"{args.requests} requests x <= {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds")
+    print(
+        f"REAL: agent process + HTTP/SSE + llama.cpp; model {model_desc}; "
+        f"{args.requests} requests x <= {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds"
+    )
     print(f"llama.cpp settings on every side (from the manifest, as the agent resolves them): {settings.to_dict()}")
-    print(f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end on {os.cpu_count()} CPUs (shared machine; "
-          "the API side also needs a core for the client)")
+    print(
+        f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end on {os.cpu_count()} CPUs (shared machine; "
+        "the API side also needs a core for the client)"
+    )
     base_tps = statistics.median(n / s for n, s, _ in sides["Llama.generate"])
     base_cpu = statistics.median(c / n for n, _, c in sides["Llama.generate"] if n)
     print(f"{'side':<16} {'tok/s':>8} {'vs raw':>7} {'CPU ms/tok':>10} {'vs raw':>7}   tok/s per round")
     for name, runs in sides.items():
         tps = statistics.median(n / s for n, s, _ in runs)
         cpu = statistics.median(c / n for n, _, c in runs if n)
-        print(f"{name:<16} {tps:8.1f} {tps / base_tps:6.2f}x {cpu * 1e3:10.2f} {cpu / base_cpu:6.2f}x   "
-              f"{' '.join(f'{n / s:.0f}' for n, s, _ in runs)}")
-    print(f"agent RSS idle without a model: {idle_rss / 2**20:.1f} MiB; with the model loaded: "
-          f"{loaded_rss / 2**20:.1f} MiB; after the benchmark: {served_rss / 2**20:.1f} MiB")
+        print(
+            f"{name:<16} {tps:8.1f} {tps / base_tps:6.2f}x {cpu * 1e3:10.2f} {cpu / base_cpu:6.2f}x   "
+            f"{' '.join(f'{n / s:.0f}' for n, s, _ in runs)}"
+        )
+    print(
+        f"agent RSS idle without a model: {idle_rss / 2**20:.1f} MiB; with the model loaded: "
+        f"{loaded_rss / 2**20:.1f} MiB; after the benchmark: {served_rss / 2**20:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gguf import export_all, make_model  # noqa: E402
+from bench_gguf import export_all, make_model
 
 FORMATS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
 VARIANTS: dict[str, dict] = {
-    "fa-off": {"flash_attn": False},                                   # what the agent ran before
+    "fa-off": {"flash_attn": False},  # what the agent ran before
     "fa-on": {"flash_attn": True},
     "fa-on kv-q8_0": {"flash_attn": True, "kv_cache_type": "q8_0"},
     "fa-on no-mmap": {"flash_attn": True, "mmap": False},
@@ -90,18 +90,26 @@ def main() -> None:
             for f in FORMATS:
                 for v in variants:
                     res.setdefault((f, v), []).append(run_one(paths[f], VARIANTS[v], args.threads, args.tokens, meter))
-            print(f"round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True
+            )
         bw = meter.result()
     load1 = os.getloadavg()
-    print(f"REAL: llama.cpp decode of a random {n_params / 1e6:.0f}M-parameter Llama, {args.threads} thread(s), "
-          f"{args.tokens} tokens x {args.rounds} interleaved rounds; bandwidth measured in the same run")
+    print(
+        f"REAL: llama.cpp decode of a random {n_params / 1e6:.0f}M-parameter Llama, {args.threads} thread(s), "
+        f"{args.tokens} tokens x {args.rounds} interleaved rounds; bandwidth measured in the same run"
+    )
     print(f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end on {os.cpu_count()} CPUs (shared machine)")
     d = bw.to_dict()
-    print(f"bandwidth (numpy copy, {bw.buffer_mb} MiB, {len(bw.samples)} samples): median {d['median_gbps']:.2f} "
-          f"GB/s, min {d['min_gbps']:.2f}, max {d['max_gbps']:.2f}, spread {bw.spread:.0%}; per CPU-second: median "
-          f"{statistics.median(bw.cpu_samples):.2f} GB/s")
-    print(f"{'format':<12} {'MiB/tok':>7} {'variant':<15} {'decode tok/s':>12} {'prefill tok/s':>13} "
-          f"{'fraction':>8} {'vs first':>9} {'CPU fraction':>12}   CPU fractions per round")
+    print(
+        f"bandwidth (numpy copy, {bw.buffer_mb} MiB, {len(bw.samples)} samples): median {d['median_gbps']:.2f} "
+        f"GB/s, min {d['min_gbps']:.2f}, max {d['max_gbps']:.2f}, spread {bw.spread:.0%}; per CPU-second: median "
+        f"{statistics.median(bw.cpu_samples):.2f} GB/s"
+    )
+    print(
+        f"{'format':<12} {'MiB/tok':>7} {'variant':<15} {'decode tok/s':>12} {'prefill tok/s':>13} "
+        f"{'fraction':>8} {'vs first':>9} {'CPU fraction':>12}   CPU fractions per round"
+    )
     for f in FORMATS:
         base = None
         for v in variants:
@@ -110,12 +118,16 @@ def main() -> None:
             cfr = [r[3] * bpt[f] / (r[4] * 1e9) for r in runs]
             tps = statistics.median(r[0] for r in runs)
             base = base or tps
-            print(f"{f:<12} {bpt[f] / 2**20:7.1f} {v:<15} {tps:12.1f} {statistics.median(r[1] for r in runs):13.0f} "
-                  f"{statistics.median(fr):8.2f} {tps / base:8.2f}x {statistics.median(cfr):12.2f}   "
-                  f"{' '.join(f'{x:.2f}' for x in cfr)}")
-    print("fraction = decode tok/s x bytes per token / bandwidth (bandwidth: mean of the samples just before and "
-          "after that run). CPU fraction: the same with tokens and bandwidth both per CPU-second of this process, "
-          "which time-slicing by other processes does not distort. Batch sizes only change prefill.")
+            print(
+                f"{f:<12} {bpt[f] / 2**20:7.1f} {v:<15} {tps:12.1f} {statistics.median(r[1] for r in runs):13.0f} "
+                f"{statistics.median(fr):8.2f} {tps / base:8.2f}x {statistics.median(cfr):12.2f}   "
+                f"{' '.join(f'{x:.2f}' for x in cfr)}"
+            )
+    print(
+        "fraction = decode tok/s x bytes per token / bandwidth (bandwidth: mean of the samples just before and "
+        "after that run). CPU fraction: the same with tokens and bandwidth both per CPU-second of this process, "
+        "which time-slicing by other processes does not distort. Batch sizes only change prefill."
+    )
 
 
 if __name__ == "__main__":

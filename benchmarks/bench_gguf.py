@@ -28,8 +28,15 @@ def make_model(work: Path, hidden: int, layers: int, intermediate: int | None = 
     from fixtures_gguf import make_hf_llama
 
     heads = max(4, hidden // 64)
-    return make_hf_llama(work / "hf", train_steps=0, hidden=hidden, intermediate=intermediate or hidden * 8 // 3 // 256 * 256,
-                         layers=layers, heads=heads, kv_heads=max(1, heads // 3) if heads % 3 == 0 else heads // 2)
+    return make_hf_llama(
+        work / "hf",
+        train_steps=0,
+        hidden=hidden,
+        intermediate=intermediate or hidden * 8 // 3 // 256 * 256,
+        layers=layers,
+        heads=heads,
+        kv_heads=max(1, heads // 3) if heads % 3 == 0 else heads // 2,
+    )
 
 
 def export_all(model_dir: Path, work: Path, formats=FORMATS) -> dict[str, Path]:
@@ -85,8 +92,9 @@ def peak_rss(path: Path, ctx: int) -> int:
     check counts)."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(ctx)], capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path), str(ctx)], capture_output=True, text=True, check=True, timeout=300
+    )
     return int(out.stdout.split()[-1])
 
 
@@ -112,18 +120,26 @@ def main() -> None:
         rss = {f: peak_rss(p, ctx) for f, p in paths.items()}
         f16_size = paths["gguf-f16"].stat().st_size
         f16_tps = statistics.median(speeds["gguf-f16"])
-        print(f"model: hidden {args.hidden}, {args.layers} layers; decode {args.tokens} tokens x {args.rounds} "
-              f"interleaved rounds, {args.threads} thread(s)")
-        print(f"{'format':<12} {'size MiB':>9} {'size/F16':>9} {'tok/s':>8} {'speed/F16':>10} "
-              f"{'est MiB':>8} {'RSS MiB':>8} {'est/RSS':>8}   runs")
+        print(
+            f"model: hidden {args.hidden}, {args.layers} layers; decode {args.tokens} tokens x {args.rounds} "
+            f"interleaved rounds, {args.threads} thread(s)"
+        )
+        print(
+            f"{'format':<12} {'size MiB':>9} {'size/F16':>9} {'tok/s':>8} {'speed/F16':>10} "
+            f"{'est MiB':>8} {'RSS MiB':>8} {'est/RSS':>8}   runs"
+        )
         for f in FORMATS:
             size = paths[f].stat().st_size
             tps = statistics.median(speeds[f])
             runs = " ".join(f"{x:.0f}" for x in speeds[f])
-            print(f"{f:<12} {size / 2**20:9.1f} {size / f16_size:9.2f} {tps:8.1f} {tps / f16_tps:9.2f}x "
-                  f"{est[f] / 2**20:8.1f} {rss[f] / 2**20:8.1f} {est[f] / rss[f]:8.2f}   {runs}")
-        print(f"est = edgellm's memory model at ctx {ctx} (weights + KV + compute + runtime); RSS = measured peak "
-              f"RSS growth of runtime import + load + 255-token prefill + 16 tokens in a fresh process")
+            print(
+                f"{f:<12} {size / 2**20:9.1f} {size / f16_size:9.2f} {tps:8.1f} {tps / f16_tps:9.2f}x "
+                f"{est[f] / 2**20:8.1f} {rss[f] / 2**20:8.1f} {est[f] / rss[f]:8.2f}   {runs}"
+            )
+        print(
+            f"est = edgellm's memory model at ctx {ctx} (weights + KV + compute + runtime); RSS = measured peak "
+            f"RSS growth of runtime import + load + 255-token prefill + 16 tokens in a fresh process"
+        )
 
 
 if __name__ == "__main__":

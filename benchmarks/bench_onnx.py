@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"training the tiny preset for {args.steps} steps ...", file=sys.stderr)
             model_dir = work / "tiny"
-            train_model("builtin:devices", "tiny", model_dir, TrainConfig(steps=args.steps, progress=True, eval_every=0))
+            train_model(
+                "builtin:devices", "tiny", model_dir, TrainConfig(steps=args.steps, progress=True, eval_every=0)
+            )
         paths = {"fp32": work / "fp32" / "model.onnx", "int8": work / "int8" / "model.onnx"}
         for name, fmt in (("fp32", "onnx"), ("int8", "onnx-int8")):
             paths[name].parent.mkdir()
@@ -68,28 +70,53 @@ def main(argv: list[str] | None = None) -> int:
             for k, rt in rts.items():
                 decode[k] = max(decode[k], rt.decode_speed(args.tokens))
         prefill = {k: _prefill_speed(rt, min(128, rt.context_length)) for k, rt in rts.items()}
-        quality = {k: evaluate_artifact(p, model_dir=model_dir, max_windows=16, speed_tokens=1)
-                   for k, p in paths.items()}
-        rows = {k: {"size_bytes": paths[k].stat().st_size, "decode_tokens_per_second": round(decode[k], 1),
-                    "ms_per_token": round(1000 / decode[k], 3), "prefill_tokens_per_second": round(prefill[k], 1),
-                    "perplexity": round(quality[k]["perplexity"], 4), "kl_divergence": quality[k]["kl_divergence"],
-                    "top1_agreement": round(quality[k]["top1_agreement"], 4)} for k in rts}
-        ratios = {"size_int8_over_fp32": round(rows["int8"]["size_bytes"] / rows["fp32"]["size_bytes"], 3),
-                  "decode_speedup_int8": round(decode["int8"] / decode["fp32"], 2),
-                  "prefill_speedup_int8": round(prefill["int8"] / prefill["fp32"], 2),
-                  "perplexity_change": round(rows["int8"]["perplexity"] / rows["fp32"]["perplexity"] - 1, 5)}
-        result = {"model": str(args.model or "tiny preset (trained here)"), "threads": args.threads,
-                  "decode_tokens": args.tokens, "repeats": args.repeats, "formats": rows, "ratios": ratios}
+        quality = {
+            k: evaluate_artifact(p, model_dir=model_dir, max_windows=16, speed_tokens=1) for k, p in paths.items()
+        }
+        rows = {
+            k: {
+                "size_bytes": paths[k].stat().st_size,
+                "decode_tokens_per_second": round(decode[k], 1),
+                "ms_per_token": round(1000 / decode[k], 3),
+                "prefill_tokens_per_second": round(prefill[k], 1),
+                "perplexity": round(quality[k]["perplexity"], 4),
+                "kl_divergence": quality[k]["kl_divergence"],
+                "top1_agreement": round(quality[k]["top1_agreement"], 4),
+            }
+            for k in rts
+        }
+        ratios = {
+            "size_int8_over_fp32": round(rows["int8"]["size_bytes"] / rows["fp32"]["size_bytes"], 3),
+            "decode_speedup_int8": round(decode["int8"] / decode["fp32"], 2),
+            "prefill_speedup_int8": round(prefill["int8"] / prefill["fp32"], 2),
+            "perplexity_change": round(rows["int8"]["perplexity"] / rows["fp32"]["perplexity"] - 1, 5),
+        }
+        result = {
+            "model": str(args.model or "tiny preset (trained here)"),
+            "threads": args.threads,
+            "decode_tokens": args.tokens,
+            "repeats": args.repeats,
+            "formats": rows,
+            "ratios": ratios,
+        }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"ONNX int8 vs fp32 — {result['model']}, {args.threads} thread(s), {args.tokens}-token decode, best of {args.repeats}")
-    print(f"{'format':<6} {'size MiB':>9} {'decode tok/s':>13} {'ms/token':>9} {'prefill tok/s':>14} {'ppl':>8} {'KL':>9} {'top-1':>7}")
+    print(
+        f"ONNX int8 vs fp32 — {result['model']}, {args.threads} thread(s), {args.tokens}-token decode, best of {args.repeats}"
+    )
+    print(
+        f"{'format':<6} {'size MiB':>9} {'decode tok/s':>13} {'ms/token':>9} {'prefill tok/s':>14} {'ppl':>8} {'KL':>9} {'top-1':>7}"
+    )
     for k, r in rows.items():
-        print(f"{k:<6} {r['size_bytes'] / 2**20:>9.2f} {r['decode_tokens_per_second']:>13.1f} {r['ms_per_token']:>9.3f} "
-              f"{r['prefill_tokens_per_second']:>14.1f} {r['perplexity']:>8.4f} {r['kl_divergence']:>9.2e} {r['top1_agreement']:>7.2%}")
-    print(f"int8/fp32: size {ratios['size_int8_over_fp32']:.3f}x, decode {ratios['decode_speedup_int8']:.2f}x faster, "
-          f"prefill {ratios['prefill_speedup_int8']:.2f}x faster, perplexity {ratios['perplexity_change']:+.3%}")
+        print(
+            f"{k:<6} {r['size_bytes'] / 2**20:>9.2f} {r['decode_tokens_per_second']:>13.1f} {r['ms_per_token']:>9.3f} "
+            f"{r['prefill_tokens_per_second']:>14.1f} {r['perplexity']:>8.4f} {r['kl_divergence']:>9.2e} {r['top1_agreement']:>7.2%}"
+        )
+    print(
+        f"int8/fp32: size {ratios['size_int8_over_fp32']:.3f}x, decode {ratios['decode_speedup_int8']:.2f}x faster, "
+        f"prefill {ratios['prefill_speedup_int8']:.2f}x faster, perplexity {ratios['perplexity_change']:+.3%}"
+    )
     return 0
 
 

@@ -34,22 +34,62 @@ def run(agents: int, messages: int, replicas: int, db: str | None, work: Path) -
     data = DataDir.init(work / "srv", root_keys_out=work / "root-keys").root
     store = Store(db or data / "store.sqlite")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--data-dir", str(data), "--mqtt", broker.url,
-                               "--http", f"127.0.0.1:{free_port()}", "--client-id", f"bench-{i}",
-                               *(["--db", db] if db else [])], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for i in range(replicas)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "run",
+                "--data-dir",
+                str(data),
+                "--mqtt",
+                broker.url,
+                "--http",
+                f"127.0.0.1:{free_port()}",
+                "--client-id",
+                f"bench-{i}",
+                *(["--db", db] if db else []),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(replicas)
+    ]
     sim = None
     try:
         time.sleep(3)  # replicas connect and subscribe
         sim = subprocess.Popen(
-            [sys.executable, "-m", "agent.telemetry.sim", "--mqtt", broker.url, "--devices", str(agents),
-             "--data-dir", str(work / "agents"), "--prefill", str(messages), "--infer-every", "0"],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "agent.telemetry.sim",
+                "--mqtt",
+                broker.url,
+                "--devices",
+                str(agents),
+                "--data-dir",
+                str(work / "agents"),
+                "--prefill",
+                str(messages),
+                "--infer-every",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         assert sim.stdout is not None and sim.stdout.readline().strip() == "ready"
         t0 = time.perf_counter()
         expected = agents * messages
-        wait_for(lambda: store.message_count(kind="event") >= expected, timeout=600, every=0.05,
-                 what=f"{expected} events stored")
+        wait_for(
+            lambda: store.message_count(kind="event") >= expected,
+            timeout=600,
+            every=0.05,
+            what=f"{expected} events stored",
+        )
         return expected / (time.perf_counter() - t0)
     finally:
         for p in (p for p in [sim, *procs] if p is not None):
@@ -70,8 +110,11 @@ def main() -> None:
     (root / "pg").mkdir()
     pg.start()
     try:
-        for label, replicas, db in (("sqlite, 1 replica", 1, None), ("postgresql, 1 replica", 1, "pg"),
-                                    ("postgresql, 2 replicas", 2, "pg")):
+        for label, replicas, db in (
+            ("sqlite, 1 replica", 1, None),
+            ("postgresql, 1 replica", 1, "pg"),
+            ("postgresql, 2 replicas", 2, "pg"),
+        ):
             with tempfile.TemporaryDirectory() as d:
                 rate = run(a.agents, a.messages, replicas, pg.create_database() if db else None, Path(d))
             print(f"{label:<24} {rate:8.0f} msg/s stored, {rate / replicas:8.0f} per replica", flush=True)

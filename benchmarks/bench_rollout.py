@@ -65,7 +65,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--bake", type=float, default=2.0)
-    ap.add_argument("--real", type=int, default=0, metavar="N", help="N real agent processes instead of simulated devices")
+    ap.add_argument(
+        "--real", type=int, default=0, metavar="N", help="N real agent processes instead of simulated devices"
+    )
     ap.add_argument("--hidden", type=int, default=768, help="real mode: model width (768 x 16 layers: 101M params)")
     ap.add_argument("--layers", type=int, default=16)
     a = ap.parse_args()
@@ -74,8 +76,10 @@ def main() -> None:
 
         run_real(a.real, a.hidden, a.layers)
         return
-    print(f"SIMULATED devices ({a.devices}): install = 50 ms sleep, no download or health check; REAL: broker, "
-          f"server rollout driver, telemetry; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(
+        f"SIMULATED devices ({a.devices}): install = 50 ms sleep, no download or health check; REAL: broker, "
+        f"server rollout driver, telemetry; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    )
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         broker = Broker(work / "mq")
@@ -92,11 +96,35 @@ def main() -> None:
             assert srv.ingest.wait_connected(10)
             halves = [a.devices // 2, a.devices - a.devices // 2]
             for i, n in enumerate(halves):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "agent.telemetry.sim", "--mqtt", broker.url, "--devices", str(n),
-                     "--prefix", f"fleet{i}", "--data-dir", str(work / f"fleet{i}"), "--group", "bench",
-                     "--bad-version", "2.0-bad:900:-3.4", "--infer-every", "0.2", "--metrics-interval", "0.5"],
-                    stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT))))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "agent.telemetry.sim",
+                            "--mqtt",
+                            broker.url,
+                            "--devices",
+                            str(n),
+                            "--prefix",
+                            f"fleet{i}",
+                            "--data-dir",
+                            str(work / f"fleet{i}"),
+                            "--group",
+                            "bench",
+                            "--bad-version",
+                            "2.0-bad:900:-3.4",
+                            "--infer-every",
+                            "0.2",
+                            "--metrics-interval",
+                            "0.5",
+                        ],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                    )
+                )
             for p in procs:
                 assert p.stdout.readline().strip() == "ready"
             t0 = time.perf_counter()
@@ -104,25 +132,34 @@ def main() -> None:
                 time.sleep(0.05)
             print(f"{a.devices} devices online after {time.perf_counter() - t0:.2f} s")
 
-            rid = rollout.start(srv.store, model="demo", version="2.0-bad", group="bench", canary="10%",
-                                gate=GATE, bake=f"{a.bake}s")
+            rid = rollout.start(
+                srv.store, model="demo", version="2.0-bad", group="bench", canary="10%", gate=GATE, bake=f"{a.bake}s"
+            )
             st, bad_s = wait_state(srv, rid, ("rolled_back", "completed", "failed"))
             print(f"bad version : {st['state']} after {bad_s:6.2f} s  ({st['reason']})")
 
-            rid = rollout.start(srv.store, model="demo", version="2.0", group="bench", canary="10%",
-                                gate=GATE, bake=f"{a.bake}s")
+            rid = rollout.start(
+                srv.store, model="demo", version="2.0", group="bench", canary="10%", gate=GATE, bake=f"{a.bake}s"
+            )
             st, good_s = wait_state(srv, rid, ("completed", "rolled_back", "failed"))
             ph = phase_times(st)
-            print(f"good version: {st['state']} on {st['on_new_version']}/{st['devices']} devices after {good_s:6.2f} s"
-                  f"  (canary on new version at {ph.get('bake', float('nan')):.2f} s, promoted at "
-                  f"{ph.get('full', float('nan')):.2f} s, bake {a.bake:g} s)")
+            print(
+                f"good version: {st['state']} on {st['on_new_version']}/{st['devices']} devices after {good_s:6.2f} s"
+                f"  (canary on new version at {ph.get('bake', float('nan')):.2f} s, promoted at "
+                f"{ph.get('full', float('nan')):.2f} s, bake {a.bake:g} s)"
+            )
 
-            rid = rollout.start(srv.store, model="demo", version="3.0", group="bench", canary="100%", no_gate=True,
-                                bake="0s")
+            rid = rollout.start(
+                srv.store, model="demo", version="3.0", group="bench", canary="100%", no_gate=True, bake="0s"
+            )
             st, direct_s = wait_state(srv, rid, ("completed", "rolled_back", "failed"))
-            print(f"direct push : {st['state']} on {st['on_new_version']}/{st['devices']} devices after {direct_s:6.2f} s")
-            print(f"ratio canary rollout / direct push: {good_s / direct_s:.2f}x "
-                  f"(canary rollout minus bake: {good_s - a.bake:.2f} s)")
+            print(
+                f"direct push : {st['state']} on {st['on_new_version']}/{st['devices']} devices after {direct_s:6.2f} s"
+            )
+            print(
+                f"ratio canary rollout / direct push: {good_s / direct_s:.2f}x "
+                f"(canary rollout minus bake: {good_s - a.bake:.2f} s)"
+            )
         finally:
             for p in procs:
                 p.terminate()

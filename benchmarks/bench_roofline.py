@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gguf import FORMATS, decode_speeds, export_all, make_model  # noqa: E402
+from bench_gguf import FORMATS, decode_speeds, export_all, make_model
 
 
 def main() -> None:
@@ -43,8 +43,10 @@ def main() -> None:
         bw_after = measure_bandwidth_gbps(seconds=1.0, buffer_mb=256, threads=1)
         bw = max(bw_before, bw_after)
         profiles = [get_profile(p) for p in args.profiles.split(",") if p]
-        print(f"memory bandwidth here (1 thread, numpy copy): {bw_before:.2f} GB/s before, {bw_after:.2f} GB/s "
-              f"after; using {bw:.2f}")
+        print(
+            f"memory bandwidth here (1 thread, numpy copy): {bw_before:.2f} GB/s before, {bw_after:.2f} GB/s "
+            f"after; using {bw:.2f}"
+        )
         head = f"{'format':<12} {'MiB/token':>9} {'roofline':>9} {'tok/s':>8} {'fraction':>9}"
         head += "".join(f" {p.name[:14]:>15}" for p in profiles)
         print(head)
@@ -56,8 +58,10 @@ def main() -> None:
             eff = tps / roof
             preds = "".join(f" {eff * p.bandwidth_gbps * 1e9 / bpt:13.0f}/s" for p in profiles)
             print(f"{f:<12} {bpt / 2**20:9.1f} {roof:9.1f} {tps:8.1f} {eff:8.0%} {preds}")
-        print("fraction = decode tok/s ÷ (bandwidth ÷ bytes per token); profile columns: predicted tok/s "
-              "= fraction × profile bandwidth ÷ bytes per token")
+        print(
+            "fraction = decode tok/s ÷ (bandwidth ÷ bytes per token); profile columns: predicted tok/s "
+            "= fraction × profile bandwidth ÷ bytes per token"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gguf import export_all, make_model  # noqa: E402
+from bench_gguf import export_all, make_model
 
 
 def main() -> None:
@@ -46,8 +46,9 @@ def main() -> None:
         path = export_all(make_model(work, args.hidden, args.layers), work, formats=("gguf-q8_0",))["gguf-q8_0"]
         n_ctx = 512
         ours = LlamaCppRuntime.load(path, threads=1, context_length=n_ctx)
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=256, n_threads=1, n_threads_batch=1,
-                              verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=256, n_threads=1, n_threads_batch=1, verbose=False
+        )
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
 
         def run_ours(logprobs: bool) -> tuple[int, float]:
@@ -71,12 +72,19 @@ def main() -> None:
             out = llm.create_completion(prompt, max_tokens=args.tokens, temperature=0.0)
             dt = time.perf_counter() - t0
             choice = out["choices"][0]  # usage counts are unreliable here; derive the count
-            n = args.tokens if choice["finish_reason"] == "length" else len(
-                llm.tokenize(choice["text"].encode(), add_bos=False, special=False)) + 1
+            n = (
+                args.tokens
+                if choice["finish_reason"] == "length"
+                else len(llm.tokenize(choice["text"].encode(), add_bos=False, special=False)) + 1
+            )
             return n, dt
 
-        cases = {"ours": lambda: run_ours(True), "ours-nolp": lambda: run_ours(False),
-                 "llama.generate": run_generate, "create_completion": run_completion}
+        cases = {
+            "ours": lambda: run_ours(True),
+            "ours-nolp": lambda: run_ours(False),
+            "llama.generate": run_generate,
+            "create_completion": run_completion,
+        }
         for fn in cases.values():  # warm-up
             fn()
         speeds: dict[str, list[float]] = {k: [] for k in cases}
@@ -90,8 +98,10 @@ def main() -> None:
         llm.close()
 
     base = statistics.median(speeds["llama.generate"])
-    print(f"Q8_0 model: hidden {args.hidden}, {args.layers} layers; up to {args.tokens} tokens x {args.rounds} "
-          f"interleaved rounds, 1 thread, greedy")
+    print(
+        f"Q8_0 model: hidden {args.hidden}, {args.layers} layers; up to {args.tokens} tokens x {args.rounds} "
+        f"interleaved rounds, 1 thread, greedy"
+    )
     print(f"{'path':<18} {'tokens':>6} {'tok/s':>8} {'vs direct':>10}   runs")
     for k in cases:
         med = statistics.median(speeds[k])

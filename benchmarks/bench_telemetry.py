@@ -50,8 +50,14 @@ def sender_main(url: str, first_device: int, devices: int, messages: int) -> Non
     epoch = f"bench{os.getpid()}"
     for k in range(messages):
         for d in range(first_device, first_device + devices):
-            env = wire.Envelope(device=f"bench-{d}", kind="event", seq=k + 1, ts=time.time(), epoch=epoch,
-                                body={"name": "bench", "fields": {"k": k}})
+            env = wire.Envelope(
+                device=f"bench-{d}",
+                kind="event",
+                seq=k + 1,
+                ts=time.time(),
+                epoch=epoch,
+                body={"name": "bench", "fields": {"k": k}},
+            )
             payloads.append((wire.device_topic(env.device, "event"), env.to_json()))
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sender-{first_device}", protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(1000)
@@ -102,10 +108,16 @@ def run(cfg: dict, senders: int, devices: int, messages: int, work: Path) -> dic
         ing.start()
         assert ing.wait_connected(10), "the ingest did not connect"
         for s in range(senders):
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--sender", broker.url, str(s * devices), str(devices), str(messages)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT))))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--sender", broker.url, str(s * devices), str(devices), str(messages)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                )
+            )
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "connected"
         for p in procs:
@@ -125,9 +137,16 @@ def run(cfg: dict, senders: int, devices: int, messages: int, work: Path) -> dic
         last = store.db.execute("SELECT MAX(received) FROM messages WHERE kind = 'event'").fetchone()[0]
         first = min(r["first_publish"] for r in reports)
         counters = dict(ing.counters)
-        return {"stored": stored, "expected": expected, "seconds": last - first, "rate": stored / (last - first),
-                "cpu_us": cpu / max(stored, 1) * 1e6,
-                **{f"{k}_us": v / max(stored, 1) * 1e6 for k, v in th.items()}, "lost": expected - stored, "duplicates": counters.get("duplicates", 0)}
+        return {
+            "stored": stored,
+            "expected": expected,
+            "seconds": last - first,
+            "rate": stored / (last - first),
+            "cpu_us": cpu / max(stored, 1) * 1e6,
+            **{f"{k}_us": v / max(stored, 1) * 1e6 for k, v in th.items()},
+            "lost": expected - stored,
+            "duplicates": counters.get("duplicates", 0),
+        }
     finally:
         for p in procs:
             p.kill()
@@ -159,18 +178,24 @@ def main() -> None:
                 results[n].append(run(CONFIGS[n], a.senders, a.devices, a.messages, Path(d)))
     load1 = os.getloadavg()
     total = a.senders * a.devices * a.messages
-    print(f"REAL: Mosquitto, the server's Ingest + SQLite Store (one process). SIMULATED: {a.senders} sender "
-          f"processes x {a.devices} devices x {a.messages} events = {total} QoS-1 messages (paho, pre-encoded envelopes)")
-    print(f"timed from the first publish to the last stored row; load average {load0[0]:.2f} at start, "
-          f"{load1[0]:.2f} at end on {os.cpu_count()} CPUs (shared machine)")
+    print(
+        f"REAL: Mosquitto, the server's Ingest + SQLite Store (one process). SIMULATED: {a.senders} sender "
+        f"processes x {a.devices} devices x {a.messages} events = {total} QoS-1 messages (paho, pre-encoded envelopes)"
+    )
+    print(
+        f"timed from the first publish to the last stored row; load average {load0[0]:.2f} at start, "
+        f"{load1[0]:.2f} at end on {os.cpu_count()} CPUs (shared machine)"
+    )
     for n in names:
         rs = results[n]
         rates = " ".join(f"{r['rate']:.0f}" for r in rs)
-        print(f"{n:<78} median {statistics.median(r['rate'] for r in rs):7.0f} msg/s stored, "
-              f"{statistics.median(r['cpu_us'] for r in rs):5.0f} us CPU/msg in the server process (paho "
-              f"{statistics.median(r.get('paho_us', 0) for r in rs):.0f}, writer "
-              f"{statistics.median(r.get('writer_us', 0) for r in rs):.0f})   "
-              f"runs: {rates}   lost {sum(r['lost'] for r in rs)}, duplicates {sum(r['duplicates'] for r in rs)}")
+        print(
+            f"{n:<78} median {statistics.median(r['rate'] for r in rs):7.0f} msg/s stored, "
+            f"{statistics.median(r['cpu_us'] for r in rs):5.0f} us CPU/msg in the server process (paho "
+            f"{statistics.median(r.get('paho_us', 0) for r in rs):.0f}, writer "
+            f"{statistics.median(r.get('writer_us', 0) for r in rs):.0f})   "
+            f"runs: {rates}   lost {sum(r['lost'] for r in rs)}, duplicates {sum(r['duplicates'] for r in rs)}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gguf import export_all, make_model  # noqa: E402
+from bench_gguf import export_all, make_model
 
 SPIN = "import time\nwhile True:\n    pass\n"
 
@@ -71,10 +71,14 @@ def main() -> None:
                         p.kill()
                         p.wait()
     load1 = os.getloadavg()
-    print(f"REAL: llama.cpp Q8_0 decode, {args.tokens} tokens x {args.rounds} interleaved rounds. SIMULATED: the "
-          f"device's other work (busy-loop processes, one core each)")
-    print(f"{cpus} CPUs; load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (shared machine: others' work "
-          f"competes too)")
+    print(
+        f"REAL: llama.cpp Q8_0 decode, {args.tokens} tokens x {args.rounds} interleaved rounds. SIMULATED: the "
+        f"device's other work (busy-loop processes, one core each)"
+    )
+    print(
+        f"{cpus} CPUs; load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (shared machine: others' work "
+        f"competes too)"
+    )
     print(f"{'threads':>7} {'busy procs':>10} {'tok/s':>8} {'vs 1 thread':>11} {'CPU ms/token':>12}   tok/s per round")
     for busy in range(cpus + 1):
         one = statistics.median(r[0] for r in res[(1, busy)])
@@ -82,8 +86,10 @@ def main() -> None:
             runs = res[(threads, busy)]
             tps = statistics.median(r[0] for r in runs)
             cpu = statistics.median(r[1] for r in runs)
-            print(f"{threads:>7} {busy:>10} {tps:8.1f} {tps / one:10.2f}x {cpu * 1e3:12.2f}   "
-                  f"{' '.join(f'{r[0]:.0f}' for r in runs)}")
+            print(
+                f"{threads:>7} {busy:>10} {tps:8.1f} {tps / one:10.2f}x {cpu * 1e3:12.2f}   "
+                f"{' '.join(f'{r[0]:.0f}' for r in runs)}"
+            )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def name_problem(p: object) -> str | None:
         return f"{shown} is not a relative path of [A-Za-z0-9._-] names"
     longest = max(len(part) for part in p.split("/"))
     if len(p) > MAX_NAME or longest > MAX_NAME_PART:
-        return (f"{shown} is too long ({len(p)} characters, its longest part {longest}; the limits are "
-                f"{MAX_NAME_PART} per part and {MAX_NAME} in all)")
+        return (
+            f"{shown} is too long ({len(p)} characters, its longest part {longest}; the limits are "
+            f"{MAX_NAME_PART} per part and {MAX_NAME} in all)"
+        )
     return None
 
 
@@ -69,7 +71,10 @@ def tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def write_archive(out: Path, entries: Iterable[tuple[str, bytes | Path]]) -> Path:
     """Write ``entries`` (member name, bytes or a file to copy), in the given order, to ``out``."""
-    with atomic_file(out) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+    with (
+        atomic_file(out) as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar,
+    ):
         for name, src in entries:
             if isinstance(src, bytes):
                 tar.addfile(tarinfo(name, len(src)), io.BytesIO(src))
@@ -83,7 +88,9 @@ def open_tar(fileobj: BinaryIO) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=fileobj, mode="r:")
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise BundleError(f"not a bundle archive ({e})", hint="pass a file written by `edgellm bundle pack` or `edgellm build`") from e
+        raise BundleError(
+            f"not a bundle archive ({e})", hint="pass a file written by `edgellm bundle pack` or `edgellm build`"
+        ) from e
 
 
 def check_member(m: tarfile.TarInfo, max_file_bytes: int) -> str:
@@ -96,17 +103,24 @@ def check_member(m: tarfile.TarInfo, max_file_bytes: int) -> str:
     if not m.isreg():
         raise BundleError(f"bundle entry {name!r} is a device, fifo or other special file: refused", hint=REBUILD_HINT)
     if m.issparse():
-        raise BundleError(f"bundle entry {name!r} is a sparse file (its stored bytes differ from its size): refused", hint=REBUILD_HINT)
+        raise BundleError(
+            f"bundle entry {name!r} is a sparse file (its stored bytes differ from its size): refused",
+            hint=REBUILD_HINT,
+        )
     if name.startswith("/") or posixpath.isabs(name) or "\\" in name:
         raise BundleError(f"bundle entry {name!r} has an absolute path: refused", hint=REBUILD_HINT)
     if ".." in name.split("/"):
         raise BundleError(f"bundle entry {name!r} escapes the bundle with '..': refused", hint=REBUILD_HINT)
     problem = name_problem(name)
     if problem is not None:
-        raise BundleError(f"bundle entry name {problem}: refused",
-                          hint="use shorter [A-Za-z0-9._-] names in the source directory and pack again")
+        raise BundleError(
+            f"bundle entry name {problem}: refused",
+            hint="use shorter [A-Za-z0-9._-] names in the source directory and pack again",
+        )
     if m.size > max_file_bytes:
-        raise BundleError(f"bundle entry {name!r} is {m.size} bytes, over the {max_file_bytes}-byte limit", hint=REBUILD_HINT)
+        raise BundleError(
+            f"bundle entry {name!r} is {m.size} bytes, over the {max_file_bytes}-byte limit", hint=REBUILD_HINT
+        )
     return name
 
 
@@ -142,8 +156,10 @@ class MemberGuard:
         parents = ["/".join(name.split("/")[:i]) for i in range(1, name.count("/") + 1)]
         if name in self.dirs or any(p in self.files for p in parents):
             clash = name if name in self.dirs else next(p for p in parents if p in self.files)
-            raise BundleError(f"bundle entry {name!r}: {clash!r} is both a file and a directory in this archive: refused",
-                              hint=REBUILD_HINT)
+            raise BundleError(
+                f"bundle entry {name!r}: {clash!r} is both a file and a directory in this archive: refused",
+                hint=REBUILD_HINT,
+            )
         if len(self.files) + 1 > self.max_files:
             raise BundleError(f"bundle has more than {self.max_files} files: refused", hint=REBUILD_HINT)
         self.total += m.size
@@ -176,7 +192,9 @@ def extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, out_path: Path, *, 
     writes more than ``max_bytes`` whatever the stream yields.
     """
     if m.size > max_bytes:
-        raise BundleError(f"{m.name!r} is {m.size} bytes, more than the {max_bytes} expected: refused", hint=REBUILD_HINT)
+        raise BundleError(
+            f"{m.name!r} is {m.size} bytes, more than the {max_bytes} expected: refused", hint=REBUILD_HINT
+        )
     src = tar.extractfile(m)
     assert src is not None
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +209,10 @@ def extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, out_path: Path, *, 
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"bundle archive is truncated inside {m.name!r} ({e})", hint=REBUILD_HINT) from e
     except OSError as e:
-        raise BundleError(f"cannot write {out_path.name} ({e.strerror})", hint="check the free space and permissions of the destination") from e
+        raise BundleError(
+            f"cannot write {out_path.name} ({e.strerror})",
+            hint="check the free space and permissions of the destination",
+        ) from e
     if n != m.size:
         raise BundleError(f"bundle archive is truncated inside {m.name!r}", hint=REBUILD_HINT)
     return h.hexdigest(), n

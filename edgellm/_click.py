@@ -27,7 +27,11 @@ class FriendlyGroup(click.Group):
 
 
 format_option = click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
     help="Output for people (table) or machines (json).",
 )
 

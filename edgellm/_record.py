@@ -38,8 +38,11 @@ def required_fields(cls: type) -> frozenset[str]:
     """Fields without a default (cached per class)."""
     req = _REQUIRED.get(cls)
     if req is None:
-        req = _REQUIRED[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                                         and f.default_factory is dataclasses.MISSING)
+        req = _REQUIRED[cls] = frozenset(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
     return req
 
 

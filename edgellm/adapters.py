@@ -44,14 +44,20 @@ class BaseRef(Record):
         for field in ("name", "version"):
             v = getattr(self, field)
             if not isinstance(v, str) or not _NAME_RE.match(v):
-                raise BundleError(f"manifest.json: base.{field} must be 1-128 chars of [A-Za-z0-9._-], got {v!r}",
-                                  hint="rebuild the adapter bundle with `edgellm build --adapter`")
+                raise BundleError(
+                    f"manifest.json: base.{field} must be 1-128 chars of [A-Za-z0-9._-], got {v!r}",
+                    hint="rebuild the adapter bundle with `edgellm build --adapter`",
+                )
         if not isinstance(self.artifact_sha256, str) or not _SHA_RE.match(self.artifact_sha256):
-            raise BundleError("manifest.json: base.artifact_sha256 must be 64 lowercase hex chars",
-                              hint="rebuild the adapter bundle with `edgellm build --adapter`")
+            raise BundleError(
+                "manifest.json: base.artifact_sha256 must be 64 lowercase hex chars",
+                hint="rebuild the adapter bundle with `edgellm build --adapter`",
+            )
         if self.runtime != "gguf":
-            raise BundleError(f"manifest.json: adapters apply to GGUF bases only, not {self.runtime!r}",
-                              hint="ship a merged full bundle to devices on other runtimes")
+            raise BundleError(
+                f"manifest.json: adapters apply to GGUF bases only, not {self.runtime!r}",
+                hint="ship a merged full bundle to devices on other runtimes",
+            )
         return self
 
 
@@ -62,8 +68,9 @@ def is_adapter(manifest: Any) -> bool:
 def base_of(manifest: Any) -> BaseRef:
     """The typed, validated base reference of an adapter manifest."""
     if not is_adapter(manifest):
-        raise BundleError(f"{manifest.name} {manifest.version} is not an adapter bundle",
-                          hint="install it as a full bundle")
+        raise BundleError(
+            f"{manifest.name} {manifest.version} is not an adapter bundle", hint="install it as a full bundle"
+        )
     ref: BaseRef = BaseRef.from_dict(manifest.extra.get("base"))
     return ref.validate()
 

@@ -140,7 +140,10 @@ class Manifest(_Record):
             return BundleError(f"manifest.json: {field}: {why}", hint="fix the manifest and pack the bundle again")
 
         if self.schema_version != SCHEMA_VERSION:
-            raise bad("schema_version", f"unsupported version {self.schema_version!r} (this edgellm reads {SCHEMA_VERSION}); upgrade edgellm")
+            raise bad(
+                "schema_version",
+                f"unsupported version {self.schema_version!r} (this edgellm reads {SCHEMA_VERSION}); upgrade edgellm",
+            )
         for field in ("name", "version"):
             v = getattr(self, field)
             if not valid_id(v):
@@ -189,7 +192,9 @@ class Manifest(_Record):
         try:
             d = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise BundleError(f"{where}: not valid JSON ({e})", hint="the bundle is corrupted: rebuild or re-download it") from e
+            raise BundleError(
+                f"{where}: not valid JSON ({e})", hint="the bundle is corrupted: rebuild or re-download it"
+            ) from e
         return cls.from_dict(d)
 
     @classmethod
@@ -224,14 +229,18 @@ def _scan(src: Path) -> list[str]:
             full = Path(root) / n
             rel = full.relative_to(src).as_posix()
             if full.is_symlink():
-                raise BundleError(f"{full}: symlinks cannot go into a bundle", hint="copy the file itself into the directory")
+                raise BundleError(
+                    f"{full}: symlinks cannot go into a bundle", hint="copy the file itself into the directory"
+                )
             if not full.is_file():
                 raise BundleError(f"{full}: not a regular file")
             if rel == MANIFEST_NAME:
                 continue
             problem = name_problem(rel)
             if problem is not None:
-                raise BundleError(f"{full}: file name {problem}: not allowed in a bundle", hint="use short [A-Za-z0-9._-] names")
+                raise BundleError(
+                    f"{full}: file name {problem}: not allowed in a bundle", hint="use short [A-Za-z0-9._-] names"
+                )
             files.append(rel)
     return sorted(files)
 
@@ -240,7 +249,9 @@ def build_manifest(src_dir: str | Path) -> Manifest:
     """Read ``src_dir/manifest.json`` and fill its file list with hashes and sizes."""
     src = Path(src_dir)
     if not (src / MANIFEST_NAME).is_file():
-        raise BundleError(f"{src}: no {MANIFEST_NAME}", hint="write a manifest.json with at least name, version, runtime and artifact")
+        raise BundleError(
+            f"{src}: no {MANIFEST_NAME}", hint="write a manifest.json with at least name, version, runtime and artifact"
+        )
     manifest = Manifest.load(src / MANIFEST_NAME)
     rels = _scan(src)
     manifest.files = [FileEntry(path=r, sha256=sha256_file(src / r), size=(src / r).stat().st_size) for r in rels]
@@ -284,7 +295,9 @@ def read_manifest(archive: str | Path, limits: UnpackLimits = UnpackLimits()) ->
             if m.name != MANIFEST_NAME:
                 break
             return Manifest.from_json(read_member(tar, m, limits.max_manifest_bytes))
-    raise BundleError(f"{archive}: manifest.json is not the first entry", hint="pack bundles with `edgellm bundle pack`")
+    raise BundleError(
+        f"{archive}: manifest.json is not the first entry", hint="pack bundles with `edgellm bundle pack`"
+    )
 
 
 def unpack(archive: str | Path, dest: str | Path, limits: UnpackLimits = UnpackLimits()) -> Manifest:
@@ -317,15 +330,22 @@ def _extract_checked(archive: Path, tmp: Path, limits: UnpackLimits) -> Manifest
             name = m.name
             if manifest is None:
                 if name != MANIFEST_NAME:
-                    raise BundleError("manifest.json is not the first entry of the bundle", hint="pack bundles with `edgellm bundle pack`")
+                    raise BundleError(
+                        "manifest.json is not the first entry of the bundle",
+                        hint="pack bundles with `edgellm bundle pack`",
+                    )
                 manifest = Manifest.from_json(read_member(tar, m, limits.max_manifest_bytes))
                 continue
             try:
                 expected = manifest.file(name)
             except KeyError:
-                raise BundleError(f"bundle entry {name!r} is not listed in the manifest: refused",
-                                  hint="the bundle was altered: re-download it") from None
-            digest, n = ("", m.size) if m.size != expected.size else extract_member(tar, m, tmp / name, max_bytes=expected.size)
+                raise BundleError(
+                    f"bundle entry {name!r} is not listed in the manifest: refused",
+                    hint="the bundle was altered: re-download it",
+                ) from None
+            digest, n = (
+                ("", m.size) if m.size != expected.size else extract_member(tar, m, tmp / name, max_bytes=expected.size)
+            )
             if n != expected.size or digest != expected.sha256:
                 raise BundleIntegrityError(
                     f"{name}: sha256/size do not match the manifest (got {n} bytes, {digest[:12]}…)",
@@ -336,7 +356,10 @@ def _extract_checked(archive: Path, tmp: Path, limits: UnpackLimits) -> Manifest
         raise BundleError("bundle is empty (no manifest.json)")
     missing = [fe.path for fe in manifest.files if fe.path not in seen]
     if missing:
-        raise BundleError(f"bundle is missing files listed in its manifest: {missing}", hint="the archive is incomplete: re-download it")
+        raise BundleError(
+            f"bundle is missing files listed in its manifest: {missing}",
+            hint="the archive is incomplete: re-download it",
+        )
     atomic_write(tmp / MANIFEST_NAME, manifest.to_json())
     return manifest
 

@@ -46,8 +46,15 @@ DEFAULT_AGENT_DIR = "/var/lib/edgellm-agent"
 class AgentAPIError(EdgeLLMError):
     """The agent answered with an error: ``status``, OpenAI-style ``code``, ``retry_after`` (429/503)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, retry_after: float | None = None,
-                 *, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        retry_after: float | None = None,
+        *,
+        hint: str | None = None,
+    ) -> None:
         super().__init__(f"{status} {code or ''}: {message}".strip(), hint=hint or _hint_for(status, retry_after))
         self.status = status
         self.message = message
@@ -59,9 +66,13 @@ class AgentUnreachable(AgentAPIError):
     """Nothing answers at the agent's address (not running, wrong address, socket missing)."""
 
     def __init__(self, address: str, reason: str) -> None:
-        super().__init__(0, f"cannot reach the agent at {address}: {reason}", "agent_unreachable",
-                         hint=f"is `edgellm-agent run` running and listening on {address}? "
-                              "Check `edgellm-agent status`, or pass base_url= / socket_path=")
+        super().__init__(
+            0,
+            f"cannot reach the agent at {address}: {reason}",
+            "agent_unreachable",
+            hint=f"is `edgellm-agent run` running and listening on {address}? "
+            "Check `edgellm-agent status`, or pass base_url= / socket_path=",
+        )
         self.address = address
 
 
@@ -122,18 +133,28 @@ class AgentClient:
     else ``http://127.0.0.1:8321``. The token is that dir's ``api-token``; admin calls
     (``status``, ``request_update``) use ``admin_token`` or the dir's ``admin-token`` file."""
 
-    def __init__(self, base_url: str | None = None, *, token: str | None = None, token_file: str | Path | None = None,
-                 socket_path: str | Path | None = None, timeout: float = 120.0, agent_dir: str | Path | None = None,
-                 admin_token: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        token: str | None = None,
+        token_file: str | Path | None = None,
+        socket_path: str | Path | None = None,
+        timeout: float = 120.0,
+        agent_dir: str | Path | None = None,
+        admin_token: str | None = None,
+    ) -> None:
         self.agent_dir = Path(agent_dir or os.environ.get("EDGELLM_AGENT_DIR") or DEFAULT_AGENT_DIR)
         if token is None:
             tf = Path(token_file or os.environ.get("EDGELLM_AGENT_TOKEN_FILE") or self.agent_dir / "api-token")
             try:
                 token = tf.read_text().strip()
             except OSError as e:
-                raise EdgeLLMError(f"cannot read the agent's API token from {tf}: {e.strerror or e}",
-                                   hint="pass token= or token_file=, or set EDGELLM_AGENT_DIR to the agent's "
-                                        "data dir (the token file is readable by its owner only)") from e
+                raise EdgeLLMError(
+                    f"cannot read the agent's API token from {tf}: {e.strerror or e}",
+                    hint="pass token= or token_file=, or set EDGELLM_AGENT_DIR to the agent's "
+                    "data dir (the token file is readable by its owner only)",
+                ) from e
         self.token = token
         self._admin_token = admin_token
         if base_url is None and socket_path is None:
@@ -155,8 +176,10 @@ class AgentClient:
             try:
                 self._admin_token = f.read_text().strip()
             except OSError as e:
-                raise EdgeLLMError(f"cannot read the agent's admin token from {f}: {e.strerror or e}",
-                                   hint="admin calls need admin_token= (the agent's admin-token file, mode 0600)") from e
+                raise EdgeLLMError(
+                    f"cannot read the agent's admin token from {f}: {e.strerror or e}",
+                    hint="admin calls need admin_token= (the agent's admin-token file, mode 0600)",
+                ) from e
         return self._admin_token
 
     # -- transport ------------------------------------------------------------------------------
@@ -166,8 +189,9 @@ class AgentClient:
             return _UnixHTTPConnection(self.socket_path, self.timeout)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
-    def _request(self, method: str, path: str, body: dict | None = None, *,
-                 token: str | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _request(
+        self, method: str, path: str, body: dict | None = None, *, token: str | None = None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         conn = self._conn()
         headers = {"Authorization": f"Bearer {token or self.token}", "Accept": "application/json"}
         data = None
@@ -234,27 +258,36 @@ class AgentClient:
     def status(self) -> dict:
         return self._json("GET", "/v1/admin/status", token=self._admin())
 
-    def request_update(self, version: str | None = None, *, model: str | None = None,
-                       rollback: bool = False, force: bool = False) -> dict:
-        body = {k: v for k, v in (("version", version), ("model", model), ("rollback", rollback),
-                                  ("force", force)) if v}
+    def request_update(
+        self, version: str | None = None, *, model: str | None = None, rollback: bool = False, force: bool = False
+    ) -> dict:
+        body = {
+            k: v for k, v in (("version", version), ("model", model), ("rollback", rollback), ("force", force)) if v
+        }
         return self._json("POST", "/v1/admin/update", body, token=self._admin())
 
     def complete(self, prompt: str, *, model: str = "default", max_tokens: int = 64, **params: Any) -> dict:
-        return self._json("POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, **params})
+        return self._json(
+            "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, **params}
+        )
 
     def chat(self, messages: list[dict], *, model: str = "default", max_tokens: int = 64, **params: Any) -> dict:
-        return self._json("POST", "/v1/chat/completions",
-                          {"model": model, "messages": messages, "max_tokens": max_tokens, **params})
+        return self._json(
+            "POST", "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": max_tokens, **params}
+        )
 
-    def stream_complete(self, prompt: str, *, model: str = "default", max_tokens: int = 64, **params: Any) -> Iterator[str]:
+    def stream_complete(
+        self, prompt: str, *, model: str = "default", max_tokens: int = 64, **params: Any
+    ) -> Iterator[str]:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, **params}
         for chunk in self._sse("/v1/completions", body):
             for ch in chunk.get("choices", []):
                 if ch.get("text"):
                     yield ch["text"]
 
-    def stream_chat(self, messages: list[dict], *, model: str = "default", max_tokens: int = 64, **params: Any) -> Iterator[str]:
+    def stream_chat(
+        self, messages: list[dict], *, model: str = "default", max_tokens: int = 64, **params: Any
+    ) -> Iterator[str]:
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, **params}
         for chunk in self._sse("/v1/chat/completions", body):
             for ch in chunk.get("choices", []):

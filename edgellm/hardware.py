@@ -26,10 +26,17 @@ log = logging.getLogger(__name__)
 _RUNTIME_MODULES = {"gguf": "llama_cpp", "onnx": "onnxruntime"}
 
 
-_X86_FLAGS = {"sse4_2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
-              "avx512f": "avx512f", "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni"}
-_ARM_FEATURES = {"asimd": "neon", "neon": "neon", "asimddp": "dotprod", "i8mm": "i8mm",
-                 "sve": "sve", "sve2": "sve2"}
+_X86_FLAGS = {
+    "sse4_2": "sse4_2",
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "avx512f": "avx512f",
+    "avx512_vnni": "avx512_vnni",
+    "avx_vnni": "avx_vnni",
+}
+_ARM_FEATURES = {"asimd": "neon", "neon": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "sve": "sve", "sve2": "sve2"}
 
 
 def isa_from_cpu_flags(arch: str, flags: Iterable[str]) -> frozenset[str]:
@@ -90,11 +97,17 @@ class Bandwidth:
         return (max(self.samples) - min(self.samples)) / self.median if self.median > 0 else math.inf
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median_gbps": round(self.median, 3), "min_gbps": round(min(self.samples), 3),
-                "max_gbps": round(max(self.samples), 3), "spread": round(self.spread, 3),
-                "samples_gbps": [round(x, 3) for x in self.samples], "buffer_mb": self.buffer_mb,
-                "threads": self.threads, "method": "numpy copy, read + write bytes, median pass per sample",
-                **({"cpu_median_gbps": round(float(statistics.median(self.cpu_samples)), 3)} if self.cpu_samples else {})}
+        return {
+            "median_gbps": round(self.median, 3),
+            "min_gbps": round(min(self.samples), 3),
+            "max_gbps": round(max(self.samples), 3),
+            "spread": round(self.spread, 3),
+            "samples_gbps": [round(x, 3) for x in self.samples],
+            "buffer_mb": self.buffer_mb,
+            "threads": self.threads,
+            "method": "numpy copy, read + write bytes, median pass per sample",
+            **({"cpu_median_gbps": round(float(statistics.median(self.cpu_samples)), 3)} if self.cpu_samples else {}),
+        }
 
 
 class BandwidthMeter:
@@ -131,7 +144,7 @@ class BandwidthMeter:
             n, k = self.n, self.threads
             bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
             with ThreadPoolExecutor(k) as pool:  # numpy releases the GIL while copying
-                list(pool.map(lambda b: np.copyto(self._dst[b[0]:b[1]], self._src[b[0]:b[1]]), bounds))
+                list(pool.map(lambda b: np.copyto(self._dst[b[0] : b[1]], self._src[b[0] : b[1]]), bounds))
         return time.perf_counter() - t0, time.process_time() - c0
 
     def sample(self, passes: int = 3) -> float:
@@ -184,8 +197,12 @@ def _detect_device_class(arch: str, ram_bytes: int, flags: list[str]) -> str:
     return "server" if ram_bytes > 32 * GIB or (os.cpu_count() or 1) > 8 else "mini-pc"
 
 
-def detect(measure_bandwidth: bool = True, name: str = "detected",
-           device_class: str | None = None, bandwidth_seconds: float = 0.5) -> Profile:
+def detect(
+    measure_bandwidth: bool = True,
+    name: str = "detected",
+    device_class: str | None = None,
+    bandwidth_seconds: float = 0.5,
+) -> Profile:
     """A profile describing this machine: cores, RAM, ISA flags, runtimes and (optionally) a
     measured memory bandwidth. Targets and power budget are defaults to be edited.
 
@@ -194,14 +211,19 @@ def detect(measure_bandwidth: bool = True, name: str = "detected",
     arch = platform.machine().lower() or "unknown"
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
     if arch not in ARCHES:
-        raise ProfileError(f"detect: unsupported architecture {arch!r}; known: {sorted(ARCHES)}",
-                           hint="write the profile by hand; see docs/profiles.md")
+        raise ProfileError(
+            f"detect: unsupported architecture {arch!r}; known: {sorted(ARCHES)}",
+            hint="write the profile by hand; see docs/profiles.md",
+        )
     cpuinfo = _read_text("/proc/cpuinfo")
     flags = _cpuinfo_first(cpuinfo, "flags", "Features").split()
     isa = isa_from_cpu_flags(arch, flags)
-    cpu_model = (_cpuinfo_first(cpuinfo, "model name", "Model", "Hardware")
-                 or _read_text("/proc/device-tree/model").strip("\x00\n ")
-                 or platform.processor() or arch)
+    cpu_model = (
+        _cpuinfo_first(cpuinfo, "model name", "Model", "Hardware")
+        or _read_text("/proc/device-tree/model").strip("\x00\n ")
+        or platform.processor()
+        or arch
+    )
     cores = os.cpu_count() or 1
     khz = _read_text("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").strip()
     if khz.isdigit() and int(khz) > 0:
@@ -214,15 +236,17 @@ def detect(measure_bandwidth: bool = True, name: str = "detected",
             freq = 1.0
     ram_bytes = _mem_total_bytes()
     if ram_bytes <= 0:
-        raise ProfileError("detect: cannot read the total RAM (/proc/meminfo)",
-                           hint="write the profile by hand; see docs/profiles.md")
+        raise ProfileError(
+            "detect: cannot read the total RAM (/proc/meminfo)", hint="write the profile by hand; see docs/profiles.md"
+        )
     threads = min(cores, 4)
     if measure_bandwidth:
         bandwidth = round(measure_bandwidth_gbps(seconds=bandwidth_seconds, threads=threads), 2)
     else:
         bandwidth = 1.0
-    runtimes = [RUNTIME_NAMES[kind] for kind, module in _RUNTIME_MODULES.items()
-                if importlib.util.find_spec(module) is not None]
+    runtimes = [
+        RUNTIME_NAMES[kind] for kind, module in _RUNTIME_MODULES.items() if importlib.util.find_spec(module) is not None
+    ]
     display = cpu_model if len(cpu_model) < 60 else cpu_model[:57] + "..."
     data = {
         "schema_version": SCHEMA_VERSION,

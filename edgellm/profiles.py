@@ -44,10 +44,23 @@ GIB = 1024**3
 
 DEVICE_CLASSES = frozenset({"sbc", "jetson", "mini-pc", "laptop", "server", "mcu"})
 ARCHES = frozenset({"aarch64", "armv7l", "x86_64", "riscv64", "xtensa"})
-KNOWN_ISA = frozenset({
-    "neon", "dotprod", "i8mm", "sve", "sve2",
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni",
-})
+KNOWN_ISA = frozenset(
+    {
+        "neon",
+        "dotprod",
+        "i8mm",
+        "sve",
+        "sve2",
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512_vnni",
+        "avx_vnni",
+    }
+)
 KNOWN_RUNTIMES = KNOWN_RUNTIME_NAMES
 ACCELERATOR_KINDS = frozenset({"gpu", "npu", "dsp"})
 SOURCE_SCHEMES = ("https://", "http://", "file://")
@@ -58,6 +71,7 @@ _SCHEMA_HINT = "see docs/profiles.md for the profile schema"
 
 
 # --------------------------------------------------------------------------- validation helpers
+
 
 class _Fields:
     """Reads typed fields from one TOML table, remembering which keys were used.
@@ -90,8 +104,7 @@ class _Fields:
     def table(self, key: str) -> _Fields:
         return _Fields(self.raw(key), self.file, self.where(key))
 
-    def string(self, key: str, pattern: re.Pattern[str] | None = None,
-               choices: Iterable[str] | None = None) -> str:
+    def string(self, key: str, pattern: re.Pattern[str] | None = None, choices: Iterable[str] | None = None) -> str:
         v = self.raw(key)
         if not isinstance(v, str) or not v.strip():
             self.fail(key, f"must be a non-empty string, got {_show(v)}")
@@ -122,8 +135,7 @@ class _Fields:
             self.fail(key, f"must be <= {_num(le)}, got {_num(v)}")
         return v
 
-    def string_list(self, key: str, choices: Iterable[str] | None = None,
-                    allow_empty: bool = True) -> list[str]:
+    def string_list(self, key: str, choices: Iterable[str] | None = None, allow_empty: bool = True) -> list[str]:
         v = self.raw(key)
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             self.fail(key, f"must be a list of strings, got {_show(v)}")
@@ -149,8 +161,14 @@ class _Fields:
 
 
 def _type_name(v: Any) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(v), type(v).__name__)
 
 
 def _show(v: Any) -> str:
@@ -163,17 +181,19 @@ def _num(v: float) -> str:
 
 # --------------------------------------------------------------------------- the typed profile
 
+
 @dataclass(frozen=True)
 class Accelerator:
-    kind: str          # gpu | npu | dsp
+    kind: str  # gpu | npu | dsp
     name: str
-    tops_int8: float   # vendor-stated peak INT8 TOPS (dense or sparse as the vendor states it)
+    tops_int8: float  # vendor-stated peak INT8 TOPS (dense or sparse as the vendor states it)
 
     @classmethod
     def from_dict(cls, data: Any, file: str = "<dict>", where: str = "accelerators[0]") -> Accelerator:
         f = _Fields(data, file, where)
-        acc = cls(kind=f.string("kind", choices=ACCELERATOR_KINDS), name=f.string("name"),
-                  tops_int8=f.number("tops_int8"))
+        acc = cls(
+            kind=f.string("kind", choices=ACCELERATOR_KINDS), name=f.string("name"), tops_int8=f.number("tops_int8")
+        )
         f.done()
         return acc
 
@@ -222,27 +242,35 @@ class Profile:
         return bool(self.runtimes)
 
     @classmethod
-    def from_dict(cls, data: Any, *, file: str | os.PathLike[str] = "<dict>",
-                  path: Path | None = None) -> Profile:
+    def from_dict(cls, data: Any, *, file: str | os.PathLike[str] = "<dict>", path: Path | None = None) -> Profile:
         """Validate the TOML structure and build a Profile. ``file`` is used in error messages."""
         file = str(file)
         top = _Fields(data, file)
         version = top.integer("schema_version")
         if version != SCHEMA_VERSION:
-            top.fail("schema_version", f"unsupported version {version}; this edgellm reads {SCHEMA_VERSION}",
-                     hint="upgrade edgellm or rewrite the profile for this schema version")
+            top.fail(
+                "schema_version",
+                f"unsupported version {version}; this edgellm reads {SCHEMA_VERSION}",
+                hint="upgrade edgellm or rewrite the profile for this schema version",
+            )
         name = top.string("name", pattern=_NAME_RE)
         if path is not None and name != path.stem:
-            top.fail("name", f"must equal the file name stem {path.stem!r}, got {name!r}",
-                     hint=f"rename the file to {name}.toml or set name = \"{path.stem}\"")
+            top.fail(
+                "name",
+                f"must equal the file name stem {path.stem!r}, got {name!r}",
+                hint=f'rename the file to {name}.toml or set name = "{path.stem}"',
+            )
         display_name = top.string("display_name")
         device_class = top.string("device_class", choices=DEVICE_CLASSES)
         arch = top.string("arch", choices=ARCHES)
         sources = top.string_list("sources", allow_empty=False)
         for i, s in enumerate(sources):
             if not s.startswith(SOURCE_SCHEMES) or len(s) <= len(s.split("//", 1)[0]) + 3:
-                top.fail(f"sources[{i}]", f"must be a URL ({', '.join(SOURCE_SCHEMES)}), got {s!r}",
-                         hint="cite the vendor spec page, datasheet or benchmark the figures come from")
+                top.fail(
+                    f"sources[{i}]",
+                    f"must be a URL ({', '.join(SOURCE_SCHEMES)}), got {s!r}",
+                    hint="cite the vendor spec page, datasheet or benchmark the figures come from",
+                )
 
         mem = top.table("memory")
         ram_gb = mem.number("ram_gb")
@@ -283,12 +311,26 @@ class Profile:
         top.done()
 
         return cls(
-            name=name, display_name=display_name, device_class=device_class, arch=arch,
-            ram_bytes=int(round(ram_gb * GIB)), model_share=model_share, bandwidth_gbps=bandwidth,
-            cpu_model=cpu_model, cores=cores, freq_ghz=freq, isa=frozenset(isa),
-            accelerators=tuple(accs), runtimes=frozenset(runtimes), threads=threads,
-            min_tokens_per_second=min_tps, max_first_token_ms=max_ftl, context_length=ctx,
-            power_budget_w=budget, sources=tuple(sources), path=path,
+            name=name,
+            display_name=display_name,
+            device_class=device_class,
+            arch=arch,
+            ram_bytes=int(round(ram_gb * GIB)),
+            model_share=model_share,
+            bandwidth_gbps=bandwidth,
+            cpu_model=cpu_model,
+            cores=cores,
+            freq_ghz=freq,
+            isa=frozenset(isa),
+            accelerators=tuple(accs),
+            runtimes=frozenset(runtimes),
+            threads=threads,
+            min_tokens_per_second=min_tps,
+            max_first_token_ms=max_ftl,
+            context_length=ctx,
+            power_budget_w=budget,
+            sources=tuple(sources),
+            path=path,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,17 +342,26 @@ class Profile:
             "device_class": self.device_class,
             "arch": self.arch,
             "sources": list(self.sources),
-            "memory": {"ram_gb": _ram_gb(self.ram_bytes), "model_share": self.model_share,
-                       "bandwidth_gbps": self.bandwidth_gbps},
-            "cpu": {"model": self.cpu_model, "cores": self.cores, "freq_ghz": self.freq_ghz,
-                    "isa": _ordered(self.isa, _ISA_ORDER)},
+            "memory": {
+                "ram_gb": _ram_gb(self.ram_bytes),
+                "model_share": self.model_share,
+                "bandwidth_gbps": self.bandwidth_gbps,
+            },
+            "cpu": {
+                "model": self.cpu_model,
+                "cores": self.cores,
+                "freq_ghz": self.freq_ghz,
+                "isa": _ordered(self.isa, _ISA_ORDER),
+            },
         }
         if self.accelerators:
             d["accelerators"] = [a.to_dict() for a in self.accelerators]
         d["runtimes"] = {"available": sorted(self.runtimes), "threads": self.threads}
-        d["targets"] = {"min_tokens_per_second": self.min_tokens_per_second,
-                        "max_first_token_ms": self.max_first_token_ms,
-                        "context_length": self.context_length}
+        d["targets"] = {
+            "min_tokens_per_second": self.min_tokens_per_second,
+            "max_first_token_ms": self.max_first_token_ms,
+            "context_length": self.context_length,
+        }
         d["power"] = {"budget_w": self.power_budget_w}
         return d
 
@@ -321,8 +372,11 @@ class Profile:
     def summary(self) -> dict[str, Any]:
         """to_dict() plus derived figures, for ``--format json`` listings."""
         d = self.to_dict()
-        d["derived"] = {"ram_bytes": self.ram_bytes, "usable_ram_bytes": self.usable_ram_bytes,
-                        "can_run_llm": self.can_run_llm}
+        d["derived"] = {
+            "ram_bytes": self.ram_bytes,
+            "usable_ram_bytes": self.usable_ram_bytes,
+            "can_run_llm": self.can_run_llm,
+        }
         if self.path is not None:
             d["derived"]["path"] = str(self.path)
         return d
@@ -334,8 +388,21 @@ def _ram_gb(ram_bytes: int) -> float:
     return short if int(round(short * GIB)) == ram_bytes else ram_bytes / GIB
 
 
-_ISA_ORDER = ["neon", "dotprod", "i8mm", "sve", "sve2", "sse4_2", "avx", "avx2", "fma", "f16c",
-              "avx_vnni", "avx512f", "avx512_vnni"]
+_ISA_ORDER = [
+    "neon",
+    "dotprod",
+    "i8mm",
+    "sve",
+    "sve2",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512_vnni",
+]
 
 
 def _ordered(items: Iterable[str], order: list[str]) -> list[str]:
@@ -344,6 +411,7 @@ def _ordered(items: Iterable[str], order: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def default_profiles_dir() -> Path:
     """Where shipped profiles live.
@@ -356,11 +424,15 @@ def default_profiles_dir() -> Path:
     if env:
         p = Path(env).expanduser()
         if not p.is_dir():
-            raise ProfileError(f"{PROFILES_ENV}={env}: not a directory",
-                               hint=f"point {PROFILES_ENV} at a folder of *.toml profiles, or unset it")
+            raise ProfileError(
+                f"{PROFILES_ENV}={env}: not a directory",
+                hint=f"point {PROFILES_ENV} at a folder of *.toml profiles, or unset it",
+            )
         return p
-    candidates = [Path(__file__).resolve().parent.parent / "hardware_profiles",
-                  Path(sys.prefix) / "share" / "edgellm" / "hardware_profiles"]
+    candidates = [
+        Path(__file__).resolve().parent.parent / "hardware_profiles",
+        Path(sys.prefix) / "share" / "edgellm" / "hardware_profiles",
+    ]
     for c in candidates:
         if c.is_dir():
             return c
@@ -376,8 +448,10 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     try:
         raw = p.read_bytes()
     except OSError as e:
-        raise ProfileError(f"{p}: cannot read: {e.strerror or e}",
-                           hint="check the path; `edgellm profiles list` shows the known profiles") from e
+        raise ProfileError(
+            f"{p}: cannot read: {e.strerror or e}",
+            hint="check the path; `edgellm profiles list` shows the known profiles",
+        ) from e
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -402,6 +476,8 @@ def get_profile(name: str, directory: str | os.PathLike[str] | None = None) -> P
     profiles = load_profiles(directory)
     if name not in profiles:
         known = ", ".join(sorted(profiles)) or "(none)"
-        raise ProfileError(f"unknown hardware profile {name!r}; known profiles: {known}",
-                           hint="run `edgellm profiles list`, or add hardware_profiles/<name>.toml")
+        raise ProfileError(
+            f"unknown hardware profile {name!r}; known profiles: {known}",
+            hint="run `edgellm profiles list`, or add hardware_profiles/<name>.toml",
+        )
     return profiles[name]

@@ -236,8 +236,16 @@ class Birth(_Record):
     health: str | None = None
     agent_version: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _fields: ClassVar = {"session": SHORT, "profile": TEXT, "group": ID, "version": TEXT, "model": TEXT,
-                         "slot": SHORT, "health": SHORT, "agent_version": SHORT}
+    _fields: ClassVar = {
+        "session": SHORT,
+        "profile": TEXT,
+        "group": ID,
+        "version": TEXT,
+        "model": TEXT,
+        "slot": SHORT,
+        "health": SHORT,
+        "agent_version": SHORT,
+    }
 
 
 @dataclasses.dataclass
@@ -262,8 +270,17 @@ class Heartbeat(_Record):
     outbox_pending: int = 0
     outbox_dropped: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _fields: ClassVar = {"uptime_s": REAL, "version": TEXT, "model": TEXT, "slot": SHORT, "health": SHORT,
-                         "profile": TEXT, "group": ID, "outbox_pending": BIG_COUNT, "outbox_dropped": BIG_COUNT}
+    _fields: ClassVar = {
+        "uptime_s": REAL,
+        "version": TEXT,
+        "model": TEXT,
+        "slot": SHORT,
+        "health": SHORT,
+        "profile": TEXT,
+        "group": ID,
+        "outbox_pending": BIG_COUNT,
+        "outbox_dropped": BIG_COUNT,
+    }
 
 
 @dataclasses.dataclass
@@ -283,10 +300,20 @@ class Metrics(_Record):
     version: str | None = None
     model: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _fields: ClassVar = {"interval_s": REAL, "count": COUNT, "errors": COUNT, "p50_latency_ms": REAL,
-                         "p95_latency_ms": REAL, "tokens_per_second": REAL, "mean_logprob": SIGNED_REAL,
-                         "prompt_tokens_mean": REAL, "prompt_tokens_max": COUNT, "completion_tokens": BIG_COUNT,
-                         "version": TEXT, "model": TEXT}
+    _fields: ClassVar = {
+        "interval_s": REAL,
+        "count": COUNT,
+        "errors": COUNT,
+        "p50_latency_ms": REAL,
+        "p95_latency_ms": REAL,
+        "tokens_per_second": REAL,
+        "mean_logprob": SIGNED_REAL,
+        "prompt_tokens_mean": REAL,
+        "prompt_tokens_max": COUNT,
+        "completion_tokens": BIG_COUNT,
+        "version": TEXT,
+        "model": TEXT,
+    }
 
 
 @dataclasses.dataclass
@@ -301,7 +328,11 @@ class Event(_Record):
 
 
 BODY_TYPES: dict[str, type[_Record]] = {
-    "birth": Birth, "death": Death, "heartbeat": Heartbeat, "metrics": Metrics, "event": Event,
+    "birth": Birth,
+    "death": Death,
+    "heartbeat": Heartbeat,
+    "metrics": Metrics,
+    "event": Event,
 }
 
 
@@ -316,8 +347,15 @@ class Envelope(_Record):
     v: int = WIRE_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # ts is the device's clock: kept for display, never used to order what the server keeps
-    _fields: ClassVar = {"device": ID, "kind": SHORT, "seq": SEQ, "ts": REAL, "body": OBJECT,
-                         "v": Field(int, 0, 1000), "epoch": SHORT}
+    _fields: ClassVar = {
+        "device": ID,
+        "kind": SHORT,
+        "seq": SEQ,
+        "ts": REAL,
+        "body": OBJECT,
+        "v": Field(int, 0, 1000),
+        "epoch": SHORT,
+    }
 
     @classmethod
     def from_dict(cls, d: Any) -> Envelope:
@@ -330,8 +368,10 @@ class Envelope(_Record):
         if env.kind not in KINDS:
             raise TelemetryError(f"Envelope.kind: unknown kind {env.kind!r}")
         if (env.seq == 0) != (env.kind in UNSEQUENCED):
-            raise TelemetryError(f"Envelope.seq: {env.kind} messages carry "
-                                 f"{'seq 0' if env.kind in UNSEQUENCED else 'a sequence number >= 1'}")
+            raise TelemetryError(
+                f"Envelope.seq: {env.kind} messages carry "
+                f"{'seq 0' if env.kind in UNSEQUENCED else 'a sequence number >= 1'}"
+            )
         return env
 
     def typed_body(self) -> _Record | dict[str, Any]:
@@ -351,8 +391,9 @@ class Envelope(_Record):
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
         if len(data) > MAX_PAYLOAD_BYTES:
-            raise TelemetryError(f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit",
-                                 reason="oversized")
+            raise TelemetryError(
+                f"payload of {len(data)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit", reason="oversized"
+            )
         env = cls.from_dict(loads(data))
         env.typed_body()
         return env
@@ -414,12 +455,13 @@ class MqttConfig(Record):
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
-            raise TelemetryError(f"MQTT URL {self.url!r} is not a string",
-                                 hint="write it like mqtt://127.0.0.1:1883 or mqtts://broker:8883")
+            raise TelemetryError(
+                f"MQTT URL {self.url!r} is not a string",
+                hint="write it like mqtt://127.0.0.1:1883 or mqtts://broker:8883",
+            )
         for name in ("ca", "cert", "key"):
             if not isinstance(getattr(self, name), (str, type(None))):
-                raise TelemetryError(f"MQTT setting {name!r} must be a file path",
-                                     hint="give the path of a PEM file")
+                raise TelemetryError(f"MQTT setting {name!r} must be a file path", hint="give the path of a PEM file")
 
     @property
     def tls(self) -> bool:
@@ -433,8 +475,10 @@ class MqttConfig(Record):
     def port(self) -> int:
         u = urlparse(self.url)
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls"):
-            raise TelemetryError(f"MQTT URL {self.url!r}: scheme must be mqtt:// or mqtts://",
-                                 hint="write it like mqtt://127.0.0.1:1883 or mqtts://broker:8883")
+            raise TelemetryError(
+                f"MQTT URL {self.url!r}: scheme must be mqtt:// or mqtts://",
+                hint="write it like mqtt://127.0.0.1:1883 or mqtts://broker:8883",
+            )
         return u.port or (8883 if self.tls else 1883)
 
     def apply_tls(self, client: Any) -> None:

@@ -41,7 +41,7 @@ class BufferedSocket:
             if len(data) <= n:
                 return data
             self._data, self._pos = data, 0
-        out = self._data[self._pos:self._pos + n]
+        out = self._data[self._pos : self._pos + n]
         self._pos += len(out)
         return out
 
@@ -113,8 +113,9 @@ class FastClient(mqtt.Client):
         """Handle every packet already buffered, not one per trip through ``select``."""
         rc = super().loop_read(max_packets)
         sock = self._sock
-        while rc == mqtt.MQTT_ERR_SUCCESS and isinstance(sock, BufferedSocket) and sock.buffered() \
-                and self._sock is sock:
+        while (
+            rc == mqtt.MQTT_ERR_SUCCESS and isinstance(sock, BufferedSocket) and sock.buffered() and self._sock is sock
+        ):
             rc = super().loop_read(max_packets)
         return rc
 

@@ -62,8 +62,11 @@ class HttpError(Exception):
         self.status, self.code, self.hint = status, code, hint
 
     def body(self) -> dict[str, Any]:
-        kind = "authentication_error" if self.status == 401 else (
-            "permission_error" if self.status == 403 else "invalid_request_error")
+        kind = (
+            "authentication_error"
+            if self.status == 401
+            else ("permission_error" if self.status == 403 else "invalid_request_error")
+        )
         return {"error": {"message": str(self), "type": kind, "param": None, "code": self.code, "hint": self.hint}}
 
 
@@ -112,8 +115,9 @@ class Route:
 ROUTES: list[Route] = []
 
 
-def route(method: str, pattern: str, role: str, summary: str, body: dict[str, Any] | None = None
-          ) -> Callable[[Handler], Handler]:
+def route(
+    method: str, pattern: str, role: str, summary: str, body: dict[str, Any] | None = None
+) -> Callable[[Handler], Handler]:
     """Add an endpoint: ``pattern`` under /api/v1, callable by ``role`` and above."""
     auth.check_role(role)
 
@@ -127,8 +131,12 @@ def route(method: str, pattern: str, role: str, summary: str, body: dict[str, An
 def _text(d: dict[str, Any], key: str, default: str | None = None, required: bool = False) -> Any:
     v = d.get(key, default)
     if (v is None and required) or (v is not None and not isinstance(v, str | bool)) or len(str(v)) > 256:
-        raise HttpError(400, f"'{key}' must be a string of at most 256 characters", code="bad_field",
-                        hint=f"send {key} as a JSON string")
+        raise HttpError(
+            400,
+            f"'{key}' must be a string of at most 256 characters",
+            code="bad_field",
+            hint=f"send {key} as a JSON string",
+        )
     return v
 
 
@@ -140,8 +148,12 @@ def _whoami(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequ
     return {"name": who.name, "role": who.role, "roles": list(auth.ROLES)}
 
 
-@route("GET", "/devices", "viewer", "Device registry with desired vs running version, drift, rejected versions "
-       "and last update error (query: group).")
+@route(
+    "GET",
+    "/devices",
+    "viewer",
+    "Device registry with desired vs running version, drift, rejected versions and last update error (query: group).",
+)
 def _devices(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     return ops.devices(ctx.store, req.arg("group"), ctx.data.director(ctx.store))
 
@@ -166,8 +178,13 @@ def _targets(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiReq
     return ops.published(ctx.data.repo)
 
 
-@route("GET", "/replica", "viewer", "This replica: its id, whether it drives rollouts, the current leader, "
-       "and what its own ingest received and stored.")
+@route(
+    "GET",
+    "/replica",
+    "viewer",
+    "This replica: its id, whether it drives rollouts, the current leader, "
+    "and what its own ingest received and stored.",
+)
 def _replica(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     out: dict[str, Any] = ctx.leadership.status() if ctx.leadership is not None else {"leader": None}
     return {**out, "ingest": ctx.replica_stats() if ctx.replica_stats is not None else {}}
@@ -181,21 +198,45 @@ def _ingest(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequ
 # --------------------------------------------------------------------------- operator
 
 
-@route("POST", "/rollouts", "operator", "Start a rollout.",
-       {"model": "string", "version": "string", "group": "string", "canary": "string", "stages": "string",
-        "gate": "string", "no_gate": "boolean", "min_samples": "integer", "bake": "string",
-        "device_timeout": "string", "force": "boolean"})
+@route(
+    "POST",
+    "/rollouts",
+    "operator",
+    "Start a rollout.",
+    {
+        "model": "string",
+        "version": "string",
+        "group": "string",
+        "canary": "string",
+        "stages": "string",
+        "gate": "string",
+        "no_gate": "boolean",
+        "min_samples": "integer",
+        "bake": "string",
+        "device_timeout": "string",
+        "force": "boolean",
+    },
+)
 def _rollout_start(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     b = req.json()
     n = b.get("min_samples")
     if n is not None and (type(n) is not int or not 1 <= n <= 10**9):
         raise HttpError(400, "'min_samples' must be a positive integer", code="bad_field", hint="e.g. 50")
-    return ops.rollout_start(ctx.data.repo, ctx.store, model=_text(b, "model", required=True),
-                             version=_text(b, "version", required=True), group=_text(b, "group", "default"),
-                             canary=_text(b, "canary", "10%"), gate=_text(b, "gate", ""), bake=_text(b, "bake", "10m"),
-                             force=b.get("force") is True, no_gate=b.get("no_gate") is True,
-                             stages=_text(b, "stages"), min_samples=n,
-                             device_timeout=_text(b, "device_timeout", "15m"))
+    return ops.rollout_start(
+        ctx.data.repo,
+        ctx.store,
+        model=_text(b, "model", required=True),
+        version=_text(b, "version", required=True),
+        group=_text(b, "group", "default"),
+        canary=_text(b, "canary", "10%"),
+        gate=_text(b, "gate", ""),
+        bake=_text(b, "bake", "10m"),
+        force=b.get("force") is True,
+        no_gate=b.get("no_gate") is True,
+        stages=_text(b, "stages"),
+        min_samples=n,
+        device_timeout=_text(b, "device_timeout", "15m"),
+    )
 
 
 @route("POST", "/rollouts/{id}/{action}", "operator", "pause | resume | abort | rollback a rollout.")
@@ -203,8 +244,13 @@ def _rollout_action(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req:
     return ops.rollout_action(ctx.store, m["id"], m["action"])
 
 
-@route("POST", "/devices/{id}/commands", "operator", "Send a command to a device (answered by a reply).",
-       {"name": "string", "args": "object"})
+@route(
+    "POST",
+    "/devices/{id}/commands",
+    "operator",
+    "Send a command to a device (answered by a reply).",
+    {"name": "string", "args": "object"},
+)
 def _command(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     b = req.json()
     return ops.device_command(ctx.store, ctx.publish, m["id"], _text(b, "name", required=True), b.get("args"))
@@ -213,8 +259,13 @@ def _command(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiReq
 # --------------------------------------------------------------------------- admin
 
 
-@route("POST", "/publish", "admin", "Publish a bundle archive (the request body, application/octet-stream).",
-       {"binary": "bundle archive"})
+@route(
+    "POST",
+    "/publish",
+    "admin",
+    "Publish a bundle archive (the request body, application/octet-stream).",
+    {"binary": "bundle archive"},
+)
 def _publish(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     uploads = ctx.data.root / "uploads"
     uploads.mkdir(mode=0o700, exist_ok=True)  # inside the data directory: same filesystem, same owner
@@ -251,19 +302,34 @@ def _ca_init(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiReq
     return ops.ca_init(ctx.data.ca)
 
 
-@route("POST", "/ca/certificates", "admin", "Issue a certificate (kind: device, server-client or server); the "
-       "response holds the PEM texts, the private key is not kept.", {"kind": "string", "name": "string", "hosts": "array"})
+@route(
+    "POST",
+    "/ca/certificates",
+    "admin",
+    "Issue a certificate (kind: device, server-client or server); the "
+    "response holds the PEM texts, the private key is not kept.",
+    {"kind": "string", "name": "string", "hosts": "array"},
+)
 def _ca_issue(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     b = req.json()
     hosts = b.get("hosts") or []
     if not isinstance(hosts, list) or len(hosts) > 32 or not all(isinstance(x, str) and len(x) <= 253 for x in hosts):
-        raise HttpError(400, "'hosts' must be a list of at most 32 host names", code="bad_field",
-                        hint='e.g. ["broker.example", "10.0.0.5"]')
+        raise HttpError(
+            400,
+            "'hosts' must be a list of at most 32 host names",
+            code="bad_field",
+            hint='e.g. ["broker.example", "10.0.0.5"]',
+        )
     return ops.ca_issue_pem(ctx.data.ca, _text(b, "kind", required=True), name=_text(b, "name"), hosts=hosts)
 
 
-@route("POST", "/ca/mosquitto-conf", "admin", "A Mosquitto configuration requiring fleet client certificates "
-       "(writes the ACL on the server).", {"port": "integer", "bind": "string"})
+@route(
+    "POST",
+    "/ca/mosquitto-conf",
+    "admin",
+    "A Mosquitto configuration requiring fleet client certificates (writes the ACL on the server).",
+    {"port": "integer", "bind": "string"},
+)
 def _ca_mosquitto(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     b = req.json()
     port = b.get("port", 8883)
@@ -285,26 +351,43 @@ def openapi() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for r in ROUTES:
         op: dict[str, Any] = {
-            "summary": r.summary, "x-role": r.role, "security": [{"bearer": []}],
-            "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                           for n in re.findall(r"\{(\w+)\}", r.pattern)],
-            "responses": {"200": {"description": "OK"}, "401": {"description": "no usable token"},
-                          "403": {"description": f"needs role {r.role}"}},
+            "summary": r.summary,
+            "x-role": r.role,
+            "security": [{"bearer": []}],
+            "parameters": [
+                {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                for n in re.findall(r"\{(\w+)\}", r.pattern)
+            ],
+            "responses": {
+                "200": {"description": "OK"},
+                "401": {"description": "no usable token"},
+                "403": {"description": f"needs role {r.role}"},
+            },
         }
         if r.body is not None:
             op["requestBody"] = (
                 {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
-                if "binary" in r.body else
-                {"content": {"application/json": {"schema": {
-                    "type": "object", "properties": {k: {"type": t} for k, t in r.body.items()}}}}})
+                if "binary" in r.body
+                else {
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "object", "properties": {k: {"type": t} for k, t in r.body.items()}}
+                        }
+                    }
+                }
+            )
         paths.setdefault(PREFIX + r.pattern, {})[r.method.lower()] = op
-    return {"openapi": "3.1.0", "info": {"title": "edgellm-server operator API", "version": "1"},
-            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}, "paths": paths}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "edgellm-server operator API", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
 
 
 def dispatch(ctx: ApiContext, req: ApiRequest) -> tuple[int, Any]:
     """Authenticate, authorize, run, audit. Returns ``(status, JSON body)``."""
-    sub = req.path[len(PREFIX):]
+    sub = req.path[len(PREFIX) :]
     if req.method == "GET" and sub == "/openapi.json":
         return 200, openapi()
     found = [(r, m) for r in ROUTES if (m := r.regex.match(sub))]
@@ -313,8 +396,12 @@ def dispatch(ctx: ApiContext, req: ApiRequest) -> tuple[int, Any]:
     try:
         if match is None:
             if found:
-                raise HttpError(405, f"{req.method} is not allowed on {req.path}", code="method_not_allowed",
-                                hint=f"use {', '.join(sorted({r.method for r, _ in found}))}")
+                raise HttpError(
+                    405,
+                    f"{req.method} is not allowed on {req.path}",
+                    code="method_not_allowed",
+                    hint=f"use {', '.join(sorted({r.method for r, _ in found}))}",
+                )
             raise HttpError(404, f"no such endpoint: {req.path}", code="not_found", hint=f"see {PREFIX}/openapi.json")
         r, m = match
         who = auth.authenticate(ctx.store, req.authorization)
@@ -323,8 +410,12 @@ def dispatch(ctx: ApiContext, req: ApiRequest) -> tuple[int, Any]:
     except HttpError as e:
         status, body = e.status, e.body()
     except auth.AuthError as e:
-        status, body = e.status, HttpError(e.status, message(e), code="unauthorized" if e.status == 401 else "forbidden",
-                                           hint=e.hint).body()
+        status, body = (
+            e.status,
+            HttpError(
+                e.status, message(e), code="unauthorized" if e.status == 401 else "forbidden", hint=e.hint
+            ).body(),
+        )
     except NotFoundError as e:
         status, body = 404, HttpError(404, message(e), code="not_found", hint=e.hint).body()
     except ConflictError as e:
@@ -347,13 +438,22 @@ def message(e: BaseException) -> str:
 
 def _audit_call(ctx: ApiContext, req: ApiRequest, who: auth.Principal | None, status: int, body: Any) -> None:
     if status < 400:
-        result = "ok" if not isinstance(body, dict) else json.dumps(
-            {k: v for k, v in body.items() if k != "token"}, default=str)[:1000]
+        result = (
+            "ok"
+            if not isinstance(body, dict)
+            else json.dumps({k: v for k, v in body.items() if k != "token"}, default=str)[:1000]
+        )
     else:
         result = str(body.get("error", {}).get("message", "")) if isinstance(body, dict) else str(status)
-    ctx.store.audit(token=who.token_id if who else None, who=who.name if who else ANONYMOUS,
-                    role=who.role if who else None, action=f"{req.method} {req.path}", target=req.path,
-                    status=status, result=result)
+    ctx.store.audit(
+        token=who.token_id if who else None,
+        who=who.name if who else ANONYMOUS,
+        role=who.role if who else None,
+        action=f"{req.method} {req.path}",
+        target=req.path,
+        status=status,
+        result=result,
+    )
 
 
 # Endpoints of other parts register themselves with :func:`route` when imported.

@@ -15,8 +15,12 @@ def _available() -> None:
     try:
         import server.federated.store  # noqa: F401
     except ImportError:
-        raise HttpError(501, "federated runs are not part of this server", code="not_implemented",
-                        hint="install the server with its federated package (edgellm[server,federated])") from None
+        raise HttpError(
+            501,
+            "federated runs are not part of this server",
+            code="not_implemented",
+            hint="install the server with its federated package (edgellm[server,federated])",
+        ) from None
 
 
 @route("GET", "/fl/runs", "viewer", "Federated runs, newest first: state, round, devices, losses, ε spent.")
@@ -31,18 +35,34 @@ def _run(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest
     return ops.fl_status(ctx.store, m["id"])[0]
 
 
-@route("POST", "/fl/runs", "operator", "Start a federated fine-tuning run (as `fl start`).",
-       {"model": "string", "version": "string", "group": "string", "publish": "string", "settings": "object"})
+@route(
+    "POST",
+    "/fl/runs",
+    "operator",
+    "Start a federated fine-tuning run (as `fl start`).",
+    {"model": "string", "version": "string", "group": "string", "publish": "string", "settings": "object"},
+)
 def _start(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
     _available()
     b = req.json()
     model, version, publish = (b.get(k) for k in ("model", "version", "publish"))
     group = b.get("group", "default")
     if not all(isinstance(v, str) and len(v) <= 256 for v in (model, version, publish, group)):
-        raise HttpError(400, "model, version, publish and group must be strings", code="bad_field",
-                        hint='e.g. {"model": "demo", "version": "1.0", "publish": "1.1", "group": "lab"}')
+        raise HttpError(
+            400,
+            "model, version, publish and group must be strings",
+            code="bad_field",
+            hint='e.g. {"model": "demo", "version": "1.0", "publish": "1.1", "group": "lab"}',
+        )
     settings = b.get("settings") or {}
     if not isinstance(settings, dict):
         raise HttpError(400, "'settings' must be a JSON object", code="bad_field", hint='e.g. {"rounds": 3}')
-    return ops.fl_start(ctx.data.repo, ctx.store, model=str(model), version=str(version), publish=str(publish),
-                        group=str(group), settings=settings)
+    return ops.fl_start(
+        ctx.data.repo,
+        ctx.store,
+        model=str(model),
+        version=str(version),
+        publish=str(publish),
+        group=str(group),
+        settings=settings,
+    )

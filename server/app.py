@@ -32,6 +32,7 @@ from server.store import Store
 
 logger = logging.getLogger(__name__)
 
+
 def default_root_keys_dir(data_dir: Path) -> Path:
     """Where ``init`` without ``--keys`` puts the full keys directory (root key included):
     next to the data directory, never inside it."""
@@ -45,8 +46,13 @@ def offline_key_files(keys_dir: Path) -> list[str]:
     from edgellm.trust.keys import ONLINE_ROLES
 
     index = KeyStore(keys_dir).index
-    return [e["file"] for role, entries in index["roles"].items() if role not in (*ONLINE_ROLES, DIRECTOR)
-            for e in entries if (keys_dir / e["file"]).exists()]
+    return [
+        e["file"]
+        for role, entries in index["roles"].items()
+        if role not in (*ONLINE_ROLES, DIRECTOR)
+        for e in entries
+        if (keys_dir / e["file"]).exists()
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +81,10 @@ class DataDir:
 
     def check(self) -> DataDir:
         if not self.config_path.is_file():
-            raise ServerError(f"{self.root} is not an edgellm-server data directory",
-                              hint=f"run `edgellm-server init --data-dir {self.root}` first")
+            raise ServerError(
+                f"{self.root} is not an edgellm-server data directory",
+                hint=f"run `edgellm-server init --data-dir {self.root}` first",
+            )
         return self
 
     def store(self, db: str | None = None) -> Store:
@@ -95,8 +103,15 @@ class DataDir:
         return offline_key_files(self.keys)
 
     @classmethod
-    def init(cls, root: Path, *, expiry: Any = None, keys: Path | None = None, repo: Path | None = None,
-             root_keys_out: Path | None = None) -> DataDir:
+    def init(
+        cls,
+        root: Path,
+        *,
+        expiry: Any = None,
+        keys: Path | None = None,
+        repo: Path | None = None,
+        root_keys_out: Path | None = None,
+    ) -> DataDir:
         """Create a data directory holding only the online TUF keys.
 
         ``keys``/``repo`` adopt a keys directory (``edgellm keys init``) and repository
@@ -119,8 +134,10 @@ class DataDir:
         if keys is None:
             keys = Path(root_keys_out) if root_keys_out is not None else default_root_keys_dir(d.root)
             if keys.resolve().is_relative_to(d.root.resolve()):
-                raise ServerError(f"{keys} is inside the data directory; the root key must not live on the server",
-                                  hint="pass a directory outside it (and move it offline afterwards)")
+                raise ServerError(
+                    f"{keys} is inside the data directory; the root key must not live on the server",
+                    hint="pass a directory outside it (and move it offline afterwards)",
+                )
             init_keys(keys, **({"expiry": expiry} if expiry is not None else {}))
         d.root.mkdir(parents=True, exist_ok=True)
         copy_online_keys(Path(keys), d.keys)
@@ -135,33 +152,54 @@ class DataDir:
 
         ensure_director(Repository(d.repo, d.keys))
         Store(d.store_path).close()
-        atomic_write(d.config_path, (json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()},
-                                                indent=2) + "\n").encode())
+        atomic_write(
+            d.config_path,
+            (json.dumps({"format": "edgellm-server", "version": 1, "created": time.time()}, indent=2) + "\n").encode(),
+        )
         return d
 
 
 class Server:
     """Ingest + rollout driver + HTTP (+ periodic TUF timestamp refresh) in one process."""
 
-    def __init__(self, data_dir: Path, mqtt: MqttConfig, *, http_host: str = "127.0.0.1", http_port: int = 8080,
-                 client_id: str = "edgellm-server-1", tick_s: float = 1.0, min_samples: int = 20,
-                 max_bake_factor: float = 3.0,
-                 update_timeout_s: float = 900.0, timestamp_refresh_s: float = 3600.0,
-                 drive_rollouts: bool = True, retention_days: float = 30.0, fl: str | None = None,
-                 db: str | None = None, leader_ttl_s: float = 10.0, trust_loopback: bool = True,
-                 fl_advertise: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        mqtt: MqttConfig,
+        *,
+        http_host: str = "127.0.0.1",
+        http_port: int = 8080,
+        client_id: str = "edgellm-server-1",
+        tick_s: float = 1.0,
+        min_samples: int = 20,
+        max_bake_factor: float = 3.0,
+        update_timeout_s: float = 900.0,
+        timestamp_refresh_s: float = 3600.0,
+        drive_rollouts: bool = True,
+        retention_days: float = 30.0,
+        fl: str | None = None,
+        db: str | None = None,
+        leader_ttl_s: float = 10.0,
+        trust_loopback: bool = True,
+        fl_advertise: str | None = None,
+    ) -> None:
         from server.http import HttpServer
         from server.ingest import Ingest
         from server.rollout import RolloutDriver
 
         self.data = DataDir(Path(data_dir)).check()
         if fl is not None and db is not None:
-            raise ServerError("federated runs (--fl) keep their state in the SQLite store for now",
-                              hint="run the replica that serves --fl without --db")
+            raise ServerError(
+                "federated runs (--fl) keep their state in the SQLite store for now",
+                hint="run the replica that serves --fl without --db",
+            )
         offline = self.data.offline_keys_present()
         if offline:
-            logger.warning("the data directory holds offline keys (%s): the server needs only the online roles; "
-                           "move them to the operator's machine", ", ".join(offline))
+            logger.warning(
+                "the data directory holds offline keys (%s): the server needs only the online roles; "
+                "move them to the operator's machine",
+                ", ".join(offline),
+            )
         self.store = self.data.store(db)
         self.ingest = Ingest(self.store, mqtt, client_id=client_id)
         self.leadership = Leadership(self.store.reopen(), client_id, ttl_s=leader_ttl_s)
@@ -169,14 +207,29 @@ class Server:
         self.driver_store = self.store.reopen()
         self.publish = lambda t, p, r: self.ingest.publish(t, p, retain=r)
         self.director = self.data.director(self.driver_store, self.publish)
-        self.driver = RolloutDriver(self.driver_store, self.director, min_samples=min_samples,
-                                    max_bake_factor=max_bake_factor, update_timeout_s=update_timeout_s)
+        self.driver = RolloutDriver(
+            self.driver_store,
+            self.director,
+            min_samples=min_samples,
+            max_bake_factor=max_bake_factor,
+            update_timeout_s=update_timeout_s,
+        )
         self.ingest.on_connect_hooks.append(self._on_broker_connect)
-        self.http = HttpServer(self.store, self.data.repo, http_host, http_port,
-                               api=ApiContext(self.data, self.store, self.publish, self.leadership,
-                                              trust_loopback=trust_loopback,
-                                              replica_stats=lambda: dict(self.ingest.counters)),
-                               director=self.director)
+        self.http = HttpServer(
+            self.store,
+            self.data.repo,
+            http_host,
+            http_port,
+            api=ApiContext(
+                self.data,
+                self.store,
+                self.publish,
+                self.leadership,
+                trust_loopback=trust_loopback,
+                replica_stats=lambda: dict(self.ingest.counters),
+            ),
+            director=self.director,
+        )
         self.fl = None
         if fl is not None:  # federated runs: a supervised SuperLink and the run driver
             from server.federated.driver import FlDriver
@@ -184,9 +237,13 @@ class Server:
 
             if fl_advertise is not None:
                 parse_address(fl_advertise, "--fl-advertise")  # HOST:PORT, or a clear error before anything starts
-            self.fl = FlDriver(self.store.reopen(), self.data.root,
-                               lambda t, p, r: self.ingest.publish(t, p, retain=r), SuperLink(self.data.root / "flwr", fl),
-                               advertise=fl_advertise)
+            self.fl = FlDriver(
+                self.store.reopen(),
+                self.data.root,
+                lambda t, p, r: self.ingest.publish(t, p, retain=r),
+                SuperLink(self.data.root / "flwr", fl),
+                advertise=fl_advertise,
+            )
         self.tick_s = tick_s
         self.drive_rollouts = drive_rollouts
         self.retention_s = retention_days * 86400

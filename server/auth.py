@@ -60,8 +60,9 @@ def create_token(store: Store, *, name: str, role: str) -> tuple[TokenRow, str]:
     """Make a token; returns its row and the token itself (shown once, never stored)."""
     check_role(role)
     if not _NAME_RE.match(name):
-        raise ServerError(f"token name {name!r} is not valid",
-                          hint="use 1-64 letters, digits, spaces and . _ @ - (e.g. 'ci-deploy')")
+        raise ServerError(
+            f"token name {name!r} is not valid", hint="use 1-64 letters, digits, spaces and . _ @ - (e.g. 'ci-deploy')"
+        )
     token_id = secrets.token_hex(6)
     token = f"edgellm_{token_id}_{secrets.token_urlsafe(32)}"
     store.add_token(token_id, name=name, role=role, token_hash=_hash(token))
@@ -89,5 +90,8 @@ def authenticate(store: Store, header: str | None) -> Principal:
 
 def require(principal: Principal, role: str) -> None:
     if not principal.allows(role):
-        raise AuthError(f"token {principal.name!r} has role {principal.role}; this call needs {role}", status=403,
-                        hint=f"ask an admin for a {role} token")
+        raise AuthError(
+            f"token {principal.name!r} has role {principal.role}; this call needs {role}",
+            status=403,
+            hint=f"ask an admin for a {role} token",
+        )

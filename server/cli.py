@@ -20,9 +20,14 @@ from server.auth import ROLES
 from server.client import DATA_DIR_ENV, DB_ENV, Target, target_options
 
 data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_DIR_ENV, required=True,
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=DATA_DIR_ENV,
+    required=True,
     help=f"Server data directory (or ${DATA_DIR_ENV}).",
 )
+
+
 @click.group(cls=FriendlyGroup)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
@@ -32,13 +37,27 @@ def main(verbose: int) -> None:
 
 @main.command()
 @data_dir_option
-@click.option("--keys", "keys_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Adopt this keys directory (from `edgellm keys init`); only its online keys are copied.")
-@click.option("--repo", "repo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Adopt this repository (from `edgellm repo init`, signed by --keys).")
-@click.option("--root-keys-out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Without --keys: where the new keys directory (root key included) goes "
-                   "[default: DATA_DIR-root-keys, next to DATA_DIR]. Move it off the server.")
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Adopt this keys directory (from `edgellm keys init`); only its online keys are copied.",
+)
+@click.option(
+    "--repo",
+    "repo_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Adopt this repository (from `edgellm repo init`, signed by --keys).",
+)
+@click.option(
+    "--root-keys-out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Without --keys: where the new keys directory (root key included) goes "
+    "[default: DATA_DIR-root-keys, next to DATA_DIR]. Move it off the server.",
+)
 def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys_out: Path | None) -> None:
     """Create DATA_DIR: the online TUF keys, a signed repository and the store. The root key
     never goes into DATA_DIR."""
@@ -49,9 +68,11 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
     d = DataDir.init(data_dir, keys=keys_dir, repo=repo_dir, root_keys_out=root_keys_out)
     click.echo(f"initialised {d.root}\n  trust root for devices: {d.keys / 'root.json'}\n  repository: {d.repo}")
     operator_keys = keys_dir or root_keys_out or default_root_keys_dir(data_dir)
-    click.echo(f"  root key: kept in {operator_keys}, not copied; "
-               f"{'keep it there' if keys_dir else 'move that directory to an offline place'} "
-               "(it signs key rotations only)")
+    click.echo(
+        f"  root key: kept in {operator_keys}, not copied; "
+        f"{'keep it there' if keys_dir else 'move that directory to an offline place'} "
+        "(it signs key rotations only)"
+    )
 
 
 @main.command()
@@ -61,26 +82,70 @@ def init(data_dir: Path, keys_dir: Path | None, repo_dir: Path | None, root_keys
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="Client certificate (TLS).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Client key (TLS).")
 @click.option("--http", "http_addr", default="127.0.0.1:8080", show_default=True, help="HOST:PORT for HTTP.")
-@click.option("--client-id", default="edgellm-server-1", show_default=True,
-              help="MQTT client id; give each server replica its own (they share ingest).")
+@click.option(
+    "--client-id",
+    default="edgellm-server-1",
+    show_default=True,
+    help="MQTT client id; give each server replica its own (they share ingest).",
+)
 @click.option("--tick", default=1.0, show_default=True, help="Rollout driver period in seconds.")
 @click.option("--min-samples", default=20, show_default=True, help="Inferences needed before a gate is judged.")
-@click.option("--max-bake-factor", default=3.0, show_default=True,
-              help="A canary short of --min-samples keeps baking up to this many bake periods, then rolls back.")
-@click.option("--drive-rollouts/--no-drive-rollouts", default=True, show_default=True,
-              help="Take part in the leader election for driving rollouts (replicas choose one through the database).")
-@click.option("--db", default=None, envvar=DB_ENV, metavar="URL",
-              help=f"postgresql://USER@HOST/DB for replicas sharing one database [default: DATA_DIR/store.sqlite] (or ${DB_ENV}).")
-@click.option("--leader-ttl", default=10.0, show_default=True,
-              help="Seconds a replica's leadership lasts without renewal (a takeover after a crash takes this long).")
-@click.option("--fl", "fl_addr", default=None, metavar="HOST:PORT",
-              help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.")
-@click.option("--fl-advertise", "fl_advertise", default=None, metavar="HOST:PORT",
-              help="The SuperLink address devices are told, when a proxy or NAT sits in front (default: --fl).")
-def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: str | None, http_addr: str,
-        client_id: str, tick: float, min_samples: int, max_bake_factor: float, drive_rollouts: bool,
-        db: str | None, leader_ttl: float, fl_addr: str | None,
-        fl_advertise: str | None) -> None:
+@click.option(
+    "--max-bake-factor",
+    default=3.0,
+    show_default=True,
+    help="A canary short of --min-samples keeps baking up to this many bake periods, then rolls back.",
+)
+@click.option(
+    "--drive-rollouts/--no-drive-rollouts",
+    default=True,
+    show_default=True,
+    help="Take part in the leader election for driving rollouts (replicas choose one through the database).",
+)
+@click.option(
+    "--db",
+    default=None,
+    envvar=DB_ENV,
+    metavar="URL",
+    help=f"postgresql://USER@HOST/DB for replicas sharing one database [default: DATA_DIR/store.sqlite] (or ${DB_ENV}).",
+)
+@click.option(
+    "--leader-ttl",
+    default=10.0,
+    show_default=True,
+    help="Seconds a replica's leadership lasts without renewal (a takeover after a crash takes this long).",
+)
+@click.option(
+    "--fl",
+    "fl_addr",
+    default=None,
+    metavar="HOST:PORT",
+    help="Start and supervise Flower's SuperLink here (its Fleet API at HOST:PORT) and drive `fl` runs.",
+)
+@click.option(
+    "--fl-advertise",
+    "fl_advertise",
+    default=None,
+    metavar="HOST:PORT",
+    help="The SuperLink address devices are told, when a proxy or NAT sits in front (default: --fl).",
+)
+def run(
+    data_dir: Path,
+    mqtt_url: str,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    http_addr: str,
+    client_id: str,
+    tick: float,
+    min_samples: int,
+    max_bake_factor: float,
+    drive_rollouts: bool,
+    db: str | None,
+    leader_ttl: float,
+    fl_addr: str | None,
+    fl_advertise: str | None,
+) -> None:
     """Serve the repository, dashboard and API; ingest telemetry; drive rollouts."""
     from edgellm.telemetry import MqttConfig
     from server.app import Server
@@ -90,10 +155,21 @@ def run(data_dir: Path, mqtt_url: str, ca: str | None, cert: str | None, key: st
         raise click.BadParameter("use HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--http")
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    srv = Server(data_dir, MqttConfig(mqtt_url, ca, cert, key), http_host=host, http_port=int(port),
-                 client_id=client_id, tick_s=tick, min_samples=min_samples, max_bake_factor=max_bake_factor,
-                 drive_rollouts=drive_rollouts, db=db, leader_ttl_s=leader_ttl, fl=fl_addr,
-                 fl_advertise=fl_advertise)
+    srv = Server(
+        data_dir,
+        MqttConfig(mqtt_url, ca, cert, key),
+        http_host=host,
+        http_port=int(port),
+        client_id=client_id,
+        tick_s=tick,
+        min_samples=min_samples,
+        max_bake_factor=max_bake_factor,
+        drive_rollouts=drive_rollouts,
+        db=db,
+        leader_ttl_s=leader_ttl,
+        fl=fl_addr,
+        fl_advertise=fl_advertise,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -117,7 +193,9 @@ def publish(target: Target, bundles: tuple[Path, ...], fmt: str) -> None:
         click.echo(json.dumps(out, indent=2))
     else:
         for o in out:
-            click.echo(f"published {o['target']}  ({o['model']} {o['version']}, {o['runtime']}, {', '.join(o['profiles'])})")
+            click.echo(
+                f"published {o['target']}  ({o['model']} {o['version']}, {o['runtime']}, {', '.join(o['profiles'])})"
+            )
 
 
 @main.group("device")
@@ -143,8 +221,11 @@ def device_command(target: Target, device_id: str, name: str, args: tuple[str, .
         if reply is None:
             time.sleep(0.5)
     out = {**sent, "reply": reply}
-    click.echo(json.dumps(out, indent=2, default=str) if fmt == "json" else
-               f"command {sent['id']} sent to {device_id}" + (f"; reply: {json.dumps(reply)}" if reply else ""))
+    click.echo(
+        json.dumps(out, indent=2, default=str)
+        if fmt == "json"
+        else f"command {sent['id']} sent to {device_id}" + (f"; reply: {json.dumps(reply)}" if reply else "")
+    )
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -160,24 +241,59 @@ def rollout_group() -> None:
 @click.option("--model", required=True)
 @click.option("--version", "version", required=True)
 @click.option("--group", default="default", show_default=True)
-@click.option("--canary", default="10%", show_default=True,
-              help="Share of the group that goes first, drawn from online devices not on the version.")
+@click.option(
+    "--canary",
+    default="10%",
+    show_default=True,
+    help="Share of the group that goes first, drawn from online devices not on the version.",
+)
 @click.option("--stages", default=None, help="Later stages, each with its own bake, e.g. 10%,50%,100%.")
 @click.option("--gate", default="", help="e.g. 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5'")
 @click.option("--no-gate", is_flag=True, help="Promote on bake time alone (a rollout needs --gate or this).")
-@click.option("--min-samples", type=int, default=None,
-              help="Inferences a gate needs before it is judged (default: the server's --min-samples).")
+@click.option(
+    "--min-samples",
+    type=int,
+    default=None,
+    help="Inferences a gate needs before it is judged (default: the server's --min-samples).",
+)
 @click.option("--bake", default="10m", show_default=True, help="How long each stage is watched (30s, 10m, 2h).")
-@click.option("--device-timeout", default="15m", show_default=True,
-              help="A device that does not reach the version within this is reported (canary: rolls back).")
+@click.option(
+    "--device-timeout",
+    default="15m",
+    show_default=True,
+    help="A device that does not reach the version within this is reported (canary: rolls back).",
+)
 @click.option("--force", is_flag=True, help="Start even if the repository has no target for MODEL VERSION.")
 @format_option
-def rollout_start(target: Target, model: str, version: str, group: str, canary: str, stages: str | None, gate: str,
-                  no_gate: bool, min_samples: int | None, bake: str, device_timeout: str, force: bool, fmt: str) -> None:
+def rollout_start(
+    target: Target,
+    model: str,
+    version: str,
+    group: str,
+    canary: str,
+    stages: str | None,
+    gate: str,
+    no_gate: bool,
+    min_samples: int | None,
+    bake: str,
+    device_timeout: str,
+    force: bool,
+    fmt: str,
+) -> None:
     """Start a rollout: it assigns MODEL VERSION stage by stage; a running `edgellm-server run` carries it out."""
-    rid = target.rollout_start(model=model, version=version, group=group, canary=canary, gate=gate, no_gate=no_gate,
-                               stages=stages, min_samples=min_samples, bake=bake, device_timeout=device_timeout,
-                               force=force)["id"]
+    rid = target.rollout_start(
+        model=model,
+        version=version,
+        group=group,
+        canary=canary,
+        gate=gate,
+        no_gate=no_gate,
+        stages=stages,
+        min_samples=min_samples,
+        bake=bake,
+        device_timeout=device_timeout,
+        force=force,
+    )["id"]
     if fmt == "json":
         click.echo(json.dumps({"id": rid}))
     else:
@@ -277,8 +393,10 @@ def audit(target: Target, limit: int, fmt: str) -> None:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     for a in rows:
-        click.echo(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a['ts']))}  {a['who']:<16} "
-                   f"{a['action']:<40} {a['status']}  {a['result'][:80]}")
+        click.echo(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a['ts']))}  {a['who']:<16} "
+            f"{a['action']:<40} {a['status']}  {a['result'][:80]}"
+        )
 
 
 # --------------------------------------------------------------------------- identity
@@ -303,8 +421,12 @@ def _issued(paths: dict[str, str]) -> None:
 @ca_group.command("issue-device")
 @target_options
 @click.argument("device_id")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for DEVICE_ID.crt/.key (default DATA_DIR/ca/devices; with --server, here).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for DEVICE_ID.crt/.key (default DATA_DIR/ca/devices; with --server, here).",
+)
 def ca_issue_device(target: Target, device_id: str, out: Path | None) -> None:
     """Issue a client certificate for DEVICE_ID (its common name)."""
     _issued(target.ca_issue("device", out, name=device_id))
@@ -312,10 +434,18 @@ def ca_issue_device(target: Target, device_id: str, out: Path | None) -> None:
 
 @ca_group.command("issue-server-client")
 @target_options
-@click.option("--name", default="edgellm-server", show_default=True,
-              help="edgellm-server, or edgellm-server-N for another replica.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for NAME.crt/.key (default DATA_DIR/ca/server-client; with --server, here).")
+@click.option(
+    "--name",
+    default="edgellm-server",
+    show_default=True,
+    help="edgellm-server, or edgellm-server-N for another replica.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for NAME.crt/.key (default DATA_DIR/ca/server-client; with --server, here).",
+)
 def ca_issue_server_client(target: Target, name: str, out: Path | None) -> None:
     """Issue the control plane's own MQTT client certificate (the broker's ACL gives it the
     server's rights; `ca issue-device` refuses these names)."""
@@ -325,8 +455,12 @@ def ca_issue_server_client(target: Target, name: str, out: Path | None) -> None:
 @ca_group.command("issue-server")
 @target_options
 @click.option("--host", "hosts", multiple=True, required=True, help="Broker host name or IP (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for server.crt/.key (default DATA_DIR/ca/broker; with --server, here).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for server.crt/.key (default DATA_DIR/ca/broker; with --server, here).",
+)
 def ca_issue_server(target: Target, hosts: tuple[str, ...], out: Path | None) -> None:
     """Issue the broker's TLS server certificate."""
     _issued(target.ca_issue("server", out, hosts=list(hosts)))

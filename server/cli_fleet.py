@@ -18,13 +18,17 @@ def echo_rollout(r: dict[str, Any], *, detail: bool) -> None:
     """One rollout as `rollout status` prints it: stage, bake left, samples, gate values, devices."""
     paused = " (paused)" if r["paused"] else ""
     stages = r.get("stages") or [100]
-    click.echo(f"{r['id']}  {r['model']} {r['version']} -> {r['group']}: {r['state']}{paused}  "
-               f"stage {r.get('stage', 0) + 1}/{len(stages)} ({','.join(f'{s:g}%' for s in stages)})  "
-               f"{r['on_new_version']}/{r['devices']} on {r['version']}")
+    click.echo(
+        f"{r['id']}  {r['model']} {r['version']} -> {r['group']}: {r['state']}{paused}  "
+        f"stage {r.get('stage', 0) + 1}/{len(stages)} ({','.join(f'{s:g}%' for s in stages)})  "
+        f"{r['on_new_version']}/{r['devices']} on {r['version']}"
+    )
     if r.get("bake_left_s") is not None:
         gate = r["gate"] or "none (--no-gate)"
-        click.echo(f"  bake: {r['bake_left_s']:.0f}s left; samples {r['samples']}/{r['min_samples'] or 'server default'}"
-                   f"; gate {gate}")
+        click.echo(
+            f"  bake: {r['bake_left_s']:.0f}s left; samples {r['samples']}/{r['min_samples'] or 'server default'}"
+            f"; gate {gate}"
+        )
         if r.get("gate_values"):
             vals = ", ".join(f"{k}={v:.4g}" for k, v in r["gate_values"].items() if v is not None)
             click.echo(f"  gate values now: {vals or 'no telemetry yet'}")
@@ -34,8 +38,10 @@ def echo_rollout(r: dict[str, Any], *, detail: bool) -> None:
         return
     for d in r["device_states"]:
         err = f"  last error: {d['last_error']}" if d.get("last_error") else ""
-        click.echo(f"  {d['device']:<20} {d['phase']:<8} {d['previous_version'] or '-':>10} -> {d['version'] or '-':<10} "
-                   f"{'converged' if d['converged'] else 'waiting'}{'' if d['online'] else ' (offline)'}{err}")
+        click.echo(
+            f"  {d['device']:<20} {d['phase']:<8} {d['previous_version'] or '-':>10} -> {d['version'] or '-':<10} "
+            f"{'converged' if d['converged'] else 'waiting'}{'' if d['online'] else ' (offline)'}{err}"
+        )
     for h in r["history"]:
         click.echo(f"  {time.strftime('%H:%M:%S', time.localtime(h['ts']))} {h['state']:<12} {h['message']}")
 
@@ -54,20 +60,43 @@ def _devices_cmd() -> click.Command:
         from rich.console import Console
         from rich.table import Table
 
-        t = Table("id", "group", "profile", "desired", "running", "drift", "online", "health", "rejected",
-                  "last update error", "last seen")
+        t = Table(
+            "id",
+            "group",
+            "profile",
+            "desired",
+            "running",
+            "drift",
+            "online",
+            "health",
+            "rejected",
+            "last update error",
+            "last seen",
+        )
         for r in rows:
             seen = f"{time.time() - r['last_seen']:.0f}s ago" if r["last_seen"] else "never"
             online = ("yes (silent)" if r["stale"] else "yes") if r["online"] else "no"
-            t.add_row(r["id"], r["group"], r["profile"] or "", r.get("desired") or "-", r["version"] or "",
-                      "DRIFT" if r.get("drift") else "", online, r["health"] or "", ",".join(r.get("rejected") or []),
-                      (r.get("last_error") or "")[:80], seen)
+            t.add_row(
+                r["id"],
+                r["group"],
+                r["profile"] or "",
+                r.get("desired") or "-",
+                r["version"] or "",
+                "DRIFT" if r.get("drift") else "",
+                online,
+                r["health"] or "",
+                ",".join(r.get("rejected") or []),
+                (r.get("last_error") or "")[:80],
+                seen,
+            )
         Console(width=200).print(t)
 
     return devices
 
 
-def run_command(target: Target, device: str, name: str, args: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
+def run_command(
+    target: Target, device: str, name: str, args: dict[str, Any] | None, timeout_s: float
+) -> dict[str, Any]:
     """Send ``name`` to ``device`` (through the running server) and wait for its reply."""
     sent = target.device_command(device, name, dict(args or {}))
     deadline = time.monotonic() + timeout_s
@@ -76,8 +105,10 @@ def run_command(target: Target, device: str, name: str, args: dict[str, Any] | N
         if reply is not None:
             return reply
         time.sleep(0.3)
-    raise click.ClickException(f"{device} did not answer {name} within {timeout_s:g}s\n  hint: is the device online, "
-                               "and `edgellm-server run` running (it sends the commands)?")
+    raise click.ClickException(
+        f"{device} did not answer {name} within {timeout_s:g}s\n  hint: is the device online, "
+        "and `edgellm-server run` running (it sends the commands)?"
+    )
 
 
 def _device_commands(device: click.Group) -> None:
@@ -111,7 +142,9 @@ def _echo_reply(reply: dict[str, Any], fmt: str) -> None:
         click.echo(json.dumps(reply, indent=2, default=str))
         return
     if not reply.get("ok"):
-        raise click.ClickException(f"{reply.get('error')}" + (f"\n  hint: {reply['hint']}" if reply.get("hint") else ""))
+        raise click.ClickException(
+            f"{reply.get('error')}" + (f"\n  hint: {reply['hint']}" if reply.get("hint") else "")
+        )
     result = reply.get("result")
     if isinstance(result, dict) and isinstance(result.get("lines"), list):
         for line in result["lines"]:

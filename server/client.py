@@ -36,12 +36,20 @@ def _audited(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             try:
                 out = fn(self, *args, **kw)
             except Exception as e:
-                self.store.audit(token=None, who=who, role=None, action=action, target=target, status=400,
-                                 result=getattr(e, "message", None) or (str(e.args[0]) if e.args else type(e).__name__))
+                self.store.audit(
+                    token=None,
+                    who=who,
+                    role=None,
+                    action=action,
+                    target=target,
+                    status=400,
+                    result=getattr(e, "message", None) or (str(e.args[0]) if e.args else type(e).__name__),
+                )
                 raise
             result = {k: v for k, v in out.items() if k != "token"} if isinstance(out, dict) else "ok"
-            self.store.audit(token=None, who=who, role=None, action=action, target=target, status=200,
-                             result=str(result)[:1000])
+            self.store.audit(
+                token=None, who=who, role=None, action=action, target=target, status=200, result=str(result)[:1000]
+            )
             return out
 
         return wrapper
@@ -112,8 +120,9 @@ class LocalTarget:
         return ops.ca_init(self.data.ca)
 
     @_audited("cli ca issue")
-    def ca_issue(self, kind: str, out: Path | None, *, name: str | None = None,
-                 hosts: list[str] | None = None) -> dict[str, str]:
+    def ca_issue(
+        self, kind: str, out: Path | None, *, name: str | None = None, hosts: list[str] | None = None
+    ) -> dict[str, str]:
         default = {"device": "devices", "server-client": "server-client", "server": "broker"}.get(kind, "x")
         return ops.ca_issue(self.data.ca, kind, out or self.data.ca / default, name=name, hosts=hosts)
 
@@ -141,7 +150,9 @@ class RemoteTarget:
         import httpx
 
         if not url.startswith(("http://", "https://")):
-            raise ServerError(f"--server {url!r} is not an http(s) URL", hint="e.g. --server https://fleet.example:8080")
+            raise ServerError(
+                f"--server {url!r} is not an http(s) URL", hint="e.g. --server https://fleet.example:8080"
+            )
         self.where = f"--server {url}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
@@ -159,8 +170,9 @@ class RemoteTarget:
             body = None
         if r.status_code >= 400:
             err = body.get("error", {}) if isinstance(body, dict) else {}
-            raise RemoteError(f"{r.status_code}: {err.get('message') or r.text[:200]}", status=r.status_code,
-                              hint=err.get("hint"))
+            raise RemoteError(
+                f"{r.status_code}: {err.get('message') or r.text[:200]}", status=r.status_code, hint=err.get("hint")
+            )
         return body
 
     def devices(self, group: str | None) -> list[dict[str, Any]]:
@@ -180,9 +192,13 @@ class RemoteTarget:
 
     def publish(self, bundle: Path) -> dict[str, Any]:
         with open(bundle, "rb") as fh:
-            return self._call("POST", "/publish", params={"filename": bundle.name}, content=fh,
-                              headers={"Content-Type": "application/octet-stream",
-                                       "Content-Length": str(bundle.stat().st_size)})
+            return self._call(
+                "POST",
+                "/publish",
+                params={"filename": bundle.name},
+                content=fh,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(bundle.stat().st_size)},
+            )
 
     def rollout_start(self, **kw: Any) -> dict[str, Any]:
         return self._call("POST", "/rollouts", json=kw)
@@ -210,8 +226,9 @@ class RemoteTarget:
     def ca_init(self) -> dict[str, Any]:
         return self._call("POST", "/ca")
 
-    def ca_issue(self, kind: str, out: Path | None, *, name: str | None = None,
-                 hosts: list[str] | None = None) -> dict[str, str]:
+    def ca_issue(
+        self, kind: str, out: Path | None, *, name: str | None = None, hosts: list[str] | None = None
+    ) -> dict[str, str]:
         """The server issues; the certificate, key and CA land in ``out`` (default: here)."""
         from edgellm._fs import atomic_write
 
@@ -242,11 +259,22 @@ Target = LocalTarget | RemoteTarget
 
 
 _TARGET_OPTIONS = (
-    click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help=f"Server data directory on this machine (or ${DATA_DIR_ENV})."),
-    click.option("--db", default=None, help=f"With --data-dir: the server's PostgreSQL URL, if it uses one (or ${DB_ENV})."),
-    click.option("--server", "server_url", default=None, metavar="URL",
-                 help=f"A running server's URL, instead of --data-dir (or ${URL_ENV})."),
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"Server data directory on this machine (or ${DATA_DIR_ENV}).",
+    ),
+    click.option(
+        "--db", default=None, help=f"With --data-dir: the server's PostgreSQL URL, if it uses one (or ${DB_ENV})."
+    ),
+    click.option(
+        "--server",
+        "server_url",
+        default=None,
+        metavar="URL",
+        help=f"A running server's URL, instead of --data-dir (or ${URL_ENV}).",
+    ),
     click.option("--token", default=None, help=f"API token for --server (or ${TOKEN_ENV})."),
 )
 
@@ -257,8 +285,9 @@ def target_options(fn: Any) -> Any:
 
     def resolving(callback: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(callback)
-        def wrapper(*args: Any, data_dir: Path | None, db: str | None, server_url: str | None, token: str | None,
-                    **kw: Any) -> Any:
+        def wrapper(
+            *args: Any, data_dir: Path | None, db: str | None, server_url: str | None, token: str | None, **kw: Any
+        ) -> Any:
             return callback(*args, target=resolve(data_dir, db, server_url, token), **kw)
 
         return wrapper
@@ -283,6 +312,8 @@ def resolve(data_dir: Path | None, db: str | None, server_url: str | None, token
         return RemoteTarget(server_url, token or os.environ.get(TOKEN_ENV) or None)
     data_dir = data_dir or (Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else None)
     if data_dir is None:
-        raise click.UsageError(f"say where: --data-dir DIR on the server host, or --server URL --token T "
-                               f"(or ${DATA_DIR_ENV} / ${URL_ENV} and ${TOKEN_ENV})")
+        raise click.UsageError(
+            f"say where: --data-dir DIR on the server host, or --server URL --token T "
+            f"(or ${DATA_DIR_ENV} / ${URL_ENV} and ${TOKEN_ENV})"
+        )
     return LocalTarget(data_dir, db or os.environ.get(DB_ENV) or None)

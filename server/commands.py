@@ -33,8 +33,15 @@ def queue(store: Store, device: str, name: str, args: dict[str, Any] | None = No
     return cid
 
 
-def run(store: Store, device: str, name: str, args: dict[str, Any] | None = None, *,
-        timeout_s: float = 30.0, poll_s: float = 0.2) -> dict[str, Any]:
+def run(
+    store: Store,
+    device: str,
+    name: str,
+    args: dict[str, Any] | None = None,
+    *,
+    timeout_s: float = 30.0,
+    poll_s: float = 0.2,
+) -> dict[str, Any]:
     """Queue ``name`` for ``device`` and wait for its reply (``{id, name, ok, result|error}``)."""
     if name not in COMMANDS:
         raise ServerError(f"unknown device command {name!r}", hint=f"use one of {', '.join(COMMANDS)}")
@@ -47,16 +54,21 @@ def run(store: Store, device: str, name: str, args: dict[str, Any] | None = None
         time.sleep(poll_s)
     row = store.device(device)
     online = row is not None and row.online
-    raise ServerError(f"{device} did not answer {name} within {timeout_s:g}s ({'online' if online else 'offline'})",
-                      hint="is `edgellm-server run` running (it sends commands), and the device online?")
+    raise ServerError(
+        f"{device} did not answer {name} within {timeout_s:g}s ({'online' if online else 'offline'})",
+        hint="is `edgellm-server run` running (it sends commands), and the device online?",
+    )
 
 
 def send_pending(store: Store, publish: Callable[[str, bytes, bool], None]) -> int:
     """Send queued commands (the server's loop calls this). Returns how many were sent."""
     n = 0
     for c in store.pending_commands():
-        publish(wire.command_topic(c["device"]),
-                wire.dumps(wire.Command(id=c["id"], name=c["name"], args=c["args"]).to_dict()), False)
+        publish(
+            wire.command_topic(c["device"]),
+            wire.dumps(wire.Command(id=c["id"], name=c["name"], args=c["args"]).to_dict()),
+            False,
+        )
         store.command_sent(c["id"])
         n += 1
     return n

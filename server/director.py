@@ -80,18 +80,26 @@ class Director:
         return g.version if g is not None else None
 
     def targets_for(self, model: str, version: str) -> list[str]:
-        return [t.name for t in self.repo.list_targets()
-                if t.custom.get("edgellm", {}).get("name") == model and t.custom.get("edgellm", {}).get("version") == version]
+        return [
+            t.name
+            for t in self.repo.list_targets()
+            if t.custom.get("edgellm", {}).get("name") == model
+            and t.custom.get("edgellm", {}).get("version") == version
+        ]
 
     def check_assignable(self, model: str, version: str) -> list[str]:
         """The published targets of ``model`` ``version``; refuses a yanked or unpublished one."""
         if self.store.is_yanked(model, version):
-            raise RolloutError(f"{model} {version} is yanked: no assignment may name it",
-                               hint="publish a fixed version and roll that out")
+            raise RolloutError(
+                f"{model} {version} is yanked: no assignment may name it",
+                hint="publish a fixed version and roll that out",
+            )
         targets = self.targets_for(model, version)
         if not targets:
-            raise RolloutError(f"the repository has no target for {model} {version}: devices could not install it",
-                               hint="`edgellm-server publish --data-dir DIR BUNDLE` first")
+            raise RolloutError(
+                f"the repository has no target for {model} {version}: devices could not install it",
+                hint="`edgellm-server publish --data-dir DIR BUNDLE` first",
+            )
         return targets
 
     # -- writing
@@ -108,15 +116,34 @@ class Director:
             if c.version is None:
                 # a device moved to another group keeps that part of its assignment
                 keep = prev is not None and prev.group is not None and c.scope == "device"
-                writes.append((c.scope, c.subject, new_assignment(c.scope, c.subject, model=None, version=None,
-                                                                  group=prev.group) if keep and prev else None))
+                writes.append(
+                    (
+                        c.scope,
+                        c.subject,
+                        new_assignment(c.scope, c.subject, model=None, version=None, group=prev.group)
+                        if keep and prev
+                        else None,
+                    )
+                )
                 continue
             if c.model is None:
                 raise RolloutError("an assignment names a model", hint="pass --model")
             targets = self.check_assignable(c.model, c.version)
-            writes.append((c.scope, c.subject, new_assignment(
-                c.scope, c.subject, model=c.model, version=c.version, targets=targets, rollout=c.rollout,
-                group=prev.group if prev is not None and c.scope == "device" else None)))
+            writes.append(
+                (
+                    c.scope,
+                    c.subject,
+                    new_assignment(
+                        c.scope,
+                        c.subject,
+                        model=c.model,
+                        version=c.version,
+                        targets=targets,
+                        rollout=c.rollout,
+                        group=prev.group if prev is not None and c.scope == "device" else None,
+                    ),
+                )
+            )
         serial = write_assignments(self.repo, writes)
         for c in changes:
             self.store.log_assignment(serial, c.scope, c.subject, c.model, c.version, c.rollout)
@@ -128,9 +155,15 @@ class Director:
         group (the agent saves it in its config), the registry updated, the device nudged."""
         current = self.assignments()
         prev = self.of("device", device, current)
-        a = new_assignment("device", device, model=prev.model if prev else None,
-                           version=prev.version if prev else None, targets=prev.targets if prev else (),
-                           rollout=prev.rollout if prev else None, group=group)
+        a = new_assignment(
+            "device",
+            device,
+            model=prev.model if prev else None,
+            version=prev.version if prev else None,
+            targets=prev.targets if prev else (),
+            rollout=prev.rollout if prev else None,
+            group=group,
+        )
         serial = write_assignments(self.repo, [("device", device, a)])
         self.store.log_assignment(serial, "device", device, a.model, a.version, None)
         self.store.set_device_group(device, group)
@@ -160,8 +193,11 @@ class Director:
         else:
             import time
 
-            self.publish(topic, wire.Desired(model=c.model, version=c.version, rollout=c.rollout,
-                                             issued_at=time.time()).to_json(), True)
+            self.publish(
+                topic,
+                wire.Desired(model=c.model, version=c.version, rollout=c.rollout, issued_at=time.time()).to_json(),
+                True,
+            )
 
     def republish(self, scopes: tuple[str, ...] = ("device", "group")) -> None:
         """Re-send the nudge of every assignment at ``scopes`` (after the broker lost its

@@ -19,8 +19,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "ingest:"
 
 
-def drain_session(store: Store, mqtt: MqttConfig, client_id: str, *, quiet_s: float = 2.0,
-                  max_s: float = 60.0) -> int:
+def drain_session(store: Store, mqtt: MqttConfig, client_id: str, *, quiet_s: float = 2.0, max_s: float = 60.0) -> int:
     """Store what the broker queued for ``client_id`` and end its session. Returns how many
     messages were received."""
     from server.ingest import Ingest
@@ -66,11 +65,14 @@ class SessionJanitor:
 
     def _drain(self, lease: tuple[str, str]) -> None:
         name, holder = lease
-        dead_id = name[len(PREFIX):]
+        dead_id = name[len(PREFIX) :]
         try:
             n = drain_session(self.store.reopen(), self.mqtt, dead_id)
             self.store.forget_lease(name, holder)
-            logger.warning("replica %s is gone: took over its broker session, stored %d queued message(s), "
-                           "ended the session", dead_id, n)
+            logger.warning(
+                "replica %s is gone: took over its broker session, stored %d queued message(s), ended the session",
+                dead_id,
+                n,
+            )
         except Exception:
             logger.exception("draining the session of replica %s failed; trying again later", dead_id)

@@ -33,8 +33,15 @@ class _Moved(Exception):
 
 
 class RolloutDriver:
-    def __init__(self, store: Store, director: Director, *, update_timeout_s: float = 900.0, min_samples: int = 20,
-                 max_bake_factor: float = 3.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        director: Director,
+        *,
+        update_timeout_s: float = 900.0,
+        min_samples: int = 20,
+        max_bake_factor: float = 3.0,
+    ) -> None:
         self.store = store
         self.director = director
         self.update_timeout_s = update_timeout_s
@@ -47,8 +54,9 @@ class RolloutDriver:
 
     # -- helpers
 
-    def _set(self, r: RolloutRow, state: RolloutState, message: str, *, reason: str | None = None,
-             phase_started: bool = True) -> None:
+    def _set(
+        self, r: RolloutRow, state: RolloutState, message: str, *, reason: str | None = None, phase_started: bool = True
+    ) -> None:
         if not self.store.set_rollout_state(r.id, state, reason=reason, phase_started=phase_started, expect=r):
             raise _Moved(r.id)
         log(self.store, r.id, state, message)
@@ -86,8 +94,10 @@ class RolloutDriver:
         for d in devs:
             if want.get(d.device) is not None and d.version != want[d.device]:
                 err = reports.get(d.device, {}).get("last_error")
-                parts.append(f"{d.device} (runs {d.version or 'nothing'}, {'online' if d.online else 'offline'}"
-                             f"{', last update error: ' + err if err else ', no update error reported'})")
+                parts.append(
+                    f"{d.device} (runs {d.version or 'nothing'}, {'online' if d.online else 'offline'}"
+                    f"{', last update error: ' + err if err else ', no update error reported'})"
+                )
         return "; ".join(parts[:10])
 
     # -- the step
@@ -108,9 +118,14 @@ class RolloutDriver:
             return
         if r.paused:
             return
-        {S.PENDING: self._step_pending, S.CANARY: self._step_converge, S.STALLED: self._step_converge,
-         S.BAKE: self._step_bake, S.FULL: self._step_converge,
-         S.ROLLING_BACK: self._step_rolling_back}[RolloutState(r.state)](r)
+        {
+            S.PENDING: self._step_pending,
+            S.CANARY: self._step_converge,
+            S.STALLED: self._step_converge,
+            S.BAKE: self._step_bake,
+            S.FULL: self._step_converge,
+            S.ROLLING_BACK: self._step_rolling_back,
+        }[RolloutState(r.state)](r)
 
     def _step_pending(self, r: RolloutRow) -> None:
         devices = self.store.devices(group=r.group)
@@ -157,14 +172,26 @@ class RolloutDriver:
         if i == 0:  # the canary only from online devices not on the target
             ids = [x for x in ids if by_id[x].online and by_id[x].version != r.version]
         chosen = ids[:n]
-        self.store.assign_rollout_devices(r.id, [(x, Phase.of_stage(i) if by_id[x].phase == Phase.REST else by_id[x].phase,
-                                                  by_id[x].previous_version, by_id[x].previous_model) for x in chosen])
+        self.store.assign_rollout_devices(
+            r.id,
+            [
+                (
+                    x,
+                    Phase.of_stage(i) if by_id[x].phase == Phase.REST else by_id[x].phase,
+                    by_id[x].previous_version,
+                    by_id[x].previous_model,
+                )
+                for x in chosen
+            ],
+        )
         self.store.update_plan(r.id, stage=i, stalled=None)
-        self.director.apply([Change("device", x, r.model, r.version, r.id) for x in chosen
-                             if by_id[x].phase == Phase.REST])  # the devices new to this stage
+        self.director.apply(
+            [Change("device", x, r.model, r.version, r.id) for x in chosen if by_id[x].phase == Phase.REST]
+        )  # the devices new to this stage
         what = "canary" if i == 0 else f"stage {i + 1}/{len(plan['stages'])}"
-        self._set(r, S.CANARY, f"{what}: {len(chosen)} of {len(devs)} devices assigned {r.version}: "
-                               f"{', '.join(chosen[:10])}")
+        self._set(
+            r, S.CANARY, f"{what}: {len(chosen)} of {len(devs)} devices assigned {r.version}: {', '.join(chosen[:10])}"
+        )
 
     def _order(self, devs: list[RolloutDeviceRow]) -> list[str]:
         staged = [d.device for d in devs if d.phase != Phase.REST]
@@ -188,14 +215,21 @@ class RolloutDriver:
             else:
                 self.store.update_plan(r.id, stalled=None)
                 gate = "no gate (--no-gate)" if plan["no_gate"] else f"gate '{r.gate}'"
-                self._set(r, S.BAKE, f"stage {plan['stage'] + 1}/{len(plan['stages'])} runs {r.version}; "
-                                     f"baking {r.bake_s:g}s under {gate}, min samples {plan['min_samples']}")
+                self._set(
+                    r,
+                    S.BAKE,
+                    f"stage {plan['stage'] + 1}/{len(plan['stages'])} runs {r.version}; "
+                    f"baking {r.bake_s:g}s under {gate}, min samples {plan['min_samples']}",
+                )
             return
         late = self._late(devs, {d.device: r.version for d in devs})
         if time.time() - since <= plan["device_timeout_s"] and not failed:
             return
-        why = (f"did not reach {r.version} within {plan['device_timeout_s']:g}s: {late}" if not failed
-               else "update failed: " + "; ".join(failed[:5]))
+        why = (
+            f"did not reach {r.version} within {plan['device_timeout_s']:g}s: {late}"
+            if not failed
+            else "update failed: " + "; ".join(failed[:5])
+        )
         if canary:
             self._rollback(r, f"canary devices {why}")
             return
@@ -236,16 +270,21 @@ class RolloutDriver:
         if baked < r.bake_s * self.max_bake_factor:
             self._once(r, WAITING, S.BAKE, f"{WAITING} (n={n}, need {need})")
             return
-        self._rollback(r, f"not enough telemetry to judge the gate within {r.bake_s * self.max_bake_factor:g}s "
-                          f"(n={n}, need {need})")
+        self._rollback(
+            r,
+            f"not enough telemetry to judge the gate within {r.bake_s * self.max_bake_factor:g}s (n={n}, need {need})",
+        )
 
     def _promote_full(self, r: RolloutRow, message: str) -> None:
         current = self.director.assignments()
         changes = [Change("group", r.group, r.model, r.version, r.id)]
         # the group's assignment becomes what every device of it runs: per-device pins go
         # (this rollout's stages, and pins left by earlier rollbacks)
-        changes += [Change("device", d.device) for d in self.store.rollout_devices(r.id)
-                    if (a := self.director.of("device", d.device, current)) is not None and a.version is not None]
+        changes += [
+            Change("device", d.device)
+            for d in self.store.rollout_devices(r.id)
+            if (a := self.director.of("device", d.device, current)) is not None and a.version is not None
+        ]
         self.director.apply(changes)
         self.store.update_plan(r.id, stage=len(self._plan(r)["stages"]) - 1)
         self._set(r, S.FULL, message)
@@ -268,8 +307,9 @@ class RolloutDriver:
             if back is None or back == r.version or (prev is not None and back == prev["version"]):
                 if self.director.of("device", d.device) is not None:
                     changes.append(Change("device", d.device))
-            elif not self.store.is_yanked(d.previous_model or r.model, back) and \
-                    self.director.targets_for(d.previous_model or r.model, back):
+            elif not self.store.is_yanked(d.previous_model or r.model, back) and self.director.targets_for(
+                d.previous_model or r.model, back
+            ):
                 changes.append(Change("device", d.device, d.previous_model or r.model, back, r.id))
             elif self.director.of("device", d.device) is not None:
                 changes.append(Change("device", d.device))
@@ -297,14 +337,22 @@ class RolloutDriver:
             self._finish(r, final, msg)
             return
         if time.time() - (r.phase_started or r.created) > self._plan(r)["device_timeout_s"]:
-            self._finish(r, final, f"not every device came back within the device timeout: "
-                                   f"{self._late(devs, want)}; {r.reason}")
+            self._finish(
+                r, final, f"not every device came back within the device timeout: {self._late(devs, want)}; {r.reason}"
+            )
 
     def _finish(self, r: RolloutRow, state: RolloutState, message: str) -> None:
         devs = self.store.rollout_devices(r.id)
-        self.store.update_plan(r.id, final={"devices": len(devs), "on_new_version": sum(d.version == r.version for d in devs),
-                                            "versions": _count(d.version for d in devs), "at": time.time()},
-                               stalled=None)
+        self.store.update_plan(
+            r.id,
+            final={
+                "devices": len(devs),
+                "on_new_version": sum(d.version == r.version for d in devs),
+                "versions": _count(d.version for d in devs),
+                "at": time.time(),
+            },
+            stalled=None,
+        )
         self._set(r, state, message, phase_started=False)
 
 

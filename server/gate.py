@@ -14,7 +14,10 @@ from server.errors import RolloutError
 
 GATE_METRICS = ("p95_latency_ms", "p50_latency_ms", "error_rate", "mean_logprob", "tokens_per_second")
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
 }
 _CLAUSE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
 _GATE_HINT = "write e.g. --gate 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5'"

@@ -99,16 +99,25 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(code, json.dumps(obj, default=str).encode(), "application/json")
 
     def _error(self, code: int, msg: str, hint: str | None = None) -> None:
-        self._json(v1.HttpError(code, msg, code={401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(
-            code, "bad_request" if code < 500 else "internal_error"), hint=hint).body(), code)
+        self._json(
+            v1.HttpError(
+                code,
+                msg,
+                code={401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(
+                    code, "bad_request" if code < 500 else "internal_error"
+                ),
+                hint=hint,
+            ).body(),
+            code,
+        )
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._v1()
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._v1()
 
     def _v1(self) -> None:
@@ -116,11 +125,15 @@ class _Handler(BaseHTTPRequestHandler):
         ctx = self.server.api
         if ctx is None or not u.path.startswith(v1.PREFIX + "/"):
             self._drain()
-            self._error(404 if ctx is None or self.command == "GET" else 405, f"no such endpoint: {u.path}",
-                        hint=f"the operator API is under {v1.PREFIX}")
+            self._error(
+                404 if ctx is None or self.command == "GET" else 405,
+                f"no such endpoint: {u.path}",
+                hint=f"the operator API is under {v1.PREFIX}",
+            )
             return
-        req = v1.ApiRequest(self.command, u.path, parse_qs(u.query), self.headers.get("Authorization"),
-                            self._read_body, self._save_body)
+        req = v1.ApiRequest(
+            self.command, u.path, parse_qs(u.query), self.headers.get("Authorization"), self._read_body, self._save_body
+        )
         try:
             status, body = v1.dispatch(ctx, req)
         except _TooLarge as e:
@@ -129,8 +142,10 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             logger.exception("http: %s %s failed", self.command, self.path)
             self.close_connection = True
-            status, body = 500, v1.HttpError(500, "internal error", code="internal_error",
-                                             hint="see the server log").body()
+            status, body = (
+                500,
+                v1.HttpError(500, "internal error", code="internal_error", hint="see the server log").body(),
+            )
         self._drain()
         self._json(body, status)
 
@@ -166,7 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Length") not in (None, "0") and not getattr(self, "_body_read", False):
             self.close_connection = True
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path.startswith(v1.PREFIX + "/"):
             self._v1()
             return
@@ -208,8 +223,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/ingest":
             self._json(store.counters())
         elif path == "/api/quarantine":
-            self._json([{**q.to_dict(), "payload": base64.b64encode(q.payload).decode()}
-                        for q in store.quarantined(limit=max(1, min(1000, int(qs.get("limit", ["100"])[0]))))])
+            self._json(
+                [
+                    {**q.to_dict(), "payload": base64.b64encode(q.payload).decode()}
+                    for q in store.quarantined(limit=max(1, min(1000, int(qs.get("limit", ["100"])[0]))))
+                ]
+            )
         elif path.startswith("/metadata/") or path.startswith("/targets/"):
             self._static(path)
         else:
@@ -256,8 +275,14 @@ def is_loopback(host: str) -> bool:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], store: Store, repo_dir: Path | None, api: v1.ApiContext | None,
-                 director: Any = None) -> None:
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        store: Store,
+        repo_dir: Path | None,
+        api: v1.ApiContext | None,
+        director: Any = None,
+    ) -> None:
         super().__init__(addr, _Handler)
         self.store = store
         self.repo_dir = repo_dir
@@ -267,8 +292,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class HttpServer:
-    def __init__(self, store: Store, repo_dir: Path | None, host: str = "127.0.0.1", port: int = 8080,
-                 api: v1.ApiContext | None = None, director: Any = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        repo_dir: Path | None,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        api: v1.ApiContext | None = None,
+        director: Any = None,
+    ) -> None:
         self._srv = _Server((host, port), store, repo_dir, api, director)
         self._thread: threading.Thread | None = None
 

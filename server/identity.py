@@ -42,8 +42,11 @@ def is_reserved(name: str) -> bool:
 def _pem_key(key: object) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # type: ignore[attr-defined]
-                             serialization.NoEncryption())
+    return key.private_bytes(  # type: ignore[attr-defined]  # any cryptography private key
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 class CertificateAuthority:
@@ -54,7 +57,9 @@ class CertificateAuthority:
 
         self.dir = Path(ca_dir)
         if not (self.dir / CA_CERT).is_file() or not (self.dir / CA_KEY).is_file():
-            raise IdentityError(f"{self.dir}: no fleet CA here", hint="run `edgellm-server ca init --data-dir DIR` first")
+            raise IdentityError(
+                f"{self.dir}: no fleet CA here", hint="run `edgellm-server ca init --data-dir DIR` first"
+            )
         self.cert = x509.load_pem_x509_certificate((self.dir / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((self.dir / CA_KEY).read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -74,18 +79,35 @@ class CertificateAuthority:
 
         d = Path(ca_dir)
         if (d / CA_KEY).exists():
-            raise IdentityError(f"{d}: a fleet CA already exists", hint="reuse it; delete the directory only to start a new fleet")
+            raise IdentityError(
+                f"{d}: a fleet CA already exists", hint="reuse it; delete the directory only to start a new fleet"
+            )
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = dt.datetime.now(dt.timezone.utc)
         cert = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -93,7 +115,9 @@ class CertificateAuthority:
         atomic_write(d / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return cls(d)
 
-    def _issue(self, common_name: str, out_dir: Path, stem: str, *, server_hosts: list[str] | None, days: int) -> IssuedCert:
+    def _issue(
+        self, common_name: str, out_dir: Path, stem: str, *, server_hosts: list[str] | None, days: int
+    ) -> IssuedCert:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -104,8 +128,10 @@ class CertificateAuthority:
         b = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
@@ -133,9 +159,11 @@ class CertificateAuthority:
         if not valid_id(device_id):
             raise IdentityError(f"device id {device_id!r} is not valid", hint=f"use {ID_RULE}")
         if is_reserved(device_id):
-            raise IdentityError(f"{device_id!r} is reserved for the control plane and cannot be a device",
-                                hint="choose another device id; the server's own client certificate comes from "
-                                     "`edgellm-server ca issue-server-client`")
+            raise IdentityError(
+                f"{device_id!r} is reserved for the control plane and cannot be a device",
+                hint="choose another device id; the server's own client certificate comes from "
+                "`edgellm-server ca issue-server-client`",
+            )
         return self._issue(device_id, Path(out_dir), device_id, server_hosts=None, days=days)
 
     def issue_server_client(self, out_dir: str | Path, name: str = SERVER_IDENTITY, days: int = 825) -> IssuedCert:
@@ -143,15 +171,17 @@ class CertificateAuthority:
         ``edgellm-server-N`` for replicas), which the broker's ACL lets ingest telemetry and
         publish desired state and commands."""
         if not valid_id(name) or not is_reserved(name):
-            raise IdentityError(f"{name!r} is not a control-plane name",
-                                hint=f"use {SERVER_IDENTITY} or {SERVER_IDENTITY}-N")
+            raise IdentityError(
+                f"{name!r} is not a control-plane name", hint=f"use {SERVER_IDENTITY} or {SERVER_IDENTITY}-N"
+            )
         return self._issue(name, Path(out_dir), name, server_hosts=None, days=days)
 
     def issue_server(self, out_dir: str | Path, hosts: list[str], days: int = 825) -> IssuedCert:
         """A TLS server certificate (for the broker) valid for ``hosts`` (names or IPs)."""
         if not hosts:
-            raise IdentityError("a server certificate needs at least one host name or IP",
-                                hint="pass --host NAME (repeatable)")
+            raise IdentityError(
+                "a server certificate needs at least one host name or IP", hint="pass --host NAME (repeatable)"
+            )
         return self._issue(hosts[0], Path(out_dir), "server", server_hosts=hosts, days=days)
 
 
@@ -164,9 +194,16 @@ def mosquitto_acl(server_users: tuple[str, ...] = (SERVER_IDENTITY,)) -> str:
     lines = ["# edgellm: generated by `edgellm-server ca mosquitto-conf`", ""]
     for u in server_users:
         if not is_reserved(u):
-            raise IdentityError(f"{u!r} is not a control-plane name", hint=f"use {SERVER_IDENTITY} or {SERVER_IDENTITY}-N")
-        lines += [f"user {u}", "topic read edgellm/v1/dev/#", "topic write edgellm/v1/desired/#",
-                  "topic write edgellm/v1/cmd/#", ""]
+            raise IdentityError(
+                f"{u!r} is not a control-plane name", hint=f"use {SERVER_IDENTITY} or {SERVER_IDENTITY}-N"
+            )
+        lines += [
+            f"user {u}",
+            "topic read edgellm/v1/dev/#",
+            "topic write edgellm/v1/desired/#",
+            "topic write edgellm/v1/cmd/#",
+            "",
+        ]
     lines += [
         "# every device (user name = certificate CN = device id)",
         "pattern write edgellm/v1/dev/%u/#",
@@ -177,8 +214,17 @@ def mosquitto_acl(server_users: tuple[str, ...] = (SERVER_IDENTITY,)) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mosquitto_config(*, port: int, ca: Path, cert: Path, key: Path, persistence_dir: Path | None = None,
-                     acl_file: Path | None = None, bind: str = "0.0.0.0", run_as_root: bool = False) -> str:
+def mosquitto_config(
+    *,
+    port: int,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    persistence_dir: Path | None = None,
+    acl_file: Path | None = None,
+    bind: str = "0.0.0.0",
+    run_as_root: bool = False,
+) -> str:
     """A Mosquitto configuration that requires client certificates from the fleet CA (and, with
     ``acl_file``, pins each device to its own topics; see :func:`mosquitto_acl`)."""
     lines = []

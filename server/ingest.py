@@ -63,9 +63,18 @@ class _Stopping(Exception):
 
 
 class Ingest:
-    def __init__(self, store: Store, mqtt: MqttConfig, *, client_id: str = "edgellm-server-1",
-                 share_group: str = wire.SHARE_GROUP, batch_size: int = 500, batch_s: float = 0.05,
-                 session_expiry_s: int = 7 * 24 * 3600, fast_path: bool = True) -> None:
+    def __init__(
+        self,
+        store: Store,
+        mqtt: MqttConfig,
+        *,
+        client_id: str = "edgellm-server-1",
+        share_group: str = wire.SHARE_GROUP,
+        batch_size: int = 500,
+        batch_s: float = 0.05,
+        session_expiry_s: int = 7 * 24 * 3600,
+        fast_path: bool = True,
+    ) -> None:
         self.store = store
         self.mqtt = mqtt
         self.client_id = client_id
@@ -279,10 +288,11 @@ class Ingest:
             res = self._retrying(lambda: self.store.ingest([env for _, env in items]))
         except _Stopping:
             raise
-        except Exception as e:  # the data's fault: find the message
+        except Exception as e:  # noqa: BLE001 - the data's fault: split the batch to find the message
             if len(items) == 1:
-                return [(items[0][0], IngestError(f"the store refused it: {type(e).__name__}: {e}",
-                                                  reason="unstorable"))]
+                return [
+                    (items[0][0], IngestError(f"the store refused it: {type(e).__name__}: {e}", reason="unstorable"))
+                ]
             half = len(items) // 2
             return self._store_split(items[:half]) + self._store_split(items[half:])
         self._bump("stored", res["stored"])

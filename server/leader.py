@@ -70,5 +70,9 @@ class Leadership:
 
     def status(self) -> dict[str, object]:
         h = self.store.lease_holder(LEASE)
-        return {"me": self.holder, "leader": self.is_leader,
-                "holder": h[0] if h and h[1] > time.time() else None, "term": h[2] if h else None}
+        return {
+            "me": self.holder,
+            "leader": self.is_leader,
+            "holder": h[0] if h and h[1] > time.time() else None,
+            "term": h[2] if h else None,
+        }

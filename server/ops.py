@@ -42,8 +42,15 @@ def published(repo_dir: Path) -> list[dict[str, Any]]:
     out = []
     for t in Repository(repo_dir).list_targets():
         facts = t.custom.get("edgellm", {})
-        out.append({"target": t.name, "model": facts.get("name"), "version": facts.get("version"),
-                    "runtime": facts.get("runtime"), "profiles": facts.get("profiles", [])})
+        out.append(
+            {
+                "target": t.name,
+                "model": facts.get("name"),
+                "version": facts.get("version"),
+                "runtime": facts.get("runtime"),
+                "profiles": facts.get("profiles", []),
+            }
+        )
     return out
 
 
@@ -69,16 +76,41 @@ def publish(repo_dir: Path, keys_dir: Path, store: Store, bundle: Path) -> dict[
     return next(p for p in published(repo_dir) if p["target"] == name)
 
 
-def rollout_start(repo_dir: Path, store: Store, *, model: str, version: str, group: str = "default",
-                  canary: str = "10%", gate: str = "", bake: str = "10m", force: bool = False, no_gate: bool = False,
-                  stages: str | None = None, min_samples: int | None = None,
-                  device_timeout: str = rollout.DEFAULT_DEVICE_TIMEOUT) -> dict[str, Any]:
+def rollout_start(
+    repo_dir: Path,
+    store: Store,
+    *,
+    model: str,
+    version: str,
+    group: str = "default",
+    canary: str = "10%",
+    gate: str = "",
+    bake: str = "10m",
+    force: bool = False,
+    no_gate: bool = False,
+    stages: str | None = None,
+    min_samples: int | None = None,
+    device_timeout: str = rollout.DEFAULT_DEVICE_TIMEOUT,
+) -> dict[str, Any]:
     rollout.gate_of(gate, no_gate)  # a rollout without a gate is refused first, whatever else is wrong
     if not force and not any(p["model"] == model and p["version"] == version for p in published(repo_dir)):
-        raise RolloutError(f"the repository has no target for {model} {version}: devices could not install it",
-                           hint="`edgellm-server publish BUNDLE` first (or force)")
-    rid = rollout.start(store, model=model, version=version, group=group, canary=canary, gate=gate, bake=bake,
-                        no_gate=no_gate, stages=stages, min_samples=min_samples, device_timeout=device_timeout)
+        raise RolloutError(
+            f"the repository has no target for {model} {version}: devices could not install it",
+            hint="`edgellm-server publish BUNDLE` first (or force)",
+        )
+    rid = rollout.start(
+        store,
+        model=model,
+        version=version,
+        group=group,
+        canary=canary,
+        gate=gate,
+        bake=bake,
+        no_gate=no_gate,
+        stages=stages,
+        min_samples=min_samples,
+        device_timeout=device_timeout,
+    )
     return {"id": rid}
 
 
@@ -91,8 +123,9 @@ def rollout_action(store: Store, rollout_id: str, action: str) -> dict[str, Any]
     return {"id": rollout_id, "requested": action}
 
 
-def device_command(store: Store, publish_fn: Publish | None, device: str, name: str,
-                   args: dict[str, Any] | None = None) -> dict[str, Any]:
+def device_command(
+    store: Store, publish_fn: Publish | None, device: str, name: str, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Send a command to a device over MQTT (the server's connection); the device answers with
     a ``reply`` message carrying the same id (see :func:`device_replies`)."""
     _device_id(device)
@@ -147,8 +180,9 @@ def ca_init(ca_dir: Path) -> dict[str, Any]:
     return {"ca": str(ca.cert_path), "ca_pem": ca.cert_path.read_text()}
 
 
-def ca_issue(ca_dir: Path, kind: str, out_dir: Path, *, name: str | None = None,
-             hosts: list[str] | None = None) -> dict[str, str]:
+def ca_issue(
+    ca_dir: Path, kind: str, out_dir: Path, *, name: str | None = None, hosts: list[str] | None = None
+) -> dict[str, str]:
     """Issue a device, control-plane client or broker certificate into ``out_dir``; returns the
     paths (``cert``, ``key``, ``ca``)."""
     from server.identity import SERVER_IDENTITY, CertificateAuthority
@@ -173,8 +207,12 @@ def ca_issue_pem(ca_dir: Path, kind: str, *, name: str | None = None, hosts: lis
     tmp = Path(tempfile.mkdtemp(prefix="edgellm-issue-"))
     try:
         paths = ca_issue(ca_dir, kind, tmp, name=name, hosts=hosts)
-        return {"stem": Path(paths["cert"]).stem, "cert_pem": Path(paths["cert"]).read_text(),
-                "key_pem": Path(paths["key"]).read_text(), "ca_pem": Path(paths["ca"]).read_text()}
+        return {
+            "stem": Path(paths["cert"]).stem,
+            "cert_pem": Path(paths["cert"]).read_text(),
+            "key_pem": Path(paths["key"]).read_text(),
+            "ca_pem": Path(paths["ca"]).read_text(),
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -189,15 +227,30 @@ def mosquitto_conf(ca_dir: Path, persistence_dir: Path, port: int, bind: str) ->
         raise ServerError("no broker certificate yet", hint="run `edgellm-server ca issue-server --host NAME` first")
     acl = ca_dir / "mosquitto.acl"
     atomic_write(acl, mosquitto_acl().encode(), mode=0o644)
-    return mosquitto_config(port=port, bind=bind, ca=ca_dir / "ca.crt", cert=broker / "server.crt",
-                            key=broker / "server.key", persistence_dir=persistence_dir, acl_file=acl)
+    return mosquitto_config(
+        port=port,
+        bind=bind,
+        ca=ca_dir / "ca.crt",
+        cert=broker / "server.crt",
+        key=broker / "server.key",
+        persistence_dir=persistence_dir,
+        acl_file=acl,
+    )
 
 
 # --------------------------------------------------------------------------- federated runs
 
 
-def fl_start(repo_dir: Path, store: Store, *, model: str, version: str, publish: str, group: str = "default",
-             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def fl_start(
+    repo_dir: Path,
+    store: Store,
+    *,
+    model: str,
+    version: str,
+    publish: str,
+    group: str = "default",
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Record a federated run (the leader's federated driver carries it out). ``settings``: the
     fields of :class:`server.federated.store.RunSettings`; unknown ones are refused."""
     import dataclasses
@@ -208,8 +261,10 @@ def fl_start(repo_dir: Path, store: Store, *, model: str, version: str, publish:
     given = dict(settings or {})
     known = {f.name for f in dataclasses.fields(RunSettings)}
     if set(given) - known:
-        raise ServerError(f"unknown settings: {', '.join(sorted(set(given) - known))}",
-                          hint=f"settings may hold {', '.join(sorted(known))}")
+        raise ServerError(
+            f"unknown settings: {', '.join(sorted(set(given) - known))}",
+            hint=f"settings may hold {', '.join(sorted(known))}",
+        )
     try:
         s = RunSettings(**given)
     except TypeError as e:
@@ -218,8 +273,10 @@ def fl_start(repo_dir: Path, store: Store, *, model: str, version: str, publish:
     Gate.parse(s.gate)
     rollout.parse_bake(s.bake)
     if not any(p["model"] == model and p["version"] == version for p in published(repo_dir)):
-        raise ServerError(f"the repository has no bundle of {model} {version} for devices to fine-tune",
-                          hint="`edgellm-server publish BUNDLE` first")
+        raise ServerError(
+            f"the repository has no bundle of {model} {version} for devices to fine-tune",
+            hint="`edgellm-server publish BUNDLE` first",
+        )
     rid = FlStore(store).create(model=model, base_version=version, version=publish, group=group, settings=s.check())
     return {"id": rid, "state": "pending"}
 

@@ -21,9 +21,13 @@ def device_group(data: Any, store: Store, device: str, group: str, publish: Any 
     return {"device": device, "group": group}
 
 
-def yank(data: Any, store: Store, model: str, version: str, reason: str | None = None,
-         publish: Any = None) -> dict[str, Any]:
+def yank(
+    data: Any, store: Store, model: str, version: str, reason: str | None = None, publish: Any = None
+) -> dict[str, Any]:
     from server.yank import yank as do_yank
 
-    return {"model": model, "version": version,
-            "moved": do_yank(store, data.director(store, publish), model, version, reason=reason)}
+    return {
+        "model": model,
+        "version": version,
+        "moved": do_yank(store, data.director(store, publish), model, version, reason=reason),
+    }

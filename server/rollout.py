@@ -52,8 +52,24 @@ if TYPE_CHECKING:
     from server.director import Director
     from server.driver import RolloutDriver
 
-__all__ = ["ACTIVE", "FINAL", "GATE_METRICS", "Clause", "Gate", "Phase", "RolloutDriver", "RolloutError",
-           "RolloutState", "log", "parse_bake", "parse_percent", "parse_stages", "request", "start", "status"]
+__all__ = [
+    "ACTIVE",
+    "FINAL",
+    "GATE_METRICS",
+    "Clause",
+    "Gate",
+    "Phase",
+    "RolloutDriver",
+    "RolloutError",
+    "RolloutState",
+    "log",
+    "parse_bake",
+    "parse_percent",
+    "parse_stages",
+    "request",
+    "start",
+    "status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +152,31 @@ def gate_of(gate: str | None, no_gate: bool) -> Gate:
     """The rollout's gate: one is needed, unless ``no_gate`` says so explicitly."""
     g = Gate.parse(gate)
     if not g.clauses and not no_gate:
-        raise RolloutError("a rollout needs a gate: without one nothing stops a broken model reaching the group",
-                           hint="pass --gate 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5' "
-                                "(or --no-gate to promote on bake time alone)")
+        raise RolloutError(
+            "a rollout needs a gate: without one nothing stops a broken model reaching the group",
+            hint="pass --gate 'p95_latency_ms<=800,error_rate<=0.01,mean_logprob>=-2.5' "
+            "(or --no-gate to promote on bake time alone)",
+        )
     if g.clauses and no_gate:
         raise RolloutError("--gate and --no-gate contradict each other", hint="pass one of them")
     return g
 
 
-def start(store: Store, *, model: str, version: str, group: str = "default", canary: str | float = "10%",
-          gate: str | None = None, no_gate: bool = False, bake: str | float = "10m", stages: str | None = None,
-          min_samples: int | None = None, device_timeout: str | float = DEFAULT_DEVICE_TIMEOUT,
-          director: Director | None = None) -> str:
+def start(
+    store: Store,
+    *,
+    model: str,
+    version: str,
+    group: str = "default",
+    canary: str | float = "10%",
+    gate: str | None = None,
+    no_gate: bool = False,
+    bake: str | float = "10m",
+    stages: str | None = None,
+    min_samples: int | None = None,
+    device_timeout: str | float = DEFAULT_DEVICE_TIMEOUT,
+    director: Director | None = None,
+) -> str:
     """Record a new rollout (state ``pending``); the server's driver carries it out.
 
     A rollout needs a ``gate`` or an explicit ``no_gate``; ``director`` (when given) refuses a
@@ -159,8 +188,9 @@ def start(store: Store, *, model: str, version: str, group: str = "default", can
     if min_samples is not None and not 1 <= min_samples <= 10**9:
         raise RolloutError(f"--min-samples {min_samples} must be at least 1", hint="write e.g. --min-samples 50")
     if store.is_yanked(model, version):
-        raise RolloutError(f"{model} {version} is yanked: no rollout may name it",
-                           hint="publish a fixed version and roll that out")
+        raise RolloutError(
+            f"{model} {version} is yanked: no rollout may name it", hint="publish a fixed version and roll that out"
+        )
     if director is not None:
         director.check_assignable(model, version)
     pct = parse_percent(canary)
@@ -169,16 +199,23 @@ def start(store: Store, *, model: str, version: str, group: str = "default", can
     timeout_s = parse_bake(device_timeout)
     busy = store.rollouts(states=ACTIVE, group=group)
     if busy:
-        raise RolloutError(f"group {group!r} already has an active rollout {busy[0].id}",
-                           hint=f"wait for it, or `edgellm-server rollout abort {busy[0].id}`")
+        raise RolloutError(
+            f"group {group!r} already has an active rollout {busy[0].id}",
+            hint=f"wait for it, or `edgellm-server rollout abort {busy[0].id}`",
+        )
     rid = f"r-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     with store.tx():
-        store.create_rollout(rid, model=model, version=version, group=group, canary_pct=pct, gate=str(g),
-                             bake_s=bake_s, state=S.PENDING)
-        store.create_plan(rid, stages=plan, min_samples=min_samples or 0, device_timeout_s=timeout_s,
-                          no_gate=no_gate)
-    log(store, rid, S.PENDING, f"created: {model} {version} to group {group}, stages "
-                               f"{','.join(f'{p:g}%' for p in plan)}, gate '{g or 'none (--no-gate)'}', bake {bake_s:g}s")
+        store.create_rollout(
+            rid, model=model, version=version, group=group, canary_pct=pct, gate=str(g), bake_s=bake_s, state=S.PENDING
+        )
+        store.create_plan(rid, stages=plan, min_samples=min_samples or 0, device_timeout_s=timeout_s, no_gate=no_gate)
+    log(
+        store,
+        rid,
+        S.PENDING,
+        f"created: {model} {version} to group {group}, stages "
+        f"{','.join(f'{p:g}%' for p in plan)}, gate '{g or 'none (--no-gate)'}', bake {bake_s:g}s",
+    )
     return rid
 
 
@@ -189,8 +226,10 @@ def request(store: Store, rollout_id: str, action: str) -> None:
     if action == "rollback" and r.state == S.COMPLETED:
         newer = [x for x in store.rollouts(group=r.group) if x.created > r.created and x.state != S.FAILED]
         if newer:
-            raise RolloutError(f"rollout {newer[-1].id} came after {rollout_id} in group {r.group}",
-                               hint=f"roll back the newest one: `edgellm-server rollout rollback {newer[-1].id}`")
+            raise RolloutError(
+                f"rollout {newer[-1].id} came after {rollout_id} in group {r.group}",
+                hint=f"roll back the newest one: `edgellm-server rollout rollback {newer[-1].id}`",
+            )
         store.set_rollout_state(rollout_id, S.ROLLING_BACK, reason=ROLLED_BACK_BY_OPERATOR)
         store.set_rollout_request(rollout_id, "rollback")
     elif r.state in FINAL:
@@ -222,27 +261,51 @@ def status(store: Store, rollout_id: str | None = None) -> list[dict[str, Any]]:
         plan = store.plan(r.id)
         devs = store.rollout_devices(r.id)
         staged = [d.device for d in devs if d.phase != Phase.REST]
-        live = store.metric_summary(staged, r.version, since=r.phase_started or r.created) \
-            if r.state == S.BAKE else None
+        live = (
+            store.metric_summary(staged, r.version, since=r.phase_started or r.created) if r.state == S.BAKE else None
+        )
         final = plan["final"] or {}
-        device_states = [{**d.to_dict(), "converged": d.version == r.version,
-                          "last_error": reports.get(d.device, {}).get("last_error")} for d in devs]
-        out.append({
-            "id": r.id, "model": r.model, "version": r.version, "group": r.group, "canary_pct": r.canary_pct,
-            "gate": r.gate, "no_gate": plan["no_gate"], "bake_s": r.bake_s, "state": r.state,
-            "tone": RolloutState(r.state).tone, "paused": r.paused, "reason": r.reason, "created": r.created,
-            "updated": r.updated, "stages": plan["stages"], "stage": plan["stage"],
-            "bake_left_s": _bake_left(r), "min_samples": plan["min_samples"], "device_timeout_s": plan["device_timeout_s"],
-            "samples": live.count if live is not None else None,
-            "gate_values": ({k: live[k] for k in GATE_METRICS} if live is not None else None),
-            "previous": plan["previous"], "stalled": plan["stalled"] if r.state == S.STALLED else None,
-            "devices": final.get("devices", len(devs)),
-            "canary_devices": sum(1 for d in devs if d.phase == Phase.CANARY),
-            "on_new_version": final.get("on_new_version", sum(1 for d in devs if d.version == r.version)),
-            "final": plan["final"],
-            "device_states": device_states,
-            "history": [h.to_dict() for h in store.rollout_log(r.id)],
-        })
+        device_states = [
+            {
+                **d.to_dict(),
+                "converged": d.version == r.version,
+                "last_error": reports.get(d.device, {}).get("last_error"),
+            }
+            for d in devs
+        ]
+        out.append(
+            {
+                "id": r.id,
+                "model": r.model,
+                "version": r.version,
+                "group": r.group,
+                "canary_pct": r.canary_pct,
+                "gate": r.gate,
+                "no_gate": plan["no_gate"],
+                "bake_s": r.bake_s,
+                "state": r.state,
+                "tone": RolloutState(r.state).tone,
+                "paused": r.paused,
+                "reason": r.reason,
+                "created": r.created,
+                "updated": r.updated,
+                "stages": plan["stages"],
+                "stage": plan["stage"],
+                "bake_left_s": _bake_left(r),
+                "min_samples": plan["min_samples"],
+                "device_timeout_s": plan["device_timeout_s"],
+                "samples": live.count if live is not None else None,
+                "gate_values": ({k: live[k] for k in GATE_METRICS} if live is not None else None),
+                "previous": plan["previous"],
+                "stalled": plan["stalled"] if r.state == S.STALLED else None,
+                "devices": final.get("devices", len(devs)),
+                "canary_devices": sum(1 for d in devs if d.phase == Phase.CANARY),
+                "on_new_version": final.get("on_new_version", sum(1 for d in devs if d.version == r.version)),
+                "final": plan["final"],
+                "device_states": device_states,
+                "history": [h.to_dict() for h in store.rollout_log(r.id)],
+            }
+        )
     return out
 
 

@@ -37,8 +37,9 @@ def yank(store: Store, director: Any, model: str, version: str, *, reason: str |
         prev = director.previous_version(a.scope, a.subject, leaving=version)
         if prev is not None and not director.targets_for(prev["model"], prev["version"]):
             prev = None
-        changes.append(Change(a.scope, a.subject, prev["model"], prev["version"]) if prev
-                       else Change(a.scope, a.subject))
+        changes.append(
+            Change(a.scope, a.subject, prev["model"], prev["version"]) if prev else Change(a.scope, a.subject)
+        )
         done.append(f"{a.scope} {a.subject} -> {prev['version'] if prev else 'no assignment (nothing earlier)'}")
     director.apply(changes)
     return done

@@ -14,4 +14,11 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-pytest_plugins = ["fixtures_trust", "fixtures_build", "fixtures_gguf", "fixtures_mqtt", "fixtures_agent", "fixtures_adapters"]
+pytest_plugins = [
+    "fixtures_trust",
+    "fixtures_build",
+    "fixtures_gguf",
+    "fixtures_mqtt",
+    "fixtures_agent",
+    "fixtures_adapters",
+]

@@ -1,12 +1,12 @@
 """Fixtures for the device agent: signed bundles of a real tiny GGUF model, and agents.
 
-    agent_bundles    session: {"keys", "root", "repo", "v1", "v2", "bad_health", "tampered",
-                     "foreign", "bundles": {version: bundle path}} — signed envelopes (``edgellm
-                     repo export``) of the tiny Q8_0 GGUF (tests/fixtures_gguf.py) at versions
-                     1.0.0 and 1.1.0, a 1.2.0 whose golden prompt cannot pass, a v2 envelope with
-                     a flipped byte, and a v2 signed by keys the device does not trust
-    provisioned_agent  function: a provisioned data dir (profile rpi4-4gb), via the real CLI
-    AgentProcess     helper that runs `edgellm-agent run` as a real process and finds its port
+agent_bundles    session: {"keys", "root", "repo", "v1", "v2", "bad_health", "tampered",
+                 "foreign", "bundles": {version: bundle path}} — signed envelopes (``edgellm
+                 repo export``) of the tiny Q8_0 GGUF (tests/fixtures_gguf.py) at versions
+                 1.0.0 and 1.1.0, a 1.2.0 whose golden prompt cannot pass, a v2 envelope with
+                 a flipped byte, and a v2 signed by keys the device does not trust
+provisioned_agent  function: a provisioned data dir (profile rpi4-4gb), via the real CLI
+AgentProcess     helper that runs `edgellm-agent run` as a real process and finds its port
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ MODEL_NAME = "tiny"
 GOLDEN_PROMPT = "The robot"
 
 
-def agent_cli(*args: str, data_dir: Path | None = None, check: bool = True, timeout: float = 120,
-              env: dict | None = None) -> subprocess.CompletedProcess:
+def agent_cli(
+    *args: str, data_dir: Path | None = None, check: bool = True, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `edgellm-agent ARGS` as a real process (``python -m agent.cli``)."""
     cmd = [sys.executable, "-m", "agent.cli", *args]
     if data_dir is not None:
@@ -40,20 +41,39 @@ def agent_cli(*args: str, data_dir: Path | None = None, check: bool = True, time
     return r
 
 
-def make_gguf_bundle(out_dir: Path, gguf: Path, *, version: str, golden: list[dict],
-                     health: dict | None = None, name: str = MODEL_NAME, extra: dict | None = None) -> Path:
+def make_gguf_bundle(
+    out_dir: Path,
+    gguf: Path,
+    *,
+    version: str,
+    golden: list[dict],
+    health: dict | None = None,
+    name: str = MODEL_NAME,
+    extra: dict | None = None,
+) -> Path:
     """Pack a bundle of ``gguf`` (a real model) at ``version``; returns the bundle archive."""
     from edgellm.bundle import pack
 
     src = out_dir / f"src-{version}"
     src.mkdir(parents=True)
     shutil.copyfile(gguf, src / "model.gguf")
-    (src / "manifest.json").write_text(json.dumps({
-        "name": name, "version": version, "runtime": "gguf", "artifact": "model.gguf",
-        "quantization": "q8_0", "profiles": [AGENT_PROFILE],
-        "memory": {"context_length": 256}, "generation": {"temperature": 0.0},
-        "golden_prompts": golden, "health": health or {}, **(extra or {}),
-    }))
+    (src / "manifest.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "version": version,
+                "runtime": "gguf",
+                "artifact": "model.gguf",
+                "quantization": "q8_0",
+                "profiles": [AGENT_PROFILE],
+                "memory": {"context_length": 256},
+                "generation": {"temperature": 0.0},
+                "golden_prompts": golden,
+                "health": health or {},
+                **(extra or {}),
+            }
+        )
+    )
     return pack(src, out_dir / f"{name}-{version}.bundle").path
 
 
@@ -78,12 +98,24 @@ def agent_onnx_bundle(tmp_path_factory, onnx_int8_path) -> dict:
     shutil.copyfile(onnx_int8_path, src / "model.onnx")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(onnx_int8_path.parent / name, src / name)
-    (src / "manifest.json").write_text(json.dumps({
-        "name": "tiny-onnx", "version": "2.0.0", "runtime": "onnx", "artifact": "model.onnx",
-        "tokenizer": "tokenizer.json", "quantization": "int8", "profiles": [AGENT_PROFILE],
-        "memory": {"context_length": 256},
-        "golden_prompts": [{"prompt": "The robot", "max_tokens": 8}, {"prompt": "Hello", "max_tokens": 4, "chat": True}],
-    }))
+    (src / "manifest.json").write_text(
+        json.dumps(
+            {
+                "name": "tiny-onnx",
+                "version": "2.0.0",
+                "runtime": "onnx",
+                "artifact": "model.onnx",
+                "tokenizer": "tokenizer.json",
+                "quantization": "int8",
+                "profiles": [AGENT_PROFILE],
+                "memory": {"context_length": 256},
+                "golden_prompts": [
+                    {"prompt": "The robot", "max_tokens": 8},
+                    {"prompt": "Hello", "max_tokens": 4, "chat": True},
+                ],
+            }
+        )
+    )
     bundle = pack(src, d / "tiny-onnx-2.0.0.bundle").path
     root = init_keys(d / "keys")
     repo = Repository.create(d / "repo", d / "keys")
@@ -101,19 +133,32 @@ def agent_bundles(tmp_path_factory, tiny_gguf) -> dict:
     with LlamaCppRuntime.load(tiny_gguf, threads=1, context_length=256) as rt:
         text = rt.complete(rt.tokenize(GOLDEN_PROMPT), GenerationParams(max_tokens=8)).text
     expect = text.strip().split()[0] if text.strip() else None
-    good = [{"prompt": GOLDEN_PROMPT, "max_tokens": 8, "expect": expect},
-            {"prompt": "Hello", "max_tokens": 4, "chat": True}]
+    good = [
+        {"prompt": GOLDEN_PROMPT, "max_tokens": 8, "expect": expect},
+        {"prompt": "Hello", "max_tokens": 4, "chat": True},
+    ]
     bundles = {
         "1.0.0": make_gguf_bundle(d, tiny_gguf, version="1.0.0", golden=good),
         "1.1.0": make_gguf_bundle(d, tiny_gguf, version="1.1.0", golden=good),
-        "1.2.0": make_gguf_bundle(d, tiny_gguf, version="1.2.0",
-                                  golden=[{"prompt": GOLDEN_PROMPT, "max_tokens": 4, "expect": "never-said-xyz"}]),
+        "1.2.0": make_gguf_bundle(
+            d,
+            tiny_gguf,
+            version="1.2.0",
+            golden=[{"prompt": GOLDEN_PROMPT, "max_tokens": 4, "expect": "never-said-xyz"}],
+        ),
     }
     root = init_keys(d / "keys")
     repo = Repository.create(d / "repo", d / "keys")
     names = {v: repo.add_bundle(p) for v, p in bundles.items()}
-    out = {"keys": d / "keys", "root": root, "repo": repo, "repo_dir": d / "repo", "bundles": bundles,
-           "names": names, "golden_expect": expect}
+    out = {
+        "keys": d / "keys",
+        "root": root,
+        "repo": repo,
+        "repo_dir": d / "repo",
+        "bundles": bundles,
+        "names": names,
+        "golden_expect": expect,
+    }
     for key, v in (("v1", "1.0.0"), ("v2", "1.1.0"), ("bad_health", "1.2.0")):
         out[key] = repo.export_signed(names[v], d / f"{MODEL_NAME}-{v}.signed")
     out["tampered"] = _flip_inside_target(out["v2"], d / "tampered.signed")
@@ -124,8 +169,15 @@ def agent_bundles(tmp_path_factory, tiny_gguf) -> dict:
     return out
 
 
-def provision_agent(data_dir: Path, root: Path, *, server: str | None = None, limits: dict | None = None,
-                    args: tuple[str, ...] = (), **config: object) -> Path:
+def provision_agent(
+    data_dir: Path,
+    root: Path,
+    *,
+    server: str | None = None,
+    limits: dict | None = None,
+    args: tuple[str, ...] = (),
+    **config: object,
+) -> Path:
     """Provision through the real CLI, then shorten the trial and tune limits for tests."""
     args = ("provision", "--device-id", "dev-1", "--profile", AGENT_PROFILE, "--root", str(root), *args)
     if server:
@@ -181,9 +233,12 @@ class AgentProcess:
         run_info = data_dir / "run" / "agent.json"
         run_info.unlink(missing_ok=True)
         self.log = open(data_dir / "agent-test.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--data-dir", str(data_dir),
-                                      "--listen", "127.0.0.1:0", *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while not run_info.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

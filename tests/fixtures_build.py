@@ -21,8 +21,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEPS = 120
-_CODE = ["edgellm/pipeline/config.py", "edgellm/pipeline/model.py", "edgellm/pipeline/tokenizer.py",
-         "edgellm/pipeline/train.py", "edgellm/pipeline/data.py", "edgellm/data/corpus.py"]
+_CODE = [
+    "edgellm/pipeline/config.py",
+    "edgellm/pipeline/model.py",
+    "edgellm/pipeline/tokenizer.py",
+    "edgellm/pipeline/train.py",
+    "edgellm/pipeline/data.py",
+    "edgellm/data/corpus.py",
+]
 
 
 def _code_hash() -> str:
@@ -36,8 +42,12 @@ def train_tiny(out: Path, steps: int = TINY_STEPS, seed: int = 0) -> Path:
     """Train the tiny preset on the embedded corpus into ``out`` (about 25 s on one core)."""
     from edgellm.pipeline.train import TrainConfig, train_model
 
-    train_model("builtin:devices", "tiny", out,
-                TrainConfig(steps=steps, batch_size=16, seq_len=128, eval_every=0, progress=False, seed=seed))
+    train_model(
+        "builtin:devices",
+        "tiny",
+        out,
+        TrainConfig(steps=steps, batch_size=16, seq_len=128, eval_every=0, progress=False, seed=seed),
+    )
     return out
 
 

@@ -1,12 +1,12 @@
 """GGUF fixtures (build pipeline II): a tiny HF Llama checkpoint and its GGUF exports.
 
-    hf_llama_dir   an HF-format dir written by transformers' ``save_pretrained`` (tiny Llama,
-                   dims multiples of 256 so K-quants apply, GQA 4/2 heads), a byte-level BPE
-                   ``tokenizer.json`` trained with ``tokenizers``, tokenizer_config.json with special
-                   tokens and edgellm's chat template; briefly trained so its predictions are peaked
-    gguf_exports   {"gguf-f32": Path, "gguf-f16": ..., "gguf-q8_0": ..., "gguf-q4_k_m": ...}
-    tiny_gguf      a Q8_0 GGUF path (what a device would serve)
-    tiny_gguf_f16  an F16 GGUF path
+hf_llama_dir   an HF-format dir written by transformers' ``save_pretrained`` (tiny Llama,
+               dims multiples of 256 so K-quants apply, GQA 4/2 heads), a byte-level BPE
+               ``tokenizer.json`` trained with ``tokenizers``, tokenizer_config.json with special
+               tokens and edgellm's chat template; briefly trained so its predictions are peaked
+gguf_exports   {"gguf-f32": Path, "gguf-f16": ..., "gguf-q8_0": ..., "gguf-q4_k_m": ...}
+tiny_gguf      a Q8_0 GGUF path (what a device would serve)
+tiny_gguf_f16  an F16 GGUF path
 """
 
 from __future__ import annotations
@@ -41,9 +41,19 @@ def training_corpus(n: int = 400) -> list[str]:
     return out
 
 
-def make_hf_llama(out: Path, *, train_steps: int = 60, seed: int = 0, hidden: int = 256,
-                  intermediate: int = 512, tie_embeddings: bool = False, layers: int = 2, heads: int = 4,
-                  kv_heads: int = 2, rope: dict | None = None) -> Path:
+def make_hf_llama(
+    out: Path,
+    *,
+    train_steps: int = 60,
+    seed: int = 0,
+    hidden: int = 256,
+    intermediate: int = 512,
+    tie_embeddings: bool = False,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    rope: dict | None = None,
+) -> Path:
     """Write a tiny trained Llama checkpoint with transformers' save_pretrained (test-only)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,21 +64,40 @@ def make_hf_llama(out: Path, *, train_steps: int = 60, seed: int = 0, hidden: in
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "add_eos_token": False,
-        "chat_template": CHAT_TEMPLATE,
-    }))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
-        bos_token_id=0, eos_token_id=1, tie_word_embeddings=tie_embeddings,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=tie_embeddings,
         **({"rope_parameters": {"rope_theta": 10000.0, **rope}} if rope else {}),
     )
     model = LlamaForCausalLM(cfg)
@@ -82,7 +111,7 @@ def make_hf_llama(out: Path, *, train_steps: int = 60, seed: int = 0, hidden: in
     model.train()
     for _ in range(train_steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
-        x = torch.stack([data[s:s + seq] for s in starts])
+        x = torch.stack([data[s : s + seq] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()

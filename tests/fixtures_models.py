@@ -18,8 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-MIXED_TEXT = ("Hello wörld! Café crème, naïve — 🤖🚀 你好.\ndef f(x):\n    return x * 2  # ok\t{'a': [1, 2]} "
-              "12345 678.9 ümlaut Cafe\u0301 n\u0303")
+MIXED_TEXT = (
+    "Hello wörld! Café crème, naïve — 🤖🚀 你好.\ndef f(x):\n    return x * 2  # ok\t{'a': [1, 2]} "
+    "12345 678.9 ümlaut Cafe\u0301 n\u0303"
+)
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -42,15 +44,29 @@ SMOL_TEMPLATE = CHATML.replace("You are a helpful assistant.", "You are SmolLM."
 
 #: name -> (transformers class names, extra config, tokenizer kind, chat template)
 FAMILY_SPECS: dict[str, tuple[str, dict[str, Any], str, str]] = {
-    "llama3": ("Llama", {"tie_word_embeddings": True, "rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "llama3", LLAMA3_TEMPLATE),
+    "llama3": (
+        "Llama",
+        {
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+        "llama3",
+        LLAMA3_TEMPLATE,
+    ),
     "tinyllama": ("Llama", {}, "spm", INST_TEMPLATE),
     "mistral": ("Mistral", {"sliding_window": 120, "head_dim": 16}, "spm", INST_TEMPLATE),
     "qwen2": ("Qwen2", {"tie_word_embeddings": True}, "qwen2", CHATML),
     "qwen3": ("Qwen3", {"head_dim": 16}, "qwen2", CHATML),
     "smollm2": ("Llama", {"tie_word_embeddings": True}, "smollm", SMOL_TEMPLATE),
 }
+
 
 def corpus(n: int = 300) -> list[str]:
     """The GGUF fixtures' training text, plus numbers and decomposed accents for the tokenizers."""
@@ -67,22 +83,31 @@ def _bpe(kind: str, specials: list[str], bos: str | None) -> Any:
 
     tok = Tokenizer(models.BPE())
     if kind == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     else:
         regex = QWEN2_REGEX if kind == "qwen2" else LLAMA3_REGEX
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if kind == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(), trainer)
     if bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return tok
 
 
@@ -95,9 +120,16 @@ def _write_bpe(out: Path, kind: str, template: str) -> int:
         bos, eos, pad = None, "<|im_end|>", "<|endoftext|>"
     tok = _bpe(kind, specials, bos)
     tok.save(str(out / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
-           "add_bos_token": bos is not None, "clean_up_tokenization_spaces": False, "model_max_length": 512,
-           "chat_template": template}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "add_bos_token": bos is not None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 512,
+        "chat_template": template,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
     return int(tok.get_vocab_size())
 
@@ -106,14 +138,36 @@ def _write_spm(out: Path, template: str) -> int:
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()), model_prefix=str(out / "tokenizer"), vocab_size=420, model_type="bpe",
-        byte_fallback=True, character_coverage=0.995, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
-        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        sentence_iterator=iter(corpus()),
+        model_prefix=str(out / "tokenizer"),
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     (out / "tokenizer.vocab").unlink(missing_ok=True)
-    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-           "add_bos_token": True, "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False,
-           "model_max_length": 512, "chat_template": template}
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 512,
+        "chat_template": template,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
     return 420
 
@@ -129,10 +183,18 @@ def make_family(out: Path, name: str, *, seed: int = 0) -> Path:
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     ids = {t: i for i, t in enumerate(_vocab_list(out))}
     config = getattr(transformers, f"{prefix}Config")(
-        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        vocab_size=n_vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
         bos_token_id=ids.get(tcfg["bos_token"]) if tcfg["bos_token"] else None,
-        eos_token_id=ids.get(tcfg["eos_token"]), **extra)
+        eos_token_id=ids.get(tcfg["eos_token"]),
+        **extra,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     with torch.no_grad():

@@ -49,8 +49,9 @@ def raw_client(url: str, client_id: str):
 class Broker:
     """A Mosquitto process on 127.0.0.1:``port`` with its own config and persistence dir."""
 
-    def __init__(self, workdir: Path, port: int | None = None, tls: dict | None = None,
-                 persistence: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, tls: dict | None = None, persistence: bool = True
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -89,8 +90,9 @@ class Broker:
     def start(self, timeout: float = 10.0) -> None:
         if not Path(MOSQUITTO).exists():
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -159,9 +161,10 @@ def fleet_pki(tmp_path_factory):
 @pytest.fixture
 def mqtt_broker_tls(tmp_path, fleet_pki):
     """Mosquitto with TLS and ``require_certificate true`` (client certs from the fleet CA)."""
-    b = Broker(tmp_path / "mosquitto-tls",
-               tls={"ca": str(fleet_pki["ca"]), "cert": str(fleet_pki["server"].cert),
-                    "key": str(fleet_pki["server"].key)})
+    b = Broker(
+        tmp_path / "mosquitto-tls",
+        tls={"ca": str(fleet_pki["ca"]), "cert": str(fleet_pki["server"].cert), "key": str(fleet_pki["server"].key)},
+    )
     b.start()
     try:
         yield b

@@ -9,16 +9,27 @@ from pathlib import Path
 import pytest
 
 
-def make_bundle_dir(path: Path, *, name: str = "demo", version: str = "1.0.0", payload: bytes | None = None,
-                    runtime: str = "gguf", extra: dict | None = None) -> Path:
+def make_bundle_dir(
+    path: Path,
+    *,
+    name: str = "demo",
+    version: str = "1.0.0",
+    payload: bytes | None = None,
+    runtime: str = "gguf",
+    extra: dict | None = None,
+) -> Path:
     """A bundle source directory with a fake artifact (for packing/trust tests, not inference)."""
     path.mkdir(parents=True, exist_ok=True)
     artifact = "model.gguf" if runtime == "gguf" else "model.onnx"
     (path / artifact).write_bytes(payload if payload is not None else os.urandom(4096))
     (path / "generation.json").write_text(json.dumps({"temperature": 0.0, "max_tokens": 32}))
     manifest = {
-        "name": name, "version": version, "runtime": runtime, "artifact": artifact,
-        "quantization": "q8_0", "profiles": ["rpi5-8gb"],
+        "name": name,
+        "version": version,
+        "runtime": runtime,
+        "artifact": artifact,
+        "quantization": "q8_0",
+        "profiles": ["rpi5-8gb"],
         "golden_prompts": [{"prompt": "status?", "max_tokens": 8}],
         "metrics": {"perplexity": 3.2},
     }
@@ -63,5 +74,9 @@ def publish_versions(repo, work: Path, versions, *, name: str = "demo") -> list[
     :class:`edgellm.trust.Repository` with its keys: versions a rollout may assign."""
     from edgellm.bundle import pack
 
-    return [repo.add_bundle(pack(make_bundle_dir(work / f"src-{name}-{v}", name=name, version=v),
-                                 work / f"{name}-{v}.bundle").path) for v in versions]
+    return [
+        repo.add_bundle(
+            pack(make_bundle_dir(work / f"src-{name}-{v}", name=name, version=v), work / f"{name}-{v}.bundle").path
+        )
+        for v in versions
+    ]

@@ -77,8 +77,10 @@ def test_adapter_gguf_with_base_equals_the_merged_model_greedy(adapter_env, tmp_
     export_gguf(adapter_env["base"], tmp_path / "base.gguf", "gguf-f32")
     export_gguf(merged, tmp_path / "merged.gguf", "gguf-f32")
     p = GenerationParams(max_tokens=STEPS)
-    with LlamaCppRuntime.load(tmp_path / "base.gguf", kv_cache_type="f32", context_length=256) as base, \
-            LlamaCppRuntime.load(tmp_path / "merged.gguf", kv_cache_type="f32", context_length=256) as ref:
+    with (
+        LlamaCppRuntime.load(tmp_path / "base.gguf", kv_cache_type="f32", context_length=256) as base,
+        LlamaCppRuntime.load(tmp_path / "merged.gguf", kv_cache_type="f32", context_length=256) as ref,
+    ):
         lora = LoraAdapters(base)
         lora.load("kitchen", tmp_path / "a.gguf")
         changed = 0
@@ -112,9 +114,25 @@ def test_adapter_bundle_names_its_base_and_is_small(adapter_env, tmp_path) -> No
 @pytest.mark.slow  # two ONNX exports (~20 s)
 def test_onnx_profiles_get_a_merged_full_bundle(adapter_env, tmp_path) -> None:
     out = tmp_path / "dist"
-    run_cli(build_args(adapter_env, "--profile", "test-gguf", "--profile", "test-onnx", "--adapter",
-                       str(adapter_env["kitchen"]), "--name", "kitchen", "--base-name", "tiny",
-                       "--candidates", "gguf-f16,onnx-fp32", "--out", str(out)))
+    run_cli(
+        build_args(
+            adapter_env,
+            "--profile",
+            "test-gguf",
+            "--profile",
+            "test-onnx",
+            "--adapter",
+            str(adapter_env["kitchen"]),
+            "--name",
+            "kitchen",
+            "--base-name",
+            "tiny",
+            "--candidates",
+            "gguf-f16,onnx-fp32",
+            "--out",
+            str(out),
+        )
+    )
     report = json.loads((out / "report.json").read_text())
     kinds = {p["profile"]: p["kind"] for p in report["profiles"]}
     assert kinds == {"test-gguf": "adapter", "test-onnx": "merged"}
@@ -136,8 +154,10 @@ def test_adapter_and_base_given_together_install_base_first(adapter_env, tmp_pat
     from edgellm.trust import Repository
 
     repo = Repository(adapter_env["repo"], adapter_env["keys"])  # both with today's metadata (TUF never goes back)
-    files = [repo.export_signed(adapter_env[k].name.removesuffix(".signed"), tmp_path / adapter_env[k].name)
-             for k in ("kitchen_envelope", "base_envelope")]
+    files = [
+        repo.export_signed(adapter_env[k].name.removesuffix(".signed"), tmp_path / adapter_env[k].name)
+        for k in ("kitchen_envelope", "base_envelope")
+    ]
     d = provision_agent(tmp_path / "agent", adapter_env["root"])
     out = json.loads(agent_cli("install", *map(str, files), "--format", "json", data_dir=d).stdout)
     assert [(r["ok"], r["version"]) for r in out] == [(True, "1.0.0"), (True, "0.1.0")]
@@ -159,7 +179,9 @@ def test_foreign_base_or_tampered_adapter_refused_device_keeps_serving(adapter_e
     assert r.returncode != 0 and "failed verification" in r.stderr + r.stdout
     st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
     assert st["model"] == "tiny" and st["version"] == "1.0.0"
-    assert [(a["name"], a["version"], a["serving"]) for a in st["adapters"]["installed"]] == [("kitchen", "0.1.0", True)]
+    assert [(a["name"], a["version"], a["serving"]) for a in st["adapters"]["installed"]] == [
+        ("kitchen", "0.1.0", True)
+    ]
     assert sorted(p.name for p in (d / "adapters").iterdir() if p.is_dir()) == ["kitchen@0.1.0"]
 
 
@@ -175,9 +197,14 @@ def test_agent_serves_base_and_adapters_by_model_field_equal_to_merged(adapter_e
     for env_key in ("base_envelope", "kitchen_envelope", "garage_envelope"):
         agent_cli("install", str(adapter_env[env_key]), data_dir=d)
     with AgentProcess(d) as agent:
+
         def complete(model: str, prompt: str) -> httpx.Response:
-            return httpx.post(agent.base_url + "/v1/completions", headers=agent.headers, timeout=60,
-                              json={"model": model, "prompt": prompt, "max_tokens": STEPS, "temperature": 0})
+            return httpx.post(
+                agent.base_url + "/v1/completions",
+                headers=agent.headers,
+                timeout=60,
+                json={"model": model, "prompt": prompt, "max_tokens": STEPS, "temperature": 0},
+            )
 
         models = httpx.get(agent.base_url + "/v1/models", headers=agent.headers).json()["data"]
         assert [m["id"] for m in models] == ["tiny", "tiny:garage", "tiny:kitchen"]
@@ -222,8 +249,9 @@ def test_kill_9_during_adapter_install_leaves_a_complete_verified_state(adapter_
     d = provision_agent(tmp_path / "agent", adapter_env["root"])
     agent_cli("install", str(adapter_env["base_envelope"]), data_dir=d)
     agent_cli("install", str(adapter_env["kitchen_envelope"]), data_dir=d)
-    r = agent_cli("install", str(adapter_env["garage_envelope"]), data_dir=d, check=False,
-                  env={"EDGELLM_AGENT_CRASH_AT": point})
+    r = agent_cli(
+        "install", str(adapter_env["garage_envelope"]), data_dir=d, check=False, env={"EDGELLM_AGENT_CRASH_AT": point}
+    )
     assert r.returncode == -signal.SIGKILL
     paths = AgentPaths(d)
     store = AdapterStore(paths)
@@ -242,8 +270,10 @@ def test_kill_9_during_adapter_install_leaves_a_complete_verified_state(adapter_
 
 
 def test_agent_never_imports_torch_for_adapters() -> None:
-    code = ("import sys; sys.modules['torch'] = None; import agent.adapters, agent.lora_serving, agent.install, "
-            "agent.daemon, edgellm.runtime.lora, edgellm.adapters")
+    code = (
+        "import sys; sys.modules['torch'] = None; import agent.adapters, agent.lora_serving, agent.install, "
+        "agent.daemon, edgellm.runtime.lora, edgellm.adapters"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 
@@ -260,9 +290,19 @@ def test_federated_result_published_as_adapter_installs_on_the_base(adapter_env,
     save_file({k: v.numpy() for k, v in ad.state.items()}, str(tmp_path / "avg.safetensors"))
     repo = Repository(adapter_env["repo"], adapter_env["keys"])
     bases = base_targets(adapter_env["repo"], "tiny", "1.0.0")
-    names = publish_adapters(repo, bases, tmp_path / "avg.safetensors", ad.rank, ad.alpha, adapter_env["base"],
-                             model="tiny", base_version="1.0.0", version="1.1.0",
-                             lineage={"federated": {"run": "fl-test"}}, work=tmp_path / "work")
+    names = publish_adapters(
+        repo,
+        bases,
+        tmp_path / "avg.safetensors",
+        ad.rank,
+        ad.alpha,
+        adapter_env["base"],
+        model="tiny",
+        base_version="1.0.0",
+        version="1.1.0",
+        lineage={"federated": {"run": "fl-test"}},
+        work=tmp_path / "work",
+    )
     assert len(names) == 1
     facts = {t.name: t.custom["edgellm"] for t in repo.list_targets()}[names[0]]
     assert facts["kind"] == "adapter" and facts["base"]["artifact_sha256"] == bases[0].artifact_sha256
@@ -272,7 +312,9 @@ def test_federated_result_published_as_adapter_installs_on_the_base(adapter_env,
     agent_cli("install", str(adapter_env["base_envelope"]), data_dir=d)
     agent_cli("install", str(envelope), data_dir=d)
     st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
-    assert [(a["name"], a["version"], a["serving"]) for a in st["adapters"]["installed"]] == [("federated", "1.1.0", True)]
+    assert [(a["name"], a["version"], a["serving"]) for a in st["adapters"]["installed"]] == [
+        ("federated", "1.1.0", True)
+    ]
 
 
 @pytest.fixture
@@ -283,8 +325,9 @@ def adapter_repo_server(adapter_env):
 
 
 def test_online_update_to_an_adapter_installs_it_beside_the_base(adapter_env, adapter_repo_server, tmp_path) -> None:
-    d = provision_agent(tmp_path / "agent", adapter_env["root"], server=adapter_repo_server,
-                        profile="test-gguf")  # the profile the bundles were built for
+    d = provision_agent(
+        tmp_path / "agent", adapter_env["root"], server=adapter_repo_server, profile="test-gguf"
+    )  # the profile the bundles were built for
     agent_cli("install", str(adapter_env["base_envelope"]), data_dir=d)
     # an adapter's version (0.1.0) is not compared with the base's (1.0.0): it is no downgrade
     out = json.loads(agent_cli("update", "--model", "kitchen", "--format", "json", data_dir=d).stdout)
@@ -305,13 +348,16 @@ def test_adapter_failing_its_golden_prompts_is_rejected_base_keeps_serving(adapt
     m["golden_prompts"] = [{"prompt": "def door_3(x):", "max_tokens": 4, "expect": "never-said-xyz"}]
     (d / "manifest.json").write_text(json.dumps(m))
     repo = Repository(adapter_env["repo"], adapter_env["keys"])
-    envelope = repo.export_signed(repo.add_bundle(pack(d, tmp_path / "garage-0.3.0.bundle").path),
-                                  tmp_path / "garage-0.3.0.signed")
+    envelope = repo.export_signed(
+        repo.add_bundle(pack(d, tmp_path / "garage-0.3.0.bundle").path), tmp_path / "garage-0.3.0.signed"
+    )
     base = repo.export_signed(adapter_env["base_envelope"].name.removesuffix(".signed"), tmp_path / "base.signed")
     dd = provision_agent(tmp_path / "agent", adapter_env["root"])
     agent_cli("install", str(base), data_dir=dd)
     r = agent_cli("install", str(envelope), data_dir=dd, check=False)
-    assert r.returncode != 0 and "health check failed" in r.stderr + r.stdout and "never-said-xyz" in r.stderr + r.stdout
+    assert (
+        r.returncode != 0 and "health check failed" in r.stderr + r.stdout and "never-said-xyz" in r.stderr + r.stdout
+    )
     st = json.loads(agent_cli("status", "--format", "json", data_dir=dd).stdout)
     assert st["version"] == "1.0.0" and st["adapters"]["installed"] == []
     assert st["adapters"]["rejected"] == ["garage@0.3.0"]
@@ -349,12 +395,16 @@ def test_adapter_gguf_checked_against_the_base_before_llama_cpp_reads_it(adapter
 
     a, b = np.zeros((4, 256), np.float32), np.zeros((256, 4), np.float32)
     cases = {
-        "a model, not an adapter": hostile("model.gguf", {"blk.0.attn_q.weight.lora_a": a,
-                                                          "blk.0.attn_q.weight.lora_b": b}, "model"),
-        "a layer the base lacks": hostile("layer.gguf", {"blk.99.attn_q.weight.lora_a": a,
-                                                        "blk.99.attn_q.weight.lora_b": b}),
-        "a shape that does not fit": hostile("shape.gguf", {"blk.0.attn_q.weight.lora_a": np.zeros((4, 100), np.float32),
-                                                           "blk.0.attn_q.weight.lora_b": b}),
+        "a model, not an adapter": hostile(
+            "model.gguf", {"blk.0.attn_q.weight.lora_a": a, "blk.0.attn_q.weight.lora_b": b}, "model"
+        ),
+        "a layer the base lacks": hostile(
+            "layer.gguf", {"blk.99.attn_q.weight.lora_a": a, "blk.99.attn_q.weight.lora_b": b}
+        ),
+        "a shape that does not fit": hostile(
+            "shape.gguf",
+            {"blk.0.attn_q.weight.lora_a": np.zeros((4, 100), np.float32), "blk.0.attn_q.weight.lora_b": b},
+        ),
         "half a pair": hostile("half.gguf", {"blk.0.attn_q.weight.lora_a": a}),
     }
     for path in cases.values():  # keyed by what is wrong with each

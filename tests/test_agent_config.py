@@ -9,8 +9,14 @@ def test_mqtt_settings_are_the_sdk_type_and_keep_fields_they_do_not_know():
     from agent.config import AgentConfig
     from edgellm.telemetry import MqttConfig
 
-    cfg = AgentConfig.from_dict({"device_id": "robot-1", "profile": "rpi4-4gb", "future": {"x": 1},
-                                 "mqtt": {"url": "mqtts://broker:8883", "ca": "/etc/ca.pem", "qos_hint": 2}})
+    cfg = AgentConfig.from_dict(
+        {
+            "device_id": "robot-1",
+            "profile": "rpi4-4gb",
+            "future": {"x": 1},
+            "mqtt": {"url": "mqtts://broker:8883", "ca": "/etc/ca.pem", "qos_hint": 2},
+        }
+    )
     assert isinstance(cfg.mqtt, MqttConfig) and cfg.mqtt.port == 8883 and cfg.mqtt.tls
     d = cfg.to_dict()
     assert d["mqtt"]["qos_hint"] == 2 and d["future"] == {"x": 1}
@@ -21,8 +27,15 @@ def test_durations_in_config_use_the_one_parser_and_bad_ones_are_refused_with_a_
     from agent.config import AgentConfig
     from agent.errors import ConfigError
 
-    cfg = AgentConfig.from_dict({"device_id": "robot-1", "profile": "rpi4-4gb", "update_interval_s": "2h",
-                                 "trial_commit_s": 45, "limits": {"header_timeout_s": "500ms"}})
+    cfg = AgentConfig.from_dict(
+        {
+            "device_id": "robot-1",
+            "profile": "rpi4-4gb",
+            "update_interval_s": "2h",
+            "trial_commit_s": 45,
+            "limits": {"header_timeout_s": "500ms"},
+        }
+    )
     assert (cfg.update_interval_s, cfg.trial_commit_s, cfg.limits.header_timeout_s) == (7200.0, 45.0, 0.5)
     for bad in ({"update_interval_s": "soon"}, {"limits": {"body_timeout_s": -1}}, {"mqtt": {"url": 5}}):
         with pytest.raises(ConfigError) as e:

@@ -62,8 +62,21 @@ def test_kill_9_at_random_points_of_an_install(tmp_path, agent_bundles):
         before = store.load().current_record.version
         target = "1.0.0" if before == "1.1.0" else "1.1.0"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "install", "--data-dir", str(d), "--allow-downgrade", "--force",
-             str(envelopes[target])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "install",
+                "--data-dir",
+                str(d),
+                "--allow-downgrade",
+                "--force",
+                str(envelopes[target]),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         time.sleep(delay)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -95,8 +108,11 @@ def test_kill_9_at_random_points_of_an_install(tmp_path, agent_bundles):
     with AgentProcess(d) as a:
         import httpx
 
-        r = httpx.post(a.base_url + "/v1/completions", headers=a.headers,
-                       json={"model": "tiny", "prompt": "The robot", "max_tokens": 4})
+        r = httpx.post(
+            a.base_url + "/v1/completions",
+            headers=a.headers,
+            json={"model": "tiny", "prompt": "The robot", "max_tokens": 4},
+        )
         assert r.status_code == 200 and r.json()["system_fingerprint"] == f"edgellm-{other}"
     print(f"{TRIALS} kill -9 trials: {interrupted} interrupted, {completed} completed; full install {full:.2f} s")
 
@@ -110,8 +126,7 @@ def test_kill_9_at_each_step_of_an_install(tmp_path, agent_bundles, point):
     d = provision_agent(tmp_path / "agent", agent_bundles["root"])
     paths, store = AgentPaths(d), SlotStore(AgentPaths(d))
     agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
-    r = agent_cli("install", str(agent_bundles["v2"]), data_dir=d, check=False,
-                  env={"EDGELLM_AGENT_CRASH_AT": point})
+    r = agent_cli("install", str(agent_bundles["v2"]), data_dir=d, check=False, env={"EDGELLM_AGENT_CRASH_AT": point})
     assert r.returncode == -signal.SIGKILL
     time.sleep(0.2)
     assert _health_children(d) == []

@@ -90,9 +90,15 @@ def test_provision_install_run_openai_client_and_status(tmp_path, agent_bundles)
         assert comp.choices[0].text.strip()
         assert agent_bundles["golden_expect"] in comp.choices[0].text
         assert comp.usage.completion_tokens >= 1 and comp.usage.prompt_tokens >= 1
-        chunks = list(client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True,
-            stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "Hello"}],
+                max_tokens=8,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text.strip()
         assert chunks[0].choices[0].delta.role == "assistant"
@@ -113,10 +119,15 @@ def test_provision_install_run_openai_client_and_status(tmp_path, agent_bundles)
         st = _wait(lambda: (s := _status(d))["health"] == "ok" and s, what="trial commit")
         assert st["version"] == "1.0.0" and st["daemon"]["running"] and st["trial"] is None
         metrics = httpx.get(a.base_url + "/metrics", headers=a.headers).text
-        for name in ("edgellm_agent_requests_total", "edgellm_agent_request_duration_seconds_bucket",
-                     "edgellm_agent_tokens_per_second_bucket", "edgellm_agent_queue_depth",
-                     'edgellm_agent_model_info{model="tiny",runtime="gguf",slot="A",version="1.0.0"} 1.0',
-                     "process_resident_memory_bytes", "edgellm_agent_rss_bytes"):
+        for name in (
+            "edgellm_agent_requests_total",
+            "edgellm_agent_request_duration_seconds_bucket",
+            "edgellm_agent_tokens_per_second_bucket",
+            "edgellm_agent_queue_depth",
+            'edgellm_agent_model_info{model="tiny",runtime="gguf",slot="A",version="1.0.0"} 1.0',
+            "process_resident_memory_bytes",
+            "edgellm_agent_rss_bytes",
+        ):
             assert name in metrics, name
         assert a.stop() == 0  # SIGTERM: clean exit
     assert not sock.exists() and not (d / "run" / "agent.json").exists()
@@ -152,8 +163,12 @@ def test_an_onnx_bundle_installs_and_serves(tmp_path, agent_onnx_bundle):
         client = openai.OpenAI(base_url=a.base_url + "/v1", api_key=a.token, max_retries=0)
         comp = client.completions.create(model="tiny-onnx", prompt="The robot", max_tokens=8)
         assert comp.choices[0].text.strip() and comp.usage.completion_tokens >= 1
-        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="tiny-onnx", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True))
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="tiny-onnx", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True
+            )
+        )
         assert text.strip()
         assert a.stop(sig=signal.SIGINT) == 0  # Ctrl-C stops it cleanly too
     assert '"msg": "agent stopped"' in (d / "agent-test.log").read_text()
@@ -164,8 +179,11 @@ def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_pa
     agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
     with AgentProcess(d) as a:
         with Traffic(a) as traffic:
-            for key, why in (("tampered", "failed verification"), ("foreign", "failed verification"),
-                             ("bad_health", "health check failed")):
+            for key, why in (
+                ("tampered", "failed verification"),
+                ("foreign", "failed verification"),
+                ("bad_health", "health check failed"),
+            ):
                 r = agent_cli("install", str(agent_bundles[key]), data_dir=d, check=False)
                 assert r.returncode != 0 and why in r.stderr, (key, r.stderr)
                 st = _status(d)
@@ -173,8 +191,13 @@ def test_bad_bundles_never_become_current_and_the_old_model_keeps_serving(tmp_pa
                 assert st["last_update"]["ok"] is False and why in st["last_update"]["reason"]
                 assert _served_version(a) == "1.0.0"
             # a model that aborts the process only takes down the health-check child
-            r = agent_cli("install", str(agent_bundles["v2"]), data_dir=d, check=False,
-                          env={"EDGELLM_AGENT_CRASH_AT": "health_abort"})
+            r = agent_cli(
+                "install",
+                str(agent_bundles["v2"]),
+                data_dir=d,
+                check=False,
+                env={"EDGELLM_AGENT_CRASH_AT": "health_abort"},
+            )
             assert r.returncode == 1 and "killed by SIGABRT" in r.stderr, r.stderr
             assert _status(d)["version"] == "1.0.0" and _served_version(a) == "1.0.0"
             assert "1.2.0" in _status(d)["rejected"]
@@ -233,8 +256,9 @@ def test_online_update_through_tuf_with_hot_swap(tmp_path, agent_bundles, tuf_se
     assert "no version is assigned" in json.loads(r.stdout)["reason"]
 
 
-def test_unsigned_desired_state_over_mqtt_only_nudges_and_installs_nothing(tmp_path, agent_bundles, tuf_server,
-                                                                          mqtt_broker):
+def test_unsigned_desired_state_over_mqtt_only_nudges_and_installs_nothing(
+    tmp_path, agent_bundles, tuf_server, mqtt_broker
+):
     """Anyone who can publish on the broker can say "install 1.1.0"; the agent only checks its
     signed assignment (there is none in this repository), so nothing changes. The signed path
     is tests/test_fleet_assignments.py."""
@@ -242,8 +266,12 @@ def test_unsigned_desired_state_over_mqtt_only_nudges_and_installs_nothing(tmp_p
 
     from edgellm import telemetry as wire
 
-    d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=tuf_server,
-                        args=("--mqtt", f"mqtt://127.0.0.1:{mqtt_broker.port}", "--group", "lab"))
+    d = provision_agent(
+        tmp_path / "agent",
+        agent_bundles["root"],
+        server=tuf_server,
+        args=("--mqtt", f"mqtt://127.0.0.1:{mqtt_broker.port}", "--group", "lab"),
+    )
     assert json.loads((d / "config.json").read_text())["group"] == "lab"
     agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
     seen: list = []
@@ -261,8 +289,12 @@ def test_unsigned_desired_state_over_mqtt_only_nudges_and_installs_nothing(tmp_p
             pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
             pub.connect("127.0.0.1", mqtt_broker.port)
             pub.loop_start()
-            pub.publish(wire.desired_group_topic("lab"), wire.Desired(model="tiny", version="1.1.0").to_json(),
-                        qos=1, retain=True).wait_for_publish(10)
+            pub.publish(
+                wire.desired_group_topic("lab"),
+                wire.Desired(model="tiny", version="1.1.0").to_json(),
+                qos=1,
+                retain=True,
+            ).wait_for_publish(10)
             pub.loop_stop()
             pub.disconnect()
             _wait(lambda: "no assignment for this device" in a.logs(), what="the nudge checked the assignment")

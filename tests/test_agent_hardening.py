@@ -25,8 +25,9 @@ def _closed_by_peer(s: socket.socket) -> bool:
 
 @pytest.mark.slow
 def test_connections_that_never_finish_their_headers_do_not_starve_healthz_or_the_api(tmp_path, agent_bundles):
-    d = provision_agent(tmp_path / "agent", agent_bundles["root"],
-                        limits={"header_timeout_s": "2s", "body_timeout_s": "3s"})
+    d = provision_agent(
+        tmp_path / "agent", agent_bundles["root"], limits={"header_timeout_s": "2s", "body_timeout_s": "3s"}
+    )
     with AgentProcess(d) as a:
         slow: list[socket.socket] = []
         try:
@@ -35,8 +36,10 @@ def test_connections_that_never_finish_their_headers_do_not_starve_healthz_or_th
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\nX-Slow: " + str(i).encode())  # never ends
                 slow.append(s)
             body_slow = socket.create_connection(("127.0.0.1", a.port), timeout=5)
-            body_slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: agent\r\nContent-Length: 1000\r\n"
-                              b"Content-Type: application/json\r\n\r\n{\"prompt\": ")
+            body_slow.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: agent\r\nContent-Length: 1000\r\n"
+                b'Content-Type: application/json\r\n\r\n{"prompt": '
+            )
             slow.append(body_slow)
             # while all of them are open, liveness and the API still answer
             for _ in range(5):
@@ -46,8 +49,11 @@ def test_connections_that_never_finish_their_headers_do_not_starve_healthz_or_th
             # and the agent closes every one of them (read timeouts, oldest evicted first)
             for s in slow:
                 s.setblocking(False)
-            wait_for(lambda: all(_closed_by_peer(s) for s in slow), timeout=30,
-                     what="the agent closes connections that do not send a whole request")
+            wait_for(
+                lambda: all(_closed_by_peer(s) for s in slow),
+                timeout=30,
+                what="the agent closes connections that do not send a whole request",
+            )
         finally:
             for s in slow:
                 s.close()
@@ -66,8 +72,17 @@ def test_connections_that_never_finish_their_headers_do_not_starve_healthz_or_th
 @pytest.mark.parametrize("device_id", ["robot 1", "röbot", "a/b", "-lead", "x" * 129, ""])
 def test_provisioning_refuses_ids_telemetry_would_refuse_with_the_rule_as_hint(tmp_path, agent_bundles, device_id):
     d = tmp_path / "agent"
-    r = agent_cli("provision", "--device-id", device_id, "--profile", "rpi4-4gb", "--root", str(agent_bundles["root"]),
-                  data_dir=d, check=False)
+    r = agent_cli(
+        "provision",
+        "--device-id",
+        device_id,
+        "--profile",
+        "rpi4-4gb",
+        "--root",
+        str(agent_bundles["root"]),
+        data_dir=d,
+        check=False,
+    )
     assert r.returncode == 1, r.stdout
     assert "device id" in r.stderr and "hint: use 1-128 characters of letters, digits" in r.stderr, r.stderr
     assert not (d / "config.json").exists()
@@ -85,8 +100,9 @@ def test_provisioning_refuses_a_bad_group_and_a_non_mqtt_broker_url(tmp_path, ag
 @pytest.mark.slow
 def test_telemetry_that_cannot_start_says_so_in_status_and_healthz(tmp_path, agent_bundles):
     # a data dir provisioned by an older agent that accepted such ids
-    d = provision_agent(tmp_path / "agent", agent_bundles["root"], device_id="robot 1",
-                        mqtt={"url": f"mqtt://127.0.0.1:{free_port()}"})
+    d = provision_agent(
+        tmp_path / "agent", agent_bundles["root"], device_id="robot 1", mqtt={"url": f"mqtt://127.0.0.1:{free_port()}"}
+    )
     st = json.loads(agent_cli("status", "--format", "json", data_dir=d).stdout)
     assert st["telemetry"]["state"] == "error" and "device id 'robot 1'" in st["telemetry"]["error"]
     with AgentProcess(d) as a:
@@ -105,8 +121,9 @@ def test_client_names_the_agent_address_from_its_data_dir_when_nobody_answers(tm
     d.mkdir()
     (d / "api-token").write_text("tok\n")
     port = free_port()
-    (d / "config.json").write_text(json.dumps({"device_id": "robot-1", "profile": "rpi4-4gb",
-                                               "listen": f"127.0.0.1:{port}"}))
+    (d / "config.json").write_text(
+        json.dumps({"device_id": "robot-1", "profile": "rpi4-4gb", "listen": f"127.0.0.1:{port}"})
+    )
     monkeypatch.setenv("EDGELLM_AGENT_DIR", str(d))
     c = AgentClient(timeout=5)
     assert (c.host, c.port) == ("127.0.0.1", port)
@@ -115,8 +132,11 @@ def test_client_names_the_agent_address_from_its_data_dir_when_nobody_answers(tm
     assert isinstance(e.value, EdgeLLMError) and e.value.address == f"http://127.0.0.1:{port}"
     assert f"127.0.0.1:{port}" in str(e.value) and "edgellm-agent run" in e.value.hint
     # a Unix socket from the config, missing: the same error naming the socket
-    (d / "config.json").write_text(json.dumps({"device_id": "robot-1", "profile": "rpi4-4gb", "listen": None,
-                                               "socket": str(tmp_path / "nope.sock")}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {"device_id": "robot-1", "profile": "rpi4-4gb", "listen": None, "socket": str(tmp_path / "nope.sock")}
+        )
+    )
     with pytest.raises(AgentUnreachable, match="nope.sock"):
         AgentClient(timeout=5).health()
     # no readable token: an EdgeLLMError with a hint, not a bare OSError
@@ -172,5 +192,7 @@ def test_the_control_planes_update_command_and_desired_state_are_the_same_closed
     assert d._desired == UpdateRequest()
     d._on_desired({"model": "tiny", "version": "../x"})
     assert d._desired == UpdateRequest()
-    assert run(Command(id="3", name="reboot"))["hint"] == \
-        "this agent knows: fl_invite, fl_stop, logs, retry, rollback, status, update"
+    assert (
+        run(Command(id="3", name="reboot"))["hint"]
+        == "this agent knows: fl_invite, fl_stop, logs, retry, rollback, status, update"
+    )

@@ -55,8 +55,13 @@ def test_budget_is_the_stricter_of_bundle_and_profile():
     from edgellm.profiles import get_profile
 
     prof = get_profile(AGENT_PROFILE)
-    m = Manifest(name="m", version="1", runtime="gguf", artifact="model.gguf",
-                 health={"min_tokens_per_second": 1.0, "max_memory_bytes": 1 << 40})
+    m = Manifest(
+        name="m",
+        version="1",
+        runtime="gguf",
+        artifact="model.gguf",
+        health={"min_tokens_per_second": 1.0, "max_memory_bytes": 1 << 40},
+    )
     b = budget_for(m, prof, threads=1)
     assert b.min_tokens_per_second == prof.min_tokens_per_second
     assert b.max_memory_bytes == prof.usable_ram_bytes

@@ -152,7 +152,9 @@ def test_select_target_for_profile_and_desired_version(installer):
     targets = [t("1.0.0"), t("1.2.0"), t("1.10.0", prof="rpi5-8gb"), t("1.9.0"), t("2.0.0", name="other")]
     st = AgentState()
     assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo"})).version == "1.9.0"
-    assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo", "version": "1.2.0"})).version == "1.2.0"
+    assert (
+        installer.select_target(targets, st, UpdateRequest(**{"model": "demo", "version": "1.2.0"})).version == "1.2.0"
+    )
     st.rejected.append("1.9.0")
     assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo"})).version == "1.2.0"
     assert installer.select_target(targets, st, UpdateRequest(**{"model": "demo", "version": "3.0"})) is None
@@ -208,7 +210,9 @@ def test_update_never_downgrades_unless_asked(installer, archives):
     assert installer.store.load().current_record.version == "1.10.0" and src.downloads == ["1.10.0"]
     res = installer.update(src, UpdateRequest(**{"version": "1.1.0", "rollback": True}))
     assert res["ok"] and installer.store.load().current_record.version == "1.1.0"
-    res = installer.update(src, UpdateRequest(**{"version": "1.10.0"}))  # an upgrade again: downloaded and verified again
+    res = installer.update(
+        src, UpdateRequest(**{"version": "1.10.0"})
+    )  # an upgrade again: downloaded and verified again
     assert res["ok"] and installer.store.load().current_record.version == "1.10.0"
     # asking for the older version held in the other slot rolls back locally, without a download
     res = installer.update(src, UpdateRequest(**{"version": "1.1.0"}))

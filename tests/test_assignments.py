@@ -128,13 +128,18 @@ def test_old_director_version_under_the_current_snapshot_is_refused(tmp_path, si
         fetch_assignment(c, "group", "lab", tmp_path / "dl")
 
 
-@pytest.mark.parametrize("bad", [
-    b"[]", b'{"format":"x"}', b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":0}',
-    b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":1,"model":"m"}',
-    b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"../x","serial":1}',
-    b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":1,"targets":["a/b"]}',
-    b"x" * 20000,
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"[]",
+        b'{"format":"x"}',
+        b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":0}',
+        b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":1,"model":"m"}',
+        b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"../x","serial":1}',
+        b'{"format":"edgellm-assignment","v":1,"scope":"group","subject":"lab","serial":1,"targets":["a/b"]}',
+        b"x" * 20000,
+    ],
+)
 def test_malformed_assignment_bytes_are_refused(bad):
     with pytest.raises(VerificationError):
         Assignment.from_bytes(bad)
@@ -184,8 +189,9 @@ def test_a_device_assignment_can_move_the_device_to_another_group(tmp_path, sign
     repo, root, _ = signed_repo
     ensure_director(repo)
     _assign(repo, "group", "field", "2.0.0")
-    write_assignments(repo, [("device", "dev-1", new_assignment("device", "dev-1", model=None, version=None,
-                                                                 group="field"))])
+    write_assignments(
+        repo, [("device", "dev-1", new_assignment("device", "dev-1", model=None, version=None, group="field"))]
+    )
     paths = AgentPaths(tmp_path / "agent")
     paths.ensure_dirs()
     cfg = AgentConfig(device_id="dev-1", profile="rpi5-8gb", server=str(repo.dir), group="lab")

@@ -22,8 +22,14 @@ def test_an_upgrade_of_edgellm_changes_every_key(monkeypatch):
 def test_the_key_covers_the_exporters_and_the_runtimes_that_measure():
     files = {f.relative_to(PACKAGE).as_posix() for f in cc.code_files()}
 
-    assert {"pipeline/export/gguf.py", "pipeline/export/onnx.py", "pipeline/export/quantize_gguf.py",
-            "pipeline/candidates.py", "runtime/llamacpp.py", "runtime/onnx.py"} <= files
+    assert {
+        "pipeline/export/gguf.py",
+        "pipeline/export/onnx.py",
+        "pipeline/export/quantize_gguf.py",
+        "pipeline/candidates.py",
+        "runtime/llamacpp.py",
+        "runtime/onnx.py",
+    } <= files
 
 
 def test_editing_an_exporter_changes_the_fingerprint(tmp_path):

@@ -9,11 +9,18 @@ from click.testing import CliRunner
 
 pytest.importorskip("torch")
 
-from edgellm.cli import main  # noqa: E402
-from edgellm.data import generate_corpus  # noqa: E402
+from edgellm.cli import main
+from edgellm.data import generate_corpus
 
-MICRO = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+MICRO = dict(
+    vocab_size=400,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=128,
+)
 FAST = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "2", "--quiet"]
 
 
@@ -37,22 +44,37 @@ def test_train_export_eval_distill(tmp_path, data_file):
     rep = json.loads(r.stdout)
     assert rep["steps"] == 8 and rep["data"]["sha256"] and "history" not in rep
 
-    r = _run(["export", "--model", str(tmp_path / "m"), "--format", "onnx-int8", "--out", str(tmp_path / "o" / "m.onnx")])
+    r = _run(
+        ["export", "--model", str(tmp_path / "m"), "--format", "onnx-int8", "--out", str(tmp_path / "o" / "m.onnx")]
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["format"] == "onnx-int8" and rep["eval"]["top1_agreement"] > 0.9
     assert (tmp_path / "o" / "m.onnx.report.json").exists() and (tmp_path / "o" / "tokenizer.json").exists()
 
-    r = _run(["eval", "--model", str(tmp_path / "o" / "m.onnx"), "--reference", str(tmp_path / "m"),
-              "--max-windows", "2"])
+    r = _run(
+        ["eval", "--model", str(tmp_path / "o" / "m.onnx"), "--reference", str(tmp_path / "m"), "--max-windows", "2"]
+    )
     assert r.exit_code == 0, r.output
     ev = json.loads(r.stdout)
     assert ev["kind"] == "onnx" and ev["perplexity"] > 1 and ev["bits_per_byte"] > 0
 
     student = tmp_path / "student.json"
     student.write_text(json.dumps({**MICRO, "hidden_size": 32, "intermediate_size": 64}))
-    r = _run(["distill", "--teacher", str(tmp_path / "m"), "--data", str(data_file), "--student-config",
-              str(student), "--out", str(tmp_path / "s"), *FAST])
+    r = _run(
+        [
+            "distill",
+            "--teacher",
+            str(tmp_path / "m"),
+            "--data",
+            str(data_file),
+            "--student-config",
+            str(student),
+            "--out",
+            str(tmp_path / "s"),
+            *FAST,
+        ]
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["student_params"] < d["teacher_params"] and 0 <= d["top1_agreement"] <= 1
@@ -61,15 +83,17 @@ def test_train_export_eval_distill(tmp_path, data_file):
 def test_cli_errors_are_friendly_and_write_nothing(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    r = CliRunner().invoke(main, ["train", "--data", str(empty), "--config", "tiny", "--out", str(tmp_path / "m"),
-                                  "--quiet"])
+    r = CliRunner().invoke(
+        main, ["train", "--data", str(empty), "--config", "tiny", "--out", str(tmp_path / "m"), "--quiet"]
+    )
     assert r.exit_code == 1 and "empty.jsonl" in r.output and "hint:" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
     r = CliRunner().invoke(main, ["train", "--data", "builtin:devices", "--out", str(tmp_path / "m")])
     assert r.exit_code == 2 and "--config" in r.output
     (tmp_path / "md").mkdir()
-    r = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "md"), "--format", "tflite",
-                                  "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(
+        main, ["export", "--model", str(tmp_path / "md"), "--format", "tflite", "--out", str(tmp_path / "x")]
+    )
     assert r.exit_code == 2 and "unknown format" in r.output
 
 
@@ -85,14 +109,33 @@ def test_train_on_one_record_per_line_text_with_progress_lines(tmp_path):
     """A 180 KB file without blank lines (one document) still gets a validation split, and a run
     outside a terminal prints plain progress lines as it goes, not silence."""
     records = tmp_path / "records.txt"
-    lines = [f"sensor {i % 53} reports {18 + i % 11}.{i % 10} degrees, battery {i % 100} percent\n" for i in range(3600)]
+    lines = [
+        f"sensor {i % 53} reports {18 + i % 11}.{i % 10} degrees, battery {i % 100} percent\n" for i in range(3600)
+    ]
     records.write_text("".join(lines))
     assert records.stat().st_size > 170_000 and "\n\n" not in records.read_text()
     cfg = tmp_path / "micro.json"
     cfg.write_text(json.dumps(MICRO))
 
-    r = _run(["train", "--data", str(records), "--config", str(cfg), "--out", str(tmp_path / "m"),
-              "--steps", "20", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "2"])
+    r = _run(
+        [
+            "train",
+            "--data",
+            str(records),
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "m"),
+            "--steps",
+            "20",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--warmup-steps",
+            "2",
+        ]
+    )
 
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["data"]["val_docs"] >= 1

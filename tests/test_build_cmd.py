@@ -83,8 +83,19 @@ def _run(args):
 
 def test_refused_profiles_are_a_reported_outcome_unless_strict(hf_llama_dir, tmp_path):
     """A refusal is the build's answer (exit 0, `set -e` scripts go on); --strict makes it fail."""
-    args = ["build", "--model", str(hf_llama_dir), "--profile", "esp32-s3-8mb", "--candidates", "gguf-q8_0",
-            "--profiles-dir", str(REPO_ROOT / "hardware_profiles"), "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "build",
+        "--model",
+        str(hf_llama_dir),
+        "--profile",
+        "esp32-s3-8mb",
+        "--candidates",
+        "gguf-q8_0",
+        "--profiles-dir",
+        str(REPO_ROOT / "hardware_profiles"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
 
     res = _run([*args, "--out", str(tmp_path / "dist")])
     strict = _run([*args, "--out", str(tmp_path / "dist-strict"), "--strict"])
@@ -109,12 +120,38 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
     init_keys(keys)
     Repository.create(tmp_path / "repo", keys)
     dist = tmp_path / "dist"
-    res = _run(["build", "--model", str(hf_llama_dir), "--out", str(dist),
-                "--profile", "test-big", "--profile", "test-medium", "--profile", "test-small",
-                "--profile", "esp32-s3-8mb", "--profiles-dir", str(build_env["profiles"]),
-                "--cache-dir", str(build_env["cache"]), "--eval-text", str(build_env["eval"]),
-                "--repo", str(tmp_path / "repo"), "--keys", str(keys), "--name", "tiny", "--version", "1.2.0",
-                "--strict"])
+    res = _run(
+        [
+            "build",
+            "--model",
+            str(hf_llama_dir),
+            "--out",
+            str(dist),
+            "--profile",
+            "test-big",
+            "--profile",
+            "test-medium",
+            "--profile",
+            "test-small",
+            "--profile",
+            "esp32-s3-8mb",
+            "--profiles-dir",
+            str(build_env["profiles"]),
+            "--cache-dir",
+            str(build_env["cache"]),
+            "--eval-text",
+            str(build_env["eval"]),
+            "--repo",
+            str(tmp_path / "repo"),
+            "--keys",
+            str(keys),
+            "--name",
+            "tiny",
+            "--version",
+            "1.2.0",
+            "--strict",
+        ]
+    )
     assert res.exit_code == 2, res.output  # the MCU is refused, and --strict wants every profile
     assert "esp32-s3-8mb" in res.output and "REFUSED" in res.output and "no LLM runtime" in res.output
 
@@ -134,7 +171,8 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
 
     # each bundle in DIST is signed and installs offline; GGUF ones serve and pass their golden prompts
     assert sorted(p.name for p in dist.glob("*.signed")) == sorted(
-        f"tiny-1.2.0-test-{t}.bundle.signed" for t in ("big", "medium", "small"))
+        f"tiny-1.2.0-test-{t}.bundle.signed" for t in ("big", "medium", "small")
+    )
     served = 0
     for tier in ("big", "medium", "small"):
         signed = dist / f"tiny-1.2.0-test-{tier}.bundle.signed"
@@ -155,9 +193,13 @@ def test_build_fleet_signed_offline_installable(build_env, hf_llama_dir, tmp_pat
             assert manifest.tokenizer == "tokenizer.json"
             continue
         art = manifest.file(manifest.artifact)
-        with LlamaCppRuntime.load(tmp_path / f"slot-{tier}" / manifest.artifact, threads=1,
-                                  context_length=manifest.memory.context_length, sha256=art.sha256,
-                                  size=art.size) as rt:
+        with LlamaCppRuntime.load(
+            tmp_path / f"slot-{tier}" / manifest.artifact,
+            threads=1,
+            context_length=manifest.memory.context_length,
+            sha256=art.sha256,
+            size=art.size,
+        ) as rt:
             for g in manifest.golden_prompts:
                 out = rt.complete(g.prompt, GenerationParams(max_tokens=g.max_tokens)).text
                 if g.expect:
@@ -172,10 +214,17 @@ def test_budgets_pin_and_refusal_messages(build_env, hf_llama_dir, tmp_path):
     from edgellm.pipeline.select import Budget
 
     def build(**budget):
-        return run_build(BuildConfig(
-            model_dir=hf_llama_dir, profiles=["test-big"], out_dir=tmp_path / str(len(budget)),
-            budget=Budget(**budget), cache_dir=build_env["cache"], profiles_dir=build_env["profiles"],
-            eval_text=build_env["eval"].read_text()))
+        return run_build(
+            BuildConfig(
+                model_dir=hf_llama_dir,
+                profiles=["test-big"],
+                out_dir=tmp_path / str(len(budget)),
+                budget=Budget(**budget),
+                cache_dir=build_env["cache"],
+                profiles_dir=build_env["profiles"],
+                eval_text=build_env["eval"].read_text(),
+            )
+        )
 
     a, b = build(pin_format="gguf-q4_0"), build(pin_format="gguf-q4_0", headroom=0.1)
     assert a.results[0].selection.chosen == "gguf-q4_0"
@@ -189,19 +238,54 @@ def test_budgets_pin_and_refusal_messages(build_env, hf_llama_dir, tmp_path):
 
 @pytest.mark.slow  # shares the ~20 s candidate build (two ONNX exports)
 def test_bad_inputs_get_hints(build_env, tmp_path, hf_llama_dir):
-    res = _run(["build", "--model", str(tmp_path), "--profile", "test-big", "--out", str(tmp_path / "o"),
-                "--profiles-dir", str(build_env["profiles"])])
+    res = _run(
+        [
+            "build",
+            "--model",
+            str(tmp_path),
+            "--profile",
+            "test-big",
+            "--out",
+            str(tmp_path / "o"),
+            "--profiles-dir",
+            str(build_env["profiles"]),
+        ]
+    )
     assert res.exit_code != 0 and "config.json" in res.output and "hint" in res.output
-    res = _run(["build", "--model", str(hf_llama_dir), "--profile", "nope", "--out", str(tmp_path / "o"),
-                "--profiles-dir", str(build_env["profiles"])])
+    res = _run(
+        [
+            "build",
+            "--model",
+            str(hf_llama_dir),
+            "--profile",
+            "nope",
+            "--out",
+            str(tmp_path / "o"),
+            "--profiles-dir",
+            str(build_env["profiles"]),
+        ]
+    )
     assert res.exit_code != 0 and "unknown hardware profile" in res.output
     bad = tmp_path / "prefix-space"
     shutil.copytree(hf_llama_dir, bad)
     tj = json.loads((bad / "tokenizer.json").read_text())
     tj["pre_tokenizer"]["add_prefix_space"] = True
     (bad / "tokenizer.json").write_text(json.dumps(tj))
-    res = _run(["build", "--model", str(bad), "--profile", "test-big", "--out", str(tmp_path / "o"),
-                "--profiles-dir", str(build_env["profiles"]), "--cache-dir", str(tmp_path / "c")])
+    res = _run(
+        [
+            "build",
+            "--model",
+            str(bad),
+            "--profile",
+            "test-big",
+            "--out",
+            str(tmp_path / "o"),
+            "--profiles-dir",
+            str(build_env["profiles"]),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     assert res.exit_code == 1 and "prefix space" in res.output and "hint" in res.output
 
 

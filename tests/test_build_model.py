@@ -18,10 +18,18 @@ from edgellm.pipeline.model import LlamaLM, generate_ids, load_model, save_model
 
 def _hf_model(tie: bool, **kw):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
-                                   tie_word_embeddings=tie, initializer_range=0.2, max_position_embeddings=128,
-                                   **kw)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        tie_word_embeddings=tie,
+        initializer_range=0.2,
+        max_position_embeddings=128,
+        **kw,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -45,9 +53,17 @@ def test_forward_matches_transformers(tmp_path, tie):
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
-    hf = _hf_model(True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-                   rope_theta=500000.0)
+    hf = _hf_model(
+        True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        rope_theta=500000.0,
+    )
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     assert ours.config.rope_scaling["rope_type"] == "llama3"
@@ -67,15 +83,23 @@ def test_transformers_dir_loads_and_generates(tmp_path):
     prompt = tk.encode(tok, "turn on the", special=False)
     got = generate_ids(ours, prompt, 12)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     assert got == ref
     assert isinstance(tok.decode(got), str)
 
 
 def test_save_load_roundtrip_keeps_unknown_fields(tmp_path):
-    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=1, extra={"my_field": 7})
+    cfg = ModelConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        extra={"my_field": 7},
+    )
     m = LlamaLM(cfg)
     save_model_dir(m, tmp_path / "m")
     cfg_json = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -97,8 +121,14 @@ def test_presets_suit_kquants():
 
 
 def _small_dir(tmp_path):
-    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return save_model_dir(LlamaLM(cfg), tmp_path / "m")
 
 
@@ -146,16 +176,28 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(mm, "state_for_saving", boom)
-    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with pytest.raises(OSError):
         save_model_dir(LlamaLM(cfg), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_tiny_model_fixture(tiny_model_dir):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "train_report.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "train_report.json",
+    ):
         assert (tiny_model_dir / name).exists(), name
     report = json.loads((tiny_model_dir / "train_report.json").read_text())
     assert report["val_ppl"] < 4.0  # learned the regular corpus well beyond unigram level

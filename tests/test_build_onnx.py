@@ -42,8 +42,11 @@ def test_fp32_logits_match_torch_with_dynamic_batch_and_cache(tiny_model_dir, on
         assert np.abs(outs[1] - ref_past[0][0].numpy()).max() <= 1e-4
         # a second chunk on top of the cache (past_len > 0, seq > 1)
         more = rng.integers(0, model.config.vocab_size, (batch, 4)).astype(np.int64)
-        past = {f"past.{i}.{k}": outs[1 + 2 * i + j] for i in range(model.config.num_hidden_layers)
-                for j, k in enumerate(("key", "value"))}
+        past = {
+            f"past.{i}.{k}": outs[1 + 2 * i + j]
+            for i in range(model.config.num_hidden_layers)
+            for j, k in enumerate(("key", "value"))
+        }
         outs2 = sess.run(None, {"input_ids": more, **past})
         with torch.no_grad():
             ref2, _ = model(torch.from_numpy(more), ref_past)
@@ -60,8 +63,11 @@ def test_greedy_kv_cache_decode_equals_torch_for_32_steps(tiny_model_dir, onnx_f
     for _ in range(32):
         nxt = int(logits[0, -1].argmax())
         got.append(nxt)
-        past = {f"past.{i}.{k}": presents[2 * i + j] for i in range(model.config.num_hidden_layers)
-                for j, k in enumerate(("key", "value"))}
+        past = {
+            f"past.{i}.{k}": presents[2 * i + j]
+            for i in range(model.config.num_hidden_layers)
+            for j, k in enumerate(("key", "value"))
+        }
         logits, *presents = sess.run(None, {"input_ids": np.array([[nxt]], np.int64), **past})
     assert got == want
     assert presents[0].shape[2] == len(prompt) + 32
@@ -115,9 +121,18 @@ def test_transformers_checkpoint_exports_and_generates_on_device_runtime(tmp_pat
     from edgellm.runtime.onnx import OnnxRuntime
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=400, initializer_range=0.2,
-                                   max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=400,
+        initializer_range=0.2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     tk.train_tokenizer(generate_corpus(200), 400).save(str(tmp_path / "hf" / "tokenizer.json"))
@@ -127,7 +142,8 @@ def test_transformers_checkpoint_exports_and_generates_on_device_runtime(tmp_pat
         prompt = rt.tokenize("turn on the kitchen")
         c = rt.complete(prompt, GenerationParams(max_tokens=16))
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                          pad_token_id=0)[0, len(prompt):].tolist()
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)[
+            0, len(prompt) :
+        ].tolist()
     n = len(c.token_ids)
     assert list(c.token_ids) == ref[:n]  # equal up to an EOS (which HF would also stop at)

@@ -17,8 +17,15 @@ from edgellm.pipeline.model import load_model  # noqa: E402
 from edgellm.pipeline.train import TrainConfig, train_model  # noqa: E402
 from edgellm.runtime.base import render_chat  # noqa: E402
 
-MICRO = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+MICRO = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +127,14 @@ def test_report_lineage_and_fine_tune(tmp_path, small_jsonl):
 @pytest.mark.slow
 def test_distilled_student_beats_same_size_student_without_teacher(tiny_model_dir, tmp_path):
     """Same data, same steps, same seed; the only difference is the teacher's soft targets."""
-    student = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-                   num_key_value_heads=1, max_position_embeddings=256)
+    student = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     tc = TrainConfig(steps=100, batch_size=4, seq_len=64, eval_every=0, progress=False, seed=0)
     kd = distill_model(tiny_model_dir, "builtin:devices", student, tmp_path / "kd", tc)
     plain = distill_model(tiny_model_dir, "builtin:devices", student, tmp_path / "plain", tc, alpha=0.0)

@@ -31,7 +31,9 @@ def test_pack_fills_hashes_and_unpack_round_trips(tmp_path: Path, packed_bundle:
 
 
 def test_unknown_manifest_fields_survive_round_trip(tmp_path: Path) -> None:
-    src = make_bundle_dir(tmp_path / "src", extra={"future_field": {"a": [1, 2]}, "lineage": {"parent_version": "0.9", "novel": True}})
+    src = make_bundle_dir(
+        tmp_path / "src", extra={"future_field": {"a": [1, 2]}, "lineage": {"parent_version": "0.9", "novel": True}}
+    )
     r = pack(src, tmp_path / "x.bundle")
     m = read_manifest(r.path)
     assert m.extra["future_field"] == {"a": [1, 2]}
@@ -40,7 +42,9 @@ def test_unknown_manifest_fields_survive_round_trip(tmp_path: Path) -> None:
     assert again.to_dict() == m.to_dict()
 
 
-@pytest.mark.parametrize("field,value", [("runtime", "tflite"), ("name", "../evil"), ("artifact", "/etc/passwd"), ("schema_version", 99)])
+@pytest.mark.parametrize(
+    "field,value", [("runtime", "tflite"), ("name", "../evil"), ("artifact", "/etc/passwd"), ("schema_version", 99)]
+)
 def test_invalid_manifest_refused(tmp_path: Path, field: str, value: object) -> None:
     src = make_bundle_dir(tmp_path / "src", extra={field: value})
     with pytest.raises(BundleError, match=field):
@@ -54,10 +58,15 @@ def test_invalid_manifest_refused(tmp_path: Path, field: str, value: object) -> 
 def _manifest_bytes(files: dict[str, bytes]) -> bytes:
     import hashlib
 
-    return json.dumps({
-        "name": "evil", "version": "1", "runtime": "gguf", "artifact": next(iter(files), "model.gguf"),
-        "files": [{"path": p, "sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for p, b in files.items()],
-    }).encode()
+    return json.dumps(
+        {
+            "name": "evil",
+            "version": "1",
+            "runtime": "gguf",
+            "artifact": next(iter(files), "model.gguf"),
+            "files": [{"path": p, "sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for p, b in files.items()],
+        }
+    ).encode()
 
 
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
@@ -96,7 +105,9 @@ def _hostile(tmp_path: Path, kind: str) -> Path:
         return _tar(tmp_path / "a.tar", [man, _reg("model.gguf", ok)])
     if kind == "too_many":
         files = {f"f{i}.bin": b"y" for i in range(70)}
-        return _tar(tmp_path / "a.tar", [_reg("manifest.json", _manifest_bytes(files))] + [_reg(p, b) for p, b in files.items()])
+        return _tar(
+            tmp_path / "a.tar", [_reg("manifest.json", _manifest_bytes(files))] + [_reg(p, b) for p, b in files.items()]
+        )
     if kind == "unlisted":
         return _tar(tmp_path / "a.tar", [man, _reg("model.gguf", ok), _reg("extra.sh", b"rm -rf /")])
     if kind == "hash_mismatch":
@@ -111,8 +122,23 @@ def _hostile(tmp_path: Path, kind: str) -> Path:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink", "hardlink", "device", "oversized", "too_many",
-                                  "unlisted", "hash_mismatch", "missing_file", "duplicate", "not_a_tar"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "traversal",
+        "absolute",
+        "symlink",
+        "hardlink",
+        "device",
+        "oversized",
+        "too_many",
+        "unlisted",
+        "hash_mismatch",
+        "missing_file",
+        "duplicate",
+        "not_a_tar",
+    ],
+)
 def test_hostile_archive_refused_and_leaves_nothing(tmp_path: Path, kind: str) -> None:
     archive = _hostile(tmp_path, kind)
     work = tmp_path / "work"
@@ -183,7 +209,9 @@ def test_long_member_names_pack_deterministically_and_round_trip(tmp_path: Path,
     b = pack(bundle_src, tmp_path / "b.bundle")
     assert a.path.read_bytes() == b.path.read_bytes()
     with tarfile.open(a.path) as t:
-        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mode == 0o644 for m in t.getmembers())
+        assert all(
+            m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mode == 0o644 for m in t.getmembers()
+        )
     m = unpack(a.path, tmp_path / "out")
     assert (tmp_path / "out" / long_name).read_bytes() == b"w" * 300
     assert m.file(long_name).size == 300
@@ -213,7 +241,9 @@ def test_member_name_over_the_file_system_limit_says_so(tmp_path: Path) -> None:
 @pytest.mark.parametrize("order", [["a", "a/b"], ["a/b", "a"]])
 def test_file_and_directory_of_the_same_name_says_so(tmp_path: Path, order: list[str]) -> None:
     files = {p: p.encode() for p in order}
-    archive = _pax(tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes(files))] + [_entry(p, b) for p, b in files.items()])
+    archive = _pax(
+        tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes(files))] + [_entry(p, b) for p, b in files.items()]
+    )
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(BundleError, match="both a file and a directory") as ei:
@@ -224,8 +254,14 @@ def test_file_and_directory_of_the_same_name_says_so(tmp_path: Path, order: list
 
 def test_duplicate_member_says_so(tmp_path: Path) -> None:
     ok = b"x" * 100
-    archive = _pax(tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes({"model.gguf": ok})),
-                                        _entry("model.gguf", ok), _entry("model.gguf", ok)])
+    archive = _pax(
+        tmp_path / "a.tar",
+        [
+            _entry("manifest.json", _manifest_bytes({"model.gguf": ok})),
+            _entry("model.gguf", ok),
+            _entry("model.gguf", ok),
+        ],
+    )
     with pytest.raises(BundleError, match="appears twice") as ei:
         unpack(archive, tmp_path / "dest")
     assert "truncated" not in str(ei.value)
@@ -234,6 +270,8 @@ def test_duplicate_member_says_so(tmp_path: Path) -> None:
 def test_sparse_member_refused(tmp_path: Path) -> None:
     ti, data = _entry("model.gguf", b"x" * 100)
     ti.pax_headers = {"GNU.sparse.map": "0,100", "GNU.sparse.size": str(1 << 20)}
-    archive = _pax(tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes({"model.gguf": b"x" * 100})), (ti, data)])
+    archive = _pax(
+        tmp_path / "a.tar", [_entry("manifest.json", _manifest_bytes({"model.gguf": b"x" * 100})), (ti, data)]
+    )
     with pytest.raises(BundleError, match="sparse"):
         unpack(archive, tmp_path / "dest")

@@ -34,7 +34,11 @@ def test_operator_flow_and_refusals(tmp_path: Path) -> None:
     listed = json.loads(run("repo", "list", str(repo), "--format", "json").output)
     assert listed[0]["custom"]["edgellm"]["version"] == "1.0.0"
 
-    ok = json.loads(run("bundle", "verify", str(b), "--root", str(keys / "root.json"), "--repo", str(repo), "--format", "json").output)
+    ok = json.loads(
+        run(
+            "bundle", "verify", str(b), "--root", str(keys / "root.json"), "--repo", str(repo), "--format", "json"
+        ).output
+    )
     assert ok["verified"] and ok["edgellm"]["name"] == "demo"
     run("bundle", "verify", str(signed / "demo-1.0.0.bundle.signed"), "--root", str(keys / "root.json"))
 

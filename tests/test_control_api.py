@@ -96,8 +96,10 @@ def test_only_admins_manage_tokens(api):
     assert httpx.post(url + "/api/v1/tokens", json=body, headers=h(tokens["operator"])).status_code == 403
     made = httpx.post(url + "/api/v1/tokens", json=body, headers=h(tokens["admin"])).json()
     assert httpx.get(url + "/api/v1/whoami", headers=h(made["token"])).json()["role"] == "viewer"
-    assert httpx.post(url + "/api/v1/tokens", json={"name": "x", "role": "root"},
-                      headers=h(tokens["admin"])).status_code == 400
+    assert (
+        httpx.post(url + "/api/v1/tokens", json={"name": "x", "role": "root"}, headers=h(tokens["admin"])).status_code
+        == 400
+    )
     assert made["token"] not in json.dumps([a.to_dict() for a in store.audit_log()])
 
 
@@ -131,7 +133,9 @@ def test_metrics_pass_promtool_with_a_viewer_token_beyond_loopback(api):
     import subprocess
 
     store, tokens, _, serve = api
-    store.ingest([wire.Envelope(device="d1", kind="birth", seq=0, ts=time.time(), body={"session": "s", "version": "1"})])
+    store.ingest(
+        [wire.Envelope(device="d1", kind="birth", seq=0, ts=time.time(), body={"session": "s", "version": "1"})]
+    )
     text = httpx.get(serve("0.0.0.0") + "/metrics", headers=h(tokens["viewer"])).text
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -146,11 +150,17 @@ def test_one_writer_of_the_repository_at_a_time(api, tmp_path):
     store, tokens, _, serve = api
     url = serve()
     bundle = pack(make_bundle_dir(tmp_path / "b", version="3.0"), tmp_path / "demo-3.0.bundle").path
-    post = lambda: httpx.post(url + "/api/v1/publish?filename=demo-3.0.bundle", content=bundle.read_bytes(),  # noqa: E731
-                              headers=h(tokens["admin"]))
+
+    def post() -> httpx.Response:
+        return httpx.post(
+            url + "/api/v1/publish?filename=demo-3.0.bundle", content=bundle.read_bytes(), headers=h(tokens["admin"])
+        )
+
     assert store.acquire_lease("publish", "another-replica", 60) is not None
     busy = post()
     assert busy.status_code == 409 and "try again" in busy.json()["error"]["hint"]
     store.release_lease("publish", "another-replica")
     assert post().json()["version"] == "3.0"
-    assert httpx.post(url + "/api/v1/publish?filename=../x", content=b"x", headers=h(tokens["admin"])).status_code == 400
+    assert (
+        httpx.post(url + "/api/v1/publish?filename=../x", content=b"x", headers=h(tokens["admin"])).status_code == 400
+    )

@@ -94,17 +94,52 @@ def test_federated_runs_remotely(server, tmp_path):
 
     data, url = server
     store = data.store()
-    ops.publish(data.repo, data.keys, store, pack(make_bundle_dir(tmp_path / "b", name="tiny", version="1.0.0"),
-                                                  tmp_path / "tiny.bundle").path)
+    ops.publish(
+        data.repo,
+        data.keys,
+        store,
+        pack(make_bundle_dir(tmp_path / "b", name="tiny", version="1.0.0"), tmp_path / "tiny.bundle").path,
+    )
     op = auth.create_token(store, name="op", role="operator")[1]
     viewer = auth.create_token(store, name="v", role="viewer")[1]
-    start = ("fl", "start", "--model", "tiny", "--version", "1.0.0", "--publish", "1.1.0", "--group", "lab",
-             "--rounds", "2", "--no-gate", "--format", "json", "--server", url)
+    start = (
+        "fl",
+        "start",
+        "--model",
+        "tiny",
+        "--version",
+        "1.0.0",
+        "--publish",
+        "1.1.0",
+        "--group",
+        "lab",
+        "--rounds",
+        "2",
+        "--no-gate",
+        "--format",
+        "json",
+        "--server",
+        url,
+    )
     assert "403" in run(*start, "--token", viewer, ok=False).output
     rid = json.loads(run(*start, "--token", op).output)["id"]
     rows = json.loads(run("fl", "status", "--server", url, "--token", viewer, "--format", "json").output)
     assert [(r["id"], r["state"], r["rounds"]) for r in rows] == [(rid, "pending", 2)]
     assert rid in run("fl", "status", rid, "--data-dir", str(data.root)).output
-    bad = run("fl", "start", "--model", "tiny", "--version", "9.9", "--publish", "10.0", "--no-gate", "--server", url, "--token", op,
-              ok=False)
+    bad = run(
+        "fl",
+        "start",
+        "--model",
+        "tiny",
+        "--version",
+        "9.9",
+        "--publish",
+        "10.0",
+        "--no-gate",
+        "--server",
+        url,
+        "--token",
+        op,
+        ok=False,
+    )
     assert "no bundle of tiny 9.9" in bad.output and "hint" in bad.output

@@ -43,8 +43,22 @@ def running(tmp_path, mqtt_broker):
     data = DataDir.init(tmp_path / "srv").root
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([*CLI, "run", "--data-dir", str(data), "--mqtt", mqtt_broker.url,
-                             "--http", f"127.0.0.1:{port}", "--tick", "0.2"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "run",
+            "--data-dir",
+            str(data),
+            "--mqtt",
+            mqtt_broker.url,
+            "--http",
+            f"127.0.0.1:{port}",
+            "--tick",
+            "0.2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -71,8 +85,14 @@ def test_remote_cli_with_only_server_and_token(running, tmp_path):
     bundle = pack(make_bundle_dir(tmp_path / "b", name="demo", version="2.0.0"), tmp_path / "demo-2.0.0.bundle").path
 
     # publish (admin), through the environment variables
-    pub = cli("publish", str(bundle), "--format", "json", cwd=elsewhere,
-              env={"EDGELLM_SERVER_URL": url, "EDGELLM_SERVER_TOKEN": admin})
+    pub = cli(
+        "publish",
+        str(bundle),
+        "--format",
+        "json",
+        cwd=elsewhere,
+        env={"EDGELLM_SERVER_URL": url, "EDGELLM_SERVER_TOKEN": admin},
+    )
     assert json.loads(pub.stdout)[0]["version"] == "2.0.0"
     # an operator may not publish
     denied = cli("publish", str(bundle), "--server", url, "--token", operator, cwd=elsewhere, check=False)
@@ -81,11 +101,23 @@ def test_remote_cli_with_only_server_and_token(running, tmp_path):
     devs = cli("devices", "--format", "json", "--server", url, "--token", viewer, cwd=elsewhere)
     assert json.loads(devs.stdout) == []
 
-    start = ["rollout", "start", "--model", "demo", "--version", "2.0.0", "--group", "lab", "--no-gate",
-             "--format", "json"]
+    start = [
+        "rollout",
+        "start",
+        "--model",
+        "demo",
+        "--version",
+        "2.0.0",
+        "--group",
+        "lab",
+        "--no-gate",
+        "--format",
+        "json",
+    ]
     rid = json.loads(cli(*start, "--server", url, "--token", operator, cwd=elsewhere).stdout)["id"]
-    st = json.loads(cli("rollout", "status", rid, "--format", "json", "--server", url, "--token", viewer,
-                        cwd=elsewhere).stdout)
+    st = json.loads(
+        cli("rollout", "status", rid, "--format", "json", "--server", url, "--token", viewer, cwd=elsewhere).stdout
+    )
     assert st[0]["id"] == rid and st[0]["version"] == "2.0.0"
 
     # a viewer gets 403 on rollout start, no token 401: the CLI says so and exits non-zero
@@ -127,10 +159,17 @@ def test_remote_device_command_gets_the_reply(running, tmp_path, mqtt_broker):
     dev = SimDevice("cam-7", tmp_path / "dev", MqttConfig(mqtt_broker.url), group="lab").start(infer=False)
     try:
         remote = ("--server", url, "--token", operator)
-        wait_for(lambda: any(d["id"] == "cam-7" and d["online"] for d in json.loads(
-            cli("devices", "--format", "json", *remote, cwd=tmp_path).stdout)), timeout=30, what="device online")
-        out = json.loads(cli("device", "command", "cam-7", "ping", "--wait", "20", "--format", "json", *remote,
-                             cwd=tmp_path).stdout)
+        wait_for(
+            lambda: any(
+                d["id"] == "cam-7" and d["online"]
+                for d in json.loads(cli("devices", "--format", "json", *remote, cwd=tmp_path).stdout)
+            ),
+            timeout=30,
+            what="device online",
+        )
+        out = json.loads(
+            cli("device", "command", "cam-7", "ping", "--wait", "20", "--format", "json", *remote, cwd=tmp_path).stdout
+        )
         assert out["reply"] == {"id": out["id"], "name": "ping", "ok": True, "result": "pong"}
         r = cli("device", "command", "ghost", "ping", *remote, cwd=tmp_path, check=False)
         assert r.returncode != 0 and "404" in r.stderr + r.stdout

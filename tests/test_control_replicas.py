@@ -41,9 +41,32 @@ class Replica:
         self.name = name
         self.url = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "run", "--data-dir", str(data), "--db", db, "--mqtt", mqtt,
-             "--http", self.url.removeprefix("http://"), "--client-id", name, "--tick", "0.2", "--leader-ttl", "3",
-             "--min-samples", "5"], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "run",
+                "--data-dir",
+                str(data),
+                "--db",
+                db,
+                "--mqtt",
+                mqtt,
+                "--http",
+                self.url.removeprefix("http://"),
+                "--client-id",
+                name,
+                "--tick",
+                "0.2",
+                "--leader-ttl",
+                "3",
+                "--min-samples",
+                "5",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
 
     def replica(self, token: str) -> dict:
         return httpx.get(self.url + "/api/v1/replica", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
@@ -76,14 +99,30 @@ def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg
     try:
         for r in replicas:
             wait_for(r.up, timeout=60, what=f"{r.name} up")
-        devices = [SimDevice(f"sim-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="lab",
-                             behaviour=BEHAVIOUR, metrics_interval_s=0.3, infer_every_s=0.02).start() for i in range(4)]
-        wait_for(lambda: sum(d.online and d.version == "1.0" for d in store.devices()) == 4, timeout=30,
-                 what="4 devices online")
+        devices = [
+            SimDevice(
+                f"sim-{i}",
+                tmp_path / f"d{i}",
+                MqttConfig(mqtt_broker.url),
+                group="lab",
+                behaviour=BEHAVIOUR,
+                metrics_interval_s=0.3,
+                infer_every_s=0.02,
+            ).start()
+            for i in range(4)
+        ]
+        wait_for(
+            lambda: sum(d.online and d.version == "1.0" for d in store.devices()) == 4,
+            timeout=30,
+            what="4 devices online",
+        )
 
         # ingest is shared: both replicas store, nothing twice, nothing lost between them
-        wait_for(lambda: all(r.replica(token)["ingest"].get("stored", 0) > 0 for r in replicas), timeout=30,
-                 what="both replicas storing telemetry")
+        wait_for(
+            lambda: all(r.replica(token)["ingest"].get("stored", 0) > 0 for r in replicas),
+            timeout=30,
+            what="both replicas storing telemetry",
+        )
         leaders = [r.replica(token)["leader"] for r in replicas]
         assert sorted(leaders) == [False, True]  # exactly one drives
         for d in devices:
@@ -101,8 +140,11 @@ def test_replicas_share_ingest_and_survive_leader_kill(tmp_path, mqtt_broker, pg
         leader.proc.wait(timeout=10)
         survivor = next(r for r in replicas if r is not leader)
 
-        st = wait_for(lambda: (row := store.rollout(rid)).state in rollout.FINAL and row, timeout=90,
-                      what="rollout finished under the other replica")
+        st = wait_for(
+            lambda: (row := store.rollout(rid)).state in rollout.FINAL and row,
+            timeout=90,
+            what="rollout finished under the other replica",
+        )
         assert st.state == "completed", st.reason
         holder2, _, term2 = store.lease_holder("leader")
         assert holder2.startswith(survivor.name + "@") and term2 == term + 1
@@ -140,19 +182,40 @@ def test_real_agent_follows_a_rollout_through_leader_failover(tmp_path, mqtt_bro
     devices: list[SimDevice] = []
     agent = None
     try:
-        wait_for(lambda: (h := store.lease_holder("leader")) is not None and h[0].startswith("srv-a@"), timeout=60,
-                 what="srv-a leads")
+        wait_for(
+            lambda: (h := store.lease_holder("leader")) is not None and h[0].startswith("srv-a@"),
+            timeout=60,
+            what="srv-a leads",
+        )
         second = Replica("srv-b", data, pg_url, mqtt_broker.url, log)
         replicas.append(second)
         wait_for(second.up, timeout=60, what="srv-b up")
-        d = provision_agent(tmp_path / "agent", agent_bundles["root"], server=second.url,
-                            args=("--mqtt", mqtt_broker.url, "--group", "lab"))
+        d = provision_agent(
+            tmp_path / "agent",
+            agent_bundles["root"],
+            server=second.url,
+            args=("--mqtt", mqtt_broker.url, "--group", "lab"),
+        )
         agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
         agent = AgentProcess(d)
-        devices = [SimDevice(f"sim-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="lab", model="tiny",
-                             version="1.0.0", metrics_interval_s=0.3, infer_every_s=0.02).start() for i in range(2)]
-        wait_for(lambda: sum(x.online for x in store.devices(group="lab")) == 3
-                 and store.device("dev-1").version == "1.0.0", timeout=60, what="agent and sims online")
+        devices = [
+            SimDevice(
+                f"sim-{i}",
+                tmp_path / f"d{i}",
+                MqttConfig(mqtt_broker.url),
+                group="lab",
+                model="tiny",
+                version="1.0.0",
+                metrics_interval_s=0.3,
+                infer_every_s=0.02,
+            ).start()
+            for i in range(2)
+        ]
+        wait_for(
+            lambda: sum(x.online for x in store.devices(group="lab")) == 3 and store.device("dev-1").version == "1.0.0",
+            timeout=60,
+            what="agent and sims online",
+        )
 
         rid = rollout.start(store, model="tiny", version="1.1.0", group="lab", canary="50%", gate=GATE, bake="6s")
         wait_for(lambda: store.rollout(rid).state == "bake", timeout=120, what="canary installed, baking")
@@ -160,13 +223,19 @@ def test_real_agent_follows_a_rollout_through_leader_failover(tmp_path, mqtt_bro
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(timeout=10)
 
-        st = wait_for(lambda: (row := store.rollout(rid)).state in rollout.FINAL and row, timeout=120,
-                      what="rollout finished under srv-b")
+        st = wait_for(
+            lambda: (row := store.rollout(rid)).state in rollout.FINAL and row,
+            timeout=120,
+            what="rollout finished under srv-b",
+        )
         assert st.state == "completed", st.reason
         assert store.lease_holder("leader")[0].startswith("srv-b@")
         assert_each_step_once(store.rollout_log(rid))
-        assert {x.id: x.version for x in store.devices(group="lab")} == {"dev-1": "1.1.0", "sim-0": "1.1.0",
-                                                                         "sim-1": "1.1.0"}
+        assert {x.id: x.version for x in store.devices(group="lab")} == {
+            "dev-1": "1.1.0",
+            "sim-0": "1.1.0",
+            "sim-1": "1.1.0",
+        }
     finally:
         if agent is not None:
             agent.stop()

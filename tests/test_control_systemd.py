@@ -40,7 +40,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         exe.chmod(0o755)
         text = (UNITS / name).read_text().replace("/usr/local/bin/", f"{stub}/")
         (tmp_path / name).write_text(text)
-    r = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / n) for n in NAMES)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / n) for n in NAMES)], capture_output=True, text=True, timeout=60
+    )
     problems = [line for line in (r.stdout + r.stderr).splitlines() if "edgellm-" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr

@@ -20,10 +20,22 @@ from server.http import HttpServer
 from server.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium); CI installs it")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--window-size=1280,1100", "--virtual-time-budget=8000"]
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium); CI installs it"
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1280,1100",
+    "--virtual-time-budget=8000",
+]
 
 
 def read_png(data: bytes) -> np.ndarray:
@@ -31,8 +43,8 @@ def read_png(data: bytes) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, w = 8, b"", 0
     while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + n]
+        n, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + n]
         if kind == b"IHDR":
             w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", chunk)
             assert depth == 8 and ctype in (2, 6) and interlace == 0
@@ -71,7 +83,7 @@ def read_png(data: bytes) -> np.ndarray:
 
 
 def has_colour(img: np.ndarray, hex_rgb: str, tol: int = 12) -> int:
-    rgb = np.array([int(hex_rgb[i:i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.array([int(hex_rgb[i : i + 2], 16) for i in (1, 3, 5)])
     return int((np.abs(img.astype(int) - rgb).max(axis=2) <= tol).sum())
 
 
@@ -81,23 +93,54 @@ def populated(tmp_path):
     now = time.time()
     envs = []
     for i, dev in enumerate(["cam-01", "cam-02", "arm-01"]):
-        envs.append(wire.Envelope(device=dev, kind="birth", seq=0, ts=now - 600,
-                                  body={"session": "s", "profile": "rpi5-8gb" if i < 2 else "jetson-orin-nano",
-                                        "group": "lab", "version": "1.0", "model": "demo", "health": "ok", "slot": "a"}))
+        envs.append(
+            wire.Envelope(
+                device=dev,
+                kind="birth",
+                seq=0,
+                ts=now - 600,
+                body={
+                    "session": "s",
+                    "profile": "rpi5-8gb" if i < 2 else "jetson-orin-nano",
+                    "group": "lab",
+                    "version": "1.0",
+                    "model": "demo",
+                    "health": "ok",
+                    "slot": "a",
+                },
+            )
+        )
         for k in range(12):
             version = "1.0" if k < 6 or i else "2.0-bad"
-            envs.append(wire.Envelope(device=dev, kind="metrics", seq=k + 1, ts=now - 600 + k * 40, body={
-                "interval_s": 40, "count": 50, "errors": 1 if version == "2.0-bad" else 0,
-                "p50_latency_ms": 80.0 + i * 5, "p95_latency_ms": 900.0 if version == "2.0-bad" else 120.0 + i * 10,
-                "tokens_per_second": 30.0 if version == "2.0-bad" else 45.0 + i, "version": version,
-                "mean_logprob": -3.2 if version == "2.0-bad" else -1.2}))
+            envs.append(
+                wire.Envelope(
+                    device=dev,
+                    kind="metrics",
+                    seq=k + 1,
+                    ts=now - 600 + k * 40,
+                    body={
+                        "interval_s": 40,
+                        "count": 50,
+                        "errors": 1 if version == "2.0-bad" else 0,
+                        "p50_latency_ms": 80.0 + i * 5,
+                        "p95_latency_ms": 900.0 if version == "2.0-bad" else 120.0 + i * 10,
+                        "tokens_per_second": 30.0 if version == "2.0-bad" else 45.0 + i,
+                        "version": version,
+                        "mean_logprob": -3.2 if version == "2.0-bad" else -1.2,
+                    },
+                )
+            )
     for j, e in enumerate(envs):  # spread over time so charts have several points
         store.ingest([e], received=now - 600 + (j % 13) * 40)
     store.ingest([wire.Envelope(device="arm-01", kind="death", seq=0, ts=now, body={"session": "s"})])
-    rid = rollout.start(store, model="demo", version="2.0-bad", group="lab", canary="34%",
-                        gate="p95_latency_ms<=300", bake="10m")
-    store.set_rollout_state(rid, rollout.RolloutState.ROLLED_BACK,
-                            reason="gate broken on canary (n=300): p95_latency_ms=900 breaks p95_latency_ms<=300")
+    rid = rollout.start(
+        store, model="demo", version="2.0-bad", group="lab", canary="34%", gate="p95_latency_ms<=300", bake="10m"
+    )
+    store.set_rollout_state(
+        rid,
+        rollout.RolloutState.ROLLED_BACK,
+        reason="gate broken on canary (n=300): p95_latency_ms=900 breaks p95_latency_ms<=300",
+    )
     rollout.log(store, rid, "rolled_back", "canary devices are back on their previous version")
     srv = HttpServer(store, None, port=0)
     srv.start()
@@ -108,8 +151,12 @@ def populated(tmp_path):
 def test_dashboard_renders_fleet_rollouts_and_charts(tmp_path, populated):
     srv, rid = populated
     profile = tmp_path / "chromium-profile"
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", srv.url + "/"],
-                         capture_output=True, text=True, timeout=90).stdout
+    dom = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", srv.url + "/"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    ).stdout
     assert 'data-ready="1"' in dom, dom[-2000:]
     for dev in ("cam-01", "cam-02", "arm-01"):
         assert f'data-device="{dev}"' in dom
@@ -118,8 +165,12 @@ def test_dashboard_renders_fleet_rollouts_and_charts(tmp_path, populated):
     assert "2.0-bad" in dom and ">no data yet</text>" not in dom
 
     shot = tmp_path / "dashboard.png"
-    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", srv.url + "/"],
-                   capture_output=True, timeout=90, check=True)
+    subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", srv.url + "/"],
+        capture_output=True,
+        timeout=90,
+        check=True,
+    )
     if os.environ.get("EDGELLM_DASHBOARD_SHOT"):  # keep the screenshot to look at it
         shutil.copy(shot, os.environ["EDGELLM_DASHBOARD_SHOT"])
     img = read_png(shot.read_bytes())

@@ -37,8 +37,14 @@ def private_text(n: int = 150) -> list[str]:
     return [f"The {SECRET_WORDS[i % 3]} lamp in room {i % 4} blinks {i % 3 + 1} times." for i in range(n)]
 
 
-def make_agent(root: Path, artifact: Path | None, *, runtime: str = "gguf", quantization: str = "q8_0",
-               data: list[str] | None = None) -> AgentPaths:
+def make_agent(
+    root: Path,
+    artifact: Path | None,
+    *,
+    runtime: str = "gguf",
+    quantization: str = "q8_0",
+    data: list[str] | None = None,
+) -> AgentPaths:
     """A provisioned-looking agent dir whose current slot holds ``artifact``."""
     paths = AgentPaths(root)
     paths.ensure_dirs()
@@ -48,7 +54,8 @@ def make_agent(root: Path, artifact: Path | None, *, runtime: str = "gguf", quan
         train_dir.mkdir()
         (train_dir / "notes.txt").write_text("\n\n".join(data[: len(data) // 2]) + "\n", encoding="utf-8")
         (train_dir / "more.jsonl").write_text(
-            "".join(json.dumps({"text": t}) + "\n" for t in data[len(data) // 2:]), encoding="utf-8")
+            "".join(json.dumps({"text": t}) + "\n" for t in data[len(data) // 2 :]), encoding="utf-8"
+        )
     AgentConfig(device_id=DEVICE, profile="rpi4-4gb", train_data=str(train_dir) if train_dir else None).save(paths)
     src = root.parent / f"{root.name}-bundle-src"
     src.mkdir()
@@ -57,14 +64,35 @@ def make_agent(root: Path, artifact: Path | None, *, runtime: str = "gguf", quan
         (src / name).write_bytes(artifact.read_bytes())
     else:
         (src / name).write_bytes(b"not really a model")
-    (src / "manifest.json").write_text(json.dumps({
-        "name": "tiny", "version": "1.0.0", "runtime": runtime, "artifact": name,
-        "quantization": quantization, "profiles": ["rpi4-4gb"], "memory": {"context_length": 256}}))
+    (src / "manifest.json").write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "version": "1.0.0",
+                "runtime": runtime,
+                "artifact": name,
+                "quantization": quantization,
+                "profiles": ["rpi4-4gb"],
+                "memory": {"context_length": 256},
+            }
+        )
+    )
     bundle = pack(src, root.parent / f"{root.name}.bundle").path
     unpack(bundle, paths.slot_dir("A"))
-    SlotStore(paths).save(AgentState(current="A", slots={"A": SlotRecord(
-        name="tiny", version="1.0.0", runtime=runtime, manifest_sha256=manifest_sha256(paths.slot_dir("A")),
-        quantization=quantization)}))
+    SlotStore(paths).save(
+        AgentState(
+            current="A",
+            slots={
+                "A": SlotRecord(
+                    name="tiny",
+                    version="1.0.0",
+                    runtime=runtime,
+                    manifest_sha256=manifest_sha256(paths.slot_dir("A")),
+                    quantization=quantization,
+                )
+            },
+        )
+    )
     return paths
 
 
@@ -72,24 +100,58 @@ def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def server_message(kind: str, gguf: Path, *, base_sha256: str | None = None, steps: int = 20,
-                   dp_clip: float = 0.0, arrays: dict | None = None) -> Message:
+def server_message(
+    kind: str,
+    gguf: Path,
+    *,
+    base_sha256: str | None = None,
+    steps: int = 20,
+    dp_clip: float = 0.0,
+    arrays: dict | None = None,
+) -> Message:
     cfg = gguf_config(_reader(gguf))
     state = arrays if arrays is not None else lora.initial_lora_state(cfg, lora.LoraConfig(RANK, ALPHA), seed=0)
-    content = RecordDict({
-        "arrays": ArrayRecord(state),
-        "config": ConfigRecord({"run-id": "run-1", "server-round": 1, "lora-rank": RANK, "lora-alpha": ALPHA,
-                                "local-steps": steps, "lr": 3e-3, "base-version": "1.0.0",
-                                "base-sha256": base_sha256 or sha256(gguf), "dp-clip": dp_clip, "seed": 0}),
-    })
-    meta = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=11, reply_to_message_id="",
-                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "config": ConfigRecord(
+                {
+                    "run-id": "run-1",
+                    "server-round": 1,
+                    "lora-rank": RANK,
+                    "lora-alpha": ALPHA,
+                    "local-steps": steps,
+                    "lr": 3e-3,
+                    "base-version": "1.0.0",
+                    "base-sha256": base_sha256 or sha256(gguf),
+                    "dp-clip": dp_clip,
+                    "seed": 0,
+                }
+            ),
+        }
+    )
+    meta = Metadata(
+        run_id=1,
+        message_id="m-1",
+        src_node_id=0,
+        dst_node_id=11,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
     return Message(content=content, metadata=meta)
 
 
 def context(paths: AgentPaths) -> Context:
-    return Context(run_id=1, node_id=11, node_config={"device-id": DEVICE, "agent-dir": str(paths.root)},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=11,
+        node_config={"device-id": DEVICE, "agent-dir": str(paths.root)},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def serialized(reply: Message) -> bytes:
@@ -179,8 +241,10 @@ def test_device_on_another_base_declines(gguf_agent, tiny_gguf) -> None:
 
 
 def test_adapters_of_the_wrong_shape_are_refused(gguf_agent, tiny_gguf) -> None:
-    reply = client_app.app(server_message("train", tiny_gguf, arrays={"layers.0.self_attn.q_proj.lora_A":
-                                                                      torch.zeros(RANK, 3)}), context(gguf_agent))
+    reply = client_app.app(
+        server_message("train", tiny_gguf, arrays={"layers.0.self_attn.q_proj.lora_A": torch.zeros(RANK, 3)}),
+        context(gguf_agent),
+    )
     assert _declined(reply) == "bad-request"
 
 

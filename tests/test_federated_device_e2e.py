@@ -19,15 +19,15 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("flwr")
 
-from test_federated_client import make_agent, sha256  # noqa: E402
-from test_federated_supervisor import Ctx  # noqa: E402
+from test_federated_client import make_agent, sha256
+from test_federated_supervisor import Ctx
 
-from agent.config import AgentConfig  # noqa: E402
-from agent.federated import supervisor  # noqa: E402
+from agent.config import AgentConfig
+from agent.federated import supervisor
 
 BIN = Path(sys.executable).parent
 
-SERVER_APP = '''
+SERVER_APP = """
 import json
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -51,9 +51,9 @@ def main(grid: Grid, context: Context) -> None:
     out = {"train": {r: dict(m) for r, m in res.train_metrics_clientapp.items()},
            "evaluate": {r: dict(m) for r, m in res.evaluate_metrics_clientapp.items()}, "keys": len(res.arrays)}
     open(rc["out"], "w").write(json.dumps(out))
-'''
+"""
 
-PYPROJECT = '''
+PYPROJECT = """
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -76,7 +76,7 @@ clientapp = "agent.federated.client_app:app"
 gguf = ""
 sha = ""
 out = ""
-'''
+"""
 
 
 def wait_listening(port: int, timeout: float = 60.0) -> None:
@@ -104,13 +104,31 @@ def test_two_devices_train_adapters_through_a_real_superlink(tmp_path, tiny_gguf
     port = free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home),
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env, start_new_session=True,
-                            stdout=open(tmp_path / "superlink.log", "wb"), stderr=subprocess.STDOUT)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    link = subprocess.Popen(
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=open(tmp_path / "superlink.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     ctxs = []
     try:
         wait_listening(port)
@@ -122,13 +140,29 @@ def test_two_devices_train_adapters_through_a_real_superlink(tmp_path, tiny_gguf
             cfg.save(paths)
             ctxs.append(Ctx(paths, cfg))
         for c in ctxs:
-            invite = {"run_id": "e2e", "superlink": f"127.0.0.1:{port}", "base_version": "1.0.0",
-                      "base_sha256": sha256(tiny_gguf)}
+            invite = {
+                "run_id": "e2e",
+                "superlink": f"127.0.0.1:{port}",
+                "base_version": "1.0.0",
+                "base_sha256": sha256(tiny_gguf),
+            }
             assert supervisor.handle_fl_invite(invite, c) == {"accepted": True, "reason": ""}
         out = tmp_path / "result.json"
-        r = subprocess.run([str(BIN / "flwr"), "run", str(app), "local", "--stream", "--run-config",
-                            f'gguf="{tiny_gguf}" sha="{sha256(tiny_gguf)}" out="{out}"'],
-                           env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(app),
+                "local",
+                "--stream",
+                "--run-config",
+                f'gguf="{tiny_gguf}" sha="{sha256(tiny_gguf)}" out="{out}"',
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.exists(), r.stdout[-3000:] + r.stderr[-2000:]
         res = json.loads(out.read_text())
         pids = [supervisor.current(c.paths).proc.pid for c in ctxs]

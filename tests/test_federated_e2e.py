@@ -21,15 +21,15 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("agent.federated.supervisor")
 
-from test_federated_client import make_agent, private_text  # noqa: E402
+from test_federated_client import make_agent, private_text
 
-from agent.config import AgentConfig  # noqa: E402
-from agent.federated import supervisor  # noqa: E402
-from agent.telemetry.client import Telemetry  # noqa: E402
-from edgellm.bundle import pack  # noqa: E402
-from edgellm.telemetry import MqttConfig  # noqa: E402
-from server.app import DataDir, Server  # noqa: E402
-from server.federated.store import FlStore, RunSettings, status  # noqa: E402
+from agent.config import AgentConfig
+from agent.federated import supervisor
+from agent.telemetry.client import Telemetry
+from edgellm.bundle import pack
+from edgellm.telemetry import MqttConfig
+from server.app import DataDir, Server
+from server.federated.store import FlStore, RunSettings, status
 
 pytestmark = pytest.mark.slow
 GROUP, PROFILE = "lab", "rpi4-4gb"
@@ -64,7 +64,6 @@ class Device:
         self.telemetry.event(kind, **fields)
 
 
-
 def start_device(root: Path, device_id: str, gguf: Path, broker_url: str) -> Device:
     paths = make_agent(root, gguf, data=private_text())
     cfg = dataclasses.replace(AgentConfig.load(paths), device_id=device_id, profile=PROFILE, group=GROUP)
@@ -83,9 +82,19 @@ def publish_base(data: DataDir, gguf: Path, tmp: Path) -> None:
     src = tmp / "base-src"
     src.mkdir()
     (src / "model.gguf").write_bytes(gguf.read_bytes())
-    (src / "manifest.json").write_text(json.dumps({
-        "name": "tiny", "version": "1.0.0", "runtime": "gguf", "artifact": "model.gguf", "quantization": "q8_0",
-        "profiles": [PROFILE], "memory": {"context_length": 256}}))
+    (src / "manifest.json").write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "version": "1.0.0",
+                "runtime": "gguf",
+                "artifact": "model.gguf",
+                "quantization": "q8_0",
+                "profiles": [PROFILE],
+                "memory": {"context_length": 256},
+            }
+        )
+    )
     Repository(data.repo, data.keys).add_bundle(pack(src, tmp / "tiny-1.0.0.bundle").path)
 
 
@@ -113,9 +122,25 @@ def test_three_devices_fine_tune_one_dies_the_run_publishes_and_canaries(tmp_pat
             store = data.store()
             wait_for(lambda: sum(d["online"] for d in store.devices(group=GROUP)) == 3, 30, "three devices online")
             fl = FlStore(store)
-            rid = fl.create(model="tiny", base_version="1.0.0", version="1.1.0", group=GROUP, settings=RunSettings(
-                rounds=2, min_devices=2, local_steps=4, lora_rank=4, lora_alpha=8.0, dp_clip=5.0, dp_noise=0.5,
-                canary="34%", bake="1h", invite_timeout_s=60, round_timeout_s=300))
+            rid = fl.create(
+                model="tiny",
+                base_version="1.0.0",
+                version="1.1.0",
+                group=GROUP,
+                settings=RunSettings(
+                    rounds=2,
+                    min_devices=2,
+                    local_steps=4,
+                    lora_rank=4,
+                    lora_alpha=8.0,
+                    dp_clip=5.0,
+                    dp_noise=0.5,
+                    canary="34%",
+                    bake="1h",
+                    invite_timeout_s=60,
+                    round_timeout_s=300,
+                ),
+            )
             wait_for(lambda: fl.run(rid)["state"] in ("running", "failed"), 90, "devices accepted")
             assert fl.run(rid)["state"] == "running", fl.run(rid)["reason"]
             wait_for(lambda: fl.rounds(rid) or fl.run(rid)["state"] == "failed", 600, "round 1")
@@ -124,7 +149,11 @@ def test_three_devices_fine_tune_one_dies_the_run_publishes_and_canaries(tmp_pat
                 os.killpg(victim.proc.pid, signal.SIGKILL)  # the device dies mid-run
             final = wait_for(lambda: fl.run(rid)["state"] in ("published", "failed") and fl.run(rid), 1800, "the end")
             st = status(fl, rid)[0]
-            assert final["state"] == "published", (final["reason"], json.dumps(st["history"], indent=1), _logs(tmp_path))
+            assert final["state"] == "published", (
+                final["reason"],
+                json.dumps(st["history"], indent=1),
+                _logs(tmp_path),
+            )
         finally:
             supervisor.stop_all("test over")
             for d in devices:

@@ -56,6 +56,7 @@ def local_text(device: str, n: int = 120) -> list[str]:
 
 # -- a recording reverse proxy in front of the SuperLink -------------------------------------------
 
+
 class RecordingProxy:
     """Forwards every request to ``upstream`` and records (method, path, request body)."""
 
@@ -72,8 +73,9 @@ class RecordingProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with lock:
                     records.append((self.command, self.path, body))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length",
-                                                                                        "connection")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")
+                }
                 try:
                     r = client.request(self.command, self.path, content=body, headers=headers)
                 except httpx.HTTPError:
@@ -88,7 +90,7 @@ class RecordingProxy:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_POST = do_GET = _forward  # noqa: N815
+            do_POST = do_GET = _forward
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -116,10 +118,14 @@ def pushed_contents(records: list[tuple[str, str, bytes]]) -> list[object]:
             req = PushObjectRequest.FromString(body)
             objects[req.object_id] = req.object_content
     types = {get_object_type_from_object_content(c) for c in objects.values()}
-    assert types <= {"Message", "RecordDict", "ArrayRecord", "Array", "ArrayChunk", "MetricRecord",
-                     "ConfigRecord"}, types
-    return [inflate_object_from_contents(oid, objects, keep_object_contents=True)
-            for oid, c in objects.items() if get_object_type_from_object_content(c) == "RecordDict"]
+    assert types <= {"Message", "RecordDict", "ArrayRecord", "Array", "ArrayChunk", "MetricRecord", "ConfigRecord"}, (
+        types
+    )
+    return [
+        inflate_object_from_contents(oid, objects, keep_object_contents=True)
+        for oid, c in objects.items()
+        if get_object_type_from_object_content(c) == "RecordDict"
+    ]
 
 
 def write_local_text(data: Path, device: str, marker: str | None = None) -> list[str]:
@@ -137,6 +143,7 @@ def write_local_text(data: Path, device: str, marker: str | None = None) -> list
 
 
 # -- processes -------------------------------------------------------------------------------------
+
 
 def server_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout)
@@ -173,8 +180,12 @@ def the_rollout_reaches_every_agent(agents: list[AgentProcess], srv_dir: Path, r
     """The canary rollout `fl start` began (--canary 34% --bake 1s, no gate) completes: every agent
     serves the new version (each agent installs its signed assignment)."""
     assert rollout_id, "fl start started no rollout"
-    wait_for(lambda: all(agent_status(a).get("version") == NEW for a in agents), 300,
-             "every agent on the new version", every=1.0)
+    wait_for(
+        lambda: all(agent_status(a).get("version") == NEW for a in agents),
+        300,
+        "every agent on the new version",
+        every=1.0,
+    )
     r = server_cli("rollout", "status", "--data-dir", str(srv_dir), rollout_id, "--format", "json")
     rows = json.loads(r.stdout)
     assert (rows[0] if isinstance(rows, list) else rows)["version"] == NEW
@@ -208,6 +219,7 @@ def files_containing(roots: list[Path], needle: bytes) -> list[str]:
 
 # -- the test ----------------------------------------------------------------------------------------
 
+
 def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_path, tiny_gguf, mqtt_broker):
     from edgellm.bundle import unpack
     from edgellm.pipeline.gguf_load import _reader, gguf_config
@@ -218,8 +230,9 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
     marker = f"ZEBRA-{secrets.token_hex(8)} lives only on dev-0"
     srv_dir = tmp_path / "srv"
     server_cli("init", "--data-dir", str(srv_dir))
-    bundle = make_gguf_bundle(tmp_path / "bundles", tiny_gguf, version=BASE,
-                              golden=[{"prompt": "The robot", "max_tokens": 8}])
+    bundle = make_gguf_bundle(
+        tmp_path / "bundles", tiny_gguf, version=BASE, golden=[{"prompt": "The robot", "max_tokens": 8}]
+    )
     server_cli("publish", "--data-dir", str(srv_dir), str(bundle))
     repo = Repository(srv_dir / "repo", srv_dir / "keys")
     base_target = next(t.name for t in repo.list_targets() if t.custom["edgellm"]["version"] == BASE)
@@ -227,11 +240,32 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
 
     http_port, link_port = free_port(), free_port()
     proxy = RecordingProxy(f"127.0.0.1:{link_port}")
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    srv = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--data-dir", str(srv_dir),
-                            "--mqtt", mqtt_broker.url, "--http", f"127.0.0.1:{http_port}", "--tick", "0.2",
-                            "--min-samples", "1", "--fl", f"127.0.0.1:{link_port}", "--fl-advertise", proxy.address],
-                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(tmp_path / "server.log", "wb")
+    srv = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "run",
+            "--data-dir",
+            str(srv_dir),
+            "--mqtt",
+            mqtt_broker.url,
+            "--http",
+            f"127.0.0.1:{http_port}",
+            "--tick",
+            "0.2",
+            "--min-samples",
+            "1",
+            "--fl",
+            f"127.0.0.1:{link_port}",
+            "--fl-advertise",
+            proxy.address,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server_url = f"http://127.0.0.1:{http_port}"
     agents: list[AgentProcess] = []
     heldout: dict[str, list[str]] = {}
@@ -243,9 +277,12 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
         for i, device in enumerate(TEMPLATES):
             data = tmp_path / f"text-{i}"
             heldout[device] = write_local_text(data, device, marker if device == "dev-0" else None)
-            d = provision_agent(tmp_path / f"agent-{i}", srv_dir / "keys" / "root.json", server=server_url,
-                                args=("--device-id", device, "--mqtt", mqtt_broker.url, "--group", GROUP,
-                                      "--train-data", str(data)))
+            d = provision_agent(
+                tmp_path / f"agent-{i}",
+                srv_dir / "keys" / "root.json",
+                server=server_url,
+                args=("--device-id", device, "--mqtt", mqtt_broker.url, "--group", GROUP, "--train-data", str(data)),
+            )
             agent_cli("install", str(envelope), data_dir=d)
             agents.append(AgentProcess(d))
         wait_for(lambda: _ok(server_url + "/healthz"), 60, "server up")
@@ -257,11 +294,53 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
 
         wait_for(online, 90, "three devices online on the base version", every=1.0)
         fl = subprocess.run(
-            ["timeout", "1200", sys.executable, "-m", "server.cli", "fl", "start", "--data-dir", str(srv_dir),
-             "--model", "tiny", "--version", BASE, "--group", GROUP, "--rounds", str(ROUNDS), "--min-devices", "3",
-             "--publish", NEW, "--local-steps", "12", "--lr", "3e-3", "--lora-rank", "4", "--lora-alpha", "8",
-             "--canary", "34%", "--bake", "1s", "--no-gate", "--invite-timeout", "2m", "--round-timeout", "10m", "--wait",
-             "--format", "json"], capture_output=True, text=True, timeout=1260)
+            [
+                "timeout",
+                "1200",
+                sys.executable,
+                "-m",
+                "server.cli",
+                "fl",
+                "start",
+                "--data-dir",
+                str(srv_dir),
+                "--model",
+                "tiny",
+                "--version",
+                BASE,
+                "--group",
+                GROUP,
+                "--rounds",
+                str(ROUNDS),
+                "--min-devices",
+                "3",
+                "--publish",
+                NEW,
+                "--local-steps",
+                "12",
+                "--lr",
+                "3e-3",
+                "--lora-rank",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--canary",
+                "34%",
+                "--bake",
+                "1s",
+                "--no-gate",
+                "--invite-timeout",
+                "2m",
+                "--round-timeout",
+                "10m",
+                "--wait",
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1260,
+        )
         assert fl.returncode == 0, fl.stdout[-3000:] + fl.stderr[-2000:] + all_logs(tmp_path)
         run = json.loads(fl.stdout)[0]
         assert run["state"] == "published", run
@@ -274,8 +353,12 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
         globals_ = [rd["heldout_global"] for rd in st["rounds_detail"]]
         assert globals_ == sorted(globals_, reverse=True), globals_
         # each agent's SuperNode ran the rounds and was stopped when the run left `running`
-        wait_for(lambda: not any((a.data_dir / "federated" / "supernode.json").exists() for a in agents), 60,
-                 "the SuperNodes stopped", every=0.5)
+        wait_for(
+            lambda: not any((a.data_dir / "federated" / "supernode.json").exists() for a in agents),
+            60,
+            "the SuperNodes stopped",
+            every=0.5,
+        )
         for a in agents:
             assert "Receiving: train message" in (a.data_dir / "federated" / "supernode.log").read_text()
 
@@ -283,8 +366,12 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
         new = [t for t in Repository(srv_dir / "repo").list_targets() if t.custom["edgellm"]["version"] == NEW]
         assert new, "no target of the new version"
         lineage = new[0].custom["edgellm"]["federated"]
-        assert (lineage["run"], lineage["base_version"], lineage["rounds"], lineage["devices"]) == \
-            (run["id"], BASE, ROUNDS, 3)
+        assert (lineage["run"], lineage["base_version"], lineage["rounds"], lineage["devices"]) == (
+            run["id"],
+            BASE,
+            ROUNDS,
+            3,
+        )
         from agent.config import AgentConfig, AgentPaths
         from agent.federated.device import local_data
 
@@ -298,12 +385,15 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
         # held-out perplexity, through llama.cpp, on the published GGUF against the base
         manifest = unpack(Repository(srv_dir / "repo").target_path(new[0].name), tmp_path / "v2")
         v2 = tmp_path / "v2" / manifest.artifact
-        measured = {dev: (llama_perplexity(tiny_gguf, texts), llama_perplexity(v2, texts))
-                    for dev, texts in heldout.items()}
-        print(f"\nfleet e2e: {ROUNDS} rounds, 3 devices, {manifest.quantization} {v2.stat().st_size} B, "
-              f"wall {time.monotonic() - t0:.0f}s; global held-out loss per round "
-              f"{[round(x, 3) for x in globals_]}; held-out perplexity base -> {NEW}: "
-              + ", ".join(f"{d} {b:.2f} -> {n:.2f}" for d, (b, n) in measured.items()))
+        measured = {
+            dev: (llama_perplexity(tiny_gguf, texts), llama_perplexity(v2, texts)) for dev, texts in heldout.items()
+        }
+        print(
+            f"\nfleet e2e: {ROUNDS} rounds, 3 devices, {manifest.quantization} {v2.stat().st_size} B, "
+            f"wall {time.monotonic() - t0:.0f}s; global held-out loss per round "
+            f"{[round(x, 3) for x in globals_]}; held-out perplexity base -> {NEW}: "
+            + ", ".join(f"{d} {b:.2f} -> {n:.2f}" for d, (b, n) in measured.items())
+        )
         for dev, (before, after) in measured.items():
             assert after < before, (dev, measured)
 
@@ -318,8 +408,13 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
             assert set(c) <= {"arrays", "metrics", "device"}, list(c)
             assert set(c["device"]) == {"device-id", "data-sha256", "decline-reason"}
             assert c["device"]["decline-reason"] == ""
-            assert set(c["metrics"]) <= {"num-examples", "train-loss", "heldout-loss-before",
-                                         "heldout-loss-after", "heldout-loss"}
+            assert set(c["metrics"]) <= {
+                "num-examples",
+                "train-loss",
+                "heldout-loss-before",
+                "heldout-loss-after",
+                "heldout-loss",
+            }
         for c in train:
             assert {k: tuple(v.shape) for k, v in c["arrays"].items()} == shapes
     except BaseException:

@@ -23,19 +23,42 @@ def text_dir(tmp_path):
 
 def test_provision_records_train_data_and_learn_from_use(tmp_path, keys_dir, text_dir) -> None:
     data_dir = tmp_path / "agent"
-    agent_cli("provision", "--device-id", "d1", "--profile", "rpi4-4gb", "--root", str(keys_dir / "root.json"),
-              "--train-data", str(text_dir), "--learn-from-use", data_dir=data_dir)
+    agent_cli(
+        "provision",
+        "--device-id",
+        "d1",
+        "--profile",
+        "rpi4-4gb",
+        "--root",
+        str(keys_dir / "root.json"),
+        "--train-data",
+        str(text_dir),
+        "--learn-from-use",
+        data_dir=data_dir,
+    )
     cfg = AgentConfig.load(AgentPaths(data_dir))
     assert cfg.train_data == str(text_dir.absolute()) and cfg.learn_from_use is True
 
     plain = tmp_path / "plain"
-    agent_cli("provision", "--device-id", "d2", "--profile", "rpi4-4gb", "--root", str(keys_dir / "root.json"),
-              data_dir=plain)
+    agent_cli(
+        "provision", "--device-id", "d2", "--profile", "rpi4-4gb", "--root", str(keys_dir / "root.json"), data_dir=plain
+    )
     cfg = AgentConfig.load(AgentPaths(plain))
     assert cfg.train_data is None and cfg.learn_from_use is False  # both off by default
 
-    r = agent_cli("provision", "--device-id", "d3", "--profile", "rpi4-4gb", "--root", str(keys_dir / "root.json"),
-                  "--train-data", str(tmp_path / "missing"), data_dir=tmp_path / "bad", check=False)
+    r = agent_cli(
+        "provision",
+        "--device-id",
+        "d3",
+        "--profile",
+        "rpi4-4gb",
+        "--root",
+        str(keys_dir / "root.json"),
+        "--train-data",
+        str(tmp_path / "missing"),
+        data_dir=tmp_path / "bad",
+        check=False,
+    )
     assert r.returncode != 0 and "missing" in r.stderr
     assert not (tmp_path / "bad" / "config.json").exists()
 
@@ -48,10 +71,12 @@ def agent(tmp_path, **cfg) -> tuple[AgentPaths, AgentConfig]:
     return paths, config
 
 
-CHAT = [{"role": "system", "content": "You are a secret system prompt."},
-        {"role": "user", "content": "Turn on the porch light."},
-        {"role": "assistant", "content": "The porch light is on."},
-        {"role": "user", "content": "And the garden one, please."}]
+CHAT = [
+    {"role": "system", "content": "You are a secret system prompt."},
+    {"role": "user", "content": "Turn on the porch light."},
+    {"role": "assistant", "content": "The porch light is on."},
+    {"role": "user", "content": "And the garden one, please."},
+]
 
 
 def test_only_user_messages_are_kept_up_to_the_cap_and_wipe_erases_them(tmp_path) -> None:
@@ -116,13 +141,19 @@ def test_the_local_api_hands_chat_messages_to_the_hook(tmp_path) -> None:
     engine.start()
     try:
         engine.swap(ModelHandle(ScriptedRuntime(), "tiny", "1.0.0", "A", "fake"))
-        app = create_app(engine=engine, token="t", limits=Limits(), hooks=AdminHooks(on_chat=learn.recorder(paths, config)))
+        app = create_app(
+            engine=engine, token="t", limits=Limits(), hooks=AdminHooks(on_chat=learn.recorder(paths, config))
+        )
         with TestClient(app, client=("127.0.0.1", 5555)) as client:
-            r = client.post("/v1/chat/completions", headers={"Authorization": "Bearer t"},
-                            json={"messages": CHAT, "max_tokens": 2})
+            r = client.post(
+                "/v1/chat/completions", headers={"Authorization": "Bearer t"}, json={"messages": CHAT, "max_tokens": 2}
+            )
             assert r.status_code == 200, r.text
-            r = client.post("/v1/completions", headers={"Authorization": "Bearer t"},
-                            json={"prompt": "raw completion text", "max_tokens": 2})
+            r = client.post(
+                "/v1/completions",
+                headers={"Authorization": "Bearer t"},
+                json={"prompt": "raw completion text", "max_tokens": 2},
+            )
             assert r.status_code == 200, r.text
     finally:
         engine.stop()
@@ -134,9 +165,11 @@ def test_the_daemon_side_of_federated_imports_without_torch_or_flower() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['flwr'] = None\n"
-            "import agent.federated.supervisor, agent.federated.learn, agent.federated.device, agent.daemon\n"
-            "assert not [k for k, v in sys.modules.items() if v is not None and k.split('.')[0] in ('torch', 'flwr')]\n"
-            "print('ok')\n")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['flwr'] = None\n"
+        "import agent.federated.supervisor, agent.federated.learn, agent.federated.device, agent.daemon\n"
+        "assert not [k for k, v in sys.modules.items() if v is not None and k.split('.')[0] in ('torch', 'flwr')]\n"
+        "print('ok')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

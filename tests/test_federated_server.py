@@ -31,27 +31,58 @@ from server.federated.strategy import EdgeFedAvg, RunFailed
 SHAPES = {"model.layers.0.self_attn.q_proj.lora_A": (2, 4), "model.layers.0.self_attn.q_proj.lora_B": (4, 2)}
 
 
-def reply(node: int, device: str, arrays: dict[str, np.ndarray] | None, n: int = 10, *, loss: float = 2.0,
-          decline: str = "", phase: str = "train", sha: str = "ab" * 32) -> Message:
+def reply(
+    node: int,
+    device: str,
+    arrays: dict[str, np.ndarray] | None,
+    n: int = 10,
+    *,
+    loss: float = 2.0,
+    decline: str = "",
+    phase: str = "train",
+    sha: str = "ab" * 32,
+) -> Message:
     """A device's reply as the SuperLink hands it to the ServerApp."""
     metrics: dict = {"num-examples": n}
     if phase == "train":
         metrics.update({"train-loss": loss, "heldout-loss-before": loss + 0.5, "heldout-loss-after": loss + 0.1})
     else:
         metrics["heldout-loss"] = loss
-    content = RecordDict({"metrics": MetricRecord(metrics),
-                          "device": ConfigRecord({"device-id": device, "data-sha256": sha, "decline-reason": decline})})
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),
+            "device": ConfigRecord({"device-id": device, "data-sha256": sha, "decline-reason": decline}),
+        }
+    )
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-    md = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                  group_id="1", created_at=time.time(), ttl=60.0, message_type=phase)
+    md = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=phase,
+    )
     return make_message(md, content=content)
 
 
 def lost(node: int, to: str = "") -> Message:
     """What the SuperLink returns for a message (id ``to``) whose SuperNode went away."""
-    md = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=0, reply_to_message_id=to,
-                  group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    md = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=0,
+        reply_to_message_id=to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return make_message(md, error=Error(code=5, reason="Error: Node Unavailable"))
 
 
@@ -84,19 +115,33 @@ def test_fedavg_weighted_by_num_examples_equals_hand_computed_weighted_mean():
     assert [r.device for r in rep.accepted] == ["dev-0", "dev-1", "dev-2"] and not rep.rejected
 
 
-@pytest.mark.parametrize("bad,reason", [
-    ({"model.layers.0.self_attn.q_proj.lora_A": np.ones((2, 5), np.float32),
-      "model.layers.0.self_attn.q_proj.lora_B": np.ones((4, 2), np.float32)}, "shape"),
-    ({"model.layers.0.self_attn.q_proj.lora_A": np.full((2, 4), np.nan, np.float32),
-      "model.layers.0.self_attn.q_proj.lora_B": np.ones((4, 2), np.float32)}, "NaN"),
-    ({"model.layers.0.self_attn.q_proj.lora_A": np.ones((2, 4), np.float32)}, "missing"),
-    ({**adapters(1.0), "lm_head.lora_A": np.ones((2, 4), np.float32)}, "unexpected"),
-    ({k: np.ones(s, np.int64) for k, s in SHAPES.items()}, "dtype"),
-])
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        (
+            {
+                "model.layers.0.self_attn.q_proj.lora_A": np.ones((2, 5), np.float32),
+                "model.layers.0.self_attn.q_proj.lora_B": np.ones((4, 2), np.float32),
+            },
+            "shape",
+        ),
+        (
+            {
+                "model.layers.0.self_attn.q_proj.lora_A": np.full((2, 4), np.nan, np.float32),
+                "model.layers.0.self_attn.q_proj.lora_B": np.ones((4, 2), np.float32),
+            },
+            "NaN",
+        ),
+        ({"model.layers.0.self_attn.q_proj.lora_A": np.ones((2, 4), np.float32)}, "missing"),
+        ({**adapters(1.0), "lm_head.lora_A": np.ones((2, 4), np.float32)}, "unexpected"),
+        ({k: np.ones(s, np.int64) for k, s in SHAPES.items()}, "dtype"),
+    ],
+)
 def test_reply_with_wrong_shape_nan_or_wrong_keys_is_rejected_and_not_averaged(bad, reason):
     s = strategy()
-    arrays, _ = s.aggregate_train(1, [reply(1, "dev-a", adapters(1.0), 10), reply(2, "dev-b", adapters(3.0), 10),
-                                      reply(3, "dev-evil", bad, 1000)])
+    arrays, _ = s.aggregate_train(
+        1, [reply(1, "dev-a", adapters(1.0), 10), reply(2, "dev-b", adapters(3.0), 10), reply(3, "dev-evil", bad, 1000)]
+    )
     for k in SHAPES:  # the bad reply, with 100x the weight, left no trace
         np.testing.assert_allclose(arrays[k].numpy(), 2.0)
     rep = s.reports[-1]
@@ -106,9 +151,17 @@ def test_reply_with_wrong_shape_nan_or_wrong_keys_is_rejected_and_not_averaged(b
 def test_uninvited_duplicate_and_bad_metrics_replies_are_rejected():
     s = strategy(allowed={"dev-a", "dev-b", "dev-c", "dev-d"})
     bad_metrics = reply(5, "dev-d", adapters(9.0), 10, loss=float("inf"))
-    arrays, _ = s.aggregate_train(1, [reply(1, "dev-a", adapters(1.0)), reply(2, "dev-b", adapters(3.0)),
-                                      reply(3, "intruder", adapters(50.0)), reply(4, "dev-a", adapters(70.0)),
-                                      bad_metrics, reply(6, "dev-c", adapters(5.0), n=0)])
+    arrays, _ = s.aggregate_train(
+        1,
+        [
+            reply(1, "dev-a", adapters(1.0)),
+            reply(2, "dev-b", adapters(3.0)),
+            reply(3, "intruder", adapters(50.0)),
+            reply(4, "dev-a", adapters(70.0)),
+            bad_metrics,
+            reply(6, "dev-c", adapters(5.0), n=0),
+        ],
+    )
     np.testing.assert_allclose(arrays[next(iter(SHAPES))].numpy(), 2.0)
     reasons = dict(s.reports[-1].rejected)
     assert "not invited" in reasons["intruder"] and "second reply" in reasons["dev-a"]
@@ -125,8 +178,15 @@ def test_device_killed_mid_round_does_not_stop_the_round_when_enough_remain():
 def test_fewer_usable_replies_than_min_devices_fails_the_round():
     s = strategy(min_replies=3)
     with pytest.raises(RunFailed, match="2 usable update"):
-        s.aggregate_train(1, [reply(1, "dev-a", adapters(1.0)), lost(2), reply(3, "dev-c", adapters(3.0)),
-                              reply(4, "dev-d", None, decline="base-mismatch")])
+        s.aggregate_train(
+            1,
+            [
+                reply(1, "dev-a", adapters(1.0)),
+                lost(2),
+                reply(3, "dev-c", adapters(3.0)),
+                reply(4, "dev-d", None, decline="base-mismatch"),
+            ],
+        )
     assert s.reports[-1].declined == [("dev-d", "base-mismatch")]
 
 
@@ -195,6 +255,7 @@ def device(name: str, n: int, step: float, *, dies_in_round: int | None = None) 
             return reply(m.metadata.dst_node_id, name, None, n, loss=1.5, phase="evaluate")
         new = {k: v.numpy() + step for k, v in m.content["arrays"].items()}
         return reply(m.metadata.dst_node_id, name, new, n, loss=2.0 / rnd, sha=f"{name:0<64}"[:64])
+
     return answer
 
 
@@ -215,10 +276,16 @@ def _accepted_run(fl: FlStore, devices: list[str], **settings) -> str:
 def test_server_app_run_records_rounds_devices_ledger_and_saves_the_average(data):
     fl = FlStore(data.store())
     rid = _accepted_run(fl, ["dev-a", "dev-b", "dev-c"], dp_clip=10.0, dp_noise=1.0)
-    grid = DeviceGrid({1: device("dev-a", 10, 0.1), 2: device("dev-b", 30, 0.2), 3: device("dev-c", 10, 0.3, dies_in_round=2)})
+    grid = DeviceGrid(
+        {1: device("dev-a", 10, 0.1), 2: device("dev-b", 30, 0.2), 3: device("dev-c", 10, 0.3, dies_in_round=2)}
+    )
     out = run_federated(fl, rid, grid, base=(SHAPES, adapters(0.0)))
     run = fl.run(rid)
-    assert run["state"] == "aggregated" and run["round"] == 2 and out == run_dir(data.store_path, rid) / "adapters.safetensors"
+    assert (
+        run["state"] == "aggregated"
+        and run["round"] == 2
+        and out == run_dir(data.store_path, rid) / "adapters.safetensors"
+    )
     from safetensors.numpy import load_file
 
     assert set(load_file(str(out))) == set(SHAPES)
@@ -272,14 +339,24 @@ def _publish_base(data: DataDir, tmp_path: Path, profile: str = "rpi5-8gb", quan
     from edgellm.bundle import pack
     from edgellm.trust import Repository
 
-    src = make_bundle_dir(tmp_path / f"b-{profile}", name="tiny", version="1.0.0",
-                          extra={"profiles": [profile], "quantization": quant})
+    src = make_bundle_dir(
+        tmp_path / f"b-{profile}", name="tiny", version="1.0.0", extra={"profiles": [profile], "quantization": quant}
+    )
     Repository(data.repo, data.keys).add_bundle(pack(src, tmp_path / f"tiny-1.0.0-{profile}.bundle").path)
 
 
 def _birth(store, dev: str, group: str = "lab", profile: str = "rpi5-8gb") -> None:
-    store.ingest([wire.Envelope(device=dev, kind="birth", seq=0, ts=time.time(),
-                                body=wire.Birth(session="s", profile=profile, group=group).to_dict())])
+    store.ingest(
+        [
+            wire.Envelope(
+                device=dev,
+                kind="birth",
+                seq=0,
+                ts=time.time(),
+                body=wire.Birth(session="s", profile=profile, group=group).to_dict(),
+            )
+        ]
+    )
 
 
 class FakeSuperLink:
@@ -324,8 +401,13 @@ def test_driver_invites_eligible_devices_and_submits_when_enough_accept(data, tm
     store.db.execute("UPDATE devices SET online=0 WHERE id='dev-off'")
     drv, sent, link = _driver(data)
     fl = drv.fl
-    rid = fl.create(model="tiny", base_version="1.0.0", version="1.1.0", group="lab",
-                    settings=RunSettings(min_devices=2, invite_timeout_s=3600))
+    rid = fl.create(
+        model="tiny",
+        base_version="1.0.0",
+        version="1.1.0",
+        group="lab",
+        settings=RunSettings(min_devices=2, invite_timeout_s=3600),
+    )
     drv.tick()
     invites = {t.rsplit("/", 1)[1]: p for t, p in sent if p["name"] == "fl_invite"}
     assert sorted(invites) == ["dev-a", "dev-b", "dev-c"]
@@ -352,8 +434,13 @@ def test_min_devices_not_reached_fails_the_run_and_publishes_nothing(data, tmp_p
     for d in ("dev-a", "dev-b"):
         _birth(store, d)
     drv, sent, link = _driver(data)
-    rid = drv.fl.create(model="tiny", base_version="1.0.0", version="1.1.0", group="lab",
-                        settings=RunSettings(min_devices=2, invite_timeout_s=0.01))
+    rid = drv.fl.create(
+        model="tiny",
+        base_version="1.0.0",
+        version="1.1.0",
+        group="lab",
+        settings=RunSettings(min_devices=2, invite_timeout_s=0.01),
+    )
     drv.tick()
     invites = {t.rsplit("/", 1)[1]: p for t, p in sent if p["name"] == "fl_invite"}
     _answer(store, "dev-a", invites["dev-a"]["id"], True)
@@ -383,14 +470,20 @@ def test_max_epsilon_excludes_devices_whose_ledger_would_pass_it(data, tmp_path)
     assert dev_a["status"] == "excluded" and "--max-epsilon 5" in dev_a["reason"]
 
 
-@pytest.mark.parametrize("body,want", [
-    ({"id": "c", "ok": True, "result": {"accepted": True, "reason": ""}}, (True, "")),
-    ({"id": "c", "ok": True, "result": {"accepted": False, "reason": "no-train-data"}}, (False, "no-train-data")),
-    ({"id": "c", "ok": False, "error": "unknown command 'fl_invite'"}, (False, "agent error: unknown command 'fl_invite'")),
-    ({"id": "c", "ok": True, "result": {"accepted": "yes"}}, (False, "malformed reply (no 'accepted')")),
-    ({"id": "c", "ok": True, "result": {"accepted": False, "reason": "x" * 5000}}, (False, "x" * 200)),
-    ("not an object", (False, "malformed reply")),
-])
+@pytest.mark.parametrize(
+    "body,want",
+    [
+        ({"id": "c", "ok": True, "result": {"accepted": True, "reason": ""}}, (True, "")),
+        ({"id": "c", "ok": True, "result": {"accepted": False, "reason": "no-train-data"}}, (False, "no-train-data")),
+        (
+            {"id": "c", "ok": False, "error": "unknown command 'fl_invite'"},
+            (False, "agent error: unknown command 'fl_invite'"),
+        ),
+        ({"id": "c", "ok": True, "result": {"accepted": "yes"}}, (False, "malformed reply (no 'accepted')")),
+        ({"id": "c", "ok": True, "result": {"accepted": False, "reason": "x" * 5000}}, (False, "x" * 200)),
+        ("not an object", (False, "malformed reply")),
+    ],
+)
 def test_invite_replies_are_typed_and_bounded(body, want):
     assert parse_invite_reply(body) == want
 
@@ -401,10 +494,15 @@ def test_too_few_eligible_devices_fails_before_inviting(data, tmp_path):
     _birth(store, "dev-a")
     _birth(store, "dev-pi4", profile="rpi4-4gb")  # no bundle of the base for its profile
     drv, sent, _ = _driver(data)
-    rid = drv.fl.create(model="tiny", base_version="1.0.0", version="1.1.0", group="lab", settings=RunSettings(min_devices=2))
+    rid = drv.fl.create(
+        model="tiny", base_version="1.0.0", version="1.1.0", group="lab", settings=RunSettings(min_devices=2)
+    )
     drv.tick()
     assert drv.fl.run(rid)["state"] == "failed" and sent == []
-    assert "no bundle of the base for profile 'rpi4-4gb'" in {d["device"]: d["reason"] for d in drv.fl.devices(rid)}["dev-pi4"]
+    assert (
+        "no bundle of the base for profile 'rpi4-4gb'"
+        in {d["device"]: d["reason"] for d in drv.fl.devices(rid)}["dev-pi4"]
+    )
 
 
 # --------------------------------------------------------------------------- CLI
@@ -413,29 +511,84 @@ def test_too_few_eligible_devices_fails_before_inviting(data, tmp_path):
 def test_fl_start_and_status_json_on_a_data_dir(data, tmp_path):
     _publish_base(data, tmp_path)
     cli = CliRunner()
-    r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", "--version", "1.0.0",
-                                "--group", "lab", "--rounds", "2", "--min-devices", "2", "--publish", "1.1.0",
-                                "--dp-noise", "1.0", "--dp-clip", "0.5", "--max-epsilon", "8", "--no-rollout",
-                                "--format", "json"])
+    r = cli.invoke(
+        server_cli,
+        [
+            "fl",
+            "start",
+            "--data-dir",
+            str(data.root),
+            "--model",
+            "tiny",
+            "--version",
+            "1.0.0",
+            "--group",
+            "lab",
+            "--rounds",
+            "2",
+            "--min-devices",
+            "2",
+            "--publish",
+            "1.1.0",
+            "--dp-noise",
+            "1.0",
+            "--dp-clip",
+            "0.5",
+            "--max-epsilon",
+            "8",
+            "--no-rollout",
+            "--format",
+            "json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rid = json.loads(r.output)["id"]
     r = cli.invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), rid, "--format", "json"])
     assert r.exit_code == 0, r.output
     st = json.loads(r.output)[0]
     assert st["state"] == "pending" and st["rounds"] == 2 and st["version"] == "1.1.0"
-    assert st["settings"]["dp_noise"] == 1.0 and st["settings"]["max_epsilon"] == 8.0 and st["settings"]["rollout"] is False
+    assert (
+        st["settings"]["dp_noise"] == 1.0
+        and st["settings"]["max_epsilon"] == 8.0
+        and st["settings"]["rollout"] is False
+    )
     r = cli.invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), rid])
     assert r.exit_code == 0 and f"{rid}  tiny 1.0.0 -> 1.1.0 on lab: pending" in r.output
     # a second run while one is active, an unpublished base, bad DP settings: refused with a hint, nothing recorded
     for args, says in ((["--version", "1.0.0"], "still active"), (["--version", "9.9.9"], "no bundle of tiny 9.9.9")):
-        r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", *args,
-                                    "--publish", "2.0.0", "--no-gate"])
+        r = cli.invoke(
+            server_cli,
+            ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", *args, "--publish", "2.0.0", "--no-gate"],
+        )
         assert r.exit_code != 0 and says in r.output and "hint" in r.output
     FlStore(data.store()).fail(rid, "test")
-    r = cli.invoke(server_cli, ["fl", "start", "--data-dir", str(data.root), "--model", "tiny", "--version", "1.0.0",
-                                "--publish", "2.0.0", "--dp-noise", "1", "--no-gate"])
+    r = cli.invoke(
+        server_cli,
+        [
+            "fl",
+            "start",
+            "--data-dir",
+            str(data.root),
+            "--model",
+            "tiny",
+            "--version",
+            "1.0.0",
+            "--publish",
+            "2.0.0",
+            "--dp-noise",
+            "1",
+            "--no-gate",
+        ],
+    )
     assert r.exit_code != 0 and "--dp-clip" in r.output
-    assert len(json.loads(cli.invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), "--format", "json"]).output)) == 1
+    assert (
+        len(
+            json.loads(
+                cli.invoke(server_cli, ["fl", "status", "--data-dir", str(data.root), "--format", "json"]).output
+            )
+        )
+        == 1
+    )
 
 
 def test_fl_status_wait_exits_nonzero_when_the_run_failed(data, tmp_path):
@@ -487,10 +640,13 @@ def test_server_tells_devices_the_advertised_superlink_address_and_refuses_a_mal
     from server.app import Server
     from server.federated.superlink import SuperLinkError
 
-    srv = Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092",
-                 fl_advertise="fl.example.net:443")
+    srv = Server(
+        data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092", fl_advertise="fl.example.net:443"
+    )
     assert srv.fl is not None and srv.fl.advertise == "fl.example.net:443"
-    assert Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092").fl.advertise \
+    assert (
+        Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092").fl.advertise
         == "127.0.0.1:9092"
+    )
     with pytest.raises(SuperLinkError, match="--fl-advertise"):
         Server(data.root, MqttConfig("mqtt://127.0.0.1:1"), http_port=0, fl="127.0.0.1:9092", fl_advertise="nope")

@@ -67,8 +67,13 @@ def ctx(tmp_path, tiny_gguf):
 
 
 def invite(ctx: Ctx, run_id: str = "run-1", **kw) -> dict:
-    payload = {"run_id": run_id, "superlink": closed_port(), "base_version": "1.0.0",
-               "base_sha256": sha256(ctx.paths.slot_dir("A") / "model.gguf"), **kw}
+    payload = {
+        "run_id": run_id,
+        "superlink": closed_port(),
+        "base_version": "1.0.0",
+        "base_sha256": sha256(ctx.paths.slot_dir("A") / "model.gguf"),
+        **kw,
+    }
     return supervisor.handle_fl_invite(payload, ctx)
 
 
@@ -80,11 +85,14 @@ def test_invite_starts_a_supernode_in_its_own_group_and_stop_ends_the_group(ctx)
     assert os.getpgid(pgid) == pgid != os.getpgid(0)
     assert ctx.events[0][0] == "fl_state" and ctx.events[0][1]["state"] == "started"
     cfg = (ctx.paths.root / "federated" / "node-config.toml").read_text()
-    assert "device-id = \"dev-7\"" in cfg and str(ctx.paths.root) in cfg
+    assert 'device-id = "dev-7"' in cfg and str(ctx.paths.root) in cfg
     assert (ctx.paths.root / "federated" / "flwr-home").is_dir()
 
-    assert invite(ctx, "run-2") == {"accepted": False, "reason": "busy",
-                                    "detail": "this device already takes part in run run-1"}
+    assert invite(ctx, "run-2") == {
+        "accepted": False,
+        "reason": "busy",
+        "detail": "this device already takes part in run run-1",
+    }
     assert invite(ctx)["accepted"] is True  # the same run again: idempotent
 
     assert supervisor.handle_fl_stop({"run_id": "run-1"}, ctx) == {"stopped": True, "reason": ""}
@@ -120,12 +128,18 @@ def test_invitations_that_cannot_be_honoured_are_declined(ctx, tmp_path) -> None
 
 def test_an_orphaned_supernode_of_a_dead_agent_is_reaped(ctx) -> None:
     # a SuperNode started by an agent process that was then SIGKILLed
-    code = ("import sys; from agent.config import AgentConfig, AgentPaths; from agent.federated import supervisor\n"
-            "p = AgentPaths(sys.argv[1]); c = AgentConfig.load(p)\n"
-            "n = supervisor.SuperNode(p, c, run_id='r', superlink=sys.argv[2], on_state=lambda *a, **k: None)\n"
-            "n.start(); print(n.proc.pid, flush=True); import time; time.sleep(600)\n")
-    agent = subprocess.Popen([sys.executable, "-c", code, str(ctx.paths.root), closed_port()],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    code = (
+        "import sys; from agent.config import AgentConfig, AgentPaths; from agent.federated import supervisor\n"
+        "p = AgentPaths(sys.argv[1]); c = AgentConfig.load(p)\n"
+        "n = supervisor.SuperNode(p, c, run_id='r', superlink=sys.argv[2], on_state=lambda *a, **k: None)\n"
+        "n.start(); print(n.proc.pid, flush=True); import time; time.sleep(600)\n"
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-c", code, str(ctx.paths.root), closed_port()],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+    )
     pgid = int(agent.stdout.readline())
     assert wait_for(lambda: supervisor._is_supernode(pgid))
     agent.send_signal(signal.SIGKILL)
@@ -143,8 +157,12 @@ def test_the_daemon_dispatches_fl_invite_and_fl_stop(ctx) -> None:
     daemon = Daemon(ctx.paths, ctx.config)
     events = []
     daemon._event = lambda kind, **f: events.append((kind, f))  # type: ignore[method-assign]
-    payload = {"run_id": "run-9", "superlink": closed_port(), "base_version": "1.0.0",
-               "base_sha256": sha256(ctx.paths.slot_dir("A") / "model.gguf")}
+    payload = {
+        "run_id": "run-9",
+        "superlink": closed_port(),
+        "base_version": "1.0.0",
+        "base_sha256": sha256(ctx.paths.slot_dir("A") / "model.gguf"),
+    }
     daemon._start_telemetry()  # registers the commands (telemetry itself is off in this config)
     commands = daemon.telemetry.commands
     invite = commands.run(Command(id="c1", name="fl_invite", args=payload))

@@ -51,22 +51,35 @@ def test_devices_run_their_assignment_through_rollout_rollback_and_yank(tmp_path
     dd = ("--data-dir", str(data))
     with Server(data, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.2, min_samples=1) as srv:
         assert srv.ingest.wait_connected(10)
-        poll = provision_agent(tmp_path / "poll", agent_bundles["root"], server=srv.url, update_interval_s=1.0,
-                               args=("--device-id", "dev-poll", "--group", "lab"))
-        mqtt = provision_agent(tmp_path / "mqtt", agent_bundles["root"], server=srv.url, update_interval_s=3600.0,
-                               args=("--device-id", "dev-mqtt", "--group", "lab", "--mqtt", mqtt_broker.url))
+        poll = provision_agent(
+            tmp_path / "poll",
+            agent_bundles["root"],
+            server=srv.url,
+            update_interval_s=1.0,
+            args=("--device-id", "dev-poll", "--group", "lab"),
+        )
+        mqtt = provision_agent(
+            tmp_path / "mqtt",
+            agent_bundles["root"],
+            server=srv.url,
+            update_interval_s=3600.0,
+            args=("--device-id", "dev-mqtt", "--group", "lab", "--mqtt", mqtt_broker.url),
+        )
         for d in (poll, mqtt):
             agent_cli("install", str(agent_bundles["v1"]), data_dir=d)
         with AgentProcess(poll) as a_poll, AgentProcess(mqtt) as a_mqtt:
-            wait_for(lambda: (x := srv.store.device("dev-mqtt")) and x.online and x.version == "1.0.0",
-                     what="the MQTT device online on 1.0.0")
+            wait_for(
+                lambda: (x := srv.store.device("dev-mqtt")) and x.online and x.version == "1.0.0",
+                what="the MQTT device online on 1.0.0",
+            )
             # published, not assigned: the polling device checks and installs nothing
             wait_for(lambda: a_poll.logs().count("no assignment for this device") >= 2, what="two polls")
             assert served(a_poll) == "1.0.0" and served(a_mqtt) == "1.0.0"
 
             # no gate, no rollout; --no-gate is an explicit choice
-            r = server_cli("rollout", "start", *dd, "--model", "tiny", "--version", "1.1.0", "--group", "lab",
-                           check=False)
+            r = server_cli(
+                "rollout", "start", *dd, "--model", "tiny", "--version", "1.1.0", "--group", "lab", check=False
+            )
             assert r.returncode != 0 and "needs a gate" in r.stderr and "--no-gate" in r.stderr
             rid, st = roll_out(srv, dd, "1.1.0")
             assert [d["device"] for d in st["device_states"] if d["phase"] == "canary"] == ["dev-mqtt"]
@@ -93,9 +106,22 @@ def test_devices_run_their_assignment_through_rollout_rollback_and_yank(tmp_path
             # yank: every device on 1.1.0 leaves it, and no rollout may name it
             out = server_cli("yank", *dd, "--model", "tiny", "--version", "1.1.0", "--reason", "gibberish").stdout
             assert "group lab -> 1.0.0" in out
-            wait_for(lambda: served(a_poll) == "1.0.0" and served(a_mqtt) == "1.0.0", what="both off the yanked version")
-            r = server_cli("rollout", "start", *dd, "--model", "tiny", "--version", "1.1.0", "--group", "lab",
-                           "--no-gate", check=False)
+            wait_for(
+                lambda: served(a_poll) == "1.0.0" and served(a_mqtt) == "1.0.0", what="both off the yanked version"
+            )
+            r = server_cli(
+                "rollout",
+                "start",
+                *dd,
+                "--model",
+                "tiny",
+                "--version",
+                "1.1.0",
+                "--group",
+                "lab",
+                "--no-gate",
+                check=False,
+            )
             assert r.returncode != 0 and "yanked" in r.stderr
             assert status(poll)["rejected"] == [] and status(mqtt)["rejected"] == []
             a_poll.stop()
@@ -104,10 +130,30 @@ def test_devices_run_their_assignment_through_rollout_rollback_and_yank(tmp_path
 
 def roll_out(srv: Server, dd: tuple[str, ...], version: str) -> tuple[str, dict]:
     """`rollout start` (canary 50%, no gate) through the CLI, waited for until it completes."""
-    rid = json.loads(server_cli("rollout", "start", *dd, "--model", "tiny", "--version", version, "--group", "lab",
-                                "--canary", "50%", "--bake", "1s", "--no-gate", "--format", "json").stdout)["id"]
-    st = wait_for(lambda: (s := _status(srv, rid))["state"] in ("completed", "rolled_back", "failed") and s,
-                  what=f"{version} rollout")
+    rid = json.loads(
+        server_cli(
+            "rollout",
+            "start",
+            *dd,
+            "--model",
+            "tiny",
+            "--version",
+            version,
+            "--group",
+            "lab",
+            "--canary",
+            "50%",
+            "--bake",
+            "1s",
+            "--no-gate",
+            "--format",
+            "json",
+        ).stdout
+    )["id"]
+    st = wait_for(
+        lambda: (s := _status(srv, rid))["state"] in ("completed", "rolled_back", "failed") and s,
+        what=f"{version} rollout",
+    )
     assert st["state"] == "completed", st["reason"]
     return rid, st
 

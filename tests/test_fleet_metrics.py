@@ -23,8 +23,7 @@ def _mid_rollout(env):  # noqa: F811
     store, fleet, pub, drv = env
     for d in ("m1", "m2", "m3"):
         fleet.birth(d)
-    rid = rollout.start(store, model="m", version="2.0", group="g", canary="34%", gate="p95_latency_ms<=100",
-                        bake="1h")
+    rid = rollout.start(store, model="m", version="2.0", group="g", canary="34%", gate="p95_latency_ms<=100", bake="1h")
     drv.tick()
     canary = [d["device"] for d in rollout.status(store, rid)[0]["device_states"] if d["phase"] == "canary"]
     for d in canary:
@@ -33,8 +32,11 @@ def _mid_rollout(env):  # noqa: F811
     fleet.metrics(canary[0], "2.0", count=4, p95=50)
     fleet.metrics("m3", "1.0", count=4, p95=70)
     fleet.metrics("m3", "1.0", count=4, p95=90)  # two intervals of one version: still one series
-    fleet.send("m3", "event", {"name": "update.failed", "fields": {"version": "3.0", "reason": "disk full",
-                                                                   "rejected": ["3.0"]}})
+    fleet.send(
+        "m3",
+        "event",
+        {"name": "update.failed", "fields": {"version": "3.0", "reason": "disk full", "rejected": ["3.0"]}},
+    )
     assert rollout.status(store, rid)[0]["state"] == "bake"
     return store, drv, rid
 

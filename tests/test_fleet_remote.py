@@ -26,8 +26,17 @@ def fleet(tmp_path):
     publish_versions(Repository(data.repo, data.keys), tmp_path, ("1.0", "2.0"))
     store = data.store()
     for d in ("d1", "d2"):
-        store.ingest([wire.Envelope(device=d, kind="birth", seq=0, ts=time.time(),
-                                    body={"session": "s", "group": "lab", "version": "1.0", "model": "demo"})])
+        store.ingest(
+            [
+                wire.Envelope(
+                    device=d,
+                    kind="birth",
+                    seq=0,
+                    ts=time.time(),
+                    body={"session": "s", "group": "lab", "version": "1.0", "model": "demo"},
+                )
+            ]
+        )
     srv = HttpServer(store, data.repo, port=0, api=ApiContext(data, store))
     srv.start()
     yield data, srv.url
@@ -41,8 +50,11 @@ def test_fleet_commands_through_the_api(fleet):
     start = ("rollout", "start", "--model", "demo", "--version", "2.0", "--group", "lab", "--format", "json")
     assert "needs a gate" in run(*start, *op, ok=False).output
     assert "403" in run(*start, "--no-gate", *viewer, ok=False).output
-    rid = json.loads(run(*start, "--canary", "50%", "--stages", "50%,100%", "--gate", "error_rate<=0.1",
-                         "--min-samples", "5", *op).output)["id"]
+    rid = json.loads(
+        run(
+            *start, "--canary", "50%", "--stages", "50%,100%", "--gate", "error_rate<=0.1", "--min-samples", "5", *op
+        ).output
+    )["id"]
     st = json.loads(run("rollout", "status", rid, "--format", "json", *viewer).output)[0]
     assert st["stages"] == [50.0, 100.0] and st["min_samples"] == 5 and st["state"] == "pending"
     run("rollout", "abort", rid, *op)

@@ -127,11 +127,19 @@ def test_export_refuses_what_llama_cpp_cannot_reproduce(hf_llama_dir, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "linear", "factor": 4.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 64},
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
 def test_rope_scaling_matches_transformers(tmp_path, rope):
     import torch
     from transformers import LlamaForCausalLM

@@ -23,7 +23,9 @@ def _imports(pkg: str) -> list[tuple[Path, str]]:
 
 
 def _offenders(pkg: str, banned: tuple[str, ...]) -> list[str]:
-    return [f"{f.relative_to(ROOT)}: {m}" for f, m in _imports(pkg) if m.split(".")[0] in banned or m.startswith(banned)]
+    return [
+        f"{f.relative_to(ROOT)}: {m}" for f, m in _imports(pkg) if m.split(".")[0] in banned or m.startswith(banned)
+    ]
 
 
 def test_agent_never_imports_torch_build_or_server() -> None:
@@ -70,4 +72,3 @@ def test_agent_modules_and_functions_stay_small() -> None:
                 if n > 80:
                     too_big.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name}(): {n} lines")
     assert too_big == []
-

@@ -74,8 +74,7 @@ def test_seeded_sampling_is_reproducible(rt):
     p = GenerationParams(max_tokens=15, temperature=1.5, top_p=0.95, top_k=50, seed=7)
     a, b = rt.complete("The", p), rt.complete("The", p)
     assert a.token_ids == b.token_ids
-    others = {rt.complete("The", GenerationParams(max_tokens=15, temperature=1.5, seed=s)).token_ids
-              for s in range(4)}
+    others = {rt.complete("The", GenerationParams(max_tokens=15, temperature=1.5, seed=s)).token_ids for s in range(4)}
     assert len(others) > 1
 
 
@@ -105,6 +104,7 @@ def test_chat_prompt_uses_role_tokens(rt):
 
 
 # ------------------------------------------------------------------ refusing bad files
+
 
 def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
@@ -146,11 +146,14 @@ def test_truncated_and_flipped_files_refused_before_llama_cpp(tiny_gguf, tmp_pat
         LlamaCppRuntime.load(junk)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("llama.block_count", 0, "block_count"),          # aborts llama.cpp (SIGABRT) if it gets there
-    ("llama.attention.head_count_kv", 3, "head_count"),
-    ("tokenizer.ggml.eos_token_id", 10 ** 6, "eos_token_id"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("llama.block_count", 0, "block_count"),  # aborts llama.cpp (SIGABRT) if it gets there
+        ("llama.attention.head_count_kv", 3, "head_count"),
+        ("tokenizer.ggml.eos_token_id", 10**6, "eos_token_id"),
+    ],
+)
 def test_hostile_metadata_refused_without_crashing(tiny_gguf, tmp_path, monkeypatch, key, value, match):
     import gguf
 
@@ -203,8 +206,12 @@ def test_duplicate_token_refused(tiny_gguf, tmp_path, monkeypatch):
     r = gguf.GGUFReader(str(bad), "r+")
     f = r.get_field("tokenizer.ggml.tokens")
     texts = f.contents()
-    i, j = next((i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
-                if len(texts[i].encode()) == len(texts[j].encode()) and texts[i] != texts[j])
+    i, j = next(
+        (i, j)
+        for i in range(len(texts))
+        for j in range(i + 1, len(texts))
+        if len(texts[i].encode()) == len(texts[j].encode()) and texts[i] != texts[j]
+    )
     f.parts[f.data[j]][:] = np.frombuffer(texts[i].encode(), dtype=np.uint8)
     r.data.flush()
     del r

@@ -21,8 +21,10 @@ _PLACES = ["kitchen", "garage", "garden", "hall"]
 
 def lamp_text(n: int, offset: int = 0) -> list[str]:
     """A regular text the base model has never seen (it was trained on robot/sensor sentences)."""
-    return [f"The {_COLORS[(i + offset) % 5]} lamp in the {_PLACES[(i + offset) % 4]} blinks "
-            f"{(i + offset) % 3 + 1} times." for i in range(n)]
+    return [
+        f"The {_COLORS[(i + offset) % 5]} lamp in the {_PLACES[(i + offset) % 4]} blinks {(i + offset) % 3 + 1} times."
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +109,10 @@ def test_expected_shapes_match_lora_state_and_initial_state(gguf_exports) -> Non
     init = lora.initial_lora_state(model.config, cfg, seed=3)
     assert {k: tuple(v.shape) for k, v in init.items()} == shapes
     assert all(not v.any() for k, v in init.items() if k.endswith("lora_B"))
-    assert torch.equal(init["layers.0.self_attn.q_proj.lora_A"],
-                       lora.initial_lora_state(model.config, cfg, seed=3)["layers.0.self_attn.q_proj.lora_A"])
+    assert torch.equal(
+        init["layers.0.self_attn.q_proj.lora_A"],
+        lora.initial_lora_state(model.config, cfg, seed=3)["layers.0.self_attn.q_proj.lora_A"],
+    )
 
 
 def test_load_lora_state_refuses_wrong_keys_shapes_and_non_finite_values(gguf_exports) -> None:
@@ -116,10 +120,12 @@ def test_load_lora_state_refuses_wrong_keys_shapes_and_non_finite_values(gguf_ex
     lora.apply_lora(model, lora.LoraConfig(rank=2, alpha=4.0))
     good = lora.lora_state(model)
     key = "layers.0.self_attn.q_proj.lora_A"
-    for bad in ({k: v for k, v in good.items() if k != key},
-                {**good, key: torch.zeros(3, good[key].shape[1])},
-                {**good, "layers.9.mlp.up_proj.lora_A": torch.zeros(2, 2)},
-                {**good, key: torch.full(good[key].shape, float("nan"))}):
+    for bad in (
+        {k: v for k, v in good.items() if k != key},
+        {**good, key: torch.zeros(3, good[key].shape[1])},
+        {**good, "layers.9.mlp.up_proj.lora_A": torch.zeros(2, 2)},
+        {**good, key: torch.full(good[key].shape, float("nan"))},
+    ):
         with pytest.raises(BuildError):
             lora.load_lora_state(model, bad)
     assert torch.equal(lora.lora_state(model)[key], good[key])
@@ -157,8 +163,9 @@ def test_a_merged_gguf_model_saves_as_a_model_dir_that_exports_back(gguf_exports
     model = load_gguf_model(src)
     lora.apply_lora(model, lora.LoraConfig(rank=2, alpha=4.0))
     gen = torch.Generator().manual_seed(2)
-    lora.load_lora_state(model, {k: torch.randn(v.shape, generator=gen) * 0.05
-                                 for k, v in lora.lora_state(model).items()})
+    lora.load_lora_state(
+        model, {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in lora.lora_state(model).items()}
+    )
     lora.merge_lora(model)
     merged = logits(model)
     out = save_model_dir(model, tmp_path / "merged")
@@ -168,6 +175,12 @@ def test_a_merged_gguf_model_saves_as_a_model_dir_that_exports_back(gguf_exports
     again = load_gguf_model(tmp_path / "merged.gguf")
     assert torch.allclose(logits(again), merged, atol=1e-4)
     a, b = _reader(src), _reader(tmp_path / "merged.gguf")
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
-                "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "tokenizer.ggml.add_bos_token"):
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+        "tokenizer.ggml.add_bos_token",
+    ):
         assert _field(a, key) == _field(b, key), key

@@ -18,9 +18,15 @@ from test_agent_api import Server
 
 from edgellm.runtime.llamacpp import LlamaCppRuntime
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["color", "size"],
-          "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]},
-                         "size": {"type": "string", "enum": ["small", "large"]}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["color", "size"],
+    "properties": {
+        "color": {"type": "string", "enum": ["red", "green", "blue"]},
+        "size": {"type": "string", "enum": ["small", "large"]},
+    },
+}
 
 
 class RecordingLlamaCpp(LlamaCppRuntime):
@@ -66,8 +72,10 @@ def test_chat_prompt_ids_equal_apply_chat_template(models, tmp_path, name):
     from transformers import AutoTokenizer
 
     d = models[name]
-    msgs = [{"role": "system", "content": "You control a robot arm."},
-            {"role": "user", "content": "Grip the café mug 🤖, then report 3 readings."}]
+    msgs = [
+        {"role": "system", "content": "You control a robot arm."},
+        {"role": "user", "content": "Grip the café mug 🤖, then report 3 readings."},
+    ]
     rt = RecordingLlamaCpp.load(d.parent / "model.gguf")
     srv = _serve(tmp_path, rt)
     try:
@@ -88,8 +96,12 @@ def _valid(text: str) -> bool:
     except json.JSONDecodeError:
         return False
     props = SCHEMA["properties"]
-    return (isinstance(obj, dict) and set(obj) == {"color", "size"}
-            and obj["color"] in props["color"]["enum"] and obj["size"] in props["size"]["enum"])
+    return (
+        isinstance(obj, dict)
+        and set(obj) == {"color", "size"}
+        and obj["color"] in props["color"]["enum"]
+        and obj["size"] in props["size"]["enum"]
+    )
 
 
 def test_json_schema_response_format_always_parses(models, tmp_path):
@@ -99,16 +111,31 @@ def test_json_schema_response_format_always_parses(models, tmp_path):
     try:
         texts = []
         for seed in range(20):
-            r = _post(srv, "/v1/chat/completions", {
-                "messages": [{"role": "user", "content": "Pick a color and a size."}], "max_tokens": 400,
-                "temperature": 1.0, "seed": seed, "response_format": fmt})
+            r = _post(
+                srv,
+                "/v1/chat/completions",
+                {
+                    "messages": [{"role": "user", "content": "Pick a color and a size."}],
+                    "max_tokens": 400,
+                    "temperature": 1.0,
+                    "seed": seed,
+                    "response_format": fmt,
+                },
+            )
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
             assert choice["finish_reason"] == "stop"
             texts.append(choice["message"]["content"])
-        free = _post(srv, "/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "Pick a color and a size."}], "max_tokens": 40, "seed": 1,
-            "temperature": 1.0})
+        free = _post(
+            srv,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "Pick a color and a size."}],
+                "max_tokens": 40,
+                "seed": 1,
+                "temperature": 1.0,
+            },
+        )
     finally:
         srv.close()
         rt.close()
@@ -121,15 +148,37 @@ def test_json_object_and_logprobs(models, tmp_path):
     rt = LlamaCppRuntime.load(models["llama3"].parent / "model.gguf")
     srv = _serve(tmp_path, rt)
     try:
-        r = _post(srv, "/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "status?"}], "max_tokens": 300, "seed": 3, "temperature": 0.7,
-            "response_format": {"type": "json_object"}, "logprobs": True, "top_logprobs": 3})
+        r = _post(
+            srv,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "status?"}],
+                "max_tokens": 300,
+                "seed": 3,
+                "temperature": 0.7,
+                "response_format": {"type": "json_object"},
+                "logprobs": True,
+                "top_logprobs": 3,
+            },
+        )
         comp = _post(srv, "/v1/completions", {"prompt": "The robot", "max_tokens": 4, "logprobs": 2})
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", headers=srv.headers, timeout=60, json={
-                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
-                "logprobs": True, "top_logprobs": 1}) as s:
-            chunks = [json.loads(line[6:]) for line in s.iter_lines()
-                      if line.startswith("data: ") and line != "data: [DONE]"]
+        with httpx.stream(
+            "POST",
+            srv.url + "/v1/chat/completions",
+            headers=srv.headers,
+            timeout=60,
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+                "stream": True,
+                "logprobs": True,
+                "top_logprobs": 1,
+            },
+        ) as s:
+            chunks = [
+                json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"
+            ]
     finally:
         srv.close()
         rt.close()
@@ -141,8 +190,9 @@ def test_json_object_and_logprobs(models, tmp_path):
     assert len(content) == r.json()["usage"]["completion_tokens"]
     for e in content:
         assert math.isfinite(e["logprob"]) and e["logprob"] <= 0 and len(e["top_logprobs"]) == 3
-        assert [t["logprob"] for t in e["top_logprobs"]] == sorted((t["logprob"] for t in e["top_logprobs"]),
-                                                                    reverse=True)
+        assert [t["logprob"] for t in e["top_logprobs"]] == sorted(
+            (t["logprob"] for t in e["top_logprobs"]), reverse=True
+        )
     assert "".join(bytes(e["bytes"]).decode("utf-8", "replace") for e in content) == choice["message"]["content"]
     lp = comp.json()["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
@@ -152,20 +202,36 @@ def test_json_object_and_logprobs(models, tmp_path):
     assert len(streamed) == 3 and all(len(x["content"][0]["top_logprobs"]) == 1 for x in streamed)
 
 
-@pytest.mark.parametrize("body", [
-    {"tools": [{"type": "function", "function": {"name": "grip", "parameters": {"type": "object"}}}]},
-    {"tool_choice": "required"}, {"logit_bias": {"5": 10}}, {"presence_penalty": 0.5},
-    {"response_format": {"type": "yaml"}}, {"response_format": {"type": "json_schema", "json_schema": {}}},
-    {"top_logprobs": 2},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tools": [{"type": "function", "function": {"name": "grip", "parameters": {"type": "object"}}}]},
+        {"tool_choice": "required"},
+        {"logit_bias": {"5": 10}},
+        {"presence_penalty": 0.5},
+        {"response_format": {"type": "yaml"}},
+        {"response_format": {"type": "json_schema", "json_schema": {}}},
+        {"top_logprobs": 2},
+    ],
+)
 def test_unimplemented_parameters_are_refused(models, tmp_path, body):
     rt = LlamaCppRuntime.load(models["qwen3"].parent / "model.gguf")
     srv = _serve(tmp_path, rt)
     try:
-        r = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                                                 **body})
-        ok = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                                                  "tools": [], "tool_choice": "none", "presence_penalty": 0})
+        r = _post(
+            srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body}
+        )
+        ok = _post(
+            srv,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+                "tools": [],
+                "tool_choice": "none",
+                "presence_penalty": 0,
+            },
+        )
     finally:
         srv.close()
         rt.close()
@@ -187,10 +253,20 @@ def test_onnx_model_refuses_response_format_but_gives_logprobs(models, tmp_path)
     rt = OnnxRuntime.load(out)
     srv = _serve(tmp_path, rt)
     try:
-        r = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                                                 "response_format": {"type": "json_object"}})
-        lp = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                                                  "logprobs": True, "top_logprobs": 2})
+        r = _post(
+            srv,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+                "response_format": {"type": "json_object"},
+            },
+        )
+        lp = _post(
+            srv,
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True, "top_logprobs": 2},
+        )
     finally:
         srv.close()
         rt.close()
@@ -209,17 +285,34 @@ def test_hostile_values_of_the_new_parameters_never_500(models, tmp_path):
     for _ in range(200):
         node["properties"]["x"] = {"type": "object", "properties": {}}
         node = node["properties"]["x"]
-    extra = [{"type": "json_schema", "json_schema": {"schema": deep}}, {"type": "json_object", "schema": "x"},
-             {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}},
-             {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(" * 50}}}]
+    extra = [
+        {"type": "json_schema", "json_schema": {"schema": deep}},
+        {"type": "json_object", "schema": "x"},
+        {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}},
+        {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(" * 50}}},
+    ]
     try:
         statuses = {}
-        for field in ("response_format", "tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias",
-                      "presence_penalty", "echo"):
+        for field in (
+            "response_format",
+            "tools",
+            "tool_choice",
+            "logprobs",
+            "top_logprobs",
+            "logit_bias",
+            "presence_penalty",
+            "echo",
+        ):
             for v in [*HOSTILE_VALUES, *(extra if field == "response_format" else [])]:
-                r = httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, timeout=60, content=json.dumps(
-                    {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], field: v},
-                    allow_nan=True))
+                r = httpx.post(
+                    srv.url + "/v1/chat/completions",
+                    headers=srv.headers,
+                    timeout=60,
+                    content=json.dumps(
+                        {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], field: v},
+                        allow_nan=True,
+                    ),
+                )
                 statuses[(field, repr(v)[:40])] = r.status_code
     finally:
         srv.close()

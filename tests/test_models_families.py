@@ -14,8 +14,12 @@ from fixtures_models import FAMILY_SPECS, MIXED_TEXT, hf_logits, hf_tokenizer, m
 TOL = 1e-3
 CHATS = [
     [{"role": "user", "content": "Café? 🤖 turn on the light"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "naïve — 12345\ndef f(x): pass"},
-     {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and then?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "naïve — 12345\ndef f(x): pass"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and then?"},
+    ],
 ]
 
 
@@ -157,7 +161,10 @@ def test_gguf_loads_back_into_torch_for_lora(family):
     assert np.abs(ours - hf_logits(d, ids)).max() <= TOL, name
     if FAMILY_SPECS[name][2] != "spm":
         back = gguf_tokenizer(gguf)
-        assert back.encode(MIXED_TEXT, add_special_tokens=False).ids == tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+        assert (
+            back.encode(MIXED_TEXT, add_special_tokens=False).ids
+            == tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_mistral_sliding_window_matches_transformers(tmp_path):
@@ -168,9 +175,19 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     from edgellm.pipeline.model import load_model
 
     torch.manual_seed(0)
-    hf = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                          max_position_embeddings=128, sliding_window=8)).eval()
+    hf = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=128,
+            sliding_window=8,
+        )
+    ).eval()
     hf.save_pretrained(str(tmp_path))
     ids = torch.randint(0, 300, (1, 40))
     with torch.no_grad():
@@ -183,8 +200,15 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     assert (unwindowed - ref).abs().max() > 10 * TOL  # the window matters at this length
 
 
-@pytest.mark.parametrize("model_type, arch", [("phi3", "Phi3ForCausalLM"), ("gemma2", "Gemma2ForCausalLM"),
-                                              ("llama", "Qwen2ForCausalLM"), ("mixtral", "MixtralForCausalLM")])
+@pytest.mark.parametrize(
+    "model_type, arch",
+    [
+        ("phi3", "Phi3ForCausalLM"),
+        ("gemma2", "Gemma2ForCausalLM"),
+        ("llama", "Qwen2ForCausalLM"),
+        ("mixtral", "MixtralForCausalLM"),
+    ],
+)
 def test_other_families_are_refused_before_work_naming_the_supported_list(tmp_path, model_type, arch):
     from edgellm.errors import BuildError
     from edgellm.pipeline.export.gguf import export_gguf
@@ -194,16 +218,31 @@ def test_other_families_are_refused_before_work_naming_the_supported_list(tmp_pa
 
     d = tmp_path / "m"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [arch], "vocab_size": 64,
-                                               "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                               "num_attention_heads": 2}))
-    for call in (lambda: check_model_dir(d), lambda: load_model(d), lambda: export_gguf(d, tmp_path / "x.gguf", "gguf-f32"),
-                 lambda: run_build(BuildConfig(model_dir=d, profiles=["rpi4-4gb"], out_dir=tmp_path / "out"))):
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": model_type,
+                "architectures": [arch],
+                "vocab_size": 64,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+        )
+    )
+    for call in (
+        lambda: check_model_dir(d),
+        lambda: load_model(d),
+        lambda: export_gguf(d, tmp_path / "x.gguf", "gguf-f32"),
+        lambda: run_build(BuildConfig(model_dir=d, profiles=["rpi4-4gb"], out_dir=tmp_path / "out")),
+    ):
         with pytest.raises(BuildError) as e:
             call()
         text = f"{e.value} {e.value.hint}"
-        assert all(name in text for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                             "Qwen3ForCausalLM")), text
+        assert all(
+            name in text for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+        ), text
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.gguf").exists()
 
 
@@ -245,10 +284,21 @@ def test_distill_keeps_teacher_family_tokenizer_and_template(tmp_path, name):
     teacher = make_family(tmp_path / "teacher", name)
     data = tmp_path / "data.txt"
     data.write_text("\n\n".join(corpus(120)))
-    student = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-               "num_key_value_heads": 1, "max_position_embeddings": 128}
-    distill_model(teacher, str(data), student, tmp_path / "student",
-                  TrainConfig(steps=3, batch_size=2, seq_len=32, eval_every=3, eval_windows=2, progress=False))
+    student = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 128,
+    }
+    distill_model(
+        teacher,
+        str(data),
+        student,
+        tmp_path / "student",
+        TrainConfig(steps=3, batch_size=2, seq_len=32, eval_every=3, eval_windows=2, progress=False),
+    )
     s = tmp_path / "student"
     cfg = json.loads((s / "config.json").read_text())
     assert cfg["model_type"] == json.loads((teacher / "config.json").read_text())["model_type"]

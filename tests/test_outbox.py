@@ -89,8 +89,12 @@ def test_kill_9_with_unsent_messages_then_restart_delivers_them(tmp_path, mqtt_b
     script.write_text(AGENT)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     dead_url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens: everything stays in the outbox
-    p = subprocess.Popen([sys.executable, str(script), dead_url, str(tmp_path / "dev"), "produce"],
-                         stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, str(script), dead_url, str(tmp_path / "dev"), "produce"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = p.stdout.readline()
     assert line.startswith("queued"), line
     os.kill(p.pid, signal.SIGKILL)
@@ -102,8 +106,13 @@ def test_kill_9_with_unsent_messages_then_restart_delivers_them(tmp_path, mqtt_b
     ing.start()
     try:
         assert ing.wait_connected(10)
-        out = subprocess.run([sys.executable, str(script), mqtt_broker.url, str(tmp_path / "dev"), "deliver"],
-                             capture_output=True, text=True, env=env, timeout=60)
+        out = subprocess.run(
+            [sys.executable, str(script), mqtt_broker.url, str(tmp_path / "dev"), "deliver"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert out.stdout.startswith("delivered True 0"), out.stdout + out.stderr
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and store.message_count("killed-1", "event") < 40:

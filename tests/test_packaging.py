@@ -15,8 +15,13 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 #: import name -> distribution name where they differ
-DIST = {"yaml": "pyyaml", "llama_cpp": "llama-cpp-python", "paho": "paho-mqtt", "flwr": "flwr",
-        "prometheus_client": "prometheus-client"}
+DIST = {
+    "yaml": "pyyaml",
+    "llama_cpp": "llama-cpp-python",
+    "paho": "paho-mqtt",
+    "flwr": "flwr",
+    "prometheus_client": "prometheus-client",
+}
 
 
 def _module_level_imports(path: Path) -> set[str]:

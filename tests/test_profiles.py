@@ -42,6 +42,7 @@ def _write(tmp_path: Path, data: dict, stem: str | None = None) -> Path:
 
 # --------------------------------------------------------------------------- shipped profiles
 
+
 def test_every_shipped_profile_loads_and_round_trips():
     profiles = load_profiles(SHIPPED)
     assert len(profiles) >= 8
@@ -56,8 +57,16 @@ def test_every_shipped_profile_loads_and_round_trips():
 
 def test_required_device_classes_are_present():
     profiles = load_profiles(SHIPPED)
-    for name in ("rpi4-4gb", "rpi5-8gb", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb",
-                 "intel-n100-16gb", "x86-avx2-laptop-16gb", "rk3588-16gb", "esp32-s3-8mb"):
+    for name in (
+        "rpi4-4gb",
+        "rpi5-8gb",
+        "jetson-orin-nano-8gb",
+        "jetson-agx-orin-64gb",
+        "intel-n100-16gb",
+        "x86-avx2-laptop-16gb",
+        "rk3588-16gb",
+        "esp32-s3-8mb",
+    ):
         assert name in profiles
     mcu = profiles["esp32-s3-8mb"]
     assert mcu.device_class == "mcu" and mcu.runtimes == frozenset() and not mcu.can_run_llm
@@ -87,6 +96,7 @@ def test_unknown_name_lists_known_names():
 
 
 # --------------------------------------------------------------------------- validation
+
 
 def _set(data: dict, dotted: str, value) -> None:
     *parents, last = dotted.split(".")
@@ -197,11 +207,22 @@ def test_one_bad_file_fails_the_whole_directory_load(tmp_path):
 
 # --------------------------------------------------------------------------- detection
 
+
 def test_isa_mapping():
     assert isa_from_cpu_flags("x86_64", "fpu sse4_2 avx avx2 fma avx512f avx512_vnni avx512bw".split()) == {
-        "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni"}
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+    }
     assert isa_from_cpu_flags("aarch64", "fp asimd asimddp i8mm sve crc32".split()) == {
-        "neon", "dotprod", "i8mm", "sve"}
+        "neon",
+        "dotprod",
+        "i8mm",
+        "sve",
+    }
 
 
 def test_detect_round_trips_through_load_profile(tmp_path):
@@ -218,6 +239,7 @@ def test_measure_bandwidth_is_positive():
 
 
 # --------------------------------------------------------------------------- CLI
+
 
 def test_cli_list_and_show_json(monkeypatch):
     monkeypatch.delenv("EDGELLM_PROFILES_DIR", raising=False)

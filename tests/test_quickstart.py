@@ -63,8 +63,21 @@ class Quickstart:
         self.workdir, self.tag, self.lines = workdir, secrets.token_hex(8), []
         env = {**os.environ, TAG_ENV: self.tag, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from edgellm.cli import main; main()", "quickstart", "--workdir", str(workdir),
-             *fast, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            [
+                sys.executable,
+                "-c",
+                "from edgellm.cli import main; main()",
+                "quickstart",
+                "--workdir",
+                str(workdir),
+                *fast,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -106,8 +119,10 @@ def test_quickstart_ends_with_three_devices_on_v2_and_lower_heldout_perplexity(t
         assert len(devices) == 3, devices
         assert {d["profile"] for d in devices} == {"rpi4-4gb", "rpi5-8gb", "x86-avx2-laptop-16gb"}
         assert all(d["version"] == "2.0.0" and d["online"] for d in devices), devices
-        assert [(r["version"], r["state"]) for r in summary["rollouts"]] == [("1.0.0", "completed"),
-                                                                            ("2.0.0", "completed")]
+        assert [(r["version"], r["state"]) for r in summary["rollouts"]] == [
+            ("1.0.0", "completed"),
+            ("2.0.0", "completed"),
+        ]
         assert summary["federated"]["state"] == "published", summary["federated"]
         ppl = summary["federated"]["heldout_perplexity"]
         assert set(ppl) == {d["id"] for d in devices}
@@ -116,8 +131,19 @@ def test_quickstart_ends_with_three_devices_on_v2_and_lower_heldout_perplexity(t
         assert summary["request"]["answer"], summary["request"]
         assert summary["dashboard"].startswith("http://127.0.0.1:")
         out = qs.output()
-        for stage in ("train", "distill", "build", "server", "broker", "fleet", "rollout-v1", "request",
-                      "federated", "rollout-v2", "summary"):
+        for stage in (
+            "train",
+            "distill",
+            "build",
+            "server",
+            "broker",
+            "fleet",
+            "rollout-v1",
+            "request",
+            "federated",
+            "rollout-v2",
+            "summary",
+        ):
             assert any(f"stage {stage}:" in line for line in qs.lines), (stage, out)
         assert "held-out ppl" in out
     finally:
@@ -135,8 +161,7 @@ def test_sigint_at_any_stage_leaves_no_process_running(tmp_path, stage):
         if stage == "fleet":  # let the stage start its processes: server, SuperLink, agents
             wait_for(lambda: len(strays(qs.tag, qs.workdir)) >= 4, 120, "processes to start", every=0.2)
         if stage == "federated":  # the devices' SuperNodes are up
-            wait_for(lambda: any("supernode" in p for p in strays(qs.tag, qs.workdir)), 300, "a SuperNode",
-                     every=0.2)
+            wait_for(lambda: any("supernode" in p for p in strays(qs.tag, qs.workdir)), 300, "a SuperNode", every=0.2)
         time.sleep(2)
         assert strays(qs.tag, qs.workdir), "nothing was running to interrupt"
         qs.proc.send_signal(signal.SIGINT)
@@ -151,15 +176,32 @@ def test_sigint_at_any_stage_leaves_no_process_running(tmp_path, stage):
 
 def test_quickstart_refuses_a_non_empty_directory_it_did_not_make(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
-    r = subprocess.run([sys.executable, "-c", "from edgellm.cli import main; main()", "quickstart", "--workdir",
-                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", "from edgellm.cli import main; main()", "quickstart", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert "is not a quickstart work directory" in r.stderr and "--workdir" in r.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
 def test_unknown_stop_after_stage_is_refused_before_anything_runs(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "from edgellm.cli import main; main()", "quickstart", "--workdir",
-                        str(tmp_path / "qs"), "--stop-after", "nope"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from edgellm.cli import main; main()",
+            "quickstart",
+            "--workdir",
+            str(tmp_path / "qs"),
+            "--stop-after",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "unknown stage 'nope'" in r.stderr, r.stderr
     assert not (tmp_path / "qs").exists()

@@ -56,11 +56,23 @@ def fleet(tmp_path, mqtt_broker):
     srv = Server(data.root, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.1, min_samples=20)
     srv.start()
     assert srv.ingest.wait_connected(10)
-    devices = [SimDevice(f"sim-{i:02d}", tmp_path / f"dev{i}", MqttConfig(mqtt_broker.url), group="lab",
-                         behaviour=BEHAVIOUR, metrics_interval_s=0.3, infer_every_s=0.02).start() for i in range(10)]
+    devices = [
+        SimDevice(
+            f"sim-{i:02d}",
+            tmp_path / f"dev{i}",
+            MqttConfig(mqtt_broker.url),
+            group="lab",
+            behaviour=BEHAVIOUR,
+            metrics_interval_s=0.3,
+            infer_every_s=0.02,
+        ).start()
+        for i in range(10)
+    ]
     try:
-        wait_for(lambda: sum(d["online"] and d["version"] == "1.0" for d in srv.store.devices()) == 10,
-                 what="10 devices online on 1.0")
+        wait_for(
+            lambda: sum(d["online"] and d["version"] == "1.0" for d in srv.store.devices()) == 10,
+            what="10 devices online on 1.0",
+        )
         yield srv, devices
     finally:
         for d in devices:
@@ -76,8 +88,9 @@ def test_bad_version_stops_at_canary_and_rolls_back_then_good_version_reaches_al
     # during the bake, the server's /metrics passes Prometheus' own checker
     wait_for(lambda: rollout.status(srv.store, rid)[0]["state"] == "bake", what="bake")
     promtool_check(httpx.get(srv.url + "/metrics", timeout=10).text)
-    st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] == "rolled_back" and s,
-                  timeout=40, what="rollback")
+    st = wait_for(
+        lambda: (s := rollout.status(srv.store, rid)[0])["state"] == "rolled_back" and s, timeout=40, what="rollback"
+    )
     # Assert: only the canary (20% of 10) ever got it, they are back on 1.0, the reason is recorded
     assert st["canary_devices"] == 2
     assert "gate broken" in st["reason"] and "p95_latency_ms" in st["reason"]
@@ -92,8 +105,11 @@ def test_bad_version_stops_at_canary_and_rolls_back_then_good_version_reaches_al
 
     # A good version: canary, bake, then the whole group (the rollback pins are cleared)
     rid2 = rollout.start(srv.store, model="demo", version="2.0", group="lab", canary="20%", gate=GATE, bake="1.5s")
-    st2 = wait_for(lambda: (s := rollout.status(srv.store, rid2)[0])["state"] in ("completed", "rolled_back") and s,
-                   timeout=60, what="second rollout to finish")
+    st2 = wait_for(
+        lambda: (s := rollout.status(srv.store, rid2)[0])["state"] in ("completed", "rolled_back") and s,
+        timeout=60,
+        what="second rollout to finish",
+    )
     assert st2["state"] == "completed", st2["reason"]
     assert st2["on_new_version"] == 10
     assert all(d.version == "2.0" for d in devices)
@@ -104,13 +120,21 @@ def test_failed_install_on_canary_rolls_back(tmp_path, mqtt_broker):
     data = server_with(tmp_path / "server", ["1.0", "3.0"])
     with Server(data.root, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.1) as srv:
         assert srv.ingest.wait_connected(10)
-        devs = [SimDevice(f"f-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="g",
-                          fail_versions=("3.0",)).start(infer=False) for i in range(3)]
+        devs = [
+            SimDevice(
+                f"f-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="g", fail_versions=("3.0",)
+            ).start(infer=False)
+            for i in range(3)
+        ]
         try:
             wait_for(lambda: sum(d["online"] for d in srv.store.devices()) == 3, what="3 online")
-            rid = rollout.start(srv.store, model="demo", version="3.0", group="g", canary="34%", no_gate=True, bake="1s")
-            st = wait_for(lambda: (s := rollout.status(srv.store, rid)[0])["state"] == "rolled_back" and s,
-                          what="rollback after failed install")
+            rid = rollout.start(
+                srv.store, model="demo", version="3.0", group="g", canary="34%", no_gate=True, bake="1s"
+            )
+            st = wait_for(
+                lambda: (s := rollout.status(srv.store, rid)[0])["state"] == "rolled_back" and s,
+                what="rollback after failed install",
+            )
             assert "update.failed" in st["reason"]
             assert st["canary_devices"] == 2
             assert all(d.version == "1.0" for d in devs)
@@ -123,11 +147,15 @@ def test_pause_resume_abort(tmp_path, mqtt_broker):
     data = server_with(tmp_path / "server", ["1.0", "4.0", "5.0"])
     with Server(data.root, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.1) as srv:
         assert srv.ingest.wait_connected(10)
-        devs = [SimDevice(f"p-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="g").start(infer=False)
-                for i in range(2)]
+        devs = [
+            SimDevice(f"p-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="g").start(infer=False)
+            for i in range(2)
+        ]
         try:
             wait_for(lambda: sum(d["online"] for d in srv.store.devices()) == 2, what="2 online")
-            rid = rollout.start(srv.store, model="demo", version="4.0", group="g", canary="50%", bake="1h", no_gate=True)
+            rid = rollout.start(
+                srv.store, model="demo", version="4.0", group="g", canary="50%", bake="1h", no_gate=True
+            )
             with pytest.raises(RolloutError, match="already has an active rollout"):
                 rollout.start(srv.store, model="demo", version="5.0", group="g", no_gate=True)
             wait_for(lambda: rollout.status(srv.store, rid)[0]["state"] == "bake", what="bake")

@@ -52,8 +52,18 @@ class Fleet:
         self.send(device, "heartbeat", {"version": version, "model": "m"})
 
     def metrics(self, device: str, version: str, count: int, p95: float, errors: int = 0, lp: float = -1.0) -> None:
-        self.send(device, "metrics", {"interval_s": 1, "count": count, "errors": errors, "p95_latency_ms": p95,
-                                      "mean_logprob": lp, "version": version})
+        self.send(
+            device,
+            "metrics",
+            {
+                "interval_s": 1,
+                "count": count,
+                "errors": errors,
+                "p95_latency_ms": p95,
+                "mean_logprob": lp,
+                "version": version,
+            },
+        )
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +115,9 @@ def test_not_enough_telemetry_keeps_baking_then_rolls_back(env):
     store, fleet, pub, drv = env
     drv.max_bake_factor = 3.0
     fleet.birth("x")
-    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="0.2s")
+    rid = rollout.start(
+        store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="0.2s"
+    )
     drv.tick()
     fleet.report("x", "2.0")
     drv.tick()
@@ -129,7 +141,9 @@ def test_late_telemetry_during_the_extended_bake_promotes(env):
     store, fleet, pub, drv = env
     drv.max_bake_factor = 100.0
     fleet.birth("x")
-    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="0.1s")
+    rid = rollout.start(
+        store, model="m", version="2.0", group="g", canary="100%", gate="p95_latency_ms<=100", bake="0.1s"
+    )
     drv.tick()
     fleet.report("x", "2.0")
     drv.tick()
@@ -145,8 +159,15 @@ def test_gate_judges_only_the_new_version_on_the_canary(env):
     store, fleet, pub, drv = env
     for d in ("p", "q"):
         fleet.birth(d)
-    rid = rollout.start(store, model="m", version="2.0", group="g", canary="50%",
-                        gate="p95_latency_ms<=100,error_rate<=0.1", bake="0.2s")
+    rid = rollout.start(
+        store,
+        model="m",
+        version="2.0",
+        group="g",
+        canary="50%",
+        gate="p95_latency_ms<=100,error_rate<=0.1",
+        bake="0.2s",
+    )
     drv.tick()
     canary = next(d["device"] for d in state(store, rid)["device_states"] if d["phase"] == "canary")
     other = "q" if canary == "p" else "p"
@@ -184,8 +205,9 @@ def test_error_rate_breaks_the_gate_at_once(env):
 def test_update_timeout_rolls_back_and_empty_group_fails(env):
     store, fleet, pub, drv = env
     fleet.birth("slow")
-    rid = rollout.start(store, model="m", version="2.0", group="g", canary="100%", bake="1s", no_gate=True,
-                        device_timeout="0.1s")
+    rid = rollout.start(
+        store, model="m", version="2.0", group="g", canary="100%", bake="1s", no_gate=True, device_timeout="0.1s"
+    )
     drv.tick()
     time.sleep(0.15)
     drv.tick()
@@ -209,8 +231,10 @@ def test_republish_restores_desired_state_after_the_broker_lost_it(env):
 def test_prune_keeps_recent_telemetry(env):
     store, fleet, pub, drv = env
     fleet.birth("old")
-    store.ingest([wire.Envelope(device="old", kind="event", seq=1, ts=0, body={"name": "ancient"})],
-                 received=time.time() - 90 * 86400)
+    store.ingest(
+        [wire.Envelope(device="old", kind="event", seq=1, ts=0, body={"name": "ancient"})],
+        received=time.time() - 90 * 86400,
+    )
     fleet.seq["old"] = 1
     fleet.send("old", "event", {"name": "fresh"})
     assert store.prune(30 * 86400) == 2  # its messages row and its events row
@@ -220,8 +244,9 @@ def test_prune_keeps_recent_telemetry(env):
 def test_rollback_says_which_canary_devices_had_no_earlier_version(env):
     store, fleet, pub, drv = env
     fleet.birth("fresh", version=None, group="new")  # a group nothing was ever assigned to
-    rid = rollout.start(store, model="m", version="2.0", group="new", canary="100%", gate="p95_latency_ms<=100",
-                        bake="1h")
+    rid = rollout.start(
+        store, model="m", version="2.0", group="new", canary="100%", gate="p95_latency_ms<=100", bake="1h"
+    )
     drv.tick()
     fleet.report("fresh", "2.0")
     drv.tick()
@@ -247,8 +272,11 @@ def test_only_the_canary_devices_failure_events_in_their_one_spelling_roll_back(
     fleet.send(canary, "event", {"name": "update_failed", "fields": {"version": "2.0"}})  # not a name we act on
     drv.tick()
     assert state(store, rid)["state"] == "canary"
-    fleet.send(canary, "event", {"name": wire.EventName.UPDATE_REFUSED.value, "fields": {"version": "2.0",
-                                                                                        "reason": "too big"}})
+    fleet.send(
+        canary,
+        "event",
+        {"name": wire.EventName.UPDATE_REFUSED.value, "fields": {"version": "2.0", "reason": "too big"}},
+    )
     drv.tick()
     st = state(store, rid)
     assert st["state"] == "rolling_back" and f"{canary}: update.refused (too big)" in st["reason"]
@@ -281,8 +309,9 @@ def test_stages_each_bake_then_the_group_is_assigned(env):
     devs = [f"s{i}" for i in range(4)]
     for d in devs:
         fleet.birth(d)
-    rid = rollout.start(store, model="m", version="2.0", group="g", canary="25%", stages="50%,100%", bake="0.05s",
-                        no_gate=True)
+    rid = rollout.start(
+        store, model="m", version="2.0", group="g", canary="25%", stages="50%,100%", bake="0.05s", no_gate=True
+    )
     assert state(store, rid)["stages"] == [25.0, 50.0, 100.0]
     seen = []
     for _ in range(30):
@@ -297,7 +326,13 @@ def test_stages_each_bake_then_the_group_is_assigned(env):
             break
     assert st["state"] == "completed", st
     assert [x for i, x in enumerate(seen) if x != seen[i - 1] or i == 0] == [
-        ("canary", 0), ("bake", 0), ("canary", 1), ("bake", 1), ("full", 2), ("completed", 2)]
+        ("canary", 0),
+        ("bake", 0),
+        ("canary", 1),
+        ("bake", 1),
+        ("full", 2),
+        ("completed", 2),
+    ]
     assert drv.director.of("group", "g").version == "2.0" and all(drv.director.of("device", d) is None for d in devs)
     assert st["final"]["devices"] == 4 and st["on_new_version"] == 4
 
@@ -306,8 +341,9 @@ def test_a_late_device_in_a_later_stage_stalls_the_rollout_with_its_last_error(e
     store, fleet, pub, drv = env
     for d in ("k1", "k2"):
         fleet.birth(d)
-    rid = rollout.start(store, model="m", version="2.0", group="g", canary="50%", bake="0.01s", no_gate=True,
-                        device_timeout="0.1s")
+    rid = rollout.start(
+        store, model="m", version="2.0", group="g", canary="50%", bake="0.01s", no_gate=True, device_timeout="0.1s"
+    )
     drv.tick()
     canary = next(d["device"] for d in state(store, rid)["device_states"] if d["phase"] == "canary")
     late = "k2" if canary == "k1" else "k1"

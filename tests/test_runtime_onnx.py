@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from edgellm.runtime import GenerationParams, ModelLoadError, PromptTooLongError, load_runtime  # noqa: E402
-from edgellm.runtime.onnx import OnnxRuntime  # noqa: E402
+from edgellm.runtime import GenerationParams, ModelLoadError, PromptTooLongError, load_runtime
+from edgellm.runtime.onnx import OnnxRuntime
 
 CHAT = [{"role": "user", "content": "turn on the kitchen light"}]
 
@@ -68,8 +68,9 @@ def test_sampling_is_seeded(rt):
     p1 = GenerationParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=7)
     a, b = rt.complete("08:00 sensor", p1), rt.complete("08:00 sensor", p1)
     assert a.token_ids == b.token_ids
-    outs = {rt.complete("08:00 sensor", GenerationParams(max_tokens=20, temperature=1.5, seed=s)).text
-            for s in range(5)}
+    outs = {
+        rt.complete("08:00 sensor", GenerationParams(max_tokens=20, temperature=1.5, seed=s)).text for s in range(5)
+    }
     assert len(outs) > 1
 
 
@@ -110,8 +111,10 @@ def test_kv_cache_reuse_across_calls_changes_nothing(onnx_fp32_path):
     cold_params = GenerationParams(max_tokens=12)
     turn1 = [{"role": "user", "content": "close the garage door"}]
     first = warm.complete(warm.chat_token_ids(turn1), cold_params)
-    turn2 = turn1 + [{"role": "assistant", "content": first.text.strip()},
-                     {"role": "user", "content": "status of arm-2?"}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": first.text.strip()},
+        {"role": "user", "content": "status of arm-2?"},
+    ]
     for prompt in (warm.chat_token_ids(turn2), warm.chat_token_ids(turn1), warm.chat_token_ids(turn2)[:7]):
         with OnnxRuntime.load(onnx_fp32_path) as cold:
             want = cold.complete(prompt, cold_params)

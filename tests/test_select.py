@@ -15,10 +15,20 @@ MIB = 2**20
 def meas(fmt: str, weights_mib: float, kl: float, ppl: float, tps: float) -> Measurement:
     w = int(weights_mib * MIB)
     return Measurement(
-        fmt=fmt, runtime=fmt.split("-")[0], artifact=f"/x/{fmt}", size_bytes=w,
+        fmt=fmt,
+        runtime=fmt.split("-")[0],
+        artifact=f"/x/{fmt}",
+        size_bytes=w,
         memory=MemoryModel(w, kv_bytes_per_position=1024, compute_base_bytes=MIB, compute_bytes_per_position=0),
-        bytes_per_token=w, perplexity=ppl, reference_perplexity=10.0, kl_divergence=kl, top1_agreement=1 - kl,
-        eval_tokens=100, decode_tokens_per_second=tps, efficiency=0.5, bandwidth_here_gbps=10.0,
+        bytes_per_token=w,
+        perplexity=ppl,
+        reference_perplexity=10.0,
+        kl_divergence=kl,
+        top1_agreement=1 - kl,
+        eval_tokens=100,
+        decode_tokens_per_second=tps,
+        efficiency=0.5,
+        bandwidth_here_gbps=10.0,
         extra={"n_params": w // 2},
     )
 
@@ -33,8 +43,15 @@ CANDS = [
 
 
 def profile(name="p", usable_mib=1000.0, runtimes=("llama.cpp", "onnxruntime"), bw=10.0, tps=1.0, ctx=1024):
-    return SimpleNamespace(name=name, usable_ram_bytes=int(usable_mib * MIB), runtimes=frozenset(runtimes),
-                           bandwidth_gbps=bw, min_tokens_per_second=tps, context_length=ctx, threads=2)
+    return SimpleNamespace(
+        name=name,
+        usable_ram_bytes=int(usable_mib * MIB),
+        runtimes=frozenset(runtimes),
+        bandwidth_gbps=bw,
+        min_tokens_per_second=tps,
+        context_length=ctx,
+        threads=2,
+    )
 
 
 def test_roomy_profile_gets_least_loss():

@@ -58,11 +58,17 @@ def test_published_bundle_is_served_and_verified_by_a_tuf_client_over_http(tmp_p
 
     bundle = pack(make_bundle_dir(tmp_path / "b", name="demo", version="2.0"), tmp_path / "demo-2.0.bundle").path
     r = cli("publish", "--data-dir", data_dir, bundle, "--format", "json")
-    assert json.loads(r.output)[0] == {"target": "demo-2.0.bundle", "model": "demo", "version": "2.0",
-                                       "runtime": "gguf", "profiles": ["rpi5-8gb"]}
+    assert json.loads(r.output)[0] == {
+        "target": "demo-2.0.bundle",
+        "model": "demo",
+        "version": "2.0",
+        "runtime": "gguf",
+        "profiles": ["rpi5-8gb"],
+    }
     with Server(data_dir, MqttConfig(mqtt_broker.url), http_port=0) as srv:
-        client = TufClient(tmp_path / "cache", data_dir / "keys" / "root.json", f"{srv.url}/metadata/",
-                           f"{srv.url}/targets/")
+        client = TufClient(
+            tmp_path / "cache", data_dir / "keys" / "root.json", f"{srv.url}/metadata/", f"{srv.url}/targets/"
+        )
         client.refresh()
         t = client.download("demo-2.0.bundle", tmp_path / "dl")
         assert t.path.read_bytes() == bundle.read_bytes()
@@ -76,40 +82,133 @@ def test_published_bundle_is_served_and_verified_by_a_tuf_client_over_http(tmp_p
 def test_devices_api_metrics_and_rollout_cli(tmp_path, data_dir, mqtt_broker):
     with Server(data_dir, MqttConfig(mqtt_broker.url), http_port=0, tick_s=0.1, min_samples=5) as srv:
         assert srv.ingest.wait_connected(10)
-        devs = [SimDevice(f"cli-{i}", tmp_path / f"d{i}", MqttConfig(mqtt_broker.url), group="lab",
-                          profile="rpi5-8gb", metrics_interval_s=0.2).start() for i in range(2)]
+        devs = [
+            SimDevice(
+                f"cli-{i}",
+                tmp_path / f"d{i}",
+                MqttConfig(mqtt_broker.url),
+                group="lab",
+                profile="rpi5-8gb",
+                metrics_interval_s=0.2,
+            ).start()
+            for i in range(2)
+        ]
         try:
             wait_for(lambda: sum(d["online"] for d in srv.store.devices()) == 2, what="2 online")
             rows = json.loads(cli("devices", "--data-dir", data_dir, "--format", "json").output)
             assert [(d["id"], d["profile"], d["version"], d["online"], d["group"]) for d in rows] == [
-                ("cli-0", "rpi5-8gb", "1.0", True, "lab"), ("cli-1", "rpi5-8gb", "1.0", True, "lab")]
+                ("cli-0", "rpi5-8gb", "1.0", True, "lab"),
+                ("cli-1", "rpi5-8gb", "1.0", True, "lab"),
+            ]
             assert all(d["last_seen"] for d in rows)
             assert "cli-0" in cli("devices", "--data-dir", data_dir).output
 
-            r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1", "--group", "lab",
-                    ok=False)
+            r = cli(
+                "rollout",
+                "start",
+                "--data-dir",
+                data_dir,
+                "--model",
+                "demo",
+                "--version",
+                "1.1",
+                "--group",
+                "lab",
+                ok=False,
+            )
             assert r.exit_code != 0 and "needs a gate" in r.output and "--no-gate" in r.output
-            r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1", "--group", "lab",
-                    "--no-gate", ok=False)
+            r = cli(
+                "rollout",
+                "start",
+                "--data-dir",
+                data_dir,
+                "--model",
+                "demo",
+                "--version",
+                "1.1",
+                "--group",
+                "lab",
+                "--no-gate",
+                ok=False,
+            )
             assert r.exit_code != 0 and "no target for demo 1.1" in r.output
             from fixtures_trust import make_bundle_dir
 
             from edgellm.bundle import pack
 
             for v in ("1.1", "1.2"):
-                cli("publish", "--data-dir", data_dir,
-                    pack(make_bundle_dir(tmp_path / f"b{v}", version=v), tmp_path / f"demo-{v}.bundle").path)
-            rid = json.loads(cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.1",
-                                 "--group", "lab", "--canary", "50%", "--gate", "p95_latency_ms<=1000",
-                                 "--bake", "0.5s", "--format", "json").output)["id"]
-            r = cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.2",
-                    "--group", "lab", "--no-gate", ok=False)
+                cli(
+                    "publish",
+                    "--data-dir",
+                    data_dir,
+                    pack(make_bundle_dir(tmp_path / f"b{v}", version=v), tmp_path / f"demo-{v}.bundle").path,
+                )
+            rid = json.loads(
+                cli(
+                    "rollout",
+                    "start",
+                    "--data-dir",
+                    data_dir,
+                    "--model",
+                    "demo",
+                    "--version",
+                    "1.1",
+                    "--group",
+                    "lab",
+                    "--canary",
+                    "50%",
+                    "--gate",
+                    "p95_latency_ms<=1000",
+                    "--bake",
+                    "0.5s",
+                    "--format",
+                    "json",
+                ).output
+            )["id"]
+            r = cli(
+                "rollout",
+                "start",
+                "--data-dir",
+                data_dir,
+                "--model",
+                "demo",
+                "--version",
+                "1.2",
+                "--group",
+                "lab",
+                "--no-gate",
+                ok=False,
+            )
             assert r.exit_code != 0 and "already has an active rollout" in r.output and "hint" in r.output
-            assert cli("rollout", "start", "--data-dir", data_dir, "--model", "demo", "--version", "1.2",
-                       "--gate", "latency<3", ok=False).exit_code != 0
-            st = wait_for(lambda: (s := json.loads(cli("rollout", "status", "--data-dir", data_dir, rid,
-                                                       "--format", "json").output)[0])["state"] in ("completed", "rolled_back") and s,
-                          timeout=30, what="rollout finished")
+            assert (
+                cli(
+                    "rollout",
+                    "start",
+                    "--data-dir",
+                    data_dir,
+                    "--model",
+                    "demo",
+                    "--version",
+                    "1.2",
+                    "--gate",
+                    "latency<3",
+                    ok=False,
+                ).exit_code
+                != 0
+            )
+            st = wait_for(
+                lambda: (
+                    (
+                        s := json.loads(
+                            cli("rollout", "status", "--data-dir", data_dir, rid, "--format", "json").output
+                        )[0]
+                    )["state"]
+                    in ("completed", "rolled_back")
+                    and s
+                ),
+                timeout=30,
+                what="rollout finished",
+            )
             assert st["state"] == "completed", st["reason"]
             assert st["on_new_version"] == 2
             assert "completed" in cli("rollout", "status", "--data-dir", data_dir, rid).output
@@ -163,14 +262,19 @@ def test_run_as_a_process_serves_and_stops_on_sigterm(tmp_path, data_dir, mqtt_b
     exe = shutil.which("edgellm-server", path=os.path.dirname(sys.executable)) or shutil.which("edgellm-server")
     cmd = [exe] if exe else [sys.executable, "-m", "server.cli"]
     port = free_port()
-    p = subprocess.Popen([*cmd, "run", "--data-dir", str(data_dir), "--mqtt", mqtt_broker.url,
-                          "--http", f"127.0.0.1:{port}"], stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [*cmd, "run", "--data-dir", str(data_dir), "--mqtt", mqtt_broker.url, "--http", f"127.0.0.1:{port}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def healthy():
             try:
                 return get(f"http://127.0.0.1:{port}/healthz")[0] == 200
             except OSError:
                 return False
+
         wait_for(healthy, timeout=20, what="server HTTP")
         assert json.loads(get(f"http://127.0.0.1:{port}/metadata/timestamp.json")[2])["signed"]["_type"] == "timestamp"
     finally:
@@ -193,8 +297,18 @@ def test_init_adopts_existing_keys_and_repository(tmp_path, packed_bundle):
     root = init_keys(tmp_path / "keys")
     repo = Repository.create(tmp_path / "repo", tmp_path / "keys")
     repo.add_bundle(packed_bundle)
-    r = CliRunner().invoke(main, ["init", "--data-dir", str(tmp_path / "srv"), "--keys", str(tmp_path / "keys"),
-                                  "--repo", str(tmp_path / "repo")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "init",
+            "--data-dir",
+            str(tmp_path / "srv"),
+            "--keys",
+            str(tmp_path / "keys"),
+            "--repo",
+            str(tmp_path / "repo"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "srv" / "keys" / "root.json").read_bytes() == root.read_bytes()
     verify_bundle_file(packed_bundle, root, tmp_path / "srv" / "repo")

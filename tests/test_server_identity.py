@@ -117,21 +117,36 @@ def test_the_server_identity_cannot_publish_device_telemetry_on_a_real_broker(tm
     b = Broker(tmp_path / "broker")
     acl = tmp_path / "broker" / "mosquitto.acl"
     acl.write_text(mosquitto_acl())
-    b.config.write_text(mosquitto_config(port=b.port, bind="127.0.0.1", ca=fleet_pki["ca"], cert=fleet_pki["server"].cert,
-                                         key=fleet_pki["server"].key, acl_file=acl, run_as_root=True))
+    b.config.write_text(
+        mosquitto_config(
+            port=b.port,
+            bind="127.0.0.1",
+            ca=fleet_pki["ca"],
+            cert=fleet_pki["server"].cert,
+            key=fleet_pki["server"].key,
+            acl_file=acl,
+            run_as_root=True,
+        )
+    )
     b.start()
     try:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="srv-as-device", protocol=mqtt.MQTTv5)
-        MqttConfig(f"mqtts://127.0.0.1:{b.port}", ca=str(fleet_pki["ca"]), cert=str(fleet_pki["ingest"].cert),
-                   key=str(fleet_pki["ingest"].key)).apply_tls(c)
+        MqttConfig(
+            f"mqtts://127.0.0.1:{b.port}",
+            ca=str(fleet_pki["ca"]),
+            cert=str(fleet_pki["ingest"].cert),
+            key=str(fleet_pki["ingest"].key),
+        ).apply_tls(c)
         codes: dict[str, int] = {}
         topics = {}
         c.on_publish = lambda cl, u, mid, rc, p: codes.__setitem__(topics[mid], rc.value)
         c.connect("127.0.0.1", b.port)
         c.loop_start()
         env = wire.Envelope(device="dev-good", kind="event", seq=1, ts=1.0, body={"name": "forged"})
-        for t, payload in ((wire.device_topic("dev-good", "event"), env.to_json()),
-                           (wire.desired_group_topic("lab"), wire.Desired(model="m", version="1").to_json())):
+        for t, payload in (
+            (wire.device_topic("dev-good", "event"), env.to_json()),
+            (wire.desired_group_topic("lab"), wire.Desired(model="m", version="1").to_json()),
+        ):
             info = c.publish(t, payload, qos=1)
             topics[info.mid] = t
             info.wait_for_publish(5)
@@ -156,8 +171,12 @@ def test_init_keeps_the_root_key_out_of_the_data_directory_and_still_publishes(t
     assert not list((data / "keys").glob("root-*.pem"))
     assert list(operator.glob("root-*.pem")) and mode(operator / "root-1.pem") == 0o600
     # the online roles, plus the director's online key that signs assignments
-    assert sorted(p.name for p in (data / "keys").glob("*.pem")) == ["director-1.pem", "snapshot-1.pem",
-                                                                     "targets-1.pem", "timestamp-1.pem"]
+    assert sorted(p.name for p in (data / "keys").glob("*.pem")) == [
+        "director-1.pem",
+        "snapshot-1.pem",
+        "targets-1.pem",
+        "timestamp-1.pem",
+    ]
     assert all(mode(p) == 0o600 for p in (data / "keys").glob("*.pem")) and mode(data / "keys") == 0o700
     assert (data / "keys" / "root.json").read_bytes() == (operator / "root.json").read_bytes()
     cli("publish", "--data-dir", data, packed_bundle)  # the online keys are enough to publish

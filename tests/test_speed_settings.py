@@ -28,9 +28,17 @@ def _slot(data_dir: Path, gguf: Path, settings: dict | None) -> Path:
     slot.mkdir(parents=True)
     shutil.copyfile(gguf, slot / "model.gguf")
     files = [{"path": "model.gguf", "sha256": sha256_file(gguf), "size": gguf.stat().st_size}]
-    manifest = {"name": "tiny", "version": "1.0.0", "runtime": "gguf", "artifact": "model.gguf",
-                "quantization": "q8_0", "profiles": [PROFILE], "memory": {"context_length": 256},
-                "generation": {"temperature": 0.0, "threads": 1}, "files": files}
+    manifest = {
+        "name": "tiny",
+        "version": "1.0.0",
+        "runtime": "gguf",
+        "artifact": "model.gguf",
+        "quantization": "q8_0",
+        "profiles": [PROFILE],
+        "memory": {"context_length": 256},
+        "generation": {"temperature": 0.0, "threads": 1},
+        "files": files,
+    }
     if settings is not None:
         manifest["runtime_settings"] = settings
     (slot / "manifest.json").write_text(json.dumps(manifest))
@@ -82,8 +90,18 @@ def test_provision_threads_overrides_the_manifest(tmp_path, tiny_gguf, agent_bun
     from agent.daemon import load_handle
 
     data = tmp_path / "agent"
-    agent_cli("provision", "--device-id", "dev-1", "--profile", PROFILE, "--root", str(agent_bundles["root"]),
-              "--threads", "3", data_dir=data)
+    agent_cli(
+        "provision",
+        "--device-id",
+        "dev-1",
+        "--profile",
+        PROFILE,
+        "--root",
+        str(agent_bundles["root"]),
+        "--threads",
+        "3",
+        data_dir=data,
+    )
     cfg = AgentConfig.load(AgentPaths(data))
     assert cfg.threads == 3
     _slot(data, tiny_gguf, RuntimeSettings(threads=1, flash_attn=False).to_dict())
@@ -98,31 +116,57 @@ def test_provision_without_threads_leaves_it_to_the_bundle(tmp_path, agent_bundl
     from agent.config import AgentConfig, AgentPaths
 
     data = tmp_path / "agent"
-    agent_cli("provision", "--device-id", "dev-1", "--profile", PROFILE, "--root", str(agent_bundles["root"]),
-              data_dir=data)
+    agent_cli(
+        "provision", "--device-id", "dev-1", "--profile", PROFILE, "--root", str(agent_bundles["root"]), data_dir=data
+    )
     assert AgentConfig.load(AgentPaths(data)).threads is None
-    r = agent_cli("provision", "--device-id", "dev-1", "--profile", PROFILE, "--root", str(agent_bundles["root"]),
-                  "--threads", "0", "--force", data_dir=data, check=False)
+    r = agent_cli(
+        "provision",
+        "--device-id",
+        "dev-1",
+        "--profile",
+        PROFILE,
+        "--root",
+        str(agent_bundles["root"]),
+        "--threads",
+        "0",
+        "--force",
+        data_dir=data,
+        check=False,
+    )
     assert r.returncode != 0 and "threads" in r.stderr.lower()
 
 
 def test_old_manifest_threads_still_apply(tmp_path, tiny_gguf) -> None:
     from edgellm.bundle import Manifest
 
-    m = Manifest.from_dict({"name": "t", "version": "1", "runtime": "gguf", "artifact": "model.gguf",
-                            "generation": {"threads": 2}})
+    m = Manifest.from_dict(
+        {"name": "t", "version": "1", "runtime": "gguf", "artifact": "model.gguf", "generation": {"threads": 2}}
+    )
     assert resolve(m, cpus=4).threads == 2 and resolve(m, 1, cpus=4).threads == 1
-    four = Manifest.from_dict({"name": "t", "version": "1", "runtime": "gguf", "artifact": "model.gguf",
-                               "runtime_settings": {"threads": 4}})
+    four = Manifest.from_dict(
+        {"name": "t", "version": "1", "runtime": "gguf", "artifact": "model.gguf", "runtime_settings": {"threads": 4}}
+    )
     assert [resolve(four, cpus=c).threads for c in (1, 2, 3, 4, 8)] == [1, 2, 3, 3, 4]  # one CPU spared from 4
     assert resolve(four, 4, cpus=4).threads == 4  # an explicit --threads is used as given
 
 
-@pytest.mark.parametrize("bad", [
-    {"threads": "4"}, {"threads": 0}, {"threads": 10**6}, {"threads": True}, {"flash_attn": "yes"},
-    {"kv_cache_type": "q4_0"}, {"kv_cache_type": "q8_0", "flash_attn": False}, {"batch_size": 64, "ubatch_size": 128},
-    {"mmap": 1}, [], "x",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"threads": "4"},
+        {"threads": 0},
+        {"threads": 10**6},
+        {"threads": True},
+        {"flash_attn": "yes"},
+        {"kv_cache_type": "q4_0"},
+        {"kv_cache_type": "q8_0", "flash_attn": False},
+        {"batch_size": 64, "ubatch_size": 128},
+        {"mmap": 1},
+        [],
+        "x",
+    ],
+)
 def test_bad_runtime_settings_are_refused(bad) -> None:
     with pytest.raises(RuntimeSettingsError) as e:
         RuntimeSettings.from_dict(bad)
@@ -153,16 +197,24 @@ def test_onnx_is_exported_once_per_build_and_predictions_are_capped(tmp_path, hf
     calls = []
     real = onnx_export._export_fp32
     monkeypatch.setattr(onnx_export, "_export_fp32", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cands = build_candidates(hf_llama_dir, ["gguf-q8_0", "onnx-fp32", "onnx-int8"], cache_dir=tmp_path / "cache",
-                             eval_text="The robot checks the battery. " * 40, max_eval_tokens=64, window=32)
+    cands = build_candidates(
+        hf_llama_dir,
+        ["gguf-q8_0", "onnx-fp32", "onnx-int8"],
+        cache_dir=tmp_path / "cache",
+        eval_text="The robot checks the battery. " * 40,
+        max_eval_tokens=64,
+        window=32,
+    )
     assert set(cands.measurements) == {"gguf-q8_0", "onnx-fp32", "onnx-int8"}, cands.failures
     assert len(calls) == 1
     assert cands.bandwidth["median_gbps"] > 0 and len(cands.bandwidth["samples_gbps"]) == 6
     for m in cands.measurements.values():
         inputs = m.extra["prediction_inputs"]
         assert len(inputs["bandwidth_samples_gbps"]) == 2 and 0 < m.efficiency <= 1.0
-        assert m.efficiency == min(1.0, inputs["efficiency_measured"]) or abs(
-            m.efficiency - inputs["efficiency_measured"]) < 1e-3
+        assert (
+            m.efficiency == min(1.0, inputs["efficiency_measured"])
+            or abs(m.efficiency - inputs["efficiency_measured"]) < 1e-3
+        )
         assert m.predicted_tokens_per_second(1e6) <= 1e15 / m.bytes_per_token  # never above the roofline
 
 
@@ -178,10 +230,15 @@ def test_fast_publish_parser_matches_the_wire_and_refuses_oddities() -> None:
     props = b"\x01\x01\x03\x00\x10application/json"  # payload format + content type: skipped
     assert parse_publish_v5(_publish_body(topic, 65535, props, b"x")) == (65535, topic.decode(), b"x")
     good = _publish_body(topic, 7, b"", b"")
-    for bad in (b"", b"\x00", good[:len(topic) + 3], b"\x00\x00\x00\x07\x00",  # truncated; empty topic (alias)
-                _publish_body(b"\xff\xfe", 7, b"", b""),                       # not UTF-8
-                _publish_body(topic, 0, b"", b""),                             # packet id 0
-                len(topic).to_bytes(2, "big") + topic + b"\x00\x07\xff\xff\xff\xff\x01",  # 5-byte varint
-                len(topic).to_bytes(2, "big") + topic + b"\x00\x07\x05ab",  # properties past the end
-                b"\xff\xff" + topic):
+    for bad in (
+        b"",
+        b"\x00",
+        good[: len(topic) + 3],
+        b"\x00\x00\x00\x07\x00",  # truncated; empty topic (alias)
+        _publish_body(b"\xff\xfe", 7, b"", b""),  # not UTF-8
+        _publish_body(topic, 0, b"", b""),  # packet id 0
+        len(topic).to_bytes(2, "big") + topic + b"\x00\x07\xff\xff\xff\xff\x01",  # 5-byte varint
+        len(topic).to_bytes(2, "big") + topic + b"\x00\x07\x05ab",  # properties past the end
+        b"\xff\xff" + topic,
+    ):
         assert parse_publish_v5(bad) is None, bad

@@ -26,8 +26,20 @@ def env(device: str, kind: str, seq: int, body: dict, epoch: str = "e1") -> wire
 
 
 def metrics(device: str, seq: int, count: int, p95: float, version: str = "1", errors: int = 0) -> wire.Envelope:
-    return env(device, "metrics", seq, {"interval_s": 60, "count": count, "errors": errors, "p95_latency_ms": p95,
-                                        "p50_latency_ms": p95 / 2, "version": version, "model": "m"})
+    return env(
+        device,
+        "metrics",
+        seq,
+        {
+            "interval_s": 60,
+            "count": count,
+            "errors": errors,
+            "p95_latency_ms": p95,
+            "p50_latency_ms": p95 / 2,
+            "version": version,
+            "model": "m",
+        },
+    )
 
 
 def test_ingest_deduplicates_on_device_epoch_seq(store):
@@ -42,7 +54,9 @@ def test_ingest_deduplicates_on_device_epoch_seq(store):
 
 
 def test_registry_follows_birth_heartbeat_death(store):
-    store.ingest([env("d1", "birth", 0, {"session": "s1", "profile": "pi", "group": "g", "version": "1", "model": "m"})])
+    store.ingest(
+        [env("d1", "birth", 0, {"session": "s1", "profile": "pi", "group": "g", "version": "1", "model": "m"})]
+    )
     store.ingest([env("d1", "heartbeat", 5, {"version": "2", "outbox_pending": 3})])
     store.ingest([env("d1", "heartbeat", 4, {"version": "old"})])  # older by the device's sequence: ignored
     d = store.device("d1")
@@ -86,7 +100,9 @@ def test_rollouts_compare_and_set(store):
     store.assign_rollout_devices("r1", [("d1", "canary", "1", "m"), ("d2", "rest", None, None)])
     store.assign_rollout_devices("r1", [("d2", "canary", "0", "m")])
     assert [(d.device, d.phase, d.previous_version) for d in store.rollout_devices("r1")] == [
-        ("d1", "canary", "1"), ("d2", "canary", "0")]
+        ("d1", "canary", "1"),
+        ("d2", "canary", "0"),
+    ]
     for i in range(3):
         store.log_rollout("r1", "canary", f"m{i}")
     assert [e.message for e in store.rollout_log("r1")] == ["m0", "m1", "m2"]
@@ -115,7 +131,9 @@ def test_unauthenticated_audit_rows_are_bounded(store, monkeypatch):
     monkeypatch.setattr(control, "UNAUTHENTICATED_KEEP", 3)
     store.audit(token="t", who="alice", role="admin", action="POST /x", target="x", status=200, result="ok")
     for i in range(10):
-        store.audit(token=None, who=control.ANONYMOUS, role=None, action="POST /x", target=str(i), status=401, result="")
+        store.audit(
+            token=None, who=control.ANONYMOUS, role=None, action="POST /x", target=str(i), status=401, result=""
+        )
     log = store.audit_log()
     assert [a.target for a in log if a.who == control.ANONYMOUS] == ["9", "8", "7"]
     assert [a.who for a in log][-1] == "alice"  # operators' entries are never pushed out

@@ -35,8 +35,16 @@ def ingest(tmp_path, mqtt_broker):
 
 
 def test_envelope_roundtrip_keeps_unknown_fields():
-    d = {"device": "d1", "kind": "metrics", "seq": 3, "ts": 1.5, "v": 1, "epoch": "e1", "future": {"x": 1},
-         "body": {"interval_s": 60, "count": 2, "p95_latency_ms": 10.0, "new_metric": 7}}
+    d = {
+        "device": "d1",
+        "kind": "metrics",
+        "seq": 3,
+        "ts": 1.5,
+        "v": 1,
+        "epoch": "e1",
+        "future": {"x": 1},
+        "body": {"interval_s": 60, "count": 2, "p95_latency_ms": 10.0, "new_metric": 7},
+    }
     env = wire.Envelope.from_json(json.dumps(d).encode())
     assert env.to_dict() == d
     m = env.typed_body()
@@ -45,14 +53,20 @@ def test_envelope_roundtrip_keeps_unknown_fields():
     assert wire.Desired.from_json(wire.Desired(model="m", version="2").to_json()).version == "2"
 
 
-@pytest.mark.parametrize("payload", [
-    b"not json", b"[1,2]", b'{"device": "d1"}', b'{"device": "../x", "kind": "event", "seq": 1, "ts": 0, "body": {}}',
-    b'{"device": "d1", "kind": "nope", "seq": 1, "ts": 0, "body": {}}',
-    b'{"device": "d1", "kind": "metrics", "seq": 1, "ts": 0, "body": {"count": "many", "interval_s": 1}}',
-    b'{"device": "d1", "kind": "event", "seq": -1, "ts": 0, "body": {"name": "x"}}',
-    b'{"device": "d1", "kind": "event", "seq": 1, "ts": 0, "v": 99, "body": {"name": "x"}}',
-    b"x" * (wire.MAX_PAYLOAD_BYTES + 1),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[1,2]",
+        b'{"device": "d1"}',
+        b'{"device": "../x", "kind": "event", "seq": 1, "ts": 0, "body": {}}',
+        b'{"device": "d1", "kind": "nope", "seq": 1, "ts": 0, "body": {}}',
+        b'{"device": "d1", "kind": "metrics", "seq": 1, "ts": 0, "body": {"count": "many", "interval_s": 1}}',
+        b'{"device": "d1", "kind": "event", "seq": -1, "ts": 0, "body": {"name": "x"}}',
+        b'{"device": "d1", "kind": "event", "seq": 1, "ts": 0, "v": 99, "body": {"name": "x"}}',
+        b"x" * (wire.MAX_PAYLOAD_BYTES + 1),
+    ],
+)
 def test_malformed_envelopes_are_refused(payload):
     with pytest.raises(wire.TelemetryError):
         wire.Envelope.from_json(payload)
@@ -72,8 +86,14 @@ def test_topics_and_config():
 def test_aggregator_percentiles():
     agg = InferenceAggregator()
     for i in range(1, 101):
-        agg.add(latency_ms=i, prompt_tokens=i, completion_tokens=2, tokens_per_second=10.0,
-                mean_logprob=-1.0, error=i % 10 == 0)
+        agg.add(
+            latency_ms=i,
+            prompt_tokens=i,
+            completion_tokens=2,
+            tokens_per_second=10.0,
+            mean_logprob=-1.0,
+            error=i % 10 == 0,
+        )
     s = agg.drain()
     assert (s["count"], s["errors"], s["p50_latency_ms"], s["p95_latency_ms"]) == (100, 10, 50.0, 95.0)
     assert s["prompt_tokens_max"] == 100 and s["mean_logprob"] == -1.0 and s["completion_tokens"] == 200
@@ -86,13 +106,26 @@ def test_aggregator_percentiles():
 
 def test_birth_heartbeat_metrics_and_clean_death(tmp_path, mqtt_broker, ingest):
     store = ingest.store
-    t = Telemetry("dev-a", tmp_path / "a", MqttConfig(mqtt_broker.url), "rpi5-8gb", group="lab",
-                  heartbeat_s=0.5, metrics_interval_s=0.3)
+    t = Telemetry(
+        "dev-a",
+        tmp_path / "a",
+        MqttConfig(mqtt_broker.url),
+        "rpi5-8gb",
+        group="lab",
+        heartbeat_s=0.5,
+        metrics_interval_s=0.3,
+    )
     t.set_state(version="1.0", model="tiny", slot="a", health="ok")
     t.start()
     for i in range(30):
-        t.record_inference(latency_ms=100 + i, prompt_tokens=10, completion_tokens=20, tokens_per_second=50,
-                           mean_logprob=-1.0, error=i == 0)
+        t.record_inference(
+            latency_ms=100 + i,
+            prompt_tokens=10,
+            completion_tokens=20,
+            tokens_per_second=50,
+            mean_logprob=-1.0,
+            error=i == 0,
+        )
     d = wait_for(lambda: (x := store.device("dev-a")) and x["online"] and x, what="device online")
     assert (d["profile"], d["group"], d["version"], d["model"], d["health"]) == ("rpi5-8gb", "lab", "1.0", "tiny", "ok")
     summ = wait_for(lambda: (s := store.metric_summary(["dev-a"], "1.0", 0))["count"] == 30 and s, what="metrics")
@@ -127,9 +160,14 @@ def test_a_killed_device_goes_offline_through_its_last_will(tmp_path, mqtt_broke
         "import sys, time\nfrom pathlib import Path\nfrom agent.telemetry import Telemetry\n"
         "from edgellm.telemetry import MqttConfig\n"
         "t = Telemetry('dev-k', Path(sys.argv[2]), MqttConfig(sys.argv[1]), 'sim', keepalive_s=2)\n"
-        "t.start()\nprint('up', flush=True)\ntime.sleep(3600)\n")
-    p = subprocess.Popen([sys.executable, str(script), mqtt_broker.url, str(tmp_path / "k")], stdout=subprocess.PIPE,
-                         text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        "t.start()\nprint('up', flush=True)\ntime.sleep(3600)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, str(script), mqtt_broker.url, str(tmp_path / "k")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
     try:
         assert p.stdout.readline().strip() == "up"
         wait_for(lambda: (x := ingest.store.device("dev-k")) and x["online"], what="online")
@@ -156,8 +194,9 @@ def test_desired_state_device_overrides_group_and_commands_get_replies(tmp_path,
     assert [(g["version"], g["source"]) for g in got] == [("2", "group"), ("1", "device"), ("2", "group")]
     assert got[1]["rollout"] == "r1"
     for cid, name in (("c1", "ping"), ("c2", "echo"), ("c3", "state"), ("c4", "reboot")):
-        ingest.publish(wire.command_topic("dev-d"), json.dumps({"id": cid, "name": name, "args": {"a": 1}}).encode(),
-                       retain=False)
+        ingest.publish(
+            wire.command_topic("dev-d"), json.dumps({"id": cid, "name": name, "args": {"a": 1}}).encode(), retain=False
+        )
     replies = wait_for(lambda: len(r := ingest.store.message_bodies("dev-d", "reply")) == 4 and r, what="replies")
     by_id = {b["id"]: b for b in replies}
     assert by_id["c1"]["result"] == "pong" and by_id["c2"]["result"] == {"echo": {"a": 1}}
@@ -171,10 +210,18 @@ def test_malformed_payloads_are_counted_and_dropped_and_ingest_keeps_going(tmp_p
     bad = [
         ("edgellm/v1/dev/x1/event", b"\x00\xffnot json"),
         ("edgellm/v1/dev/x1/event", b'{"device": "x1", "kind": "event"}'),
-        ("edgellm/v1/dev/x1/metrics", json.dumps({"device": "x1", "kind": "metrics", "seq": 5, "ts": 1,
-                                                   "body": {"interval_s": "soon", "count": 1}}).encode()),
-        ("edgellm/v1/dev/x1/event", json.dumps({"device": "someone-else", "kind": "event", "seq": 1, "ts": 1,
-                                                 "body": {"name": "spoof"}}).encode()),
+        (
+            "edgellm/v1/dev/x1/metrics",
+            json.dumps(
+                {"device": "x1", "kind": "metrics", "seq": 5, "ts": 1, "body": {"interval_s": "soon", "count": 1}}
+            ).encode(),
+        ),
+        (
+            "edgellm/v1/dev/x1/event",
+            json.dumps(
+                {"device": "someone-else", "kind": "event", "seq": 1, "ts": 1, "body": {"name": "spoof"}}
+            ).encode(),
+        ),
         ("edgellm/v1/dev/x1/event", b"{" + b" " * (wire.MAX_PAYLOAD_BYTES + 10) + b"}"),
     ]
     for topic, payload in bad:
@@ -183,8 +230,10 @@ def test_malformed_payloads_are_counted_and_dropped_and_ingest_keeps_going(tmp_p
     t.start()
     t.event("still-alive", n=1)
     wait_for(lambda: store.events(device="x1", name="still-alive"), what="good message after bad ones")
-    counters = wait_for(lambda: (k := store.counters()) and sum(v for n, v in k.items() if n.startswith("malformed")) == 5 and k,
-                        what="malformed counted")
+    counters = wait_for(
+        lambda: (k := store.counters()) and sum(v for n, v in k.items() if n.startswith("malformed")) == 5 and k,
+        what="malformed counted",
+    )
     assert counters["malformed_json"] == 1 and counters["malformed_oversized"] == 1
     assert counters["malformed_schema"] == 2 and counters["malformed_topic"] == 1
     assert store.device("someone-else") is None
@@ -220,8 +269,17 @@ def test_mtls_broker_accepts_fleet_certs_and_refuses_others(tmp_path, fleet_pki)
     b.port = port
     acl = tmp_path / "broker" / "mosquitto.acl"
     acl.write_text(mosquitto_acl())
-    b.config.write_text(mosquitto_config(port=port, bind="127.0.0.1", ca=fleet_pki["ca"], cert=fleet_pki["server"].cert,
-                                         key=fleet_pki["server"].key, acl_file=acl, run_as_root=True))
+    b.config.write_text(
+        mosquitto_config(
+            port=port,
+            bind="127.0.0.1",
+            ca=fleet_pki["ca"],
+            cert=fleet_pki["server"].cert,
+            key=fleet_pki["server"].key,
+            acl_file=acl,
+            run_as_root=True,
+        )
+    )
     b.start()
     url = f"mqtts://127.0.0.1:{port}"
     ca = str(fleet_pki["ca"])
@@ -231,12 +289,23 @@ def test_mtls_broker_accepts_fleet_certs_and_refuses_others(tmp_path, fleet_pki)
     try:
         ing.start()
         assert ing.wait_connected(10)
-        good = Telemetry("dev-good", tmp_path / "good", MqttConfig(url, ca=ca, cert=str(fleet_pki["good"].cert),
-                                                                    key=str(fleet_pki["good"].key)), "sim")
-        rogue = Telemetry("dev-rogue", tmp_path / "rogue", MqttConfig(url, ca=ca, cert=str(fleet_pki["bad"].cert),
-                          key=str(fleet_pki["bad"].key)), "sim", backoff_min_s=0.1, backoff_max_s=0.3)
-        anon = Telemetry("dev-anon", tmp_path / "anon", MqttConfig(url, ca=ca), "sim",
-                         backoff_min_s=0.1, backoff_max_s=0.3)
+        good = Telemetry(
+            "dev-good",
+            tmp_path / "good",
+            MqttConfig(url, ca=ca, cert=str(fleet_pki["good"].cert), key=str(fleet_pki["good"].key)),
+            "sim",
+        )
+        rogue = Telemetry(
+            "dev-rogue",
+            tmp_path / "rogue",
+            MqttConfig(url, ca=ca, cert=str(fleet_pki["bad"].cert), key=str(fleet_pki["bad"].key)),
+            "sim",
+            backoff_min_s=0.1,
+            backoff_max_s=0.3,
+        )
+        anon = Telemetry(
+            "dev-anon", tmp_path / "anon", MqttConfig(url, ca=ca), "sim", backoff_min_s=0.1, backoff_max_s=0.3
+        )
         agents = [good, rogue, anon]
         for t in agents:
             t.start()
@@ -329,8 +398,10 @@ def test_two_server_replicas_split_ingest_through_the_shared_subscription(tmp_pa
     other.start()
     try:
         assert other.wait_connected(10)
-        agents = [Telemetry(f"split-{i}", tmp_path / f"s{i}", MqttConfig(mqtt_broker.url), "sim", heartbeat_s=3600)
-                  for i in range(4)]
+        agents = [
+            Telemetry(f"split-{i}", tmp_path / f"s{i}", MqttConfig(mqtt_broker.url), "sim", heartbeat_s=3600)
+            for i in range(4)
+        ]
         for a in agents:
             a.start()
             for k in range(25):

@@ -25,8 +25,15 @@ TEN_YEARS = 10 * 365 * 86400
 
 
 def envelope(device: str, kind: str, seq: int, body: dict, ts: float | None = None, epoch: str = "e1") -> dict:
-    return {"device": device, "kind": kind, "seq": seq, "ts": time.time() if ts is None else ts, "epoch": epoch,
-            "v": 1, "body": body}
+    return {
+        "device": device,
+        "kind": kind,
+        "seq": seq,
+        "ts": time.time() if ts is None else ts,
+        "epoch": epoch,
+        "v": 1,
+        "body": body,
+    }
 
 
 # The four messages that each stopped ingest for the whole fleet, plus a clock set to infinity.
@@ -52,13 +59,16 @@ def test_out_of_range_or_mistyped_fields_are_refused_at_the_boundary(name):
     assert e.value.reason == "schema"
 
 
-@pytest.mark.parametrize("payload", [
-    b'{"device": "d", "kind": "heartbeat", "seq": 1, "ts": 1e309, "body": {}}',
-    b'{"device": "d", "kind": "heartbeat", "seq": 1, "ts": NaN, "body": {}}',
-    b'{"device": "d", "kind": "metrics", "seq": 1, "ts": 1, "body": {"interval_s": Infinity, "count": 1}}',
-    b'{"device": "d", "kind": "event", "seq": 1, "ts": 1, "body": {"name": "x", "fields": {"v": -Infinity}}}',
-    b"[" * 50_000,
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"device": "d", "kind": "heartbeat", "seq": 1, "ts": 1e309, "body": {}}',
+        b'{"device": "d", "kind": "heartbeat", "seq": 1, "ts": NaN, "body": {}}',
+        b'{"device": "d", "kind": "metrics", "seq": 1, "ts": 1, "body": {"interval_s": Infinity, "count": 1}}',
+        b'{"device": "d", "kind": "event", "seq": 1, "ts": 1, "body": {"name": "x", "fields": {"v": -Infinity}}}',
+        b"[" * 50_000,
+    ],
+)
 def test_non_finite_numbers_and_hostile_nesting_are_not_json(payload):
     with pytest.raises(wire.TelemetryError) as e:
         wire.Envelope.from_json(payload)
@@ -66,12 +76,14 @@ def test_non_finite_numbers_and_hostile_nesting_are_not_json(payload):
 
 
 def test_sequence_rules_and_bounded_strings():
-    for d in (envelope("d", "event", 0, {"name": "x"}),  # sequenced kinds start at 1
-              envelope("d", "birth", 5, {"session": "s"}),  # connection state is unsequenced
-              envelope("d", "metrics", 1, {"interval_s": 1, "count": None}),  # required, not null
-              envelope("d", "event", 1, {"name": "x" * 129}),
-              envelope("d", "birth", 0, {"session": "s", "group": "../etc"}),
-              envelope("d", "heartbeat", 1, {"health": "ok\n"})):
+    for d in (
+        envelope("d", "event", 0, {"name": "x"}),  # sequenced kinds start at 1
+        envelope("d", "birth", 5, {"session": "s"}),  # connection state is unsequenced
+        envelope("d", "metrics", 1, {"interval_s": 1, "count": None}),  # required, not null
+        envelope("d", "event", 1, {"name": "x" * 129}),
+        envelope("d", "birth", 0, {"session": "s", "group": "../etc"}),
+        envelope("d", "heartbeat", 1, {"health": "ok\n"}),
+    ):
         with pytest.raises(wire.TelemetryError):
             wire.Envelope.from_json(raw(d))
     with pytest.raises(ValueError):  # an agent cannot send what the server would refuse
@@ -85,18 +97,25 @@ def test_a_clock_ten_years_ahead_does_not_freeze_the_device_state(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     ahead = time.time() + TEN_YEARS
     store.ingest([wire.Envelope(device="d", kind="heartbeat", seq=1, ts=ahead, epoch="e1", body={"version": "1.0"})])
-    store.ingest([wire.Envelope(device="d", kind="heartbeat", seq=2, ts=time.time(), epoch="e1",
-                                body={"version": "2.0"})])
+    store.ingest(
+        [wire.Envelope(device="d", kind="heartbeat", seq=2, ts=time.time(), epoch="e1", body={"version": "2.0"})]
+    )
     assert store.device("d").version == "2.0"
     # an older heartbeat replayed from the outbox (lower seq) changes nothing, whatever its clock says
-    store.ingest([wire.Envelope(device="d", kind="heartbeat", seq=1, ts=ahead + 1, epoch="e1",
-                                body={"version": "0.9"})], received=time.time() + 1)
-    store.ingest([wire.Envelope(device="d", kind="heartbeat", seq=1, ts=ahead + 2, epoch="e0",
-                                body={"version": "0.8"})], received=time.time() - 60)  # older outbox, received earlier
+    store.ingest(
+        [wire.Envelope(device="d", kind="heartbeat", seq=1, ts=ahead + 1, epoch="e1", body={"version": "0.9"})],
+        received=time.time() + 1,
+    )
+    store.ingest(
+        [wire.Envelope(device="d", kind="heartbeat", seq=1, ts=ahead + 2, epoch="e0", body={"version": "0.8"})],
+        received=time.time() - 60,
+    )  # older outbox, received earlier
     assert store.device("d").version == "2.0"
     # a wiped outbox (new epoch) starts again at seq 1 and is followed
-    store.ingest([wire.Envelope(device="d", kind="heartbeat", seq=1, ts=0, epoch="e2", body={"version": "3.0"})],
-                 received=time.time() + 2)
+    store.ingest(
+        [wire.Envelope(device="d", kind="heartbeat", seq=1, ts=0, epoch="e2", body={"version": "3.0"})],
+        received=time.time() + 2,
+    )
     assert store.device("d").version == "3.0"
 
 
@@ -116,16 +135,20 @@ def test_poison_messages_are_set_aside_and_good_ones_after_them_are_stored(tmp_p
         assert ing.wait_connected(10)
         for d in POISON.values():
             publish(c, d)
-        c.publish(wire.device_topic("bad-5", "heartbeat"),
-                  b'{"device": "bad-5", "kind": "heartbeat", "seq": 1, "ts": 1e309, "body": {}}', qos=1).wait_for_publish(5)
+        c.publish(
+            wire.device_topic("bad-5", "heartbeat"),
+            b'{"device": "bad-5", "kind": "heartbeat", "seq": 1, "ts": 1e309, "body": {}}',
+            qos=1,
+        ).wait_for_publish(5)
         for seq in (1, 2, 3):
             publish(c, envelope("good", "event", seq, {"name": "after", "fields": {"n": seq}}))
         wait_for(lambda: len(store.events(device="good")) == 3, what="good messages after the poison stored")
         rows = wait_for(lambda: len(q := store.quarantined()) == 5 and q, what="5 messages set aside")
         assert sorted(r.reason for r in rows) == ["json", "schema", "schema", "schema", "schema"]
-        assert {r.topic for r in rows} == {wire.device_topic(f"bad-{i}", k) for i, k in
-                                           ((1, "event"), (2, "heartbeat"), (3, "heartbeat"), (4, "metrics"),
-                                            (5, "heartbeat"))}
+        assert {r.topic for r in rows} == {
+            wire.device_topic(f"bad-{i}", k)
+            for i, k in ((1, "event"), (2, "heartbeat"), (3, "heartbeat"), (4, "metrics"), (5, "heartbeat"))
+        }
         assert any("outbox_dropped" in r.detail for r in rows) and all(r.payload for r in rows)
         counters = store.counters()
         assert counters["quarantined"] == 5 and counters["malformed_schema"] == 4 and counters["malformed_json"] == 1
@@ -187,8 +210,9 @@ def test_quarantine_is_bounded_in_bytes_and_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "QUARANTINE_KEEP", 3)
     store.quarantine([("t", b"x" * (QUARANTINE_PAYLOAD_BYTES * 4), "oversized", "big")] * 5)
     rows = store.quarantined()
-    assert len(rows) == 3 and all(len(r.payload) == QUARANTINE_PAYLOAD_BYTES and r.size == 4 * QUARANTINE_PAYLOAD_BYTES
-                                  for r in rows)
+    assert len(rows) == 3 and all(
+        len(r.payload) == QUARANTINE_PAYLOAD_BYTES and r.size == 4 * QUARANTINE_PAYLOAD_BYTES for r in rows
+    )
     assert store.counters()["malformed_oversized"] == 5
 
 
@@ -214,10 +238,12 @@ def test_the_quarantine_is_readable_over_http(tmp_path):
 def test_a_store_made_by_an_earlier_release_gets_the_new_columns(tmp_path):
     path = tmp_path / "old.sqlite"
     old = sqlite3.connect(path)
-    old.execute("CREATE TABLE devices (id TEXT PRIMARY KEY, profile TEXT, grp TEXT NOT NULL DEFAULT 'default',"
-                " version TEXT, model TEXT, slot TEXT, health TEXT, online INTEGER NOT NULL DEFAULT 0, session TEXT,"
-                " state_ts REAL NOT NULL DEFAULT 0, first_seen REAL, last_seen REAL,"
-                " outbox_dropped INTEGER NOT NULL DEFAULT 0, outbox_pending INTEGER NOT NULL DEFAULT 0)")
+    old.execute(
+        "CREATE TABLE devices (id TEXT PRIMARY KEY, profile TEXT, grp TEXT NOT NULL DEFAULT 'default',"
+        " version TEXT, model TEXT, slot TEXT, health TEXT, online INTEGER NOT NULL DEFAULT 0, session TEXT,"
+        " state_ts REAL NOT NULL DEFAULT 0, first_seen REAL, last_seen REAL,"
+        " outbox_dropped INTEGER NOT NULL DEFAULT 0, outbox_pending INTEGER NOT NULL DEFAULT 0)"
+    )
     old.execute("INSERT INTO devices (id, version, state_ts) VALUES ('d', '1.0', 1e300)")  # a clock far ahead
     old.commit()
     old.close()

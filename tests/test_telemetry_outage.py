@@ -22,9 +22,19 @@ def test_broker_outage_loses_nothing_and_stores_each_message_once(tmp_path, mqtt
     ing = Ingest(store, MqttConfig(mqtt_broker.url), client_id="outage-server")
     ing.start()
     assert ing.wait_connected(10)
-    agents = [Telemetry(f"out-{i}", tmp_path / f"a{i}", MqttConfig(mqtt_broker.url), "sim",
-                        heartbeat_s=3600, metrics_interval_s=3600, backoff_min_s=0.2, backoff_max_s=2.0)
-              for i in range(AGENTS)]
+    agents = [
+        Telemetry(
+            f"out-{i}",
+            tmp_path / f"a{i}",
+            MqttConfig(mqtt_broker.url),
+            "sim",
+            heartbeat_s=3600,
+            metrics_interval_s=3600,
+            backoff_min_s=0.2,
+            backoff_max_s=2.0,
+        )
+        for i in range(AGENTS)
+    ]
     for a in agents:
         a.start()
     sent = {a.device_id: 0 for a in agents}

@@ -201,7 +201,9 @@ def test_keys_thresholds_validated(tmp_path: Path) -> None:
         init_keys(tmp_path / "k", thresholds={"targets": 3}, counts={"targets": 2})
 
 
-def test_signed_bundle_can_be_republished_in_another_repository(tmp_path: Path, signed_repo, packed_bundle: Path) -> None:
+def test_signed_bundle_can_be_republished_in_another_repository(
+    tmp_path: Path, signed_repo, packed_bundle: Path
+) -> None:
     repo, _, name = signed_repo
     env = repo.export_signed(name, tmp_path / f"{name}.signed")
     other_root = init_keys(tmp_path / "fleet2-keys")
@@ -216,7 +218,11 @@ def test_rotation_keeps_the_role_key_count_and_threshold(tmp_path: Path, signed_
     repo.rotate_key("targets")
     roles = json.loads((repo.metadata_dir / "root.json").read_text())["signed"]["roles"]
     assert len(roles["targets"]["keyids"]) == 3 and roles["targets"]["threshold"] == 2
-    assert sorted(e["file"] for e in repo.keys.index["roles"]["targets"]) == ["targets-4.pem", "targets-5.pem", "targets-6.pem"]
+    assert sorted(e["file"] for e in repo.keys.index["roles"]["targets"]) == [
+        "targets-4.pem",
+        "targets-5.pem",
+        "targets-6.pem",
+    ]
     verify_bundle_file(packed_bundle, root, repo.dir)
 
 
@@ -251,7 +257,9 @@ else:
 
 
 @pytest.mark.parametrize("kind", ["sparse", "padded"])
-def test_signed_bundle_target_over_its_signed_length_refused_before_writing(tmp_path: Path, signed_repo, kind: str) -> None:
+def test_signed_bundle_target_over_its_signed_length_refused_before_writing(
+    tmp_path: Path, signed_repo, kind: str
+) -> None:
     import subprocess
     import sys
 
@@ -271,8 +279,12 @@ def test_signed_bundle_target_over_its_signed_length_refused_before_writing(tmp_
 
     bad = _rewrite_envelope(env, tmp_path / "bad.signed", change)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", _LIMITED, str(bad), str(root), str(tmp_path / "cache"), str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _LIMITED, str(bad), str(root), str(tmp_path / "cache"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.stdout.startswith("REFUSED"), r.stdout + r.stderr
     assert "File too large" not in r.stdout and "truncated" not in r.stdout
     assert ("sparse" in r.stdout) if kind == "sparse" else ("signed length" in r.stdout)
@@ -282,8 +294,9 @@ def test_signed_bundle_target_over_its_signed_length_refused_before_writing(tmp_
 def test_signed_bundle_duplicate_entry_says_so(tmp_path: Path, signed_repo) -> None:
     repo, root, name = signed_repo
     env = repo.export_signed(name, tmp_path / "good.signed")
-    dup = _rewrite_envelope(env, tmp_path / "dup.signed",
-                            lambda m, d: [(m, d), (m, d)] if m.name == "metadata/1.root.json" else [(m, d)])
+    dup = _rewrite_envelope(
+        env, tmp_path / "dup.signed", lambda m, d: [(m, d), (m, d)] if m.name == "metadata/1.root.json" else [(m, d)]
+    )
     with pytest.raises(VerificationError, match="appears twice") as ei:
         verify_signed_bundle(dup, root, tmp_path / "cache", tmp_path / "out")
     assert "truncated" not in str(ei.value) and "File exists" not in str(ei.value)
@@ -299,7 +312,9 @@ def test_signed_bundle_overlong_entry_name_says_so(tmp_path: Path, signed_repo) 
         return [(m, d)]
 
     with pytest.raises(VerificationError, match="too long") as ei:
-        verify_signed_bundle(_rewrite_envelope(env, tmp_path / "long.signed", rename), root, tmp_path / "cache", tmp_path / "out")
+        verify_signed_bundle(
+            _rewrite_envelope(env, tmp_path / "long.signed", rename), root, tmp_path / "cache", tmp_path / "out"
+        )
     assert "truncated" not in str(ei.value)
 
 
@@ -322,7 +337,9 @@ def test_large_targets_metadata_fits_in_a_signed_bundle(tmp_path: Path, signed_r
 
 
 @pytest.mark.parametrize("profile", ["jetson-agx-orin-64gb", "x86-avx512-ipc-32gb"])
-def test_long_bundle_names_export_and_install_offline(tmp_path: Path, signed_repo, packed_bundle: Path, profile: str) -> None:
+def test_long_bundle_names_export_and_install_offline(
+    tmp_path: Path, signed_repo, packed_bundle: Path, profile: str
+) -> None:
     repo, root, _ = signed_repo
     long_name = f"tinyllama-chat-finetuned-1.2.0-{profile}.bundle"
     name = repo.add_bundle(packed_bundle, name=long_name)
@@ -342,8 +359,12 @@ def test_publish_is_all_or_nothing(tmp_path: Path, signed_repo) -> None:
 
     repo, root, _ = signed_repo
     before = _repo_state(repo)
-    b1 = pack(make_bundle_dir(tmp_path / "s1", version="2.0.0"), tmp_path / "demo-2.0.0-jetson-agx-orin-64gb.bundle").path
-    b2 = pack(make_bundle_dir(tmp_path / "s2", version="2.0.1"), tmp_path / "demo-2.0.1-x86-avx512-ipc-32gb.bundle").path
+    b1 = pack(
+        make_bundle_dir(tmp_path / "s1", version="2.0.0"), tmp_path / "demo-2.0.0-jetson-agx-orin-64gb.bundle"
+    ).path
+    b2 = pack(
+        make_bundle_dir(tmp_path / "s2", version="2.0.1"), tmp_path / "demo-2.0.1-x86-avx512-ipc-32gb.bundle"
+    ).path
     (tmp_path / "blocked").write_text("a file where a directory should be")
     dist = tmp_path / "dist"
     with pytest.raises(OSError):
@@ -370,8 +391,10 @@ def test_concurrent_writers_leave_a_consistent_repository(tmp_path: Path, signed
     from edgellm.bundle import pack
 
     repo, root, first = signed_repo
-    bundles = [pack(make_bundle_dir(tmp_path / f"s{i}", version=f"3.0.{i}"), tmp_path / f"demo-3.0.{i}.bundle").path
-               for i in range(6)]
+    bundles = [
+        pack(make_bundle_dir(tmp_path / f"s{i}", version=f"3.0.{i}"), tmp_path / f"demo-3.0.{i}.bundle").path
+        for i in range(6)
+    ]
     errors: list[BaseException] = []
 
     def run(fn) -> None:
@@ -442,11 +465,33 @@ def test_cli_root_keys_stay_offline(tmp_path: Path, packed_bundle: Path) -> None
     run("keys", "init", str(tmp_path / "offline"))
     run("keys", "copy-online", str(tmp_path / "offline"), str(tmp_path / "online"))
     assert not list((tmp_path / "online").glob("root-*.pem"))
-    run("repo", "init", str(tmp_path / "repo"), "--keys", str(tmp_path / "online"), "--root", str(tmp_path / "offline" / "root.json"))
-    out = run("repo", "add", str(tmp_path / "repo"), str(packed_bundle), "--keys", str(tmp_path / "online"),
-              "--export", str(tmp_path / "dist"))
+    run(
+        "repo",
+        "init",
+        str(tmp_path / "repo"),
+        "--keys",
+        str(tmp_path / "online"),
+        "--root",
+        str(tmp_path / "offline" / "root.json"),
+    )
+    out = run(
+        "repo",
+        "add",
+        str(tmp_path / "repo"),
+        str(packed_bundle),
+        "--keys",
+        str(tmp_path / "online"),
+        "--export",
+        str(tmp_path / "dist"),
+    )
     assert "published demo-1.0.0.bundle" in out
-    run("bundle", "verify", str(tmp_path / "dist" / "demo-1.0.0.bundle.signed"), "--root", str(tmp_path / "offline" / "root.json"))
+    run(
+        "bundle",
+        "verify",
+        str(tmp_path / "dist" / "demo-1.0.0.bundle.signed"),
+        "--root",
+        str(tmp_path / "offline" / "root.json"),
+    )
 
 
 def test_signed_bundles_of_one_publish_install_offline_in_any_order(tmp_path: Path, keys_dir: Path) -> None:
@@ -456,14 +501,33 @@ def test_signed_bundles_of_one_publish_install_offline_in_any_order(tmp_path: Pa
     from edgellm.cli import main
 
     Repository.create(tmp_path / "repo", keys_dir)
-    b1 = pack(make_bundle_dir(tmp_path / "s1", version="1.0.0"), tmp_path / "demo-1.0.0-jetson-agx-orin-64gb.bundle").path
-    b2 = pack(make_bundle_dir(tmp_path / "s2", version="1.0.0"), tmp_path / "demo-1.0.0-x86-avx512-ipc-32gb.bundle").path
-    r = CliRunner().invoke(main, ["repo", "add", str(tmp_path / "repo"), str(b1), str(b2), "--keys", str(keys_dir),
-                                  "--export", str(tmp_path / "dist")], catch_exceptions=False)
+    b1 = pack(
+        make_bundle_dir(tmp_path / "s1", version="1.0.0"), tmp_path / "demo-1.0.0-jetson-agx-orin-64gb.bundle"
+    ).path
+    b2 = pack(
+        make_bundle_dir(tmp_path / "s2", version="1.0.0"), tmp_path / "demo-1.0.0-x86-avx512-ipc-32gb.bundle"
+    ).path
+    r = CliRunner().invoke(
+        main,
+        [
+            "repo",
+            "add",
+            str(tmp_path / "repo"),
+            str(b1),
+            str(b2),
+            "--keys",
+            str(keys_dir),
+            "--export",
+            str(tmp_path / "dist"),
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     cache = tmp_path / "device-cache"  # one device, the later bundle first
     for b in (b2, b1):
-        vt = verify_signed_bundle(tmp_path / "dist" / f"{b.name}.signed", keys_dir / "root.json", cache, tmp_path / f"in-{b.name}")
+        vt = verify_signed_bundle(
+            tmp_path / "dist" / f"{b.name}.signed", keys_dir / "root.json", cache, tmp_path / f"in-{b.name}"
+        )
         assert vt.name == b.name
 
 
@@ -482,11 +546,17 @@ def test_timestamp_refresh_in_another_process_does_not_race_publish(tmp_path: Pa
     from edgellm.bundle import pack
 
     repo, root, first = signed_repo
-    bundles = [pack(make_bundle_dir(tmp_path / f"s{i}", version=f"4.0.{i}"), tmp_path / f"demo-4.0.{i}.bundle").path
-               for i in range(6)]
-    code = ("import sys\nfrom edgellm.trust import Repository\nr = Repository(sys.argv[1], sys.argv[2])\n"
-            "print('go', flush=True)\nfor _ in range(20):\n    r.refresh_timestamp()\n")
-    server = subprocess.Popen([sys.executable, "-c", code, str(repo.dir), str(repo.keys.dir)], stdout=subprocess.PIPE, text=True)
+    bundles = [
+        pack(make_bundle_dir(tmp_path / f"s{i}", version=f"4.0.{i}"), tmp_path / f"demo-4.0.{i}.bundle").path
+        for i in range(6)
+    ]
+    code = (
+        "import sys\nfrom edgellm.trust import Repository\nr = Repository(sys.argv[1], sys.argv[2])\n"
+        "print('go', flush=True)\nfor _ in range(20):\n    r.refresh_timestamp()\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", code, str(repo.dir), str(repo.keys.dir)], stdout=subprocess.PIPE, text=True
+    )
     assert server.stdout.readline().strip() == "go"
     for b in bundles:
         Repository(repo.dir, repo.keys.dir).add_bundle(b)

@@ -35,11 +35,25 @@ __all__ = ["AdminHooks", "create_app"]
 log = logging.getLogger(__name__)
 
 
-def create_app(*, engine: Engine, token: str, limits: Limits, admin_token: str | None = None,
-               metrics: Metrics | None = None, audit: AuditLog | None = None,
-               hooks: AdminHooks | None = None) -> FastAPI:
-    ctx = ApiContext(engine=engine, token=token, admin_token=admin_token, limits=limits,
-                     metrics=metrics or Metrics(), audit=audit, hooks=hooks or AdminHooks())
+def create_app(
+    *,
+    engine: Engine,
+    token: str,
+    limits: Limits,
+    admin_token: str | None = None,
+    metrics: Metrics | None = None,
+    audit: AuditLog | None = None,
+    hooks: AdminHooks | None = None,
+) -> FastAPI:
+    ctx = ApiContext(
+        engine=engine,
+        token=token,
+        admin_token=admin_token,
+        limits=limits,
+        metrics=metrics or Metrics(),
+        audit=audit,
+        hooks=hooks or AdminHooks(),
+    )
     app = FastAPI(title="edgellm-agent", docs_url=None, redoc_url=None, openapi_url=None)
     for module in (health, inference, admin):
         app.include_router(module.router(ctx))
@@ -55,8 +69,9 @@ def create_app(*, engine: Engine, token: str, limits: Limits, admin_token: str |
 
         code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         ctx.finish(request, "(other)", exc.status_code, time.monotonic(), error=code, path=request.url.path[:200])
-        return problem_response(ApiProblem(exc.status_code, f"{request.method} {request.url.path[:200]}: {exc.detail}",
-                                           code=code))
+        return problem_response(
+            ApiProblem(exc.status_code, f"{request.method} {request.url.path[:200]}: {exc.detail}", code=code)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -65,7 +80,8 @@ def create_app(*, engine: Engine, token: str, limits: Limits, admin_token: str |
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s", request.url.path)
-        return problem_response(ApiProblem(500, "internal error in the agent; see its log", code="internal_error",
-                                           kind="server_error"))
+        return problem_response(
+            ApiProblem(500, "internal error in the agent; see its log", code="internal_error", kind="server_error")
+        )
 
     return app

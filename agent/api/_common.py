@@ -55,14 +55,26 @@ class ApiContext:
                 return
             self.metrics.rejected.labels("auth").inc()
             if hmac.compare_digest(got, f"Bearer {self.token}".encode()):
-                raise ApiProblem(403, "the inference token is not an admin credential",
-                                 code="admin_token_required", hint="send the token of the agent's admin-token file")
-            raise ApiProblem(401, "missing or wrong admin token: send 'Authorization: Bearer <token>' with the "
-                                  "token from the agent's admin-token file", code="invalid_api_key")
+                raise ApiProblem(
+                    403,
+                    "the inference token is not an admin credential",
+                    code="admin_token_required",
+                    hint="send the token of the agent's admin-token file",
+                )
+            raise ApiProblem(
+                401,
+                "missing or wrong admin token: send 'Authorization: Bearer <token>' with the "
+                "token from the agent's admin-token file",
+                code="invalid_api_key",
+            )
         if not hmac.compare_digest(got, f"Bearer {self.token}".encode()):
             self.metrics.rejected.labels("auth").inc()
-            raise ApiProblem(401, "missing or wrong API token: send 'Authorization: Bearer <token>' with the "
-                                  "token from the agent's api-token file", code="invalid_api_key")
+            raise ApiProblem(
+                401,
+                "missing or wrong API token: send 'Authorization: Bearer <token>' with the "
+                "token from the agent's api-token file",
+                code="invalid_api_key",
+            )
 
     def finish(self, request: Request, endpoint: str, status: int, t0: float, **fields: Any) -> None:
         dt = time.monotonic() - t0
@@ -71,7 +83,7 @@ class ApiContext:
         if self.audit is not None:
             try:
                 self.audit.write(caller=caller(request), endpoint=endpoint, status=status, duration_s=dt, **fields)
-            except Exception:  # noqa: BLE001 - a full disk must not take the API down
+            except Exception:
                 log.exception("audit log write failed")
 
     async def read_body(self, request: Request, model: type[BaseModel]) -> Any:
@@ -91,10 +103,13 @@ class ApiContext:
             loc = ".".join(str(x) for x in err.get("loc", ()))
             if err.get("type") == "json_invalid":
                 raise ApiProblem(400, "request body is not valid JSON", code="invalid_json") from None
-            raise ApiProblem(400, f"invalid request: {loc or 'body'}: {err.get('msg')}", code="invalid_request",
-                             param=loc or None) from None
+            raise ApiProblem(
+                400, f"invalid request: {loc or 'body'}: {err.get('msg')}", code="invalid_request", param=loc or None
+            ) from None
 
-    def endpoint(self, name: str, auth: Auth = "inference") -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    def endpoint(
+        self, name: str, auth: Auth = "inference"
+    ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
         """Wrap a handler: auth, OpenAI-shaped errors, metrics and one audit line per request."""
 
         def deco(fn: Handler) -> Callable[[Request], Awaitable[Response]]:

@@ -16,10 +16,16 @@ def router(ctx: ApiContext) -> APIRouter:
     @ctx.endpoint("/healthz", auth="none")
     async def healthz(request: Request, t0: float) -> Response:
         m = ctx.engine.model
-        return JSONResponse({"status": "ok", "model_loaded": m is not None,
-                             "model": m.name if m else None, "version": m.version if m else None,
-                             "queue_depth": ctx.engine.queue_depth,
-                             "telemetry": ctx.hooks.telemetry().get("state")})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model_loaded": m is not None,
+                "model": m.name if m else None,
+                "version": m.version if m else None,
+                "queue_depth": ctx.engine.queue_depth,
+                "telemetry": ctx.hooks.telemetry().get("state"),
+            }
+        )
 
     @r.get("/metrics")
     @ctx.endpoint("/metrics")

@@ -26,24 +26,40 @@ from edgellm.runtime import GenerationParams
 
 @dataclasses.dataclass
 class _Prompt:
-    text: str                        # what the character limit and the audit log see
-    prompt: str | None               # a completion's prompt
-    messages: list[dict] | None      # a chat's messages
+    text: str  # what the character limit and the audit log see
+    prompt: str | None  # a completion's prompt
+    messages: list[dict] | None  # a chat's messages
     max_tokens: int | None
 
 
 def _model_card(m: Any) -> dict:
-    return {"id": m.name, "object": "model", "created": int(m.loaded_at), "owned_by": "edgellm",
-            "version": m.version, "runtime": m.kind, "quantization": m.quantization,
-            "context_length": m.context_length}
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": int(m.loaded_at),
+        "owned_by": "edgellm",
+        "version": m.version,
+        "runtime": m.kind,
+        "quantization": m.quantization,
+        "context_length": m.context_length,
+    }
 
 
 def _model_cards(m: Any) -> list[dict]:
     """The base, then base + each adapter it serves (``"tiny:kitchen"``)."""
     base = _model_card(m)
     served = m.adapters.entries if getattr(m, "adapters", None) is not None else []
-    return [base] + [{**base, "id": f"{m.name}:{e.name}", "version": e.version, "base": m.name,
-                      "base_version": m.version, "adapter": e.name} for e in served]
+    return [base] + [
+        {
+            **base,
+            "id": f"{m.name}:{e.name}",
+            "version": e.version,
+            "base": m.name,
+            "base_version": m.version,
+            "adapter": e.name,
+        }
+        for e in served
+    ]
 
 
 def _adapter_of(m: Any, model: str | None) -> tuple[bool, str | None]:
@@ -63,8 +79,7 @@ def job_problem(e: JobError) -> ApiProblem:
 
 def _prompt_of(req: Any, chat: bool) -> _Prompt:
     if chat:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return _Prompt("\n".join(m["content"] for m in messages), None, messages, mt)
     prompt = req.prompt
@@ -89,8 +104,12 @@ class Generation:
         _, n_top = top_n(req, isinstance(req, ChatCompletionRequest))
         mt = max_tokens if max_tokens is not None else lim.default_max_tokens
         if mt > lim.max_tokens:
-            raise ApiProblem(400, f"max_tokens {mt} is over this device's limit of {lim.max_tokens}",
-                             code="max_tokens_too_large", param="max_tokens")
+            raise ApiProblem(
+                400,
+                f"max_tokens {mt} is over this device's limit of {lim.max_tokens}",
+                code="max_tokens_too_large",
+                param="max_tokens",
+            )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         m = self.ctx.engine.model
         defaults = dict(m.defaults) if m is not None else {}
@@ -101,7 +120,11 @@ class Generation:
                 temperature=req.temperature if req.temperature is not None else float(defaults.get("temperature", 0.0)),
                 top_p=req.top_p if req.top_p is not None else float(defaults.get("top_p", 1.0)),
                 top_k=req.top_k if req.top_k is not None else int(defaults.get("top_k", 0)),
-                seed=req.seed, stop=stop, top_logprobs=n_top, grammar=grammar)
+                seed=req.seed,
+                stop=stop,
+                top_logprobs=n_top,
+                grammar=grammar,
+            )
         except (TypeError, ValueError) as e:  # a bundle default out of range
             raise ApiProblem(400, f"invalid generation parameters: {e}", code="invalid_request") from None
 
@@ -109,17 +132,27 @@ class Generation:
         """The adapter the request's ``model`` selects (None: the base); 404 if not served here."""
         m = self.ctx.engine.model
         if m is None:
-            raise ApiProblem(503, "no model is installed on this device yet", code="model_not_loaded",
-                             kind="server_error", headers={"Retry-After": "30"})
+            raise ApiProblem(
+                503,
+                "no model is installed on this device yet",
+                code="model_not_loaded",
+                kind="server_error",
+                headers={"Retry-After": "30"},
+            )
         served, adapter = _adapter_of(m, req.model)
         if not served:
             ids = ", ".join(repr(c["id"]) for c in _model_cards(m))
-            raise ApiProblem(404, f"model {req.model!r} is not served here; this device serves {ids}",
-                             code="model_not_found", param="model")
+            raise ApiProblem(
+                404,
+                f"model {req.model!r} is not served here; this device serves {ids}",
+                code="model_not_found",
+                param="model",
+            )
         return adapter
 
-    def submit(self, p: _Prompt, params: GenerationParams, endpoint: str,
-               adapter: str | None = None) -> tuple[Job, asyncio.Queue]:
+    def submit(
+        self, p: _Prompt, params: GenerationParams, endpoint: str, adapter: str | None = None
+    ) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -129,15 +162,26 @@ class Generation:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
                 job.cancel.set()
 
-        job = Job(params=params, sink=sink, prompt=p.prompt, messages=p.messages, endpoint=endpoint,
-                  clamp_max_tokens=p.max_tokens is None, adapter=adapter)
+        job = Job(
+            params=params,
+            sink=sink,
+            prompt=p.prompt,
+            messages=p.messages,
+            endpoint=endpoint,
+            clamp_max_tokens=p.max_tokens is None,
+            adapter=adapter,
+        )
         try:
             self.ctx.engine.submit(job)
         except QueueFull as e:
             self.ctx.metrics.rejected.labels("queue_full").inc()
-            raise ApiProblem(429, "the model is busy: too many queued requests; retry after the given delay",
-                             code="rate_limit_exceeded", kind="rate_limit_error",
-                             headers={"Retry-After": str(e.retry_after)}) from None
+            raise ApiProblem(
+                429,
+                "the model is busy: too many queued requests; retry after the given delay",
+                code="rate_limit_exceeded",
+                kind="rate_limit_error",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         return job, q
 
     async def run(self, request: Request, t0: float, endpoint: str, *, chat: bool) -> Response:
@@ -146,8 +190,12 @@ class Generation:
         p = _prompt_of(req, chat)
         if len(p.text) > ctx.limits.max_prompt_chars:
             ctx.metrics.rejected.labels("prompt_too_long").inc()
-            raise ApiProblem(400, f"prompt has {len(p.text)} characters; the limit is {ctx.limits.max_prompt_chars}",
-                             code="context_length_exceeded", param="messages" if chat else "prompt")
+            raise ApiProblem(
+                400,
+                f"prompt has {len(p.text)} characters; the limit is {ctx.limits.max_prompt_chars}",
+                code="context_length_exceeded",
+                param="messages" if chat else "prompt",
+            )
         adapter = self.check_model(req)
         params = self.params(req, p.max_tokens)
         model = ctx.engine.model
@@ -161,23 +209,44 @@ class Generation:
         if kind == "error":
             raise job_problem(start)
         audit.update(model=start["model"], model_version=start["version"], prompt_tokens=start["prompt_tokens"])
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
-                "model": start["model"], "system_fingerprint": f"edgellm-{start['version']}"}
+        head = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+            "created": int(time.time()),
+            "model": start["model"],
+            "system_fingerprint": f"edgellm-{start['version']}",
+        }
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
 
             def on_end(status: int, stats: dict) -> None:
-                ctx.finish(request, endpoint, status, t0, **audit, completion_tokens=stats.get("completion_tokens"),
-                           stream=True)
+                ctx.finish(
+                    request,
+                    endpoint,
+                    status,
+                    t0,
+                    **audit,
+                    completion_tokens=stats.get("completion_tokens"),
+                    stream=True,
+                )
 
-            return StreamingResponse(sse_stream(q, job, chat=chat, head=head, include_usage=usage, on_end=on_end,
-                                                logprobs=logprobs),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                sse_stream(q, job, chat=chat, head=head, include_usage=usage, on_end=on_end, logprobs=logprobs),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await self._collect(request, q, job, head, audit, chat=chat, logprobs=logprobs)
 
-    async def _collect(self, request: Request, q: asyncio.Queue, job: Job, head: dict, audit: dict,
-                       *, chat: bool, logprobs: Logprobs | None) -> Response:
+    async def _collect(
+        self,
+        request: Request,
+        q: asyncio.Queue,
+        job: Job,
+        head: dict,
+        audit: dict,
+        *,
+        chat: bool,
+        logprobs: Logprobs | None,
+    ) -> Response:
         parts: list[str] = []
         events: list = []
         while True:
@@ -192,18 +261,26 @@ class Generation:
                 job.cancel.set()
                 raise job_problem(payload)
         text = "".join(parts)
-        usage = {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
-                 "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"]}
+        usage = {
+            "prompt_tokens": stats["prompt_tokens"],
+            "completion_tokens": stats["completion_tokens"],
+            "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"],
+        }
         fr = stats["finish_reason"] if stats["finish_reason"] in ("stop", "length") else "stop"
         lp = logprobs.block(events) if logprobs is not None else None
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                      "finish_reason": fr}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": lp,
+                "finish_reason": fr,
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fr}
         audit["completion_tokens"] = stats["completion_tokens"]
-        return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
-                             "choices": [choice], "usage": usage})
+        return JSONResponse(
+            {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
+        )
 
 
 def router(ctx: ApiContext) -> APIRouter:

@@ -40,8 +40,9 @@ def _client_key(transport: asyncio.BaseTransport) -> str:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
         try:
-            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                 struct.calcsize("3i")))
+            _pid, uid, _gid = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            )
             return f"uid:{uid}"
         except OSError:
             return "unix"
@@ -70,8 +71,10 @@ class ConnectionGuard:
             self._evict([c for cs in self.by_client.values() for c in cs.values()], conn)
 
     def _evict(self, candidates: list[GuardedH11Protocol], newcomer: GuardedH11Protocol) -> None:
-        victims = sorted((c for c in candidates if c is not newcomer and not c.dropped and c.waiting_for_client()),
-                         key=lambda c: c.read_started)
+        victims = sorted(
+            (c for c in candidates if c is not newcomer and not c.dropped and c.waiting_for_client()),
+            key=lambda c: c.read_started,
+        )
         victim = victims[0] if victims else newcomer  # everyone is being served: refuse the newcomer
         self.evicted += 1
         self.count("connection_limit")
@@ -117,7 +120,8 @@ class GuardedH11Protocol(H11Protocol):
     def waiting_for_client(self) -> bool:
         """True while the client owes us headers or body (nothing of ours is running for it)."""
         return self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and (
-            self.cycle is None or self.cycle.response_complete or self.conn.their_state is h11.SEND_BODY)
+            self.cycle is None or self.cycle.response_complete or self.conn.their_state is h11.SEND_BODY
+        )
 
     def drop(self, why: str) -> None:
         if not self.dropped:
@@ -150,11 +154,25 @@ def protocol_class(limits: Limits, metrics: Metrics | None = None) -> type[Guard
 
 
 def _json_error(status: int, code: str, message: str) -> tuple[dict, dict]:
-    body = json.dumps({"error": {"message": message, "type": "server_error" if status >= 500 else
-                                 "invalid_request_error", "param": None, "code": code}}).encode()
-    start = {"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                         (b"content-length", str(len(body)).encode())]}
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "server_error" if status >= 500 else "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"retry-after", b"1"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
     return start, {"type": "http.response.body", "body": body}
 
 
@@ -162,8 +180,15 @@ class RequestGate:
     """ASGI middleware: headers over ``max_header_bytes`` get a 431 (h11 bounds only headers that
     arrive in pieces); at most ``limit`` requests run at once (503 + Retry-After), some paths exempt."""
 
-    def __init__(self, app: Any, limits: Limits, *, audit: AuditLog | None = None, metrics: Metrics | None = None,
-                 exempt: tuple[str, ...] = EXEMPT_PATHS) -> None:
+    def __init__(
+        self,
+        app: Any,
+        limits: Limits,
+        *,
+        audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
+        exempt: tuple[str, ...] = EXEMPT_PATHS,
+    ) -> None:
         self.app, self.limits, self.exempt = app, limits, exempt
         self.audit, self.metrics = audit, metrics
         self.running = 0
@@ -176,20 +201,28 @@ class RequestGate:
         if self.audit is not None:
             client = scope.get("client")
             try:
-                self.audit.write(caller=f"{client[0]}:{client[1]}" if client else "unix",
-                                 endpoint="(gate)", status=status, duration_s=0.0, error=code,
-                                 path=str(scope.get("path", ""))[:200])
-            except Exception:  # noqa: BLE001 - a full disk must not take the API down
+                self.audit.write(
+                    caller=f"{client[0]}:{client[1]}" if client else "unix",
+                    endpoint="(gate)",
+                    status=status,
+                    duration_s=0.0,
+                    error=code,
+                    path=str(scope.get("path", ""))[:200],
+                )
+            except Exception:
                 log.exception("audit log write failed")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path") or b"") \
-                > self.limits.max_header_bytes:
-            await self._refuse(scope, send, 431, "headers_too_large",
-                               f"request headers over {self.limits.max_header_bytes} bytes")
+        if (
+            sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path") or b"")
+            > self.limits.max_header_bytes
+        ):
+            await self._refuse(
+                scope, send, 431, "headers_too_large", f"request headers over {self.limits.max_header_bytes} bytes"
+            )
             return
         if scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
@@ -204,13 +237,22 @@ class RequestGate:
             self.running -= 1
 
 
-def uvicorn_config(app: Any, limits: Limits, *, audit: AuditLog | None = None, metrics: Metrics | None = None,
-                   **kw: Any) -> Any:
+def uvicorn_config(
+    app: Any, limits: Limits, *, audit: AuditLog | None = None, metrics: Metrics | None = None, **kw: Any
+) -> Any:
     """uvicorn settings of the agent: guarded h11 protocol, bounded headers, no connection-count 503.
     Refusals are counted in ``metrics`` (rejected requests by reason) and written to ``audit``."""
     import uvicorn
 
-    return uvicorn.Config(RequestGate(app, limits, audit=audit, metrics=metrics), http=protocol_class(limits, metrics),
-                          log_config=None, access_log=False, lifespan="off", ws="none", server_header=False,
-                          timeout_keep_alive=min(5, max(1, int(limits.header_timeout_s))),
-                          h11_max_incomplete_event_size=limits.max_header_bytes, **kw)
+    return uvicorn.Config(
+        RequestGate(app, limits, audit=audit, metrics=metrics),
+        http=protocol_class(limits, metrics),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        server_header=False,
+        timeout_keep_alive=min(5, max(1, int(limits.header_timeout_s))),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        **kw,
+    )

@@ -32,8 +32,15 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _chunk(head: dict, chat: bool, text: str | None, finish_reason: str | None, *, role: bool = False,
-           logprobs: dict | None = None) -> bytes:
+def _chunk(
+    head: dict,
+    chat: bool,
+    text: str | None,
+    finish_reason: str | None,
+    *,
+    role: bool = False,
+    logprobs: dict | None = None,
+) -> bytes:
     if chat:
         delta: dict[str, Any] = {}
         if role:
@@ -46,8 +53,16 @@ def _chunk(head: dict, chat: bool, text: str | None, finish_reason: str | None, 
     return _sse({**head, "choices": [choice]})
 
 
-async def sse_stream(q: asyncio.Queue, job: Job, *, chat: bool, head: dict, include_usage: bool,
-                     on_end: Callable[[int, dict], None], logprobs: Logprobs | None = None) -> AsyncIterator[bytes]:
+async def sse_stream(
+    q: asyncio.Queue,
+    job: Job,
+    *,
+    chat: bool,
+    head: dict,
+    include_usage: bool,
+    on_end: Callable[[int, dict], None],
+    logprobs: Logprobs | None = None,
+) -> AsyncIterator[bytes]:
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     status, stats = 499, {}
     try:
@@ -65,15 +80,24 @@ async def sse_stream(q: asyncio.Queue, job: Job, *, chat: bool, head: dict, incl
                 fr = stats["finish_reason"] if stats["finish_reason"] in ("stop", "length") else "stop"
                 yield _chunk(head, chat, None if chat else "", fr)
                 if include_usage:
-                    yield _sse({**head, "choices": [], "usage": {
-                        "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
-                        "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"]}})
+                    yield _sse(
+                        {
+                            **head,
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": stats["prompt_tokens"],
+                                "completion_tokens": stats["completion_tokens"],
+                                "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"],
+                            },
+                        }
+                    )
                 status = 200
                 break
             elif kind == "error":
                 status = payload.status
-                yield _sse({"error": {"message": payload.message, "type": payload.type, "param": None,
-                                      "code": payload.code}})
+                yield _sse(
+                    {"error": {"message": payload.message, "type": payload.type, "param": None, "code": payload.code}}
+                )
                 break
         yield b"data: [DONE]\n\n"
     finally:

@@ -17,7 +17,7 @@ from edgellm.runtime import Runtime, TokenEvent
 
 _HINTS = {
     "tools": "tool calling is not supported by the local API: describe the tool in the prompt and use "
-             "response_format json_schema for its arguments",
+    "response_format json_schema for its arguments",
 }
 
 
@@ -25,8 +25,13 @@ def refuse_unsupported(req: Any) -> None:
     name = req.unsupported()
     if name is not None:
         hint = _HINTS.get(name, "remove it from the request")
-        raise ApiProblem(400, f"parameter {name!r} is not supported by this device: {hint}",
-                         code="unsupported_parameter", param=name, hint=hint)
+        raise ApiProblem(
+            400,
+            f"parameter {name!r} is not supported by this device: {hint}",
+            code="unsupported_parameter",
+            param=name,
+            hint=hint,
+        )
 
 
 def grammar_of(req: Any, runtime: Runtime | None) -> str | None:
@@ -36,17 +41,26 @@ def grammar_of(req: Any, runtime: Runtime | None) -> str | None:
         return None
     if runtime is None or not runtime.supports_grammar:
         kind = getattr(runtime, "kind", "") or "this"
-        raise ApiProblem(400, f"response_format {rf.get('type')!r} needs grammar-constrained sampling, which the "
-                              f"{kind} runtime cannot do: serve the model as GGUF (llama.cpp)",
-                         code="unsupported_parameter", param="response_format",
-                         hint="serve a GGUF build of the model, or drop response_format")
+        raise ApiProblem(
+            400,
+            f"response_format {rf.get('type')!r} needs grammar-constrained sampling, which the "
+            f"{kind} runtime cannot do: serve the model as GGUF (llama.cpp)",
+            code="unsupported_parameter",
+            param="response_format",
+            hint="serve a GGUF build of the model, or drop response_format",
+        )
     from edgellm.runtime.grammar import grammar_for_response_format
 
     try:
         return grammar_for_response_format(rf)
     except ValueError as e:
-        raise ApiProblem(400, f"invalid response_format: {e}", code="invalid_request",
-                         param="response_format", hint="send a JSON schema llama.cpp can turn into a grammar") from None
+        raise ApiProblem(
+            400,
+            f"invalid response_format: {e}",
+            code="invalid_request",
+            param="response_format",
+            hint="send a JSON schema llama.cpp can turn into a grammar",
+        ) from None
 
 
 def top_n(req: Any, chat: bool) -> tuple[bool, int]:
@@ -77,9 +91,14 @@ class Logprobs:
 
     def chat_entry(self, ev: TokenEvent) -> dict[str, Any]:
         b = self._piece(ev.token_id)
-        return {"token": b.decode("utf-8", errors="replace"), "logprob": self._lp(ev.logprob), "bytes": list(b),
-                "top_logprobs": [{"token": self._text(t), "logprob": lp, "bytes": list(self._piece(t))}
-                                 for t, lp in ev.top_logprobs]}
+        return {
+            "token": b.decode("utf-8", errors="replace"),
+            "logprob": self._lp(ev.logprob),
+            "bytes": list(b),
+            "top_logprobs": [
+                {"token": self._text(t), "logprob": lp, "bytes": list(self._piece(t))} for t, lp in ev.top_logprobs
+            ],
+        }
 
     def block(self, events: list[TokenEvent]) -> dict[str, Any]:
         """The ``logprobs`` object of a choice covering ``events``."""
@@ -90,6 +109,9 @@ class Logprobs:
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [self._lp(ev.logprob) for ev in events],
-                "top_logprobs": [{self._text(t): lp for t, lp in ev.top_logprobs} for ev in events],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [self._lp(ev.logprob) for ev in events],
+            "top_logprobs": [{self._text(t): lp for t, lp in ev.top_logprobs} for ev in events],
+            "text_offset": offsets,
+        }

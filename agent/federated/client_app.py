@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
     """The server's ``config`` record, typed and bounded."""
@@ -69,33 +68,55 @@ class RoundConfig:
             raise dev.Decline(dev.BAD_REQUEST, "config 'run-id' is missing or malformed")
         if not dev.valid_sha256(sha):
             raise dev.Decline(dev.BAD_REQUEST, "config 'base-sha256' must be 64 lowercase hex digits")
-        return cls(run_id=run_id, server_round=num("server-round", int, 0, 100_000),
-                   lora_rank=num("lora-rank", int, 1, 256), lora_alpha=num("lora-alpha", float, 1e-6, 1e4),
-                   local_steps=num("local-steps", int, 1, 10_000), lr=num("lr", float, 1e-9, 1.0),
-                   base_sha256=sha, dp_clip=num("dp-clip", float, 0.0, 1e6, 0.0),
-                   seed=num("seed", int, 0, 2**31 - 1, 0), batch_size=num("batch-size", int, 1, 64, 4),
-                   seq_len=num("seq-len", int, 8, 4096, 64))
+        return cls(
+            run_id=run_id,
+            server_round=num("server-round", int, 0, 100_000),
+            lora_rank=num("lora-rank", int, 1, 256),
+            lora_alpha=num("lora-alpha", float, 1e-6, 1e4),
+            local_steps=num("local-steps", int, 1, 10_000),
+            lr=num("lr", float, 1e-9, 1.0),
+            base_sha256=sha,
+            dp_clip=num("dp-clip", float, 0.0, 1e6, 0.0),
+            seed=num("seed", int, 0, 2**31 - 1, 0),
+            batch_size=num("batch-size", int, 1, 64, 4),
+            seq_len=num("seq-len", int, 8, 4096, 64),
+        )
 
 
 def _device(context: Context) -> tuple[AgentPaths, AgentConfig]:
     agent_dir = context.node_config.get("agent-dir")
     if not isinstance(agent_dir, str) or not agent_dir:
-        raise dev.Decline(dev.BAD_REQUEST, "the SuperNode has no 'agent-dir' in its node config",
-                          hint="start it with `--node-config \"agent-dir='/path' device-id='ID'\"`")
+        raise dev.Decline(
+            dev.BAD_REQUEST,
+            "the SuperNode has no 'agent-dir' in its node config",
+            hint="start it with `--node-config \"agent-dir='/path' device-id='ID'\"`",
+        )
     paths = AgentPaths(agent_dir)
     config = AgentConfig.load(paths)
     if context.node_config.get("device-id") not in (None, config.device_id):
-        raise dev.Decline(dev.BAD_REQUEST, "the node config's device-id is not this agent's",
-                          hint="the SuperNode was started for another agent dir")
+        raise dev.Decline(
+            dev.BAD_REQUEST,
+            "the node config's device-id is not this agent's",
+            hint="the SuperNode was started for another agent dir",
+        )
     return paths, config
 
 
-def _reply(msg: Message, device_id: str, *, metrics: dict[str, Any], data_sha256: str = "",
-           decline: str = "", arrays: dict | None = None) -> Message:
-    content = RecordDict({
-        "metrics": MetricRecord(metrics),
-        "device": ConfigRecord({"device-id": device_id, "data-sha256": data_sha256, "decline-reason": decline}),
-    })
+def _reply(
+    msg: Message,
+    device_id: str,
+    *,
+    metrics: dict[str, Any],
+    data_sha256: str = "",
+    decline: str = "",
+    arrays: dict | None = None,
+) -> Message:
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),
+            "device": ConfigRecord({"device-id": device_id, "data-sha256": data_sha256, "decline-reason": decline}),
+        }
+    )
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
     return Message(content, reply_to=msg)
@@ -194,15 +215,29 @@ def _train(r: _Round) -> tuple[dict, dict | None]:
 
     seq = min(r.rc.seq_len, r.model.config.max_position_embeddings)
     before = lora.heldout_loss(r.model, r.tok, r.data.heldout, seq_len=seq)
-    stats = lora.train_lora(r.model, r.tok, r.data.train, lora.lora_config_of(r.model), r.rc.local_steps, r.rc.lr,
-                            heldout=r.data.heldout, batch_size=r.rc.batch_size, seq_len=seq,
-                            seed=r.rc.seed + r.rc.server_round, max_seconds=r.config.fl_timeout_s)
+    stats = lora.train_lora(
+        r.model,
+        r.tok,
+        r.data.train,
+        lora.lora_config_of(r.model),
+        r.rc.local_steps,
+        r.rc.lr,
+        heldout=r.data.heldout,
+        batch_size=r.rc.batch_size,
+        seq_len=seq,
+        seed=r.rc.seed + r.rc.server_round,
+        max_seconds=r.config.fl_timeout_s,
+    )
     after = float(stats["val_loss"])
     update = clip_update(lora.lora_state(r.model), r.global_state, r.rc.dp_clip)
     lora.check_lora_state(update, {k: tuple(v.shape) for k, v in r.global_state.items()})
     log.info("trained round %d of %s: held-out loss %.4f -> %.4f", r.rc.server_round, r.rc.run_id, before, after)
-    metrics = {"num-examples": int(stats["num_examples"]), "train-loss": float(stats["final_train_loss"]),
-               "heldout-loss-before": float(before), "heldout-loss-after": after}
+    metrics = {
+        "num-examples": int(stats["num_examples"]),
+        "train-loss": float(stats["final_train_loss"]),
+        "heldout-loss-before": float(before),
+        "heldout-loss-after": after,
+    }
     return metrics, {k: v.contiguous() for k, v in update.items()}
 
 

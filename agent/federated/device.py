@@ -33,8 +33,16 @@ FAILED = "failed"
 REASONS = (NO_TRAIN_DATA, PROFILE_CANNOT_TRAIN, RUNTIME_ONNX, BASE_MISMATCH, BUSY, NO_MODEL, BAD_REQUEST, FAILED)
 
 #: bytes per parameter of a served GGUF, by quantization (to estimate the float32 training copy)
-_BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "q6_k": 0.82, "q5_k_m": 0.69,
-                    "q4_k_m": 0.57, "q4_0": 0.5625}
+_BYTES_PER_PARAM = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 1.0625,
+    "q6_k": 0.82,
+    "q5_k_m": 0.69,
+    "q4_k_m": 0.57,
+    "q4_0": 0.5625,
+}
 _TRAIN_OVERHEAD = 512 << 20  # the ClientApp process: Python + torch measured at ~450 MB RSS
 
 
@@ -85,9 +93,11 @@ def training_base(paths: AgentPaths, base_sha256: str | None = None, *, deep: bo
     if rec is None or state.current is None:
         raise Decline(NO_MODEL, "no model is installed", hint="install a GGUF bundle before joining a federated run")
     if rec.runtime != "gguf":
-        raise Decline(RUNTIME_ONNX if rec.runtime == "onnx" else PROFILE_CANNOT_TRAIN,
-                      f"the current model runs on {rec.runtime}; only GGUF models can be fine-tuned here",
-                      hint="install a GGUF build of the model to take part")
+        raise Decline(
+            RUNTIME_ONNX if rec.runtime == "onnx" else PROFILE_CANNOT_TRAIN,
+            f"the current model runs on {rec.runtime}; only GGUF models can be fine-tuned here",
+            hint="install a GGUF build of the model to take part",
+        )
     try:
         manifest = store.verify(state, state.current, deep=deep)
     except SlotIntegrityError as e:
@@ -95,15 +105,23 @@ def training_base(paths: AgentPaths, base_sha256: str | None = None, *, deep: bo
     artifact = manifest.artifact
     entry = manifest.file(artifact)
     if base_sha256 is not None and entry.sha256 != base_sha256:
-        raise Decline(BASE_MISMATCH, f"this device runs {rec.version} ({entry.sha256[:12]}), "
-                      f"the run trains on {base_sha256[:12]}", hint="update the device to the run's base first")
+        raise Decline(
+            BASE_MISMATCH,
+            f"this device runs {rec.version} ({entry.sha256[:12]}), the run trains on {base_sha256[:12]}",
+            hint="update the device to the run's base first",
+        )
     slot_dir = paths.slot_dir(state.current)
     tok_name = manifest.tokenizer
     tokenizer = slot_dir / tok_name if tok_name and (slot_dir / tok_name).is_file() else None
-    return TrainingBase(slot=state.current, version=rec.version, artifact=slot_dir / artifact,
-                        sha256=entry.sha256, size=int(entry.size),
-                        quantization=str(rec.quantization or manifest.quantization or "").lower(),
-                        tokenizer=tokenizer)
+    return TrainingBase(
+        slot=state.current,
+        version=rec.version,
+        artifact=slot_dir / artifact,
+        sha256=entry.sha256,
+        size=int(entry.size),
+        quantization=str(rec.quantization or manifest.quantization or "").lower(),
+        tokenizer=tokenizer,
+    )
 
 
 def data_sources(paths: AgentPaths, config: AgentConfig) -> list[Path]:
@@ -113,15 +131,21 @@ def data_sources(paths: AgentPaths, config: AgentConfig) -> list[Path]:
         d = Path(config.train_data)
         if not d.is_dir():  # the path stays in this device's log: a decline's text is sent to the server
             log.warning("the training data directory %s does not exist", d)
-            raise Decline(NO_TRAIN_DATA, "the training data directory (--train-data) does not exist",
-                          hint="create it or re-provision with another --train-data DIR")
+            raise Decline(
+                NO_TRAIN_DATA,
+                "the training data directory (--train-data) does not exist",
+                hint="create it or re-provision with another --train-data DIR",
+            )
         sources.append(d)
     learned = learned_path(paths)
     if config.learn_from_use and learned.is_file() and learned.stat().st_size:
         sources.append(learned)
     if not sources:
-        raise Decline(NO_TRAIN_DATA, "this device has no local training data",
-                      hint="provision it with `--train-data DIR` (or `--learn-from-use`) to let it learn locally")
+        raise Decline(
+            NO_TRAIN_DATA,
+            "this device has no local training data",
+            hint="provision it with `--train-data DIR` (or `--learn-from-use`) to let it learn locally",
+        )
     return sources
 
 
@@ -152,8 +176,11 @@ def local_data(paths: AgentPaths, config: AgentConfig, *, heldout_fraction: floa
     sources = data_sources(paths, config)
     n_bytes = sum(_dir_bytes(s, config.train_max_bytes) if s.is_dir() else s.stat().st_size for s in sources)
     if n_bytes > config.train_max_bytes:
-        raise Decline(NO_TRAIN_DATA, f"local training data is over {config.train_max_bytes} bytes",
-                      hint="keep less text in the training directory or raise train_max_bytes in config.json")
+        raise Decline(
+            NO_TRAIN_DATA,
+            f"local training data is over {config.train_max_bytes} bytes",
+            hint="keep less text in the training directory or raise train_max_bytes in config.json",
+        )
     try:
         ds = load_dataset(sources, val_fraction=heldout_fraction)
     except BuildError as e:  # no text files, empty, not UTF-8, fewer than 2 documents
@@ -174,18 +201,25 @@ def check_profile(config: AgentConfig, base: TrainingBase) -> None:
     except ProfileError as e:
         raise Decline(PROFILE_CANNOT_TRAIN, f"unknown profile {config.profile!r}", hint=e.hint) from e
     if profile.device_class == "mcu" or not profile.can_run_llm:
-        raise Decline(PROFILE_CANNOT_TRAIN, f"profile {profile.name} cannot train models",
-                      hint="only devices that run a GGUF model can take part")
+        raise Decline(
+            PROFILE_CANNOT_TRAIN,
+            f"profile {profile.name} cannot train models",
+            hint="only devices that run a GGUF model can take part",
+        )
     params = base.size / _BYTES_PER_PARAM.get(base.quantization, 0.5)
     need = 2 * base.size + int(5 * params) + _TRAIN_OVERHEAD  # served + mapped file, float32 copy
     if need > profile.usable_ram_bytes:
-        raise Decline(PROFILE_CANNOT_TRAIN, f"training on this model needs about {need >> 20} MiB, "
-                      f"profile {profile.name} allows {profile.usable_ram_bytes >> 20} MiB",
-                      hint="federated fine-tuning needs a smaller model or a device with more memory")
+        raise Decline(
+            PROFILE_CANNOT_TRAIN,
+            f"training on this model needs about {need >> 20} MiB, "
+            f"profile {profile.name} allows {profile.usable_ram_bytes >> 20} MiB",
+            hint="federated fine-tuning needs a smaller model or a device with more memory",
+        )
 
 
-def check_can_train(paths: AgentPaths, config: AgentConfig, base_sha256: str | None,
-                    *, deep: bool = True) -> TrainingBase:
+def check_can_train(
+    paths: AgentPaths, config: AgentConfig, base_sha256: str | None, *, deep: bool = True
+) -> TrainingBase:
     """Every check of an invitation, in the order a device reports them (without reading the text)."""
     base = training_base(paths, base_sha256, deep=deep)
     data_sources(paths, config)

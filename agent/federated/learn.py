@@ -33,9 +33,11 @@ class Recorder:
 
     def __call__(self, messages: Sequence[dict[str, Any]]) -> int:
         """Keep the ``user`` messages that still fit; returns how many were kept."""
-        lines = [json.dumps({"text": m["content"]}, ensure_ascii=False).encode("utf-8") + b"\n"
-                 for m in messages
-                 if m.get("role") == "user" and isinstance(m.get("content"), str) and m["content"].strip()]
+        lines = [
+            json.dumps({"text": m["content"]}, ensure_ascii=False).encode("utf-8") + b"\n"
+            for m in messages
+            if m.get("role") == "user" and isinstance(m.get("content"), str) and m["content"].strip()
+        ]
         if not lines:
             return 0
         kept = 0
@@ -69,8 +71,13 @@ def status(paths: AgentPaths, config: AgentConfig) -> dict[str, Any]:
     p = learned_path(paths)
     size = p.stat().st_size if p.is_file() else 0
     lines = p.read_bytes().count(b"\n") if size else 0
-    return {"enabled": config.learn_from_use, "path": str(p), "bytes": size, "messages": lines,
-            "max_bytes": config.learn_max_bytes}
+    return {
+        "enabled": config.learn_from_use,
+        "path": str(p),
+        "bytes": size,
+        "messages": lines,
+        "max_bytes": config.learn_max_bytes,
+    }
 
 
 def wipe(paths: AgentPaths) -> int:

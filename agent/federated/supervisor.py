@@ -81,8 +81,11 @@ def supernode_exe() -> str:
     local = Path(sys.executable).with_name("flower-supernode")
     found = str(local) if local.exists() else shutil.which("flower-supernode")
     if not found or importlib.util.find_spec("torch") is None:
-        raise dev.Decline(dev.PROFILE_CANNOT_TRAIN, "flower-supernode or torch is not installed",
-                          hint="install the agent with the federated extra: pip install 'edgellm[federated]'")
+        raise dev.Decline(
+            dev.PROFILE_CANNOT_TRAIN,
+            "flower-supernode or torch is not installed",
+            hint="install the agent with the federated extra: pip install 'edgellm[federated]'",
+        )
     return found
 
 
@@ -125,8 +128,17 @@ def reap_stale(paths: AgentPaths) -> bool:
 class SuperNode:
     """One ``flower-supernode`` process group for one run."""
 
-    def __init__(self, paths: AgentPaths, config: AgentConfig, *, run_id: str, superlink: str,
-                 on_state: Callable[..., None], timeout_s: float | None = None, exe: str | None = None) -> None:
+    def __init__(
+        self,
+        paths: AgentPaths,
+        config: AgentConfig,
+        *,
+        run_id: str,
+        superlink: str,
+        on_state: Callable[..., None],
+        timeout_s: float | None = None,
+        exe: str | None = None,
+    ) -> None:
         self.paths, self.config, self.run_id, self.superlink = paths, config, run_id, superlink
         self.on_state = on_state
         self.timeout_s = float(timeout_s if timeout_s is not None else config.fl_timeout_s)
@@ -141,31 +153,60 @@ class SuperNode:
         return self.proc is not None and self.proc.poll() is None
 
     def command(self, node_config_file: Path, port: int) -> list[str]:
-        return [self.exe, "--insecure", "--superlink", self.superlink, "--node-config", str(node_config_file),
-                "--host", "127.0.0.1", "--port", str(port)]
+        return [
+            self.exe,
+            "--insecure",
+            "--superlink",
+            self.superlink,
+            "--node-config",
+            str(node_config_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
 
     def start(self) -> None:
         home = fl_dir(self.paths) / "flwr-home"
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         node_cfg = fl_dir(self.paths) / "node-config.toml"
-        atomic_write(node_cfg, (f"device-id = {_toml_str(self.config.device_id)}\n"
-                                      f"agent-dir = {_toml_str(str(self.paths.root))}\n").encode(), mode=0o600)
+        atomic_write(
+            node_cfg,
+            (
+                f"device-id = {_toml_str(self.config.device_id)}\nagent-dir = {_toml_str(str(self.paths.root))}\n"
+            ).encode(),
+            mode=0o600,
+        )
         # the SuperNode starts flower-superexec / flwr-clientapp from PATH: the ones beside it first
         path = os.pathsep.join([str(Path(self.exe).parent), os.environ.get("PATH", "")])
-        env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-               "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {
+            **os.environ,
+            "PATH": path,
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "OMP_NUM_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
         log_path = fl_dir(self.paths) / "supernode.log"
         if log_path.exists() and log_path.stat().st_size > LOG_MAX_BYTES:  # keep one previous log
             os.replace(log_path, log_path.with_suffix(".log.1"))
-        log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed here after the fork
+        log_file = open(log_path, "ab")
         try:
-            self.proc = subprocess.Popen(self.command(node_cfg, _free_port()), env=env, stdin=subprocess.DEVNULL,
-                                         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(node_cfg, _free_port()),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log_file.close()
-        atomic_write_json(fl_dir(self.paths) / "supernode.json",
-                          {"pid": self.proc.pid, "run_id": self.run_id, "superlink": self.superlink,
-                           "started_at": time.time()})
+        atomic_write_json(
+            fl_dir(self.paths) / "supernode.json",
+            {"pid": self.proc.pid, "run_id": self.run_id, "superlink": self.superlink, "started_at": time.time()},
+        )
         self._watcher = threading.Thread(target=self._watch, name=f"fl-supernode-{self.run_id}", daemon=True)
         self._watcher.start()
         self.on_state("started", run_id=self.run_id, pid=self.proc.pid)
@@ -185,8 +226,12 @@ class SuperNode:
         elif rc == 0:
             self.on_state("stopped", run_id=self.run_id, reason="run ended")
         else:
-            self.on_state("failed", run_id=self.run_id, reason=f"flower-supernode exited with code {rc}",
-                          hint=f"see {fl_dir(self.paths) / 'supernode.log'}")
+            self.on_state(
+                "failed",
+                run_id=self.run_id,
+                reason=f"flower-supernode exited with code {rc}",
+                hint=f"see {fl_dir(self.paths) / 'supernode.log'}",
+            )
 
     def stop(self, reason: str = "stop requested", grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM to the whole group, SIGKILL after ``grace_s``; reported once by the watcher."""

@@ -35,8 +35,16 @@ class InferenceAggregator:
         self._prompt_max = 0
         self._completion = 0
 
-    def add(self, *, latency_ms: float, prompt_tokens: int, completion_tokens: int, tokens_per_second: float,
-            mean_logprob: float | None = None, error: bool = False) -> None:
+    def add(
+        self,
+        *,
+        latency_ms: float,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tokens_per_second: float,
+        mean_logprob: float | None = None,
+        error: bool = False,
+    ) -> None:
         with self._lock:
             self._count += 1
             if error:

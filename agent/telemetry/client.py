@@ -39,10 +39,23 @@ class Telemetry:
     """Telemetry for one device. ``start()`` returns at once; the connection happens in the
     background and survives broker outages; nothing recorded is lost while the outbox has room."""
 
-    def __init__(self, device_id: str, data_dir: Path, mqtt: MqttConfig, profile: str, group: str = "default", *,
-                 heartbeat_s: float = 30.0, metrics_interval_s: float = 60.0, outbox_max: int = 100_000,
-                 keepalive_s: int = 30, backoff_min_s: float = 0.5, backoff_max_s: float = 30.0,
-                 inflight: int = 64, flush_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        data_dir: Path,
+        mqtt: MqttConfig,
+        profile: str,
+        group: str = "default",
+        *,
+        heartbeat_s: float = 30.0,
+        metrics_interval_s: float = 60.0,
+        outbox_max: int = 100_000,
+        keepalive_s: int = 30,
+        backoff_min_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        inflight: int = 64,
+        flush_timeout_s: float = 5.0,
+    ) -> None:
         for value, what in ((device_id, "device id"), (group, "group")):
             if not valid_id(value):
                 raise wire.TelemetryError(f"{what} {value!r} is not valid for telemetry", hint=f"use {ID_RULE}")
@@ -58,11 +71,22 @@ class Telemetry:
         self.commands = CommandRegistry()
         self.commands.register("ping", lambda args: "pong")
         self.commands.register("state", lambda args: self._state_body())
-        self.link = MqttLink(device_id, mqtt, self.outbox,
-                             subscriptions=[wire.desired_device_topic(device_id), wire.desired_group_topic(group),
-                                            wire.command_topic(device_id)],
-                             birth=self._birth, on_message=self._on_message, keepalive_s=keepalive_s,
-                             backoff_min_s=backoff_min_s, backoff_max_s=backoff_max_s, inflight=inflight)
+        self.link = MqttLink(
+            device_id,
+            mqtt,
+            self.outbox,
+            subscriptions=[
+                wire.desired_device_topic(device_id),
+                wire.desired_group_topic(group),
+                wire.command_topic(device_id),
+            ],
+            birth=self._birth,
+            on_message=self._on_message,
+            keepalive_s=keepalive_s,
+            backoff_min_s=backoff_min_s,
+            backoff_max_s=backoff_max_s,
+            inflight=inflight,
+        )
         self._agg = InferenceAggregator()
         self._state: dict[str, Any] = {"version": None, "model": None, "slot": None, "health": None}
         self._state_lock = threading.Lock()
@@ -109,18 +133,29 @@ class Telemetry:
         died), the last connection error, the outbox backlog."""
         dead = self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
         state = "error" if dead else "connected" if self.connected else "connecting"
-        return {"state": state, "broker": self.mqtt.url,
-                "error": self.link.last_error, "outbox_pending": len(self.outbox),
-                "outbox_dropped": self.outbox.dropped}
+        return {
+            "state": state,
+            "broker": self.mqtt.url,
+            "error": self.link.last_error,
+            "outbox_pending": len(self.outbox),
+            "outbox_dropped": self.outbox.dropped,
+        }
 
-    def set_state(self, *, version: str | None = None, model: str | None = None, slot: str | None = None,
-                  health: str | None = None) -> None:
+    def set_state(
+        self,
+        *,
+        version: str | None = None,
+        model: str | None = None,
+        slot: str | None = None,
+        health: str | None = None,
+    ) -> None:
         """Update what the device runs; changes are reported at once in a heartbeat. A version or
         model change first closes the current metrics interval, so every interval is attributed
         to the model that served it (rollout gates compare versions)."""
         with self._state_lock:
-            switching = (version is not None and version != self._state["version"]) or \
-                        (model is not None and model != self._state["model"])
+            switching = (version is not None and version != self._state["version"]) or (
+                model is not None and model != self._state["model"]
+            )
         if switching:
             self.flush_metrics()
         changed = False
@@ -139,10 +174,24 @@ class Telemetry:
         self.group = group
         self._put_heartbeat()
 
-    def record_inference(self, *, latency_ms: float, prompt_tokens: int, completion_tokens: int,
-                         tokens_per_second: float, mean_logprob: float | None = None, error: bool = False) -> None:
-        self._agg.add(latency_ms=latency_ms, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      tokens_per_second=tokens_per_second, mean_logprob=mean_logprob, error=error)
+    def record_inference(
+        self,
+        *,
+        latency_ms: float,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tokens_per_second: float,
+        mean_logprob: float | None = None,
+        error: bool = False,
+    ) -> None:
+        self._agg.add(
+            latency_ms=latency_ms,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            tokens_per_second=tokens_per_second,
+            mean_logprob=mean_logprob,
+            error=error,
+        )
 
     def event(self, kind: str, **fields: Any) -> None:
         self._put("event", wire.Event(name=kind, fields=fields).to_dict())
@@ -160,8 +209,10 @@ class Telemetry:
             return
         with self._state_lock:
             version, model = self._state["version"], self._state["model"]
-        self._put("metrics", wire.Metrics(interval_s=self.metrics_interval_s, version=version, model=model,
-                                          **summary).to_dict())
+        self._put(
+            "metrics",
+            wire.Metrics(interval_s=self.metrics_interval_s, version=version, model=model, **summary).to_dict(),
+        )
 
     def wait_delivered(self, timeout: float = 10.0) -> bool:
         """Block until the outbox is empty (everything acknowledged by the broker)."""
@@ -177,21 +228,34 @@ class Telemetry:
     def _put(self, kind: str, body: dict[str, Any]) -> int:
         topic = wire.device_topic(self.device_id, kind)
         return self.outbox.put(
-            topic, lambda seq: wire.Envelope(device=self.device_id, kind=kind, seq=seq, ts=time.time(), body=body,
-                                             epoch=self.outbox.epoch).to_json())
+            topic,
+            lambda seq: wire.Envelope(
+                device=self.device_id, kind=kind, seq=seq, ts=time.time(), body=body, epoch=self.outbox.epoch
+            ).to_json(),
+        )
 
     def _state_body(self) -> dict[str, Any]:
         with self._state_lock:
             return dict(self._state)
 
     def _birth(self, session: str) -> dict[str, Any]:
-        return wire.Birth(session=session, profile=self.profile, group=self.group,
-                          agent_version=AGENT_TELEMETRY_VERSION, **self._state_body()).to_dict()
+        return wire.Birth(
+            session=session,
+            profile=self.profile,
+            group=self.group,
+            agent_version=AGENT_TELEMETRY_VERSION,
+            **self._state_body(),
+        ).to_dict()
 
     def _put_heartbeat(self) -> None:
-        hb = wire.Heartbeat(uptime_s=round(time.monotonic() - self._started_at, 3), profile=self.profile,
-                            group=self.group, outbox_pending=len(self.outbox), outbox_dropped=self.outbox.dropped,
-                            **self._state_body())
+        hb = wire.Heartbeat(
+            uptime_s=round(time.monotonic() - self._started_at, 3),
+            profile=self.profile,
+            group=self.group,
+            outbox_pending=len(self.outbox),
+            outbox_dropped=self.outbox.dropped,
+            **self._state_body(),
+        )
         self._put("heartbeat", hb.to_dict())
 
     def _report_drops(self) -> None:
@@ -199,8 +263,10 @@ class Telemetry:
         if dropped != self._reported_dropped:
             newly = dropped - self._reported_dropped
             self._reported_dropped = dropped
-            self._put("event", wire.Event(name="outbox_overflow",
-                                          fields={"dropped": newly, "dropped_total": dropped}).to_dict())
+            self._put(
+                "event",
+                wire.Event(name="outbox_overflow", fields={"dropped": newly, "dropped_total": dropped}).to_dict(),
+            )
 
     # ------------------------------------------------------------------ worker
 

@@ -45,8 +45,9 @@ class CommandRegistry:
         with self._lock:
             handler = self._handlers.get(cmd.name)
         if handler is None:
-            body.update(ok=False, error=f"unknown command {cmd.name!r}",
-                        hint=f"this agent knows: {', '.join(self.names())}")
+            body.update(
+                ok=False, error=f"unknown command {cmd.name!r}", hint=f"this agent knows: {', '.join(self.names())}"
+            )
             return body
         try:
             body.update(ok=True, result=handler(dict(cmd.args)))
@@ -83,5 +84,5 @@ class Dispatcher:
                 return
             try:
                 fn()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("telemetry: callback failed")

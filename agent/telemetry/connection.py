@@ -30,16 +30,26 @@ NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 reason code
 
 
 class MqttLink:
-    def __init__(self, device_id: str, mqtt: MqttConfig, outbox: Outbox, *, subscriptions: list[str],
-                 birth: Callable[[str], dict[str, Any]], on_message: Callable[[str, bytes], None],
-                 keepalive_s: int = 30, backoff_min_s: float = 0.5, backoff_max_s: float = 30.0,
-                 inflight: int = 64) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        mqtt: MqttConfig,
+        outbox: Outbox,
+        *,
+        subscriptions: list[str],
+        birth: Callable[[str], dict[str, Any]],
+        on_message: Callable[[str, bytes], None],
+        keepalive_s: int = 30,
+        backoff_min_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        inflight: int = 64,
+    ) -> None:
         self.device_id = device_id
         self.mqtt = mqtt
         self.outbox = outbox
         self.subscriptions = subscriptions
-        self.birth = birth              # session -> Birth body
-        self.on_message = on_message    # (topic, payload), on the worker thread
+        self.birth = birth  # session -> Birth body
+        self.on_message = on_message  # (topic, payload), on the worker thread
         self.keepalive_s = keepalive_s
         self.backoff = (backoff_min_s, backoff_max_s)
         self.inflight_max = inflight
@@ -146,13 +156,18 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = lambda c, u, msg: self.on_message(msg.topic, bytes(msg.payload))
-        will = wire.Envelope(device=self.device_id, kind="death", seq=0, ts=time.time(),
-                             body=wire.Death(session=self.session, reason="lost").to_dict())
+        will = wire.Envelope(
+            device=self.device_id,
+            kind="death",
+            seq=0,
+            ts=time.time(),
+            body=wire.Death(session=self.session, reason="lost").to_dict(),
+        )
         client.will_set(wire.device_topic(self.device_id, "death"), will.to_json(), qos=1, retain=False)
         try:
             self.mqtt.apply_tls(client)
             client.connect(self.mqtt.host, self.mqtt.port, keepalive=self.keepalive_s, clean_start=True)
-        except Exception as e:  # OSError, ssl.SSLError, ...: the broker is away or refused us
+        except Exception as e:  # noqa: BLE001 - OSError, ssl.SSLError, ...: the broker is away or refused us
             self.last_error = f"cannot connect to {self.mqtt.url}: {e}"
             logger.info("telemetry: %s; retrying", self.last_error)
             _close_socket(client)
@@ -243,8 +258,13 @@ class MqttLink:
         self.client = None
 
     def _goodbye(self) -> None:
-        bye = wire.Envelope(device=self.device_id, kind="death", seq=0, ts=time.time(),
-                            body=wire.Death(session=self.session, reason="stop").to_dict())
+        bye = wire.Envelope(
+            device=self.device_id,
+            kind="death",
+            seq=0,
+            ts=time.time(),
+            body=wire.Death(session=self.session, reason="stop").to_dict(),
+        )
         info = self.client.publish(wire.device_topic(self.device_id, "death"), bye.to_json(), qos=1)
         end = time.monotonic() + 2.0
         while not info.is_published() and time.monotonic() < end and self.client is not None:

@@ -49,8 +49,9 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL,"
             " payload BLOB NOT NULL, created REAL NOT NULL)"
         )
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('dropped', 0), ('epoch', ?)",
-                         (secrets.randbits(48),))
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('dropped', 0), ('epoch', ?)", (secrets.randbits(48),)
+        )
         self.epoch = format(self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0], "012x")
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._last_seq = self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0] - 1
@@ -72,7 +73,8 @@ class Outbox:
                 over = self._count - self.max_messages
                 if over > 0:
                     cur = db.execute(
-                        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)", (over,))
+                        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)", (over,)
+                    )
                     self._count -= cur.rowcount
                     self._dropped += cur.rowcount
                     db.execute("UPDATE meta SET value=value+? WHERE key='dropped'", (cur.rowcount,))

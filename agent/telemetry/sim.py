@@ -27,11 +27,25 @@ class Behaviour:
 
 
 class SimDevice:
-    def __init__(self, device_id: str, data_dir: Path, mqtt: MqttConfig, *, profile: str = "sim",
-                 group: str = "default", model: str = "demo", version: str = "1.0",
-                 behaviour: dict[str, Behaviour] | None = None, install_s: float = 0.05,
-                 infer_every_s: float = 0.05, metrics_interval_s: float = 0.5, heartbeat_s: float = 5.0,
-                 fail_versions: tuple[str, ...] = (), seed: int | None = None, **telemetry_kw: Any) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        data_dir: Path,
+        mqtt: MqttConfig,
+        *,
+        profile: str = "sim",
+        group: str = "default",
+        model: str = "demo",
+        version: str = "1.0",
+        behaviour: dict[str, Behaviour] | None = None,
+        install_s: float = 0.05,
+        infer_every_s: float = 0.05,
+        metrics_interval_s: float = 0.5,
+        heartbeat_s: float = 5.0,
+        fail_versions: tuple[str, ...] = (),
+        seed: int | None = None,
+        **telemetry_kw: Any,
+    ) -> None:
         self.id = device_id
         self.model = model
         self.version = version
@@ -44,8 +58,16 @@ class SimDevice:
         self._rng = random.Random(seed if seed is not None else hash(device_id))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.telemetry = Telemetry(device_id, Path(data_dir), mqtt, profile, group, heartbeat_s=heartbeat_s,
-                                   metrics_interval_s=metrics_interval_s, **telemetry_kw)
+        self.telemetry = Telemetry(
+            device_id,
+            Path(data_dir),
+            mqtt,
+            profile,
+            group,
+            heartbeat_s=heartbeat_s,
+            metrics_interval_s=metrics_interval_s,
+            **telemetry_kw,
+        )
         self.telemetry.on_desired(self._on_desired)
 
     def start(self, *, infer: bool = True) -> SimDevice:
@@ -67,11 +89,15 @@ class SimDevice:
         version = d["version"]
         if version == self.version:
             return
-        self.telemetry.event(EventName.UPDATE_STARTED.value, version=version, model=d["model"], rollout=d.get("rollout"))
+        self.telemetry.event(
+            EventName.UPDATE_STARTED.value, version=version, model=d["model"], rollout=d.get("rollout")
+        )
         if self._stop.wait(self.install_s):
             return
         if version in self.fail_versions:
-            self.telemetry.event(EventName.UPDATE_FAILED.value, version=version, error="health check failed (simulated)")
+            self.telemetry.event(
+                EventName.UPDATE_FAILED.value, version=version, error="health check failed (simulated)"
+            )
             return
         self.version, self.model = version, d["model"]
         self.installs.append(version)
@@ -83,10 +109,13 @@ class SimDevice:
             b = self.behaviour.get(self.version, Behaviour())
             lat = max(1.0, self._rng.gauss(b.latency_ms, b.latency_ms * 0.05))
             self.telemetry.record_inference(
-                latency_ms=lat, prompt_tokens=self._rng.randint(8, 64), completion_tokens=32,
+                latency_ms=lat,
+                prompt_tokens=self._rng.randint(8, 64),
+                completion_tokens=32,
                 tokens_per_second=b.tokens_per_second * self._rng.uniform(0.95, 1.05),
                 mean_logprob=b.mean_logprob + self._rng.uniform(-0.05, 0.05),
-                error=self._rng.random() < b.error_rate)
+                error=self._rng.random() < b.error_rate,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,10 +141,20 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.bad_version:
         v, lat, lp = spec.split(":")
         behaviour[v] = Behaviour(latency_ms=float(lat), mean_logprob=float(lp))
-    devs = [SimDevice(f"{args.prefix}-{i:03d}", Path(args.data_dir) / f"{i:03d}", MqttConfig(args.mqtt),
-                      group=args.group, version=args.version, behaviour=behaviour,
-                      infer_every_s=args.infer_every, metrics_interval_s=args.metrics_interval,
-                      heartbeat_s=30.0) for i in range(args.devices)]
+    devs = [
+        SimDevice(
+            f"{args.prefix}-{i:03d}",
+            Path(args.data_dir) / f"{i:03d}",
+            MqttConfig(args.mqtt),
+            group=args.group,
+            version=args.version,
+            behaviour=behaviour,
+            infer_every_s=args.infer_every,
+            metrics_interval_s=args.metrics_interval,
+            heartbeat_s=30.0,
+        )
+        for i in range(args.devices)
+    ]
     for d in devs:
         for k in range(args.prefill):
             d.telemetry.event("prefill", k=k)

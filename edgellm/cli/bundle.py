@@ -58,7 +58,9 @@ def bundle_inspect(file: str, fmt: str) -> None:
 
 @bundle_group.command("verify")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--root", "root", required=True, type=click.Path(exists=True, dir_okay=False), help="The pinned root.json.")
+@click.option(
+    "--root", "root", required=True, type=click.Path(exists=True, dir_okay=False), help="The pinned root.json."
+)
 @click.option("--repo", default=None, help="Repository directory or URL. Omit for a signed bundle (offline).")
 @click.option("--target", default=None, help="Target name (default: the file's name).")
 @format_option
@@ -70,7 +72,9 @@ def bundle_verify(file: str, root: str, repo: str | None, target: str | None, fm
 
     if repo is None:
         if not is_signed_bundle(file):
-            raise click.ClickException(f"{file} carries no signed metadata: pass --repo DIR|URL, or export a signed bundle with `edgellm repo export`")
+            raise click.ClickException(
+                f"{file} carries no signed metadata: pass --repo DIR|URL, or export a signed bundle with `edgellm repo export`"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             vt = verify_signed_bundle(file, root, f"{tmp}/cache", f"{tmp}/out")
     else:
@@ -79,7 +83,9 @@ def bundle_verify(file: str, root: str, repo: str | None, target: str | None, fm
     if fmt == "json":
         echo_json({"verified": True, "target": vt.name, "sha256": vt.sha256, "length": vt.length, "edgellm": facts})
     else:
-        click.echo(f"OK {vt.name}: {facts.get('name')} {facts.get('version')} ({facts.get('runtime')}, {facts.get('quantization')}), sha256 {vt.sha256[:16]}…")
+        click.echo(
+            f"OK {vt.name}: {facts.get('name')} {facts.get('version')} ({facts.get('runtime')}, {facts.get('quantization')}), sha256 {vt.sha256[:16]}…"
+        )
 
 
 commands = [bundle_group]

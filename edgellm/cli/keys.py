@@ -26,15 +26,35 @@ def keys_group() -> None:
 
 @keys_group.command("init")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--threshold", "thresholds", multiple=True, metavar="ROLE=N", help="Signatures required for a role (default 1). Repeatable.")
-@click.option("--count", "counts", multiple=True, metavar="ROLE=N", help="Keys to create for a role (default: its threshold). Repeatable.")
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    metavar="ROLE=N",
+    help="Signatures required for a role (default 1). Repeatable.",
+)
+@click.option(
+    "--count",
+    "counts",
+    multiple=True,
+    metavar="ROLE=N",
+    help="Keys to create for a role (default: its threshold). Repeatable.",
+)
 @click.option("--root-expiry", default="365d", show_default=True, help="Validity of root metadata.")
 @click.option("--targets-expiry", default="90d", show_default=True)
 @click.option("--snapshot-expiry", default="30d", show_default=True)
 @click.option("--timestamp-expiry", default="7d", show_default=True)
 @format_option
-def keys_init(directory: str, thresholds: tuple[str, ...], counts: tuple[str, ...], root_expiry: str,
-              targets_expiry: str, snapshot_expiry: str, timestamp_expiry: str, fmt: str) -> None:
+def keys_init(
+    directory: str,
+    thresholds: tuple[str, ...],
+    counts: tuple[str, ...],
+    root_expiry: str,
+    targets_expiry: str,
+    snapshot_expiry: str,
+    timestamp_expiry: str,
+    fmt: str,
+) -> None:
     """Create Ed25519 keys for root, targets, snapshot and timestamp in DIRECTORY.
 
     Writes DIRECTORY/root.json: the trust root every device pins at provisioning.
@@ -42,9 +62,15 @@ def keys_init(directory: str, thresholds: tuple[str, ...], counts: tuple[str, ..
     """
     from edgellm.trust import ExpiryPolicy, KeyStore, init_keys, parse_duration
 
-    expiry = ExpiryPolicy(parse_duration(root_expiry), parse_duration(targets_expiry),
-                          parse_duration(snapshot_expiry), parse_duration(timestamp_expiry))
-    root = init_keys(directory, thresholds=_role_ints(thresholds, "--threshold"), counts=_role_ints(counts, "--count"), expiry=expiry)
+    expiry = ExpiryPolicy(
+        parse_duration(root_expiry),
+        parse_duration(targets_expiry),
+        parse_duration(snapshot_expiry),
+        parse_duration(timestamp_expiry),
+    )
+    root = init_keys(
+        directory, thresholds=_role_ints(thresholds, "--threshold"), counts=_role_ints(counts, "--count"), expiry=expiry
+    )
     index = KeyStore(directory).index
     if fmt == "json":
         echo_json({"root": str(root), "roles": index["roles"]})

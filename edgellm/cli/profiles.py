@@ -10,7 +10,10 @@ from edgellm._fs import atomic_write
 from edgellm.cli._common import echo_json, format_option
 
 dir_option = click.option(
-    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Folder of *.toml profiles (default: $EDGELLM_PROFILES_DIR or the shipped hardware_profiles/).",
 )
 
@@ -55,9 +58,15 @@ def list_cmd(fmt: str, directory: Path | None) -> None:
         table.add_column(col, justify="right" if col in ("RAM", "usable", "GB/s", "cores", "target tok/s") else "left")
     for p in profiles.values():
         table.add_row(
-            p.name, p.device_class, _gb(p.ram_bytes), _gb(p.usable_ram_bytes), f"{p.bandwidth_gbps:g}",
-            str(p.cores), ",".join(p.to_dict()["cpu"]["isa"]) or "-",
-            ",".join(sorted(p.runtimes)) or "none", f"{p.min_tokens_per_second:g}",
+            p.name,
+            p.device_class,
+            _gb(p.ram_bytes),
+            _gb(p.usable_ram_bytes),
+            f"{p.bandwidth_gbps:g}",
+            str(p.cores),
+            ",".join(p.to_dict()["cpu"]["isa"]) or "-",
+            ",".join(sorted(p.runtimes)) or "none",
+            f"{p.min_tokens_per_second:g}",
         )
     _console().print(table)
 
@@ -80,15 +89,21 @@ def show_cmd(name: str, fmt: str, directory: Path | None) -> None:
     t.add_column("field", style="bold")
     t.add_column("value")
     rows = [
-        ("name", p.name), ("file", str(p.path)), ("class", p.device_class), ("arch", p.arch),
+        ("name", p.name),
+        ("file", str(p.path)),
+        ("class", p.device_class),
+        ("arch", p.arch),
         ("RAM", f"{_gb(p.ram_bytes)} (model may use {p.model_share:g} = {_gb(p.usable_ram_bytes)})"),
         ("memory bandwidth", f"{p.bandwidth_gbps:g} GB/s sustained"),
         ("CPU", f"{p.cpu_model}, {p.cores} cores, up to {p.freq_ghz:g} GHz"),
         ("ISA", ", ".join(p.to_dict()["cpu"]["isa"]) or "-"),
         ("accelerators", "; ".join(f"{a.kind}: {a.name} ({a.tops_int8:g} INT8 TOPS)" for a in p.accelerators) or "-"),
         ("runtimes", (", ".join(sorted(p.runtimes)) or "none (cannot run an LLM)") + f"; {p.threads} threads"),
-        ("targets", f">= {p.min_tokens_per_second:g} tok/s, first token <= {p.max_first_token_ms} ms, "
-                    f"context {p.context_length}"),
+        (
+            "targets",
+            f">= {p.min_tokens_per_second:g} tok/s, first token <= {p.max_first_token_ms} ms, "
+            f"context {p.context_length}",
+        ),
         ("power budget", f"{p.power_budget_w:g} W"),
         ("sources", "\n".join(p.sources)),
     ]
@@ -98,15 +113,30 @@ def show_cmd(name: str, fmt: str, directory: Path | None) -> None:
 
 
 @profiles_group.command("detect")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the profile to this file (its stem becomes the name unless --name is given).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the profile to this file (its stem becomes the name unless --name is given).",
+)
 @click.option("--name", default=None, help="Profile name ([a-z0-9-]; default: the --out file stem or 'detected').")
-@click.option("--device-class", default=None,
-              type=click.Choice(["sbc", "jetson", "mini-pc", "laptop", "server", "mcu"]),
-              help="Override the guessed device class.")
-@click.option("--no-bandwidth", is_flag=True, help="Skip the ~0.5 s memory bandwidth measurement (writes a 1.0 GB/s placeholder).")
-@click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True,
-              help="What to print: the profile file (toml) or, for machines, the profile with derived figures (json).")
+@click.option(
+    "--device-class",
+    default=None,
+    type=click.Choice(["sbc", "jetson", "mini-pc", "laptop", "server", "mcu"]),
+    help="Override the guessed device class.",
+)
+@click.option(
+    "--no-bandwidth", is_flag=True, help="Skip the ~0.5 s memory bandwidth measurement (writes a 1.0 GB/s placeholder)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["toml", "json"]),
+    default="toml",
+    show_default=True,
+    help="What to print: the profile file (toml) or, for machines, the profile with derived figures (json).",
+)
 def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_bandwidth: bool, fmt: str) -> None:
     """Describe this machine (cores, RAM, ISA flags, runtimes, measured memory bandwidth) as a profile.
 
@@ -120,14 +150,21 @@ def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_
     if name is None:
         name = out.stem if out is not None else "detected"
     if out is not None and out.stem != name:
-        raise ProfileError(f"--out {out}: the file stem must equal the profile name {name!r}",
-                           hint=f"use --out {out.with_name(name + '.toml')} or drop --name")
+        raise ProfileError(
+            f"--out {out}: the file stem must equal the profile name {name!r}",
+            hint=f"use --out {out.with_name(name + '.toml')} or drop --name",
+        )
     prof = detect(measure_bandwidth=not no_bandwidth, name=name, device_class=device_class)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    bw = ("memory.bandwidth_gbps is a PLACEHOLDER (run without --no-bandwidth to measure it)"
-          if no_bandwidth else "memory.bandwidth_gbps: numpy copy (read + write), best pass")
-    header = (f"Written by `edgellm profiles detect` on {stamp}.\n{bw}.\n"
-              "model_share, targets and power.budget_w are defaults: edit them for your device.")
+    bw = (
+        "memory.bandwidth_gbps is a PLACEHOLDER (run without --no-bandwidth to measure it)"
+        if no_bandwidth
+        else "memory.bandwidth_gbps: numpy copy (read + write), best pass"
+    )
+    header = (
+        f"Written by `edgellm profiles detect` on {stamp}.\n{bw}.\n"
+        "model_share, targets and power.budget_w are defaults: edit them for your device."
+    )
     if out is not None:
         atomic_write(out, prof.to_toml(header=header).encode("utf-8"))
     if fmt == "json":

@@ -28,8 +28,13 @@ def _printers() -> tuple:
 
 
 @click.command("quickstart")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("edgellm-quickstart"),
-              show_default=True, help="Where everything goes: models, bundles, server, broker, devices, logs.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("edgellm-quickstart"),
+    show_default=True,
+    help="Where everything goes: models, bundles, server, broker, devices, logs.",
+)
 @click.option("--fresh", is_flag=True, help="Replace the work directory of an earlier quickstart run.")
 @click.option("--keep-running", is_flag=True, help="Leave the fleet up at the end to explore (Ctrl-C stops it).")
 @click.option("--steps", type=int, default=300, show_default=True, hidden=True, help="Teacher training steps.")
@@ -39,8 +44,18 @@ def _printers() -> tuple:
 @click.option("--bake", default="30s", show_default=True, hidden=True, help="Canary bake time of each rollout.")
 @click.option("--threads", type=int, default=2, show_default=True, hidden=True, help="Training threads.")
 @click.option("--stop-after", default=None, hidden=True, help="Stop (cleanly) after this stage.")
-def quickstart_cmd(workdir: Path, fresh: bool, keep_running: bool, steps: int, distill_steps: int, fl_rounds: int,
-                   fl_local_steps: int, bake: str, threads: int, stop_after: str | None) -> None:
+def quickstart_cmd(
+    workdir: Path,
+    fresh: bool,
+    keep_running: bool,
+    steps: int,
+    distill_steps: int,
+    fl_rounds: int,
+    fl_local_steps: int,
+    bake: str,
+    threads: int,
+    stop_after: str | None,
+) -> None:
     """Train, build, sign, serve, roll out and fine-tune on a local three-device fleet (about 7 minutes).
 
     Needs nothing downloaded; Mosquitto must be installed (it says how if not). Ends with a fleet
@@ -50,11 +65,19 @@ def quickstart_cmd(workdir: Path, fresh: bool, keep_running: bool, steps: int, d
     from edgellm.quickstart import Interrupted, Options, run_quickstart
 
     say, stage = _printers()
-    opts = Options(workdir=workdir, steps=steps, distill_steps=distill_steps, fl_rounds=fl_rounds,
-                   fl_local_steps=fl_local_steps, bake=bake, threads=threads)
+    opts = Options(
+        workdir=workdir,
+        steps=steps,
+        distill_steps=distill_steps,
+        fl_rounds=fl_rounds,
+        fl_local_steps=fl_local_steps,
+        bake=bake,
+        threads=threads,
+    )
     try:
-        result = run_quickstart(opts, say=say, stage_started=stage, stop_after=stop_after,
-                                keep_running=keep_running, fresh=fresh)
+        result = run_quickstart(
+            opts, say=say, stage_started=stage, stop_after=stop_after, keep_running=keep_running, fresh=fresh
+        )
     except Interrupted as e:
         say(f"quickstart {e}; every process it started is stopped")
         raise SystemExit(130) from None

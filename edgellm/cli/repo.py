@@ -14,14 +14,31 @@ def repo_group() -> None:
 
 @repo_group.command("init")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--keys", "keys_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Directory made by `edgellm keys init`.")
+@click.option(
+    "--keys",
+    "keys_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory made by `edgellm keys init`.",
+)
 @click.option("--targets-expiry", default=None, help="Override the keys' targets expiry (e.g. 90d).")
 @click.option("--snapshot-expiry", default=None)
 @click.option("--timestamp-expiry", default=None)
-@click.option("--root", "root", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="The root.json to trust (default KEYS/root.json), e.g. one signed on an offline machine.")
-def repo_init(directory: str, keys_dir: str, targets_expiry: str | None, snapshot_expiry: str | None,
-              timestamp_expiry: str | None, root: str | None) -> None:
+@click.option(
+    "--root",
+    "root",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The root.json to trust (default KEYS/root.json), e.g. one signed on an offline machine.",
+)
+def repo_init(
+    directory: str,
+    keys_dir: str,
+    targets_expiry: str | None,
+    snapshot_expiry: str | None,
+    timestamp_expiry: str | None,
+    root: str | None,
+) -> None:
     """Create an empty signed repository in DIRECTORY.
 
     KEYS needs the targets, snapshot and timestamp keys only; the root keys may stay offline
@@ -31,8 +48,11 @@ def repo_init(directory: str, keys_dir: str, targets_expiry: str | None, snapsho
     from edgellm.trust import ExpiryPolicy, KeyStore, Repository, parse_duration
 
     expiry = ExpiryPolicy.from_dict(KeyStore(keys_dir).index.get("expiry", {}))
-    over = {k: parse_duration(v) for k, v in
-            {"targets": targets_expiry, "snapshot": snapshot_expiry, "timestamp": timestamp_expiry}.items() if v}
+    over = {
+        k: parse_duration(v)
+        for k, v in {"targets": targets_expiry, "snapshot": snapshot_expiry, "timestamp": timestamp_expiry}.items()
+        if v
+    }
     Repository.create(directory, keys_dir, expiry=dataclasses.replace(expiry, **over), root=root)
     click.echo(f"created repository {directory} (serve {directory}/metadata and {directory}/targets as static files)")
 
@@ -41,8 +61,13 @@ def repo_init(directory: str, keys_dir: str, targets_expiry: str | None, snapsho
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
-              help="Also write a signed bundle (installable offline) per bundle into this directory.")
+@click.option(
+    "--export",
+    "export_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write a signed bundle (installable offline) per bundle into this directory.",
+)
 def repo_add(directory: str, bundles: tuple[str, ...], keys_dir: str, export_dir: str | None) -> None:
     """Publish BUNDLES as targets (custom metadata carries the model facts), re-signing metadata.
 
@@ -90,8 +115,15 @@ def repo_list(directory: str, fmt: str) -> None:
     table = Table("target", "model", "version", "runtime", "quant", "profiles", "bytes")
     for t in targets:
         e = t.custom.get("edgellm", {})
-        table.add_row(t.name, str(e.get("name", "")), str(e.get("version", "")), str(e.get("runtime", "")),
-                      str(e.get("quantization", "")), ",".join(e.get("profiles", [])), str(t.length))
+        table.add_row(
+            t.name,
+            str(e.get("name", "")),
+            str(e.get("version", "")),
+            str(e.get("runtime", "")),
+            str(e.get("quantization", "")),
+            ",".join(e.get("profiles", [])),
+            str(t.length),
+        )
     Console().print(table)
 
 

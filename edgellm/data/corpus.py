@@ -11,11 +11,17 @@ import random
 
 ROOMS = ("kitchen", "hallway", "garage", "office", "bedroom", "lab", "warehouse", "porch")
 DEVICES = {
-    "light": ("on", "off"), "fan": ("on", "off"), "heater": ("on", "off"),
-    "pump": ("on", "off"), "door": ("open", "closed"), "valve": ("open", "closed"),
+    "light": ("on", "off"),
+    "fan": ("on", "off"),
+    "heater": ("on", "off"),
+    "pump": ("on", "off"),
+    "door": ("open", "closed"),
+    "valve": ("open", "closed"),
 }
 SENSORS = {  # kind: (unit, low, high, warn_above)
-    "temp": ("C", 15, 40, 30), "humidity": ("%", 20, 90, 70), "pressure": ("kPa", 95, 110, 105),
+    "temp": ("C", 15, 40, 30),
+    "humidity": ("%", 20, 90, 70),
+    "pressure": ("kPa", 95, 110, 105),
     "battery": ("%", 5, 100, None),
 }
 COLORS = ("red", "blue", "green", "yellow", "black", "white")
@@ -59,8 +65,10 @@ def _sensor_log(r: random.Random) -> str:
 def _robot_task(r: random.Random) -> str:
     robot, color, obj = r.choice(ROBOTS), r.choice(COLORS), r.choice(OBJECTS)
     src, dst = r.randint(1, 9), r.randint(1, 4)
-    return (f"<|user|>\nrobot {robot}: move the {color} {obj} from bin {src} to belt {dst}\n"
-            f"<|assistant|>\n{robot}: going to bin {src}. picked {color} {obj}. placed on belt {dst}. done.\n")
+    return (
+        f"<|user|>\nrobot {robot}: move the {color} {obj} from bin {src} to belt {dst}\n"
+        f"<|assistant|>\n{robot}: going to bin {src}. picked {color} {obj}. placed on belt {dst}. done.\n"
+    )
 
 
 def _status_report(r: random.Random) -> str:

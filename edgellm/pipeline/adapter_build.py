@@ -42,31 +42,62 @@ from edgellm.pipeline.select import select
 _BUNDLE_OVERHEAD = 16 * 1024
 
 
-def adapter_manifest(base_manifest: dict[str, Any], *, name: str, version: str, base_name: str, base_version: str,
-                     base_sha256: str, adapter: Any, export: dict[str, Any],
-                     golden: list[dict[str, Any]]) -> dict[str, Any]:
+def adapter_manifest(
+    base_manifest: dict[str, Any],
+    *,
+    name: str,
+    version: str,
+    base_name: str,
+    base_version: str,
+    base_sha256: str,
+    adapter: Any,
+    export: dict[str, Any],
+    golden: list[dict[str, Any]],
+) -> dict[str, Any]:
     """An adapter bundle's manifest from its base bundle's (profiles, memory, health, generation)."""
     m = {k: v for k, v in base_manifest.items() if k not in ("files", "tokenizer")}
-    m.update(name=name, version=version, artifact=ADAPTER_ARTIFACT, kind=KIND_ADAPTER, golden_prompts=golden,
-             base={"name": base_name, "version": base_version, "runtime": "gguf", "artifact_sha256": base_sha256})
+    m.update(
+        name=name,
+        version=version,
+        artifact=ADAPTER_ARTIFACT,
+        kind=KIND_ADAPTER,
+        golden_prompts=golden,
+        base={"name": base_name, "version": base_version, "runtime": "gguf", "artifact_sha256": base_sha256},
+    )
     mem = dict(m["memory"])
     mem["weights_bytes"] += export["size_bytes"]
     mem["peak_bytes"] += export["size_bytes"]
     m["memory"] = mem
-    m["metrics"] = {**m["metrics"], "adapter": {k: export[k] for k in ("rank", "alpha", "params", "size_bytes")},
-                    "adapter_val_ppl": adapter.report.get("val_ppl"), "base_val_ppl": adapter.report.get("base_val_ppl")}
+    m["metrics"] = {
+        **m["metrics"],
+        "adapter": {k: export[k] for k in ("rank", "alpha", "params", "size_bytes")},
+        "adapter_val_ppl": adapter.report.get("val_ppl"),
+        "base_val_ppl": adapter.report.get("base_val_ppl"),
+    }
     lineage = dict(m["lineage"])
     lineage["parent_version"] = base_version
     lineage["data_sha256"] = (adapter.report.get("data") or {}).get("sha256")
-    lineage["build_config"] = {**lineage["build_config"], "adapter": {
-        "rank": adapter.rank, "alpha": adapter.alpha, "targets": list(adapter.targets),
-        "base_model_sha256": adapter.base_sha256}}
+    lineage["build_config"] = {
+        **lineage["build_config"],
+        "adapter": {
+            "rank": adapter.rank,
+            "alpha": adapter.alpha,
+            "targets": list(adapter.targets),
+            "base_model_sha256": adapter.base_sha256,
+        },
+    }
     m["lineage"] = lineage
     return m
 
 
-def run_adapter_build(cfg: BuildConfig, adapter_dir: str | Path, *, base_version: str,
-                      adapter_name: str | None = None, progress: ProgressFn | None = None) -> BuildResult:
+def run_adapter_build(
+    cfg: BuildConfig,
+    adapter_dir: str | Path,
+    *,
+    base_version: str,
+    adapter_name: str | None = None,
+    progress: ProgressFn | None = None,
+) -> BuildResult:
     from edgellm.pipeline.candidate_cache import hash_model_dir
     from edgellm.pipeline.export.gguf_lora import write_lora_gguf
     from edgellm.pipeline.finetune import load_adapter
@@ -75,8 +106,10 @@ def run_adapter_build(cfg: BuildConfig, adapter_dir: str | Path, *, base_version
     adapter_dir, model_dir = Path(adapter_dir), Path(cfg.model_dir)
     adapter = load_adapter(adapter_dir)
     if hash_model_dir(model_dir) != adapter.base_sha256:
-        raise BuildError(f"{adapter_dir} was fine-tuned from another base than {model_dir}",
-                         hint="pass the --model the adapter was trained on (`edgellm finetune --model`)")
+        raise BuildError(
+            f"{adapter_dir} was fine-tuned from another base than {model_dir}",
+            hint="pass the --model the adapter was trained on (`edgellm finetune --model`)",
+        )
     profiles, base_name, eval_text, cands = prepare_build(cfg, say)
     name = adapter_name or _NAME_SAFE.sub("-", adapter_dir.resolve().name).strip("-.") or "adapter"
     packer = Packer(cfg)
@@ -104,13 +137,22 @@ def run_adapter_build(cfg: BuildConfig, adapter_dir: str | Path, *, base_version
 
             say(f"bundling the adapter for {prof.name} (base {m.fmt})", i, len(profiles))
             manifest = adapter_manifest(
-                manifest_for(cfg, name, prof, m, sel, cands, []), name=name, version=cfg.version, base_name=base_name,
-                base_version=base_version, base_sha256=sha256_file(m.artifact), adapter=adapter, export=export,
-                golden=golden_cache[m.fmt])
+                manifest_for(cfg, name, prof, m, sel, cands, []),
+                name=name,
+                version=cfg.version,
+                base_name=base_name,
+                base_version=base_version,
+                base_sha256=sha256_file(m.artifact),
+                adapter=adapter,
+                export=export,
+                golden=golden_cache[m.fmt],
+            )
             res.full_bundle_bytes = int(m.size_bytes) + _BUNDLE_OVERHEAD
             packer.add(res, f"{name}-{cfg.version}-{prof.name}.bundle", {ADAPTER_ARTIFACT: gguf}, manifest)
         packer.finish()
-        merged = _merged_build(cfg, adapter_dir, name, merged_profiles, Path(tmp), progress) if merged_profiles else None
+        merged = (
+            _merged_build(cfg, adapter_dir, name, merged_profiles, Path(tmp), progress) if merged_profiles else None
+        )
     if merged is not None:
         for r in merged.results:
             r.kind = "merged"
@@ -119,8 +161,9 @@ def run_adapter_build(cfg: BuildConfig, adapter_dir: str | Path, *, base_version
     return BuildResult(cfg, cands, results, report_json, report_md)
 
 
-def _merged_build(cfg: BuildConfig, adapter_dir: Path, name: str, profiles: list[str], work: Path,
-                  progress: ProgressFn | None) -> BuildResult:
+def _merged_build(
+    cfg: BuildConfig, adapter_dir: Path, name: str, profiles: list[str], work: Path, progress: ProgressFn | None
+) -> BuildResult:
     """A full bundle of the base with the adapter folded in, for profiles whose runtime cannot apply it."""
     import dataclasses
 

@@ -26,8 +26,15 @@ CACHE_SCHEMA = 4
 #: libraries whose version changes what an export or a measurement gives
 LIBRARIES = ("llama-cpp-python", "gguf", "onnxruntime", "onnx", "onnxscript", "torch")
 #: sources (relative to the edgellm package) that export and measure candidates
-CODE_PACKAGES = ("pipeline/export", "pipeline/candidates.py", "pipeline/measurement.py", "pipeline/model.py",
-                 "pipeline/config.py", "pipeline/tokenizer.py", "runtime")
+CODE_PACKAGES = (
+    "pipeline/export",
+    "pipeline/candidates.py",
+    "pipeline/measurement.py",
+    "pipeline/model.py",
+    "pipeline/config.py",
+    "pipeline/tokenizer.py",
+    "runtime",
+)
 
 
 def hash_model_dir(model_dir: str | Path) -> str:
@@ -93,8 +100,17 @@ def _fingerprint(root: Path) -> str:
 def cache_key(model_sha256: str, fmt: str, eval_sha256: str, threads: int = 1) -> str:
     """Key of one candidate: its inputs and the code that made it (edgellm's version, the sources
     of the exporters and measurements, the native libraries' versions)."""
-    blob = json.dumps({"model": model_sha256, "fmt": fmt, "eval": eval_sha256, "threads": threads,
-                       "versions": _versions(), "code": code_fingerprint()}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "model": model_sha256,
+            "fmt": fmt,
+            "eval": eval_sha256,
+            "threads": threads,
+            "versions": _versions(),
+            "code": code_fingerprint(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -37,9 +37,23 @@ from edgellm.pipeline._atomic import atomic_dir
 from edgellm.pipeline.candidate_cache import CandidateCache, cache_key, hash_model_dir
 from edgellm.pipeline.measurement import Measurement, MemoryModel
 
-__all__ = ["ALL_FORMATS", "DEFAULT_EVAL_TEXT", "GGUF_FORMATS", "ONNX_FORMATS", "RUNTIME_NAMES", "CandidateCache",
-           "CandidateSet", "Measurement", "MemoryModel", "build_candidates", "cache_key", "hash_model_dir",
-           "kind_of", "onnx_supported", "quality_metrics"]
+__all__ = [
+    "ALL_FORMATS",
+    "DEFAULT_EVAL_TEXT",
+    "GGUF_FORMATS",
+    "ONNX_FORMATS",
+    "RUNTIME_NAMES",
+    "CandidateCache",
+    "CandidateSet",
+    "Measurement",
+    "MemoryModel",
+    "build_candidates",
+    "cache_key",
+    "hash_model_dir",
+    "kind_of",
+    "onnx_supported",
+    "quality_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +77,7 @@ def kind_of(fmt: str) -> str:
 
 # --------------------------------------------------------------------------- metrics
 
+
 def quality_metrics(ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     """Perplexity of ``targets`` under ``logits``, KL(ref ‖ cand) and top-1 agreement, per position."""
     from edgellm.pipeline.evaluate import compare_logits
@@ -74,11 +89,12 @@ def quality_metrics(ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndar
 def eval_windows(ids: Sequence[int], window: int, max_tokens: int) -> list[list[int]]:
     ids = list(ids)[: max_tokens + 1]
     if len(ids) < 2:
-        raise BuildError("the evaluation text is too short (needs at least 2 tokens)",
-                         hint="pass a longer --eval-text file")
+        raise BuildError(
+            "the evaluation text is too short (needs at least 2 tokens)", hint="pass a longer --eval-text file"
+        )
     out = []
     for i in range(0, len(ids) - 1, window):
-        w = ids[i:i + window + 1]
+        w = ids[i : i + window + 1]
         if len(w) >= 2:
             out.append(w)
     return out
@@ -130,8 +146,9 @@ def gguf_tensor_stats(path: Path) -> tuple[int, int, int]:
     r = gguf.GGUFReader(str(path))
     names = {t.name: int(t.n_bytes) for t in r.tensors}
     n_params = sum(int(t.n_elements) for t in r.tensors)
-    repacked = sum(int(t.n_bytes) for t in r.tensors
-                   if t.tensor_type.name in REPACKED_TYPES and t.name != "token_embd.weight")
+    repacked = sum(
+        int(t.n_bytes) for t in r.tensors if t.tensor_type.name in REPACKED_TYPES and t.name != "token_embd.weight"
+    )
     total = sum(names.values())
     if "output.weight" in names:
         emb = names.get("token_embd.weight", 0)
@@ -148,8 +165,16 @@ def measure_gguf_decode(path: Path, *, n_tokens: int = 64, threads: int = 1, rep
         return max(rt.decode_speed(n_tokens=n_tokens) for _ in range(repeats))
 
 
-def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: np.ndarray,
-                         windows: list[list[int]], bandwidth_gbps: float, threads: int = 1) -> tuple[Path, Measurement]:
+def build_gguf_candidate(
+    model_dir: Path,
+    fmt: str,
+    work: Path,
+    *,
+    ref_logits: np.ndarray,
+    windows: list[list[int]],
+    bandwidth_gbps: float,
+    threads: int = 1,
+) -> tuple[Path, Measurement]:
     from edgellm.pipeline.export.gguf import export_gguf
     from edgellm.runtime.llamacpp import LlamaCppRuntime
 
@@ -162,10 +187,20 @@ def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
     bpt, n_params, repacked = gguf_tensor_stats(art)
     eff = tps * bpt / (bandwidth_gbps * 1e9)
     export = {k: report[k] for k in ("ftype", "type_counts", "fallbacks", "tied_embeddings", "tokenizer_pre")}
-    m = Measurement(fmt=fmt, runtime=GGUF, artifact=str(art), size_bytes=art.stat().st_size,
-                    memory=gguf_memory_model(info), bytes_per_token=bpt, eval_tokens=int(len(_targets(windows))),
-                    decode_tokens_per_second=tps, efficiency=eff, bandwidth_here_gbps=bandwidth_gbps,
-                    export=export, **q)
+    m = Measurement(
+        fmt=fmt,
+        runtime=GGUF,
+        artifact=str(art),
+        size_bytes=art.stat().st_size,
+        memory=gguf_memory_model(info),
+        bytes_per_token=bpt,
+        eval_tokens=int(len(_targets(windows))),
+        decode_tokens_per_second=tps,
+        efficiency=eff,
+        bandwidth_here_gbps=bandwidth_gbps,
+        export=export,
+        **q,
+    )
     m.extra["n_params"] = n_params
     m.extra["repacked_bytes"] = repacked  # loaded without mmap, so not resident twice
     m.extra["max_context_length"] = info.context_length
@@ -174,19 +209,23 @@ def build_gguf_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
 
 # --------------------------------------------------------------------------- ONNX candidates
 
+
 def onnx_supported() -> bool:
     """True when build pipeline I's ONNX exporter and runtime, and onnxruntime, are importable."""
     import importlib.util
 
     try:
-        return all(importlib.util.find_spec(m) is not None
-                   for m in ("edgellm.pipeline.export.onnx", "edgellm.runtime.onnx", "onnxruntime"))
+        return all(
+            importlib.util.find_spec(m) is not None
+            for m in ("edgellm.pipeline.export.onnx", "edgellm.runtime.onnx", "onnxruntime")
+        )
     except (ImportError, ValueError):
         return False
 
 
-def onnx_memory_model(rt: Any, weights_bytes: int, n_heads: int, ff: int, embd: int,
-                      *, n_ubatch: int = 256) -> MemoryModel:
+def onnx_memory_model(
+    rt: Any, weights_bytes: int, n_heads: int, ff: int, embd: int, *, n_ubatch: int = 256
+) -> MemoryModel:
     """onnxruntime: weights in memory, F32 KV cache, activations of a prefill chunk, and the runtime
     share calibrated here (50M-parameter model: fp32 file 195 MiB -> 284 MiB peak RSS, int8 50 -> 128)."""
     kv_pos = 2 * rt.n_layers * rt.n_kv * rt.head_dim * 4
@@ -195,17 +234,30 @@ def onnx_memory_model(rt: Any, weights_bytes: int, n_heads: int, ff: int, embd: 
     return MemoryModel(weights_bytes, kv_pos, base, n_ubatch * n_heads * 4, runtime)
 
 
-def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: np.ndarray,
-                         windows: list[list[int]], bandwidth_gbps: float, threads: int = 1,
-                         fp32_source: Path | None = None) -> tuple[Path, Measurement]:
+def build_onnx_candidate(
+    model_dir: Path,
+    fmt: str,
+    work: Path,
+    *,
+    ref_logits: np.ndarray,
+    windows: list[list[int]],
+    bandwidth_gbps: float,
+    threads: int = 1,
+    fp32_source: Path | None = None,
+) -> tuple[Path, Measurement]:
     from edgellm.pipeline.export.gguf import read_config
     from edgellm.pipeline.export.onnx import export_onnx
     from edgellm.runtime.onnx import OnnxRuntime
 
     cfg = read_config(model_dir)
     art = work / ("model.onnx" if fmt == "onnx-fp32" else "model-int8.onnx")
-    report = export_onnx(model_dir, art, fmt="onnx" if fmt == "onnx-fp32" else "onnx-int8", evaluate=False,
-                         fp32_source=fp32_source if fmt == "onnx-int8" else None)
+    report = export_onnx(
+        model_dir,
+        art,
+        fmt="onnx" if fmt == "onnx-fp32" else "onnx-int8",
+        evaluate=False,
+        fp32_source=fp32_source if fmt == "onnx-int8" else None,
+    )
 
     size = art.stat().st_size
     n_head = int(cfg["num_attention_heads"])
@@ -215,10 +267,20 @@ def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
         mem = onnx_memory_model(rt, size, n_head, int(cfg["intermediate_size"]), int(cfg["hidden_size"]))
         max_ctx = rt.context_length
     bpt = size  # upper bound: ONNX files may hold the embedding twice (gather + tied lm_head)
-    m = Measurement(fmt=fmt, runtime=ONNX, artifact=str(art), size_bytes=size, memory=mem, bytes_per_token=bpt,
-                    eval_tokens=int(len(_targets(windows))), decode_tokens_per_second=tps,
-                    efficiency=tps * bpt / (bandwidth_gbps * 1e9), bandwidth_here_gbps=bandwidth_gbps,
-                    export={"exporter": report.get("exporter"), "fallbacks": []}, **q)
+    m = Measurement(
+        fmt=fmt,
+        runtime=ONNX,
+        artifact=str(art),
+        size_bytes=size,
+        memory=mem,
+        bytes_per_token=bpt,
+        eval_tokens=int(len(_targets(windows))),
+        decode_tokens_per_second=tps,
+        efficiency=tps * bpt / (bandwidth_gbps * 1e9),
+        bandwidth_here_gbps=bandwidth_gbps,
+        export={"exporter": report.get("exporter"), "fallbacks": []},
+        **q,
+    )
     if report.get("params"):
         m.extra["n_params"] = int(report["params"])
     m.extra["max_context_length"] = max_ctx
@@ -226,6 +288,7 @@ def build_onnx_candidate(model_dir: Path, fmt: str, work: Path, *, ref_logits: n
 
 
 # --------------------------------------------------------------------------- the whole set
+
 
 @dataclasses.dataclass
 class CandidateSet:
@@ -246,8 +309,19 @@ class _Reference:
     """The unquantized reference (F32 GGUF in llama.cpp, F32 KV cache), built on first need:
     the evaluation windows and their logits every candidate is compared with."""
 
-    def __init__(self, model_dir: Path, cache_dir: Path, model_sha: str, text: str, *, threads: int,
-                 window: int, max_eval_tokens: int, say: ProgressFn, total: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        cache_dir: Path,
+        model_sha: str,
+        text: str,
+        *,
+        threads: int,
+        window: int,
+        max_eval_tokens: int,
+        say: ProgressFn,
+        total: int,
+    ) -> None:
         self.model_dir, self.cache_dir, self.model_sha, self.text = model_dir, cache_dir, model_sha, text
         self.threads, self.window, self.max_eval_tokens = threads, window, max_eval_tokens
         self.say, self.total = say, total
@@ -270,18 +344,33 @@ class _Reference:
         with LlamaCppRuntime.load(ref_path, threads=self.threads, kv_cache_type="f32") as rt:
             # The evaluation text is the operator's (trusted) text in training format: role
             # markers are special tokens there, as pipeline I's tokenizer treats them.
-            self.windows = eval_windows(rt.tokenize(self.text, add_bos=True, special=True),
-                                        min(self.window, rt.context_length - 1), self.max_eval_tokens)
+            self.windows = eval_windows(
+                rt.tokenize(self.text, add_bos=True, special=True),
+                min(self.window, rt.context_length - 1),
+                self.max_eval_tokens,
+            )
             self.logits = _score(rt, self.windows)
-            self.info = {"artifact": str(ref_path), "size_bytes": ref_path.stat().st_size,
-                         "context_length": rt.info.context_length, "vocab_size": rt.info.vocab_size}
+            self.info = {
+                "artifact": str(ref_path),
+                "size_bytes": ref_path.stat().st_size,
+                "context_length": rt.info.context_length,
+                "vocab_size": rt.info.vocab_size,
+            }
         return self.windows, self.logits
 
 
-def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir: str | Path,
-                     eval_text: str | None = None, bandwidth_gbps: float | None = None,
-                     threads: int = 1, max_eval_tokens: int = 512, window: int = 256,
-                     progress: ProgressFn | None = None) -> CandidateSet:
+def build_candidates(
+    model_dir: str | Path,
+    formats: Sequence[str],
+    *,
+    cache_dir: str | Path,
+    eval_text: str | None = None,
+    bandwidth_gbps: float | None = None,
+    threads: int = 1,
+    max_eval_tokens: int = 512,
+    window: int = 256,
+    progress: ProgressFn | None = None,
+) -> CandidateSet:
     """Export, quantize and measure every format in ``formats`` (cached by content hash)."""
     model_dir, cache_dir = Path(model_dir), Path(cache_dir)
     for f in formats:
@@ -293,8 +382,17 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
     text = eval_text if eval_text is not None else DEFAULT_EVAL_TEXT
     eval_sha = hashlib.sha256(text.encode()).hexdigest()
     cache = CandidateCache(cache_dir)
-    ref = _Reference(model_dir, cache_dir, model_sha, text, threads=threads, window=window,
-                     max_eval_tokens=max_eval_tokens, say=say, total=total)
+    ref = _Reference(
+        model_dir,
+        cache_dir,
+        model_sha,
+        text,
+        threads=threads,
+        window=window,
+        max_eval_tokens=max_eval_tokens,
+        say=say,
+        total=total,
+    )
 
     fixed_bw = bandwidth_gbps
     meter: Any = None
@@ -332,12 +430,20 @@ def build_candidates(model_dir: str | Path, formats: Sequence[str], *, cache_dir
         try:
             bw_before = bandwidth()
             reuse = _fp32_onnx(measurements) if fmt == "onnx-int8" else None  # export ONNX once per model
-            art, m = build(model_dir, fmt, work, ref_logits=ref_logits, windows=windows,
-                           bandwidth_gbps=bw_before, threads=threads, **({"fp32_source": reuse} if reuse else {}))
+            art, m = build(
+                model_dir,
+                fmt,
+                work,
+                ref_logits=ref_logits,
+                windows=windows,
+                bandwidth_gbps=bw_before,
+                threads=threads,
+                **({"fp32_source": reuse} if reuse else {}),
+            )
             _set_efficiency(m, [bw_before, bandwidth()])
             m.extra["build_seconds"] = round(time.perf_counter() - t0, 3)
             measurements[fmt] = cache.put(key, art, m)
-        except Exception as e:  # noqa: BLE001 - one failed candidate must not sink the build
+        except Exception as e:
             log.warning("candidate %s failed: %s", fmt, e)
             log.debug("candidate %s failure", fmt, exc_info=True)
             failures[fmt] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -371,7 +477,11 @@ def _set_efficiency(m: Measurement, bw_samples: list[float]) -> None:
     m.bandwidth_here_gbps = bw
     m.efficiency = min(1.0, raw)
     m.extra["prediction_inputs"] = {
-        "decode_tokens_per_second": m.decode_tokens_per_second, "bytes_per_token": m.bytes_per_token,
-        "bandwidth_samples_gbps": [round(x, 3) for x in bw_samples], "bandwidth_gbps": round(bw, 3),
-        "efficiency_measured": round(raw, 4), "efficiency_capped": raw > 1.0,
-        "formula": "predicted tok/s = efficiency x profile bandwidth / bytes_per_token"}
+        "decode_tokens_per_second": m.decode_tokens_per_second,
+        "bytes_per_token": m.bytes_per_token,
+        "bandwidth_samples_gbps": [round(x, 3) for x in bw_samples],
+        "bandwidth_gbps": round(bw, 3),
+        "efficiency_measured": round(raw, 4),
+        "efficiency_capped": raw > 1.0,
+        "formula": "predicted tok/s = efficiency x profile bandwidth / bytes_per_token",
+    }

@@ -16,10 +16,26 @@ from edgellm.errors import BuildError
 from edgellm.runtime.families import FAMILIES, Family, family_of
 
 _KNOWN = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-    "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-    "pad_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_bias",
+    "mlp_bias",
+    "hidden_act",
+    "torch_dtype",
+    "model_type",
     "sliding_window",
 )
 
@@ -79,8 +95,15 @@ class ModelConfig:
 
     def validate(self) -> None:
         problems = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 problems.append(f"{name} must be a positive integer (got {v!r})")
@@ -98,8 +121,10 @@ class ModelConfig:
         if self.hidden_act not in ("silu", "swish"):
             problems.append(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
         if problems:
-            raise BuildError("invalid model config: " + "; ".join(problems),
-                             hint="fix config.json or the --config file (see docs/models.md)")
+            raise BuildError(
+                "invalid model config: " + "; ".join(problems),
+                hint="fix config.json or the --config file (see docs/models.md)",
+            )
 
     # ---- (de)serialisation ----------------------------------------------------------------
     @classmethod
@@ -125,7 +150,8 @@ class ModelConfig:
             if k in d and k not in kw:
                 kw[k] = d.pop(k)
         if kw.get("rope_scaling") is not None and kw["rope_scaling"].get(
-                "rope_type", kw["rope_scaling"].get("type")) in ("default", None):
+            "rope_type", kw["rope_scaling"].get("type")
+        ) in ("default", None):
             kw["rope_scaling"] = None
         if "torch_dtype" in kw and kw["torch_dtype"] is None:
             kw["torch_dtype"] = "float32"
@@ -155,11 +181,14 @@ class ModelConfig:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
-            raise BuildError(f"{path}: no such config file",
-                             hint="pass a preset name (tiny, small) or a config.json of a supported family (docs/models.md)") from e
+            raise BuildError(
+                f"{path}: no such config file",
+                hint="pass a preset name (tiny, small) or a config.json of a supported family (docs/models.md)",
+            ) from e
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BuildError(f"{path}: not a readable JSON config ({e})",
-                             hint="fix the JSON or pass a preset name (tiny, small)") from e
+            raise BuildError(
+                f"{path}: not a readable JSON config ({e})", hint="fix the JSON or pass a preset name (tiny, small)"
+            ) from e
         if not isinstance(d, dict):
             raise BuildError(f"{path}: config must be a JSON object", hint="see docs/build.md for the fields")
         family_of(d, str(path))
@@ -176,13 +205,27 @@ class ModelConfig:
 #: llama.cpp's K-quants apply without fallback.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.8M parameters: trains to readable output on the default corpus in about a minute on 1 core.
-    "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                 tie_word_embeddings=True),
+    "tiny": dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ),
     # ~30M parameters: a real small model (hours on a CPU, minutes on a GPU).
-    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-                  tie_word_embeddings=True),
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -197,8 +240,10 @@ def resolve_config(spec: str | Path | ModelConfig | dict, **overrides: Any) -> M
     else:
         p = Path(spec)
         if not p.exists():
-            raise BuildError(f"unknown config {str(spec)!r}: not a preset nor a file",
-                             hint=f"use one of {sorted(PRESETS)} or a JSON file path")
+            raise BuildError(
+                f"unknown config {str(spec)!r}: not a preset nor a file",
+                hint=f"use one of {sorted(PRESETS)} or a JSON file path",
+            )
         cfg = ModelConfig.from_file(p / "config.json" if p.is_dir() else p)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return cfg.replace(**overrides) if overrides else cfg

@@ -39,9 +39,14 @@ class DataSet:
     sources: list[dict[str, Any]]
 
     def lineage(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "sources": self.sources,
-                "train_docs": len(self.train), "val_docs": len(self.val),
-                "train_chars": sum(map(len, self.train)), "val_chars": sum(map(len, self.val))}
+        return {
+            "sha256": self.sha256,
+            "sources": self.sources,
+            "train_docs": len(self.train),
+            "val_docs": len(self.val),
+            "train_chars": sum(map(len, self.train)),
+            "val_chars": sum(map(len, self.val)),
+        }
 
 
 def _read_file(path: Path) -> list[str]:
@@ -61,16 +66,22 @@ def _read_file(path: Path) -> list[str]:
             try:
                 rec = json.loads(line)
             except ValueError as e:
-                raise BuildError(f"{path}:{n}: invalid JSON ({e})", hint="each line must be a JSON object with a 'text' field") from e
+                raise BuildError(
+                    f"{path}:{n}: invalid JSON ({e})", hint="each line must be a JSON object with a 'text' field"
+                ) from e
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise BuildError(f"{path}:{n}: no string 'text' field", hint="each line must be a JSON object with a 'text' field")
+                raise BuildError(
+                    f"{path}:{n}: no string 'text' field", hint="each line must be a JSON object with a 'text' field"
+                )
             if rec["text"].strip():
                 docs.append(rec["text"])
     else:
         docs = [p.strip("\n") + "\n" for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
     if not docs:
-        raise BuildError(f"{path}: data file is empty (no text documents)",
-                         hint="add text (JSONL needs a 'text' field per line) or pass another --data")
+        raise BuildError(
+            f"{path}: data file is empty (no text documents)",
+            hint="add text (JSONL needs a 'text' field per line) or pass another --data",
+        )
     return docs
 
 
@@ -91,22 +102,26 @@ def load_documents(spec: str | Path | Sequence[str | Path]) -> tuple[list[str], 
                 raise BuildError(f"unknown builtin corpus {name!r}", hint="use builtin:devices")
             d = generate_corpus()
             docs += d
-            sources.append({"path": "builtin:devices", "sha256": _sha_docs(d), "bytes": sum(len(x.encode()) for x in d)})
+            sources.append(
+                {"path": "builtin:devices", "sha256": _sha_docs(d), "bytes": sum(len(x.encode()) for x in d)}
+            )
             continue
         p = Path(s)
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES)
             if not files:
-                raise BuildError(f"{p}: no .txt/.md/.jsonl files in the data directory",
-                                 hint="put text files there or pass a file")
+                raise BuildError(
+                    f"{p}: no .txt/.md/.jsonl files in the data directory", hint="put text files there or pass a file"
+                )
         elif p.exists():
             files = [p]
         else:
             raise BuildError(f"{p}: data file not found", hint="check --data (a file, a directory or builtin:devices)")
         for f in files:
             docs += _read_file(f)
-            sources.append({"path": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
-                            "bytes": f.stat().st_size})
+            sources.append(
+                {"path": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "bytes": f.stat().st_size}
+            )
     return docs, sources
 
 
@@ -197,6 +212,7 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = Non
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
-        raise BuildError(f"validation text too short ({len(stream)} tokens < {seq_len + 1})",
-                         hint="add more data or lower --seq-len")
-    return np.stack([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
+        raise BuildError(
+            f"validation text too short ({len(stream)} tokens < {seq_len + 1})", hint="add more data or lower --seq-len"
+        )
+    return np.stack([stream[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])

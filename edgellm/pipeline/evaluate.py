@@ -32,8 +32,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
 
 
-def compare_logits(logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None = None,
-                   n_bytes: int | None = None) -> dict[str, float]:
+def compare_logits(
+    logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None = None, n_bytes: int | None = None
+) -> dict[str, float]:
     """Metrics over ``logits`` ``[N, V]`` for ``targets`` ``[N]`` (optionally vs ``ref_logits``)."""
     lp = _log_softmax(logits)
     idx = np.arange(len(targets))
@@ -61,7 +62,7 @@ def torch_scorer(model: Any) -> Scorer:
 
 def score_windows(scorer: Scorer, windows: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """Logits for ``windows[:, :-1]`` flattened to ``[N, V]``."""
-    parts = [scorer(windows[i:i + batch_size, :-1]) for i in range(0, len(windows), batch_size)]
+    parts = [scorer(windows[i : i + batch_size, :-1]) for i in range(0, len(windows), batch_size)]
     out = np.concatenate(parts)
     return out.reshape(-1, out.shape[-1])
 
@@ -99,8 +100,10 @@ def _default_data(model_dir: Path | None) -> tuple[Any, str | None]:
     srcs = training_data(model_dir)
     if srcs is not None:
         return srcs, None
-    note = (f"scored on the built-in demo corpus: {model_dir or 'the artifact'} records no training data "
-            "edgellm can find; pass --data for a meaningful score")
+    note = (
+        f"scored on the built-in demo corpus: {model_dir or 'the artifact'} records no training data "
+        "edgellm can find; pass --data for a meaningful score"
+    )
     log.warning("%s", note)
     return "builtin:devices", note
 
@@ -134,8 +137,18 @@ def torch_decode_speed(model: Any, n_tokens: int = 32, bos: int = 1) -> float:
     return n_tokens / (time.perf_counter() - t0)
 
 
-def _score_artifact(kind: str, artifact: Path, md: Path | None, reference: Any, ref_logits: np.ndarray | None,
-                    windows: np.ndarray, *, threads: int, speed_tokens: int, bos: int) -> tuple[np.ndarray, float]:
+def _score_artifact(
+    kind: str,
+    artifact: Path,
+    md: Path | None,
+    reference: Any,
+    ref_logits: np.ndarray | None,
+    windows: np.ndarray,
+    *,
+    threads: int,
+    speed_tokens: int,
+    bos: int,
+) -> tuple[np.ndarray, float]:
     """Logits of ``windows`` under ``artifact`` and its decode tokens/s here."""
     from edgellm.pipeline.model import load_model
 
@@ -155,9 +168,17 @@ def _score_artifact(kind: str, artifact: Path, md: Path | None, reference: Any, 
         return logits, max(rt.decode_speed(speed_tokens) for _ in range(2))
 
 
-def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = None, data: Any = None,
-                      max_windows: int = 8, seq_len: int = 128, reference: Any = None,
-                      speed_tokens: int = 32, threads: int = 1) -> dict[str, Any]:
+def evaluate_artifact(
+    artifact: str | Path,
+    *,
+    model_dir: str | Path | None = None,
+    data: Any = None,
+    max_windows: int = 8,
+    seq_len: int = 128,
+    reference: Any = None,
+    speed_tokens: int = 32,
+    threads: int = 1,
+) -> dict[str, Any]:
     """Measure ``artifact``; ``model_dir`` (or ``reference``, a loaded LlamaLM) is the fp32
     reference and supplies the tokenizer. ``data`` defaults to the model's training data."""
     import torch
@@ -191,20 +212,31 @@ def evaluate_artifact(artifact: str | Path, *, model_dir: str | Path | None = No
     ds = load_dataset(data)
     cfg = reference.config if reference is not None else None
     bos = cfg.bos_token_id if cfg is not None else tok.token_to_id("<s>")
-    eos = (cfg.eos_token_ids[0] if cfg is not None and cfg.eos_token_ids else tok.token_to_id("</s>"))
+    eos = cfg.eos_token_ids[0] if cfg is not None and cfg.eos_token_ids else tok.token_to_id("</s>")
     ctx = cfg.max_position_embeddings if cfg is not None else 256
     windows = eval_windows(token_stream(tok, ds.val, bos_id=bos, eos_id=eos), min(seq_len, ctx), max_windows)
     targets = windows[:, 1:].reshape(-1)
     n_bytes = sum(len(tok.decode(w[1:].tolist(), skip_special_tokens=True).encode("utf-8")) for w in windows)
     ref_logits = score_windows(torch_scorer(reference), windows) if reference is not None else None
 
-    logits, speed = _score_artifact(kind, artifact, md, reference, ref_logits, windows, threads=threads,
-                                    speed_tokens=speed_tokens, bos=bos or 0)
+    logits, speed = _score_artifact(
+        kind, artifact, md, reference, ref_logits, windows, threads=threads, speed_tokens=speed_tokens, bos=bos or 0
+    )
     same = kind == "torch" and ref_logits is not None and logits is ref_logits
     metrics = compare_logits(logits, targets, None if same else ref_logits, n_bytes)
     if same:
         metrics.update(reference_perplexity=metrics["perplexity"], kl_divergence=0.0, top1_agreement=1.0)
-    return {"artifact": str(artifact), "kind": kind, "size_bytes": artifact_size(artifact),
-            "data": {"sha256": ds.sha256, "sources": [s["path"] for s in ds.sources], "split": "validation",
-                     **({"note": note} if note else {})},
-            "decode_tokens_per_second": round(speed, 1) if speed else None, "threads": threads, **metrics}
+    return {
+        "artifact": str(artifact),
+        "kind": kind,
+        "size_bytes": artifact_size(artifact),
+        "data": {
+            "sha256": ds.sha256,
+            "sources": [s["path"] for s in ds.sources],
+            "split": "validation",
+            **({"note": note} if note else {}),
+        },
+        "decode_tokens_per_second": round(speed, 1) if speed else None,
+        "threads": threads,
+        **metrics,
+    }

@@ -36,8 +36,8 @@ class Adapter:
     rank: int
     alpha: float
     targets: tuple[str, ...]
-    state: dict[str, Any]          # torch tensors
-    base_sha256: str               # hash_model_dir of the base model directory
+    state: dict[str, Any]  # torch tensors
+    base_sha256: str  # hash_model_dir of the base model directory
     base_name: str
     report: dict[str, Any]
 
@@ -65,24 +65,44 @@ def load_adapter(adapter_dir: str | Path) -> Adapter:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("base"), dict):
         raise BuildError(f"{d / CONFIG_FILE}: not an {FORMAT} adapter config", hint=_hint(d))
     try:
-        ad = Adapter(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]),
-                     state=state, base_sha256=str(meta["base"]["model_sha256"]),
-                     base_name=str(meta["base"].get("name") or ""), report=dict(meta.get("report") or {}))
+        ad = Adapter(
+            rank=int(meta["rank"]),
+            alpha=float(meta["alpha"]),
+            targets=tuple(meta["targets"]),
+            state=state,
+            base_sha256=str(meta["base"]["model_sha256"]),
+            base_name=str(meta["base"].get("name") or ""),
+            report=dict(meta.get("report") or {}),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise BuildError(f"{d / CONFIG_FILE}: missing or invalid field ({e})", hint=_hint(d)) from e
     ad.config  # validates rank, alpha and targets  # noqa: B018
     return ad
 
 
-def save_adapter(out: str | Path, state: dict[str, Any], cfg: Any, *, base_sha256: str, base_name: str,
-                 report: dict[str, Any], overwrite: bool = False) -> Path:
+def save_adapter(
+    out: str | Path,
+    state: dict[str, Any],
+    cfg: Any,
+    *,
+    base_sha256: str,
+    base_name: str,
+    report: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
     """Atomically write an adapter directory."""
     from safetensors.torch import save_file
 
     from edgellm.pipeline._atomic import atomic_dir
 
-    meta = {"format": FORMAT, "rank": cfg.rank, "alpha": float(cfg.alpha), "targets": list(cfg.targets),
-            "base": {"model_sha256": base_sha256, "name": base_name}, "report": report}
+    meta = {
+        "format": FORMAT,
+        "rank": cfg.rank,
+        "alpha": float(cfg.alpha),
+        "targets": list(cfg.targets),
+        "base": {"model_sha256": base_sha256, "name": base_name},
+        "report": report,
+    }
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -97,17 +117,32 @@ def base_model_with_adapter(model_dir: str | Path, adapter: Adapter) -> Any:
 
     sha = hash_model_dir(model_dir)
     if sha != adapter.base_sha256:
-        raise BuildError(f"the adapter was trained on base {adapter.base_sha256[:12]}…, not on {model_dir} "
-                         f"({sha[:12]}…)", hint="pass the --model the adapter was fine-tuned from")
+        raise BuildError(
+            f"the adapter was trained on base {adapter.base_sha256[:12]}…, not on {model_dir} ({sha[:12]}…)",
+            hint="pass the --model the adapter was fine-tuned from",
+        )
     model = load_model(model_dir)
     apply_lora(model, adapter.config)
     load_lora_state(model, adapter.state)
     return model
 
 
-def finetune(model_dir: str | Path, data: Sequence[str | Path], out: str | Path, cfg: Any, *, steps: int,
-             lr: float, batch_size: int = 4, seq_len: int = 64, seed: int = 0, threads: int = 1,
-             val_fraction: float = 0.05, max_seconds: float | None = None, overwrite: bool = False) -> dict[str, Any]:
+def finetune(
+    model_dir: str | Path,
+    data: Sequence[str | Path],
+    out: str | Path,
+    cfg: Any,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 4,
+    seq_len: int = 64,
+    seed: int = 0,
+    threads: int = 1,
+    val_fraction: float = 0.05,
+    max_seconds: float | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train a LoRA adapter on ``data`` over the frozen model in ``model_dir``; write it to ``out``."""
     from edgellm.pipeline import tokenizer as tk
     from edgellm.pipeline._atomic import check_output_path
@@ -123,16 +158,43 @@ def finetune(model_dir: str | Path, data: Sequence[str | Path], out: str | Path,
     tok = tk.load_tokenizer(model_dir)
     heldout = ds.val or ds.train
     base_loss = heldout_loss(model, tok, heldout, seq_len=seq_len)
-    summary = train_lora(model, tok, ds.train, cfg, steps, lr, heldout=heldout, batch_size=batch_size,
-                         seq_len=seq_len, seed=seed, max_seconds=max_seconds, threads=threads)
-    report = {"kind": "finetune", "out": str(out), "model": str(model_dir), "rank": cfg.rank,
-              "alpha": float(cfg.alpha), "targets": list(cfg.targets), "data": ds.lineage(),
-              "base_val_loss": base_loss, "base_val_ppl": math.exp(min(base_loss, 50.0)),
-              **{k: v for k, v in summary.items() if k != "history"}}
+    summary = train_lora(
+        model,
+        tok,
+        ds.train,
+        cfg,
+        steps,
+        lr,
+        heldout=heldout,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        max_seconds=max_seconds,
+        threads=threads,
+    )
+    report = {
+        "kind": "finetune",
+        "out": str(out),
+        "model": str(model_dir),
+        "rank": cfg.rank,
+        "alpha": float(cfg.alpha),
+        "targets": list(cfg.targets),
+        "data": ds.lineage(),
+        "base_val_loss": base_loss,
+        "base_val_ppl": math.exp(min(base_loss, 50.0)),
+        **{k: v for k, v in summary.items() if k != "history"},
+    }
     if isinstance(report.get("val_loss"), float):
         report["val_ppl"] = math.exp(min(report["val_loss"], 50.0))
-    save_adapter(out, lora_state(model), cfg, base_sha256=hash_model_dir(model_dir),
-                 base_name=model_dir.resolve().name, report=report, overwrite=overwrite)
+    save_adapter(
+        out,
+        lora_state(model),
+        cfg,
+        base_sha256=hash_model_dir(model_dir),
+        base_name=model_dir.resolve().name,
+        report=report,
+        overwrite=overwrite,
+    )
     return report
 
 

@@ -62,7 +62,7 @@ class BuildConfig:
     out_dir: Path
     name: str | None = None
     version: str = "0.1.0"
-    formats: list[str] | None = None          # default: every format the profiles' runtimes allow
+    formats: list[str] | None = None  # default: every format the profiles' runtimes allow
     budget: Budget = dataclasses.field(default_factory=Budget)
     eval_text: str | None = None
     cache_dir: Path | None = None
@@ -71,7 +71,7 @@ class BuildConfig:
     keys: Path | None = None
     threads: int = 1
     golden_prompts: list[str] | None = None
-    lineage: dict[str, Any] | None = None     # merged into each manifest's lineage (e.g. a federated run's)
+    lineage: dict[str, Any] | None = None  # merged into each manifest's lineage (e.g. a federated run's)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -89,7 +89,7 @@ class ProfileResult:
     target: str | None = None
     signed: bool = False
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # the profile's figures used
-    kind: str = "full"                # "full", "adapter" or "merged" (a full bundle with an adapter folded in)
+    kind: str = "full"  # "full", "adapter" or "merged" (a full bundle with an adapter folded in)
     full_bundle_bytes: int | None = None  # an adapter's: what the full bundle it replaces would weigh
 
 
@@ -97,8 +97,7 @@ def wire_bytes(r: ProfileResult) -> dict[str, Any]:
     """Bytes a device downloads for this profile's bundle (the signed envelope when signed)."""
     n = r.bundle.stat().st_size if r.bundle is not None and r.bundle.exists() else None
     full = r.full_bundle_bytes if r.full_bundle_bytes is not None else n
-    return {"bundle_bytes": n, "full_bundle_bytes": full,
-            "ratio": (n / full) if n is not None and full else None}
+    return {"bundle_bytes": n, "full_bundle_bytes": full, "ratio": (n / full) if n is not None and full else None}
 
 
 @dataclasses.dataclass
@@ -140,8 +139,9 @@ def _onnx_available() -> bool:
     return onnx_supported()
 
 
-def golden_prompts(runtime: str, artifact: str | Path, prompts: list[str], model_dir: Path,
-                   adapter: Path | None = None) -> list[dict[str, Any]]:
+def golden_prompts(
+    runtime: str, artifact: str | Path, prompts: list[str], model_dir: Path, adapter: Path | None = None
+) -> list[dict[str, Any]]:
     """Greedy continuations of a few prompts with the chosen artifact (+ ``adapter``, a LoRA GGUF);
     ``expect`` holds the confident prefix (every token at p > 0.6), so the device health check
     catches garbage."""
@@ -203,33 +203,67 @@ def default_prompts(eval_text: str, n: int = 3) -> list[str]:
     return out or [" ".join(eval_text.split()[:6]) or "Hello"]
 
 
-def manifest_for(cfg: BuildConfig, name: str, profile: Any, m: Measurement, sel: Selection,
-              cands: CandidateSet, golden: list[dict[str, Any]]) -> dict[str, Any]:
+def manifest_for(
+    cfg: BuildConfig,
+    name: str,
+    profile: Any,
+    m: Measurement,
+    sel: Selection,
+    cands: CandidateSet,
+    golden: list[dict[str, Any]],
+) -> dict[str, Any]:
     v = sel.verdict(m.fmt)
     artifact = "model.gguf" if m.runtime == "gguf" else "model.onnx"
     return {
-        "name": name, "version": cfg.version, "runtime": m.runtime, "artifact": artifact,
-        "quantization": m.fmt.split("-", 1)[1], "profiles": [profile.name],
+        "name": name,
+        "version": cfg.version,
+        "runtime": m.runtime,
+        "artifact": artifact,
+        "quantization": m.fmt.split("-", 1)[1],
+        "profiles": [profile.name],
         "tokenizer": None if m.runtime == "gguf" else "tokenizer.json",
         "memory": {k: v.memory[k] for k in ("weights_bytes", "kv_cache_bytes", "context_length", "peak_bytes")},
         "metrics": {
-            "perplexity": m.perplexity, "reference_perplexity": m.reference_perplexity,
-            "kl_divergence": m.kl_divergence, "top1_agreement": m.top1_agreement, "quality_loss": m.quality_loss,
-            "size_bytes": m.size_bytes, "decode_tokens_per_second_here": m.decode_tokens_per_second,
-            "bandwidth_here_gbps": m.bandwidth_here_gbps, "efficiency": m.efficiency,
+            "perplexity": m.perplexity,
+            "reference_perplexity": m.reference_perplexity,
+            "kl_divergence": m.kl_divergence,
+            "top1_agreement": m.top1_agreement,
+            "quality_loss": m.quality_loss,
+            "size_bytes": m.size_bytes,
+            "decode_tokens_per_second_here": m.decode_tokens_per_second,
+            "bandwidth_here_gbps": m.bandwidth_here_gbps,
+            "efficiency": m.efficiency,
             "profile_bandwidth_gbps": profile.bandwidth_gbps,
             "predicted_tokens_per_second": v.predicted_tokens_per_second,
         },
-        "generation": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "max_tokens": 128, "stop": [],
-                       "threads": profile.threads, "context_length": v.memory["context_length"]},
-        "lineage": {"parent_version": None, "data_sha256": (train_report(cfg.model_dir).get("data") or {}).get("sha256"),
-                    "build_config": {"model_sha256": cands.model_sha256, "format": m.fmt,
-                                     "candidate_key": m.cache_key, "budget": cfg.budget.to_dict(),
-                                     "eval_sha256": cands.eval_sha256}, **(cfg.lineage or {})},
+        "generation": {
+            "temperature": 0.7,
+            "top_p": 0.95,
+            "top_k": 40,
+            "max_tokens": 128,
+            "stop": [],
+            "threads": profile.threads,
+            "context_length": v.memory["context_length"],
+        },
+        "lineage": {
+            "parent_version": None,
+            "data_sha256": (train_report(cfg.model_dir).get("data") or {}).get("sha256"),
+            "build_config": {
+                "model_sha256": cands.model_sha256,
+                "format": m.fmt,
+                "candidate_key": m.cache_key,
+                "budget": cfg.budget.to_dict(),
+                "eval_sha256": cands.eval_sha256,
+            },
+            **(cfg.lineage or {}),
+        },
         "runtime_settings": for_profile(profile, m.runtime).to_dict(),
         "golden_prompts": golden,
-        "health": {"min_tokens_per_second": profile.min_tokens_per_second, "max_load_seconds": 60,
-                   "max_memory_bytes": int(profile.usable_ram_bytes)},
+        "health": {
+            "min_tokens_per_second": profile.min_tokens_per_second,
+            "max_load_seconds": 60,
+            "max_memory_bytes": int(profile.usable_ram_bytes),
+        },
     }
 
 
@@ -249,18 +283,32 @@ def prepare_build(cfg: BuildConfig, say: ProgressFn) -> tuple[list[Any], str, st
     eval_text = cfg.eval_text if cfg.eval_text is not None else default_eval_text(model_dir)
     formats = _formats_for(profiles, cfg.formats, cfg.budget.pin_format)
 
-    cands = build_candidates(model_dir, formats, cache_dir=cfg.cache_dir or default_cache_dir(),
-                             eval_text=eval_text, threads=cfg.threads, progress=say)
+    cands = build_candidates(
+        model_dir,
+        formats,
+        cache_dir=cfg.cache_dir or default_cache_dir(),
+        eval_text=eval_text,
+        threads=cfg.threads,
+        progress=say,
+    )
     if not cands.measurements:
-        raise BuildError("no candidate could be built: " + "; ".join(f"{k}: {v}" for k, v in cands.failures.items()),
-                         hint="check the model directory; run with -v for details")
+        raise BuildError(
+            "no candidate could be built: " + "; ".join(f"{k}: {v}" for k, v in cands.failures.items()),
+            hint="check the model directory; run with -v for details",
+        )
     return profiles, name, eval_text, cands
 
 
 def profile_facts(prof: Any) -> dict[str, Any]:
-    return {"display_name": prof.display_name, "usable_ram_bytes": int(prof.usable_ram_bytes),
-            "bandwidth_gbps": prof.bandwidth_gbps, "min_tokens_per_second": prof.min_tokens_per_second,
-            "context_length": prof.context_length, "threads": prof.threads, "runtimes": sorted(prof.runtimes)}
+    return {
+        "display_name": prof.display_name,
+        "usable_ram_bytes": int(prof.usable_ram_bytes),
+        "bandwidth_gbps": prof.bandwidth_gbps,
+        "min_tokens_per_second": prof.min_tokens_per_second,
+        "context_length": prof.context_length,
+        "threads": prof.threads,
+        "runtimes": sorted(prof.runtimes),
+    }
 
 
 class Packer:
@@ -277,8 +325,14 @@ class Packer:
         self.signing: list[tuple[ProfileResult, Path, str]] = []  # signed together at the end
         self.stage = tempfile.TemporaryDirectory(prefix=".signing-", dir=self.out)  # removed even on error
 
-    def add(self, res: ProfileResult, bundle_name: str, files: dict[str, Path], manifest: dict[str, Any],
-            texts: dict[str, str] | None = None) -> None:
+    def add(
+        self,
+        res: ProfileResult,
+        bundle_name: str,
+        files: dict[str, Path],
+        manifest: dict[str, Any],
+        texts: dict[str, str] | None = None,
+    ) -> None:
         """Pack ``files`` (bundle path -> source file, hard-linked when possible) and ``texts``
         (bundle path -> content) with ``manifest``."""
         from edgellm.bundle import pack
@@ -345,8 +399,13 @@ def run_build(cfg: BuildConfig, progress: ProgressFn | None = None) -> BuildResu
         if m.fmt not in golden_cache:
             golden_cache[m.fmt] = golden_prompts(m.runtime, m.artifact, prompts, model_dir)
         say(f"bundling {prof.name} ({m.fmt})", i, n)
-        packer.add(res, f"{name}-{cfg.version}-{prof.name}.bundle", bundle_files(m, model_dir),
-                   manifest_for(cfg, name, prof, m, sel, cands, golden_cache[m.fmt]), texts=bundle_texts(m, model_dir))
+        packer.add(
+            res,
+            f"{name}-{cfg.version}-{prof.name}.bundle",
+            bundle_files(m, model_dir),
+            manifest_for(cfg, name, prof, m, sel, cands, golden_cache[m.fmt]),
+            texts=bundle_texts(m, model_dir),
+        )
     packer.finish()
     report_json, report_md = write_reports(packer.out, cfg, cands, results)
     return BuildResult(cfg, cands, results, report_json, report_md)
@@ -369,87 +428,129 @@ def publish_signed(repo: Any, signing: list[tuple[ProfileResult, Path, str]], ou
 
 # --------------------------------------------------------------------------- reports
 
+
 def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.2f}"
 
 
 def report_dict(cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResult]) -> dict[str, Any]:
     return {
-        "format": "edgellm-build-report", "version": 1,
+        "format": "edgellm-build-report",
+        "version": 1,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"dir": str(cands.model_dir), "sha256": cands.model_sha256, "reference": cands.reference,
-                  **check_model_dir(cands.model_dir)},
+        "model": {
+            "dir": str(cands.model_dir),
+            "sha256": cands.model_sha256,
+            "reference": cands.reference,
+            **check_model_dir(cands.model_dir),
+        },
         "machine": {"bandwidth_gbps": cands.bandwidth_here_gbps, "bandwidth": cands.bandwidth, "threads": cfg.threads},
         "config": cfg.to_dict(),
         "candidates": [m.to_dict() for m in cands.measurements.values()],
         "failed_candidates": cands.failures,
-        "profiles": [{**r.selection.to_dict(), "bundle": None if r.bundle is None else r.bundle.name,
-                      "bundle_sha256": r.bundle_sha256, "target": r.target, "signed": r.signed,
-                      "facts": r.facts, "kind": r.kind, "wire": wire_bytes(r)}
-                     for r in results],
+        "profiles": [
+            {
+                **r.selection.to_dict(),
+                "bundle": None if r.bundle is None else r.bundle.name,
+                "bundle_sha256": r.bundle_sha256,
+                "target": r.target,
+                "signed": r.signed,
+                "facts": r.facts,
+                "kind": r.kind,
+                "wire": wire_bytes(r),
+            }
+            for r in results
+        ],
     }
 
 
-_TEMPLATE_NAMES = {"model": "the model's own", "edgellm": "edgellm's role markers",
-                   "none": "none (chat refused on devices)"}
+_TEMPLATE_NAMES = {
+    "model": "the model's own",
+    "edgellm": "edgellm's role markers",
+    "none": "none (chat refused on devices)",
+}
 
 
 def report_markdown(rep: dict[str, Any]) -> str:
-    lines = [f"# Build report: {Path(rep['model']['dir']).name}", "",
-             f"Model sha256 `{rep['model']['sha256'][:16]}…`; memory bandwidth measured here: "
-             f"**{rep['machine']['bandwidth_gbps']:.2f} GB/s** (1 thread). Quality is measured against the "
-             f"unquantized model (F32 in llama.cpp); tokens/s on each profile are predicted by the roofline: "
-             f"efficiency here × profile bandwidth ÷ bytes read per token.", "",
-             f"Family {rep['model'].get('architecture')}, {rep['model'].get('tokenizer')}, chat template: "
-             f"{_TEMPLATE_NAMES.get(rep['model'].get('chat_template'), 'unknown')}.",
-             *(f"- warning: {w}" for w in rep["model"].get("warnings") or []), "",
-             "## Candidates", "",
-             "| format | size MiB | weights MiB | bytes/token MiB | ppl | ppl Δ | KL | top-1 | tok/s here | efficiency | fallbacks | cached |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        f"# Build report: {Path(rep['model']['dir']).name}",
+        "",
+        f"Model sha256 `{rep['model']['sha256'][:16]}…`; memory bandwidth measured here: "
+        f"**{rep['machine']['bandwidth_gbps']:.2f} GB/s** (1 thread). Quality is measured against the "
+        f"unquantized model (F32 in llama.cpp); tokens/s on each profile are predicted by the roofline: "
+        f"efficiency here × profile bandwidth ÷ bytes read per token.",
+        "",
+        f"Family {rep['model'].get('architecture')}, {rep['model'].get('tokenizer')}, chat template: "
+        f"{_TEMPLATE_NAMES.get(rep['model'].get('chat_template'), 'unknown')}.",
+        *(f"- warning: {w}" for w in rep["model"].get("warnings") or []),
+        "",
+        "## Candidates",
+        "",
+        "| format | size MiB | weights MiB | bytes/token MiB | ppl | ppl Δ | KL | top-1 | tok/s here | efficiency | fallbacks | cached |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for c in rep["candidates"]:
         fb = c.get("export", {}).get("fallbacks") or []
         lines.append(
             f"| {c['fmt']} | {_mib(c['size_bytes'])} | {_mib(c['memory']['weights_bytes'])} | "
             f"{_mib(c['bytes_per_token'])} | {c['perplexity']:.3f} | {c['quality_loss']:+.2%} | "
             f"{c['kl_divergence']:.5f} | {c['top1_agreement']:.1%} | {c['decode_tokens_per_second']:.0f} | "
-            f"{c['efficiency']:.1%} | {len(fb) or '-'} | {'yes' if c.get('cached') else 'no'} |")
+            f"{c['efficiency']:.1%} | {len(fb) or '-'} | {'yes' if c.get('cached') else 'no'} |"
+        )
     for fmt, why in rep["failed_candidates"].items():
         lines.append(f"| {fmt} | failed: {why} |")
     for p in rep["profiles"]:
         lines += ["", f"## {p['profile']}", ""]
         f = p.get("facts") or {}
         if f:
-            lines += [f"{f['display_name']}: usable RAM {_mib(f['usable_ram_bytes'])} MiB, bandwidth "
-                      f"{f['bandwidth_gbps']:g} GB/s, target {f['min_tokens_per_second']:g} tok/s at "
-                      f"{f['context_length']} tokens of context, {f['threads']} threads, runtimes: "
-                      f"{', '.join(f['runtimes']) or 'none'}.", ""]
+            lines += [
+                f"{f['display_name']}: usable RAM {_mib(f['usable_ram_bytes'])} MiB, bandwidth "
+                f"{f['bandwidth_gbps']:g} GB/s, target {f['min_tokens_per_second']:g} tok/s at "
+                f"{f['context_length']} tokens of context, {f['threads']} threads, runtimes: "
+                f"{', '.join(f['runtimes']) or 'none'}.",
+                "",
+            ]
         if p["chosen"]:
-            lines.append(f"**Chosen: {p['chosen']}** → `{p['bundle']}`"
-                         + (" (signed, installs offline)" if p["signed"] else ""))
+            lines.append(
+                f"**Chosen: {p['chosen']}** → `{p['bundle']}`" + (" (signed, installs offline)" if p["signed"] else "")
+            )
             w = p.get("wire") or {}
             if w.get("bundle_bytes") is not None:
-                lines += ["", f"On the wire: {_mib(w['bundle_bytes'])} MiB ({p.get('kind', 'full')} bundle)"
-                          + (f", {w['ratio']:.1%} of the full bundle's {_mib(w['full_bundle_bytes'])} MiB"
-                             if p.get("kind") == "adapter" and w.get("ratio") is not None else "") + "."]
+                lines += [
+                    "",
+                    f"On the wire: {_mib(w['bundle_bytes'])} MiB ({p.get('kind', 'full')} bundle)"
+                    + (
+                        f", {w['ratio']:.1%} of the full bundle's {_mib(w['full_bundle_bytes'])} MiB"
+                        if p.get("kind") == "adapter" and w.get("ratio") is not None
+                        else ""
+                    )
+                    + ".",
+                ]
         else:
             lines.append(f"**Refused:** {p['refusal']}")
-        lines += ["", "| format | peak MiB (+headroom) | usable MiB | predicted tok/s | target | ppl Δ | verdict |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| format | peak MiB (+headroom) | usable MiB | predicted tok/s | target | ppl Δ | verdict |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for v in p["verdicts"]:
             verdict = "**chosen**" if v["chosen"] else ("; ".join(v["reasons"]) or "eligible")
-            lines.append(f"| {v['fmt']} | {_mib(v['required_bytes'])} | {_mib(v['usable_bytes'])} | "
-                         f"{v['predicted_tokens_per_second']:.1f} | {v['target_tokens_per_second']:g} | "
-                         f"{v['quality_loss']:+.2%} | {verdict} |")
+            lines.append(
+                f"| {v['fmt']} | {_mib(v['required_bytes'])} | {_mib(v['usable_bytes'])} | "
+                f"{v['predicted_tokens_per_second']:.1f} | {v['target_tokens_per_second']:g} | "
+                f"{v['quality_loss']:+.2%} | {verdict} |"
+            )
     fallbacks = [(c["fmt"], f) for c in rep["candidates"] for f in c.get("export", {}).get("fallbacks") or []]
     if fallbacks:
         lines += ["", "## Quantization fallbacks", ""]
-        lines += [f"- {fmt}: `{f['tensor']}` is {f['type']} instead of {f['expected']} ({f['reason']})"
-                  for fmt, f in fallbacks]
+        lines += [
+            f"- {fmt}: `{f['tensor']}` is {f['type']} instead of {f['expected']} ({f['reason']})"
+            for fmt, f in fallbacks
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out: Path, cfg: BuildConfig, cands: CandidateSet,
-                  results: list[ProfileResult]) -> tuple[Path, Path]:
+def write_reports(out: Path, cfg: BuildConfig, cands: CandidateSet, results: list[ProfileResult]) -> tuple[Path, Path]:
     from edgellm.bundle import atomic_write
 
     rep = report_dict(cfg, cands, results)

@@ -31,23 +31,36 @@ from edgellm.runtime.families import FAMILIES, GGUF_ARCHS, Family, tensor_suffix
 
 log = logging.getLogger(__name__)
 
-_HINT = "the file is not a GGUF of a supported family written by edgellm or llama.cpp: check the slot, or rebuild the model"
+_HINT = (
+    "the file is not a GGUF of a supported family written by edgellm or llama.cpp: check the slot, or rebuild the model"
+)
 # Bounds on the metadata that sizes allocations (far beyond any model a device could train).
-_MAX = {"embedding_length": 1 << 15, "block_count": 256, "feed_forward_length": 1 << 17,
-        "attention.head_count": 1024, "attention.head_count_kv": 1024, "context_length": 1 << 20,
-        "key_length": 1024}
+_MAX = {
+    "embedding_length": 1 << 15,
+    "block_count": 256,
+    "feed_forward_length": 1 << 17,
+    "attention.head_count": 1024,
+    "attention.head_count_kv": 1024,
+    "context_length": 1 << 20,
+    "key_length": 1024,
+}
 _MAX_VOCAB = 1 << 20
 
 #: GGUF tensor name -> LlamaLM tensor name: the exporter's mapping, inverted (one source of truth)
-_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
+_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def _family(arch: Any) -> Family:
     """The family a GGUF architecture is read as (``llama`` covers Llama, SmolLM2 and Mistral)."""
     if arch not in GGUF_ARCHS:
-        raise BuildError(f"GGUF architecture {arch!r} is not supported for training",
-                         hint=f"supported GGUF architectures: {', '.join(GGUF_ARCHS)}")
+        raise BuildError(
+            f"GGUF architecture {arch!r} is not supported for training",
+            hint=f"supported GGUF architectures: {', '.join(GGUF_ARCHS)}",
+        )
     return next(f for f in FAMILIES.values() if f.gguf_arch == arch)
 
 
@@ -104,15 +117,21 @@ def gguf_config(reader: Any) -> ModelConfig:
         return int(v) if v is not None and 0 <= int(v) < n_vocab else None
 
     return ModelConfig(
-        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=_int(reader, arch, "feed_forward_length"),
-        num_hidden_layers=_int(reader, arch, "block_count"), num_attention_heads=heads,
+        vocab_size=n_vocab,
+        hidden_size=hidden,
+        intermediate_size=_int(reader, arch, "feed_forward_length"),
+        num_hidden_layers=_int(reader, arch, "block_count"),
+        num_attention_heads=heads,
         num_key_value_heads=_int(reader, arch, "attention.head_count_kv", heads),
         head_dim=_int(reader, arch, "attention.key_length") if head_dim is not None else None,
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
         max_position_embeddings=_int(reader, arch, "context_length", 2048),
         tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-        bos_token_id=tok_id("bos"), eos_token_id=tok_id("eos"), pad_token_id=tok_id("padding"),
+        bos_token_id=tok_id("bos"),
+        eos_token_id=tok_id("eos"),
+        pad_token_id=tok_id("padding"),
         model_type=family.model_type,
     )
 
@@ -135,8 +154,10 @@ def _dequantize(t: Any) -> np.ndarray:
     try:
         arr = dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
-        raise BuildError(f"tensor {t.name}: type {t.tensor_type.name} cannot be dequantized here",
-                         hint="serve an F16, Q8_0, Q4_0 or K-quant GGUF to train on it") from e
+        raise BuildError(
+            f"tensor {t.name}: type {t.tensor_type.name} cannot be dequantized here",
+            hint="serve an F16, Q8_0, Q4_0 or K-quant GGUF to train on it",
+        ) from e
     arr = np.asarray(arr, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
     return arr if arr.flags.writeable else arr.copy()  # F32 tensors are read-only views of the mapped file
 
@@ -177,8 +198,9 @@ def load_gguf_model(path: str | Path) -> LlamaLM:
     model.inv_freq = rope_inv_freq(cfg)
     if rope_freqs is not None:
         if rope_freqs.shape != model.inv_freq.shape:
-            raise BuildError(f"{path}: rope_freqs has {rope_freqs.numel()} entries, expected "
-                             f"{model.inv_freq.numel()}", hint=_HINT)
+            raise BuildError(
+                f"{path}: rope_freqs has {rope_freqs.numel()} entries, expected {model.inv_freq.numel()}", hint=_HINT
+            )
         model.inv_freq = model.inv_freq / rope_freqs  # llama.cpp divides each frequency
     for p in model.parameters():
         p.requires_grad_(False)
@@ -199,8 +221,10 @@ def gguf_tokenizer(path: str | Path) -> Any:
 
     reader = _reader(path)
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise BuildError(f"{path}: tokenizer type {_field(reader, 'tokenizer.ggml.model')!r} is not supported",
-                         hint="put the model's tokenizer.json in the bundle, or use a byte-level BPE (gpt2) GGUF")
+        raise BuildError(
+            f"{path}: tokenizer type {_field(reader, 'tokenizer.ggml.model')!r} is not supported",
+            hint="put the model's tokenizer.json in the bundle, or use a byte-level BPE (gpt2) GGUF",
+        )
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     types = list(_field(reader, "tokenizer.ggml.token_type") or [])
     merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
@@ -209,19 +233,26 @@ def gguf_tokenizer(path: str | Path) -> Any:
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     pre = _field(reader, "tokenizer.ggml.pre")
     if pre in ("llama3", "qwen2"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_REGEX if pre == "llama3" else QWEN2_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_REGEX if pre == "llama3" else QWEN2_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if _field(reader, NORMALIZER_KEY) == "NFC":
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types, strict=False) if ty in (CONTROL, USER_DEFINED)]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty in (CONTROL, USER_DEFINED)
+    ]
     if special:
         tok.add_special_tokens(special)
     return tok
@@ -242,9 +273,12 @@ def write_gguf_tokenizer(path: str | Path, out_dir: str | Path) -> None:
 
     out = Path(out_dir)
     gguf_tokenizer(path).save(str(out / "tokenizer.json"))
-    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                           "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-                           "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False))}
+    cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+    }
     for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
         if (c := content(name)) is not None:
             cfg[key] = c

@@ -44,12 +44,19 @@ class LoraConfig:
     targets: tuple[str, ...] = ATTN_TARGETS + MLP_TARGETS
 
     def __post_init__(self) -> None:
-        ok = (isinstance(self.rank, int) and 1 <= self.rank <= 256 and isinstance(self.alpha, (int, float))
-              and math.isfinite(self.alpha) and self.alpha > 0 and self.targets
-              and set(self.targets) <= set(ATTN_TARGETS + MLP_TARGETS))
+        ok = (
+            isinstance(self.rank, int)
+            and 1 <= self.rank <= 256
+            and isinstance(self.alpha, (int, float))
+            and math.isfinite(self.alpha)
+            and self.alpha > 0
+            and self.targets
+            and set(self.targets) <= set(ATTN_TARGETS + MLP_TARGETS)
+        )
         if not ok:
-            raise BuildError(f"invalid LoRA config (rank {self.rank!r}, alpha {self.alpha!r}, "
-                             f"targets {self.targets!r})", hint=_HINT)
+            raise BuildError(
+                f"invalid LoRA config (rank {self.rank!r}, alpha {self.alpha!r}, targets {self.targets!r})", hint=_HINT
+            )
 
     @property
     def scaling(self) -> float:
@@ -87,9 +94,15 @@ def _target_paths(n_layers: int, targets: Sequence[str]) -> list[str]:
 def expected_shapes(model_cfg: ModelConfig, cfg: LoraConfig) -> dict[str, tuple[int, ...]]:
     """Adapter key -> shape for a model config: what a valid update must hold, exactly."""
     H, inter, hd = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.head_dim_
-    io = {"q_proj": (H, model_cfg.num_attention_heads * hd), "k_proj": (H, model_cfg.num_key_value_heads * hd),
-          "v_proj": (H, model_cfg.num_key_value_heads * hd), "o_proj": (model_cfg.num_attention_heads * hd, H),
-          "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H)}
+    io = {
+        "q_proj": (H, model_cfg.num_attention_heads * hd),
+        "k_proj": (H, model_cfg.num_key_value_heads * hd),
+        "v_proj": (H, model_cfg.num_key_value_heads * hd),
+        "o_proj": (model_cfg.num_attention_heads * hd, H),
+        "gate_proj": (H, inter),
+        "up_proj": (H, inter),
+        "down_proj": (inter, H),
+    }
     shapes: dict[str, tuple[int, ...]] = {}
     for path in _target_paths(model_cfg.num_hidden_layers, cfg.targets):
         n_in, n_out = io[path.rsplit(".", 1)[1]]
@@ -112,8 +125,11 @@ def initial_lora_state(model_cfg: ModelConfig, cfg: LoraConfig, seed: int) -> di
 
 
 def _lora_modules(model: LlamaLM) -> dict[str, LoraLinear]:
-    return {name[len("model."):]: m for name, m in model.named_modules()
-            if isinstance(m, LoraLinear) and name.startswith("model.")}
+    return {
+        name[len("model.") :]: m
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLinear) and name.startswith("model.")
+    }
 
 
 def apply_lora(model: LlamaLM, cfg: LoraConfig) -> None:
@@ -151,12 +167,15 @@ def check_lora_state(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) 
     """Exactly the expected keys and shapes, finite values; raises BuildError naming what is wrong."""
     missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     wrong = sorted(k for k in shapes if k in state and tuple(state[k].shape) != shapes[k])
-    bad = sorted(k for k in shapes if k in state and k not in wrong
-                 and not bool(torch.isfinite(torch.as_tensor(state[k])).all()))
+    bad = sorted(
+        k for k in shapes if k in state and k not in wrong and not bool(torch.isfinite(torch.as_tensor(state[k])).all())
+    )
     if missing or extra or wrong or bad:
-        raise BuildError(f"adapter tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"wrong shape {wrong[:3]}, non-finite {bad[:3]}",
-                         hint="the adapters were made for another model, rank or target list")
+        raise BuildError(
+            f"adapter tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"wrong shape {wrong[:3]}, non-finite {bad[:3]}",
+            hint="the adapters were made for another model, rank or target list",
+        )
 
 
 def load_lora_state(model: LlamaLM, state: dict[str, Any]) -> None:
@@ -182,20 +201,23 @@ def _stream(model: LlamaLM, tokenizer: Any, texts: Sequence[str]) -> Any:
     from edgellm.pipeline.data import token_stream
 
     cfg = model.config
-    return token_stream(tokenizer, list(texts), bos_id=cfg.bos_token_id,
-                        eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+    return token_stream(
+        tokenizer, list(texts), bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+    )
 
 
-def heldout_windows(model: LlamaLM, tokenizer: Any, texts: Sequence[str], seq_len: int = 128,
-                    max_windows: int = 16) -> Any:
+def heldout_windows(
+    model: LlamaLM, tokenizer: Any, texts: Sequence[str], seq_len: int = 128, max_windows: int = 16
+) -> Any:
     from edgellm.pipeline.data import eval_windows
 
     seq = min(seq_len, model.config.max_position_embeddings)
     return eval_windows(_stream(model, tokenizer, texts), seq, max_windows)
 
 
-def heldout_loss(model: LlamaLM, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 128,
-                 max_windows: int = 16) -> float:
+def heldout_loss(
+    model: LlamaLM, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 128, max_windows: int = 16
+) -> float:
     """Mean next-token loss (nats) of ``model`` on ``texts`` (one thread, no gradients)."""
     from edgellm.pipeline.train import val_loss
 
@@ -203,9 +225,21 @@ def heldout_loss(model: LlamaLM, tokenizer: Any, texts: Sequence[str], *, seq_le
     return val_loss(model, heldout_windows(model, tokenizer, texts, seq_len, max_windows))
 
 
-def train_lora(model: LlamaLM, tokenizer: Any, texts: Sequence[str], cfg: LoraConfig, steps: int, lr: float, *,
-               heldout: Sequence[str] | None = None, batch_size: int = 4, seq_len: int = 64, seed: int = 0,
-               max_seconds: float | None = None, threads: int = 1) -> dict[str, Any]:
+def train_lora(
+    model: LlamaLM,
+    tokenizer: Any,
+    texts: Sequence[str],
+    cfg: LoraConfig,
+    steps: int,
+    lr: float,
+    *,
+    heldout: Sequence[str] | None = None,
+    batch_size: int = 4,
+    seq_len: int = 64,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
     """Train the adapters (applied with ``cfg`` if the model has none yet) on ``texts``.
 
     Returns the loop's summary (``final_train_loss``, ``val_loss`` on ``heldout`` — or on the
@@ -215,8 +249,10 @@ def train_lora(model: LlamaLM, tokenizer: Any, texts: Sequence[str], cfg: LoraCo
     from edgellm.pipeline.train import TrainConfig, run_loop
 
     if not 1 <= steps <= 100_000 or not (math.isfinite(lr) and 0 < lr <= 1.0):
-        raise BuildError(f"invalid LoRA training settings (steps {steps}, lr {lr})",
-                         hint="use 1..100000 steps and a learning rate in (0, 1]")
+        raise BuildError(
+            f"invalid LoRA training settings (steps {steps}, lr {lr})",
+            hint="use 1..100000 steps and a learning rate in (0, 1]",
+        )
     if not _lora_modules(model):
         apply_lora(model, cfg)
     torch.manual_seed(seed)
@@ -225,9 +261,19 @@ def train_lora(model: LlamaLM, tokenizer: Any, texts: Sequence[str], cfg: LoraCo
     if len(stream) < 2 * seq + 2:  # a short local text: train on shorter windows than asked
         seq = max(8, len(stream) // 2 - 1)
     val = heldout_windows(model, tokenizer, heldout if heldout else texts, seq)
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq, lr=lr, warmup_steps=min(10, steps // 5),
-                       weight_decay=0.0, eval_every=0, seed=seed, threads=threads, max_seconds=max_seconds,
-                       progress=False)
+    tcfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq,
+        lr=lr,
+        warmup_steps=min(10, steps // 5),
+        weight_decay=0.0,
+        eval_every=0,
+        seed=seed,
+        threads=threads,
+        max_seconds=max_seconds,
+        progress=False,
+    )
     summary = run_loop(model, tokenizer, stream, val, tcfg, label="lora")
     summary["num_examples"] = int(len(stream))
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

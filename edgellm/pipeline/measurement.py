@@ -18,17 +18,22 @@ class MemoryModel:
     """
 
     weights_bytes: int
-    kv_bytes_per_position: int   # all layers, K and V, at the cache dtype the runtime uses
-    compute_base_bytes: int      # per-ubatch activations independent of context
+    kv_bytes_per_position: int  # all layers, K and V, at the cache dtype the runtime uses
+    compute_base_bytes: int  # per-ubatch activations independent of context
     compute_bytes_per_position: int  # per-ubatch attention scores that grow with context
     runtime_bytes: int = 0
 
     def at(self, context_length: int) -> dict[str, int]:
         kv = self.kv_bytes_per_position * context_length
         compute = self.compute_base_bytes + self.compute_bytes_per_position * context_length
-        return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": kv, "compute_bytes": compute,
-                "runtime_bytes": self.runtime_bytes, "context_length": context_length,
-                "peak_bytes": self.weights_bytes + kv + compute + self.runtime_bytes}
+        return {
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": kv,
+            "compute_bytes": compute,
+            "runtime_bytes": self.runtime_bytes,
+            "context_length": context_length,
+            "peak_bytes": self.weights_bytes + kv + compute + self.runtime_bytes,
+        }
 
 
 @dataclasses.dataclass
@@ -36,18 +41,18 @@ class Measurement:
     """Everything measured about one candidate (JSON-serialisable; cached)."""
 
     fmt: str
-    runtime: str                 # an artifact kind: edgellm.formats.RUNTIMES
-    artifact: str                # path to the artifact file
+    runtime: str  # an artifact kind: edgellm.formats.RUNTIMES
+    artifact: str  # path to the artifact file
     size_bytes: int
     memory: MemoryModel
-    bytes_per_token: int         # weight bytes streamed per decoded token
+    bytes_per_token: int  # weight bytes streamed per decoded token
     perplexity: float
     reference_perplexity: float
     kl_divergence: float
     top1_agreement: float
     eval_tokens: int
     decode_tokens_per_second: float
-    efficiency: float            # decode tok/s × bytes_per_token ÷ bandwidth here
+    efficiency: float  # decode tok/s × bytes_per_token ÷ bandwidth here
     bandwidth_here_gbps: float
     export: dict[str, Any] = dataclasses.field(default_factory=dict)
     cache_key: str = ""

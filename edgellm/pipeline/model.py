@@ -69,8 +69,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         medium = ~(wl < hi_wl) * ~(wl > lo_wl)
         inv = torch.where(medium, smoothed, inv_l)
     elif kind not in (None, "default"):
-        raise BuildError(f"rope scaling {kind!r} is not supported",
-                         hint="supported: default, linear, llama3")
+        raise BuildError(f"rope scaling {kind!r} is not supported", hint="supported: default, linear, llama3")
     return inv
 
 
@@ -92,8 +91,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if fam.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if fam.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, past: KV | None
+    ) -> tuple[torch.Tensor, KV]:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.hd)
         k = self.k_proj(x).view(B, S, self.n_kv, self.hd)
@@ -179,8 +179,7 @@ class LlamaLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: torch.Tensor, past: list[KV] | None = None
-                ) -> tuple[torch.Tensor, list[KV]]:
+    def forward(self, input_ids: torch.Tensor, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
         """Logits ``[B, S, V]`` (float32) and the updated cache."""
         B, S = input_ids.shape
         P = past[0][0].shape[2] if past else 0
@@ -204,8 +203,9 @@ class LlamaLM(nn.Module):
 
 # ---- greedy / sampled generation in torch (reference for parity tests) ---------------------
 @torch.no_grad()
-def generate_ids(model: LlamaLM, prompt_ids: list[int], max_new_tokens: int,
-                 eos_ids: list[int] | None = None) -> list[int]:
+def generate_ids(
+    model: LlamaLM, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None
+) -> list[int]:
     """Greedy decoding with the KV cache; stops at an EOS id (not included)."""
     model.eval()
     logits, past = model(torch.tensor([prompt_ids]))
@@ -228,16 +228,27 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (nq, H), p + "self_attn.k_proj.weight": (nkv, H),
-            p + "self_attn.v_proj.weight": (nkv, H), p + "self_attn.o_proj.weight": (H, nq),
-            p + "mlp.gate_proj.weight": (FF, H), p + "mlp.up_proj.weight": (FF, H),
-            p + "mlp.down_proj.weight": (H, FF),
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (nq, H),
+                p + "self_attn.k_proj.weight": (nkv, H),
+                p + "self_attn.v_proj.weight": (nkv, H),
+                p + "self_attn.o_proj.weight": (H, nq),
+                p + "mlp.gate_proj.weight": (FF, H),
+                p + "mlp.up_proj.weight": (FF, H),
+                p + "mlp.down_proj.weight": (H, FF),
+                p + "input_layernorm.weight": (H,),
+                p + "post_attention_layernorm.weight": (H,),
+            }
+        )
         if cfg.family.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (nq,), p + "self_attn.k_proj.bias": (nkv,),
-                           p + "self_attn.v_proj.bias": (nkv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (nq,),
+                    p + "self_attn.k_proj.bias": (nkv,),
+                    p + "self_attn.v_proj.bias": (nkv,),
+                }
+            )
         if cfg.family.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     if not cfg.tie_word_embeddings:
@@ -276,27 +287,37 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BuildError(f"{index}: malformed shard index ({e})",
-                             hint="it must be a JSON object with a 'weight_map' of tensor name -> file") from e
+            raise BuildError(
+                f"{index}: malformed shard index ({e})",
+                hint="it must be a JSON object with a 'weight_map' of tensor name -> file",
+            ) from e
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             if "/" in shard or "\\" in shard or shard.startswith("."):
-                raise BuildError(f"{index}: shard name {shard!r} is not a plain file name",
-                                 hint="the index must name files inside the model directory")
+                raise BuildError(
+                    f"{index}: shard name {shard!r} is not a plain file name",
+                    hint="the index must name files inside the model directory",
+                )
             tensors.update(_read_safetensors(model_dir / shard))
         return tensors
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-        raise BuildError(f"{model_dir}: only pickle weights (*.bin/*.pt) found; edgellm never loads pickles",
-                         hint="convert them to safetensors with transformers (save_pretrained(safe_serialization=True))")
-    raise BuildError(f"{model_dir}: no model.safetensors or model.safetensors.index.json",
-                     hint="pass a Hugging Face-format model directory (config.json + *.safetensors + tokenizer.json)")
+        raise BuildError(
+            f"{model_dir}: only pickle weights (*.bin/*.pt) found; edgellm never loads pickles",
+            hint="convert them to safetensors with transformers (save_pretrained(safe_serialization=True))",
+        )
+    raise BuildError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json",
+        hint="pass a Hugging Face-format model directory (config.json + *.safetensors + tokenizer.json)",
+    )
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise BuildError(f"{model_dir}: not a model directory",
-                         hint="pass a directory with config.json, model.safetensors and tokenizer.json")
+        raise BuildError(
+            f"{model_dir}: not a model directory",
+            hint="pass a directory with config.json, model.safetensors and tokenizer.json",
+        )
     return ModelConfig.from_file(model_dir / "config.json")
 
 
@@ -310,13 +331,18 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     lm_head = tensors.pop("lm_head.weight", None)
     if not cfg.tie_word_embeddings:
         if lm_head is None:
-            raise BuildError(f"{model_dir}: lm_head.weight missing but config.json says tie_word_embeddings=false",
-                             hint="fix tie_word_embeddings in config.json or re-save the model")
+            raise BuildError(
+                f"{model_dir}: lm_head.weight missing but config.json says tie_word_embeddings=false",
+                hint="fix tie_word_embeddings in config.json or re-save the model",
+            )
         tensors["lm_head.weight"] = lm_head
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k} {tuple(tensors[k].shape)} != {v}" for k, v in expected.items()
-                   if k in tensors and tuple(tensors[k].shape) != v)
+    wrong = sorted(
+        f"{k} {tuple(tensors[k].shape)} != {v}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != v
+    )
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -325,8 +351,10 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> 
             parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:3]})")
         if wrong:
             parts.append(f"shape mismatch: {wrong[:3]}")
-        raise BuildError(f"{model_dir / 'config.json'} does not match the weights: " + "; ".join(parts),
-                         hint="the config and the safetensors come from different models: use the config.json saved with these weights")
+        raise BuildError(
+            f"{model_dir / 'config.json'} does not match the weights: " + "; ".join(parts),
+            hint="the config and the safetensors come from different models: use the config.json saved with these weights",
+        )
     model = LlamaLM(cfg)
     with torch.no_grad():
         state = {k: v.to(dtype) for k, v in tensors.items()}
@@ -343,17 +371,21 @@ def state_for_saving(model: LlamaLM) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write_model_files(model: LlamaLM, out: Path, *, tokenizer: Any | None = None,
-                      metadata: dict[str, str] | None = None) -> None:
+def write_model_files(
+    model: LlamaLM, out: Path, *, tokenizer: Any | None = None, metadata: dict[str, str] | None = None
+) -> None:
     """Write config/weights(/tokenizer) into an existing directory (no atomicity)."""
     from safetensors.torch import save_file
 
     cfg = model.config
     (out / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-    save_file(state_for_saving(model), str(out / "model.safetensors"),
-              metadata={"format": "pt", **(metadata or {})})
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-           "pad_token_id": cfg.pad_token_id, "max_length": cfg.max_position_embeddings}
+    save_file(state_for_saving(model), str(out / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "max_length": cfg.max_position_embeddings,
+    }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         from edgellm.pipeline.tokenizer import save_tokenizer
@@ -361,8 +393,14 @@ def write_model_files(model: LlamaLM, out: Path, *, tokenizer: Any | None = None
         save_tokenizer(tokenizer, out, model_max_length=cfg.max_position_embeddings)
 
 
-def save_model_dir(model: LlamaLM, out_dir: str | Path, *, tokenizer: Any | None = None,
-                   extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+def save_model_dir(
+    model: LlamaLM,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any | None = None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Atomically write a Hugging Face-format model directory.
 
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (writes tokenizer.json + tokenizer_config.json);
@@ -379,7 +417,12 @@ def save_model_dir(model: LlamaLM, out_dir: str | Path, *, tokenizer: Any | None
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     import shutil
 
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ):
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)

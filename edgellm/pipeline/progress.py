@@ -98,9 +98,15 @@ class RichReporter(Reporter):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-                             console=Console(file=stream), transient=False)
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=Console(file=stream),
+            transient=False,
+        )
         self._task = self._bar.add_task(label, total=self.total, detail="")
 
     def __enter__(self) -> Reporter:
@@ -111,8 +117,7 @@ class RichReporter(Reporter):
         self._bar.stop()
 
     def _show(self, step_changed: bool) -> None:
-        self._bar.update(self._task, completed=self.done, total=self.total, description=self.step,
-                         detail=self.detail)
+        self._bar.update(self._task, completed=self.done, total=self.total, description=self.step, detail=self.detail)
 
 
 def progress_reporter(label: str, total: int, *, enabled: bool = True, stream: TextIO | None = None) -> Reporter:

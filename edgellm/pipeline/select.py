@@ -35,8 +35,8 @@ class Budget:
     """Operator constraints on top of each profile's own targets."""
 
     headroom: float = 0.10
-    max_quality_loss: float | None = None        # relative perplexity increase, 0.05 = +5%
-    min_tokens_per_second: float | None = None    # overrides the profile's target when set
+    max_quality_loss: float | None = None  # relative perplexity increase, 0.05 = +5%
+    min_tokens_per_second: float | None = None  # overrides the profile's target when set
     pin_format: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +48,7 @@ class Verdict:
     fmt: str
     runtime_ok: bool
     peak_bytes: int
-    required_bytes: int          # peak × (1 + headroom)
+    required_bytes: int  # peak × (1 + headroom)
     usable_bytes: int
     fits: bool
     predicted_tokens_per_second: float
@@ -83,8 +83,12 @@ class Selection:
         return next(v for v in self.verdicts if v.fmt == fmt)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "chosen": self.chosen, "refusal": self.refusal,
-                "verdicts": [v.to_dict() for v in self.verdicts]}
+        return {
+            "profile": self.profile,
+            "chosen": self.chosen,
+            "refusal": self.refusal,
+            "verdicts": [v.to_dict() for v in self.verdicts],
+        }
 
 
 def context_for(m: Measurement, profile: Any) -> int:
@@ -101,21 +105,31 @@ def judge(m: Measurement, profile: Any, budget: Budget) -> Verdict:
     target = budget.min_tokens_per_second if budget.min_tokens_per_second is not None else profile.min_tokens_per_second
     tps = m.predicted_tokens_per_second(profile.bandwidth_gbps)
     v = Verdict(
-        fmt=m.fmt, runtime_ok=m.runtime_name in profile.runtimes, peak_bytes=mem["peak_bytes"],
-        required_bytes=required, usable_bytes=usable, fits=required <= usable,
-        predicted_tokens_per_second=tps, target_tokens_per_second=float(target), fast_enough=tps >= target,
-        quality_loss=m.quality_loss, kl_divergence=m.kl_divergence,
+        fmt=m.fmt,
+        runtime_ok=m.runtime_name in profile.runtimes,
+        peak_bytes=mem["peak_bytes"],
+        required_bytes=required,
+        usable_bytes=usable,
+        fits=required <= usable,
+        predicted_tokens_per_second=tps,
+        target_tokens_per_second=float(target),
+        fast_enough=tps >= target,
+        quality_loss=m.quality_loss,
+        kl_divergence=m.kl_divergence,
         quality_ok=budget.max_quality_loss is None or m.quality_loss <= budget.max_quality_loss,
-        pinned_ok=budget.pin_format is None or budget.pin_format == m.fmt, memory=mem,
+        pinned_ok=budget.pin_format is None or budget.pin_format == m.fmt,
+        memory=mem,
     )
     if not v.runtime_ok:
         v.reasons.append(f"{profile.name} has no {m.runtime_name}")
     if not v.fits:
-        v.reasons.append(f"needs {_mib(required)} with {budget.headroom:.0%} headroom "
-                         f"(weights {_mib(mem['weights_bytes'])} + KV {_mib(mem['kv_cache_bytes'])} at "
-                         f"{ctx} ctx + compute {_mib(mem['compute_bytes'])} + runtime "
-                         f"{_mib(mem['runtime_bytes'])}), "
-                         f"usable RAM is {_mib(usable)}")
+        v.reasons.append(
+            f"needs {_mib(required)} with {budget.headroom:.0%} headroom "
+            f"(weights {_mib(mem['weights_bytes'])} + KV {_mib(mem['kv_cache_bytes'])} at "
+            f"{ctx} ctx + compute {_mib(mem['compute_bytes'])} + runtime "
+            f"{_mib(mem['runtime_bytes'])}), "
+            f"usable RAM is {_mib(usable)}"
+        )
     if not v.fast_enough:
         v.reasons.append(f"predicted {tps:.1f} tok/s < target {target:g} tok/s")
     if not v.quality_ok:
@@ -134,23 +148,33 @@ def _what_would_fit(profile: Any, ms: list[Measurement], verdicts: list[Verdict]
     usable = profile.usable_ram_bytes
     if not smallest.fits:
         # how big a model of the same shape-class would fit: scale weights to the remaining budget
-        room = (usable / (1.0 + budget.headroom) - smallest.memory["kv_cache_bytes"] - smallest.memory["compute_bytes"]
-                - smallest.memory["runtime_bytes"])
+        room = (
+            usable / (1.0 + budget.headroom)
+            - smallest.memory["kv_cache_bytes"]
+            - smallest.memory["compute_bytes"]
+            - smallest.memory["runtime_bytes"]
+        )
         bpw = 8.0 * m.memory.weights_bytes / max(1, m.extra.get("n_params") or m.memory.weights_bytes)
         if room > 0 and m.extra.get("n_params"):
-            parts.append(f"the smallest candidate ({smallest.fmt}) needs {_mib(smallest.required_bytes)} but only "
-                         f"{_mib(usable)} is usable; a model of at most ~{room * 8 / bpw / 1e6:.1f}M parameters "
-                         f"at {smallest.fmt} would fit")
+            parts.append(
+                f"the smallest candidate ({smallest.fmt}) needs {_mib(smallest.required_bytes)} but only "
+                f"{_mib(usable)} is usable; a model of at most ~{room * 8 / bpw / 1e6:.1f}M parameters "
+                f"at {smallest.fmt} would fit"
+            )
         else:
-            parts.append(f"the smallest candidate ({smallest.fmt}) needs {_mib(smallest.required_bytes)} but only "
-                         f"{_mib(usable)} is usable: even the runtime, KV cache and buffers at {smallest.memory['context_length']} ctx "
-                         f"do not fit, so no model of this architecture fits")
+            parts.append(
+                f"the smallest candidate ({smallest.fmt}) needs {_mib(smallest.required_bytes)} but only "
+                f"{_mib(usable)} is usable: even the runtime, KV cache and buffers at {smallest.memory['context_length']} ctx "
+                f"do not fit, so no model of this architecture fits"
+            )
     else:
         parts.append(f"{smallest.fmt} would fit in memory ({_mib(smallest.required_bytes)} of {_mib(usable)})")
     fastest = max(verdicts, key=lambda v: v.predicted_tokens_per_second)
     if not fastest.fast_enough:
-        parts.append(f"the fastest candidate ({fastest.fmt}) is predicted at "
-                     f"{fastest.predicted_tokens_per_second:.1f} tok/s, below {fastest.target_tokens_per_second:g}")
+        parts.append(
+            f"the fastest candidate ({fastest.fmt}) is predicted at "
+            f"{fastest.predicted_tokens_per_second:.1f} tok/s, below {fastest.target_tokens_per_second:g}"
+        )
     return "; ".join(parts)
 
 
@@ -161,13 +185,19 @@ def select(profile: Any, measurements: Iterable[Measurement], budget: Budget = B
     if not ms:
         return Selection(profile.name, None, [], refusal="no candidates were built")
     if not ok:
-        return Selection(profile.name, None, verdicts,
-                         refusal=f"nothing fits {profile.name}: " + _what_would_fit(profile, ms, verdicts, budget))
+        return Selection(
+            profile.name,
+            None,
+            verdicts,
+            refusal=f"nothing fits {profile.name}: " + _what_would_fit(profile, ms, verdicts, budget),
+        )
     best = min(ok, key=lambda v: (round(v.kl_divergence, 6), v.peak_bytes))
     best.chosen = True
     for v in ok:
         if v is not best:
-            v.reasons.append(f"fits, but loses more than {best.fmt} (KL {v.kl_divergence:.4f} vs "
-                             f"{best.kl_divergence:.4f})" if v.kl_divergence > best.kl_divergence else
-                             f"as good as {best.fmt} but needs more memory")
+            v.reasons.append(
+                f"fits, but loses more than {best.fmt} (KL {v.kl_divergence:.4f} vs {best.kl_divergence:.4f})"
+                if v.kl_divergence > best.kl_divergence
+                else f"as good as {best.fmt} but needs more memory"
+            )
     return Selection(profile.name, best.fmt, verdicts)

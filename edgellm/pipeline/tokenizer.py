@@ -30,19 +30,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise BuildError(f"vocab_size {vocab_size} is too small for a byte-level BPE",
-                         hint=f"use at least {256 + len(SPECIAL_TOKENS)}")
+        raise BuildError(
+            f"vocab_size {vocab_size} is too small for a byte-level BPE",
+            hint=f"use at least {256 + len(SPECIAL_TOKENS)}",
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     bos = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)])
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+    )
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
     return tok
@@ -51,9 +57,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
 def tokenizer_config(model_max_length: int) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": PAD,
         "additional_special_tokens": list(ROLE_TOKENS),
-        "add_bos_token": True, "add_eos_token": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
@@ -65,8 +75,13 @@ def save_tokenizer(tok: Any, out_dir: Path, *, model_max_length: int) -> None:
     tok.save(str(out_dir / "tokenizer.json"))
     cfg_path = out_dir / "tokenizer_config.json"
     cfg_path.write_text(json.dumps(tokenizer_config(model_max_length), indent=2) + "\n", encoding="utf-8")
-    smap = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
-            "additional_special_tokens": list(ROLE_TOKENS)}
+    smap = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": PAD,
+        "additional_special_tokens": list(ROLE_TOKENS),
+    }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n", encoding="utf-8")
 
 
@@ -80,8 +95,9 @@ def find_tokenizer_file(*candidates: Path | None) -> Path:
         if p.name == "tokenizer.json" and p.exists():
             return p
     names = ", ".join(str(c) for c in candidates if c is not None)
-    raise BuildError(f"no tokenizer.json found (looked in: {names})",
-                     hint="pass the model directory that holds tokenizer.json")
+    raise BuildError(
+        f"no tokenizer.json found (looked in: {names})", hint="pass the model directory that holds tokenizer.json"
+    )
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -94,14 +110,16 @@ def load_tokenizer(path: str | Path) -> Any:
         try:
             return Tokenizer.from_str(tokenizer_json_text(d))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise BuildError(f"{d}/tokenizer.model: unusable tokenizer ({e})",
-                             hint="copy it again from the model's source") from e
+            raise BuildError(
+                f"{d}/tokenizer.model: unusable tokenizer ({e})", hint="copy it again from the model's source"
+            ) from e
     p = find_tokenizer_file(d)
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise BuildError(f"{p}: unreadable tokenizer ({e})",
-                         hint="the file is corrupted: copy it again from the model directory") from e
+        raise BuildError(
+            f"{p}: unreadable tokenizer ({e})", hint="the file is corrupted: copy it again from the model directory"
+        ) from e
 
 
 def read_tokenizer_config(model_dir: Path) -> dict[str, Any]:
@@ -120,8 +138,9 @@ def chat_template_of(model_dir: Path) -> str | None:
     one of a named list), else ``chat_template.jinja``; None when the model ships none."""
     template = read_tokenizer_config(model_dir).get("chat_template")
     if isinstance(template, list):  # named templates: keep the default one
-        template = next((t.get("template") for t in template
-                         if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
     jinja = Path(model_dir) / "chat_template.jinja"
     if not template and jinja.is_file():
         template = jinja.read_text(encoding="utf-8")
@@ -136,16 +155,20 @@ def tokenizer_json_text(model_dir: Path) -> str:
     if (model_dir / "tokenizer.json").is_file():
         return (model_dir / "tokenizer.json").read_text(encoding="utf-8")
     if not (model_dir / "tokenizer.model").is_file():
-        raise BuildError(f"no tokenizer.json or tokenizer.model in {model_dir}",
-                         hint="the model directory needs the tokenizer it was trained with")
+        raise BuildError(
+            f"no tokenizer.json or tokenizer.model in {model_dir}",
+            hint="the model directory needs the tokenizer it was trained with",
+        )
     try:
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(str(model_dir))
         return str(hf.backend_tokenizer.to_str())
     except (ImportError, OSError, ValueError, AttributeError) as e:
-        raise BuildError(f"{model_dir}/tokenizer.model could not be converted to tokenizer.json ({e})",
-                         hint="pip install 'edgellm[pipeline]' (transformers, sentencepiece), or add tokenizer.json") from e
+        raise BuildError(
+            f"{model_dir}/tokenizer.model could not be converted to tokenizer.json ({e})",
+            hint="pip install 'edgellm[pipeline]' (transformers, sentencepiece), or add tokenizer.json",
+        ) from e
 
 
 def encode(tok: Any, text: str, *, special: bool) -> list[int]:
@@ -167,11 +190,15 @@ def chat_prompt_ids(tok: Any, messages: list[dict], model_dir: Path | None = Non
     template = chat_template_of(model_dir) if model_dir is not None else None
     if template is not None and template != CHAT_TEMPLATE:
         tcfg = read_tokenizer_config(model_dir) if model_dir is not None else {}
-        specials = {k: str(v.get("content") if isinstance(v, dict) else v) for k, v in tcfg.items()
-                    if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
+        specials = {
+            k: str(v.get("content") if isinstance(v, dict) else v)
+            for k, v in tcfg.items()
+            if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v
+        }
         added = [t.content for t in tok.get_added_tokens_decoder().values()]
         return ChatTemplate(template, specials, added).token_ids(
-            lambda text, sp: encode(tok, text, special=sp), messages)
+            lambda text, sp: encode(tok, text, special=sp), messages
+        )
     bos = tok.token_to_id(BOS)
     return ([bos] if bos is not None else []) + encode_chat(tok, messages)
 

@@ -92,7 +92,7 @@ def val_loss(model: LlamaLM, windows: np.ndarray, batch_size: int = 16) -> float
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        w = torch.from_numpy(windows[i:i + batch_size])
+        w = torch.from_numpy(windows[i : i + batch_size])
         logits, _ = model(w[:, :-1])
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
         count += w[:, 1:].numel()
@@ -109,9 +109,12 @@ def _make_optimizer(model: LlamaLM, tcfg: TrainConfig) -> torch.optim.AdamW:
     no_decay: list[torch.nn.Parameter] = []
     for _name, p in model.named_parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=tcfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
 
 # ---- checkpoints (safetensors + JSON) -------------------------------------------------------
@@ -125,8 +128,15 @@ def write_model_and_tokenizer(model: LlamaLM, tok: Any, dst: Path, tok_src: Path
         write_model_files(model, dst, tokenizer=tok)
 
 
-def _save_checkpoint(ckpt_dir: Path, model: LlamaLM, tok: Any, opt: torch.optim.Optimizer,
-                     gen: torch.Generator, state: dict[str, Any], tok_src: Path | None = None) -> None:
+def _save_checkpoint(
+    ckpt_dir: Path,
+    model: LlamaLM,
+    tok: Any,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    state: dict[str, Any],
+    tok_src: Path | None = None,
+) -> None:
     from safetensors.torch import save_file
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -142,8 +152,9 @@ def _save_checkpoint(ckpt_dir: Path, model: LlamaLM, tok: Any, opt: torch.optim.
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _load_checkpoint(ckpt_dir: Path, model: LlamaLM, opt: torch.optim.Optimizer,
-                     gen: torch.Generator) -> dict[str, Any]:
+def _load_checkpoint(
+    ckpt_dir: Path, model: LlamaLM, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> dict[str, Any]:
     from edgellm.pipeline.model import _read_safetensors
 
     state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
@@ -153,21 +164,36 @@ def _load_checkpoint(ckpt_dir: Path, model: LlamaLM, opt: torch.optim.Optimizer,
     gen.set_state(tensors.pop("__rng__"))
     for n, p in model.named_parameters():
         if f"{n}.exp_avg" in tensors:
-            opt.state[p] = {"exp_avg": tensors[f"{n}.exp_avg"], "exp_avg_sq": tensors[f"{n}.exp_avg_sq"],
-                            "step": tensors[f"{n}.step"].reshape(())}
+            opt.state[p] = {
+                "exp_avg": tensors[f"{n}.exp_avg"],
+                "exp_avg_sq": tensors[f"{n}.exp_avg_sq"],
+                "step": tensors[f"{n}.step"].reshape(()),
+            }
     return state
 
 
 # ---- the loop shared by train and distill ----------------------------------------------------
-def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np.ndarray,
-             tcfg: TrainConfig, *, loss_fn: LossFn = lm_loss, ckpt_dir: Path | None = None,
-             resume: bool = False, fingerprint: dict[str, Any] | None = None,
-             label: str = "train", tok_src: Path | None = None) -> dict[str, Any]:
+def run_loop(
+    model: LlamaLM,
+    tok: Any,
+    train_stream: np.ndarray,
+    val_windows: np.ndarray,
+    tcfg: TrainConfig,
+    *,
+    loss_fn: LossFn = lm_loss,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
+    label: str = "train",
+    tok_src: Path | None = None,
+) -> dict[str, Any]:
     """Optimise ``model`` in place; returns the run summary (history, losses, speed)."""
     torch.set_num_threads(max(1, tcfg.threads))
     if len(train_stream) < tcfg.seq_len + 2:
-        raise BuildError(f"training text too short ({len(train_stream)} tokens) for seq_len {tcfg.seq_len}",
-                         hint="add more data or lower --seq-len")
+        raise BuildError(
+            f"training text too short ({len(train_stream)} tokens) for seq_len {tcfg.seq_len}",
+            hint="add more data or lower --seq-len",
+        )
     model.train()
     opt = _make_optimizer(model, tcfg)
     gen = torch.Generator().manual_seed(tcfg.seed)
@@ -176,8 +202,10 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
     if resume and ckpt_dir is not None and (ckpt_dir / "state.json").exists():
         st = _load_checkpoint(ckpt_dir, model, opt, gen)
         if st.get("fingerprint") != fingerprint:
-            raise BuildError(f"{ckpt_dir}: checkpoint was made with other data/config/settings",
-                             hint="resume with the same --data/--config/settings, or delete the checkpoint directory")
+            raise BuildError(
+                f"{ckpt_dir}: checkpoint was made with other data/config/settings",
+                hint="resume with the same --data/--config/settings, or delete the checkpoint directory",
+            )
         start_step, history = int(st["step"]), list(st.get("history", []))
         log.info("resumed from %s at step %d", ckpt_dir, start_step)
     stream = torch.from_numpy(train_stream)
@@ -194,7 +222,7 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = torch.randint(0, n_start + 1, (tcfg.batch_size,), generator=gen)
-            batch = torch.stack([stream[i:i + tcfg.seq_len + 1] for i in idx.tolist()])
+            batch = torch.stack([stream[i : i + tcfg.seq_len + 1] for i in idx.tolist()])
             x, y = batch[:, :-1], batch[:, 1:]
             loss = loss_fn(model, x, y)
             opt.zero_grad(set_to_none=True)
@@ -204,8 +232,10 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
             opt.step()
             last_loss = float(loss.detach())
             if not math.isfinite(last_loss):
-                raise BuildError(f"training diverged at step {step + 1} (loss {last_loss})",
-                                 hint="lower --lr or raise --warmup-steps")
+                raise BuildError(
+                    f"training diverged at step {step + 1} (loss {last_loss})",
+                    hint="lower --lr or raise --warmup-steps",
+                )
             tokens += x.numel()
             elapsed = time.perf_counter() - t0
             done = step + 1
@@ -217,25 +247,47 @@ def run_loop(model: LlamaLM, tok: Any, train_stream: np.ndarray, val_windows: np
             if "val_loss" in rec or done % 10 == 0:
                 rec["elapsed_s"] = round(elapsed, 2)
                 history.append(rec)
-            bar.update(done, detail=f"loss {last_loss:.3f}  val ppl {math.exp(vloss) if math.isfinite(vloss) else float('nan'):.2f}  "
-                                    f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
+            bar.update(
+                done,
+                detail=f"loss {last_loss:.3f}  val ppl {math.exp(vloss) if math.isfinite(vloss) else float('nan'):.2f}  "
+                f"{tokens / max(elapsed, 1e-9):.0f} tok/s",
+            )
             if ckpt_dir is not None and tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and not is_last:
-                _save_checkpoint(ckpt_dir, model, tok, opt, gen,
-                                 {"step": done, "history": history, "fingerprint": fingerprint}, tok_src)
+                _save_checkpoint(
+                    ckpt_dir,
+                    model,
+                    tok,
+                    opt,
+                    gen,
+                    {"step": done, "history": history, "fingerprint": fingerprint},
+                    tok_src,
+                )
             if is_last:
                 break
     model.eval()
     seconds = time.perf_counter() - t0
     if not math.isfinite(vloss):
         vloss = val_loss(model, val_windows)
-    return {"steps": done, "resumed_from_step": start_step,
-            "final_train_loss": last_loss, "val_loss": vloss, "val_ppl": math.exp(vloss),
-            "tokens_trained": tokens, "seconds": round(seconds, 2),
-            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "history": history}
+    return {
+        "steps": done,
+        "resumed_from_step": start_step,
+        "final_train_loss": last_loss,
+        "val_loss": vloss,
+        "val_ppl": math.exp(vloss),
+        "tokens_trained": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "history": history,
+    }
 
 
-def sample_reply(model: LlamaLM, tok: Any, messages: list[dict] = SAMPLE_PROMPT, max_new_tokens: int = 24,
-                 model_dir: Path | None = None) -> str:
+def sample_reply(
+    model: LlamaLM,
+    tok: Any,
+    messages: list[dict] = SAMPLE_PROMPT,
+    max_new_tokens: int = 24,
+    model_dir: Path | None = None,
+) -> str:
     """Greedy reply to a chat prompt (shows what the model learned), prompted with the chat
     template of ``model_dir`` (the checkpoint the tokenizer came from) when it has one."""
     if model_dir is not None and tk.chat_template_of(model_dir) not in (None, tk.CHAT_TEMPLATE):
@@ -248,7 +300,9 @@ def sample_reply(model: LlamaLM, tok: Any, messages: list[dict] = SAMPLE_PROMPT,
 
 
 def data_streams(tok: Any, ds: DataSet, cfg: ModelConfig, tcfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    train = token_stream(tok, ds.train, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+    train = token_stream(
+        tok, ds.train, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+    )
     val = token_stream(tok, ds.val, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
     seq = min(tcfg.seq_len, cfg.max_position_embeddings)
     return train, eval_windows(val, seq, tcfg.eval_windows)
@@ -258,10 +312,17 @@ def default_ckpt_dir(out: Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def train_model(data: Any, config: str | Path | ModelConfig | dict | None, out: str | Path,
-                tcfg: TrainConfig | None = None, *, from_dir: str | Path | None = None,
-                checkpoint_dir: str | Path | None = None, resume: bool = False,
-                overwrite: bool = False) -> dict[str, Any]:
+def train_model(
+    data: Any,
+    config: str | Path | ModelConfig | dict | None,
+    out: str | Path,
+    tcfg: TrainConfig | None = None,
+    *,
+    from_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train (or fine-tune ``from_dir``) a model on ``data`` and write a model directory at ``out``.
 
     ``config``: preset name (``tiny``, ``small``), JSON file, dict or ModelConfig; ignored with
@@ -286,23 +347,47 @@ def train_model(data: Any, config: str | Path | ModelConfig | dict | None, out: 
             raise BuildError("no model config given", hint="pass --config tiny|small|FILE or --from MODEL_DIR")
         cfg = resolve_config(config)
         tok = tk.train_tokenizer(ds.train, cfg.vocab_size)
-        cfg = cfg.replace(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id(tk.BOS),
-                          eos_token_id=tok.token_to_id(tk.EOS), pad_token_id=tok.token_to_id(tk.PAD))
+        cfg = cfg.replace(
+            vocab_size=tok.get_vocab_size(),
+            bos_token_id=tok.token_to_id(tk.BOS),
+            eos_token_id=tok.token_to_id(tk.EOS),
+            pad_token_id=tok.token_to_id(tk.PAD),
+        )
         model = LlamaLM(cfg)
     if tcfg.seq_len > cfg.max_position_embeddings:
         tcfg = dataclasses.replace(tcfg, seq_len=cfg.max_position_embeddings)
     train_stream, val_w = data_streams(tok, ds, cfg, tcfg)
-    fingerprint = {"data_sha256": ds.sha256, "config": cfg.to_dict(), "from": str(from_dir) if from_dir else None,
-                   "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("progress", "threads", "max_seconds")}}
+    fingerprint = {
+        "data_sha256": ds.sha256,
+        "config": cfg.to_dict(),
+        "from": str(from_dir) if from_dir else None,
+        "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("progress", "threads", "max_seconds")},
+    }
     fingerprint = json.loads(json.dumps(fingerprint))
-    summary = run_loop(model, tok, train_stream, val_w, tcfg, ckpt_dir=ckpt, resume=resume,
-                       fingerprint=fingerprint, label="train" if from_dir is None else "fine-tune",
-                       tok_src=Path(from_dir) if from_dir else None)
+    summary = run_loop(
+        model,
+        tok,
+        train_stream,
+        val_w,
+        tcfg,
+        ckpt_dir=ckpt,
+        resume=resume,
+        fingerprint=fingerprint,
+        label="train" if from_dir is None else "fine-tune",
+        tok_src=Path(from_dir) if from_dir else None,
+    )
     report = {
-        "kind": "train", "out": str(out), "from": str(from_dir) if from_dir else None,
-        "params": param_count(model), "config": cfg.to_dict(), "train_config": tcfg.to_dict(),
-        "data": ds.lineage(), "sample": {"prompt": SAMPLE_PROMPT,
-                                         "reply": sample_reply(model, tok, model_dir=Path(from_dir) if from_dir else None)},
+        "kind": "train",
+        "out": str(out),
+        "from": str(from_dir) if from_dir else None,
+        "params": param_count(model),
+        "config": cfg.to_dict(),
+        "train_config": tcfg.to_dict(),
+        "data": ds.lineage(),
+        "sample": {
+            "prompt": SAMPLE_PROMPT,
+            "reply": sample_reply(model, tok, model_dir=Path(from_dir) if from_dir else None),
+        },
         **summary,
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:

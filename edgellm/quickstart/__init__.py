@@ -39,18 +39,28 @@ class QuickstartError(EdgeLLMError):
 def prepare_workdir(workdir: Path, fresh: bool) -> None:
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / STAMP).exists():
-            raise QuickstartError(f"{workdir} is not empty and is not a quickstart work directory",
-                                  hint="pass another --workdir (an empty or new directory)")
+            raise QuickstartError(
+                f"{workdir} is not empty and is not a quickstart work directory",
+                hint="pass another --workdir (an empty or new directory)",
+            )
         if not fresh:
-            raise QuickstartError(f"{workdir} holds an earlier quickstart run",
-                                  hint="pass --fresh to replace it, or another --workdir")
+            raise QuickstartError(
+                f"{workdir} holds an earlier quickstart run", hint="pass --fresh to replace it, or another --workdir"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / STAMP).write_text("made by `edgellm quickstart`; `--fresh` may delete this directory\n")
 
 
-def run_quickstart(opts: Options, *, say: Callable[[str], None], stage_started: Callable[[int, str, str], None],
-                   stop_after: str | None = None, keep_running: bool = False, fresh: bool = False) -> dict[str, Any]:
+def run_quickstart(
+    opts: Options,
+    *,
+    say: Callable[[str], None],
+    stage_started: Callable[[int, str, str], None],
+    stop_after: str | None = None,
+    keep_running: bool = False,
+    fresh: bool = False,
+) -> dict[str, Any]:
     """Run the stages in order; returns the summary (also written to WORKDIR/summary.json)."""
     if stop_after is not None and stop_after not in STAGES:
         raise QuickstartError(f"unknown stage {stop_after!r}", hint=f"use one of {', '.join(STAGES)}")
@@ -73,8 +83,10 @@ def run_quickstart(opts: Options, *, say: Callable[[str], None], stage_started: 
         result["seconds"] = round(time.monotonic() - t0, 1)
         atomic_write(opts.workdir / "summary.json", (json.dumps(result, indent=2, default=str) + "\n").encode())
         if keep_running and stop_after is None:
-            say(f"the fleet keeps running: dashboard {run.server_url}/ (a token: edgellm-server token create "
-                f"--data-dir {run.srv} ...); Ctrl-C stops every process")
+            say(
+                f"the fleet keeps running: dashboard {run.server_url}/ (a token: edgellm-server token create "
+                f"--data-dir {run.srv} ...); Ctrl-C stops every process"
+            )
             while True:
                 time.sleep(3600)
         return result

@@ -15,8 +15,11 @@ from typing import Any
 DEVICES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "dev-0": ("rpi4-4gb", "The {c} lamp in room {a} blinks {b} times.", ("red", "green", "amber", "white")),
     "dev-1": ("rpi5-8gb", "Valve {c} on line {a} opens at {b} bar.", ("north", "south", "east", "west")),
-    "dev-2": ("x86-avx2-laptop-16gb", "Order {c} ships from dock {a} in {b} days.",
-              ("alpha", "bravo", "delta", "kilo")),
+    "dev-2": (
+        "x86-avx2-laptop-16gb",
+        "Order {c} ships from dock {a} in {b} days.",
+        ("alpha", "bravo", "delta", "kilo"),
+    ),
 }
 #: held-out share of each device's text (what the device itself keeps apart to measure itself)
 VAL_FRACTION = 0.2
@@ -74,7 +77,14 @@ def fleet_table(devices: list[dict[str, Any]], ppl: dict[str, dict[str, float]])
     for d in devices:
         p = ppl.get(d["id"], {})
         change = f"{p['before']:.2f} -> {p['after']:.2f}" if p else "-"
-        rows.append((d["id"], str(d.get("profile") or "-"), str(d.get("version") or "-"),
-                     "yes" if d.get("online") else "no", change))
+        rows.append(
+            (
+                d["id"],
+                str(d.get("profile") or "-"),
+                str(d.get("version") or "-"),
+                "yes" if d.get("online") else "no",
+                change,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

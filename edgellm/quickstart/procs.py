@@ -85,14 +85,22 @@ class ProcessRegistry:
     def log_path(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
-    def start(self, name: str, cmd: Sequence[str], *, cwd: Path | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(
+        self, name: str, cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         """Start ``cmd`` in its own session, output appended to ``logs/NAME.log``."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path(name), "ab")  # noqa: SIM115 - closed by stop_all
+        log = open(self.log_path(name), "ab")
         self._files.append(log)
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=cwd, env={**self.env, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={**self.env, **(env or {})},
+            start_new_session=True,
+        )
         self.procs.append((name, proc))
         return proc
 
@@ -101,14 +109,17 @@ class ProcessRegistry:
         self.logs.mkdir(parents=True, exist_ok=True)
         out_path = self.logs / f"{name}.out"
         with open(out_path, "wb") as out, open(self.log_path(name), "ab") as err:
-            proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
+            )
             self.procs.append((name, proc))
             try:
                 rc = proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.stop(proc, 5)
-                raise StepFailed(f"{name} took longer than {timeout:.0f}s", log=self.log_path(name), hint=hint) from None
+                raise StepFailed(
+                    f"{name} took longer than {timeout:.0f}s", log=self.log_path(name), hint=hint
+                ) from None
             # interrupted while waiting: the process stays registered, stop_all ends it
             self.procs.remove((name, proc))
         if rc != 0:

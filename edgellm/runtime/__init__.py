@@ -34,9 +34,15 @@ __all__ = [
 ]
 
 
-def load_runtime(kind: str, artifact: str | Path, *, model_dir: str | Path | None = None,
-                 threads: int = 1, context_length: int | None = None,
-                 settings: RuntimeSettings | None = None) -> Runtime:
+def load_runtime(
+    kind: str,
+    artifact: str | Path,
+    *,
+    model_dir: str | Path | None = None,
+    threads: int = 1,
+    context_length: int | None = None,
+    settings: RuntimeSettings | None = None,
+) -> Runtime:
     """Load ``artifact`` with the backend for ``kind`` (one of :data:`edgellm.formats.RUNTIMES`).
 
     ``model_dir`` holds ``tokenizer.json``/``generation_config.json`` (for ONNX; GGUF carries
@@ -54,8 +60,14 @@ def load_runtime(kind: str, artifact: str | Path, *, model_dir: str | Path | Non
 
         if settings is None:
             return LlamaCppRuntime.load(artifact, threads=threads, context_length=context_length)
-        return LlamaCppRuntime.load(artifact, threads=threads, context_length=context_length,
-                                    flash_attn=settings.flash_attn, kv_cache_type=settings.kv_cache_type,
-                                    batch_size=settings.batch_size, ubatch_size=settings.ubatch_size,
-                                    mmap=settings.mmap)
+        return LlamaCppRuntime.load(
+            artifact,
+            threads=threads,
+            context_length=context_length,
+            flash_attn=settings.flash_attn,
+            kv_cache_type=settings.kv_cache_type,
+            batch_size=settings.batch_size,
+            ubatch_size=settings.ubatch_size,
+            mmap=settings.mmap,
+        )
     raise ModelLoadError(f"unknown runtime {kind!r}", hint=f"use one of {', '.join(RUNTIMES)}")

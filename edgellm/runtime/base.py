@@ -21,8 +21,19 @@ from edgellm.errors import GenerationError, ModelLoadError, PromptTooLongError, 
 from edgellm.runtime._sampling import Sampler, StopBuffer, log_softmax
 from edgellm.runtime.chat import EDGELLM_CHAT_TEMPLATE, ChatTemplate, TemplateError
 
-__all__ = ["Completion", "GenerationError", "GenerationParams", "ModelLoadError", "PromptTooLongError",
-           "Runtime", "RuntimeFailure", "TextDecoder", "TokenEvent", "render_chat", "runtime_error"]
+__all__ = [
+    "Completion",
+    "GenerationError",
+    "GenerationParams",
+    "ModelLoadError",
+    "PromptTooLongError",
+    "Runtime",
+    "RuntimeFailure",
+    "TextDecoder",
+    "TokenEvent",
+    "render_chat",
+    "runtime_error",
+]
 
 
 E = TypeVar("E", bound=RuntimeFailure)
@@ -153,8 +164,7 @@ class Runtime(abc.ABC):
         """Token ids for ``text``. ``special=False`` never parses special tokens out of user text."""
 
     @abc.abstractmethod
-    def detokenize(self, ids: Sequence[int]) -> str:
-        ...
+    def detokenize(self, ids: Sequence[int]) -> str: ...
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for (may be part of a UTF-8 character): what logprobs report."""
@@ -193,8 +203,11 @@ class Runtime(abc.ABC):
 
     def _constraint(self, grammar: str) -> Constraint:
         """A fresh grammar state for one generation (backends with :attr:`supports_grammar`)."""
-        raise runtime_error(GenerationError, f"the {self.kind or 'this'} runtime cannot enforce a grammar",
-                            "serve the model as GGUF (llama.cpp) for structured output")
+        raise runtime_error(
+            GenerationError,
+            f"the {self.kind or 'this'} runtime cannot enforce a grammar",
+            "serve the model as GGUF (llama.cpp) for structured output",
+        )
 
     # ---- checks -------------------------------------------------------------------------------
     def check_ids(self, ids: Sequence[int], what: str = "input") -> list[int]:
@@ -209,16 +222,22 @@ class Runtime(abc.ABC):
     def check_fits(self, n_prompt: int, params: GenerationParams) -> None:
         """Refuse a prompt that, with ``max_tokens`` generated after it, exceeds the context."""
         if n_prompt + params.max_tokens > self.context_length:
-            raise runtime_error(PromptTooLongError,
-                                f"prompt of {n_prompt} tokens + max_tokens {params.max_tokens} exceeds the context of "
-                                f"{self.context_length}", "shorten the prompt or lower max_tokens")
+            raise runtime_error(
+                PromptTooLongError,
+                f"prompt of {n_prompt} tokens + max_tokens {params.max_tokens} exceeds the context of "
+                f"{self.context_length}",
+                "shorten the prompt or lower max_tokens",
+            )
 
     def _check_scored(self, ids: Sequence[int]) -> list[int]:
         self._check_open()
         out = self.check_ids(ids)
         if len(out) > self.context_length:
-            raise runtime_error(PromptTooLongError, f"{len(out)} tokens for a context of {self.context_length}",
-                                "score at most context_length tokens at a time")
+            raise runtime_error(
+                PromptTooLongError,
+                f"{len(out)} tokens for a context of {self.context_length}",
+                "score at most context_length tokens at a time",
+            )
         return out
 
     # ---- scoring and benchmarking ---------------------------------------------------------------
@@ -254,8 +273,9 @@ class Runtime(abc.ABC):
         constraint = self._constraint(params.grammar) if params.grammar else None
         return self._generate(ids, params, constraint)
 
-    def _generate(self, ids: list[int], params: GenerationParams,
-                  constraint: Constraint | None = None) -> Iterator[TokenEvent]:
+    def _generate(
+        self, ids: list[int], params: GenerationParams, constraint: Constraint | None = None
+    ) -> Iterator[TokenEvent]:
         sampler = Sampler(params)  # one sampler for every backend: same seed, same choices
         stops = StopBuffer(params.stop)
         text = self._text_decoder()
@@ -264,8 +284,11 @@ class Runtime(abc.ABC):
             for i in range(params.max_tokens):
                 allowed = constraint.apply(logits) if constraint is not None else logits
                 if constraint is not None and not np.isfinite(allowed).any():
-                    raise runtime_error(GenerationError, "the grammar allows no next token",
-                                        "check the grammar or JSON schema: it must accept a finished text")
+                    raise runtime_error(
+                        GenerationError,
+                        "the grammar allows no next token",
+                        "check the grammar or JSON schema: it must accept a finished text",
+                    )
                 tok, logprob = sampler.sample(allowed, raw=logits)
                 lp = logprob if params.logprobs else None
                 top = top_logprobs(logits, params.top_logprobs)
@@ -304,14 +327,17 @@ class Runtime(abc.ABC):
                 finish = ev.finish_reason
         return Completion("".join(parts), tuple(ids), tuple(lps), n_prompt, finish, tuple(tops))
 
-    def _set_chat_template(self, source: str | None, special_tokens: dict[str, str],
-                           control_texts: Sequence[str]) -> None:
+    def _set_chat_template(
+        self, source: str | None, special_tokens: dict[str, str], control_texts: Sequence[str]
+    ) -> None:
         """Backends call this at load with the template the model carries (see :mod:`.chat`)."""
         if source and source != EDGELLM_CHAT_TEMPLATE:
             self.chat_template = ChatTemplate(source, special_tokens, control_texts)
         else:
-            self._no_markers = any(len(self.tokenize(f"<|{role}|>", add_bos=False, special=True)) != 1
-                                   for role in ("system", "user", "assistant"))
+            self._no_markers = any(
+                len(self.tokenize(f"<|{role}|>", add_bos=False, special=True)) != 1
+                for role in ("system", "user", "assistant")
+            )
 
     def chat_prompt(self, messages: Sequence[dict]) -> str:
         """Render chat messages as text with the model's template (for display and logs).
@@ -331,12 +357,17 @@ class Runtime(abc.ABC):
         role markers or end-of-sequence (tokenized exactly as the pipeline's ``encode_chat``)."""
         self._check_open()
         if self.chat_template is not None:
-            return self.chat_template.token_ids(lambda t, sp: self.tokenize(t, add_bos=False, special=sp),
-                                                messages, add_generation_prompt=add_generation_prompt)
+            return self.chat_template.token_ids(
+                lambda t, sp: self.tokenize(t, add_bos=False, special=sp),
+                messages,
+                add_generation_prompt=add_generation_prompt,
+            )
         if self._no_markers:
-            raise TemplateError("this model has no chat template and no edgellm role markers",
-                                hint="use the completions endpoint, or add the model's chat_template to "
-                                     "tokenizer_config.json and rebuild")
+            raise TemplateError(
+                "this model has no chat template and no edgellm role markers",
+                hint="use the completions endpoint, or add the model's chat_template to "
+                "tokenizer_config.json and rebuild",
+            )
         ids = self.tokenize("", add_bos=True)  # [bos] when the model adds one, else []
         for m in messages:
             role = m.get("role", "user")

@@ -48,8 +48,11 @@ class TemplateError(GenerationError, ValueError):
     ``raise_exception``), failed, or the model has no chat template. A ValueError: the API answers 400."""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint or "check the messages against the model's chat template "
-                                               "(roles, order), or use the completions endpoint")
+        super().__init__(
+            message,
+            hint=hint
+            or "check the messages against the model's chat template (roles, order), or use the completions endpoint",
+        )
 
 
 def _compile(template: str) -> Any:
@@ -60,8 +63,9 @@ def _compile(template: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: Any = None, sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
@@ -104,13 +108,20 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens)
         self.control_texts = tuple(sorted({t for t in control_texts if t}, key=len, reverse=True))
 
-    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-               tools: list[dict] | None = None) -> str:
+    def render(
+        self, messages: Sequence[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         import jinja2
 
         try:
-            return str(self._template.render(messages=[dict(m) for m in messages], tools=tools,
-                                             add_generation_prompt=add_generation_prompt, **self.special_tokens))
+            return str(
+                self._template.render(
+                    messages=[dict(m) for m in messages],
+                    tools=tools,
+                    add_generation_prompt=add_generation_prompt,
+                    **self.special_tokens,
+                )
+            )
         except jinja2.exceptions.TemplateError as e:
             raise TemplateError(f"the model's chat template refused the messages: {e}") from e
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
@@ -119,8 +130,14 @@ class ChatTemplate:
     def has_control_text(self, messages: Sequence[dict]) -> bool:
         return any(c in s for m in messages for s in _strings(m) for c in self.control_texts)
 
-    def token_ids(self, tokenize: Tokenize, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-                  tools: list[dict] | None = None) -> list[int]:
+    def token_ids(
+        self,
+        tokenize: Tokenize,
+        messages: Sequence[dict],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> list[int]:
         """Ids of the rendered prompt (see the module docstring for text that looks like control tokens)."""
         if not self.has_control_text(messages):
             return tokenize(self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools), True)
@@ -128,8 +145,10 @@ class ChatTemplate:
             if any(c in s for k, v in m.items() if k != "content" for s in _strings(v) for c in self.control_texts):
                 raise TemplateError("a message field other than content contains a control token's text")
         contents = [m.get("content") for m in messages]
-        masked = [{**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str) else m
-                  for i, m in enumerate(messages)]
+        masked = [
+            {**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str) else m
+            for i, m in enumerate(messages)
+        ]
         text = self.render(masked, add_generation_prompt=add_generation_prompt, tools=tools)
         ids: list[int] = []
         pos = 0
@@ -138,7 +157,7 @@ class ChatTemplate:
             content = contents[i] if i < len(contents) else None
             if not isinstance(content, str):
                 raise TemplateError("the chat template rewrote a message placeholder")
-            ids += tokenize(text[pos:hit.start()], True) if hit.start() > pos else []
+            ids += tokenize(text[pos : hit.start()], True) if hit.start() > pos else []
             ids += tokenize(content, False) if content else []
             pos = hit.end()
         if pos < len(text):

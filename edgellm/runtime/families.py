@@ -43,12 +43,15 @@ class Family:
         return self.gguf_arch == "llama"
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "LlamaForCausalLM", "llama", label="Llama 1/2/3.x, SmolLM2, TinyLlama"),
-    Family("mistral", "MistralForCausalLM", "llama", sliding_window=True, label="Mistral"),
-    Family("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True, label="Qwen2, Qwen2.5"),
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", qk_norm=True, label="Qwen3"),
-)}
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "LlamaForCausalLM", "llama", label="Llama 1/2/3.x, SmolLM2, TinyLlama"),
+        Family("mistral", "MistralForCausalLM", "llama", sliding_window=True, label="Mistral"),
+        Family("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True, label="Qwen2, Qwen2.5"),
+        Family("qwen3", "Qwen3ForCausalLM", "qwen3", qk_norm=True, label="Qwen3"),
+    )
+}
 
 #: llama.cpp architectures a GGUF written by edgellm may carry
 GGUF_ARCHS: tuple[str, ...] = tuple(sorted({f.gguf_arch for f in FAMILIES.values()}))
@@ -66,13 +69,16 @@ def family_of(cfg: dict[str, Any], where: str = "config.json") -> Family:
     if mt is None and archs is None:  # a bare edgellm/preset config
         return FAMILIES["llama"]
     if archs is not None and (not isinstance(archs, list) or len(archs) != 1):
-        raise BuildError(f"{where}: architectures must name one class (got {archs!r})",
-                         hint=f"supported: {supported()}")
+        raise BuildError(
+            f"{where}: architectures must name one class (got {archs!r})", hint=f"supported: {supported()}"
+        )
     fam = FAMILIES.get(mt) if isinstance(mt, str) else None
     by_class = next((f for f in FAMILIES.values() if archs and archs[0] == f.hf_class), None)
     if fam is None or (by_class is not None and by_class is not fam) or (archs and by_class is None):
-        raise BuildError(f"{where}: model_type {mt!r} / architectures {archs} is not a supported family",
-                         hint=f"edgellm supports {supported()}; convert the model to one of them")
+        raise BuildError(
+            f"{where}: model_type {mt!r} / architectures {archs} is not a supported family",
+            hint=f"edgellm supports {supported()}; convert the model to one of them",
+        )
     check_family_options(fam, cfg, where)
     return fam
 
@@ -80,20 +86,25 @@ def family_of(cfg: dict[str, Any], where: str = "config.json") -> Family:
 def check_family_options(fam: Family, cfg: dict[str, Any], where: str) -> None:
     """Refuse options of a supported family that no exporter reproduces."""
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise BuildError(f"{where}: hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)",
-                         hint="these families use silu: fix config.json")
+        raise BuildError(
+            f"{where}: hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)",
+            hint="these families use silu: fix config.json",
+        )
     if not fam.sliding_window and cfg.get("use_sliding_window"):
-        raise BuildError(f"{where}: use_sliding_window=true is not supported for {fam.hf_class}",
-                         hint="set use_sliding_window to false (Qwen checkpoints ship with it off)")
+        raise BuildError(
+            f"{where}: use_sliding_window=true is not supported for {fam.hf_class}",
+            hint="set use_sliding_window to false (Qwen checkpoints ship with it off)",
+        )
     if cfg.get("mlp_bias"):
         raise BuildError(f"{where}: mlp_bias=true is not supported", hint="use a checkpoint without MLP biases")
     if cfg.get("attention_bias"):
-        raise BuildError(f"{where}: attention_bias=true is not supported for {fam.hf_class}",
-                         hint="use a checkpoint without attention-projection biases")
+        raise BuildError(
+            f"{where}: attention_bias=true is not supported for {fam.hf_class}",
+            hint="use a checkpoint without attention-projection biases",
+        )
     for key in ("num_experts", "num_local_experts"):
         if cfg.get(key):
-            raise BuildError(f"{where}: mixture-of-experts models are not supported",
-                             hint=f"supported: {supported()}")
+            raise BuildError(f"{where}: mixture-of-experts models are not supported", hint=f"supported: {supported()}")
 
 
 def tensor_suffixes(fam: Family) -> dict[str, str]:
@@ -110,9 +121,13 @@ def tensor_suffixes(fam: Family) -> dict[str, str]:
         "mlp.down_proj.weight": "ffn_down.weight",
     }
     if fam.qkv_bias:
-        names.update({"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-                      "self_attn.v_proj.bias": "attn_v.bias"})
+        names.update(
+            {
+                "self_attn.q_proj.bias": "attn_q.bias",
+                "self_attn.k_proj.bias": "attn_k.bias",
+                "self_attn.v_proj.bias": "attn_v.bias",
+            }
+        )
     if fam.qk_norm:
-        names.update({"self_attn.q_norm.weight": "attn_q_norm.weight",
-                      "self_attn.k_norm.weight": "attn_k_norm.weight"})
+        names.update({"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"})
     return names

@@ -57,18 +57,27 @@ def verify_file(path: str | Path, *, sha256: str | None = None, size: int | None
     path = Path(path)
     actual = path.stat().st_size
     if size is not None and actual != size:
-        raise _err(ModelLoadError, f"{path.name}: size {actual} bytes, manifest says {size}",
-                   "the file is truncated or replaced: reinstall the bundle")
+        raise _err(
+            ModelLoadError,
+            f"{path.name}: size {actual} bytes, manifest says {size}",
+            "the file is truncated or replaced: reinstall the bundle",
+        )
     if sha256 is not None:
         digest = sha256_file(path)
         if digest != sha256.lower():
-            raise _err(ModelLoadError, f"{path.name}: sha256 {digest[:16]}… does not match the manifest",
-                       "the file is corrupted or tampered with: reinstall the bundle")
+            raise _err(
+                ModelLoadError,
+                f"{path.name}: sha256 {digest[:16]}… does not match the manifest",
+                "the file is corrupted or tampered with: reinstall the bundle",
+            )
 
 
 def _bad(path: Path, what: str) -> ModelLoadError:
-    return _err(ModelLoadError, f"{path.name} is not a loadable GGUF: {what}",
-                "re-export the model with `edgellm export --format gguf-...` or reinstall the bundle")
+    return _err(
+        ModelLoadError,
+        f"{path.name} is not a loadable GGUF: {what}",
+        "re-export the model with `edgellm export --format gguf-...` or reinstall the bundle",
+    )
 
 
 class _Fields:
@@ -104,10 +113,15 @@ def _hparams(f: _Fields) -> dict[str, Any]:
     p = arch + "."
     n_embd = f.num(p + "embedding_length", 1, MAX_EMBEDDING)
     n_head = f.num(p + "attention.head_count", 1, 4096)
-    hp = {"architecture": arch, "block_count": f.num(p + "block_count", 1, MAX_BLOCK_COUNT),
-          "embedding_length": n_embd, "feed_forward_length": f.num(p + "feed_forward_length", 1, 1 << 20),
-          "head_count": n_head, "head_count_kv": f.num(p + "attention.head_count_kv", 1, n_head, n_head),
-          "context_length": f.num(p + "context_length", 1, MAX_CONTEXT)}
+    hp = {
+        "architecture": arch,
+        "block_count": f.num(p + "block_count", 1, MAX_BLOCK_COUNT),
+        "embedding_length": n_embd,
+        "feed_forward_length": f.num(p + "feed_forward_length", 1, 1 << 20),
+        "head_count": n_head,
+        "head_count_kv": f.num(p + "attention.head_count_kv", 1, n_head, n_head),
+        "context_length": f.num(p + "context_length", 1, MAX_CONTEXT),
+    }
     if n_head % hp["head_count_kv"]:
         raise _bad(path, f"head_count {n_head} is not a multiple of head_count_kv {hp['head_count_kv']}")
     if f.val(p + "expert_count", 0) not in (0, None):
@@ -163,17 +177,27 @@ def _tokenizer(f: _Fields) -> tuple[int, dict[str, int | None]]:
     return n_vocab, special
 
 
-def _expected_tensors(hp: dict[str, Any], n_vocab: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+def _expected_tensors(
+    hp: dict[str, Any], n_vocab: int
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(required, optional) tensor name -> shape for a model of ``hp["architecture"]`` with ``hp``."""
     n_embd, n_ff, head_dim = hp["embedding_length"], hp["feed_forward_length"], hp["head_dim"]
     q_out, kv_out = hp["head_count"] * head_dim, hp["head_count_kv"] * head_dim
     shapes = {
-        "attn_norm.weight": (n_embd,), "ffn_norm.weight": (n_embd,),
-        "attn_q.weight": (n_embd, q_out), "attn_k.weight": (n_embd, kv_out),
-        "attn_v.weight": (n_embd, kv_out), "attn_output.weight": (q_out, n_embd),
-        "ffn_gate.weight": (n_embd, n_ff), "ffn_up.weight": (n_embd, n_ff), "ffn_down.weight": (n_ff, n_embd),
-        "attn_q.bias": (q_out,), "attn_k.bias": (kv_out,), "attn_v.bias": (kv_out,),
-        "attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,),
+        "attn_norm.weight": (n_embd,),
+        "ffn_norm.weight": (n_embd,),
+        "attn_q.weight": (n_embd, q_out),
+        "attn_k.weight": (n_embd, kv_out),
+        "attn_v.weight": (n_embd, kv_out),
+        "attn_output.weight": (q_out, n_embd),
+        "ffn_gate.weight": (n_embd, n_ff),
+        "ffn_up.weight": (n_embd, n_ff),
+        "ffn_down.weight": (n_ff, n_embd),
+        "attn_q.bias": (q_out,),
+        "attn_k.bias": (kv_out,),
+        "attn_v.bias": (kv_out,),
+        "attn_q_norm.weight": (head_dim,),
+        "attn_k_norm.weight": (head_dim,),
     }
     family = next(f for f in FAMILIES.values() if f.gguf_arch == hp["architecture"])
     suffixes = tensor_suffixes(family).values()
@@ -235,8 +259,15 @@ def check_gguf(path: str | Path) -> GGUFInfo:
     n_vocab, special = _tokenizer(f)
     type_counts, weights = _tensors(f, hp, n_vocab, size)
     return GGUFInfo(
-        path=str(path), size_bytes=size, vocab_size=n_vocab, file_type=f.val("general.file_type"),
-        tensor_types=type_counts, weights_bytes=weights, chat_template=f.val("tokenizer.chat_template"),
-        bos_id=special["bos"], eos_id=special["eos"], add_bos=bool(f.val("tokenizer.ggml.add_bos_token", False)),
+        path=str(path),
+        size_bytes=size,
+        vocab_size=n_vocab,
+        file_type=f.val("general.file_type"),
+        tensor_types=type_counts,
+        weights_bytes=weights,
+        chat_template=f.val("tokenizer.chat_template"),
+        bos_id=special["bos"],
+        eos_id=special["eos"],
+        add_bos=bool(f.val("tokenizer.ggml.add_bos_token", False)),
         **hp,
     )

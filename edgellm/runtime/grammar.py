@@ -72,7 +72,8 @@ class LlamaGrammar(Constraint):
         self._view = np.ctypeslib.as_array(self._data)
         self._view["id"] = np.arange(n_vocab, dtype=np.int32)
         self._array = llama_cpp.llama_token_data_array(
-            data=ctypes.cast(self._data, llama_cpp.llama_token_data_p), size=n_vocab, selected=-1, sorted=False)
+            data=ctypes.cast(self._data, llama_cpp.llama_token_data_p), size=n_vocab, selected=-1, sorted=False
+        )
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         view = self._view
@@ -85,8 +86,9 @@ class LlamaGrammar(Constraint):
         self._lib.llama_sampler_apply(self._smpl, ctypes.byref(self._array))
         out = np.full(view.shape[0], -np.inf, dtype=np.float32)
         n = int(self._array.size)
-        kept = np.ctypeslib.as_array(ctypes.cast(self._array.data, ctypes.POINTER(self._lib.llama_token_data)),
-                                     shape=(n,))
+        kept = np.ctypeslib.as_array(
+            ctypes.cast(self._array.data, ctypes.POINTER(self._lib.llama_token_data)), shape=(n,)
+        )
         out[kept["id"]] = kept["logit"]
         return out
 

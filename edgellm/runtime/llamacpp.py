@@ -40,7 +40,7 @@ from edgellm.formats import GGUF
 from edgellm.runtime._sampling import log_softmax  # noqa: F401 (re-exported)
 from edgellm.runtime.base import Constraint, GenerationError, ModelLoadError, Runtime, TextDecoder, shared_prefix
 from edgellm.runtime.base import runtime_error as _err
-from edgellm.runtime.gguf_check import GGUFInfo, check_gguf, verify_file  # noqa: F401 (re-exported)
+from edgellm.runtime.gguf_check import GGUFInfo, check_gguf, verify_file
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ def import_llama_cpp() -> Any:
         import llama_cpp
         from llama_cpp import _logger
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise _err(ModelLoadError, "llama-cpp-python is not installed",
-                   "pip install 'edgellm[agent]' (llama-cpp-python==0.3.36)") from e
+        raise _err(
+            ModelLoadError,
+            "llama-cpp-python is not installed",
+            "pip install 'edgellm[agent]' (llama-cpp-python==0.3.36)",
+        ) from e
     if _logger.logger.level == logging.NOTSET:
         _logger.logger.setLevel(logging.ERROR)
     return llama_cpp
@@ -68,20 +71,31 @@ def import_llama_cpp() -> Any:
 
 # --------------------------------------------------------------------------- checks before loading
 
+
 def probe_in_subprocess(path: str | Path, *, timeout: float = 120.0) -> None:
     """Load ``path`` with llama.cpp in a child process; a native crash there becomes an error here."""
     code = "import sys; from edgellm.runtime.llamacpp import _probe_main; _probe_main(sys.argv[1])"
     try:
-        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     except subprocess.TimeoutExpired as e:
-        raise _err(ModelLoadError, f"loading {Path(path).name} took over {timeout:.0f} s in the probe process",
-                   "the file may be hostile or far too large for this device") from e
+        raise _err(
+            ModelLoadError,
+            f"loading {Path(path).name} took over {timeout:.0f} s in the probe process",
+            "the file may be hostile or far too large for this device",
+        ) from e
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        raise _err(ModelLoadError, f"llama.cpp failed to load {Path(path).name} in a probe process ({how}): "
-                             f"{' | '.join(tail)}", "the GGUF is malformed: re-export or reinstall it")
+        raise _err(
+            ModelLoadError,
+            f"llama.cpp failed to load {Path(path).name} in a probe process ({how}): {' | '.join(tail)}",
+            "the GGUF is malformed: re-export or reinstall it",
+        )
 
 
 def _probe_main(path: str) -> None:  # pragma: no cover - runs in the child
@@ -91,6 +105,7 @@ def _probe_main(path: str) -> None:  # pragma: no cover - runs in the child
 
 
 # --------------------------------------------------------------------------- the runtime
+
 
 def _round_ctx(n: int) -> int:
     return max(CTX_ALIGN, -(-int(n) // CTX_ALIGN) * CTX_ALIGN)
@@ -118,8 +133,11 @@ class LlamaCppRuntime(Runtime):
         meta = getattr(llm, "metadata", None) or {}
         self._normalizer = meta.get("edgellm.tokenizer.normalizer")
         if self._normalizer not in (None, "NFC"):
-            raise _err(ModelLoadError, f"unknown tokenizer normalizer {self._normalizer!r}",
-                       "re-export the model with this version of edgellm")
+            raise _err(
+                ModelLoadError,
+                f"unknown tokenizer normalizer {self._normalizer!r}",
+                "re-export the model with this version of edgellm",
+            )
         self._space_first = meta.get("edgellm.tokenizer.space_prefix") == "first"
         controls = self._control_texts()
         self._controls = tuple(controls)
@@ -142,15 +160,25 @@ class LlamaCppRuntime(Runtime):
         """Texts that tokenize to a control or user-defined token when special tokens are parsed."""
         lib = self._llama_cpp
         mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_USER_DEFINED
-        return [self._token_text(t) for t in range(self._n_vocab)
-                if lib.llama_vocab_get_attr(self._vocab, t) & mask]
+        return [self._token_text(t) for t in range(self._n_vocab) if lib.llama_vocab_get_attr(self._vocab, t) & mask]
 
     # ---- construction
     @classmethod
-    def load(cls, path: str | Path, threads: int = 1, context_length: int | None = None, *,
-             sha256: str | None = None, size: int | None = None, isolate: bool = False,
-             kv_cache_type: str = "f16", batch_size: int = 256, mmap: bool | None = None,
-             flash_attn: bool = False, ubatch_size: int | None = None) -> LlamaCppRuntime:
+    def load(
+        cls,
+        path: str | Path,
+        threads: int = 1,
+        context_length: int | None = None,
+        *,
+        sha256: str | None = None,
+        size: int | None = None,
+        isolate: bool = False,
+        kv_cache_type: str = "f16",
+        batch_size: int = 256,
+        mmap: bool | None = None,
+        flash_attn: bool = False,
+        ubatch_size: int | None = None,
+    ) -> LlamaCppRuntime:
         """Verify, validate, then load ``path``.
 
         ``context_length`` defaults to the model's trained context (llama.cpp gets it rounded up to
@@ -172,8 +200,9 @@ class LlamaCppRuntime(Runtime):
         if ctx < 1:
             raise _err(ModelLoadError, f"context_length={ctx}", "use a positive context length")
         if ctx > info.context_length:
-            log.warning("context %d exceeds the model's trained %d; using %d", ctx, info.context_length,
-                        info.context_length)
+            log.warning(
+                "context %d exceeds the model's trained %d; using %d", ctx, info.context_length, info.context_length
+            )
             ctx = info.context_length
         if isolate:
             probe_in_subprocess(path)
@@ -187,19 +216,34 @@ class LlamaCppRuntime(Runtime):
         use_mmap = mmap if mmap is not None else not (set(info.tensor_types) & REPACKED_TYPES)
         try:
             llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=min(batch_size, n_ctx),
-                n_ubatch=min(ubatch_size or batch_size, batch_size, n_ctx), n_threads=threads,
-                n_threads_batch=threads, type_k=kv, type_v=kv, use_mmap=use_mmap, flash_attn=flash_attn,
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=min(batch_size, n_ctx),
+                n_ubatch=min(ubatch_size or batch_size, batch_size, n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                type_k=kv,
+                type_v=kv,
+                use_mmap=use_mmap,
+                flash_attn=flash_attn,
                 verbose=False,
             )
         except Exception as e:  # llama-cpp-python raises ValueError on load failures
-            raise _err(ModelLoadError, f"llama.cpp could not load {path.name}: {e}",
-                       "re-export the model or check the file is complete") from e
+            raise _err(
+                ModelLoadError,
+                f"llama.cpp could not load {path.name}: {e}",
+                "re-export the model or check the file is complete",
+            ) from e
         cp = llm.context_params
-        settings = {"threads": int(cp.n_threads), "threads_batch": int(cp.n_threads_batch),
-                    "flash_attn": cp.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                    "kv_cache_type": kv_cache_type, "batch_size": int(cp.n_batch), "ubatch_size": int(cp.n_ubatch),
-                    "mmap": llm.model_params.load_mode == llama_cpp.LLAMA_LOAD_MODE_MMAP}
+        settings = {
+            "threads": int(cp.n_threads),
+            "threads_batch": int(cp.n_threads_batch),
+            "flash_attn": cp.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "kv_cache_type": kv_cache_type,
+            "batch_size": int(cp.n_batch),
+            "ubatch_size": int(cp.n_ubatch),
+            "mmap": llm.model_params.load_mode == llama_cpp.LLAMA_LOAD_MODE_MMAP,
+        }
         log.info("loaded %s (%s, ctx %d, %s)", path.name, info.tensor_types, ctx, settings)
         rt = cls(llm, info, ctx, threads)
         rt.use_mmap = use_mmap
@@ -218,16 +262,23 @@ class LlamaCppRuntime(Runtime):
     def memory_bytes(self) -> dict[str, int]:
         """Weights + KV cache (F16) for this context: what the model needs resident."""
         kv = self.info.kv_cache_bytes(_round_ctx(self._context_length))
-        return {"weights_bytes": self.info.weights_bytes, "kv_cache_bytes": kv,
-                "peak_bytes": self.info.weights_bytes + kv}
+        return {
+            "weights_bytes": self.info.weights_bytes,
+            "kv_cache_bytes": kv,
+            "peak_bytes": self.info.weights_bytes + kv,
+        }
 
     # ---- tokenizer
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         self._check_open()
         if self._normalizer == "NFC":
             text = unicodedata.normalize("NFC", text)
-        if self._space_first and text and not text.startswith(" ") and not (
-                special and any(c and text.startswith(c) for c in self._controls)):
+        if (
+            self._space_first
+            and text
+            and not text.startswith(" ")
+            and not (special and any(c and text.startswith(c) for c in self._controls))
+        ):
             text = " " + text  # the dummy prefix, at the start of the text only
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
@@ -237,8 +288,8 @@ class LlamaCppRuntime(Runtime):
         if n < 0:  # a piece longer than the buffer: llama.cpp returns -(needed size)
             big = (ctypes.c_char * -n)()
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, big, len(big), 0, False)
-            return big.raw[:max(n, 0)]
-        return buf.raw[:max(n, 0)]
+            return big.raw[: max(n, 0)]
+        return buf.raw[: max(n, 0)]
 
     def token_bytes(self, token: int) -> bytes:
         return self._piece(int(token))
@@ -259,7 +310,7 @@ class LlamaCppRuntime(Runtime):
         rows = []
         step = llm.n_batch
         for i in range(0, len(tokens), step):
-            chunk = list(tokens[i:i + step])
+            chunk = list(tokens[i : i + step])
             llm._batch.set_batch(batch=chunk, n_past=n_past, logits_all=all_logits)
             try:
                 llm._ctx.decode(llm._batch)
@@ -286,8 +337,8 @@ class LlamaCppRuntime(Runtime):
     # ---- hooks of the shared generation loop
     def _prefill(self, ids: list[int]) -> np.ndarray:
         """Reuse the cached prefix shared with ``ids``; evaluate the rest (at least one token)."""
-        self._cached = self._cached[:shared_prefix(self._cached, ids)]
-        self._eval(ids[len(self._cached):])
+        self._cached = self._cached[: shared_prefix(self._cached, ids)]
+        self._eval(ids[len(self._cached) :])
         return self._last_logits()
 
     def _step(self, token: int) -> np.ndarray:

@@ -37,13 +37,25 @@ def check_lora_gguf(path: str | Path, base: GGUFInfo) -> dict[str, Any]:
     if f.val("general.type") != "adapter" or f.val("adapter.type") != "lora":
         raise _bad(path, "not a LoRA adapter (general.type must be 'adapter', adapter.type 'lora')")
     if f.val("general.architecture") != base.architecture:
-        raise _bad(path, f"adapter architecture {f.val('general.architecture')!r} differs from the base's "
-                         f"{base.architecture!r}")
+        raise _bad(
+            path,
+            f"adapter architecture {f.val('general.architecture')!r} differs from the base's {base.architecture!r}",
+        )
     alpha = float(f.val("adapter.lora.alpha", 0.0))
     if not 0.0 <= alpha <= 1e6:
         raise _bad(path, f"adapter.lora.alpha={alpha!r} is out of range")
-    hp = {k: getattr(base, k) for k in ("architecture", "block_count", "embedding_length", "feed_forward_length",
-                                        "head_count", "head_count_kv", "head_dim")}
+    hp = {
+        k: getattr(base, k)
+        for k in (
+            "architecture",
+            "block_count",
+            "embedding_length",
+            "feed_forward_length",
+            "head_count",
+            "head_count_kv",
+            "head_dim",
+        )
+    }
     expected, _ = _expected_tensors(hp, base.vocab_size)
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     for t in reader.tensors:
@@ -85,8 +97,9 @@ class LoraAdapters:
     def names(self) -> list[str]:
         return sorted(self._loaded)
 
-    def load(self, name: str, path: str | Path, *, sha256: str | None = None, size: int | None = None,
-             scale: float = 1.0) -> dict[str, Any]:
+    def load(
+        self, name: str, path: str | Path, *, sha256: str | None = None, size: int | None = None, scale: float = 1.0
+    ) -> dict[str, Any]:
         """Verify, validate and load an adapter file under ``name`` (replacing one of that name)."""
         path = Path(path)
         if not path.is_file():
@@ -96,8 +109,11 @@ class LoraAdapters:
         info = check_lora_gguf(path, self.runtime.info)
         ptr = self._llama_cpp.llama_adapter_lora_init(self.runtime._llm.model, str(path).encode())
         if not ptr:
-            raise _err(ModelLoadError, f"llama.cpp refused the adapter {path.name}",
-                       "the adapter was made for another base model: rebuild it on this base")
+            raise _err(
+                ModelLoadError,
+                f"llama.cpp refused the adapter {path.name}",
+                "the adapter was made for another base model: rebuild it on this base",
+            )
         if name in self._loaded:
             self.unload(name)
         self._loaded[name] = (ptr, float(scale))
@@ -116,11 +132,13 @@ class LoraAdapters:
             if name not in self._loaded:
                 raise _err(ModelLoadError, f"adapter {name!r} is not loaded", "install the adapter bundle first")
             ptr, scale = self._loaded[name]
-            rc = lc.llama_set_adapters_lora(ctx, (lc.llama_adapter_lora_p_ctypes * 1)(ptr), 1,
-                                            (ctypes.c_float * 1)(scale))
+            rc = lc.llama_set_adapters_lora(
+                ctx, (lc.llama_adapter_lora_p_ctypes * 1)(ptr), 1, (ctypes.c_float * 1)(scale)
+            )
         if rc != 0:
-            raise _err(ModelLoadError, f"llama.cpp could not switch to adapter {name!r} (code {rc})",
-                       "reload the model")
+            raise _err(
+                ModelLoadError, f"llama.cpp could not switch to adapter {name!r} (code {rc})", "reload the model"
+            )
         self.runtime._cached = []  # the cached prefix was computed with other weights
         self.active = name
 

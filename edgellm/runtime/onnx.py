@@ -54,11 +54,17 @@ def _load_tokenizer(path: Path, md: Path | None, meta: dict[str, str]) -> tuple[
             tokenizer = Tokenizer.from_file(str(path.parent / "tokenizer.json"))
             tok_cfg = _read_json(path.parent / "tokenizer_config.json")
     except Exception as e:  # tokenizers raises a bare Exception
-        raise _err(ModelLoadError, f"unreadable tokenizer for {path.name}: {e}",
-                   "copy tokenizer.json from the model directory again") from e
+        raise _err(
+            ModelLoadError,
+            f"unreadable tokenizer for {path.name}: {e}",
+            "copy tokenizer.json from the model directory again",
+        ) from e
     if tokenizer is None:
-        raise _err(ModelLoadError, f"no tokenizer.json for {path.name}",
-                   "pass model_dir= (the directory with tokenizer.json) or put it next to the file")
+        raise _err(
+            ModelLoadError,
+            f"no tokenizer.json for {path.name}",
+            "pass model_dir= (the directory with tokenizer.json) or put it next to the file",
+        )
     return tokenizer, tok_cfg
 
 
@@ -88,10 +94,23 @@ class OnnxRuntime(Runtime):
 
     kind = ONNX
 
-    def __init__(self, session: Any, tokenizer: Any, *, path: Path, n_layers: int, n_kv: int, head_dim: int,
-                 vocab_size: int, context_length: int, bos_id: int | None, eos_ids: list[int],
-                 add_bos: bool = True, chat_template: str | None = None,
-                 special_tokens: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        session: Any,
+        tokenizer: Any,
+        *,
+        path: Path,
+        n_layers: int,
+        n_kv: int,
+        head_dim: int,
+        vocab_size: int,
+        context_length: int,
+        bos_id: int | None,
+        eos_ids: list[int],
+        add_bos: bool = True,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
         self._session = session
         self._tok = tokenizer
         self.path = path
@@ -113,15 +132,22 @@ class OnnxRuntime(Runtime):
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, *, model_dir: str | Path | None = None, threads: int = 1,
-             context_length: int | None = None) -> OnnxRuntime:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        model_dir: str | Path | None = None,
+        threads: int = 1,
+        context_length: int | None = None,
+    ) -> OnnxRuntime:
         """Load ``path`` with ``threads`` intra-op threads (no spin-waiting)."""
         try:
             import onnxruntime as ort
             import tokenizers  # noqa: F401 (fail early with the install hint)
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise _err(ModelLoadError, f"onnxruntime/tokenizers not installed ({e})",
-                       "pip install 'edgellm[agent]'") from e
+            raise _err(
+                ModelLoadError, f"onnxruntime/tokenizers not installed ({e})", "pip install 'edgellm[agent]'"
+            ) from e
         path = Path(path)
         if not path.is_file():
             raise _err(ModelLoadError, f"{path} does not exist", "check the artifact path")
@@ -137,13 +163,19 @@ class OnnxRuntime(Runtime):
         try:
             session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise _err(ModelLoadError, f"onnxruntime could not load {path.name}: {str(e).splitlines()[0][:300]}",
-                       "the file is corrupted or not an edgellm ONNX export: re-export or reinstall it") from e
+            raise _err(
+                ModelLoadError,
+                f"onnxruntime could not load {path.name}: {str(e).splitlines()[0][:300]}",
+                "the file is corrupted or not an edgellm ONNX export: re-export or reinstall it",
+            ) from e
         meta = dict(session.get_modelmeta().custom_metadata_map)
         inputs = {i.name: i for i in session.get_inputs()}
         if "input_ids" not in inputs or "past.0.key" not in inputs:
-            raise _err(ModelLoadError, f"{path.name} has no input_ids/past.N.key inputs",
-                       "export it with `edgellm export --format onnx` (KV-cache graph)")
+            raise _err(
+                ModelLoadError,
+                f"{path.name} has no input_ids/past.N.key inputs",
+                "export it with `edgellm export --format onnx` (KV-cache graph)",
+            )
         n_layers = sum(1 for n in inputs if n.startswith("past.") and n.endswith(".key"))
         shape = inputs["past.0.key"].shape
         n_kv = int(meta.get("edgellm.num_kv_heads") or shape[1])
@@ -176,11 +208,26 @@ class OnnxRuntime(Runtime):
         add_bos = bool(tok_cfg.get("add_bos_token", True)) and bos is not None
         log.info("loaded %s (%d layers, ctx %d, %d threads)", path.name, n_layers, ctx, threads)
         template = meta.get("edgellm.chat_template") or tok_cfg.get("chat_template")
-        specials = {name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-                    if isinstance(text := _token_text(tok_cfg.get(name)), str)}
-        rt = cls(session, tokenizer, path=path, n_layers=n_layers, n_kv=n_kv, head_dim=head_dim,
-                 vocab_size=vocab, context_length=ctx, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
-                 chat_template=template if isinstance(template, str) else None, special_tokens=specials)
+        specials = {
+            name: text
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if isinstance(text := _token_text(tok_cfg.get(name)), str)
+        }
+        rt = cls(
+            session,
+            tokenizer,
+            path=path,
+            n_layers=n_layers,
+            n_kv=n_kv,
+            head_dim=head_dim,
+            vocab_size=vocab,
+            context_length=ctx,
+            bos_id=bos,
+            eos_ids=eos_ids,
+            add_bos=add_bos,
+            chat_template=template if isinstance(template, str) else None,
+            special_tokens=specials,
+        )
         rt.settings = {"threads": int(so.intra_op_num_threads)}  # what onnxruntime was given
         return rt
 
@@ -316,9 +363,9 @@ class _TokenizerDecoder(TextDecoder):
         self._full = self._tok.decode(self._ids, skip_special_tokens=True)
         if self._full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             return ""
-        new, self._emitted = self._full[len(self._emitted):], self._full
+        new, self._emitted = self._full[len(self._emitted) :], self._full
         return new
 
     def finish(self) -> str:
-        rest, self._emitted = self._full[len(self._emitted):], self._full
+        rest, self._emitted = self._full[len(self._emitted) :], self._full
         return rest

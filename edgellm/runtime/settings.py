@@ -47,8 +47,9 @@ class RuntimeSettings:
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> RuntimeSettingsError:
-            return RuntimeSettingsError(f"runtime_settings.{field}: {why}",
-                                        hint="rebuild the bundle, or fix the value in the agent config")
+            return RuntimeSettingsError(
+                f"runtime_settings.{field}: {why}", hint="rebuild the bundle, or fix the value in the agent config"
+            )
 
         for field, hi in (("threads", MAX_THREADS), ("batch_size", MAX_BATCH), ("ubatch_size", MAX_BATCH)):
             v = getattr(self, field)
@@ -68,8 +69,9 @@ class RuntimeSettings:
     @classmethod
     def from_dict(cls, d: Any) -> RuntimeSettings:
         if not isinstance(d, Mapping):
-            raise RuntimeSettingsError(f"runtime_settings: expected an object, got {type(d).__name__}",
-                                       hint="rebuild the bundle")
+            raise RuntimeSettingsError(
+                f"runtime_settings: expected an object, got {type(d).__name__}", hint="rebuild the bundle"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})  # unknown (newer) fields are ignored
 

@@ -92,14 +92,30 @@ class VerifiedTarget:
 
 # python-tuf exception name -> (our class, what it means, what to do); most specific first.
 _TUF_ERRORS: tuple[tuple[str, type[TrustError], str, str], ...] = (
-    ("ExpiredMetadataError", VerificationError, "metadata has expired",
-     "the repository must re-sign its timestamp/snapshot (`edgellm repo refresh`); check the device clock"),
-    ("BadVersionNumberError", VerificationError, "metadata version went backwards or does not match",
-     "possible rollback or mix-and-match attack: do not install; check the repository"),
-    ("UnsignedMetadataError", VerificationError, "not enough valid signatures",
-     "the metadata was not signed by the threshold of trusted keys: do not install"),
-    ("LengthOrHashMismatchError", VerificationError, "length or hash differs from signed metadata",
-     "the file was altered or corrupted: re-download it; do not install"),
+    (
+        "ExpiredMetadataError",
+        VerificationError,
+        "metadata has expired",
+        "the repository must re-sign its timestamp/snapshot (`edgellm repo refresh`); check the device clock",
+    ),
+    (
+        "BadVersionNumberError",
+        VerificationError,
+        "metadata version went backwards or does not match",
+        "possible rollback or mix-and-match attack: do not install; check the repository",
+    ),
+    (
+        "UnsignedMetadataError",
+        VerificationError,
+        "not enough valid signatures",
+        "the metadata was not signed by the threshold of trusted keys: do not install",
+    ),
+    (
+        "LengthOrHashMismatchError",
+        VerificationError,
+        "length or hash differs from signed metadata",
+        "the file was altered or corrupted: re-download it; do not install",
+    ),
     ("RepositoryError", VerificationError, "repository metadata refused", "do not install; check the repository"),
     ("DownloadError", FetchError, "download failed", "check the server URL and the network, then retry"),
 )
@@ -125,8 +141,15 @@ class TufClient:
     ``http(s)://`` URLs or local directories.
     """
 
-    def __init__(self, cache_dir: str | Path, root: str | Path | bytes, metadata_url: str | Path,
-                 targets_url: str | Path, *, config: ClientConfig = ClientConfig()) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        root: str | Path | bytes,
+        metadata_url: str | Path,
+        targets_url: str | Path,
+        *,
+        config: ClientConfig = ClientConfig(),
+    ) -> None:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(root, bytes):
@@ -135,7 +158,10 @@ class TufClient:
             try:
                 self._root = Path(root).read_bytes()
             except OSError as e:
-                raise TrustError(f"{root}: cannot read the pinned root ({e.strerror})", hint="provision the device with its fleet's root.json") from e
+                raise TrustError(
+                    f"{root}: cannot read the pinned root ({e.strerror})",
+                    hint="provision the device with its fleet's root.json",
+                ) from e
         self.metadata_url = _as_url(metadata_url)
         self.targets_url = _as_url(targets_url)
         self.config = config
@@ -160,8 +186,15 @@ class TufClient:
             fetcher = Urllib3Fetcher(socket_timeout=self.config.socket_timeout, app_user_agent="edgellm")
         dl = self.cache_dir / "downloads"
         dl.mkdir(exist_ok=True)
-        return Updater(metadata_dir=str(self.cache_dir), metadata_base_url=self.metadata_url, target_dir=str(dl),
-                       target_base_url=self.targets_url, fetcher=fetcher, config=cfg, bootstrap=self._root)
+        return Updater(
+            metadata_dir=str(self.cache_dir),
+            metadata_base_url=self.metadata_url,
+            target_dir=str(dl),
+            target_base_url=self.targets_url,
+            fetcher=fetcher,
+            config=cfg,
+            bootstrap=self._root,
+        )
 
     def refresh(self) -> None:
         """Fetch and verify root chain, timestamp, snapshot, targets. Raises on any refusal."""
@@ -191,7 +224,10 @@ class TufClient:
         except Exception as e:
             raise wrap_tuf_error(e, name) from e
         if info is None:
-            raise VerificationError(f"{name}: not in the signed targets metadata", hint="publish it with `edgellm repo add`, or check the name")
+            raise VerificationError(
+                f"{name}: not in the signed targets metadata",
+                hint="publish it with `edgellm repo add`, or check the name",
+            )
         return info
 
     def lookup(self, name: str) -> Any | None:
@@ -208,14 +244,19 @@ class TufClient:
         """Download a target and verify its length and sha256 before returning its path."""
         info = self.info(name)
         if max_length is not None and info.length > max_length:
-            raise VerificationError(f"{name}: {info.length} bytes is over this device's limit of {max_length}", hint="publish a smaller artifact for this profile")
+            raise VerificationError(
+                f"{name}: {info.length} bytes is over this device's limit of {max_length}",
+                hint="publish a smaller artifact for this profile",
+            )
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         try:
             got = self._updater.download_target(info, filepath=str(dest / name.replace("/", "__")))
         except Exception as e:
             raise wrap_tuf_error(e, name) from e
-        return VerifiedTarget(name, Path(got), info.length, info.hashes["sha256"], dict(info.unrecognized_fields.get("custom", {})))
+        return VerifiedTarget(
+            name, Path(got), info.length, info.hashes["sha256"], dict(info.unrecognized_fields.get("custom", {}))
+        )
 
     def verify_file(self, path: str | Path, name: str | None = None) -> VerifiedTarget:
         """Check a local file against the signed metadata (by its target name, default its file name)."""
@@ -229,11 +270,19 @@ class TufClient:
             raise TrustError(f"{p}: cannot read ({e.strerror})") from e
         except Exception as e:
             raise wrap_tuf_error(e, name) from e
-        return VerifiedTarget(name, p, info.length, info.hashes["sha256"], dict(info.unrecognized_fields.get("custom", {})))
+        return VerifiedTarget(
+            name, p, info.length, info.hashes["sha256"], dict(info.unrecognized_fields.get("custom", {}))
+        )
 
 
-def verify_bundle_file(path: str | Path, root: str | Path | bytes, repo: str | Path, *, target: str | None = None,
-                       cache_dir: str | Path | None = None) -> VerifiedTarget:
+def verify_bundle_file(
+    path: str | Path,
+    root: str | Path | bytes,
+    repo: str | Path,
+    *,
+    target: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> VerifiedTarget:
     """Verify a bundle file the way a device does: against ``repo`` (dir or URL) and a pinned root."""
     base = str(repo).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="edgellm-verify-") as tmp:

@@ -83,8 +83,11 @@ class Assignment:
     @classmethod
     def from_dict(cls, d: Any) -> Assignment:
         """Every field typed and bounded; anything else is a :class:`VerificationError`."""
+
         def bad(why: str) -> VerificationError:
-            return VerificationError(f"assignment refused: {why}", hint="the director metadata is wrong: check the server")
+            return VerificationError(
+                f"assignment refused: {why}", hint="the director metadata is wrong: check the server"
+            )
 
         if not isinstance(d, dict) or d.get("format") != ASSIGNMENT_FORMAT or d.get("v") != 1:
             raise bad("not an edgellm assignment (format/v)")
@@ -100,20 +103,34 @@ class Assignment:
         if (ids["model"] is None) != (ids["version"] is None):
             raise bad("model and version go together")
         targets = d.get("targets", [])
-        if not isinstance(targets, list) or len(targets) > _MAX_TARGETS or \
-                not all(isinstance(t, str) and 0 < len(t) <= 255 and "/" not in t for t in targets):
+        if (
+            not isinstance(targets, list)
+            or len(targets) > _MAX_TARGETS
+            or not all(isinstance(t, str) and 0 < len(t) <= 255 and "/" not in t for t in targets)
+        ):
             raise bad("targets must be a short list of target names")
         issued = d.get("issued_at", 0.0)
         if not isinstance(issued, (int, float)) or isinstance(issued, bool) or not math.isfinite(issued):
             raise bad("issued_at must be a number")
-        return cls(scope, subject, serial, ids["model"], ids["version"], tuple(targets), ids["rollout"],
-                   ids["group"], float(issued))
+        return cls(
+            scope,
+            subject,
+            serial,
+            ids["model"],
+            ids["version"],
+            tuple(targets),
+            ids["rollout"],
+            ids["group"],
+            float(issued),
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Assignment:
         if len(data) > MAX_ASSIGNMENT_BYTES:
-            raise VerificationError(f"assignment of {len(data)} bytes is over {MAX_ASSIGNMENT_BYTES}",
-                                    hint="the director metadata is wrong: check the server")
+            raise VerificationError(
+                f"assignment of {len(data)} bytes is over {MAX_ASSIGNMENT_BYTES}",
+                hint="the director metadata is wrong: check the server",
+            )
         try:
             return cls.from_dict(json.loads(data))
         except ValueError as e:
@@ -144,7 +161,8 @@ def ensure_director(repo: Repository) -> bool:
         with repo.edit_targets() as targets:
             targets.delegations = Delegations(
                 keys={signer.public_key.keyid: signer.public_key},
-                roles={DIRECTOR: DelegatedRole(DIRECTOR, [signer.public_key.keyid], 1, True, list(ASSIGNMENT_PATHS))})
+                roles={DIRECTOR: DelegatedRole(DIRECTOR, [signer.public_key.keyid], 1, True, list(ASSIGNMENT_PATHS))},
+            )
         with repo.edit_targets(DIRECTOR) as director:
             director.targets.clear()  # a re-made key starts from no assignments
         repo.do_snapshot()
@@ -158,7 +176,9 @@ def write_assignments(repo: Repository, changes: list[tuple[str, str, Assignment
     of the director metadata that signs it (monotonic across removals). Returns that serial."""
     with repo.transaction() as txn:
         if not has_director(repo):
-            raise TrustError("the repository has no director role", hint="run `edgellm-server init` or start the server once")
+            raise TrustError(
+                "the repository has no director role", hint="run `edgellm-server init` or start the server once"
+            )
         with repo.edit_targets(DIRECTOR) as director:
             serial = director.version + 1
             for scope, subject, a in changes:
@@ -176,7 +196,9 @@ def write_assignments(repo: Repository, changes: list[tuple[str, str, Assignment
                 (repo.targets_dir / folder).mkdir(parents=True, exist_ok=True)
                 txn.blobs[blob] = staged
                 tf = TargetFile(len(data), {"sha256": digest}, path)
-                tf.unrecognized_fields["custom"] = {"edgellm_assignment": a.to_dict() | {"issued_at": repr(a.issued_at)}}
+                tf.unrecognized_fields["custom"] = {
+                    "edgellm_assignment": a.to_dict() | {"issued_at": repr(a.issued_at)}
+                }
                 director.targets[path] = tf
         repo.do_snapshot()
         repo.do_timestamp()
@@ -195,9 +217,16 @@ def read_assignments(repo: Repository) -> dict[str, Assignment]:
     return out
 
 
-def new_assignment(scope: str, subject: str, *, model: str | None, version: str | None,
-                   targets: list[str] | tuple[str, ...] = (), rollout: str | None = None,
-                   group: str | None = None) -> Assignment:
+def new_assignment(
+    scope: str,
+    subject: str,
+    *,
+    model: str | None,
+    version: str | None,
+    targets: list[str] | tuple[str, ...] = (),
+    rollout: str | None = None,
+    group: str | None = None,
+) -> Assignment:
     """An assignment to write (its serial is set by :func:`write_assignments`)."""
     assignment_path(scope, subject)
     return Assignment(scope, subject, 1, model, version, tuple(targets), rollout, group, time.time())
@@ -222,6 +251,8 @@ def fetch_assignment(client: Any, scope: str, subject: str, dest_dir: Any) -> As
     finally:
         Path(vt.path).unlink(missing_ok=True)
     if (a.scope, a.subject) != (scope, subject):
-        raise VerificationError(f"{path} holds the assignment of {a.scope} {a.subject}",
-                                hint="the director metadata is wrong: check the server")
+        raise VerificationError(
+            f"{path} holds the assignment of {a.scope} {a.subject}",
+            hint="the director metadata is wrong: check the server",
+        )
     return a

@@ -59,7 +59,7 @@ def is_signed_bundle(path: str | Path) -> bool:
         with open(path, "rb") as f:
             first = open_tar(f).next()
             return first is not None and first.name == ENVELOPE_NAME
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a signed bundle
         return False
 
 
@@ -110,8 +110,9 @@ def verify_signed_bundle(
         return dataclasses.replace(vt, path=final)
 
 
-def _verify_stream(tar: tarfile.TarFile, t: Path, cache_dir: str | Path, root: str | Path | bytes,
-                   limits: UnpackLimits) -> tuple[TufClient, str, Path]:
+def _verify_stream(
+    tar: tarfile.TarFile, t: Path, cache_dir: str | Path, root: str | Path | bytes, limits: UnpackLimits
+) -> tuple[TufClient, str, Path]:
     entries = _entries(tar, limits)
     member = None
     for kind, m in entries:
@@ -130,14 +131,20 @@ def _verify_stream(tar: tarfile.TarFile, t: Path, cache_dir: str | Path, root: s
         raise VerificationError(f"signed bundle lacks metadata its chain needs ({e.args[0]})", hint=_HINT) from e
     info = client.info(name)
     if info.hashes.get("sha256") != digest:
-        raise VerificationError(f"{name}: the envelope's target is not the one the signed metadata names",
-                                hint="the signed bundle was altered: do not install")
+        raise VerificationError(
+            f"{name}: the envelope's target is not the one the signed metadata names",
+            hint="the signed bundle was altered: do not install",
+        )
     if member.size != info.length:
-        raise VerificationError(f"{name}: the envelope holds {member.size} bytes but the signed length is {info.length}: refused",
-                                hint="the signed bundle was altered: do not install")
+        raise VerificationError(
+            f"{name}: the envelope holds {member.size} bytes but the signed length is {info.length}: refused",
+            hint="the signed bundle was altered: do not install",
+        )
     if info.length > limits.max_file_bytes:
-        raise VerificationError(f"{name}: {info.length} bytes is over this device's limit of {limits.max_file_bytes}",
-                                hint="publish a smaller artifact for this profile")
+        raise VerificationError(
+            f"{name}: {info.length} bytes is over this device's limit of {limits.max_file_bytes}",
+            hint="publish a smaller artifact for this profile",
+        )
     target = t / member.name
     extract_member(tar, member, target, max_bytes=info.length)
     extra = next(entries, None)

@@ -87,7 +87,9 @@ def _load_signer(path: Path) -> Any:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as e:
-        raise TrustError(f"{path}: cannot load private key ({e})", hint="check the keys directory made by `edgellm keys init`") from e
+        raise TrustError(
+            f"{path}: cannot load private key ({e})", hint="check the keys directory made by `edgellm keys init`"
+        ) from e
     return CryptoSigner(key)
 
 
@@ -106,7 +108,9 @@ class KeyStore:
         self.dir = Path(keys_dir)
         index = self.dir / "keys.json"
         if not index.is_file():
-            raise TrustError(f"{self.dir}: not a keys directory (no keys.json)", hint="create one with `edgellm keys init DIR`")
+            raise TrustError(
+                f"{self.dir}: not a keys directory (no keys.json)", hint="create one with `edgellm keys init DIR`"
+            )
         try:
             self.index: dict[str, Any] = json.loads(index.read_text())
         except (OSError, ValueError) as e:
@@ -119,15 +123,17 @@ class KeyStore:
             if p.exists():
                 out.append(_load_signer(p))
         if not out:
-            raise TrustError(f"no private key for role {role!r} in {self.dir}",
-                             hint="the role's key is kept elsewhere (offline?): sign where it is")
+            raise TrustError(
+                f"no private key for role {role!r} in {self.dir}",
+                hint="the role's key is kept elsewhere (offline?): sign where it is",
+            )
         return out
 
     def add_key(self, role: str) -> Any:
         key, signer = _new_signer()
         used = [e["file"] for e in self.index["roles"].get(role, [])]
         used += [e["file"] for e in self.index.get("retired", []) if e["role"] == role]
-        n = 1 + max((int(f[len(role) + 1:-len(".pem")]) for f in used), default=0)
+        n = 1 + max((int(f[len(role) + 1 : -len(".pem")]) for f in used), default=0)
         name = f"{role}-{n}.pem"
         _write_private_key(self.dir / name, key)
         self.index["roles"].setdefault(role, []).append({"file": name, "keyid": signer.public_key.keyid})
@@ -168,11 +174,15 @@ def init_keys(
     counts = {r: max(1, thresholds[r]) for r in ROLES} | (counts or {})
     for r in ROLES:
         if not 1 <= thresholds[r] <= counts[r]:
-            raise TrustError(f"role {r}: threshold {thresholds[r]} must be between 1 and its key count {counts[r]}",
-                             hint="raise --count or lower --threshold for that role")
+            raise TrustError(
+                f"role {r}: threshold {thresholds[r]} must be between 1 and its key count {counts[r]}",
+                hint="raise --count or lower --threshold for that role",
+            )
     d = Path(keys_dir)
     if (d / "keys.json").exists():
-        raise TrustError(f"{d} already holds keys", hint="use a new directory, or `edgellm repo rotate-key` to change keys")
+        raise TrustError(
+            f"{d} already holds keys", hint="use a new directory, or `edgellm repo rotate-key` to change keys"
+        )
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     root = Root(expires=now() + expiry.root, consistent_snapshot=True)

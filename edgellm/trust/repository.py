@@ -60,8 +60,10 @@ class TargetSummary:
 
     @classmethod
     def of(cls, targets: Targets) -> list[TargetSummary]:
-        return [cls(name, tf.length, tf.hashes.get("sha256", ""), dict(tf.unrecognized_fields.get("custom", {})))
-                for name, tf in sorted(targets.targets.items())]
+        return [
+            cls(name, tf.length, tf.hashes.get("sha256", ""), dict(tf.unrecognized_fields.get("custom", {})))
+            for name, tf in sorted(targets.targets.items())
+        ]
 
 
 def canonical_safe(obj: Any) -> Any:
@@ -77,11 +79,20 @@ def canonical_safe(obj: Any) -> Any:
 
 def target_custom(manifest: Any, bundle_sha256: str) -> dict[str, Any]:
     """The ML facts a published target carries in its TUF ``custom`` field (metrics as decimal strings)."""
-    out: dict[str, Any] = canonical_safe({"edgellm": {
-        "name": manifest.name, "version": manifest.version, "runtime": manifest.runtime,
-        "quantization": manifest.quantization, "profiles": list(manifest.profiles),
-        "metrics": dict(manifest.metrics), "memory": manifest.memory.to_dict(), "bundle_sha256": bundle_sha256,
-    }})
+    out: dict[str, Any] = canonical_safe(
+        {
+            "edgellm": {
+                "name": manifest.name,
+                "version": manifest.version,
+                "runtime": manifest.runtime,
+                "quantization": manifest.quantization,
+                "profiles": list(manifest.profiles),
+                "metrics": dict(manifest.metrics),
+                "memory": manifest.memory.to_dict(),
+                "bundle_sha256": bundle_sha256,
+            }
+        }
+    )
     if manifest.extra.get("kind"):  # an adapter bundle: devices choose by the base it applies to
         out["edgellm"]["kind"] = str(manifest.extra["kind"])
         out["edgellm"]["base"] = canonical_safe(manifest.extra.get("base"))
@@ -104,7 +115,9 @@ class Repository(TufRepository):
         self.metadata_dir = self.dir / "metadata"
         self.targets_dir = self.dir / "targets"
         if not _creating and not (self.metadata_dir / "timestamp.json").is_file():
-            raise TrustError(f"{self.dir}: not an edgellm repository", hint="create one with `edgellm repo init DIR --keys KEYS`")
+            raise TrustError(
+                f"{self.dir}: not an edgellm repository", hint="create one with `edgellm repo init DIR --keys KEYS`"
+            )
         cfg_path = self.dir / "repository.json"
         self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         self.expiry = ExpiryPolicy.from_dict(self.config.get("expiry", {}))
@@ -116,8 +129,14 @@ class Repository(TufRepository):
     # ---- creation
 
     @classmethod
-    def create(cls, repo_dir: str | Path, keys_dir: str | Path, *, expiry: ExpiryPolicy | None = None,
-               root: bytes | str | Path | None = None) -> Repository:
+    def create(
+        cls,
+        repo_dir: str | Path,
+        keys_dir: str | Path,
+        *,
+        expiry: ExpiryPolicy | None = None,
+        root: bytes | str | Path | None = None,
+    ) -> Repository:
         """A new, empty repository trusting ``root`` (default ``keys_dir/root.json``).
 
         ``keys_dir`` needs the private keys of targets, snapshot and timestamp only: the root
@@ -140,8 +159,13 @@ class Repository(TufRepository):
                 pass
             repo.do_snapshot()
             repo.do_timestamp()
-            atomic_write(d / "repository.json", (json.dumps(
-                {"format": "edgellm-repository", "version": 1, "expiry": expiry.to_dict()}, indent=2) + "\n").encode())
+            atomic_write(
+                d / "repository.json",
+                (
+                    json.dumps({"format": "edgellm-repository", "version": 1, "expiry": expiry.to_dict()}, indent=2)
+                    + "\n"
+                ).encode(),
+            )
         return repo
 
     # ---- python-tuf storage hooks
@@ -202,7 +226,9 @@ class Repository(TufRepository):
         if role not in ROLES:
             raise TrustError(f"unknown role {role!r}", hint=f"choose one of {', '.join(ROLES)}")
         if self._read(f"{role}.json") is None:
-            raise TrustError(f"{self.dir}: no {role}.json", hint="the repository is incomplete: restore it from a backup")
+            raise TrustError(
+                f"{self.dir}: no {role}.json", hint="the repository is incomplete: restore it from a backup"
+            )
         return self.open(role)
 
     def list_targets(self) -> list[TargetSummary]:
@@ -268,7 +294,9 @@ class Repository(TufRepository):
             self.do_timestamp(force=True)
             return self.timestamp().version
 
-    def add_bundle(self, bundle_path: str | Path, *, custom: dict[str, Any] | None = None, name: str | None = None) -> str:
+    def add_bundle(
+        self, bundle_path: str | Path, *, custom: dict[str, Any] | None = None, name: str | None = None
+    ) -> str:
         """Publish a bundle archive as a target. Returns the target name (the file name).
 
         A signed bundle (e.g. from another repository's ``edgellm build --repo``) is accepted
@@ -291,7 +319,9 @@ class Repository(TufRepository):
         digest = sha256_file(src)
         staged = txn.add_blob(f"{digest}.{name}", src)
         tf = TargetFile.from_file(name, str(staged), ["sha256"])
-        tf.unrecognized_fields["custom"] = canonical_safe(custom) if custom is not None else target_custom(manifest, digest)
+        tf.unrecognized_fields["custom"] = (
+            canonical_safe(custom) if custom is not None else target_custom(manifest, digest)
+        )
         with self.edit_targets() as targets:
             targets.targets[name] = tf
         self.do_snapshot()
@@ -361,9 +391,11 @@ class Repository(TufRepository):
                 raise TrustError(f"no target {name!r} in {self.dir}", hint="publish it with `edgellm repo add` first")
             out = Path(out)
             roots = [(f"{v}.root.json", self._read(f"{v}.root.json")) for v in range(1, self.root().version + 1)]
-            rest = [("timestamp.json", self._read("timestamp.json")),
-                    (f"{self.snapshot().version}.snapshot.json", self._read(f"{self.snapshot().version}.snapshot.json")),
-                    (f"{self.targets().version}.targets.json", self._read(f"{self.targets().version}.targets.json"))]
+            rest = [
+                ("timestamp.json", self._read("timestamp.json")),
+                (f"{self.snapshot().version}.snapshot.json", self._read(f"{self.snapshot().version}.snapshot.json")),
+                (f"{self.targets().version}.targets.json", self._read(f"{self.targets().version}.targets.json")),
+            ]
             metadata = [(f, data) for f, data in roots + rest if data is not None]
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")) / out.name
@@ -381,13 +413,17 @@ def _check_root(root_bytes: bytes, keys: KeyStore) -> Metadata:
             raise ValueError("not root metadata")
         root.verify_delegate("root", md.signed_bytes, md.signatures)
     except Exception as e:
-        raise TrustError(f"the root metadata is not a validly signed root.json ({type(e).__name__}: {e})",
-                         hint="pass the root.json made by `edgellm keys init` (signed by the root keys)") from e
+        raise TrustError(
+            f"the root metadata is not a validly signed root.json ({type(e).__name__}: {e})",
+            hint="pass the root.json made by `edgellm keys init` (signed by the root keys)",
+        ) from e
     for role in ONLINE_ROLES:
         ours = {e["keyid"] for e in keys.index["roles"].get(role, []) if (keys.dir / e["file"]).exists()}
         if len(ours & set(root.roles[role].keyids)) < root.roles[role].threshold:
-            raise TrustError(f"{keys.dir} does not hold enough of the {role} keys the root trusts",
-                             hint="use the keys directory the root was made with (`edgellm keys copy-online`)")
+            raise TrustError(
+                f"{keys.dir} does not hold enough of the {role} keys the root trusts",
+                hint="use the keys directory the root was made with (`edgellm keys copy-online`)",
+            )
     return md
 
 

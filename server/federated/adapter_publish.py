@@ -26,8 +26,20 @@ def _state(adapters: Path) -> dict[str, Any]:
     return {k: torch.from_numpy(v.copy()) for k, v in load_file(str(adapters)).items()}
 
 
-def publish_adapters(repo: Any, bases: list[Any], adapters: Path, rank: int, alpha: float, merged_dir: Path, *,
-                     model: str, base_version: str, version: str, lineage: dict[str, Any], work: Path) -> list[str]:
+def publish_adapters(
+    repo: Any,
+    bases: list[Any],
+    adapters: Path,
+    rank: int,
+    alpha: float,
+    merged_dir: Path,
+    *,
+    model: str,
+    base_version: str,
+    version: str,
+    lineage: dict[str, Any],
+    work: Path,
+) -> list[str]:
     """Build, pack and publish one adapter bundle per GGUF base target; returns the target names."""
     from edgellm.bundle import pack, read_manifest, unpack
     from edgellm.pipeline.adapter_build import adapter_manifest
@@ -52,11 +64,26 @@ def publish_adapters(repo: Any, bases: list[Any], adapters: Path, rank: int, alp
         finally:
             shutil.rmtree(base_dir, ignore_errors=True)
         targets = tuple(sorted({k.rsplit(".", 2)[-2] for k in state}))
-        ad = Adapter(rank=rank, alpha=alpha, targets=targets, state={}, base_sha256=base.artifact_sha256,
-                     base_name=model, report={})
-        manifest = adapter_manifest(base_manifest.to_dict(), name=ADAPTER_NAME, version=version, base_name=model,
-                                    base_version=base_version, base_sha256=base.artifact_sha256, adapter=ad,
-                                    export=export, golden=golden)
+        ad = Adapter(
+            rank=rank,
+            alpha=alpha,
+            targets=targets,
+            state={},
+            base_sha256=base.artifact_sha256,
+            base_name=model,
+            report={},
+        )
+        manifest = adapter_manifest(
+            base_manifest.to_dict(),
+            name=ADAPTER_NAME,
+            version=version,
+            base_name=model,
+            base_version=base_version,
+            base_sha256=base.artifact_sha256,
+            adapter=ad,
+            export=export,
+            golden=golden,
+        )
         manifest["lineage"]["federated"] = lineage["federated"]
         src = work / f"src-{i}"
         shutil.rmtree(src, ignore_errors=True)

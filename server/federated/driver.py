@@ -57,8 +57,16 @@ def parse_invite_reply(body: Any) -> tuple[bool, str]:
 class FlDriver:
     """``publish(topic, payload, retain)`` is the server's MQTT connection."""
 
-    def __init__(self, store: Store, data_root: Path, publish: Callable[[str, bytes, bool], None],
-                 superlink: SuperLink | None, *, advertise: str | None = None, poll_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        data_root: Path,
+        publish: Callable[[str, bytes, bool], None],
+        superlink: SuperLink | None,
+        *,
+        advertise: str | None = None,
+        poll_s: float = 15.0,
+    ) -> None:
         self.store = store
         self.fl = FlStore(store)
         self.root = Path(data_root)
@@ -66,7 +74,7 @@ class FlDriver:
         self.superlink = superlink
         self.advertise = advertise or (_advertised(superlink.address) if superlink else "")
         self.poll_s = poll_s
-        self._watching: dict[str, float] = {}   # running run -> next Flower status poll
+        self._watching: dict[str, float] = {}  # running run -> next Flower status poll
         self._workers: dict[str, threading.Thread] = {}
 
     def tick(self) -> None:
@@ -119,11 +127,16 @@ class FlDriver:
                 self.fl.set_device(rid, dev, "excluded", f"no bundle of the base for profile {d['profile']!r}")
             elif t.runtime != "gguf":
                 self.fl.set_device(rid, dev, "excluded", "runtime-onnx")
-            elif s.max_epsilon is not None and privacy.would_exceed(self.fl.noise_multipliers(dev), planned,
-                                                                   s.max_epsilon, s.delta):
+            elif s.max_epsilon is not None and privacy.would_exceed(
+                self.fl.noise_multipliers(dev), planned, s.max_epsilon, s.delta
+            ):
                 spent = self.fl.epsilon(dev, s.delta)
-                self.fl.set_device(rid, dev, "excluded", f"privacy budget: ε spent {spent:.3g}, this run would "
-                                                         f"pass --max-epsilon {s.max_epsilon:g}")
+                self.fl.set_device(
+                    rid,
+                    dev,
+                    "excluded",
+                    f"privacy budget: ε spent {spent:.3g}, this run would pass --max-epsilon {s.max_epsilon:g}",
+                )
             else:
                 candidates.append((dev, t))
         train = _training_target([t for _, t in candidates]) if candidates else merge
@@ -132,18 +145,39 @@ class FlDriver:
             if t.artifact_sha256 == train.artifact_sha256:
                 eligible.append(dev)
             else:
-                self.fl.set_device(rid, dev, "excluded", f"base-mismatch: runs {t.quantization} "
-                                                         f"{t.artifact_sha256[:12]}, this run trains on {train.quantization} "
-                                                         f"{train.artifact_sha256[:12]}")
-        plan = {"merge_target": merge.name, "train_target": train.name, "train_bundle": str(train.path),
-                "base_sha256": train.artifact_sha256, "superlink": self.advertise}
+                self.fl.set_device(
+                    rid,
+                    dev,
+                    "excluded",
+                    f"base-mismatch: runs {t.quantization} "
+                    f"{t.artifact_sha256[:12]}, this run trains on {train.quantization} "
+                    f"{train.artifact_sha256[:12]}",
+                )
+        plan = {
+            "merge_target": merge.name,
+            "train_target": train.name,
+            "train_bundle": str(train.path),
+            "base_sha256": train.artifact_sha256,
+            "superlink": self.advertise,
+        }
         if len(eligible) < s.min_devices:
-            self.fl.fail(rid, f"{len(eligible)} eligible device(s) in group {r['grp']}, the run needs "
-                              f"{s.min_devices} (see each device's reason)")
+            self.fl.fail(
+                rid,
+                f"{len(eligible)} eligible device(s) in group {r['grp']}, the run needs "
+                f"{s.min_devices} (see each device's reason)",
+            )
             return
         for dev in eligible:
-            cid = self._command(dev, "fl_invite", {"run_id": rid, "superlink": self.advertise,
-                                                   "base_version": r["base_version"], "base_sha256": train.artifact_sha256})
+            cid = self._command(
+                dev,
+                "fl_invite",
+                {
+                    "run_id": rid,
+                    "superlink": self.advertise,
+                    "base_version": r["base_version"],
+                    "base_sha256": train.artifact_sha256,
+                },
+            )
             self.fl.set_device(rid, dev, "invited", command=cid)
         self.fl.set_state(rid, "inviting", f"invited {len(eligible)} device(s)", plan=plan)
 
@@ -155,7 +189,9 @@ class FlDriver:
         devs = sorted(set(invited.values()))
         rows = self.store.db.execute(
             f"SELECT device, body FROM messages WHERE kind='reply' AND received>=? AND device IN "
-            f"({','.join('?' * len(devs))})", (run["created"], *devs))
+            f"({','.join('?' * len(devs))})",
+            (run["created"], *devs),
+        )
         for dev, body in rows:
             try:
                 b = json.loads(body)
@@ -204,8 +240,9 @@ class FlDriver:
         self._watching[rid] = time.monotonic() + self.poll_s
         status = self.superlink.run_status(r["flower_run"])
         if status and status.startswith("finished") and self.fl.run(rid)["state"] == "running":
-            self.fl.fail(rid, f"the Flower run ended ({status}) without a result; see "
-                              f"{self.superlink.home / 'superlink.log'}")
+            self.fl.fail(
+                rid, f"the Flower run ended ({status}) without a result; see {self.superlink.home / 'superlink.log'}"
+            )
 
     def _abort(self, r: dict[str, Any], reason: str) -> None:
         if r["flower_run"] and self.superlink is not None:

@@ -28,16 +28,23 @@ def _accountant(delta: float) -> object:
     try:
         from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
     except ImportError as e:  # dp-accounting missing
-        raise PrivacyError(f"RDP accounting is unavailable ({e})",
-                           hint="install the server extra: pip install 'edgellm[server]' (flwr[dp])") from e
-    cfg = PrivacyConfig(target_delta=delta, population_size=1,
-                        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                        sampling_method=SamplingMethod.NO_AMPLIFICATION)
+        raise PrivacyError(
+            f"RDP accounting is unavailable ({e})",
+            hint="install the server extra: pip install 'edgellm[server]' (flwr[dp])",
+        ) from e
+    cfg = PrivacyConfig(
+        target_delta=delta,
+        population_size=1,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+    )
     try:
         return RdpAccountant(cfg)
     except ImportError as e:
-        raise PrivacyError(f"RDP accounting is unavailable ({e})",
-                           hint="install the server extra: pip install 'edgellm[server]' (flwr[dp])") from e
+        raise PrivacyError(
+            f"RDP accounting is unavailable ({e})",
+            hint="install the server extra: pip install 'edgellm[server]' (flwr[dp])",
+        ) from e
 
 
 def epsilon(noise_multipliers: Iterable[float], delta: float = DEFAULT_DELTA) -> float:
@@ -55,7 +62,8 @@ def epsilon(noise_multipliers: Iterable[float], delta: float = DEFAULT_DELTA) ->
     return float(acc.get_privacy_spent().epsilon)  # type: ignore[attr-defined]
 
 
-def would_exceed(spent_multipliers: Iterable[float], planned: Iterable[float], max_epsilon: float,
-                 delta: float = DEFAULT_DELTA) -> bool:
+def would_exceed(
+    spent_multipliers: Iterable[float], planned: Iterable[float], max_epsilon: float, delta: float = DEFAULT_DELTA
+) -> bool:
     """Whether the releases already spent plus the ``planned`` ones pass ``max_epsilon``."""
     return epsilon([*spent_multipliers, *planned], delta) > max_epsilon

@@ -59,8 +59,11 @@ def base_targets(repo_dir: Path, model: str, version: str) -> list[BaseTarget]:
             continue
         path = repo.target_path(t.name)
         m = read_manifest(path)
-        out.append(BaseTarget(t.name, path, tuple(m.profiles), m.runtime, str(m.quantization).lower(),
-                              m.file(m.artifact).sha256))
+        out.append(
+            BaseTarget(
+                t.name, path, tuple(m.profiles), m.runtime, str(m.quantization).lower(), m.file(m.artifact).sha256
+            )
+        )
     return out
 
 
@@ -72,13 +75,16 @@ def precision_rank(quantization: str) -> int:
 def merge_base(targets: list[BaseTarget]) -> BaseTarget:
     gguf = [t for t in targets if t.runtime == "gguf"]
     if not gguf:
-        raise FlError("the base version has no GGUF bundle to fine-tune",
-                      hint="federated fine-tuning needs a llama.cpp (GGUF) build of the base; ONNX devices decline")
+        raise FlError(
+            "the base version has no GGUF bundle to fine-tune",
+            hint="federated fine-tuning needs a llama.cpp (GGUF) build of the base; ONNX devices decline",
+        )
     return min(gguf, key=lambda t: (precision_rank(t.quantization), t.name))
 
 
-def merge_adapters(base_bundle: Path, adapters: Path, rank: int, alpha: float, out_dir: Path,
-                   extra_files: dict[str, str]) -> Path:
+def merge_adapters(
+    base_bundle: Path, adapters: Path, rank: int, alpha: float, out_dir: Path, extra_files: dict[str, str]
+) -> Path:
     """Base bundle + averaged adapters -> a merged model directory (config, safetensors, tokenizer)."""
     import torch
     from safetensors.numpy import load_file
@@ -117,10 +123,17 @@ def _tokenizer_config(gguf: Path, tok: Any, cfg: Any) -> dict[str, Any]:
     from edgellm.pipeline.gguf_load import _field, _reader
 
     reader = _reader(gguf)
-    out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
-                           "clean_up_tokenization_spaces": False}
-    for key, gkey in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id")):
+    out: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
+    for key, gkey in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         tid = _field(reader, f"tokenizer.ggml.{gkey}")
         token = tok.id_to_token(int(tid)) if isinstance(tid, int) else None
         if token is not None:
@@ -142,12 +155,21 @@ def lineage(fl: FlStore, run: dict[str, Any]) -> dict[str, Any]:
     contributed = {e["device"] for e in fl.ledger(run_id=run["id"])}
     devices = [d for d in fl.devices(run["id"]) if d["device"] in contributed]
     eps = {d["device"]: fl.epsilon(d["device"], s.delta) for d in devices}
-    return {"parent_version": run["base_version"], "federated": {
-        "run": run["id"], "base_version": run["base_version"], "rounds": s.rounds, "devices": len(devices),
-        "device_data_sha256": {d["device"]: d["data_sha256"] for d in devices},
-        "epsilon": {k: (v if v != float("inf") else "inf") for k, v in eps.items()}, "delta": s.delta,
-        "dp_noise": s.dp_noise, "dp_clip": s.dp_clip, "adapters_sha256": (run["result"] or {}).get("adapters_sha256"),
-    }}
+    return {
+        "parent_version": run["base_version"],
+        "federated": {
+            "run": run["id"],
+            "base_version": run["base_version"],
+            "rounds": s.rounds,
+            "devices": len(devices),
+            "device_data_sha256": {d["device"]: d["data_sha256"] for d in devices},
+            "epsilon": {k: (v if v != float("inf") else "inf") for k, v in eps.items()},
+            "delta": s.delta,
+            "dp_noise": s.dp_noise,
+            "dp_clip": s.dp_clip,
+            "adapters_sha256": (run["result"] or {}).get("adapters_sha256"),
+        },
+    }
 
 
 def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id: str) -> dict[str, Any]:
@@ -161,18 +183,34 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
     adapters = Path(result.get("adapters", ""))
     if not adapters.is_file() or sha256_file(adapters) != result.get("adapters_sha256"):
         raise FlError(f"averaged adapters of {run_id} are missing or changed on disk", hint="start a new run")
-    base = next((t for t in base_targets(repo_dir, run["model"], run["base_version"]) if t.name == plan["merge_target"]),
-                None)
+    base = next(
+        (t for t in base_targets(repo_dir, run["model"], run["base_version"]) if t.name == plan["merge_target"]), None
+    )
     if base is None:
         raise FlError(f"base target {plan['merge_target']} left the repository", hint="republish the base version")
     lin = lineage(fl, run)
     work = adapters.parent
-    merged = merge_adapters(base.path, adapters, s.lora_rank, s.lora_alpha, work / "merged",
-                            {"federated_lineage.json": json.dumps(lin, indent=2, sort_keys=True)})
-    profiles = sorted({d["profile"] for d in fl.store.reopen().devices(group=run["grp"]) if d["profile"]}) \
-        or list(base.profiles)
-    built = run_build(BuildConfig(model_dir=merged, profiles=profiles, out_dir=work / "dist", name=run["model"],
-                                  version=run["version"], lineage=lin))
+    merged = merge_adapters(
+        base.path,
+        adapters,
+        s.lora_rank,
+        s.lora_alpha,
+        work / "merged",
+        {"federated_lineage.json": json.dumps(lin, indent=2, sort_keys=True)},
+    )
+    profiles = sorted({d["profile"] for d in fl.store.reopen().devices(group=run["grp"]) if d["profile"]}) or list(
+        base.profiles
+    )
+    built = run_build(
+        BuildConfig(
+            model_dir=merged,
+            profiles=profiles,
+            out_dir=work / "dist",
+            name=run["model"],
+            version=run["version"],
+            lineage=lin,
+        )
+    )
     repo = Repository(repo_dir, keys)
     targets = []
     for r in built.results:
@@ -185,30 +223,55 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
         targets.append(repo.add_bundle(r.bundle, custom=custom))
     if not targets:
         refusals = "; ".join(f"{r.profile}: {r.selection.refusal}" for r in built.refused)
-        raise FlError(f"no profile of group {run['grp']} could take the merged model ({refusals})",
-                      hint="see the build report in " + str(work / "dist"))
+        raise FlError(
+            f"no profile of group {run['grp']} could take the merged model ({refusals})",
+            hint="see the build report in " + str(work / "dist"),
+        )
     adapter_targets = _publish_adapters(repo, repo_dir, run, adapters, merged, lin, work)
     rid = None
     if s.rollout:
-        rid = rollout.start(fl.store, model=run["model"], version=run["version"], group=run["grp"],
-                            canary=s.canary, gate=s.gate or None, no_gate=not s.gate, bake=s.bake)
+        rid = rollout.start(
+            fl.store,
+            model=run["model"],
+            version=run["version"],
+            group=run["grp"],
+            canary=s.canary,
+            gate=s.gate or None,
+            no_gate=not s.gate,
+            bake=s.bake,
+        )
     digest = hashlib.sha256(json.dumps(lin, sort_keys=True).encode()).hexdigest()
-    return {"targets": targets, "adapter_targets": adapter_targets, "profiles": profiles, "rollout": rid,
-            "lineage_sha256": digest, "merge_base": base.name}
+    return {
+        "targets": targets,
+        "adapter_targets": adapter_targets,
+        "profiles": profiles,
+        "rollout": rid,
+        "lineage_sha256": digest,
+        "merge_base": base.name,
+    }
 
 
-def _publish_adapters(repo: Any, repo_dir: Path, run: dict[str, Any], adapters: Path, merged: Path,
-                      lin: dict[str, Any], work: Path) -> list[str]:
+def _publish_adapters(
+    repo: Any, repo_dir: Path, run: dict[str, Any], adapters: Path, merged: Path, lin: dict[str, Any], work: Path
+) -> list[str]:
     """The result as adapter bundles beside the merged full ones; a failure here loses only the adapters."""
     from server.federated.adapter_publish import publish_adapters
 
     s = run["settings"]
     try:
-        return publish_adapters(repo, base_targets(repo_dir, run["model"], run["base_version"]), adapters,
-                                s.lora_rank, s.lora_alpha, merged, model=run["model"],
-                                base_version=run["base_version"], version=run["version"], lineage=lin,
-                                work=work / "adapters")
+        return publish_adapters(
+            repo,
+            base_targets(repo_dir, run["model"], run["base_version"]),
+            adapters,
+            s.lora_rank,
+            s.lora_alpha,
+            merged,
+            model=run["model"],
+            base_version=run["base_version"],
+            version=run["version"],
+            lineage=lin,
+            work=work / "adapters",
+        )
     except Exception as e:  # noqa: BLE001 - the merged full bundles are published already
-        logger.warning("run %s: adapter bundles not published (%s); devices take the merged bundles",
-                       run["id"], e)
+        logger.warning("run %s: adapter bundles not published (%s); devices take the merged bundles", run["id"], e)
         return []

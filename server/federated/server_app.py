@@ -61,22 +61,40 @@ class _Recorder:
             return
         for r in rep.accepted:
             self.rounds[r.device] = self.rounds.get(r.device, 0) + 1
-            fl.set_device(rid, r.device, "trained", data_sha256=r.data_sha256[:128], num_examples=r.num_examples,
-                          rounds=self.rounds[r.device])
+            fl.set_device(
+                rid,
+                r.device,
+                "trained",
+                data_sha256=r.data_sha256[:128],
+                num_examples=r.num_examples,
+                rounds=self.rounds[r.device],
+            )
         m = rep.metrics
-        fl.record_round(rid, rep.round, train_loss=m.get("train-loss"), heldout_before=m.get("heldout-loss-before"),
-                        heldout_after=m.get("heldout-loss-after"), replies=len(rep.accepted),
-                        rejected=len(rep.rejected) + len(rep.declined), noise_std=rep.noise_std)
+        fl.record_round(
+            rid,
+            rep.round,
+            train_loss=m.get("train-loss"),
+            heldout_before=m.get("heldout-loss-before"),
+            heldout_after=m.get("heldout-loss-after"),
+            replies=len(rep.accepted),
+            rejected=len(rep.rejected) + len(rep.declined),
+            noise_std=rep.noise_std,
+        )
         if rep.accepted:
             zs = rep.noise_multipliers if self.dp_noise > 0 else {r.device: 0.0 for r in rep.accepted}
             fl.spend(rid, rep.round, zs, self.delta)
         fl.db.execute("UPDATE fl_runs SET round=? WHERE id=?", (rep.round, rid))
-        fl.log(rid, "running", f"round {rep.round}: {len(rep.accepted)} update(s) averaged, "
-                               f"{len(rep.rejected)} rejected or lost, {len(rep.declined)} declined")
+        fl.log(
+            rid,
+            "running",
+            f"round {rep.round}: {len(rep.accepted)} update(s) averaged, "
+            f"{len(rep.rejected)} rejected or lost, {len(rep.declined)} declined",
+        )
 
 
-def base_adapters(base_bundle: Path, rank: int, alpha: float, seed: int
-                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+def base_adapters(
+    base_bundle: Path, rank: int, alpha: float, seed: int
+) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
     """The adapter shapes a reply must match and round 1's adapters (A kaiming-uniform from
     ``seed``, B zero: the first global model is the base), from the base bundle's GGUF."""
     import tempfile
@@ -94,15 +112,25 @@ def base_adapters(base_bundle: Path, rank: int, alpha: float, seed: int
 
 def train_config(run: dict[str, Any]) -> ConfigRecord:
     s, plan = run["settings"], run["plan"]
-    return ConfigRecord({
-        "run-id": run["id"], "server-round": 0, "lora-rank": s.lora_rank, "lora-alpha": float(s.lora_alpha),
-        "local-steps": s.local_steps, "lr": float(s.lr), "base-version": run["base_version"],
-        "base-sha256": plan.get("base_sha256", ""), "dp-clip": float(s.dp_clip), "seed": s.seed,
-    })
+    return ConfigRecord(
+        {
+            "run-id": run["id"],
+            "server-round": 0,
+            "lora-rank": s.lora_rank,
+            "lora-alpha": float(s.lora_alpha),
+            "local-steps": s.local_steps,
+            "lr": float(s.lr),
+            "base-version": run["base_version"],
+            "base-sha256": plan.get("base_sha256", ""),
+            "dp-clip": float(s.dp_clip),
+            "seed": s.seed,
+        }
+    )
 
 
-def run_federated(fl: FlStore, run_id: str, grid: Grid,
-                  base: tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]] | None = None) -> Path:
+def run_federated(
+    fl: FlStore, run_id: str, grid: Grid, base: tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]] | None = None
+) -> Path:
     """Carry out the run's rounds on ``grid``; returns the averaged adapters file. ``base``
     (shapes, initial adapters) defaults to :func:`base_adapters` of the run's base bundle."""
     from safetensors.numpy import save as st_save
@@ -111,24 +139,47 @@ def run_federated(fl: FlStore, run_id: str, grid: Grid,
     s, plan = run["settings"], run["plan"]
     shapes, initial = base or base_adapters(Path(plan["train_bundle"]), s.lora_rank, s.lora_alpha, s.seed)
     allowed = {d["device"] for d in fl.devices(run_id) if d["status"] == "accepted"}
-    strategy = EdgeFedAvg(expected=shapes, min_replies=s.min_devices, allowed=allowed, expected_nodes=len(allowed),
-                          dp_clip=s.dp_clip, dp_noise=s.dp_noise, connect_timeout_s=s.invite_timeout_s,
-                          report=_Recorder(fl, run_id, s.dp_noise, s.delta))
+    strategy = EdgeFedAvg(
+        expected=shapes,
+        min_replies=s.min_devices,
+        allowed=allowed,
+        expected_nodes=len(allowed),
+        dp_clip=s.dp_clip,
+        dp_noise=s.dp_noise,
+        connect_timeout_s=s.invite_timeout_s,
+        report=_Recorder(fl, run_id, s.dp_noise, s.delta),
+    )
     init = ArrayRecord({k: Array(np.asarray(initial[k], dtype=np.float32)) for k in sorted(shapes)})
     cfg = train_config(run)
-    result = strategy.start(grid=grid, initial_arrays=init, num_rounds=s.rounds, timeout=s.round_timeout_s,
-                            train_config=cfg, evaluate_config=ConfigRecord(dict(cfg)))
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=init,
+        num_rounds=s.rounds,
+        timeout=s.round_timeout_s,
+        train_config=cfg,
+        evaluate_config=ConfigRecord(dict(cfg)),
+    )
     if not result.arrays or len(result.arrays) == 0:
         raise RuntimeError("no round produced an average")
-    data = st_save({k: result.arrays[k].numpy() for k in sorted(result.arrays.keys())},
-                   metadata={"run": run_id, "base_version": run["base_version"]})
+    data = st_save(
+        {k: result.arrays[k].numpy() for k in sorted(result.arrays.keys())},
+        metadata={"run": run_id, "base_version": run["base_version"]},
+    )
     assert fl.store.path is not None  # federated runs keep their files next to the SQLite store
     out = run_dir(fl.store.path, run_id) / "adapters.safetensors"
     atomic_write(out, data, mode=0o600)
     trained = {e["device"] for e in fl.ledger(run_id=run_id)}
-    fl.set_state(run_id, "aggregated", f"{s.rounds} rounds done; updates of {len(trained)} device(s) averaged",
-                 result={"adapters": str(out), "adapters_sha256": hashlib.sha256(data).hexdigest(),
-                         "rounds": s.rounds, "devices": len(trained)})
+    fl.set_state(
+        run_id,
+        "aggregated",
+        f"{s.rounds} rounds done; updates of {len(trained)} device(s) averaged",
+        result={
+            "adapters": str(out),
+            "adapters_sha256": hashlib.sha256(data).hexdigest(),
+            "rounds": s.rounds,
+            "devices": len(trained),
+        },
+    )
     return out
 
 

@@ -99,8 +99,10 @@ class RunSettings:
         if not (math.isfinite(self.dp_clip) and 0 <= self.dp_clip <= 1e6):
             raise bad(f"--dp-clip {self.dp_clip} must be a finite norm >= 0", "e.g. --dp-clip 1.0")
         if self.dp_noise > 0 and self.dp_clip <= 0:
-            raise bad("--dp-noise needs --dp-clip (the noise is scaled to the clipping norm)",
-                      "pass both, e.g. --dp-noise 1.0 --dp-clip 1.0")
+            raise bad(
+                "--dp-noise needs --dp-clip (the noise is scaled to the clipping norm)",
+                "pass both, e.g. --dp-noise 1.0 --dp-clip 1.0",
+            )
         if self.max_epsilon is not None and not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
             raise bad(f"--max-epsilon {self.max_epsilon} must be a positive number", "e.g. --max-epsilon 8")
         if not 0 < self.delta < 1:
@@ -134,21 +136,32 @@ class FlStore:
             if not valid_id(v):
                 raise FlError(f"{what} {v!r} is not valid", hint=f"use {ID_RULE}")
         if version == base_version:
-            raise FlError(f"--publish {version} is the base version itself",
-                          hint="publish the fine-tuned model as a new version, e.g. --publish 0.2.0")
+            raise FlError(
+                f"--publish {version} is the base version itself",
+                hint="publish the fine-tuned model as a new version, e.g. --publish 0.2.0",
+            )
         settings.check()
-        busy = self.db.execute(f"SELECT id FROM fl_runs WHERE state IN ({','.join('?' * len(ACTIVE))})",
-                               ACTIVE).fetchone()
+        busy = self.db.execute(
+            f"SELECT id FROM fl_runs WHERE state IN ({','.join('?' * len(ACTIVE))})", ACTIVE
+        ).fetchone()
         if busy:
-            raise FlError(f"federated run {busy[0]} is still active (one run at a time)",
-                          hint=f"wait for it: `edgellm-server fl status {busy[0]} --wait`")
+            raise FlError(
+                f"federated run {busy[0]} is still active (one run at a time)",
+                hint=f"wait for it: `edgellm-server fl status {busy[0]} --wait`",
+            )
         rid = f"fl-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         now = time.time()
-        self.db.execute("INSERT INTO fl_runs (id, model, base_version, version, grp, settings, state, created, updated,"
-                        " phase_started) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (rid, model, base_version, version, group, settings.to_json(), "pending", now, now, now))
-        self.log(rid, "pending", f"created: {model} {base_version} -> {version} on group {group}, "
-                                 f"{settings.rounds} rounds, at least {settings.min_devices} devices")
+        self.db.execute(
+            "INSERT INTO fl_runs (id, model, base_version, version, grp, settings, state, created, updated,"
+            " phase_started) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (rid, model, base_version, version, group, settings.to_json(), "pending", now, now, now),
+        )
+        self.log(
+            rid,
+            "pending",
+            f"created: {model} {base_version} -> {version} on group {group}, "
+            f"{settings.rounds} rounds, at least {settings.min_devices} devices",
+        )
         return rid
 
     def run(self, run_id: str) -> dict[str, Any]:
@@ -191,12 +204,18 @@ class FlStore:
         self.db.execute(
             f"INSERT INTO fl_devices (run, device, {', '.join(cols)}) VALUES (?,?,{','.join('?' * len(cols))})"
             f" ON CONFLICT(run, device) DO UPDATE SET {', '.join(f'{k}=excluded.{k}' for k in cols)}",
-            (run_id, device, *cols.values()))
+            (run_id, device, *cols.values()),
+        )
 
     def devices(self, run_id: str) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute(
-            "SELECT device, status, reason, data_sha256, num_examples, rounds, command FROM fl_devices"
-            " WHERE run=? ORDER BY device", (run_id,))]
+        return [
+            dict(r)
+            for r in self.db.execute(
+                "SELECT device, status, reason, data_sha256, num_examples, rounds, command FROM fl_devices"
+                " WHERE run=? ORDER BY device",
+                (run_id,),
+            )
+        ]
 
     # -- rounds and the ledger
 
@@ -205,14 +224,17 @@ class FlStore:
         self.db.execute(
             f"INSERT INTO fl_rounds (run, round, {', '.join(cols)}) VALUES (?,?,{','.join('?' * len(cols))})"
             f" ON CONFLICT(run, round) DO UPDATE SET {', '.join(f'{k}=excluded.{k}' for k in cols)}",
-            (run_id, rnd, *cols.values()))
+            (run_id, rnd, *cols.values()),
+        )
 
     def rounds(self, run_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM fl_rounds WHERE run=? ORDER BY round", (run_id,))]
 
     def noise_multipliers(self, device: str) -> list[float]:
-        return [r[0] for r in self.db.execute("SELECT noise_multiplier FROM fl_ledger WHERE device=? ORDER BY ts",
-                                              (device,))]
+        return [
+            r[0]
+            for r in self.db.execute("SELECT noise_multiplier FROM fl_ledger WHERE device=? ORDER BY ts", (device,))
+        ]
 
     def spend(self, run_id: str, rnd: int, multipliers: dict[str, float], delta: float) -> dict[str, float]:
         """Record one round's releases; returns each device's accumulated ε."""
@@ -220,9 +242,19 @@ class FlStore:
         for device, z in multipliers.items():
             eps_round = privacy.epsilon([z], delta)
             eps_total = privacy.epsilon([*self.noise_multipliers(device), z], delta)
-            self.db.execute("INSERT OR REPLACE INTO fl_ledger VALUES (?,?,?,?,?,?,?,?)",
-                            (device, run_id, rnd, z if math.isfinite(z) else 0.0, _num(eps_round), _num(eps_total),
-                             delta, time.time()))
+            self.db.execute(
+                "INSERT OR REPLACE INTO fl_ledger VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    device,
+                    run_id,
+                    rnd,
+                    z if math.isfinite(z) else 0.0,
+                    _num(eps_round),
+                    _num(eps_total),
+                    delta,
+                    time.time(),
+                ),
+            )
             out[device] = eps_total
         return out
 
@@ -233,8 +265,12 @@ class FlStore:
     def ledger(self, run_id: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
         filters = {k: v for k, v in (("run", run_id), ("device", device)) if v}
         where = " AND ".join(f"{k}=?" for k in filters) or "1=1"
-        rows = [dict(r) for r in self.db.execute(f"SELECT * FROM fl_ledger WHERE {where} ORDER BY device, ts",
-                                                 tuple(filters.values()))]
+        rows = [
+            dict(r)
+            for r in self.db.execute(
+                f"SELECT * FROM fl_ledger WHERE {where} ORDER BY device, ts", tuple(filters.values())
+            )
+        ]
         for r in rows:
             for k in ("epsilon_round", "epsilon_total"):
                 r[k] = math.inf if r[k] < 0 else r[k]
@@ -258,22 +294,40 @@ def status(fl: FlStore, run_id: str | None = None) -> list[dict[str, Any]]:
         for e in fl.ledger(run_id=r["id"]):
             spent.setdefault(e["device"], {})["run"] = e["epsilon_total"]
         for d in devices:
-            d["epsilon_total"] = _json_num(fl.epsilon(d["device"], s.delta)) if fl.noise_multipliers(d["device"]) else 0.0
-        hist = [dict(h) for h in fl.db.execute("SELECT ts, state, message FROM fl_log WHERE run=? ORDER BY ts",
-                                               (r["id"],))]
-        out.append({
-            "id": r["id"], "model": r["model"], "base_version": r["base_version"], "version": r["version"],
-            "group": r["grp"], "state": r["state"], "reason": r["reason"], "round": r["round"],
-            "rounds": s.rounds, "min_devices": s.min_devices, "settings": dataclasses.asdict(s),
-            "flower_run": r["flower_run"], "created": r["created"], "updated": r["updated"],
-            "participating": [d for d in devices if d["status"] in ("accepted", "trained")],
-            "declining": [d for d in devices if d["status"] in ("declined", "excluded", "rejected", "lost")],
-            "devices": devices,
-            "rounds_detail": fl.rounds(r["id"]),
-            "epsilon": {d["device"]: d["epsilon_total"] for d in devices if d["device"] in spent},
-            "published_version": r["version"] if r["state"] == "published" else None,
-            "rollout": r["rollout"], "plan": r["plan"], "result": r["result"], "history": hist,
-        })
+            d["epsilon_total"] = (
+                _json_num(fl.epsilon(d["device"], s.delta)) if fl.noise_multipliers(d["device"]) else 0.0
+            )
+        hist = [
+            dict(h) for h in fl.db.execute("SELECT ts, state, message FROM fl_log WHERE run=? ORDER BY ts", (r["id"],))
+        ]
+        out.append(
+            {
+                "id": r["id"],
+                "model": r["model"],
+                "base_version": r["base_version"],
+                "version": r["version"],
+                "group": r["grp"],
+                "state": r["state"],
+                "reason": r["reason"],
+                "round": r["round"],
+                "rounds": s.rounds,
+                "min_devices": s.min_devices,
+                "settings": dataclasses.asdict(s),
+                "flower_run": r["flower_run"],
+                "created": r["created"],
+                "updated": r["updated"],
+                "participating": [d for d in devices if d["status"] in ("accepted", "trained")],
+                "declining": [d for d in devices if d["status"] in ("declined", "excluded", "rejected", "lost")],
+                "devices": devices,
+                "rounds_detail": fl.rounds(r["id"]),
+                "epsilon": {d["device"]: d["epsilon_total"] for d in devices if d["device"] in spent},
+                "published_version": r["version"] if r["state"] == "published" else None,
+                "rollout": r["rollout"],
+                "plan": r["plan"],
+                "result": r["result"],
+                "history": hist,
+            }
+        )
     return out
 
 

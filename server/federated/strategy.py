@@ -88,8 +88,8 @@ class RoundReport:
     round: int
     phase: str  # "train" | "evaluate"
     accepted: list[Reply] = dataclasses.field(default_factory=list)
-    declined: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (device, reason)
-    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (device or node, reason)
+    declined: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (device, reason)
+    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (device or node, reason)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     noise_std: float = 0.0
     noise_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)  # device -> z_i
@@ -123,7 +123,9 @@ def _metrics(msg: Message, names: tuple[str, ...], device: str) -> tuple[int, di
     return n, out
 
 
-def check_arrays(msg: Message, expected: dict[str, tuple[int, ...]], device: str | None = None) -> dict[str, np.ndarray]:
+def check_arrays(
+    msg: Message, expected: dict[str, tuple[int, ...]], device: str | None = None
+) -> dict[str, np.ndarray]:
     """The reply's adapter tensors, or :class:`Rejected` if keys, shapes, dtype or values are wrong."""
     if len(msg.content.array_records) != 1 or "arrays" not in msg.content.array_records:
         raise Rejected("expected exactly one ArrayRecord named 'arrays'", device=device)
@@ -148,8 +150,9 @@ def check_arrays(msg: Message, expected: dict[str, tuple[int, ...]], device: str
     return out
 
 
-def check_reply(msg: Message, phase: str, expected: dict[str, tuple[int, ...]], allowed: set[str] | None,
-                seen: set[str]) -> Reply:
+def check_reply(
+    msg: Message, phase: str, expected: dict[str, tuple[int, ...]], allowed: set[str] | None, seen: set[str]
+) -> Reply:
     """One reply checked for ``phase`` ("train": arrays + train metrics; "evaluate": held-out loss)."""
     if msg.has_error():
         raise Rejected(f"no reply: {str(msg.error.reason)[:200]}")
@@ -167,8 +170,15 @@ def check_reply(msg: Message, phase: str, expected: dict[str, tuple[int, ...]], 
     msg.content["metrics"] = MetricRecord({"num-examples": n, **metrics})
     if arrays:
         msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    return Reply(node=msg.metadata.src_node_id, device=device, num_examples=n, data_sha256=sha,
-                 metrics=metrics, message=msg, arrays=arrays)
+    return Reply(
+        node=msg.metadata.src_node_id,
+        device=device,
+        num_examples=n,
+        data_sha256=sha,
+        metrics=metrics,
+        message=msg,
+        arrays=arrays,
+    )
 
 
 class EdgeFedAvg(FedAvg):
@@ -177,16 +187,30 @@ class EdgeFedAvg(FedAvg):
 
     ``report(RoundReport)`` is called after each train and evaluate aggregation."""
 
-    def __init__(self, *, expected: dict[str, tuple[int, ...]], min_replies: int, allowed: set[str] | None = None,
-                 expected_nodes: int | None = None, dp_clip: float = 0.0, dp_noise: float = 0.0,
-                 connect_timeout_s: float = 300.0, report: Callable[[RoundReport], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        expected: dict[str, tuple[int, ...]],
+        min_replies: int,
+        allowed: set[str] | None = None,
+        expected_nodes: int | None = None,
+        dp_clip: float = 0.0,
+        dp_noise: float = 0.0,
+        connect_timeout_s: float = 300.0,
+        report: Callable[[RoundReport], None] | None = None,
+    ) -> None:
         if min_replies < 1:
             raise ValueError("min_replies must be at least 1")
         if dp_noise < 0 or dp_clip < 0 or (dp_noise > 0 and dp_clip <= 0):
             raise ValueError("DP noise needs a positive clipping norm (dp_clip)")
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_replies,
-                         min_evaluate_nodes=min_replies, min_available_nodes=min_replies,
-                         weighted_by_key="num-examples")
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_replies,
+            min_evaluate_nodes=min_replies,
+            min_available_nodes=min_replies,
+            weighted_by_key="num-examples",
+        )
         self.expected = {k: tuple(v) for k, v in expected.items()}
         self.min_replies = min_replies
         self.allowed = allowed
@@ -209,14 +233,17 @@ class EdgeFedAvg(FedAvg):
                 break
             time.sleep(1.0)
         if len(nodes) < self.min_replies:
-            raise RunFailed(f"only {len(nodes)} device(s) connected to the SuperLink within "
-                            f"{self.connect_timeout_s:.0f}s; the run needs {self.min_replies}",
-                            hint="check the devices' fl_state events (`edgellm-server fl status`) and that "
-                                 "they can reach the SuperLink address")
+            raise RunFailed(
+                f"only {len(nodes)} device(s) connected to the SuperLink within "
+                f"{self.connect_timeout_s:.0f}s; the run needs {self.min_replies}",
+                hint="check the devices' fl_state events (`edgellm-server fl status`) and that "
+                "they can reach the SuperLink address",
+            )
         return nodes
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = arrays
         config["server-round"] = server_round
         from flwr.app import MessageType, RecordDict
@@ -225,8 +252,9 @@ class EdgeFedAvg(FedAvg):
         self._sent = list(self._construct_messages(rec, self._nodes(grid), MessageType.TRAIN))
         return self._sent
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config["server-round"] = server_round
         from flwr.app import MessageType, RecordDict
 
@@ -246,8 +274,14 @@ class EdgeFedAvg(FedAvg):
                 node = self._node_of(msg)
                 who = e.device or self.node_device.get(node) or f"node {node}"
                 (rep.declined if e.declined else rep.rejected).append((who, e.reason))
-                logger.warning("round %d %s: %s %s: %s", server_round, phase,
-                               who, "declined" if e.declined else "rejected", e.reason)
+                logger.warning(
+                    "round %d %s: %s %s: %s",
+                    server_round,
+                    phase,
+                    who,
+                    "declined" if e.declined else "rejected",
+                    e.reason,
+                )
                 continue
             self.node_device[r.node] = r.device
             rep.accepted.append(r)
@@ -263,15 +297,18 @@ class EdgeFedAvg(FedAvg):
                 return m.metadata.dst_node_id
         return msg.metadata.src_node_id
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rep = self._screen(server_round, "train", replies)
         if len(rep.accepted) < self.min_replies:
             self.report(rep)
             reasons = "; ".join(f"{d}: {r}" for d, r in (rep.rejected + rep.declined)[:5])
-            raise RunFailed(f"round {server_round}: {len(rep.accepted)} usable update(s), the run needs "
-                            f"{self.min_replies}" + (f" ({reasons})" if reasons else ""),
-                            hint="see the declining and rejected devices in `edgellm-server fl status`")
+            raise RunFailed(
+                f"round {server_round}: {len(rep.accepted)} usable update(s), the run needs "
+                f"{self.min_replies}" + (f" ({reasons})" if reasons else ""),
+                hint="see the declining and rejected devices in `edgellm-server fl status`",
+            )
         if self.dp_clip > 0 and self.current is not None:
             self._clip(rep.accepted)
         arrays, metrics = super().aggregate_train(server_round, [r.message for r in rep.accepted])
@@ -312,9 +349,15 @@ def _with_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:
 def to_json_safe(rep: RoundReport) -> dict[str, Any]:
     """A round report without the Flower messages (for logs and the store)."""
     return {
-        "round": rep.round, "phase": rep.phase, "metrics": rep.metrics, "noise_std": rep.noise_std,
-        "accepted": [{"device": r.device, "num_examples": r.num_examples, "data_sha256": r.data_sha256,
-                      "metrics": r.metrics} for r in rep.accepted],
-        "declined": [list(x) for x in rep.declined], "rejected": [list(x) for x in rep.rejected],
+        "round": rep.round,
+        "phase": rep.phase,
+        "metrics": rep.metrics,
+        "noise_std": rep.noise_std,
+        "accepted": [
+            {"device": r.device, "num_examples": r.num_examples, "data_sha256": r.data_sha256, "metrics": r.metrics}
+            for r in rep.accepted
+        ],
+        "declined": [list(x) for x in rep.declined],
+        "rejected": [list(x) for x in rep.rejected],
         "noise_multipliers": rep.noise_multipliers,
     }

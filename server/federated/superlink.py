@@ -87,18 +87,37 @@ class SuperLink:
 
     def write_config(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.home / "config.toml", (
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.client_address}"\ninsecure = true\n').encode())
+        atomic_write(
+            self.home / "config.toml",
+            (
+                f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+                f'[superlink.{CONNECTION}]\naddress = "{self.client_address}"\ninsecure = true\n'
+            ).encode(),
+        )
 
     def start(self) -> None:
         self.write_config()
-        cmd = [_exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-               "--host", self.host, "--port", str(self.port), "--database", str(self.home / "superlink.db")]
-        log = open(self.home / "superlink.log", "ab")  # noqa: SIM115 - the child keeps it
+        cmd = [
+            _exe("flower-superlink"),
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.home / "superlink.db"),
+        ]
+        log = open(self.home / "superlink.log", "ab")
         try:
-            self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self._ready = False
@@ -129,9 +148,14 @@ class SuperLink:
         if self.restarts >= self.max_restarts:
             return
         self.restarts += 1
-        logger.warning("SuperLink exited with %s; restarting (%d/%d), see %s", self.proc.returncode,
-                       self.restarts, self.max_restarts, self.home / "superlink.log")
-        self._next_start = time.monotonic() + min(60.0, 2.0 ** self.restarts)
+        logger.warning(
+            "SuperLink exited with %s; restarting (%d/%d), see %s",
+            self.proc.returncode,
+            self.restarts,
+            self.max_restarts,
+            self.home / "superlink.log",
+        )
+        self._next_start = time.monotonic() + min(60.0, 2.0**self.restarts)
         self.start()
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -150,19 +174,31 @@ class SuperLink:
 
     def _flwr(self, args: list[str], timeout: float = 120.0) -> Any:
         try:
-            p = subprocess.run([_exe("flwr"), *args, "--format", "json"], env=self.env(), capture_output=True,
-                               timeout=timeout, stdin=subprocess.DEVNULL, cwd=self.home)
+            p = subprocess.run(
+                [_exe("flwr"), *args, "--format", "json"],
+                env=self.env(),
+                capture_output=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                cwd=self.home,
+            )
         except subprocess.TimeoutExpired as e:
-            raise SuperLinkError(f"flwr {args[0]} did not answer in {timeout:.0f}s",
-                                 hint=f"is the SuperLink up? see {self.home / 'superlink.log'}") from e
+            raise SuperLinkError(
+                f"flwr {args[0]} did not answer in {timeout:.0f}s",
+                hint=f"is the SuperLink up? see {self.home / 'superlink.log'}",
+            ) from e
         out = p.stdout.decode(errors="replace").strip()
         try:
-            data = json.loads(out[out.index("{"):]) if "{" in out else {}
+            data = json.loads(out[out.index("{") :]) if "{" in out else {}
         except ValueError:
             data = {}
         if p.returncode != 0 or data.get("success") is False:
             err = p.stderr.decode(errors="replace").strip()
-            why = data.get("error-message") or " | ".join(x for x in (out[-600:], err[-600:]) if x) or f"exit {p.returncode}"
+            why = (
+                data.get("error-message")
+                or " | ".join(x for x in (out[-600:], err[-600:]) if x)
+                or f"exit {p.returncode}"
+            )
             raise SuperLinkError(f"flwr {args[0]} failed: {why}", hint=f"see {self.home / 'superlink.log'}")
         return data
 

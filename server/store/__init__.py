@@ -45,8 +45,22 @@ from server.store.rows import (
 from server.store.schema import migrate
 from server.store.telemetry import QUARANTINE_KEEP, QUARANTINE_PAYLOAD_BYTES, TelemetryTables
 
-__all__ = ["TRANSIENT", "QUARANTINE_KEEP", "QUARANTINE_PAYLOAD_BYTES", "AuditRow", "DeviceRow", "EventRow", "LogEntry",
-           "MetricSummary", "QuarantineRow", "RolloutDeviceRow", "RolloutRow", "SeriesPoint", "Store", "TokenRow"]
+__all__ = [
+    "TRANSIENT",
+    "QUARANTINE_KEEP",
+    "QUARANTINE_PAYLOAD_BYTES",
+    "AuditRow",
+    "DeviceRow",
+    "EventRow",
+    "LogEntry",
+    "MetricSummary",
+    "QuarantineRow",
+    "RolloutDeviceRow",
+    "RolloutRow",
+    "SeriesPoint",
+    "Store",
+    "TokenRow",
+]
 
 #: PostgreSQL connections kept for reuse by short-lived threads
 POOL_SIZE = 8

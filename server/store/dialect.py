@@ -61,12 +61,32 @@ class Dialect:
         return text.format(**self.types)
 
 
-SQLITE = Dialect("sqlite", {"REAL": "REAL", "INT": "INTEGER", "BLOB": "BLOB", "AUTOID": "INTEGER PRIMARY KEY AUTOINCREMENT",
-                            "NOROWID": "WITHOUT ROWID", "LOGID": ""},
-                 floor="CAST({} AS INTEGER)", insertion_order="rowid")
-POSTGRES = Dialect("postgresql", {"REAL": "DOUBLE PRECISION", "INT": "BIGINT", "BLOB": "BYTEA", "AUTOID": "BIGSERIAL PRIMARY KEY",
-                                  "NOROWID": "", "LOGID": ", id BIGSERIAL"},
-                   floor="FLOOR({})", insertion_order="id")
+SQLITE = Dialect(
+    "sqlite",
+    {
+        "REAL": "REAL",
+        "INT": "INTEGER",
+        "BLOB": "BLOB",
+        "AUTOID": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "NOROWID": "WITHOUT ROWID",
+        "LOGID": "",
+    },
+    floor="CAST({} AS INTEGER)",
+    insertion_order="rowid",
+)
+POSTGRES = Dialect(
+    "postgresql",
+    {
+        "REAL": "DOUBLE PRECISION",
+        "INT": "BIGINT",
+        "BLOB": "BYTEA",
+        "AUTOID": "BIGSERIAL PRIMARY KEY",
+        "NOROWID": "",
+        "LOGID": ", id BIGSERIAL",
+    },
+    floor="FLOOR({})",
+    insertion_order="id",
+)
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -140,13 +160,16 @@ class PgConn:
         try:
             import psycopg
         except ImportError as e:
-            raise ServerError("PostgreSQL needs the psycopg package",
-                              hint="pip install 'edgellm[server]' (or 'psycopg[binary]')") from e
+            raise ServerError(
+                "PostgreSQL needs the psycopg package", hint="pip install 'edgellm[server]' (or 'psycopg[binary]')"
+            ) from e
         try:
             self._conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, connect_timeout=10)
         except psycopg.OperationalError as e:
-            raise ServerError(f"cannot connect to the database: {_redact(str(e))}",
-                              hint="check the --db URL (host, port, user, database) and that PostgreSQL runs") from None
+            raise ServerError(
+                f"cannot connect to the database: {_redact(str(e))}",
+                hint="check the --db URL (host, port, user, database) and that PostgreSQL runs",
+            ) from None
         self._conn.adapters.register_loader("numeric", _numeric_loader())
 
     @property

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS device_commands (
 );
 """
 
+
 def migrate_fleet(db: Any, dialect: Any) -> None:
     """Create the fleet tables that are missing (SQLite or PostgreSQL types)."""
     db.executescript(dialect.schema(FLEET_SCHEMA))
@@ -54,21 +55,38 @@ class FleetTables:
 
     # ------------------------------------------------------------------ rollout plans
 
-    def create_plan(self, rollout: str, *, stages: list[float], min_samples: int, device_timeout_s: float,
-                    no_gate: bool) -> None:
-        self.db.execute("INSERT INTO rollout_plans (rollout, stages, min_samples, device_timeout_s, no_gate)"
-                        " VALUES (?,?,?,?,?)", (rollout, json.dumps(stages), min_samples, device_timeout_s, int(no_gate)))
+    def create_plan(
+        self, rollout: str, *, stages: list[float], min_samples: int, device_timeout_s: float, no_gate: bool
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO rollout_plans (rollout, stages, min_samples, device_timeout_s, no_gate) VALUES (?,?,?,?,?)",
+            (rollout, json.dumps(stages), min_samples, device_timeout_s, int(no_gate)),
+        )
 
     def plan(self, rollout: str) -> dict[str, Any]:
         """The plan of a rollout (a rollout made before plans existed gets the old defaults)."""
         r = self.db.execute("SELECT * FROM rollout_plans WHERE rollout=?", (rollout,)).fetchone()
         if r is None:
-            return {"stages": [100.0], "stage": 0, "min_samples": None, "device_timeout_s": None, "no_gate": False,
-                    "previous": None, "final": None, "stalled": None}
-        return {"stages": json.loads(r["stages"]), "stage": r["stage"], "min_samples": r["min_samples"],
-                "device_timeout_s": r["device_timeout_s"], "no_gate": bool(r["no_gate"]),
-                "previous": json.loads(r["previous"]) if r["previous"] else None,
-                "final": json.loads(r["final"]) if r["final"] else None, "stalled": r["stalled"]}
+            return {
+                "stages": [100.0],
+                "stage": 0,
+                "min_samples": None,
+                "device_timeout_s": None,
+                "no_gate": False,
+                "previous": None,
+                "final": None,
+                "stalled": None,
+            }
+        return {
+            "stages": json.loads(r["stages"]),
+            "stage": r["stage"],
+            "min_samples": r["min_samples"],
+            "device_timeout_s": r["device_timeout_s"],
+            "no_gate": bool(r["no_gate"]),
+            "previous": json.loads(r["previous"]) if r["previous"] else None,
+            "final": json.loads(r["final"]) if r["final"] else None,
+            "stalled": r["stalled"],
+        }
 
     def update_plan(self, rollout: str, **fields: Any) -> None:
         """Set ``stage`` (int), ``previous``/``final`` (JSON-able) or ``stalled`` (text or None)."""
@@ -83,42 +101,60 @@ class FleetTables:
 
     def yank(self, model: str, version: str, reason: str | None = None) -> bool:
         """Withdraw ``model`` ``version``; False if it was already."""
-        cur = self.db.execute("INSERT INTO yanked VALUES (?,?,?,?) ON CONFLICT (model, version) DO NOTHING",
-                              (model, version, time.time(), reason))
+        cur = self.db.execute(
+            "INSERT INTO yanked VALUES (?,?,?,?) ON CONFLICT (model, version) DO NOTHING",
+            (model, version, time.time(), reason),
+        )
         return cur.rowcount == 1
 
     def is_yanked(self, model: str | None, version: str | None) -> bool:
-        return self.db.execute("SELECT 1 FROM yanked WHERE model=? AND version=?", (model, version)).fetchone() is not None
+        return (
+            self.db.execute("SELECT 1 FROM yanked WHERE model=? AND version=?", (model, version)).fetchone() is not None
+        )
 
     def yanked(self) -> list[dict[str, Any]]:
-        return [{"model": r["model"], "version": r["version"], "ts": r["ts"], "reason": r["reason"]}
-                for r in self.db.execute("SELECT model, version, ts, reason FROM yanked ORDER BY ts")]
+        return [
+            {"model": r["model"], "version": r["version"], "ts": r["ts"], "reason": r["reason"]}
+            for r in self.db.execute("SELECT model, version, ts, reason FROM yanked ORDER BY ts")
+        ]
 
     # ------------------------------------------------------------------ assignment history
 
-    def log_assignment(self, serial: int, scope: str, subject: str, model: str | None, version: str | None,
-                       rollout: str | None) -> None:
-        self.db.execute("INSERT INTO assignment_log VALUES (?,?,?,?,?,?,?)",
-                        (serial, scope, subject, model, version, rollout, time.time()))
+    def log_assignment(
+        self, serial: int, scope: str, subject: str, model: str | None, version: str | None, rollout: str | None
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO assignment_log VALUES (?,?,?,?,?,?,?)",
+            (serial, scope, subject, model, version, rollout, time.time()),
+        )
 
     def assignment_history(self, scope: str, subject: str) -> list[dict[str, Any]]:
         """Every version assigned at ``scope``/``subject``, newest first."""
-        return [{"serial": r["serial"], "model": r["model"], "version": r["version"], "rollout": r["rollout"]}
-                for r in self.db.execute("SELECT serial, model, version, rollout FROM assignment_log"
-                                         " WHERE scope=? AND subject=? ORDER BY serial DESC", (scope, subject))]
+        return [
+            {"serial": r["serial"], "model": r["model"], "version": r["version"], "rollout": r["rollout"]}
+            for r in self.db.execute(
+                "SELECT serial, model, version, rollout FROM assignment_log"
+                " WHERE scope=? AND subject=? ORDER BY serial DESC",
+                (scope, subject),
+            )
+        ]
 
     # ------------------------------------------------------------------ device commands
 
     def queue_command(self, cid: str, device: str, name: str, args: dict[str, Any]) -> None:
-        self.db.execute("INSERT INTO device_commands VALUES (?,?,?,?,?,NULL)",
-                        (cid, device, name, json.dumps(args), time.time()))
+        self.db.execute(
+            "INSERT INTO device_commands VALUES (?,?,?,?,?,NULL)", (cid, device, name, json.dumps(args), time.time())
+        )
 
     def pending_commands(self, max_age_s: float = 300.0) -> list[dict[str, Any]]:
         """Commands not sent yet (older ones are dropped: their caller gave up)."""
         self.db.execute("DELETE FROM device_commands WHERE sent IS NULL AND created < ?", (time.time() - max_age_s,))
-        return [{"id": r["id"], "device": r["device"], "name": r["name"], "args": json.loads(r["args"])}
-                for r in self.db.execute("SELECT id, device, name, args FROM device_commands WHERE sent IS NULL"
-                                         " ORDER BY created")]
+        return [
+            {"id": r["id"], "device": r["device"], "name": r["name"], "args": json.loads(r["args"])}
+            for r in self.db.execute(
+                "SELECT id, device, name, args FROM device_commands WHERE sent IS NULL ORDER BY created"
+            )
+        ]
 
     def command_sent(self, cid: str) -> None:
         self.db.execute("UPDATE device_commands SET sent=? WHERE id=?", (time.time(), cid))
@@ -137,10 +173,12 @@ class FleetTables:
     def update_reports(self) -> dict[str, dict[str, Any]]:
         """Per device, from its newest update event: ``last_error`` (None once an update
         succeeded since), ``rejected`` (the versions it refuses), ``last_event``."""
-        q = (f"SELECT e.device, e.name, e.fields, e.received FROM events e JOIN (SELECT device, MAX(received) m"
-             f" FROM events WHERE name IN ({','.join('?' * len(_UPDATE_EVENTS))}) GROUP BY device) x"
-             " ON e.device = x.device AND e.received = x.m WHERE e.name IN"
-             f" ({','.join('?' * len(_UPDATE_EVENTS))})")
+        q = (
+            f"SELECT e.device, e.name, e.fields, e.received FROM events e JOIN (SELECT device, MAX(received) m"
+            f" FROM events WHERE name IN ({','.join('?' * len(_UPDATE_EVENTS))}) GROUP BY device) x"
+            " ON e.device = x.device AND e.received = x.m WHERE e.name IN"
+            f" ({','.join('?' * len(_UPDATE_EVENTS))})"
+        )
         out: dict[str, dict[str, Any]] = {}
         for r in self.db.execute(q, (*_UPDATE_EVENTS, *_UPDATE_EVENTS)):
             f = json.loads(r["fields"])
@@ -151,6 +189,10 @@ class FleetTables:
                 error = _text(f.get("reason") or f.get("error") or r["name"])
                 if f.get("version"):
                     error = f"{f['version']}: {error}"
-            out[r["device"]] = {"last_error": error, "rejected": rejected, "last_event": r["name"],
-                                "last_event_at": r["received"]}
+            out[r["device"]] = {
+                "last_error": error,
+                "rejected": rejected,
+                "last_event": r["name"],
+                "last_event_at": r["received"],
+            }
         return out

@@ -11,9 +11,22 @@ from server.store.rows import LogEntry, RolloutDeviceRow, RolloutRow
 
 
 def _rollout(r: Any) -> RolloutRow:
-    return RolloutRow(id=r["id"], model=r["model"], version=r["version"], group=r["grp"], canary_pct=r["canary_pct"],
-                      gate=r["gate"], bake_s=r["bake_s"], state=r["state"], reason=r["reason"], paused=bool(r["paused"]),
-                      created=r["created"], updated=r["updated"], phase_started=r["phase_started"], request=r["request"])
+    return RolloutRow(
+        id=r["id"],
+        model=r["model"],
+        version=r["version"],
+        group=r["grp"],
+        canary_pct=r["canary_pct"],
+        gate=r["gate"],
+        bake_s=r["bake_s"],
+        state=r["state"],
+        reason=r["reason"],
+        paused=bool(r["paused"]),
+        created=r["created"],
+        updated=r["updated"],
+        phase_started=r["phase_started"],
+        request=r["request"],
+    )
 
 
 class RolloutTables:
@@ -25,19 +38,23 @@ class RolloutTables:
     def tx(self) -> Any:  # provided by Store
         raise NotImplementedError
 
-    def create_rollout(self, rid: str, *, model: str, version: str, group: str, canary_pct: float, gate: str,
-                       bake_s: float, state: str) -> None:
+    def create_rollout(
+        self, rid: str, *, model: str, version: str, group: str, canary_pct: float, gate: str, bake_s: float, state: str
+    ) -> None:
         now = time.time()
         self.db.execute(
             "INSERT INTO rollouts (id, model, version, grp, canary_pct, gate, bake_s, state, created, updated)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)", (rid, model, version, group, canary_pct, gate, bake_s, str(state), now, now))
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (rid, model, version, group, canary_pct, gate, bake_s, str(state), now, now),
+        )
 
     def rollout(self, rollout_id: str) -> RolloutRow | None:
         r = self.db.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
         return _rollout(r) if r is not None else None
 
-    def rollouts(self, states: Iterable[str] | None = None, group: str | None = None,
-                 newest_first: bool = False) -> list[RolloutRow]:
+    def rollouts(
+        self, states: Iterable[str] | None = None, group: str | None = None, newest_first: bool = False
+    ) -> list[RolloutRow]:
         """Rollouts (optionally only in ``states`` and/or one group), oldest first by default."""
         q, args = "SELECT * FROM rollouts WHERE 1=1", []
         if states is not None:
@@ -53,15 +70,24 @@ class RolloutTables:
         """Number of rollouts in each state."""
         return {r["state"]: r["n"] for r in self.db.execute("SELECT state, COUNT(*) n FROM rollouts GROUP BY state")}
 
-    def set_rollout_state(self, rollout_id: str, state: str, *, reason: str | None = None,
-                          phase_started: bool = True, expect: RolloutRow | None = None) -> bool:
+    def set_rollout_state(
+        self,
+        rollout_id: str,
+        state: str,
+        *,
+        reason: str | None = None,
+        phase_started: bool = True,
+        expect: RolloutRow | None = None,
+    ) -> bool:
         """Move a rollout to ``state`` (``reason`` kept unless given; the phase clock restarts
         unless ``phase_started`` is false). With ``expect``, only if the rollout is still in that
         row's state and phase (compare-and-set: of two drivers acting on the same reading, one
         moves it). Returns whether it moved."""
         now = time.time()
-        q = ("UPDATE rollouts SET state=?, updated=?, reason=COALESCE(?, reason),"
-             " phase_started=CASE WHEN ? THEN ? ELSE phase_started END WHERE id=?")
+        q = (
+            "UPDATE rollouts SET state=?, updated=?, reason=COALESCE(?, reason),"
+            " phase_started=CASE WHEN ? THEN ? ELSE phase_started END WHERE id=?"
+        )
         args: list[Any] = [str(state), now, reason, phase_started, now, rollout_id]
         if expect is not None:
             q += " AND state=? AND COALESCE(phase_started, -1.0)=COALESCE(?, -1.0)"
@@ -71,35 +97,55 @@ class RolloutTables:
     def set_rollout_paused(self, rollout_id: str, paused: bool, *, restart_phase_in: str | None = None) -> None:
         """Pause or resume; resuming restarts the phase clock when the rollout is in ``restart_phase_in``."""
         now = time.time()
-        self.db.execute("UPDATE rollouts SET paused=?, updated=?, phase_started=CASE WHEN state=? THEN ?"
-                        " ELSE phase_started END WHERE id=?", (int(paused), now, restart_phase_in, now, rollout_id))
+        self.db.execute(
+            "UPDATE rollouts SET paused=?, updated=?, phase_started=CASE WHEN state=? THEN ?"
+            " ELSE phase_started END WHERE id=?",
+            (int(paused), now, restart_phase_in, now, rollout_id),
+        )
 
     def set_rollout_request(self, rollout_id: str, request: str | None) -> None:
         """Record (or clear) an operator request the driver acts upon."""
         self.db.execute("UPDATE rollouts SET request=?, updated=? WHERE id=?", (request, time.time(), rollout_id))
 
-    def assign_rollout_devices(self, rollout_id: str, devices: Sequence[tuple[str, str, str | None, str | None]]) -> None:
+    def assign_rollout_devices(
+        self, rollout_id: str, devices: Sequence[tuple[str, str, str | None, str | None]]
+    ) -> None:
         """``(device, phase, previous_version, previous_model)`` for every device of the rollout."""
         with self.tx() as db:
-            db.executemany("INSERT INTO rollout_devices VALUES (?,?,?,?,?) ON CONFLICT(rollout, device) DO UPDATE SET"
-                           " phase=excluded.phase, previous_version=excluded.previous_version,"
-                           " previous_model=excluded.previous_model",
-                           [(rollout_id, *d) for d in devices])
+            db.executemany(
+                "INSERT INTO rollout_devices VALUES (?,?,?,?,?) ON CONFLICT(rollout, device) DO UPDATE SET"
+                " phase=excluded.phase, previous_version=excluded.previous_version,"
+                " previous_model=excluded.previous_model",
+                [(rollout_id, *d) for d in devices],
+            )
 
     def rollout_devices(self, rollout_id: str, phase: str | None = None) -> list[RolloutDeviceRow]:
         """A rollout's devices (optionally one phase) with the version each reports now, by id."""
-        q = ("SELECT rd.device, rd.phase, rd.previous_version, rd.previous_model, d.version, d.online"
-             " FROM rollout_devices rd LEFT JOIN devices d ON d.id = rd.device WHERE rd.rollout=?")
+        q = (
+            "SELECT rd.device, rd.phase, rd.previous_version, rd.previous_model, d.version, d.online"
+            " FROM rollout_devices rd LEFT JOIN devices d ON d.id = rd.device WHERE rd.rollout=?"
+        )
         args: list[Any] = [rollout_id]
         if phase is not None:
             q, args = q + " AND rd.phase=?", [*args, str(phase)]
-        return [RolloutDeviceRow(r["device"], r["phase"], r["previous_version"], r["previous_model"], r["version"],
-                                 bool(r["online"])) for r in self.db.execute(q + " ORDER BY rd.device", args)]
+        return [
+            RolloutDeviceRow(
+                r["device"], r["phase"], r["previous_version"], r["previous_model"], r["version"], bool(r["online"])
+            )
+            for r in self.db.execute(q + " ORDER BY rd.device", args)
+        ]
 
     def log_rollout(self, rollout_id: str, state: str, message: str) -> None:
-        self.db.execute("INSERT INTO rollout_log (rollout, ts, state, message) VALUES (?,?,?,?)", (rollout_id, time.time(), str(state), message))
+        self.db.execute(
+            "INSERT INTO rollout_log (rollout, ts, state, message) VALUES (?,?,?,?)",
+            (rollout_id, time.time(), str(state), message),
+        )
 
     def rollout_log(self, rollout_id: str) -> list[LogEntry]:
-        return [LogEntry(r["ts"], r["state"], r["message"]) for r in self.db.execute(
-            f"SELECT ts, state, message FROM rollout_log WHERE rollout=? ORDER BY ts, {self.dialect.insertion_order}",
-            (rollout_id,))]
+        return [
+            LogEntry(r["ts"], r["state"], r["message"])
+            for r in self.db.execute(
+                f"SELECT ts, state, message FROM rollout_log WHERE rollout=? ORDER BY ts, {self.dialect.insertion_order}",
+                (rollout_id,),
+            )
+        ]

@@ -65,8 +65,11 @@ CREATE TABLE IF NOT EXISTS leases (
 
 # Columns added after the first release: a store made before them gets them on open.
 _ADDED_COLUMNS = {
-    "devices": (("state_epoch", "TEXT"), ("state_seq", "{INT} NOT NULL DEFAULT 0"),
-                ("state_received", "{REAL} NOT NULL DEFAULT 0")),
+    "devices": (
+        ("state_epoch", "TEXT"),
+        ("state_seq", "{INT} NOT NULL DEFAULT 0"),
+        ("state_received", "{REAL} NOT NULL DEFAULT 0"),
+    ),
 }
 
 

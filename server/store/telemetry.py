@@ -17,12 +17,14 @@ QUARANTINE_PAYLOAD_BYTES = 4096
 QUARANTINE_KEEP = 10_000
 _TEXT_MAX = 500
 
-_DEVICE_COLUMNS = ("id, profile, grp, version, model, slot, health, online, session, first_seen, last_seen, "
-                   "outbox_dropped, outbox_pending")
+_DEVICE_COLUMNS = (
+    "id, profile, grp, version, model, slot, health, online, session, first_seen, last_seen, "
+    "outbox_dropped, outbox_pending"
+)
 _BUMP = "INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value=counters.value+excluded.value"
 # A heartbeat replaces the device's reported state only when it is newer by the device's own
 # sequence (same outbox epoch) or, from another epoch, by the server's receive time.
-_NEWER = ("(state_epoch IS NULL OR (state_epoch=? AND state_seq<?) OR (state_epoch<>? AND state_received<=?))")
+_NEWER = "(state_epoch IS NULL OR (state_epoch=? AND state_seq<?) OR (state_epoch<>? AND state_received<=?))"
 
 
 def _weighted(col: str) -> str:
@@ -52,18 +54,22 @@ class TelemetryTables:
         with self.tx() as db:
             for env in ordered:
                 if env.seq > 0:
-                    cur = db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                                     (env.device, env.epoch, env.seq, env.kind, env.ts, now,
-                                      json.dumps(env.body, allow_nan=False)))
+                    cur = db.execute(
+                        "INSERT INTO messages VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                        (env.device, env.epoch, env.seq, env.kind, env.ts, now, json.dumps(env.body, allow_nan=False)),
+                    )
                     if cur.rowcount == 0:
                         dups += 1
                         continue
                 stored += 1
                 if env.device not in seen:  # registry row and last_seen: once per device and batch
                     seen.add(env.device)
-                    db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
-                               " SET last_seen=CASE WHEN COALESCE(devices.last_seen, 0) > excluded.last_seen"
-                               " THEN devices.last_seen ELSE excluded.last_seen END", (env.device, now, now))
+                    db.execute(
+                        "INSERT INTO devices (id, first_seen, last_seen) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
+                        " SET last_seen=CASE WHEN COALESCE(devices.last_seen, 0) > excluded.last_seen"
+                        " THEN devices.last_seen ELSE excluded.last_seen END",
+                        (env.device, now, now),
+                    )
                 _apply(db, env, now)
             if stored or dups:
                 db.executemany(_BUMP, [("stored", stored), ("duplicates", dups)])
@@ -79,9 +85,17 @@ class TelemetryTables:
         by_reason: dict[str, int] = {}
         with self.tx() as db:
             for topic, payload, reason, detail in refused:
-                db.execute("INSERT INTO quarantine (received, topic, reason, detail, size, payload) VALUES (?,?,?,?,?,?)",
-                           (now, topic[:_TEXT_MAX], reason, detail[:_TEXT_MAX], len(payload),
-                            bytes(payload[:QUARANTINE_PAYLOAD_BYTES])))
+                db.execute(
+                    "INSERT INTO quarantine (received, topic, reason, detail, size, payload) VALUES (?,?,?,?,?,?)",
+                    (
+                        now,
+                        topic[:_TEXT_MAX],
+                        reason,
+                        detail[:_TEXT_MAX],
+                        len(payload),
+                        bytes(payload[:QUARANTINE_PAYLOAD_BYTES]),
+                    ),
+                )
                 by_reason[f"malformed_{reason}"] = by_reason.get(f"malformed_{reason}", 0) + 1
             db.executemany(_BUMP, [*by_reason.items(), ("quarantined", len(refused))])
             db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?", (QUARANTINE_KEEP,))
@@ -131,14 +145,19 @@ class TelemetryTables:
 
     def message_bodies(self, device: str, kind: str) -> list[dict[str, Any]]:
         """Bodies of one device's stored messages of one kind (e.g. command replies), in order."""
-        return [json.loads(r[0]) for r in self.db.execute(
-            "SELECT body FROM messages WHERE device=? AND kind=? ORDER BY epoch, seq", (device, kind))]
+        return [
+            json.loads(r[0])
+            for r in self.db.execute(
+                "SELECT body FROM messages WHERE device=? AND kind=? ORDER BY epoch, seq", (device, kind)
+            )
+        ]
 
     def events(self, device: str | None = None, name: str | None = None, since: float = 0.0) -> list[EventRow]:
         return self.events_of(None if device is None else [device], None if name is None else [name], since)
 
-    def events_of(self, devices: Sequence[str] | None, names: Iterable[str] | None,
-                  since: float = 0.0) -> list[EventRow]:
+    def events_of(
+        self, devices: Sequence[str] | None, names: Iterable[str] | None, since: float = 0.0
+    ) -> list[EventRow]:
         """Events received since ``since`` from ``devices`` (all if None) named one of ``names``
         (all if None), in the order they were received."""
         q = "SELECT device, seq, ts, received, name, fields FROM events WHERE received>=?"
@@ -152,43 +171,70 @@ class TelemetryTables:
             wanted = [str(n) for n in names]
             q += f" AND name IN ({','.join('?' * len(wanted))})"
             args += wanted
-        return [EventRow(r["device"], r["seq"], r["ts"], r["received"], r["name"], json.loads(r["fields"]))
-                for r in self.db.execute(q + " ORDER BY received, device, seq", args)]
+        return [
+            EventRow(r["device"], r["seq"], r["ts"], r["received"], r["name"], json.loads(r["fields"]))
+            for r in self.db.execute(q + " ORDER BY received, device, seq", args)
+        ]
 
     def metric_summary(self, devices: Sequence[str], version: str | None, since: float) -> MetricSummary:
         """Aggregate of the metrics received since ``since`` from ``devices`` running ``version``."""
         if not devices:
             return MetricSummary()
-        q = (f"SELECT SUM(count) n, SUM(errors) e, {_weighted('p50')} p50, {_weighted('p95')} p95,"
-             f" {_weighted('tps')} tps, {_weighted('mean_logprob')} lp, MAX(p95) p95max FROM metrics"
-             f" WHERE device IN ({','.join('?' * len(devices))}) AND received>=?")
+        q = (
+            f"SELECT SUM(count) n, SUM(errors) e, {_weighted('p50')} p50, {_weighted('p95')} p95,"
+            f" {_weighted('tps')} tps, {_weighted('mean_logprob')} lp, MAX(p95) p95max FROM metrics"
+            f" WHERE device IN ({','.join('?' * len(devices))}) AND received>=?"
+        )
         args: list[Any] = [*devices, since]
         if version is not None:
             q, args = q + " AND version=?", [*args, version]
         r = self.db.execute(q, args).fetchone()
         n, e = r["n"] or 0, r["e"] or 0
-        return MetricSummary(count=n, errors=e, error_rate=e / n if n else None, p50_latency_ms=r["p50"],
-                             p95_latency_ms=r["p95"], tokens_per_second=r["tps"], mean_logprob=r["lp"],
-                             max_p95_latency_ms=r["p95max"])
+        return MetricSummary(
+            count=n,
+            errors=e,
+            error_rate=e / n if n else None,
+            p50_latency_ms=r["p50"],
+            p95_latency_ms=r["p95"],
+            tokens_per_second=r["tps"],
+            mean_logprob=r["lp"],
+            max_p95_latency_ms=r["p95max"],
+        )
 
-    def series(self, by: str = "version", since: float = 0.0, bucket_s: float = 60.0,
-               device: str | None = None) -> list[SeriesPoint]:
+    def series(
+        self, by: str = "version", since: float = 0.0, bucket_s: float = 60.0, device: str | None = None
+    ) -> list[SeriesPoint]:
         """Time-bucketed metrics for charts, keyed by version or device."""
         key = "device" if by == "device" else "COALESCE(version, '?')"
-        q = (f"SELECT {key} k, {self.dialect.floor.format('received/?')}*? t, SUM(count) n, SUM(errors) e, {_weighted('p95')} p95,"
-             f" {_weighted('p50')} p50, {_weighted('tps')} tps, {_weighted('mean_logprob')} lp"
-             " FROM metrics WHERE received>=?")
+        q = (
+            f"SELECT {key} k, {self.dialect.floor.format('received/?')}*? t, SUM(count) n, SUM(errors) e, {_weighted('p95')} p95,"
+            f" {_weighted('p50')} p50, {_weighted('tps')} tps, {_weighted('mean_logprob')} lp"
+            " FROM metrics WHERE received>=?"
+        )
         args: list[Any] = [bucket_s, bucket_s, since]
         if device:
             q, args = q + " AND device=?", [*args, device]
-        return [SeriesPoint(r["k"], r["t"], r["n"], r["e"], r["p95"], r["p50"], r["tps"], r["lp"],
-                            (r["e"] / r["n"]) if r["n"] else None)
-                for r in self.db.execute(q + " GROUP BY k, t ORDER BY k, t", args)]
+        return [
+            SeriesPoint(
+                r["k"],
+                r["t"],
+                r["n"],
+                r["e"],
+                r["p95"],
+                r["p50"],
+                r["tps"],
+                r["lp"],
+                (r["e"] / r["n"]) if r["n"] else None,
+            )
+            for r in self.db.execute(q + " GROUP BY k, t ORDER BY k, t", args)
+        ]
 
     def quarantined(self, limit: int = 100) -> list[QuarantineRow]:
         """The newest refused messages first."""
-        return [QuarantineRow(r["id"], r["received"], r["topic"], r["reason"], r["detail"], r["size"], r["payload"])
-                for r in self.db.execute("SELECT * FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))]
+        return [
+            QuarantineRow(r["id"], r["received"], r["topic"], r["reason"], r["detail"], r["size"], r["payload"])
+            for r in self.db.execute("SELECT * FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))
+        ]
 
     def quarantine_size(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
@@ -196,11 +242,22 @@ class TelemetryTables:
 
 def _device(r: Any, stale_after_s: float) -> DeviceRow:
     online = bool(r["online"])
-    return DeviceRow(id=r["id"], profile=r["profile"], group=r["grp"], version=r["version"], model=r["model"],
-                     slot=r["slot"], health=r["health"], online=online, session=r["session"],
-                     first_seen=r["first_seen"], last_seen=r["last_seen"], outbox_dropped=r["outbox_dropped"],
-                     outbox_pending=r["outbox_pending"],
-                     stale=online and (r["last_seen"] or 0) < time.time() - stale_after_s)
+    return DeviceRow(
+        id=r["id"],
+        profile=r["profile"],
+        group=r["grp"],
+        version=r["version"],
+        model=r["model"],
+        slot=r["slot"],
+        health=r["health"],
+        online=online,
+        session=r["session"],
+        first_seen=r["first_seen"],
+        last_seen=r["last_seen"],
+        outbox_dropped=r["outbox_dropped"],
+        outbox_pending=r["outbox_pending"],
+        stale=online and (r["last_seen"] or 0) < time.time() - stale_after_s,
+    )
 
 
 def _apply(db: Conn, env: wire.Envelope, now: float) -> None:
@@ -208,24 +265,63 @@ def _apply(db: Conn, env: wire.Envelope, now: float) -> None:
     (made by the caller). The body is re-read as its typed record, so only checked values reach SQL."""
     b = env.typed_body()
     if isinstance(b, wire.Birth):
-        db.execute("UPDATE devices SET online=1, session=?, profile=COALESCE(NULLIF(?, ''), profile),"
-                   " grp=COALESCE(?, grp), version=COALESCE(?, version), model=COALESCE(?, model),"
-                   " slot=COALESCE(?, slot), health=COALESCE(?, health) WHERE id=?",
-                   (b.session, b.profile, b.group, b.version, b.model, b.slot, b.health, env.device))
+        db.execute(
+            "UPDATE devices SET online=1, session=?, profile=COALESCE(NULLIF(?, ''), profile),"
+            " grp=COALESCE(?, grp), version=COALESCE(?, version), model=COALESCE(?, model),"
+            " slot=COALESCE(?, slot), health=COALESCE(?, health) WHERE id=?",
+            (b.session, b.profile, b.group, b.version, b.model, b.slot, b.health, env.device),
+        )
     elif isinstance(b, wire.Death):
         db.execute("UPDATE devices SET online=0 WHERE id=? AND session=?", (env.device, b.session))
     elif isinstance(b, wire.Heartbeat):
-        db.execute("UPDATE devices SET version=COALESCE(?, version), model=COALESCE(?, model),"
-                   " slot=COALESCE(?, slot), health=COALESCE(?, health), profile=COALESCE(NULLIF(?, ''), profile),"
-                   " grp=COALESCE(?, grp), outbox_dropped=?, outbox_pending=?, state_epoch=?, state_seq=?,"
-                   f" state_received=? WHERE id=? AND {_NEWER}",
-                   (b.version, b.model, b.slot, b.health, b.profile, b.group, b.outbox_dropped or 0,
-                    b.outbox_pending or 0, env.epoch, env.seq, now, env.device, env.epoch, env.seq, env.epoch, now))
+        db.execute(
+            "UPDATE devices SET version=COALESCE(?, version), model=COALESCE(?, model),"
+            " slot=COALESCE(?, slot), health=COALESCE(?, health), profile=COALESCE(NULLIF(?, ''), profile),"
+            " grp=COALESCE(?, grp), outbox_dropped=?, outbox_pending=?, state_epoch=?, state_seq=?,"
+            f" state_received=? WHERE id=? AND {_NEWER}",
+            (
+                b.version,
+                b.model,
+                b.slot,
+                b.health,
+                b.profile,
+                b.group,
+                b.outbox_dropped or 0,
+                b.outbox_pending or 0,
+                env.epoch,
+                env.seq,
+                now,
+                env.device,
+                env.epoch,
+                env.seq,
+                env.epoch,
+                now,
+            ),
+        )
     elif isinstance(b, wire.Metrics):
-        db.execute("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                   (env.device, env.epoch, env.seq, env.ts, now, b.version, b.model, b.count, b.errors or 0,
-                    b.p50_latency_ms, b.p95_latency_ms, b.tokens_per_second, b.mean_logprob, b.prompt_tokens_mean,
-                    b.prompt_tokens_max, b.completion_tokens or 0))
+        db.execute(
+            "INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            (
+                env.device,
+                env.epoch,
+                env.seq,
+                env.ts,
+                now,
+                b.version,
+                b.model,
+                b.count,
+                b.errors or 0,
+                b.p50_latency_ms,
+                b.p95_latency_ms,
+                b.tokens_per_second,
+                b.mean_logprob,
+                b.prompt_tokens_mean,
+                b.prompt_tokens_max,
+                b.completion_tokens or 0,
+            ),
+        )
     elif isinstance(b, wire.Event):
-        db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                   (env.device, env.epoch, env.seq, env.ts, now, b.name, json.dumps(b.fields, allow_nan=False)))
+        db.execute(
+            "INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            (env.device, env.epoch, env.seq, env.ts, now, b.name, json.dumps(b.fields, allow_nan=False)),
+        )

@@ -45,12 +45,15 @@ FORMATS: dict[str, tuple[str, int]] = {
     "gguf-q4_0": ("Q4_0", 2),
 }
 
+
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """HF rotate-half row order -> llama.cpp adjacent-pair order, per head (Q: heads, K: kv-heads)."""
     rows = w.shape[0]
     if rows % (2 * n_heads):
-        raise BuildError(f"cannot permute a {w.shape} projection into {n_heads} heads",
-                         hint="config.json head counts do not match the weights")
+        raise BuildError(
+            f"cannot permute a {w.shape} projection into {n_heads} heads",
+            hint="config.json head counts do not match the weights",
+        )
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -67,8 +70,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     family_of(cfg, str(path))
     kind = rope_scaling(cfg)[0]
     if kind not in ("default", "linear", "llama3"):
-        raise BuildError(f"rope scaling {kind!r} is not supported by this exporter",
-                         hint="export a model with default, linear or llama3 RoPE scaling")
+        raise BuildError(
+            f"rope scaling {kind!r} is not supported by this exporter",
+            hint="export a model with default, linear or llama3 RoPE scaling",
+        )
     return cfg
 
 
@@ -134,7 +139,7 @@ def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _gguf_name(hf: str, layer_map: dict[str, str]) -> str | None:
-    name = hf[len("model."):] if hf.startswith("model.") else hf
+    name = hf[len("model.") :] if hf.startswith("model.") else hf
     if name == "embed_tokens.weight":
         return "token_embd.weight"
     if name == "norm.weight":
@@ -147,16 +152,19 @@ def _gguf_name(hf: str, layer_map: dict[str, str]) -> str | None:
             return f"blk.{int(idx)}.{layer_map[rest]}"
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise BuildError(f"unexpected tensor {hf!r} in the checkpoint",
-                     hint="the weights do not match config.json's model_type: re-save the model with its own config")
+    raise BuildError(
+        f"unexpected tensor {hf!r} in the checkpoint",
+        hint="the weights do not match config.json's model_type: re-save the model with its own config",
+    )
 
 
 def _context_length(cfg: dict[str, Any], fam: Family) -> int:
     ctx = int(cfg.get("max_position_embeddings") or 2048)
     window = cfg.get("sliding_window")
     if fam.sliding_window and isinstance(window, int) and 0 < window < ctx:
-        log.warning("%s: sliding window %d < context %d; the GGUF's context is capped at %d", fam.hf_class,
-                    window, ctx, window)
+        log.warning(
+            "%s: sliding window %d < context %d; the GGUF's context is capped at %d", fam.hf_class, window, ctx, window
+        )
         return window
     return ctx
 
@@ -224,16 +232,24 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "F32
     if missing:
         w.close()
         out_path.unlink(missing_ok=True)
-        raise BuildError(f"checkpoint is missing tensors: {sorted(missing)[:5]}...",
-                         hint="the safetensors file does not match config.json")
+        raise BuildError(
+            f"checkpoint is missing tensors: {sorted(missing)[:5]}...",
+            hint="the safetensors file does not match config.json",
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"tied_embeddings": "output.weight" not in seen, "n_params_tensors": len(seen),
-            "tokenizer_pre": vocab.pre, "tokenizer_model": vocab.model, "vocab_size": int(cfg["vocab_size"]),
-            "architecture": fam.gguf_arch, "family": fam.model_type,
-            "chat_template": "model's own" if vocab.chat_template else "none"}
+    return {
+        "tied_embeddings": "output.weight" not in seen,
+        "n_params_tensors": len(seen),
+        "tokenizer_pre": vocab.pre,
+        "tokenizer_model": vocab.model,
+        "vocab_size": int(cfg["vocab_size"]),
+        "architecture": fam.gguf_arch,
+        "family": fam.model_type,
+        "chat_template": "model's own" if vocab.chat_template else "none",
+    }
 
 
 def export_gguf(model_dir: str | Path, out_path: str | Path, fmt: str, *, nthread: int = 1) -> dict:
@@ -266,8 +282,17 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, fmt: str, *, nthrea
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
-    report.update({"format": fmt, "path": str(out_path), "size_bytes": out_path.stat().st_size,
-                   "f32_size_bytes": source_size, **summary})
+    report.update(
+        {
+            "format": fmt,
+            "path": str(out_path),
+            "size_bytes": out_path.stat().st_size,
+            "f32_size_bytes": source_size,
+            **summary,
+        }
+    )
     for fb in report["fallbacks"]:
-        log.warning("%s: tensor %s is %s instead of %s (%s)", fmt, fb["tensor"], fb["type"], fb["expected"], fb["reason"])
+        log.warning(
+            "%s: tensor %s is %s instead of %s (%s)", fmt, fb["tensor"], fb["type"], fb["expected"], fb["reason"]
+        )
     return report

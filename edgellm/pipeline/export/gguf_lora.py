@@ -41,12 +41,22 @@ def gguf_lora_name(key: str, fam: Family) -> str:
         suffix = {"lora_A": "lora_a", "lora_B": "lora_b"}[ab]
         return f"blk.{int(idx)}.{base}.{suffix}"
     except (ValueError, KeyError) as e:
-        raise BuildError(f"adapter tensor {key!r} has no llama.cpp name",
-                         hint="adapters must come from edgellm's LoRA (q/k/v/o and gate/up/down projections)") from e
+        raise BuildError(
+            f"adapter tensor {key!r} has no llama.cpp name",
+            hint="adapters must come from edgellm's LoRA (q/k/v/o and gate/up/down projections)",
+        ) from e
 
 
-def write_lora_gguf(state: dict[str, Any], rank: int, alpha: float, model_dir: str | Path, out_path: str | Path, *,
-                    dtype: str = "F16", name: str | None = None) -> dict[str, Any]:
+def write_lora_gguf(
+    state: dict[str, Any],
+    rank: int,
+    alpha: float,
+    model_dir: str | Path,
+    out_path: str | Path,
+    *,
+    dtype: str = "F16",
+    name: str | None = None,
+) -> dict[str, Any]:
     """Write the adapters in ``state`` (for the model in ``model_dir``) as a llama.cpp LoRA GGUF."""
     import gguf
 
@@ -65,8 +75,9 @@ def write_lora_gguf(state: dict[str, Any], rank: int, alpha: float, model_dir: s
         w.add_name(name)
     n_params = 0
     for key in sorted(state):
-        arr = np.asarray(state[key].detach().cpu().numpy() if hasattr(state[key], "detach") else state[key],
-                         dtype=np.float32)
+        arr = np.asarray(
+            state[key].detach().cpu().numpy() if hasattr(state[key], "detach") else state[key], dtype=np.float32
+        )
         gname = gguf_lora_name(key, fam)
         if fam.rope_permuted and gname.endswith("attn_q.weight.lora_b"):
             arr = permute_rope_rows(arr, n_head)
@@ -80,5 +91,11 @@ def write_lora_gguf(state: dict[str, Any], rank: int, alpha: float, model_dir: s
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"format": f"gguf-lora-{dtype.lower()}", "rank": rank, "alpha": float(alpha), "tensors": len(state),
-            "params": int(n_params), "size_bytes": out_path.stat().st_size}
+    return {
+        "format": f"gguf-lora-{dtype.lower()}",
+        "rank": rank,
+        "alpha": float(alpha),
+        "tensors": len(state),
+        "params": int(n_params),
+        "size_bytes": out_path.stat().st_size,
+    }

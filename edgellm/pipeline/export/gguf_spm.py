@@ -20,14 +20,16 @@ def _processor(path: Path) -> Any:
     try:
         import sentencepiece as spm
     except ImportError as e:
-        raise BuildError("reading tokenizer.model needs the sentencepiece package",
-                         hint="pip install 'edgellm[pipeline]'") from e
+        raise BuildError(
+            "reading tokenizer.model needs the sentencepiece package", hint="pip install 'edgellm[pipeline]'"
+        ) from e
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(path))
     except (OSError, RuntimeError) as e:
-        raise BuildError(f"{path}: unreadable sentencepiece model ({e})",
-                         hint="copy tokenizer.model again from the model's source") from e
+        raise BuildError(
+            f"{path}: unreadable sentencepiece model ({e})", hint="copy tokenizer.model again from the model's source"
+        ) from e
     return sp
 
 
@@ -57,8 +59,10 @@ def read_spm_vocab(model_dir: Path, vocab_size: int, tcfg: dict[str, Any], templ
     sp = _processor(model_dir / "tokenizer.model")
     n = sp.GetPieceSize()
     if n > vocab_size:
-        raise BuildError(f"tokenizer.model has {n} pieces but the model's embedding has {vocab_size} rows",
-                         hint="the tokenizer does not belong to this model")
+        raise BuildError(
+            f"tokenizer.model has {n} pieces but the model's embedding has {vocab_size} rows",
+            hint="the tokenizer does not belong to this model",
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = [-1000.0] * vocab_size
     types = [UNUSED] * vocab_size
@@ -66,8 +70,10 @@ def read_spm_vocab(model_dir: Path, vocab_size: int, tcfg: dict[str, Any], templ
         tokens[i], scores[i], types[i] = sp.IdToPiece(i), float(sp.GetScore(i)), _piece_type(sp, i)
     for i, (content, special) in _added_tokens(tcfg).items():
         if i >= vocab_size:
-            raise BuildError(f"added token {content!r} has id {i} beyond the embedding's {vocab_size} rows",
-                             hint="the tokenizer does not belong to this model")
+            raise BuildError(
+                f"added token {content!r} has id {i} beyond the embedding's {vocab_size} rows",
+                hint="the tokenizer does not belong to this model",
+            )
         tokens[i], scores[i] = content, -1000.0 if i >= n else scores[i]
         types[i] = CONTROL if special else USER_DEFINED
     ids = {t: i for i, t in enumerate(tokens)}
@@ -78,8 +84,10 @@ def read_spm_vocab(model_dir: Path, vocab_size: int, tcfg: dict[str, Any], templ
         if content is None:
             return default if default >= 0 else None
         if content not in ids:
-            raise BuildError(f"{name} {content!r} of tokenizer_config.json is not in the vocabulary",
-                             hint="fix tokenizer_config.json")
+            raise BuildError(
+                f"{name} {content!r} of tokenizer_config.json is not in the vocabulary",
+                hint="fix tokenizer_config.json",
+            )
         return ids[content]
 
     bos, eos = tid("bos_token", sp.bos_id()), tid("eos_token", sp.eos_id())
@@ -90,12 +98,24 @@ def read_spm_vocab(model_dir: Path, vocab_size: int, tcfg: dict[str, Any], templ
     pieces = sp.EncodeAsPieces("x")
     dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
     first_only = dummy_prefix and _prepend_scheme(model_dir, tcfg) == "first"
-    return GGUFVocab(model="llama", pre="default", tokens=tokens, token_types=types, merges=[], scores=scores,
-                     bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad, add_bos=add_bos,
-                     add_eos=bool(tcfg.get("add_eos_token", False)), chat_template=template,
-                     special_tokens={tokens[i]: i for i in range(vocab_size) if types[i] == CONTROL},
-                     add_space_prefix=dummy_prefix and not first_only,
-                     space_prefix="first" if first_only else None)
+    return GGUFVocab(
+        model="llama",
+        pre="default",
+        tokens=tokens,
+        token_types=types,
+        merges=[],
+        scores=scores,
+        bos_id=bos,
+        eos_id=eos,
+        unk_id=unk,
+        pad_id=pad,
+        add_bos=add_bos,
+        add_eos=bool(tcfg.get("add_eos_token", False)),
+        chat_template=template,
+        special_tokens={tokens[i]: i for i in range(vocab_size) if types[i] == CONTROL},
+        add_space_prefix=dummy_prefix and not first_only,
+        space_prefix="first" if first_only else None,
+    )
 
 
 def _prepend_scheme(model_dir: Path, tcfg: dict[str, Any]) -> str:

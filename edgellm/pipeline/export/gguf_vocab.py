@@ -111,27 +111,37 @@ def _token_content(value: Any) -> str | None:
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
     """Map a ``tokenizers`` pre-tokenizer to the llama.cpp pre-tokenizer with the same regex."""
-    hint = ("train the tokenizer with tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False) "
-            "(GPT-2 split regex), which llama.cpp reproduces exactly")
+    hint = (
+        "train the tokenizer with tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False) "
+        "(GPT-2 split regex), which llama.cpp reproduces exactly"
+    )
     if not pre:
         raise BuildError("tokenizer.json has no pre_tokenizer; llama.cpp cannot reproduce it", hint=hint)
     kind = pre.get("type")
     if kind == "ByteLevel":
         if pre.get("add_prefix_space"):
-            raise BuildError("the tokenizer adds a prefix space, which llama.cpp's BPE tokenizer does not",
-                             hint=hint)
+            raise BuildError("the tokenizer adds a prefix space, which llama.cpp's BPE tokenizer does not", hint=hint)
         if pre.get("use_regex", True) is False:
             raise BuildError("ByteLevel pre-tokenizer without a split regex is not supported", hint=hint)
         return "gpt-2"
     if kind == "Sequence":
         parts = pre.get("pretokenizers") or []
-        if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
-                and parts[1].get("use_regex") is False and not parts[1].get("add_prefix_space")):
+        if (
+            len(parts) == 2
+            and parts[0].get("type") == "Split"
+            and parts[1].get("type") == "ByteLevel"
+            and parts[1].get("use_regex") is False
+            and not parts[1].get("add_prefix_space")
+        ):
             pattern = (parts[0].get("pattern") or {}).get("Regex")
             if pattern in _KNOWN_SPLITS:
                 return _KNOWN_SPLITS[pattern]
-        if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
-                and _pre_tokenizer_name(parts[1]) == "gpt-2"):
+        if (
+            len(parts) == 2
+            and parts[0].get("type") == "Digits"
+            and parts[0].get("individual_digits")
+            and _pre_tokenizer_name(parts[1]) == "gpt-2"
+        ):
             return "smollm"
         if len(parts) == 1:
             return _pre_tokenizer_name(parts[0])
@@ -146,12 +156,16 @@ def _merges(model: dict) -> list[str]:
         else:  # tokenizers >= 0.20 stores pairs
             a, b = m
             if " " in a or " " in b:
-                raise BuildError(f"merge {m!r} contains a space; GGUF merges are space-separated",
-                                 hint="use a byte-level BPE tokenizer (spaces are encoded as 'Ġ')")
+                raise BuildError(
+                    f"merge {m!r} contains a space; GGUF merges are space-separated",
+                    hint="use a byte-level BPE tokenizer (spaces are encoded as 'Ġ')",
+                )
             out.append(f"{a} {b}")
     if not out:
-        raise BuildError("the tokenizer has no merges; llama.cpp requires them for a BPE vocabulary",
-                         hint="train a byte-level BPE tokenizer with at least one merge")
+        raise BuildError(
+            "the tokenizer has no merges; llama.cpp requires them for a BPE vocabulary",
+            hint="train a byte-level BPE tokenizer with at least one merge",
+        )
     return out
 
 
@@ -181,8 +195,10 @@ def _normalizer(norm: dict | None) -> str | None:
     if kind == "Sequence":
         names = {_normalizer(n) for n in norm.get("normalizers") or []} - {None}
         return names.pop() if len(names) == 1 else None
-    raise BuildError(f"tokenizer normalizer {kind!r} has no llama.cpp equivalent",
-                     hint="supported normalizers: none or NFC (as Qwen's tokenizers use)")
+    raise BuildError(
+        f"tokenizer normalizer {kind!r} has no llama.cpp equivalent",
+        hint="supported normalizers: none or NFC (as Qwen's tokenizers use)",
+    )
 
 
 def read_vocab(model_dir: str | Path, vocab_size: int) -> GGUFVocab:
@@ -199,8 +215,10 @@ def read_vocab(model_dir: str | Path, vocab_size: int) -> GGUFVocab:
         return read_spm_vocab(model_dir, vocab_size, tcfg, template)
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():
-        raise BuildError(f"no tokenizer.json or tokenizer.model in {model_dir}",
-                         hint="the model directory needs the tokenizer it was trained with")
+        raise BuildError(
+            f"no tokenizer.json or tokenizer.model in {model_dir}",
+            hint="the model directory needs the tokenizer it was trained with",
+        )
     try:
         tj = json.loads(tok_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -212,8 +230,10 @@ def _bpe_vocab(tj: dict, tcfg: dict, template: str | None, vocab_size: int) -> G
 
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
-        raise BuildError(f"tokenizer model {model.get('type')!r} is not BPE",
-                         hint="export supports byte-level BPE tokenizer.json or a sentencepiece tokenizer.model")
+        raise BuildError(
+            f"tokenizer model {model.get('type')!r} is not BPE",
+            hint="export supports byte-level BPE tokenizer.json or a sentencepiece tokenizer.model",
+        )
     normalizer = _normalizer(tj.get("normalizer"))
     pre = _pre_tokenizer_name(tj.get("pre_tokenizer"))
 
@@ -223,8 +243,10 @@ def _bpe_vocab(tj: dict, tcfg: dict, template: str | None, vocab_size: int) -> G
         vocab[content] = int(a["id"])
     n = max(vocab.values()) + 1
     if n > vocab_size:
-        raise BuildError(f"tokenizer has {n} tokens but the model's embedding has {vocab_size} rows",
-                         hint="the tokenizer does not belong to this model")
+        raise BuildError(
+            f"tokenizer has {n} tokens but the model's embedding has {vocab_size} rows",
+            hint="the tokenizer does not belong to this model",
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [UNUSED] * vocab_size
     seen = set()
@@ -246,8 +268,10 @@ def _bpe_vocab(tj: dict, tcfg: dict, template: str | None, vocab_size: int) -> G
         if content is None:
             return None
         if content not in vocab:
-            raise BuildError(f"{name} {content!r} of tokenizer_config.json is not in the vocabulary",
-                             hint="fix tokenizer_config.json")
+            raise BuildError(
+                f"{name} {content!r} of tokenizer_config.json is not in the vocabulary",
+                hint="fix tokenizer_config.json",
+            )
         return vocab[content]
 
     bos, eos, unk, pad = tid("bos_token"), tid("eos_token"), tid("unk_token"), tid("pad_token")
@@ -259,6 +283,19 @@ def _bpe_vocab(tj: dict, tcfg: dict, template: str | None, vocab_size: int) -> G
     if add_bos and bos is None:
         raise BuildError("the tokenizer adds a BOS token but none is defined", hint="set bos_token")
 
-    return GGUFVocab(model="gpt2", normalizer=normalizer, tokens=tokens, token_types=types, merges=_merges(model), pre=pre,
-                     bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad, add_bos=add_bos,
-                     add_eos=add_eos, chat_template=template, special_tokens=specials)
+    return GGUFVocab(
+        model="gpt2",
+        normalizer=normalizer,
+        tokens=tokens,
+        token_types=types,
+        merges=_merges(model),
+        pre=pre,
+        bos_id=bos,
+        eos_id=eos,
+        unk_id=unk,
+        pad_id=pad,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        chat_template=template,
+        special_tokens=specials,
+    )

@@ -77,8 +77,11 @@ def _export_fp32(model, path: Path) -> str:
     try:
         from torch.export import Dim
 
-        batch, seq, plen = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=cfg.max_position_embeddings), \
-            Dim("past", min=0, max=cfg.max_position_embeddings)
+        batch, seq, plen = (
+            Dim("batch", min=1, max=1024),
+            Dim("seq", min=1, max=cfg.max_position_embeddings),
+            Dim("past", min=0, max=cfg.max_position_embeddings),
+        )
         dyn = ({0: batch, 1: seq}, tuple({0: batch, 2: plen} for _ in range(2 * L)))
         noisy = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
         level = noisy.level
@@ -86,10 +89,20 @@ def _export_fp32(model, path: Path) -> str:
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                prog = torch.onnx.export(wrapper, (ids, *past), dynamo=True, input_names=ins, output_names=outs,
-                                         dynamic_shapes=dyn, optimize=True, verbose=False)
+                prog = torch.onnx.export(
+                    wrapper,
+                    (ids, *past),
+                    dynamo=True,
+                    input_names=ins,
+                    output_names=outs,
+                    dynamic_shapes=dyn,
+                    optimize=True,
+                    verbose=False,
+                )
                 if prog is None:  # only the legacy exporter returns None; dynamo=True always gives a program
-                    raise BuildError("torch.onnx.export returned no program", hint="check the torch and onnxscript versions")
+                    raise BuildError(
+                        "torch.onnx.export returned no program", hint="check the torch and onnxscript versions"
+                    )
                 prog.save(str(path))
         finally:
             noisy.setLevel(level)
@@ -104,8 +117,16 @@ def _export_fp32(model, path: Path) -> str:
             axes[f"present.{i}.{kind}"] = {0: "batch", 2: "total"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (ids, *past), str(path), input_names=ins, output_names=outs,
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            wrapper,
+            (ids, *past),
+            str(path),
+            input_names=ins,
+            output_names=outs,
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
     return "torchscript"
 
 
@@ -127,11 +148,15 @@ def _add_metadata(path: Path, model_dir: Path, cfg, fmt: str, exporter: str) -> 
 
     m = onnx.load(str(path))
     props = {
-        "edgellm.format": fmt, "edgellm.exporter": exporter,
-        "edgellm.num_layers": str(cfg.num_hidden_layers), "edgellm.num_kv_heads": str(cfg.num_key_value_heads),
-        "edgellm.head_dim": str(cfg.head_dim_), "edgellm.vocab_size": str(cfg.vocab_size),
+        "edgellm.format": fmt,
+        "edgellm.exporter": exporter,
+        "edgellm.num_layers": str(cfg.num_hidden_layers),
+        "edgellm.num_kv_heads": str(cfg.num_key_value_heads),
+        "edgellm.head_dim": str(cfg.head_dim_),
+        "edgellm.vocab_size": str(cfg.vocab_size),
         "edgellm.context_length": str(cfg.max_position_embeddings),
-        "edgellm.bos_token_id": json.dumps(cfg.bos_token_id), "edgellm.eos_token_id": json.dumps(cfg.eos_token_id),
+        "edgellm.bos_token_id": json.dumps(cfg.bos_token_id),
+        "edgellm.eos_token_id": json.dumps(cfg.eos_token_id),
         "edgellm.config": cfg.to_json(),
     }
     props["edgellm.tokenizer"] = tokenizer_json_text(model_dir)
@@ -164,13 +189,27 @@ def _quantize_int8(src: Path, dst: Path, work: Path) -> None:
     except Exception as e:  # noqa: BLE001 - symbolic shape inference is optional
         log.warning("quantization preprocess with symbolic shapes failed (%s); retrying without", e)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    quantize_dynamic(str(pre), str(dst), per_channel=True, op_types_to_quantize=["MatMul", "Gather"],
-                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    quantize_dynamic(
+        str(pre),
+        str(dst),
+        per_channel=True,
+        op_types_to_quantize=["MatMul", "Gather"],
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
 
 
-def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", overwrite: bool = True,
-                evaluate: bool = True, eval_data: Any = None, eval_windows: int = 8,
-                fp32_source: str | Path | None = None) -> dict[str, Any]:
+def export_onnx(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "onnx",
+    overwrite: bool = True,
+    evaluate: bool = True,
+    eval_data: Any = None,
+    eval_windows: int = 8,
+    fp32_source: str | Path | None = None,
+) -> dict[str, Any]:
     """Export ``model_dir`` to ``out`` in ``fmt`` (``onnx`` or ``onnx-int8``); returns the report.
 
     ``fp32_source``: an fp32 export of this same model made earlier (the build's ``onnx-fp32``
@@ -191,8 +230,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
     model = load_model(model_dir)
     n_bytes = 4 * model.num_parameters()
     if n_bytes > MAX_SINGLE_FILE_BYTES:
-        raise BuildError(f"{model_dir}: {n_bytes / 2**30:.1f} GiB of fp32 weights exceed ONNX's 2 GiB single-file limit",
-                         hint="export this model to GGUF (--format gguf-q4_k_m ...) instead")
+        raise BuildError(
+            f"{model_dir}: {n_bytes / 2**30:.1f} GiB of fp32 weights exceed ONNX's 2 GiB single-file limit",
+            hint="export this model to GGUF (--format gguf-q4_k_m ...) instead",
+        )
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix=".edgellm-export-", dir=out.parent if out.parent.exists() else None) as td:
         work = Path(td)
@@ -215,14 +256,21 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, fmt: str = "onnx", ov
         atomic_write(out.parent / "tokenizer.json", tokenizer_json_text(model_dir).encode("utf-8"))
     if (model_dir / "tokenizer_config.json").exists() and not (out.parent / "tokenizer_config.json").exists():
         shutil.copyfile(model_dir / "tokenizer_config.json", out.parent / "tokenizer_config.json")
-    report: dict[str, Any] = {"kind": "export", "format": fmt, "file": out.name, "exporter": exporter,
-                              "size_bytes": out.stat().st_size, "model_dir": str(model_dir),
-                              "params": model.num_parameters()}
+    report: dict[str, Any] = {
+        "kind": "export",
+        "format": fmt,
+        "file": out.name,
+        "exporter": exporter,
+        "size_bytes": out.stat().st_size,
+        "model_dir": str(model_dir),
+        "params": model.num_parameters(),
+    }
     if evaluate:
         from edgellm.pipeline.evaluate import evaluate_artifact
 
-        report["eval"] = evaluate_artifact(out, model_dir=model_dir, data=eval_data, max_windows=eval_windows,
-                                           reference=model)
+        report["eval"] = evaluate_artifact(
+            out, model_dir=model_dir, data=eval_data, max_windows=eval_windows, reference=model
+        )
     atomic_write(report_path(out), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return report
 

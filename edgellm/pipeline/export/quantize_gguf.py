@@ -41,8 +41,10 @@ def quantize(src: str | Path, dst: str | Path, ftype: int, *, nthread: int = 1) 
     params.nthread = max(1, int(nthread))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise BuildError(f"llama.cpp quantizer failed with code {rc} for ftype {ftype}",
-                         hint="run with -vv to see llama.cpp's log; check the source GGUF loads")
+        raise BuildError(
+            f"llama.cpp quantizer failed with code {rc} for ftype {ftype}",
+            hint="run with -vv to see llama.cpp's log; check the source GGUF loads",
+        )
 
 
 def tensor_report(path: str | Path, ftype_name: str) -> dict:
@@ -68,5 +70,9 @@ def tensor_report(path: str | Path, ftype_name: str) -> dict:
             reason = "llama.cpp's quantizer chose another type"
         fallbacks.append({"tensor": t.name, "type": ttype, "expected": main, "reason": reason})
     counts = Counter(t["type"] for t in tensors)
-    return {"ftype": ftype_name, "tensors": tensors, "type_counts": dict(sorted(counts.items())),
-            "fallbacks": fallbacks}
+    return {
+        "ftype": ftype_name,
+        "tensors": tensors,
+        "type_counts": dict(sorted(counts.items())),
+        "fallbacks": fallbacks,
+    }
