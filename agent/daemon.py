@@ -194,7 +194,7 @@ class Daemon:
             try:
                 self.store.verify(state, state.current, deep=False)
                 handle = load_handle(self.paths, state.current, threads=self.config.threads)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a slot that will not load must not stop the daemon serving
                 log.error("could not load slot %s: %s", state.current, e)
                 self._failed_key = key  # not retried every second; a new pointer is tried again
                 if depth == 0 and state.previous:

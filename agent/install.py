@@ -76,7 +76,7 @@ def _is_adapter_archive(archive: Path) -> bool:
 
     try:
         return is_adapter(read_manifest(archive))
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - unreadable here means "not an adapter"; the full install verifies and says why
         return False
 
 

@@ -68,10 +68,10 @@ class Record:
     def build(cls, known: dict[str, Any], extra: dict[str, Any]) -> Any:
         """The record from an already :meth:`split` dict."""
         try:
-            return cls(**known, extra=extra)  # type: ignore[call-arg]
+            return cls(**known, extra=extra)  # type: ignore[call-arg]  # every Record dataclass has an `extra` field
         except TypeError as e:
             raise cls.error(f"{cls.__name__}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}  # type: ignore[arg-type]
-        return {**self.extra, **out}  # type: ignore[attr-defined]
+        out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}  # type: ignore[arg-type]  # a mixin: self is a dataclass
+        return {**self.extra, **out}  # type: ignore[attr-defined]  # declared by each dataclass

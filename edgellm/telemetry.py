@@ -359,7 +359,7 @@ class Envelope(_Record):
 
     @classmethod
     def from_dict(cls, d: Any) -> Envelope:
-        env: Envelope = super().from_dict.__func__(cls, d)  # type: ignore[attr-defined]
+        env: Envelope = super().from_dict.__func__(cls, d)  # type: ignore[attr-defined]  # the base classmethod, bound to this class
         for k in ("device", "kind", "seq", "ts"):
             if getattr(env, k) is None:
                 raise TelemetryError(f"Envelope.{k} is required")

@@ -457,4 +457,4 @@ def _audit_call(ctx: ApiContext, req: ApiRequest, who: auth.Principal | None, st
 
 
 # Endpoints of other parts register themselves with :func:`route` when imported.
-from server import api_fl, api_fleet  # noqa: E402,F401
+from server import api_fl, api_fleet  # noqa: E402,F401 - they register routes on ROUTES, defined above

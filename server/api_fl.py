@@ -13,7 +13,7 @@ from server.api import ApiContext, ApiRequest, HttpError, route
 
 def _available() -> None:
     try:
-        import server.federated.store  # noqa: F401
+        import server.federated.store  # noqa: F401 - only to learn whether the federated extra is installed
     except ImportError:
         raise HttpError(
             501,

@@ -478,7 +478,7 @@ def ca_mosquitto_conf(target: Target, port: int, bind: str) -> None:
 
 
 from server.cli_fleet import register as _register_fleet  # noqa: E402 - after the groups it extends
-from server.federated.cli import register as _register_fl  # noqa: E402
+from server.federated.cli import register as _register_fl  # noqa: E402 - the fl group attaches to `main`, defined above
 
 _register_fleet(main, device_group)
 

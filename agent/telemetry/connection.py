@@ -252,7 +252,7 @@ class MqttLink:
             if self.client is not None:
                 try:
                     self._goodbye()
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - shutting down: a failed goodbye only loses the death message
                     logger.debug("telemetry: goodbye failed: %s", e)
         self.connected.clear()
         self.client = None

@@ -76,7 +76,7 @@ def load_adapter(adapter_dir: str | Path) -> Adapter:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BuildError(f"{d / CONFIG_FILE}: missing or invalid field ({e})", hint=_hint(d)) from e
-    ad.config  # validates rank, alpha and targets  # noqa: B018
+    ad.config  # noqa: B018 - reading the property validates rank, alpha and targets
     return ad
 
 

@@ -58,8 +58,8 @@ def epsilon(noise_multipliers: Iterable[float], delta: float = DEFAULT_DELTA) ->
 
     acc = _accountant(delta)
     for z in zs:
-        acc.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=1, population_size=1))  # type: ignore[attr-defined]
-    return float(acc.get_privacy_spent().epsilon)  # type: ignore[attr-defined]
+        acc.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=1, population_size=1))  # type: ignore[attr-defined]  # dp_accounting ships no type stubs
+    return float(acc.get_privacy_spent().epsilon)  # type: ignore[attr-defined]  # no stubs either
 
 
 def would_exceed(

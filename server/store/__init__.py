@@ -94,10 +94,10 @@ class Store(TelemetryTables, RolloutTables, ControlTables, FleetTables):
 
     def reopen(self) -> Store:
         """Another store on the same database (its own connections)."""
-        return Store(self.url or self.path)  # type: ignore[arg-type]
+        return Store(self.url or self.path)  # type: ignore[arg-type]  # one of the two is always set
 
     @property
-    def db(self) -> Conn:  # type: ignore[override]
+    def db(self) -> Conn:  # type: ignore[override]  # a per-thread connection instead of the base attribute
         db = getattr(self._local, "db", None)
         if isinstance(db, PgConn) and db.broken:
             db = None
@@ -107,7 +107,7 @@ class Store(TelemetryTables, RolloutTables, ControlTables, FleetTables):
                     db = self._pool.pop()
                     db = None if db.broken else db
             if db is None:
-                db = PgConn(self.url) if self.url else open_sqlite(self.path)  # type: ignore[arg-type]
+                db = PgConn(self.url) if self.url else open_sqlite(self.path)  # type: ignore[arg-type]  # path set when url is not
             self._local.db = db
         return db
 
@@ -132,4 +132,4 @@ class Store(TelemetryTables, RolloutTables, ControlTables, FleetTables):
 
     def tx(self) -> AbstractContextManager[Any]:
         db = self.db
-        return db.tx() if isinstance(db, PgConn) else sqlite_tx(db)  # type: ignore[arg-type]
+        return db.tx() if isinstance(db, PgConn) else sqlite_tx(db)  # type: ignore[arg-type]  # the other kind is sqlite3

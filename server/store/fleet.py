@@ -160,7 +160,7 @@ class FleetTables:
         self.db.execute("UPDATE device_commands SET sent=? WHERE id=?", (time.time(), cid))
 
     def command_reply(self, device: str, cid: str) -> dict[str, Any] | None:
-        for body in reversed(self.message_bodies(device, "reply")):  # type: ignore[attr-defined]
+        for body in reversed(self.message_bodies(device, "reply")):  # type: ignore[attr-defined]  # a mixin of Store
             if isinstance(body, dict) and body.get("id") == cid:
                 return body
         return None

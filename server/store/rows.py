@@ -20,7 +20,7 @@ class Row:
         return getattr(self, name, default)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # a mixin: self is a dataclass
 
 
 @dataclasses.dataclass(frozen=True)
