@@ -57,18 +57,24 @@ def test_agent_and_sdk_import_with_torch_unavailable() -> None:
     assert r.stdout.strip() == "ok"
 
 
-def test_agent_modules_and_functions_stay_small() -> None:
-    """Modules under ~450 lines and functions under ~80, so each piece can be read in one go."""
+def _statement_lines(node: ast.AST) -> int:
+    """Lines on which a statement starts: the size of code as written, whatever layout the formatter
+    gives a long call (one argument per line) or a long literal."""
+    return len({n.lineno for n in ast.walk(node) if isinstance(n, ast.stmt)})
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """Modules under ~450 lines and functions under ~80, so each piece can be read in one go.
+
+    Counted in statement lines (about 350 and 65: what 450 and 80 lines of this code held before
+    `ruff format` spread long calls over one line per argument)."""
     too_big = []
-    for f in (ROOT / "agent").rglob("*.py"):
-        if "federated" in f.parts:
-            continue
-        text = f.read_text()
-        if text.count("\n") > 460:
-            too_big.append(f"{f.relative_to(ROOT)}: {text.count(chr(10))} lines")
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
-                n = node.end_lineno - node.lineno + 1
-                if n > 80:
-                    too_big.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name}(): {n} lines")
+    for package in ("edgellm", "agent", "server"):
+        for f in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(f.read_text())
+            if (n := _statement_lines(tree)) > 350:
+                too_big.append(f"{f.relative_to(ROOT)}: {n} statement lines")
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _statement_lines(node) > 65:
+                    too_big.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name}(): {_statement_lines(node)}")
     assert too_big == []
