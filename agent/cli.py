@@ -12,7 +12,8 @@ import sys
 
 import click
 
-from edgellm._click import FriendlyGroup, format_option
+from agent.cli_examples import EXAMPLES
+from edgellm._click import FriendlyGroup, add_examples, format_option
 
 
 def _paths(data_dir: str | None):
@@ -318,6 +319,8 @@ def learn_wipe(data_dir) -> None:
     AgentConfig.load(paths)  # refuses a data dir that is not an agent's
     click.echo(f"wiped {_wipe(paths)} bytes of kept messages")
 
+
+add_examples(main, EXAMPLES)
 
 if __name__ == "__main__":
     main()

@@ -44,3 +44,20 @@ def setup_logging(verbose: int) -> None:
     """The one place a command configures logging (libraries only log)."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def add_examples(group: click.Group, examples: dict[str, str]) -> None:
+    """Give each command named in `examples` ("build", "profiles list") an "Example:" section in `--help`.
+
+    Each value is one or more command lines; the `\\b` marker keeps click from rewrapping them.
+    An unknown name raises, so the table cannot drift from the commands it describes.
+    """
+    for path, text in examples.items():
+        cmd: click.Command = group
+        for name in path.split():
+            sub = cmd.commands.get(name) if isinstance(cmd, click.Group) else None
+            if sub is None:
+                raise KeyError(f"no command {path!r} under {group.name!r}: fix the examples table")
+            cmd = sub
+        lines = "\n".join("  " + line for line in text.strip().splitlines())
+        cmd.epilog = f"Example:\n\n\b\n{lines}"

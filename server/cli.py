@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from edgellm._click import FriendlyGroup, format_option, setup_logging
+from edgellm._click import FriendlyGroup, add_examples, format_option, setup_logging
 from server.auth import ROLES
+from server.cli_examples import EXAMPLES
 from server.client import DATA_DIR_ENV, DB_ENV, Target, target_options
 
 data_dir_option = click.option(
@@ -483,6 +484,7 @@ from server.federated.cli import register as _register_fl  # noqa: E402 - the fl
 _register_fleet(main, device_group)
 
 _register_fl(main, target_options)
+add_examples(main, EXAMPLES)
 
 
 if __name__ == "__main__":  # pragma: no cover

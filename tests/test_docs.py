@@ -283,3 +283,60 @@ def test_completion_answers_from_the_real_command(prog: str, partial: str, expec
     code = f"import sys; from {_cli(prog).callback.__module__} import main; sys.argv[0] = {prog!r}; main()"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert f"plain,{expected}" in r.stdout.splitlines(), r.stdout + r.stderr
+
+
+def leaf_commands() -> list[tuple[list[str], click.Command]]:
+    """([program, group, ..., command], command) of every leaf command of the three programs."""
+    found: list[tuple[list[str], click.Command]] = []
+
+    def walk(path: list[str], cmd: click.Command) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in sorted(cmd.commands.items()):
+                walk([*path, name], sub)
+        else:
+            found.append((path, cmd))
+
+    for prog in PROGRAMS:
+        walk([prog], _cli(prog))
+    return found
+
+
+def example_lines(cmd: click.Command) -> list[str]:
+    """The command lines of a command's "Example:" epilog, continuation lines joined."""
+    body = (cmd.epilog or "").partition("\b\n")[2]
+    return [line for _, line in shell_lines("```bash\n" + textwrap.dedent(body) + "\n```\n")]
+
+
+def test_every_leaf_command_shows_an_example_that_runs_it() -> None:
+    leaves = leaf_commands()
+    assert len(leaves) >= 60, [" ".join(p) for p, _ in leaves]
+    problems = []
+    for path, cmd in leaves:
+        name = " ".join(path)
+        if not (cmd.epilog or "").startswith("Example:\n\n\b\n"):
+            problems.append(f"{name}: no Example: epilog")
+            continue
+        calls = [argv for line in example_lines(cmd) for argv in invocations(line)]
+        if not calls or any(argv[: len(path)] != path for argv in calls):
+            problems.append(f"{name}: the example does not run {name}: {calls}")
+        problems += [f"{name}: example: {p}" for argv in calls for p in check(argv)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_example_shows_in_help() -> None:
+    from agent.cli import main
+
+    r = CliRunner().invoke(main, ["provision", "--help"], terminal_width=80)
+    assert r.exit_code == 0, r.output
+    example = r.output.split("Example:", 1)[1]
+    assert "edgellm-agent provision --data-dir /var/lib/edgellm-agent --device-id arm-07" in example  # not rewrapped
+
+
+def test_add_examples_refuses_a_command_that_does_not_exist() -> None:
+    from edgellm._click import add_examples
+
+    group = click.Group("g", commands=[click.Command("real")])
+    with pytest.raises(KeyError, match="no command 'real nope'"):
+        add_examples(group, {"real nope": "g real"})
+    add_examples(group, {"real": "g real --x"})
+    assert group.commands["real"].epilog == "Example:\n\n\b\n  g real --x"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from edgellm import __version__
-from edgellm._click import FriendlyGroup, setup_logging
+from edgellm._click import FriendlyGroup, add_examples, setup_logging
 
 
 @click.group(cls=FriendlyGroup)
@@ -55,6 +55,9 @@ def _register() -> None:
         for cmd in mod.commands:
             main.add_command(cmd)
     main.add_command(completion)
+    from edgellm.cli.examples import EXAMPLES
+
+    add_examples(main, EXAMPLES)
 
 
 _register()
