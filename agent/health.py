@@ -292,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         os.abort()
     try:
         report = check_slot(Path(a.slot), budget, Path(a.adapter) if a.adapter else None)
-    except MemoryError:
+    except (MemoryError, SystemError) as e:  # SystemError: C code whose allocation failed under the limit
         report = {
             "ok": False,
             "reason": "the model does not fit the memory budget (out of memory under the "
-            "health check's address-space limit)",
+            f"health check's address-space limit: {type(e).__name__})",
         }
     except Exception as e:  # noqa: BLE001 - a model that cannot load is a failed check, not a crash of it
         report = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
