@@ -11,6 +11,8 @@ pipeline, signed in a real TUF repository: the full bundle (``run_build``) and t
 and a 10 Mbit/s cellular link, then greedy decode tokens/s of base + adapter (llama.cpp applies
 it at run time) vs the merged model at the same format, in interleaved rounds so a busy machine
 affects both alike.
+
+REAL: the edgellm build and TUF signing (bundle bytes as written), llama.cpp decode timed by tokens received. SIMULATED: nothing; base weights and adapter are random (sizes and speed do not depend on them).
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ def decode(paths: dict[str, tuple[Path, Path | None]], tokens: int, rounds: int)
 
 
 def main() -> None:
+    print(
+        "REAL: the edgellm build and TUF signing (bundle bytes as written), llama.cpp decode timed by tokens received. SIMULATED: nothing; base weights and adapter are random (sizes and speed do not depend on them).",
+        flush=True,
+    )
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=16)

@@ -8,6 +8,8 @@ Q4_0, then measures greedy decode tokens/s with ``LlamaCppRuntime`` (1 thread) i
 rounds (F16, Q8_0, ... then again) so a busy machine affects every format alike; prints the
 median and the ratio to F16, and checks the build's memory model against the peak RSS measured in
 a fresh process.
+
+REAL: llama.cpp decoding real GGUF files, timed by tokens received. SIMULATED: nothing; the weights are random (speed and size do not depend on them).
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ def peak_rss(path: Path, ctx: int) -> int:
 
 
 def main() -> None:
+    print(
+        "REAL: llama.cpp decoding real GGUF files, timed by tokens received. SIMULATED: nothing; the weights are random (speed and size do not depend on them).",
+        flush=True,
+    )
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)

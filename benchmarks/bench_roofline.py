@@ -7,6 +7,8 @@ then for each GGUF format of a ~50M-parameter random Llama: decode tokens/s (1 t
 bytes a decode step streams, the roofline bound (bandwidth ÷ bytes per token) and the achieved
 fraction of it (the *efficiency* ``edgellm build`` multiplies by each profile's bandwidth).
 Bandwidth is measured before and after the decode runs; both are printed.
+
+REAL: llama.cpp decode timed by tokens received, and this machine's measured bandwidth. SIMULATED: nothing; the weights are random (decode speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from bench_gguf import FORMATS, decode_speeds, export_all, make_model
 
 
 def main() -> None:
+    print(
+        "REAL: llama.cpp decode timed by tokens received, and this machine's measured bandwidth. SIMULATED: nothing; the weights are random (decode speed does not depend on them).",
+        flush=True,
+    )
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)

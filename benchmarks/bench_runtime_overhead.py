@@ -12,6 +12,8 @@ Same Q8_0 GGUF, same short prompt, greedy, 1 thread, interleaved rounds:
 - ``create_completion``: ``Llama.create_completion(temperature=0)`` (the high-level API).
 
 Prints the median tokens/s and the ratio to ``llama.generate``.
+
+REAL: llama.cpp through both paths on the same GGUF, timed by tokens received. SIMULATED: nothing; the weights are random.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from bench_gguf import export_all, make_model
 
 
 def main() -> None:
+    print(
+        "REAL: llama.cpp through both paths on the same GGUF, timed by tokens received. SIMULATED: nothing; the weights are random.",
+        flush=True,
+    )
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
