@@ -44,23 +44,23 @@ GIB = 1024**3
 
 DEVICE_CLASSES = frozenset({"sbc", "jetson", "mini-pc", "laptop", "server", "mcu"})
 ARCHES = frozenset({"aarch64", "armv7l", "x86_64", "riscv64", "xtensa"})
-KNOWN_ISA = frozenset(
-    {
-        "neon",
-        "dotprod",
-        "i8mm",
-        "sve",
-        "sve2",
-        "sse4_2",
-        "avx",
-        "avx2",
-        "fma",
-        "f16c",
-        "avx512f",
-        "avx512_vnni",
-        "avx_vnni",
-    }
-)
+#: instruction-set extensions a profile may name, in the order profiles are written
+_ISA_ORDER = [
+    "neon",
+    "dotprod",
+    "i8mm",
+    "sve",
+    "sve2",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512_vnni",
+]
+KNOWN_ISA = frozenset(_ISA_ORDER)
 KNOWN_RUNTIMES = KNOWN_RUNTIME_NAMES
 ACCELERATOR_KINDS = frozenset({"gpu", "npu", "dsp"})
 SOURCE_SCHEMES = ("https://", "http://", "file://")
@@ -386,23 +386,6 @@ def _ram_gb(ram_bytes: int) -> float:
     """GiB with at most 6 decimals when that still maps back to the same byte count."""
     short = round(ram_bytes / GIB, 6)
     return short if int(round(short * GIB)) == ram_bytes else ram_bytes / GIB
-
-
-_ISA_ORDER = [
-    "neon",
-    "dotprod",
-    "i8mm",
-    "sve",
-    "sve2",
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx_vnni",
-    "avx512f",
-    "avx512_vnni",
-]
 
 
 def _ordered(items: Iterable[str], order: list[str]) -> list[str]:
