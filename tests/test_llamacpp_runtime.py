@@ -88,6 +88,19 @@ def test_prefix_reuse_gives_identical_results(rt):
     np.testing.assert_allclose(a.logprobs, c.logprobs, atol=1e-4)
 
 
+def test_a_decode_step_does_not_scan_the_kv_cache(rt, monkeypatch):
+    """Trimming the cache walks every cell of a context: done when a prefix is cut, not per token."""
+    calls = []
+    real = rt._llm._ctx.kv_cache_seq_rm
+    monkeypatch.setattr(rt._llm._ctx, "kv_cache_seq_rm", lambda *a: (calls.append(a), real(*a))[1])
+    p = GenerationParams(max_tokens=12)
+    first = rt.complete("The pump", p)
+    assert len(calls) <= 1  # the new prompt cut the previous one's cache once
+    calls.clear()
+    again = rt.complete("The pump", p)  # a full prefix hit: the cache is cut back to the prompt
+    assert len(calls) == 1 and again.token_ids == first.token_ids
+
+
 def test_closing_stream_early_keeps_runtime_usable(rt):
     gen = rt.generate("The motor", GenerationParams(max_tokens=30))
     next(gen)

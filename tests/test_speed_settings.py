@@ -242,3 +242,18 @@ def test_fast_publish_parser_matches_the_wire_and_refuses_oddities() -> None:
         b"\xff\xff" + topic,
     ):
         assert parse_publish_v5(bad) is None, bad
+
+
+def test_the_roofline_bandwidth_is_a_read_pass_and_says_so():
+    """A decode streams its weights: its roofline is read bandwidth. A copy counts reads and writes,
+    reads lower here and would let a decode show an efficiency above 1."""
+    from edgellm.hardware import BandwidthMeter
+
+    read = BandwidthMeter(buffer_mb=8)
+    read.sample(passes=1)
+    d = read.result().to_dict()
+    assert d["kind"] == "read" and "bytes read" in d["method"] and d["median_gbps"] > 0
+    copy = BandwidthMeter(buffer_mb=8, kind="copy")
+    assert copy._bytes_per_pass == 2 * read._bytes_per_pass
+    with pytest.raises(ValueError, match="read, copy"):
+        BandwidthMeter(buffer_mb=8, kind="write")

@@ -34,6 +34,7 @@ CODE_PACKAGES = (
     "pipeline/config.py",
     "pipeline/tokenizer.py",
     "runtime",
+    "hardware.py",  # the bandwidth meter: efficiencies are measured against it
 )
 
 

@@ -126,6 +126,8 @@ class LlamaCppRuntime(Runtime):
         self._vocab = self._llama_cpp.llama_model_get_vocab(llm.model)
         self._n_vocab = llm.n_vocab()
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        # positions llama.cpp may hold K/V for: at least len(_cached), more after _cached is cut
+        self._kv_len = 1 << 30  # unknown at load: the first evaluation clears
         self.bos_id = info.bos_id
         self.use_mmap = True
         self.settings: dict[str, Any] = {"threads": threads}  # what llama.cpp was given (set by load)
@@ -306,7 +308,9 @@ class LlamaCppRuntime(Runtime):
         """Append ``tokens`` to the cache; return logits of every position if ``all_logits``."""
         llm = self._llm
         n_past = len(self._cached)
-        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        if self._kv_len > n_past:  # drop K/V past the reused prefix (scans every cell: not per token)
+            llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+            self._kv_len = n_past
         rows = []
         step = llm.n_batch
         for i in range(0, len(tokens), step):
@@ -316,9 +320,11 @@ class LlamaCppRuntime(Runtime):
                 llm._ctx.decode(llm._batch)
             except RuntimeError as e:
                 self._cached = self._cached[:n_past]
+                self._kv_len = 1 << 30  # a failed batch may have written some cells
                 raise _err(GenerationError, f"llama.cpp decode failed: {e}", "shorten the prompt") from e
             self._cached.extend(chunk)
             n_past += len(chunk)
+            self._kv_len = n_past
             if all_logits:
                 ptr = llm._ctx.get_logits()
                 rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), self._n_vocab)).copy())
