@@ -66,7 +66,7 @@ def machine_line(bandwidth_seconds: float) -> str:
     bw = measure_bandwidth_gbps(seconds=bandwidth_seconds)
     return (
         f"{os.cpu_count()} cores ({cpu_model()}, {platform.machine()}), memory bandwidth "
-        f"{bw:.1f} GB/s measured (1 thread, numpy copy), "
+        f"{bw:.1f} GB/s measured (1 thread, read pass), "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_roofline.py [--hidden 768 --layers 8 --tokens 128 --rounds 3]
 
-Measures this machine's sustained bandwidth (numpy copy, 1 thread, as ``edgellm build`` does),
+Measures this machine's sustained read bandwidth (1 thread, as ``edgellm build`` does),
 then for each GGUF format of a ~50M-parameter random Llama: decode tokens/s (1 thread), the
 bytes a decode step streams, the roofline bound (bandwidth ÷ bytes per token) and the achieved
 fraction of it (the *efficiency* ``edgellm build`` multiplies by each profile's bandwidth).
@@ -50,7 +50,7 @@ def main() -> None:
         bw = max(bw_before, bw_after)
         profiles = [get_profile(p) for p in args.profiles.split(",") if p]
         print(
-            f"memory bandwidth here (1 thread, numpy copy): {bw_before:.2f} GB/s before, {bw_after:.2f} GB/s "
+            f"memory read bandwidth here (1 thread): {bw_before:.2f} GB/s before, {bw_after:.2f} GB/s "
             f"after; using {bw:.2f}"
         )
         head = f"{'format':<12} {'MiB/token':>9} {'roofline':>9} {'tok/s':>8} {'fraction':>9}"

@@ -159,7 +159,7 @@ def detect_cmd(out: Path | None, name: str | None, device_class: str | None, no_
     bw = (
         "memory.bandwidth_gbps is a PLACEHOLDER (run without --no-bandwidth to measure it)"
         if no_bandwidth
-        else "memory.bandwidth_gbps: numpy copy (read + write), best pass"
+        else "memory.bandwidth_gbps: one thread reading a 256 MiB buffer, median pass"
     )
     header = (
         f"Written by `edgellm profiles detect` on {stamp}.\n{bw}.\n"
