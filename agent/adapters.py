@@ -222,7 +222,9 @@ class AdapterInstaller:
         base = base_of(manifest)
         why = base_mismatch(self.paths, manifest.name, manifest.version, base)
         if why is not None:
-            raise BaseNotInstalled(why, hint=f"install base {base.name} {base.version} first, then the adapter", base=base)
+            raise BaseNotInstalled(
+                why, hint=f"install base {base.name} {base.version} first, then the adapter", base=base
+            )
         return base
 
     def install(

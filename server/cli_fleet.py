@@ -58,8 +58,10 @@ def echo_rollout(r: dict[str, Any], *, detail: bool) -> None:
 def _bytes(n: int | None) -> str:
     if n is None:
         return "?"
-    return f"{n} B" if n < 1024 else next(
-        f"{n / f:.1f} {u}" for f, u in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")) if n >= f
+    return (
+        f"{n} B"
+        if n < 1024
+        else next(f"{n / f:.1f} {u}" for f, u in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")) if n >= f)
     )
 
 

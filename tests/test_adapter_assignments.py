@@ -89,7 +89,9 @@ def _served(paths) -> list[str]:
     from agent.slots import SlotStore
 
     state = SlotStore(paths).load()
-    return ["tiny"] + [f"tiny:{e.name}" for e in ServedAdapters(None, paths, base_artifact_sha256(paths, state)).entries]
+    return ["tiny"] + [
+        f"tiny:{e.name}" for e in ServedAdapters(None, paths, base_artifact_sha256(paths, state)).entries
+    ]
 
 
 def _adapters(paths) -> dict[str, tuple[str, str]]:

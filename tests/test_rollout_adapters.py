@@ -79,7 +79,9 @@ class Devices:
         self.store.ingest([wire.Envelope(device=device, kind=kind, seq=seq, ts=time.time(), body=body)])
 
     def birth(self, device, profile, version):
-        self.send(device, "birth", {"session": "s", "group": "g", "version": version, "model": "tiny", "profile": profile})
+        self.send(
+            device, "birth", {"session": "s", "group": "g", "version": version, "model": "tiny", "profile": profile}
+        )
 
     def installed(self, device, version, nbytes, adapter=None):
         fields = {"version": version, "bytes_downloaded": nbytes, **({"adapter": adapter} if adapter else {})}
@@ -150,7 +152,9 @@ def test_prefer_full_ships_full_bundles_only_and_a_missing_adapter_is_refused(re
     devs = Devices(store)
     devs.birth("on-base", "rpi5-8gb", "1.0.0")
     with pytest.raises(EdgeLLMError, match="no adapter bundle kitchen 1.1.0"):
-        rollout.start(store, model="tiny", version="1.1.0", group="g", no_gate=True, director=director, adapter="kitchen")
+        rollout.start(
+            store, model="tiny", version="1.1.0", group="g", no_gate=True, director=director, adapter="kitchen"
+        )
     rid = rollout.start(
         store, model="tiny", version="1.1.0", group="g", canary="100%", no_gate=True, director=director, prefer="full"
     )
