@@ -86,6 +86,22 @@ def base_artifact_sha256(paths: AgentPaths, state: AgentState) -> str | None:
     return m.file(m.artifact).sha256
 
 
+def base_mismatch(paths: AgentPaths, name: str, version: str, base: Any) -> str | None:
+    """Why adapter ``name`` ``version`` cannot apply to what this device runs (None: it can).
+    ``base`` is a validated :class:`edgellm.adapters.BaseRef` (from the verified manifest, or the
+    signed target's custom data before anything is downloaded)."""
+    slots = SlotStore(paths).load()
+    cur = slots.current_record
+    have = base_artifact_sha256(paths, slots)
+    if cur is not None and have == base.artifact_sha256 and cur.name == base.name:
+        return None
+    running = f"{cur.name} {cur.version} (sha256 {(have or '')[:12]}…)" if cur else "no model"
+    return (
+        f"adapter {name} {version} applies to base {base.name} {base.version} "
+        f"(sha256 {base.artifact_sha256[:12]}…), but this device runs {running}"
+    )
+
+
 class AdapterStore:
     """The adapter pointer and directories. Callers hold the install lock to mutate."""
 
@@ -152,15 +168,16 @@ class AdapterStore:
             self.save(state)
             self.sweep()
 
-    def drop(self, name: str, *, reason: str = "rollback requested") -> dict:
-        """Roll back an adapter: serve the base alone (the adapter's version is not taken again unasked)."""
+    def drop(self, name: str, *, reason: str = "rollback requested", reject: bool = True) -> dict:
+        """Roll back an adapter: serve the base alone. ``reject``: its version is not taken again
+        unasked (a fleet that stops assigning it rejects nothing: it may assign it again)."""
         state = self.load()
         rec = state.adapters.pop(name, None)
         if rec is None:
             raise UpdateRefused(
                 f"no adapter {name!r} is installed", hint="list installed adapters with `edgellm-agent status`"
             )
-        if rec.dirname not in state.rejected:
+        if reject and rec.dirname not in state.rejected:
             state.rejected.append(rec.dirname)
         state.last_result = result("rollback", True, version=rec.version, reason=reason, adapter=name)
         self.save(state)
@@ -203,20 +220,16 @@ class AdapterInstaller:
         from edgellm.adapters import base_of
 
         base = base_of(manifest)
-        slots = SlotStore(self.paths).load()
-        cur = slots.current_record
-        have = base_artifact_sha256(self.paths, slots)
-        if cur is None or have != base.artifact_sha256 or cur.name != base.name:
-            running = f"{cur.name} {cur.version} (sha256 {(have or '')[:12]}…)" if cur else "no model"
+        why = base_mismatch(self.paths, manifest.name, manifest.version, base)
+        if why is not None:
             raise BaseNotInstalled(
-                f"adapter {manifest.name} {manifest.version} applies to base {base.name} {base.version} "
-                f"(sha256 {base.artifact_sha256[:12]}…), but this device runs {running}",
-                hint=f"install base {base.name} {base.version} first, then the adapter",
-                base=base,
+                why, hint=f"install base {base.name} {base.version} first, then the adapter", base=base
             )
         return base
 
-    def install(self, archive: Path, target: Any, *, source: str, force: bool = False) -> dict:
+    def install(
+        self, archive: Path, target: Any, *, source: str, force: bool = False, downloaded: int | None = None
+    ) -> dict:
         from edgellm.bundle import read_manifest as read_archive_manifest
         from edgellm.bundle import unpack
 
@@ -280,9 +293,9 @@ class AdapterInstaller:
         _crashpoint("renamed")
         _fsync_tree(final)
         verify_slot(final, rec.manifest_sha256)
-        return self._health_and_switch(rec, final, manifest)
+        return self._health_and_switch(rec, final, manifest, downloaded)
 
-    def _health_and_switch(self, rec: AdapterRecord, final: Path, manifest: Any) -> dict:
+    def _health_and_switch(self, rec: AdapterRecord, final: Path, manifest: Any, downloaded: int | None) -> dict:
         slots = SlotStore(self.paths).load()
         assert slots.current is not None
         budget = self.installer._budget(manifest)
@@ -310,7 +323,12 @@ class AdapterInstaller:
         if rec.dirname in state.rejected:
             state.rejected.remove(rec.dirname)
         state.last_result = result(
-            "install", True, version=rec.version, adapter=rec.name, from_version=previous.version if previous else None
+            "install",
+            True,
+            version=rec.version,
+            adapter=rec.name,
+            from_version=previous.version if previous else None,
+            bytes_downloaded=downloaded,
         )
         self.store.save(state)  # the one atomic write that makes it served
         _crashpoint("switched")
@@ -322,5 +340,6 @@ class AdapterInstaller:
             model=f"{rec.base_name}:{rec.name}",
             adapter=rec.name,
             tokens_per_second=report.get("tokens_per_second"),
+            bytes_downloaded=downloaded,
         )
         return state.last_result

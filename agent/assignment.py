@@ -100,11 +100,55 @@ def check(
 ) -> UpdateRequest | None:
     """The update this device's assignment asks for (None: nothing assigned). A refused
     assignment is recorded as the last update error, then raised."""
+    return request_for(current_checked(paths, config, source, installer, on_group=on_group))
+
+
+def current_checked(
+    paths: AgentPaths,
+    config: AgentConfig,
+    source: TufSource,
+    installer: Any,
+    *,
+    on_group: Callable[[str], None] | None = None,
+) -> Any:
+    """:func:`current`, a refusal recorded as the last update error (and sent as an event)."""
     try:
-        return request_for(current(paths, config, source, on_group=on_group))
+        return current(paths, config, source, on_group=on_group)
     except InstallError as e:
         installer._fail("update", None, str(e.args[0]) if e.args else "assignment refused")
         raise
+
+
+def apply(
+    paths: AgentPaths,
+    config: AgentConfig,
+    source: TufSource,
+    installer: Any,
+    *,
+    force: bool = False,
+    on_group: Callable[[str], None] | None = None,
+) -> dict | None:
+    """Install what this device's assignment asks for: the base first (if it is not already
+    running), then the adapters it layers on that base (:mod:`agent.adapter_assignment`).
+    None: nothing is assigned. A refused assignment or base install raises, as :func:`check`."""
+    assigned = current_checked(paths, config, source, installer, on_group=on_group)
+    request = request_for(assigned)
+    if request is None:
+        return None
+    res = installer.update(source, request.model_copy(update={"force": force}))
+    if not res.get("ok") or not (assigned.adapters or _assigned_adapters(paths)):
+        return res  # no base in place: its adapters wait (an adapter needs exactly its base)
+    from agent.adapter_assignment import apply as apply_adapters
+
+    done = apply_adapters(installer, source, assigned)
+    return {**res, "ok": all(d.get("ok") for d in done), "adapters": done}
+
+
+def _assigned_adapters(paths: AgentPaths) -> bool:
+    from agent.adapter_assignment import ASSIGNED
+    from agent.adapters import AdapterStore
+
+    return any(r.source == ASSIGNED for r in AdapterStore(paths).load().adapters.values())
 
 
 def clear_rejected(installer: Any) -> list[str]:
@@ -127,4 +171,5 @@ def describe(assignment: Any) -> dict[str, Any] | None:
         "model": assignment.model,
         "version": assignment.version,
         "rollout": assignment.rollout,
+        "adapters": [{"name": a.name, "version": a.version} for a in assignment.adapters],
     }

@@ -250,26 +250,23 @@ def update(data_dir, version, model, allow_rollback, force, fmt) -> None:
         raise click.ClickException("this device has no --server configured; use `edgellm-agent install FILE`")
     source = tuf_source(paths, cfg)
     installer = Installer(paths, cfg)
-    if version is None and model is None:  # what the fleet assigned this device
+    if version is None and model is None:  # what the fleet assigned this device: base, then adapters
         from agent import assignment
 
-        request = assignment.check(paths, cfg, source, installer)
-        if request is None:
-            _echo_result(
-                {
-                    "action": "update",
-                    "ok": True,
-                    "version": None,
-                    "reason": "no version is assigned to this device or its group",
-                },
-                fmt,
-            )
-            return
-        request = request.model_copy(update={"force": force})
+        res = assignment.apply(paths, cfg, source, installer, force=force)
+        if res is None:
+            res = {
+                "action": "update",
+                "ok": True,
+                "version": None,
+                "reason": "no version is assigned to this device or its group",
+            }
     else:
         request = UpdateRequest.parse({"version": version, "model": model, "rollback": allow_rollback, "force": force})
-    res = installer.update(source, request)
+        res = installer.update(source, request)
     _echo_result(res, fmt)
+    for a in res.get("adapters", []) if fmt != "json" else []:
+        _echo_result({**a, "action": f"adapter {a.get('adapter')}"}, fmt)
 
 
 @main.command()

@@ -247,17 +247,17 @@ class Daemon:
             return None
         desired = self._desired if request is None else request
         try:
-            if desired == UpdateRequest():
+            if desired == UpdateRequest():  # the signed assignment: its base, then its adapters
                 from agent import assignment
 
-                assigned = assignment.check(
+                res = assignment.apply(
                     self.paths, self.config, source, self.installer, on_group=self.telemetry.set_group
                 )
-                if assigned is None:
+                if res is None:
                     log.info("no assignment for this device: nothing to update")
                     return None
-                desired = assigned
-            res = self.installer.update(source, desired)
+            else:
+                res = self.installer.update(source, desired)
         except InstallError as e:
             log.warning("update failed: %s", message_of(e))
             res = {"ok": False, "reason": message_of(e), "hint": e.hint}

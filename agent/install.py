@@ -195,14 +195,16 @@ class Installer:
         allow_downgrade: bool = False,
         force: bool = False,
         allow_model_change: bool = False,
+        downloaded: int | None = None,
     ) -> dict:
-        """Caller holds the lock and has verified ``archive`` against the pinned root."""
+        """Caller holds the lock and has verified ``archive`` against the pinned root;
+        ``downloaded``: the bytes that came over the wire for it (reported in the event)."""
         from edgellm.bundle import unpack
 
         if _is_adapter_archive(archive):  # a delta on top of the current base: agent.adapters
             from agent.adapters import AdapterInstaller
 
-            return AdapterInstaller(self).install(archive, target, source=source, force=force)
+            return AdapterInstaller(self).install(archive, target, source=source, force=force, downloaded=downloaded)
         state = self.store.load()
         if target is not None and target.version:
             self._check_policy(
@@ -289,7 +291,12 @@ class Installer:
         if version in state.rejected:  # it passed its health check this time (a forced retry)
             state.rejected.remove(version)
         state.last_result = result(
-            "install", True, version=version, slot=slot, from_version=previous.version if previous else None
+            "install",
+            True,
+            version=version,
+            slot=slot,
+            from_version=previous.version if previous else None,
+            bytes_downloaded=downloaded,
         )
         self.store.switch(state, slot, trial=True)
         _crashpoint("switched")
@@ -301,6 +308,7 @@ class Installer:
             slot=slot,
             from_version=previous.version if previous else None,
             tokens_per_second=report.get("tokens_per_second"),
+            bytes_downloaded=downloaded,
         )
         return state.last_result
 
@@ -434,6 +442,7 @@ class Installer:
                         from_version=cur.version,
                         slot=st.current,
                         reused_slot=True,
+                        bytes_downloaded=0,
                     )
                     return st.last_result or {}
                 if not rollback_ok:
@@ -466,6 +475,7 @@ class Installer:
                     allow_downgrade=rollback_ok,
                     force=desired.force,
                     allow_model_change=desired.model is not None,
+                    downloaded=archive.stat().st_size,
                 )
             finally:
                 remove_tree(dl)

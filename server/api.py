@@ -215,6 +215,8 @@ def _ingest(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequ
         "bake": "string",
         "device_timeout": "string",
         "force": "boolean",
+        "adapter": "string",
+        "prefer": "string",
     },
 )
 def _rollout_start(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: ApiRequest) -> Any:
@@ -236,6 +238,8 @@ def _rollout_start(ctx: ApiContext, who: auth.Principal, m: re.Match[str], req: 
         stages=_text(b, "stages"),
         min_samples=n,
         device_timeout=_text(b, "device_timeout", "15m"),
+        adapter=_text(b, "adapter"),
+        prefer=_text(b, "prefer", "adapter"),
     )
 
 

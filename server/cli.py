@@ -264,6 +264,20 @@ def rollout_group() -> None:
     show_default=True,
     help="A device that does not reach the version within this is reported (canary: rolls back).",
 )
+@click.option(
+    "--adapter",
+    default=None,
+    metavar="NAME[@VERSION]",
+    help="The LoRA adapter bundle to ship to devices running exactly its base artifact (default: the one "
+    "published at VERSION on MODEL, e.g. a federated run's); the others get the full bundle.",
+)
+@click.option(
+    "--prefer",
+    type=click.Choice(["adapter", "full"]),
+    default="adapter",
+    show_default=True,
+    help="full: ship the full bundle to every device, even where an adapter would do.",
+)
 @click.option("--force", is_flag=True, help="Start even if the repository has no target for MODEL VERSION.")
 @format_option
 def rollout_start(
@@ -278,6 +292,8 @@ def rollout_start(
     min_samples: int | None,
     bake: str,
     device_timeout: str,
+    adapter: str | None,
+    prefer: str,
     force: bool,
     fmt: str,
 ) -> None:
@@ -293,6 +309,8 @@ def rollout_start(
         min_samples=min_samples,
         bake=bake,
         device_timeout=device_timeout,
+        adapter=adapter,
+        prefer=prefer,
         force=force,
     )["id"]
     if fmt == "json":

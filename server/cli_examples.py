@@ -29,7 +29,11 @@ EXAMPLES = {
     "rollout pause": f"edgellm-server rollout pause {D} r-1",
     "rollout resume": f"edgellm-server rollout resume {D} r-1",
     "rollout rollback": f"edgellm-server rollout rollback {D} r-1",
-    "rollout start": f"edgellm-server rollout start {D} --model assistant --version 1.0.0 --canary 10%",
+    "rollout start": (
+        f"edgellm-server rollout start {D} --model assistant --version 1.0.0 --canary 10%\n"
+        f"edgellm-server rollout start {D} --model assistant --version 1.1.0 --adapter federated \\\n"
+        "    --gate 'error_rate<=0.01' --stages 50%,100%"
+    ),
     "rollout status": f"edgellm-server rollout status {D} r-1",
     "run": f"edgellm-server run {D} --mqtt mqtts://broker.example:8883 --http 0.0.0.0:8443",
     "token create": f"edgellm-server token create {D} --role operator --name ci",

@@ -32,18 +32,37 @@ def echo_rollout(r: dict[str, Any], *, detail: bool) -> None:
         if r.get("gate_values"):
             vals = ", ".join(f"{k}={v:.4g}" for k, v in r["gate_values"].items() if v is not None)
             click.echo(f"  gate values now: {vals or 'no telemetry yet'}")
+    if r.get("wire"):
+        w = r["wire"]
+        click.echo(
+            f"  wire: planned {_bytes(w['planned_bytes'])} ({w['adapter_devices']} adapter "
+            f"{_bytes(w['adapter_bytes'])}, {w['full_devices']} full {_bytes(w['full_bytes'])}); "
+            f"reported {_bytes(w['reported_bytes'])} by {w['reporting_devices']} devices"
+        )
     if r["reason"]:
         click.echo(f"  reason: {r['reason']}")
     if not detail:
         return
     for d in r["device_states"]:
         err = f"  last error: {d['last_error']}" if d.get("last_error") else ""
+        got = f"/{_bytes(d['reported_bytes'])}" if d.get("reported_bytes") is not None else ""
+        wire = f" {d['kind']} {_bytes(d['planned_bytes'])}{got}" if d.get("kind") else ""
         click.echo(
             f"  {d['device']:<20} {d['phase']:<8} {d['previous_version'] or '-':>10} -> {d['version'] or '-':<10} "
-            f"{'converged' if d['converged'] else 'waiting'}{'' if d['online'] else ' (offline)'}{err}"
+            f"{'converged' if d['converged'] else 'waiting'}{wire}{'' if d['online'] else ' (offline)'}{err}"
         )
     for h in r["history"]:
         click.echo(f"  {time.strftime('%H:%M:%S', time.localtime(h['ts']))} {h['state']:<12} {h['message']}")
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return (
+        f"{n} B"
+        if n < 1024
+        else next(f"{n / f:.1f} {u}" for f, u in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")) if n >= f)
+    )
 
 
 def _devices_cmd() -> click.Command:

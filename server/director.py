@@ -20,6 +20,7 @@ from typing import Any
 from edgellm import telemetry as wire
 from edgellm.trust import Repository
 from edgellm.trust.director import (
+    AssignedAdapter,
     Assignment,
     assignment_path,
     ensure_director,
@@ -37,13 +38,15 @@ Publish = Callable[[str, bytes, bool], None]
 
 @dataclass(frozen=True)
 class Change:
-    """Assign ``model``/``version`` at ``scope``/``subject``; ``version`` None clears it."""
+    """Assign ``model``/``version`` at ``scope``/``subject``, with LoRA ``adapters`` layered on
+    it (:class:`edgellm.trust.director.AssignedAdapter`); ``version`` None clears it."""
 
     scope: str
     subject: str
     model: str | None = None
     version: str | None = None
     rollout: str | None = None
+    adapters: tuple[AssignedAdapter, ...] = ()
 
 
 class Director:
@@ -141,6 +144,7 @@ class Director:
                         targets=targets,
                         rollout=c.rollout,
                         group=prev.group if prev is not None and c.scope == "device" else None,
+                        adapters=c.adapters,
                     ),
                 )
             )
@@ -163,6 +167,7 @@ class Director:
             targets=prev.targets if prev else (),
             rollout=prev.rollout if prev else None,
             group=group,
+            adapters=prev.adapters if prev else (),
         )
         serial = write_assignments(self.repo, [("device", device, a)])
         self.store.log_assignment(serial, "device", device, a.model, a.version, None)

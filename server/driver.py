@@ -9,9 +9,11 @@ import time
 from typing import Any
 
 from edgellm import telemetry as wire
+from server import wire as onwire
 from server.director import Change, Director
 from server.errors import RolloutError
 from server.gate import Gate
+from server.release import Release
 from server.rollout import (
     ABORTED_BY_OPERATOR,
     ACTIVE,
@@ -21,7 +23,7 @@ from server.rollout import (
     canary_size,
     log,
 )
-from server.store import MetricSummary, RolloutDeviceRow, RolloutRow, Store
+from server.store import Choice, MetricSummary, RolloutDeviceRow, RolloutRow, Store
 
 logger = logging.getLogger(__name__)
 S = RolloutState
@@ -78,21 +80,27 @@ class RolloutDriver:
         return [d for d in self.store.rollout_devices(r.id) if d.phase != Phase.REST]
 
     def _failed_updates(self, r: RolloutRow, devices: list[str], since: float) -> list[str]:
-        """Failure events from ``devices`` about this rollout's version since ``since``."""
+        """Failure events from ``devices`` about this rollout's version (or the adapter a device
+        was given) since ``since``."""
         out = []
+        choices = self.store.rollout_choices(r.id)
         for e in self.store.events_of(devices, wire.UPDATE_FAILURES, since=since):
-            v = e.fields.get("version")
-            if v in (None, r.version):
+            v, c = e.fields.get("version"), choices.get(e.device)
+            if (e.fields.get("adapter") is None and v in (None, r.version)) or (
+                c is not None and c.kind == "adapter" and e.fields.get("adapter") == c.adapter
+            ):
                 why = e.fields.get("error") or e.fields.get("reason") or e.name
                 out.append(f"{e.device}: {e.name} ({str(why)[:200]})")
         return out
 
-    def _late(self, devs: list[RolloutDeviceRow], want: dict[str, str | None]) -> str:
-        """Devices not on their wanted version, each with its last update error."""
+    def _late(self, devs: list[RolloutDeviceRow], want: dict[str, str | None], done: set[str] | None = None) -> str:
+        """Devices not on their wanted version (not in ``done``, when given), each with its last update error."""
         reports = self.store.update_reports()
         parts = []
         for d in devs:
-            if want.get(d.device) is not None and d.version != want[d.device]:
+            if want.get(d.device) is not None and (
+                d.version != want[d.device] if done is None else d.device not in done
+            ):
                 err = reports.get(d.device, {}).get("last_error")
                 parts.append(
                     f"{d.device} (runs {d.version or 'nothing'}, {'online' if d.online else 'offline'}"
@@ -134,21 +142,45 @@ class RolloutDriver:
             return
         try:
             self.director.check_assignable(r.model, r.version)
+            release = self._release(r)
         except RolloutError as e:
             self._set(r, S.FAILED, str(e), reason=str(e))
             return
+        choices = {d.id: release.choose(d) for d in devices}
+        self.store.set_rollout_choices(r.id, choices)
         self.store.update_plan(r.id, previous=self._group_before(r, devices))
-        off = [d for d in devices if d.version != r.version]
-        order = sorted(off, key=lambda d: (not d.online, d.id)) + [d for d in devices if d.version == r.version]
+        done = onwire.converged(self.store, r, [(d.id, d.version) for d in devices], choices)
+        off = [d for d in devices if d.id not in done]
+        order = sorted(off, key=lambda d: (not d.online, d.id)) + [d for d in devices if d.id in done]
         self.store.assign_rollout_devices(r.id, [(d.id, str(Phase.REST), d.version, d.model) for d in order])
         if not off:
             self._promote_full(r, f"every device of {r.group} already runs {r.version}")
             return
         if not any(d.online for d in off):
-            why = f"no online device of group {r.group} runs something other than {r.version}: nothing to canary"
+            why = f"no online device of group {r.group} is off {r.version}: nothing to canary"
             self._set(r, S.FAILED, why, reason=why)
             return
         self._enter_stage(r, 0, order)
+
+    def _release(self, r: RolloutRow) -> Release:
+        rel = self._plan(r).get("release") or {}
+        adapter = rel.get("adapter")
+        return Release(
+            self.director.repo,
+            r.model,
+            r.version,
+            adapter=(adapter[0], adapter[1]) if adapter else None,
+            prefer=rel.get("prefer", "adapter"),
+        )
+
+    @staticmethod
+    def _change(r: RolloutRow, device: str, choices: dict[str, Choice]) -> Change:
+        """``device``'s assignment in this rollout: its part of the release (the release's
+        version for a rollout made before choices were recorded)."""
+        c = choices.get(device)
+        if c is None:
+            return Change("device", device, r.model, r.version, r.id)
+        return Change("device", device, c.model, c.version, r.id, c.adapters)
 
     def _group_before(self, r: RolloutRow, devices: list[Any]) -> dict[str, Any] | None:
         """What the group ran before: its assignment, or (never assigned) the version most of
@@ -169,8 +201,10 @@ class RolloutDriver:
         by_id = {d.device: d for d in devs}
         ids = [d.id for d in order] if order is not None else self._order(devs)
         n = canary_size(len(ids), plan["stages"][i])
+        choices = self.store.rollout_choices(r.id)
         if i == 0:  # the canary only from online devices not on the target
-            ids = [x for x in ids if by_id[x].online and by_id[x].version != r.version]
+            done = onwire.converged(self.store, r, [(d.device, d.version) for d in devs], choices)
+            ids = [x for x in ids if by_id[x].online and x not in done]
         chosen = ids[:n]
         self.store.assign_rollout_devices(
             r.id,
@@ -186,11 +220,15 @@ class RolloutDriver:
         )
         self.store.update_plan(r.id, stage=i, stalled=None)
         self.director.apply(
-            [Change("device", x, r.model, r.version, r.id) for x in chosen if by_id[x].phase == Phase.REST]
+            [self._change(r, x, choices) for x in chosen if by_id[x].phase == Phase.REST]
         )  # the devices new to this stage
         what = "canary" if i == 0 else f"stage {i + 1}/{len(plan['stages'])}"
+        n_ad = sum(1 for x in chosen if x in choices and choices[x].kind == "adapter")
+        split = f" ({n_ad} as adapter {choices[chosen[0]].adapter if n_ad else ''} on their base)" if n_ad else ""
         self._set(
-            r, S.CANARY, f"{what}: {len(chosen)} of {len(devs)} devices assigned {r.version}: {', '.join(chosen[:10])}"
+            r,
+            S.CANARY,
+            f"{what}: {len(chosen)} of {len(devs)} devices assigned {r.version}{split}: {', '.join(chosen[:10])}",
         )
 
     def _order(self, devs: list[RolloutDeviceRow]) -> list[str]:
@@ -209,7 +247,9 @@ class RolloutDriver:
         if failed and canary:
             self._rollback(r, "canary update failed: " + "; ".join(failed[:5]))
             return
-        if all(d.version == r.version for d in devs):
+        choices = self.store.rollout_choices(r.id)
+        done = onwire.converged(self.store, r, [(d.device, d.version) for d in devs], choices)
+        if all(d.device in done for d in devs):
             if full:
                 self._finish(r, S.COMPLETED, f"all {len(devs)} devices run {r.version}")
             else:
@@ -222,7 +262,7 @@ class RolloutDriver:
                     f"baking {r.bake_s:g}s under {gate}, min samples {plan['min_samples']}",
                 )
             return
-        late = self._late(devs, {d.device: r.version for d in devs})
+        late = self._late(devs, {d.device: onwire.wanted_version(r, d.device, choices) for d in devs}, done)
         if time.time() - since <= plan["device_timeout_s"] and not failed:
             return
         why = (
@@ -244,7 +284,10 @@ class RolloutDriver:
         if failed:
             self._rollback(r, "device failed during the bake: " + "; ".join(failed[:5]))
             return
-        summary = self.store.metric_summary(devs, r.version, since=since)
+        choices = self.store.rollout_choices(r.id)
+        # devices on an adapter report their base's version: then every metric since the bake began
+        mixed = any(choices[d].kind == "adapter" for d in devs if d in choices)
+        summary = self.store.metric_summary(devs, None if mixed else r.version, since=since)
         gate = Gate.parse(r.gate)
         enough = summary.count >= plan["min_samples"]
         broken = gate.broken(summary) if enough else []
@@ -279,12 +322,16 @@ class RolloutDriver:
         current = self.director.assignments()
         changes = [Change("group", r.group, r.model, r.version, r.id)]
         # the group's assignment becomes what every device of it runs: per-device pins go
-        # (this rollout's stages, and pins left by earlier rollbacks)
-        changes += [
-            Change("device", d.device)
-            for d in self.store.rollout_devices(r.id)
-            if (a := self.director.of("device", d.device, current)) is not None and a.version is not None
-        ]
+        # (this rollout's stages, and pins left by earlier rollbacks), except for the devices
+        # that take the release as an adapter on their base: they keep (or get) that pin
+        choices = self.store.rollout_choices(r.id)
+        for d in self.store.rollout_devices(r.id):
+            a, c = self.director.of("device", d.device, current), choices.get(d.device)
+            if c is not None and c.kind == "adapter":
+                if a is None or (a.model, a.version, a.adapters) != (c.model, c.version, c.adapters):
+                    changes.append(self._change(r, d.device, choices))
+            elif a is not None and a.version is not None:
+                changes.append(Change("device", d.device))
         self.director.apply(changes)
         self.store.update_plan(r.id, stage=len(self._plan(r)["stages"]) - 1)
         self._set(r, S.FULL, message)
@@ -343,11 +390,12 @@ class RolloutDriver:
 
     def _finish(self, r: RolloutRow, state: RolloutState, message: str) -> None:
         devs = self.store.rollout_devices(r.id)
+        done = onwire.converged(self.store, r, [(d.device, d.version) for d in devs], self.store.rollout_choices(r.id))
         self.store.update_plan(
             r.id,
             final={
                 "devices": len(devs),
-                "on_new_version": sum(d.version == r.version for d in devs),
+                "on_new_version": len(done),
                 "versions": _count(d.version for d in devs),
                 "at": time.time(),
             },

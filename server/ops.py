@@ -91,6 +91,8 @@ def rollout_start(
     stages: str | None = None,
     min_samples: int | None = None,
     device_timeout: str = rollout.DEFAULT_DEVICE_TIMEOUT,
+    adapter: str | None = None,
+    prefer: str = "adapter",
 ) -> dict[str, Any]:
     rollout.gate_of(gate, no_gate)  # a rollout without a gate is refused first, whatever else is wrong
     if not force and not any(p["model"] == model and p["version"] == version for p in published(repo_dir)):
@@ -98,6 +100,11 @@ def rollout_start(
             f"the repository has no target for {model} {version}: devices could not install it",
             hint="`edgellm-server publish BUNDLE` first (or force)",
         )
+    if not force:  # the adapter it ships to devices on its base: published, and one name
+        from edgellm.trust import Repository
+        from server.release import Release, parse_adapter
+
+        Release(Repository(repo_dir), model, version, adapter=parse_adapter(adapter, version), prefer=prefer)
     rid = rollout.start(
         store,
         model=model,
@@ -110,6 +117,8 @@ def rollout_start(
         stages=stages,
         min_samples=min_samples,
         device_timeout=device_timeout,
+        adapter=adapter,
+        prefer=prefer,
     )
     return {"id": rid}
 

@@ -176,11 +176,18 @@ def start(
     min_samples: int | None = None,
     device_timeout: str | float = DEFAULT_DEVICE_TIMEOUT,
     director: Director | None = None,
+    adapter: str | None = None,
+    prefer: str = "adapter",
 ) -> str:
     """Record a new rollout (state ``pending``); the server's driver carries it out.
 
     A rollout needs a ``gate`` or an explicit ``no_gate``; ``director`` (when given) refuses a
-    version that is yanked or not published."""
+    version that is yanked or not published. Each device gets the release's adapter bundle
+    (``adapter`` ``NAME[@VERSION]``, by default the one published at ``version`` on ``model``)
+    when it runs exactly that adapter's base artifact, the full bundle otherwise; ``prefer``
+    ``full`` ships full bundles only (:mod:`server.release`)."""
+    from server.release import PREFER, parse_adapter
+
     for what, value in (("model", model), ("version", version), ("group", group)):
         if not valid_id(value):
             raise RolloutError(f"{what} {value!r} is not valid", hint=f"use {ID_RULE}")
@@ -191,8 +198,14 @@ def start(
         raise RolloutError(
             f"{model} {version} is yanked: no rollout may name it", hint="publish a fixed version and roll that out"
         )
+    if prefer not in PREFER:
+        raise RolloutError(f"--prefer {prefer!r} is not one of {', '.join(PREFER)}", hint="--prefer adapter")
+    named = parse_adapter(adapter, version)
     if director is not None:
+        from server.release import Release
+
         director.check_assignable(model, version)
+        Release(director.repo, model, version, adapter=named, prefer=prefer)  # refuses a missing or unclear adapter
     pct = parse_percent(canary)
     plan = parse_stages(stages, pct)
     bake_s = parse_bake(bake)
@@ -208,13 +221,22 @@ def start(
         store.create_rollout(
             rid, model=model, version=version, group=group, canary_pct=pct, gate=str(g), bake_s=bake_s, state=S.PENDING
         )
-        store.create_plan(rid, stages=plan, min_samples=min_samples or 0, device_timeout_s=timeout_s, no_gate=no_gate)
+        store.create_plan(
+            rid,
+            stages=plan,
+            min_samples=min_samples or 0,
+            device_timeout_s=timeout_s,
+            no_gate=no_gate,
+            release={"prefer": prefer, "adapter": list(named) if named else None},
+        )
     log(
         store,
         rid,
         S.PENDING,
         f"created: {model} {version} to group {group}, stages "
-        f"{','.join(f'{p:g}%' for p in plan)}, gate '{g or 'none (--no-gate)'}', bake {bake_s:g}s",
+        f"{','.join(f'{p:g}%' for p in plan)}, gate '{g or 'none (--no-gate)'}', bake {bake_s:g}s"
+        + (f", adapter {named[0]} {named[1]} where a device runs its base" if named else "")
+        + (", full bundles only (--prefer full)" if prefer == "full" else ""),
     )
     return rid
 
@@ -254,12 +276,17 @@ def _bake_left(r: RolloutRow) -> float | None:
 def status(store: Store, rollout_id: str | None = None) -> list[dict[str, Any]]:
     """Rollouts (newest first): stage, bake time left, samples against min-samples, the gate's
     current values, per-device state and history. Finished rollouts keep their final counts."""
+    from server import wire
+
     rows = [_row(store, rollout_id)] if rollout_id else store.rollouts(newest_first=True)
     reports = store.update_reports()
     out = []
     for r in rows:
         plan = store.plan(r.id)
         devs = store.rollout_devices(r.id)
+        onwire = wire.summary(store, r, devs)
+        per_device = onwire.pop("per_device")
+        done = wire.converged(store, r, [(d.device, d.version) for d in devs], store.rollout_choices(r.id))
         staged = [d.device for d in devs if d.phase != Phase.REST]
         live = (
             store.metric_summary(staged, r.version, since=r.phase_started or r.created) if r.state == S.BAKE else None
@@ -268,8 +295,9 @@ def status(store: Store, rollout_id: str | None = None) -> list[dict[str, Any]]:
         device_states = [
             {
                 **d.to_dict(),
-                "converged": d.version == r.version,
+                "converged": d.device in done,
                 "last_error": reports.get(d.device, {}).get("last_error"),
+                **per_device.get(d.device, {"kind": None, "planned_bytes": None, "reported_bytes": None}),
             }
             for d in devs
         ]
@@ -300,7 +328,9 @@ def status(store: Store, rollout_id: str | None = None) -> list[dict[str, Any]]:
                 "stalled": plan["stalled"] if r.state == S.STALLED else None,
                 "devices": final.get("devices", len(devs)),
                 "canary_devices": sum(1 for d in devs if d.phase == Phase.CANARY),
-                "on_new_version": final.get("on_new_version", sum(1 for d in devs if d.version == r.version)),
+                "on_new_version": final.get("on_new_version", len(done)),
+                "release": plan.get("release") or {},
+                "wire": onwire,
                 "final": plan["final"],
                 "device_states": device_states,
                 "history": [h.to_dict() for h in store.rollout_log(r.id)],

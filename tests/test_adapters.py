@@ -108,6 +108,10 @@ def test_adapter_bundle_names_its_base_and_is_small(adapter_env, tmp_path) -> No
     assert report["profiles"][0]["kind"] == "adapter"
     assert wire["bundle_bytes"] == adapter_env["kitchen_envelope"].stat().st_size
     assert wire["bundle_bytes"] < wire["full_bundle_bytes"] and wire["ratio"] < 0.5
+    from edgellm.trust import Repository
+
+    lengths = {t.name: t.length for t in Repository(adapter_env["repo"]).list_targets()}
+    assert wire["target_bytes"] == lengths["kitchen-0.1.0-test-gguf.bundle"]  # what a rollout plans
     assert "On the wire:" in (adapter_env["dir"] / "dist-kitchen" / "report.md").read_text()
 
 

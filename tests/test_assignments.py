@@ -200,3 +200,50 @@ def test_a_device_assignment_can_move_the_device_to_another_group(tmp_path, sign
     a = current(paths, cfg, TufSource(str(repo.dir), root, paths.tuf_cache), on_group=moved.append)
     assert (a.scope, a.subject, a.version) == ("group", "field", "2.0.0") and moved == ["field"]
     assert AgentConfig.load(paths).group == "field"
+
+
+def test_assignment_with_adapters_is_v2_without_is_the_v1_old_agents_read():
+    from edgellm.trust.director import AssignedAdapter
+
+    plain = new_assignment("group", "lab", model="tiny", version="1.0.0", targets=["tiny.bundle"])
+    assert plain.to_dict()["v"] == 1 and "adapters" not in plain.to_dict()
+    layered = new_assignment(
+        "device",
+        "dev-1",
+        model="tiny",
+        version="1.0.0",
+        targets=["tiny.bundle"],
+        adapters=[AssignedAdapter("federated", "1.1.0", ("federated-1.1.0.bundle",))],
+    )
+    assert layered.to_dict()["v"] == 2
+    assert Assignment.from_bytes(layered.to_json()) == layered
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"v": 1},  # adapters in a v1 assignment
+        {"model": None, "version": None},  # adapters without a base
+        {"adapters": [{"name": "k", "version": "1", "targets": []}] * 2},  # the same adapter twice
+        {"adapters": [{"name": "k", "version": "1", "targets": [], "base": "x"}]},  # unknown adapter field
+        {"adapters": {"name": "k"}},
+        {"adapters": [{"name": "k", "version": "1", "targets": ["t"] * 17}]},
+    ],
+)
+def test_malformed_adapters_in_an_assignment_are_refused(change):
+    import json
+
+    d = {
+        "format": "edgellm-assignment",
+        "v": 2,
+        "scope": "device",
+        "subject": "dev-1",
+        "serial": 3,
+        "model": "tiny",
+        "version": "1.0.0",
+        "targets": ["tiny.bundle"],
+        "adapters": [{"name": "k", "version": "1", "targets": ["k.bundle"]}],
+    }
+    Assignment.from_bytes(json.dumps(d).encode())  # the unchanged one is fine
+    with pytest.raises(VerificationError, match="assignment refused"):
+        Assignment.from_bytes(json.dumps({**d, **change}).encode())

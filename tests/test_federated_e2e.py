@@ -172,3 +172,6 @@ def test_three_devices_fine_tune_one_dies_the_run_publishes_and_canaries(tmp_pat
     assert set(new[0].custom["edgellm"]["federated"]["device_data_sha256"]) == contributed
     rollout = store.db.execute("SELECT model, version, grp FROM rollouts WHERE id=?", (st["rollout"],)).fetchone()
     assert tuple(rollout) == ("tiny", "1.1.0", GROUP)
+    # the canary ships the federated adapter to devices on its base artifact (when it was published)
+    adapters = [t for t in new if t.custom["edgellm"].get("kind") == "adapter"]
+    assert store.plan(st["rollout"])["release"]["adapter"] == (["federated", "1.1.0"] if adapters else None)

@@ -91,13 +91,20 @@ class ProfileResult:
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # the profile's figures used
     kind: str = "full"  # "full", "adapter" or "merged" (a full bundle with an adapter folded in)
     full_bundle_bytes: int | None = None  # an adapter's: what the full bundle it replaces would weigh
+    target_bytes: int | None = None  # the published TUF target's length: what an online update downloads
 
 
 def wire_bytes(r: ProfileResult) -> dict[str, Any]:
-    """Bytes a device downloads for this profile's bundle (the signed envelope when signed)."""
+    """Bytes a device downloads for this profile's bundle (the signed envelope when signed; and,
+    once published, ``target_bytes``: the TUF target length, what a rollout plans per device)."""
     n = r.bundle.stat().st_size if r.bundle is not None and r.bundle.exists() else None
     full = r.full_bundle_bytes if r.full_bundle_bytes is not None else n
-    return {"bundle_bytes": n, "full_bundle_bytes": full, "ratio": (n / full) if n is not None and full else None}
+    return {
+        "bundle_bytes": n,
+        "full_bundle_bytes": full,
+        "ratio": (n / full) if n is not None and full else None,
+        "target_bytes": r.target_bytes,
+    }
 
 
 @dataclasses.dataclass
@@ -420,6 +427,7 @@ def publish_signed(repo: Any, signing: list[tuple[ProfileResult, Path, str]], ou
     with repo.transaction():
         for res, path, _ in signing:
             res.target = repo.add_bundle(path)
+            res.target_bytes = path.stat().st_size
         for res, _, bundle_name in signing:  # all carry the final metadata: installable in any order
             res.bundle = repo.export_signed(res.target, out / f"{bundle_name}.signed")
     for res, _, _ in signing:

@@ -9,7 +9,10 @@ target::
     assignments/group/<group>.json
 
 carrying an :class:`Assignment` (model, version, the artifact targets, a serial, the rollout
-that made it). Devices fetch them with ngclient like any target, so the director's key and
+that made it, and — format v2 — up to :data:`MAX_ADAPTERS` LoRA adapter bundles layered on that
+base, each an :class:`AssignedAdapter`). An assignment without adapters is written as v1, which
+agents made before adapters existed read unchanged; one with adapters is v2, which they refuse
+(and keep serving) rather than install the base alone. Devices fetch them with ngclient like any target, so the director's key and
 threshold are checked against the device's pinned root chain, and snapshot/timestamp versions
 make an older director metadata (a replayed assignment) refused. The serial is a second,
 device-side guard: an assignment never goes back to a lower serial.
@@ -42,6 +45,18 @@ ASSIGNMENT_FORMAT = "edgellm-assignment"
 MAX_ASSIGNMENT_BYTES = 16_384
 _MAX_TARGETS = 64
 _MAX_SERIAL = 2**63 - 1
+#: the most adapters one assignment layers on its base, and target paths per adapter
+MAX_ADAPTERS = 8
+_MAX_ADAPTER_TARGETS = 16
+_VERSIONS = (1, 2)
+
+
+def _target_names(v: Any, limit: int) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) <= limit
+        and all(isinstance(t, str) and 0 < len(t) <= 255 and "/" not in t for t in v)
+    )
 
 
 def assignment_path(scope: str, subject: str) -> str:
@@ -51,6 +66,49 @@ def assignment_path(scope: str, subject: str) -> str:
     if not valid_id(subject):
         raise TrustError(f"{scope} {subject!r} is not a valid id", hint=f"use {ID_RULE}")
     return f"assignments/{scope}/{subject}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class AssignedAdapter:
+    """A LoRA adapter bundle an assignment layers on its base: the adapter's name and version
+    and the target paths of its bundles (one per base artifact it was built for)."""
+
+    name: str
+    version: str
+    targets: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AssignedAdapter:
+        """Typed and bounded; raises ValueError saying which part is wrong."""
+        if not isinstance(d, dict) or set(d) - {"name", "version", "targets"}:
+            raise ValueError("each adapter is {name, version, targets}")
+        name, version, targets = d.get("name"), d.get("version"), d.get("targets", [])
+        for what, v in (("name", name), ("version", version)):
+            if not isinstance(v, str) or not valid_id(v):
+                raise ValueError(f"adapter {what} must be {ID_RULE}")
+        if not _target_names(targets, _MAX_ADAPTER_TARGETS):
+            raise ValueError(f"adapter targets must be at most {_MAX_ADAPTER_TARGETS} target names")
+        return cls(str(name), str(version), tuple(targets))
+
+
+def _adapters(d: dict[str, Any]) -> tuple[AssignedAdapter, ...]:
+    """The adapters of an assignment dict: only in v2, only on a base, bounded, names unique."""
+    raw = d.get("adapters")
+    if raw is None:
+        return ()
+    if d.get("v") != 2:
+        raise ValueError("adapters need assignment format v2")
+    if not isinstance(raw, list) or len(raw) > MAX_ADAPTERS:
+        raise ValueError(f"adapters must be a list of at most {MAX_ADAPTERS}")
+    if raw and d.get("version") is None:
+        raise ValueError("adapters need a base model and version")
+    out = tuple(AssignedAdapter.from_dict(a) for a in raw)
+    if len({a.name for a in out}) != len(out):
+        raise ValueError("adapter names must be unique")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +125,7 @@ class Assignment:
     rollout: str | None = None
     group: str | None = None
     issued_at: float = 0.0
+    adapters: tuple[AssignedAdapter, ...] = ()
 
     @property
     def path(self) -> str:
@@ -75,7 +134,11 @@ class Assignment:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets)
-        return {"format": ASSIGNMENT_FORMAT, "v": 1, **d}
+        if not self.adapters:  # v1: what agents made before adapters existed read
+            d.pop("adapters")
+            return {"format": ASSIGNMENT_FORMAT, "v": 1, **d}
+        d["adapters"] = [a.to_dict() for a in self.adapters]
+        return {"format": ASSIGNMENT_FORMAT, "v": 2, **d}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
@@ -89,7 +152,7 @@ class Assignment:
                 f"assignment refused: {why}", hint="the director metadata is wrong: check the server"
             )
 
-        if not isinstance(d, dict) or d.get("format") != ASSIGNMENT_FORMAT or d.get("v") != 1:
+        if not isinstance(d, dict) or d.get("format") != ASSIGNMENT_FORMAT or d.get("v") not in _VERSIONS:
             raise bad("not an edgellm assignment (format/v)")
         scope, subject, serial = d.get("scope"), d.get("subject"), d.get("serial")
         if scope not in SCOPES or not isinstance(subject, str) or not valid_id(subject):
@@ -103,12 +166,12 @@ class Assignment:
         if (ids["model"] is None) != (ids["version"] is None):
             raise bad("model and version go together")
         targets = d.get("targets", [])
-        if (
-            not isinstance(targets, list)
-            or len(targets) > _MAX_TARGETS
-            or not all(isinstance(t, str) and 0 < len(t) <= 255 and "/" not in t for t in targets)
-        ):
+        if not _target_names(targets, _MAX_TARGETS):
             raise bad("targets must be a short list of target names")
+        try:
+            adapters = _adapters(d)
+        except ValueError as e:
+            raise bad(str(e)) from None
         issued = d.get("issued_at", 0.0)
         if not isinstance(issued, (int, float)) or isinstance(issued, bool) or not math.isfinite(issued):
             raise bad("issued_at must be a number")
@@ -122,6 +185,7 @@ class Assignment:
             ids["rollout"],
             ids["group"],
             float(issued),
+            adapters,
         )
 
     @classmethod
@@ -226,10 +290,13 @@ def new_assignment(
     targets: list[str] | tuple[str, ...] = (),
     rollout: str | None = None,
     group: str | None = None,
+    adapters: tuple[AssignedAdapter, ...] | list[AssignedAdapter] = (),
 ) -> Assignment:
     """An assignment to write (its serial is set by :func:`write_assignments`)."""
     assignment_path(scope, subject)
-    return Assignment(scope, subject, 1, model, version, tuple(targets), rollout, group, time.time())
+    a = Assignment(scope, subject, 1, model, version, tuple(targets), rollout, group, time.time(), tuple(adapters))
+    Assignment.from_dict(a.to_dict())  # the server never signs what a device would refuse
+    return a
 
 
 # --------------------------------------------------------------------------- device side

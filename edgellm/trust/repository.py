@@ -90,6 +90,8 @@ def target_custom(manifest: Any, bundle_sha256: str) -> dict[str, Any]:
                 "metrics": dict(manifest.metrics),
                 "memory": manifest.memory.to_dict(),
                 "bundle_sha256": bundle_sha256,
+                # what an adapter's base names: rollouts match it against what a device runs
+                "artifact_sha256": manifest.file(manifest.artifact).sha256,
             }
         }
     )

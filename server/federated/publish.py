@@ -12,8 +12,11 @@
    run's lineage in every manifest.
 4. Each bundle is published into the server's TUF repository, its target carrying the lineage
    in ``custom.edgellm.federated``.
-5. Unless the run says ``--no-rollout``, a canary rollout of the new version to the group starts
-   (:func:`server.rollout.start`).
+5. The averaged adapters are also published as ``federated`` adapter bundles, one per GGUF
+   bundle of the base version (:mod:`server.federated.adapter_publish`).
+6. Unless the run says ``--no-rollout``, a canary rollout of the new version to the group starts
+   (:func:`server.rollout.start`): devices running one of those base artifacts get the adapter,
+   the others the merged full bundle (:mod:`server.release`).
 """
 
 from __future__ import annotations
@@ -239,6 +242,8 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
             gate=s.gate or None,
             no_gate=not s.gate,
             bake=s.bake,
+            # devices running a base artifact an adapter was built on take it; the others the merged bundle
+            adapter=_adapter_name() if adapter_targets else None,
         )
     digest = hashlib.sha256(json.dumps(lin, sort_keys=True).encode()).hexdigest()
     return {
@@ -249,6 +254,12 @@ def close_loop(fl: FlStore, data_root: Path, keys: Path, repo_dir: Path, run_id:
         "lineage_sha256": digest,
         "merge_base": base.name,
     }
+
+
+def _adapter_name() -> str:
+    from server.federated.adapter_publish import ADAPTER_NAME
+
+    return ADAPTER_NAME
 
 
 def _publish_adapters(

@@ -32,6 +32,7 @@ from server.store.fleet import FleetTables, migrate_fleet
 from server.store.rollouts import RolloutTables
 from server.store.rows import (
     AuditRow,
+    Choice,
     DeviceRow,
     EventRow,
     LogEntry,
@@ -50,6 +51,7 @@ __all__ = [
     "QUARANTINE_KEEP",
     "QUARANTINE_PAYLOAD_BYTES",
     "AuditRow",
+    "Choice",
     "DeviceRow",
     "EventRow",
     "LogEntry",

@@ -14,7 +14,7 @@ FLEET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollout_plans (
     rollout TEXT PRIMARY KEY, stages TEXT NOT NULL, stage {INT} NOT NULL DEFAULT 0, min_samples {INT} NOT NULL,
     device_timeout_s {REAL} NOT NULL, no_gate {INT} NOT NULL DEFAULT 0, previous TEXT, final TEXT,
-    stalled TEXT
+    stalled TEXT, release TEXT
 );
 CREATE TABLE IF NOT EXISTS yanked (
     model TEXT NOT NULL, version TEXT NOT NULL, ts {REAL} NOT NULL, reason TEXT, PRIMARY KEY (model, version)
@@ -56,11 +56,20 @@ class FleetTables:
     # ------------------------------------------------------------------ rollout plans
 
     def create_plan(
-        self, rollout: str, *, stages: list[float], min_samples: int, device_timeout_s: float, no_gate: bool
+        self,
+        rollout: str,
+        *,
+        stages: list[float],
+        min_samples: int,
+        device_timeout_s: float,
+        no_gate: bool,
+        release: dict[str, Any] | None = None,
     ) -> None:
+        """``release``: ``{"prefer": "adapter"|"full", "adapter": [name, version] | None}``."""
         self.db.execute(
-            "INSERT INTO rollout_plans (rollout, stages, min_samples, device_timeout_s, no_gate) VALUES (?,?,?,?,?)",
-            (rollout, json.dumps(stages), min_samples, device_timeout_s, int(no_gate)),
+            "INSERT INTO rollout_plans (rollout, stages, min_samples, device_timeout_s, no_gate, release)"
+            " VALUES (?,?,?,?,?,?)",
+            (rollout, json.dumps(stages), min_samples, device_timeout_s, int(no_gate), json.dumps(release or {})),
         )
 
     def plan(self, rollout: str) -> dict[str, Any]:
@@ -76,6 +85,7 @@ class FleetTables:
                 "previous": None,
                 "final": None,
                 "stalled": None,
+                "release": {},
             }
         return {
             "stages": json.loads(r["stages"]),
@@ -86,6 +96,7 @@ class FleetTables:
             "previous": json.loads(r["previous"]) if r["previous"] else None,
             "final": json.loads(r["final"]) if r["final"] else None,
             "stalled": r["stalled"],
+            "release": json.loads(r["release"]) if r["release"] else {},
         }
 
     def update_plan(self, rollout: str, **fields: Any) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from server.store.dialect import Conn, Dialect
-from server.store.rows import LogEntry, RolloutDeviceRow, RolloutRow
+from server.store.rows import Choice, LogEntry, RolloutDeviceRow, RolloutRow
 
 
 def _rollout(r: Any) -> RolloutRow:
@@ -134,6 +134,28 @@ class RolloutTables:
             )
             for r in self.db.execute(q + " ORDER BY rd.device", args)
         ]
+
+    def set_rollout_choices(self, rollout_id: str, choices: dict[str, Choice]) -> None:
+        """Each device's part of the release, by device id (:mod:`server.release`)."""
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO rollout_wire VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(rollout, device) DO UPDATE SET"
+                " kind=excluded.kind, model=excluded.model, version=excluded.version, target=excluded.target,"
+                " bytes=excluded.bytes, adapter=excluded.adapter, adapter_version=excluded.adapter_version",
+                [
+                    (rollout_id, dev, c.kind, c.model, c.version, c.target, c.bytes, c.adapter, c.adapter_version)
+                    for dev, c in choices.items()
+                ],
+            )
+
+    def rollout_choices(self, rollout_id: str) -> dict[str, Choice]:
+        """The choices :meth:`set_rollout_choices` recorded (none for a rollout made before them)."""
+        return {
+            r["device"]: Choice(
+                r["kind"], r["model"], r["version"], r["target"], r["bytes"], r["adapter"], r["adapter_version"]
+            )
+            for r in self.db.execute("SELECT * FROM rollout_wire WHERE rollout=?", (rollout_id,))
+        }
 
     def log_rollout(self, rollout_id: str, state: str, message: str) -> None:
         self.db.execute(

@@ -156,3 +156,26 @@ class AuditRow(Row):
     target: str
     status: int
     result: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice(Row):
+    """One device's part of a rollout's release (:mod:`server.release`): the assignment's base
+    and adapter, and the bundle it downloads with that bundle's TUF target length."""
+
+    kind: str  # "adapter" | "full"
+    model: str
+    version: str  # the base the assignment names (the device's own version when it gets the adapter)
+    target: str | None  # the bundle the device downloads (None: none built for its profile)
+    bytes: int | None
+    adapter: str | None = None
+    adapter_version: str | None = None
+
+    @property
+    def adapters(self) -> tuple[Any, ...]:
+        """The assignment's adapters (:class:`edgellm.trust.director.AssignedAdapter`)."""
+        from edgellm.trust.director import AssignedAdapter
+
+        if self.adapter is None or self.adapter_version is None or self.target is None:
+            return ()
+        return (AssignedAdapter(self.adapter, self.adapter_version, (self.target,)),)

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout TEXT NOT NULL, device TEXT NOT NULL, phase TEXT NOT NULL, previous_version TEXT, previous_model TEXT,
     PRIMARY KEY (rollout, device)
 );
+CREATE TABLE IF NOT EXISTS rollout_wire (
+    rollout TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+    target TEXT, bytes {INT}, adapter TEXT, adapter_version TEXT, PRIMARY KEY (rollout, device)
+);
 CREATE TABLE IF NOT EXISTS rollout_log (
     rollout TEXT NOT NULL, ts {REAL} NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL{LOGID}
 );
@@ -70,6 +74,7 @@ _ADDED_COLUMNS = {
         ("state_seq", "{INT} NOT NULL DEFAULT 0"),
         ("state_received", "{REAL} NOT NULL DEFAULT 0"),
     ),
+    "rollout_plans": (("release", "TEXT"),),  # server.store.fleet: the adapter / prefer a rollout ships
 }
 
 
