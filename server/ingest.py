@@ -74,6 +74,7 @@ class Ingest:
         batch_s: float = 0.05,
         session_expiry_s: int = 7 * 24 * 3600,
         fast_path: bool = True,
+        receive_maximum: int | None = None,
     ) -> None:
         self.store = store
         self.mqtt = mqtt
@@ -83,6 +84,9 @@ class Ingest:
         self.batch_s = batch_s
         self.session_expiry_s = session_expiry_s
         self.fast_path = fast_path  # buffered reads, lean PUBLISH decode, batched PUBACKs (module doc)
+        # unacknowledged messages the broker may hand us at once (MQTT 5 Receive Maximum): two
+        # batches, so one is written while the next arrives; without it Mosquitto sends 20
+        self.receive_maximum = min(receive_maximum or 2 * batch_size, 65535)
         self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self.on_connect_hooks: list[Callable[[], None]] = []
@@ -113,6 +117,7 @@ class Ingest:
         self.mqtt.apply_tls(c)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = self.receive_maximum
         self._client = c
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._writer.start()
@@ -263,6 +268,7 @@ class Ingest:
     def _handle(self, batch: list[Incoming]) -> None:
         """Store what is good, set aside what is not; returns once both are committed."""
         self._bump("received", len(batch))
+        self._bump("batches")
         good: list[tuple[Incoming, wire.Envelope]] = []
         refused: list[tuple[Incoming, IngestError]] = []
         for m in batch:
