@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 #: configurations compared side by side: name -> (server processes, Ingest keyword arguments)
 CONFIGS: dict[str, tuple[int, dict]] = {
     "one process": (1, {}),
-    "one process, paho as is": (1, {"fast_path": False}),
+    "paho as is (one process)": (1, {"fast_path": False}),
     "2 processes (shared subscription)": (2, {}),
 }
 DEFAULT_CONFIGS = "one process,2 processes (shared subscription)"
