@@ -36,7 +36,7 @@ import math
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-from edgellm._record import Record, required_fields
+from edgellm._record import Record, field_names, required_fields
 from edgellm.errors import EdgeLLMError
 from edgellm.ids import ID_RE, ID_RULE
 from edgellm.ids import valid_id as valid_id  # the one id rule, re-exported for wire users
@@ -246,10 +246,16 @@ class _Record(Record):
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
-        known, extra = cls.split(d)
-        required = required_fields(cls)
-        fields = cls._fields
-        for k, v in known.items():
+        if not isinstance(d, dict):
+            raise TelemetryError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
+        names, required, fields = field_names(cls), required_fields(cls), cls._fields
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for k, v in d.items():  # split and check in one pass (thousands of messages a second)
+            if k not in names:
+                extra[k] = v
+                continue
+            known[k] = v
             if v is None:
                 if k in required:
                     raise TelemetryError(f"{cls.__name__}.{k} is required")
