@@ -249,13 +249,12 @@ def run(
     broker = Broker(work / "mq")
     broker.start()
     db = work / "store.sqlite"
-    servers = [
-        _child(["--server", broker.url, str(db), f"bench-server-{i}", json.dumps(kwargs)], code) for i in range(workers)
-    ]
+    servers: list[subprocess.Popen] = []
     procs: list[subprocess.Popen] = []
     try:
-        for s in servers:
-            _expect(s, "ready")
+        for i in range(workers):  # one after the other: the first one creates the store
+            servers.append(_child(["--server", broker.url, str(db), f"bench-server-{i}", json.dumps(kwargs)], code))
+            _expect(servers[-1], "ready")
         for s in range(senders):
             procs.append(_child(["--sender", sender, broker.url, str(s * devices), str(devices), str(messages)], ROOT))
         for p in procs:

@@ -85,9 +85,10 @@ def _insert_new(db: Conn, rows: list[tuple[Any, ...]]) -> list[bool]:
         return []
     if isinstance(db, PgConn):
         got: set[tuple[Any, ...]] = set()
+        in_key_order = sorted(rows, key=_key)  # replicas inserting the same keys take them in one order
         i = 0
         for n in _chunks(len(rows), _PG_CHUNK):
-            part = rows[i : i + n]
+            part = in_key_order[i : i + n]
             i += n
             sql = f"{_INSERT}{','.join([_ROW] * n)} ON CONFLICT DO NOTHING RETURNING device, epoch, seq"
             got.update((r[0], r[1], r[2]) for r in db.execute(sql, [v for row in part for v in row]))
@@ -101,6 +102,10 @@ def _insert_new(db: Conn, rows: list[tuple[Any, ...]]) -> list[bool]:
         return [db.execute(f"{_INSERT}{_ROW} ON CONFLICT DO NOTHING", row).rowcount == 1 for row in rows]
     db.execute("RELEASE new_messages")
     return [True] * len(rows)
+
+
+def _key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return row[:3]
 
 
 def _chunks(n: int, biggest: int) -> list[int]:
