@@ -3,8 +3,9 @@
     python benchmarks/bench_telemetry.py [--senders 2 --devices 20 --messages 1000 --rounds 2]
         [--configs "one process,2 processes"] [--base main]
 
-REAL: a Mosquitto broker (the test fixture's config: ``max_inflight_messages 100``, which an
-ingest that does not ask for a window through MQTT 5 Receive Maximum gets), the server's
+REAL: a Mosquitto broker (the test fixture's config, with ``max_inflight_messages`` left at
+Mosquitto's default of 20 as in the server's generated config: what an ingest that does not ask
+for a window through MQTT 5 Receive Maximum gets; ``--broker-inflight N`` sets it), the server's
 ``Ingest`` (paho MQTT 5 client, shared subscription, acknowledgements after commit) and its
 SQLite ``Store``, in server processes of their own (``--workers``-like configurations start
 several on the shared subscription, each with its own client id, all on one SQLite file).
@@ -191,6 +192,14 @@ def server_main(url: str, db: str, client_id: str, kwargs: str) -> None:
     from server.ingest import Ingest
     from server.store import Store
 
+    sizes: list[int] = []  # batch sizes, whatever the revision counts itself
+    handle = Ingest._handle
+
+    def counted(self: Ingest, batch: list) -> None:
+        sizes.append(len(batch))
+        handle(self, batch)
+
+    Ingest._handle = counted  # type: ignore[method-assign]
     ing = Ingest(Store(db), MqttConfig(url), client_id=client_id, **json.loads(kwargs))
     ing.start()
     assert ing.wait_connected(10), "the ingest did not connect"
@@ -199,7 +208,12 @@ def server_main(url: str, db: str, client_id: str, kwargs: str) -> None:
     cpu0, th0 = time.process_time(), thread_cpu()
     sys.stdin.readline()
     th = {k: v - th0.get(k, 0.0) for k, v in thread_cpu().items()}
-    print(json.dumps({"cpu": time.process_time() - cpu0, "threads": th, "counters": dict(ing.counters)}), flush=True)
+    print(
+        json.dumps(
+            {"cpu": time.process_time() - cpu0, "threads": th, "counters": dict(ing.counters), "batches": len(sizes)}
+        ),
+        flush=True,
+    )
     ing.stop()
 
 
@@ -242,11 +256,21 @@ def _count(db: Path, sql: str) -> float:
 
 
 def run(
-    workers: int, kwargs: dict, code: Path, sender: str, senders: int, devices: int, messages: int, work: Path
+    workers: int,
+    kwargs: dict,
+    code: Path,
+    inflight: int | None,
+    sender: str,
+    senders: int,
+    devices: int,
+    messages: int,
+    work: Path,
 ) -> dict:
     from fixtures_mqtt import Broker
 
     broker = Broker(work / "mq")
+    conf = broker.config.read_text().replace("max_inflight_messages 100\n", "")
+    broker.config.write_text(conf + (f"max_inflight_messages {inflight}\n" if inflight is not None else ""))
     broker.start()
     db = work / "store.sqlite"
     servers: list[subprocess.Popen] = []
@@ -287,7 +311,7 @@ def run(
             **{f"{k}_us": v / max(stored, 1) * 1e6 for k, v in threads.items()},
             "sender_us": sum(r["cpu"] for r in reports) / expected * 1e6,
             "broker_us": broker_cpu / expected * 1e6,
-            "batch": counters.get("received", 0) / counters["batches"] if counters.get("batches") else None,
+            "batch": counters.get("received", 0) / max(sum(s["batches"] for s in stats), 1),
             "lost": expected - min(stored, events),
             "duplicates": counters.get("duplicates", 0) + max(stored, events) - min(stored, events),
         }
@@ -324,6 +348,11 @@ def main() -> None:
         help="simulated devices' MQTT client (raw: pre-built packets)",
     )
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument(
+        "--broker-inflight",
+        type=int,
+        help="Mosquitto's max_inflight_messages (default: not set, Mosquitto's 20, as in the server's generated config)",
+    )
     ap.add_argument("--base", help="also run each configuration with the server code of this git revision")
     ap.add_argument("--quick", action="store_true", help="a short run (fewer messages, one round)")
     a = ap.parse_args()
@@ -340,7 +369,9 @@ def main() -> None:
         for _ in range(a.rounds):
             for v, n, code in variants:
                 with tempfile.TemporaryDirectory() as d:
-                    results[v].append(run(*CONFIGS[n], code, a.sender, a.senders, a.devices, a.messages, Path(d)))
+                    results[v].append(
+                        run(*CONFIGS[n], code, a.broker_inflight, a.sender, a.senders, a.devices, a.messages, Path(d))
+                    )
         load1 = os.getloadavg()
     total = a.senders * a.devices * a.messages
     print(
@@ -348,6 +379,8 @@ def main() -> None:
         f"sender processes x {a.devices} devices x {a.messages} events = {total} QoS-1 MQTT 5 messages ("
         f"{'pre-built packets on a plain socket' if a.sender == 'raw' else 'paho'}, pre-encoded envelopes)"
     )
+    window = a.broker_inflight if a.broker_inflight is not None else "20 (default)"
+    print(f"Mosquitto max_inflight_messages {window}; this tree's ingest asks for 2 batches (MQTT 5 Receive Maximum)")
     print(
         f"timed from the first publish to the last stored row; load average {load0[0]:.2f} at start, "
         f"{load1[0]:.2f} at end on {os.cpu_count()} CPUs (shared machine)"
@@ -355,13 +388,12 @@ def main() -> None:
     for v, _, _ in variants:
         rs = results[v]
         rates = " ".join(f"{r['rate']:.0f}" for r in rs)
-        batch = [r["batch"] for r in rs if r["batch"]]
         print(
             f"{v:<48} median {statistics.median(r['rate'] for r in rs):6.0f} msg/s stored, "
             f"{statistics.median(r['cpu_us'] for r in rs):4.0f} us server CPU/msg (paho "
             f"{statistics.median(r.get('paho_us', 0) for r in rs):.0f}, writer "
             f"{statistics.median(r.get('writer_us', 0) for r in rs):.0f})"
-            + (f", mean batch {statistics.median(batch):.0f}" if batch else "")
+            + f", mean batch {statistics.median(r['batch'] for r in rs):.0f}"
             + f"; senders {statistics.median(r['sender_us'] for r in rs):.0f}, Mosquitto "
             f"{statistics.median(r['broker_us'] for r in rs):.0f} us CPU/msg"
             + f"   runs: {rates}   lost {sum(r['lost'] for r in rs)}, duplicates {sum(r['duplicates'] for r in rs)}"
