@@ -36,9 +36,9 @@ import math
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-from edgellm._record import Record, required_fields
+from edgellm._record import Record, field_names, required_fields
 from edgellm.errors import EdgeLLMError
-from edgellm.ids import ID_RULE
+from edgellm.ids import ID_RE, ID_RULE
 from edgellm.ids import valid_id as valid_id  # the one id rule, re-exported for wire users
 
 WIRE_VERSION = 1
@@ -140,11 +140,21 @@ def _finite_float(text: str) -> float:
     return v
 
 
+#: one decoder for every message (``json.loads`` with hooks builds a new one per call)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def loads(data: bytes | str, what: str = "payload") -> Any:
     """Strict JSON: NaN, Infinity and numbers that overflow to infinity are refused, as is
-    nesting too deep to parse. Raises :class:`TelemetryError` with ``reason="json"``."""
+    nesting too deep to parse. Raises :class:`TelemetryError` with ``reason="json"``.
+    Takes what ``json.loads`` takes (UTF-8/16/32 bytes; text without a BOM)."""
     try:
-        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+        if isinstance(data, str):
+            if data.startswith("\ufeff"):
+                raise ValueError("unexpected UTF-8 BOM")
+        else:
+            data = data.decode(json.detect_encoding(data), "surrogatepass")
+        return _DECODER.decode(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise TelemetryError(f"{what} is not JSON ({str(e)[:200]})", reason="json") from e
 
@@ -167,6 +177,14 @@ class Field:
     hi: float = INT64_MAX
     max_len: int = LABEL_MAX
     rule: str | None = None  # "id": the one id rule
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", _quick_check(self))
+
+    def ok(self, v: Any) -> bool:  # replaced per instance by __post_init__
+        """True when ``v`` (not None) certainly passes :meth:`check`: the common case in one
+        call; False means "run :meth:`check`", which raises or, for unusual types, passes."""
+        return False
 
     def check(self, owner: str, name: str, v: Any) -> None:
         where = f"{owner}.{name}"
@@ -192,6 +210,22 @@ class Field:
                 raise TelemetryError(f"{where}: control characters are not allowed")
 
 
+def _quick_check(f: Field) -> Any:
+    """The plain-JSON-types subset of ``f.check`` as one predicate (exact types only: a ``bool``
+    or an ``int`` subclass goes through the full check)."""
+    lo, hi, n = f.lo, f.hi, f.max_len
+    if f.kind is int:
+        return lambda v: type(v) is int and lo <= v <= hi
+    if f.kind is float:
+        return lambda v: (type(v) is float or type(v) is int) and lo <= v <= hi
+    if f.kind is str and f.rule == "id":
+        return lambda v: type(v) is str and len(v) <= n and ID_RE.fullmatch(v) is not None
+    if f.kind is str:
+        return lambda v: type(v) is str and len(v) <= n and v.isprintable()
+    kind = f.kind
+    return lambda v: type(v) is kind
+
+
 SEQ = Field(int, 0, INT64_MAX)
 COUNT = Field(int, 0, COUNT_MAX)
 BIG_COUNT = Field(int, 0, INT64_MAX)
@@ -212,13 +246,22 @@ class _Record(Record):
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:
-        known, extra = cls.split(d)
-        required = required_fields(cls)
-        for k, v in known.items():
-            if v is None and k in required:
-                raise TelemetryError(f"{cls.__name__}.{k} is required")
-            spec = cls._fields.get(k)
-            if spec is not None:
+        if not isinstance(d, dict):
+            raise TelemetryError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
+        names, required, fields = field_names(cls), required_fields(cls), cls._fields
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for k, v in d.items():  # split and check in one pass (thousands of messages a second)
+            if k not in names:
+                extra[k] = v
+                continue
+            known[k] = v
+            if v is None:
+                if k in required:
+                    raise TelemetryError(f"{cls.__name__}.{k} is required")
+                continue
+            spec = fields.get(k)
+            if spec is not None and not spec.ok(v):
                 spec.check(cls.__name__, k, v)
         return cls.build(known, extra)
 

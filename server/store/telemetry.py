@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from edgellm import telemetry as wire
+from server.store import batch
 from server.store.dialect import Conn, Dialect
 from server.store.rows import DeviceRow, EventRow, MetricSummary, QuarantineRow, SeriesPoint
 
@@ -22,9 +23,6 @@ _DEVICE_COLUMNS = (
     "outbox_dropped, outbox_pending"
 )
 _BUMP = "INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value=counters.value+excluded.value"
-# A heartbeat replaces the device's reported state only when it is newer by the device's own
-# sequence (same outbox epoch) or, from another epoch, by the server's receive time.
-_NEWER = "(state_epoch IS NULL OR (state_epoch=? AND state_seq<?) OR (state_epoch<>? AND state_received<=?))"
 
 
 def _weighted(col: str) -> str:
@@ -43,37 +41,20 @@ class TelemetryTables:
     # ------------------------------------------------------------------ writing
 
     def ingest(self, envelopes: Iterable[wire.Envelope], received: float | None = None) -> dict[str, int]:
-        """Store a batch of validated envelopes in one transaction.
-        Returns {"stored": n, "duplicates": n}."""
+        """Store a batch of validated envelopes in one transaction, a few bulk statements per
+        batch (:mod:`server.store.batch`). Returns {"stored": n, "duplicates": n}."""
         now = received if received is not None else time.time()
-        stored = dups = 0
         # One device's messages keep their order; devices go in id order, so two replicas writing
         # batches at once take row locks in the same order (no deadlock between them).
-        ordered = sorted(envelopes, key=lambda e: e.device)
-        seen: set[str] = set()
+        ordered = sorted(envelopes, key=_device_of)
         with self.tx() as db:
-            for env in ordered:
-                if env.seq > 0:
-                    cur = db.execute(
-                        "INSERT INTO messages VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                        (env.device, env.epoch, env.seq, env.kind, env.ts, now, json.dumps(env.body, allow_nan=False)),
-                    )
-                    if cur.rowcount == 0:
-                        dups += 1
-                        continue
-                stored += 1
-                if env.device not in seen:  # registry row and last_seen: once per device and batch
-                    seen.add(env.device)
-                    db.execute(
-                        "INSERT INTO devices (id, first_seen, last_seen) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
-                        " SET last_seen=CASE WHEN COALESCE(devices.last_seen, 0) > excluded.last_seen"
-                        " THEN devices.last_seen ELSE excluded.last_seen END",
-                        (env.device, now, now),
-                    )
-                _apply(db, env, now)
-            if stored or dups:
-                db.executemany(_BUMP, [("stored", stored), ("duplicates", dups)])
-        return {"stored": stored, "duplicates": dups}
+            stored = batch.store_new(db, ordered, now)
+            if stored:
+                batch.apply_stored(db, stored, now)
+            dups = len(ordered) - len(stored)
+            if ordered:
+                db.executemany(_BUMP, [("stored", len(stored)), ("duplicates", dups)])
+        return {"stored": len(stored), "duplicates": dups}
 
     def quarantine(self, refused: Sequence[tuple[str, bytes, str, str]], received: float | None = None) -> None:
         """Set refused messages aside: ``(topic, payload, reason, detail)`` each. The payload is
@@ -260,68 +241,5 @@ def _device(r: Any, stale_after_s: float) -> DeviceRow:
     )
 
 
-def _apply(db: Conn, env: wire.Envelope, now: float) -> None:
-    """What one stored message changes besides the messages table and the device's registry row
-    (made by the caller). The body is re-read as its typed record, so only checked values reach SQL."""
-    b = env.typed_body()
-    if isinstance(b, wire.Birth):
-        db.execute(
-            "UPDATE devices SET online=1, session=?, profile=COALESCE(NULLIF(?, ''), profile),"
-            " grp=COALESCE(?, grp), version=COALESCE(?, version), model=COALESCE(?, model),"
-            " slot=COALESCE(?, slot), health=COALESCE(?, health) WHERE id=?",
-            (b.session, b.profile, b.group, b.version, b.model, b.slot, b.health, env.device),
-        )
-    elif isinstance(b, wire.Death):
-        db.execute("UPDATE devices SET online=0 WHERE id=? AND session=?", (env.device, b.session))
-    elif isinstance(b, wire.Heartbeat):
-        db.execute(
-            "UPDATE devices SET version=COALESCE(?, version), model=COALESCE(?, model),"
-            " slot=COALESCE(?, slot), health=COALESCE(?, health), profile=COALESCE(NULLIF(?, ''), profile),"
-            " grp=COALESCE(?, grp), outbox_dropped=?, outbox_pending=?, state_epoch=?, state_seq=?,"
-            f" state_received=? WHERE id=? AND {_NEWER}",
-            (
-                b.version,
-                b.model,
-                b.slot,
-                b.health,
-                b.profile,
-                b.group,
-                b.outbox_dropped or 0,
-                b.outbox_pending or 0,
-                env.epoch,
-                env.seq,
-                now,
-                env.device,
-                env.epoch,
-                env.seq,
-                env.epoch,
-                now,
-            ),
-        )
-    elif isinstance(b, wire.Metrics):
-        db.execute(
-            "INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-            (
-                env.device,
-                env.epoch,
-                env.seq,
-                env.ts,
-                now,
-                b.version,
-                b.model,
-                b.count,
-                b.errors or 0,
-                b.p50_latency_ms,
-                b.p95_latency_ms,
-                b.tokens_per_second,
-                b.mean_logprob,
-                b.prompt_tokens_mean,
-                b.prompt_tokens_max,
-                b.completion_tokens or 0,
-            ),
-        )
-    elif isinstance(b, wire.Event):
-        db.execute(
-            "INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-            (env.device, env.epoch, env.seq, env.ts, now, b.name, json.dumps(b.fields, allow_nan=False)),
-        )
+def _device_of(env: wire.Envelope) -> str:
+    return env.device
