@@ -11,7 +11,10 @@ what differs. One connection per thread either way.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,22 @@ POOL_SIZE = 8
 TRANSIENT = transient_errors()
 
 
+def _while_locked(step: Callable[[], object], seconds: float = 30.0) -> None:
+    """Run ``step`` (opening and migrating a SQLite file: idempotent), again while another process
+    holds the file. Switching a new file to WAL can fail at once with "database is locked" instead
+    of waiting (servers and replicas starting together); a column added by another process between
+    our check and our ALTER fails once, then is seen."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Store(TelemetryTables, RolloutTables, ControlTables, FleetTables):
     """``target``: a SQLite file path, or a ``postgresql://`` URL."""
 
@@ -88,8 +107,7 @@ class Store(TelemetryTables, RolloutTables, ControlTables, FleetTables):
                 migrate(db, self.dialect)
                 migrate_fleet(db, self.dialect)
         else:
-            migrate(self.db, self.dialect)
-            migrate_fleet(self.db, self.dialect)
+            _while_locked(lambda: (migrate(self.db, self.dialect), migrate_fleet(self.db, self.dialect)))
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url) if self.url else str(self.path)!r})"
