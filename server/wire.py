@@ -34,9 +34,7 @@ def adapters_on(store: Store, devices: Iterable[str], choices: dict[str, Choice]
         if e.fields.get("adapter") == choices[e.device].adapter:
             newest[e.device] = {**e.fields, "_name": e.name}
     return {
-        d
-        for d, f in newest.items()
-        if f["_name"] in _HAS_ADAPTER and f.get("version") == choices[d].adapter_version
+        d for d, f in newest.items() if f["_name"] in _HAS_ADAPTER and f.get("version") == choices[d].adapter_version
     }
 
 

@@ -229,7 +229,9 @@ def test_rollback_takes_the_adapter_off_its_base_and_waits_until_the_device_drop
     st = rollout.status(store, rid)[0]
     # on-base reported 1.0.0 all along: that is not "back" while it still serves the adapter
     assert st["state"] == "rolling_back", st["history"]
-    devs.send("on-base", "event", {"name": "update.rolled_back", "fields": {"version": "1.1.0", "adapter": "federated"}})
+    devs.send(
+        "on-base", "event", {"name": "update.rolled_back", "fields": {"version": "1.1.0", "adapter": "federated"}}
+    )
     drv.tick()
     st = rollout.status(store, rid)[0]
     assert st["state"] == "rolled_back", st["history"]
