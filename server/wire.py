@@ -6,8 +6,8 @@ the adapter's version is installed (``update.installed``) or was already install
 for a newer assignment (``adapter.active``, sent once per assignment serial); an adapter is
 versioned apart from its base and is not part of the device's state message. While rolling
 back, such a device is back once that newest event no longer says so (``update.rolled_back``:
-the agent dropped the adapter the fleet stopped assigning). Bytes *planned* are the TUF target lengths of
-each device's choice; bytes *reported* are what devices say they downloaded
+the agent dropped the adapter the fleet stopped assigning). Bytes *planned* are the TUF target
+lengths of each device's choice; bytes *reported* are what devices say they downloaded
 (``bytes_downloaded`` in their ``update.installed`` events for this release since the rollout
 began) — a device-sent number, so typed and bounded here.
 """
