@@ -12,7 +12,10 @@ bundle by name, version and target paths. After the base is installed (or found 
 * an adapter the fleet assigned before (``AdapterRecord.source == "assignment"``) and that the
   assignment no longer names is dropped — a fleet rollback of an adapter — without rejecting
   its version (the fleet may assign it again);
-* adapters installed by hand (offline envelopes, ``update --model``) are left alone.
+* adapters installed by hand (offline envelopes, ``update --model``) are left alone;
+* an assigned adapter already installed at that version is reported once per assignment serial
+  (an ``adapter.active`` event), so the server sees it serving for this assignment even when
+  the event of its original install was pruned or predates the rollout.
 
 Each refusal or failure is recorded and sent as an update event, like a refused base; the base
 and the other adapters keep serving.
@@ -50,8 +53,37 @@ def apply(installer: Any, source: TufSource, assignment: Any) -> list[dict]:
                 installer.on_event("update.rolled_back", version=rec.version, adapter=rec.name, reason=reason)
     targets = source.targets() if wanted else []
     for a in assignment.adapters:
-        done.append(_install(installer, source, targets, a))
+        done.append(_install(installer, source, targets, a, assignment))
     return done
+
+
+def _reported(installer: Any, a: Any, assignment: Any) -> Any:
+    """Mark installed adapter ``a`` as reported for ``assignment``'s serial (lock held); returns
+    its record when it was not reported for that serial yet, else None."""
+    store = AdapterStore(installer.paths)
+    state = store.load()
+    rec = state.adapters.get(a.name)
+    key = f"{assignment.path}#{assignment.serial}"
+    if rec is None or rec.version != a.version or rec.extra.get("reported") == key:
+        return None
+    rec.extra["reported"] = key
+    store.save(state)
+    return rec
+
+
+def _report_active(installer: Any, a: Any, assignment: Any) -> None:
+    """An assigned adapter already installed: say so once per assignment serial."""
+    with installer.lock():
+        rec = _reported(installer, a, assignment)
+        if rec is not None:
+            installer.on_event(
+                "adapter.active",
+                version=rec.version,
+                adapter=rec.name,
+                model=f"{rec.base_name}:{rec.name}",
+                serial=assignment.serial,
+                source=rec.source,
+            )
 
 
 def _refuse(installer: Any, a: Any, reason: str) -> dict:
@@ -73,10 +105,11 @@ def _base_problem(installer: Any, a: Any, t: TargetInfo) -> str | None:
     return base_mismatch(installer.paths, a.name, a.version, base)
 
 
-def _install(installer: Any, source: TufSource, targets: list[TargetInfo], a: Any) -> dict:
+def _install(installer: Any, source: TufSource, targets: list[TargetInfo], a: Any, assignment: Any) -> dict:
     state = AdapterStore(installer.paths).load()
     have = state.adapters.get(a.name)
     if have is not None and have.version == a.version:
+        _report_active(installer, a, assignment)
         return result("update", True, version=a.version, adapter=a.name, reason="up to date")
     if f"{a.name}@{a.version}" in state.rejected:  # failed here before: not downloaded again
         reason = f"adapter {a.name} {a.version} was rejected earlier (failed health check or rolled back)"
@@ -104,7 +137,9 @@ def _install(installer: Any, source: TufSource, targets: list[TargetInfo], a: An
         dl.mkdir(parents=True)
         try:
             archive = source.download(target, dl)
-            return installer._install_verified(archive, target, source=ASSIGNED, downloaded=archive.stat().st_size)
+            res = installer._install_verified(archive, target, source=ASSIGNED, downloaded=archive.stat().st_size)
+            _reported(installer, a, assignment)  # its update.installed event says it for this serial
+            return res
         except AlreadyCurrent as e:
             return result("update", True, version=a.version, adapter=a.name, reason=message_of(e))
         except AgentError as e:  # recorded and reported by the install path

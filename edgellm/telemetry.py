@@ -83,6 +83,8 @@ class EventName(WireName):
     UPDATE_FAILED = "update.failed"
     UPDATE_REFUSED = "update.refused"
     UPDATE_ROLLED_BACK = "update.rolled_back"
+    #: an adapter an assignment names was already installed: it serves for that assignment's serial
+    ADAPTER_ACTIVE = "adapter.active"
     OUTBOX_OVERFLOW = "outbox_overflow"
 
 

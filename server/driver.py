@@ -376,7 +376,10 @@ class RolloutDriver:
         devs = self.store.rollout_devices(r.id)
         want = self._wanted_back(r)
         final = S.ABORTED if (r.reason or "").startswith(ABORTED_BY_OPERATOR) else S.ROLLED_BACK
-        if all(want[d.device] is None or d.version == want[d.device] for d in devs):
+        # a device given an adapter reports its base all along: it is back once it dropped the adapter
+        holding = onwire.adapters_on(self.store, [d.device for d in devs], self.store.rollout_choices(r.id))
+        back = {d.device for d in devs if d.device not in holding and want[d.device] in (None, d.version)}
+        if len(back) == len(devs):
             kept = [d.device for d in devs if want[d.device] is None and d.version == r.version]
             msg = f"devices are back on what they ran before: {r.reason}"
             if kept:
@@ -385,7 +388,11 @@ class RolloutDriver:
             return
         if time.time() - (r.phase_started or r.created) > self._plan(r)["device_timeout_s"]:
             self._finish(
-                r, final, f"not every device came back within the device timeout: {self._late(devs, want)}; {r.reason}"
+                r,
+                final,
+                f"not every device came back within the device timeout: {self._late(devs, want, back)}"
+                + (f" (still on the adapter: {', '.join(sorted(holding)[:10])})" if holding else "")
+                + f"; {r.reason}",
             )
 
     def _finish(self, r: RolloutRow, state: RolloutState, message: str) -> None:

@@ -1,10 +1,13 @@
 """Where each device of a rollout stands against its part of the release, and bytes on the wire.
 
 A device given the full bundle has converged when it reports the rollout's version; a device
-given the adapter when it reports the base version and its newest update event about that
-adapter says the adapter's version is installed (an adapter is versioned apart from its base
-and is not part of the device's state message). Bytes *planned* are the TUF target lengths of
-each device's choice; bytes *reported* are what devices say they downloaded
+given the adapter when it reports the base version and its newest event about that adapter says
+the adapter's version is installed (``update.installed``) or was already installed and serves
+for a newer assignment (``adapter.active``, sent once per assignment serial); an adapter is
+versioned apart from its base and is not part of the device's state message. While rolling
+back, such a device is back once that newest event no longer says so (``update.rolled_back``:
+the agent dropped the adapter the fleet stopped assigning). Bytes *planned* are the TUF target
+lengths of each device's choice; bytes *reported* are what devices say they downloaded
 (``bytes_downloaded`` in their ``update.installed`` events for this release since the rollout
 began) — a device-sent number, so typed and bounded here.
 """
@@ -18,20 +21,20 @@ from edgellm import telemetry as wire
 from server.store import Choice, RolloutDeviceRow, RolloutRow, Store
 
 MAX_REPORTED_BYTES = 2**40  # a single download over a terabyte is not believed
-_ADAPTER_EVENTS = (str(wire.EventName.UPDATE_INSTALLED), str(wire.EventName.UPDATE_ROLLED_BACK))
+_HAS_ADAPTER = (str(wire.EventName.UPDATE_INSTALLED), str(wire.EventName.ADAPTER_ACTIVE))
+_ADAPTER_EVENTS = (*_HAS_ADAPTER, str(wire.EventName.UPDATE_ROLLED_BACK))
 
 
 def adapters_on(store: Store, devices: Iterable[str], choices: dict[str, Choice]) -> set[str]:
-    """The ``devices`` (given an adapter) whose newest event about that adapter installed it."""
+    """The ``devices`` (given an adapter) whose newest event about that adapter says that
+    adapter's version is installed (freshly, or already for a newer assignment)."""
     want = [d for d in devices if d in choices and choices[d].kind == "adapter"]
     newest: dict[str, dict[str, Any]] = {}
     for e in store.events_of(want, _ADAPTER_EVENTS, since=0.0):
         if e.fields.get("adapter") == choices[e.device].adapter:
             newest[e.device] = {**e.fields, "_name": e.name}
     return {
-        d
-        for d, f in newest.items()
-        if f["_name"] == wire.EventName.UPDATE_INSTALLED and f.get("version") == choices[d].adapter_version
+        d for d, f in newest.items() if f["_name"] in _HAS_ADAPTER and f.get("version") == choices[d].adapter_version
     }
 
 

@@ -17,8 +17,10 @@ from edgellm.trust import Repository
 from edgellm.trust.director import (
     AssignedAdapter,
     Assignment,
+    assignment_path,
     ensure_director,
     new_assignment,
+    read_assignments,
     write_assignments,
 )
 
@@ -199,3 +201,63 @@ def test_tampered_assignment_bytes_are_refused(device) -> None:
     with pytest.raises(InstallError, match="assignment refused"):
         device.apply()
     assert _running(device.paths) == ("tiny", "1.0.0") and _adapters(device.paths) == {}
+
+
+def _forward(events, store, device: str, first: int = 0) -> None:
+    """The agent's events from index ``first`` into the server's store, as its telemetry sends them."""
+    import time
+
+    from edgellm import telemetry as wire
+
+    for i, (kind, fields) in enumerate(events[first:], start=first + 1):
+        body = {"name": kind, "fields": {k: v for k, v in fields.items() if v is not None}}
+        store.ingest([wire.Envelope(device=device, kind="event", seq=i, ts=time.time(), body=body)])
+
+
+def test_fleet_rollback_drops_the_adapter_base_keeps_serving_and_the_server_sees_it_back(device, tmp_path) -> None:
+    """What `rollout rollback` writes for a device that took the adapter: its own assignment
+    cleared, the group's assignment the base alone. The agent drops the adapter, keeps the base,
+    and the event it sends is what the server's rollback waits for."""
+    from server import wire as onwire
+    from server.director import Change, Director
+    from server.store import Choice, Store
+
+    store = Store(tmp_path / "s.sqlite")
+    director = Director(device.repo.dir, tmp_path / "keys", store)
+    targets = _targets(device.repo, "kitchen", "0.1.0")
+    kitchen = AssignedAdapter("kitchen", "0.1.0", targets)
+    dev = device.cfg.device_id
+    director.apply([Change("device", dev, "tiny", "1.0.0", "r1", (kitchen,))])  # the rollout's pin
+    assert device.apply()["ok"] and _served(device.paths) == ["tiny", "tiny:kitchen"]
+    choices = {dev: Choice("adapter", "tiny", "1.0.0", targets[0], 1, "kitchen", "0.1.0")}
+    _forward(device.events, store, dev)
+    assert onwire.adapters_on(store, [dev], choices) == {dev}
+
+    director.apply([Change("group", device.cfg.group, "tiny", "1.0.0", "r1"), Change("device", dev)])  # rollback
+    sent = len(device.events)
+    res = device.apply()
+    assert res["ok"] and [(a["action"], a["adapter"]) for a in res["adapters"]] == [("rollback", "kitchen")]
+    assert _running(device.paths) == ("tiny", "1.0.0") and _served(device.paths) == ["tiny"]
+    assert [(k, f.get("adapter")) for k, f in device.events[sent:]] == [("update.rolled_back", "kitchen")]
+    _forward(device.events, store, dev, sent)
+    assert onwire.adapters_on(store, [dev], choices) == set()  # back: the rollback may finish
+
+
+def test_an_adapter_already_installed_is_reported_active_once_per_assignment_serial(device) -> None:
+    device.assign(("kitchen", "0.1.0"))
+    device.apply()
+    assert not [k for k, _ in device.events if k == "adapter.active"]  # its install event says it
+    device.apply()  # a poll of the same assignment: nothing new to say
+    assert not [k for k, _ in device.events if k == "adapter.active"]
+    device.events.clear()  # (the server pruned its history)
+    device.assign(("kitchen", "0.1.0"))  # a new rollout assigns it again: a new serial
+    res = device.apply()
+    assert res["adapters"][0]["reason"] == "up to date"
+    serial = read_assignments(device.repo)[assignment_path("device", device.cfg.device_id)].serial
+    active = [f for k, f in device.events if k == "adapter.active"]
+    assert active == [
+        {"version": "0.1.0", "adapter": "kitchen", "model": "tiny:kitchen", "serial": serial, "source": "assignment"}
+    ]
+    assert not [k for k, _ in device.events if k in ("update.installed", "update.health_check")]  # no download
+    device.apply()
+    assert len([k for k, _ in device.events if k == "adapter.active"]) == 1

@@ -178,17 +178,24 @@ def agent_status(a: AgentProcess) -> dict:
 
 def the_rollout_reaches_every_agent(agents: list[AgentProcess], srv_dir: Path, rollout_id: str) -> None:
     """The canary rollout `fl start` began (--canary 34% --bake 1s, no gate) completes: every agent
-    serves the new version (each agent installs its signed assignment)."""
+    serves the new version (each agent installs its signed assignment): the merged bundle, or, on
+    the base artifact the run's adapter was built for, the base with the `federated` adapter."""
     assert rollout_id, "fl start started no rollout"
-    wait_for(
-        lambda: all(agent_status(a).get("version") == NEW for a in agents),
-        300,
-        "every agent on the new version",
-        every=1.0,
-    )
-    r = server_cli("rollout", "status", "--data-dir", str(srv_dir), rollout_id, "--format", "json")
-    rows = json.loads(r.stdout)
-    assert (rows[0] if isinstance(rows, list) else rows)["version"] == NEW
+
+    def on_new(a: AgentProcess) -> bool:
+        s = agent_status(a)
+        serving = {(x["name"], x["version"]) for x in s["adapters"]["installed"] if x["serving"]}
+        return s.get("version") == NEW or (s.get("version") == BASE and ("federated", NEW) in serving)
+
+    wait_for(lambda: all(on_new(a) for a in agents), 300, "every agent on the new version", every=1.0)
+
+    def row() -> dict:
+        r = server_cli("rollout", "status", "--data-dir", str(srv_dir), rollout_id, "--format", "json")
+        rows = json.loads(r.stdout)
+        return rows[0] if isinstance(rows, list) else rows
+
+    wait_for(lambda: row()["state"] == "completed", 60, "the rollout completed", every=1.0)
+    assert row()["version"] == NEW and row()["on_new_version"] == len(agents)
 
 
 def llama_perplexity(gguf: Path, texts: list[str]) -> float:
@@ -363,7 +370,11 @@ def test_three_real_agents_fine_tune_publish_and_receive_the_new_version(tmp_pat
             assert "Receiving: train message" in (a.data_dir / "federated" / "supernode.log").read_text()
 
         # the new version, with its lineage, in the TUF repository
-        new = [t for t in Repository(srv_dir / "repo").list_targets() if t.custom["edgellm"]["version"] == NEW]
+        new = [
+            t
+            for t in Repository(srv_dir / "repo").list_targets()
+            if t.custom["edgellm"]["version"] == NEW and t.custom["edgellm"].get("kind") != "adapter"
+        ]  # the merged full bundle (the run's adapter bundles are beside it)
         assert new, "no target of the new version"
         lineage = new[0].custom["edgellm"]["federated"]
         assert (lineage["run"], lineage["base_version"], lineage["rounds"], lineage["devices"]) == (

@@ -176,3 +176,101 @@ def test_rollout_status_prints_bytes_on_the_wire(release, capsys) -> None:
     n = _bytes(next(t.length for t in director.repo.list_targets() if t.name.startswith("federated")))
     assert f"wire: planned {n} (1 adapter {n}, 0 full 0 B); reported 0 B by 0 devices" in out, out
     assert f"waiting adapter {n}" in out
+
+
+def _effective(tmp_path, device):
+    """What the device's agent applies: its own assignment when it names a version, else its group's."""
+    from edgellm.trust import TufClient
+    from edgellm.trust.director import fetch_assignment
+
+    own = _signed(tmp_path, device)
+    if own is not None and own.version is not None:
+        return own
+    repo = tmp_path / "repo"
+    c = TufClient(tmp_path / f"cache-{device}", tmp_path / "root.json", repo / "metadata", repo / "targets")
+    c.refresh()
+    return fetch_assignment(c, "group", "g", tmp_path / "dl")
+
+
+def _complete(store, drv, devs, lengths) -> str:
+    """A rollout of tiny 1.1.0 that gave `on-base` the adapter and `older` the full bundle, completed."""
+    devs.birth("on-base", "rpi5-8gb", "1.0.0")
+    devs.birth("older", "rpi5-8gb", "0.9.0")
+    rid = rollout.start(
+        store, model="tiny", version="1.1.0", group="g", canary="100%", bake="0s", no_gate=True, director=drv.director
+    )
+    drv.tick()
+    devs.installed("on-base", "1.1.0", lengths["federated-1.1.0-rpi5-8gb.bundle"], adapter="federated")
+    devs.send("older", "heartbeat", {"version": "1.1.0", "model": "tiny"})
+    devs.installed("older", "1.1.0", lengths["tiny-1.1.0-rpi5-8gb.bundle"])
+    for _ in range(3):
+        drv.tick()
+    assert rollout.status(store, rid)[0]["state"] == "completed"
+    return rid
+
+
+def test_rollback_takes_the_adapter_off_its_base_and_waits_until_the_device_dropped_it(release) -> None:
+    tmp_path, store, director, drv = release
+    devs = Devices(store)
+    lengths = {t.name: t.length for t in director.repo.list_targets()}
+    rid = _complete(store, drv, devs, lengths)
+    rollout.request(store, rid, "rollback")
+    drv.tick()
+    # the adapter device: its base, no adapter (its agent drops the adapter, the base keeps serving)
+    a = _effective(tmp_path, "on-base")
+    assert (a.model, a.version, a.adapters) == ("tiny", "1.0.0", ())
+    # the full-bundle device: the version it ran before
+    b = _effective(tmp_path, "older")
+    assert (b.model, b.version, b.adapters) == ("tiny", "0.9.0", ())
+    assert director.of("group", "g").version == "1.0.0"
+
+    devs.send("older", "heartbeat", {"version": "0.9.0", "model": "tiny"})
+    drv.tick()
+    st = rollout.status(store, rid)[0]
+    # on-base reported 1.0.0 all along: that is not "back" while it still serves the adapter
+    assert st["state"] == "rolling_back", st["history"]
+    devs.send(
+        "on-base", "event", {"name": "update.rolled_back", "fields": {"version": "1.1.0", "adapter": "federated"}}
+    )
+    drv.tick()
+    st = rollout.status(store, rid)[0]
+    assert st["state"] == "rolled_back", st["history"]
+    assert "devices are back on what they ran before" in st["history"][-1]["message"]
+
+
+def test_rollback_past_the_device_timeout_names_the_device_still_on_the_adapter(release) -> None:
+    tmp_path, store, director, drv = release
+    devs = Devices(store)
+    rid = _complete(store, drv, devs, {t.name: t.length for t in director.repo.list_targets()})
+    rollout.request(store, rid, "rollback")
+    drv.tick()
+    devs.send("older", "heartbeat", {"version": "0.9.0", "model": "tiny"})
+    # the rollback began more than the device timeout (60 s) ago
+    store.db.execute("UPDATE rollouts SET phase_started=phase_started-3600 WHERE id=?", (rid,))
+    drv.tick()
+    st = rollout.status(store, rid)[0]
+    assert st["state"] == "rolled_back"
+    msg = st["history"][-1]["message"]
+    assert "not every device came back" in msg and "still on the adapter: on-base" in msg, msg
+
+
+def test_an_adapter_already_installed_converges_by_its_active_event_when_its_install_event_is_gone(release) -> None:
+    """The device installed the adapter long ago (that event pruned): the rollout assigns it, the
+    agent finds it installed and says it is active for the new assignment; that converges."""
+    tmp_path, store, director, drv = release
+    devs = Devices(store)
+    devs.birth("on-base", "rpi5-8gb", "1.0.0")
+    rid = rollout.start(
+        store, model="tiny", version="1.1.0", group="g", canary="100%", bake="0s", no_gate=True, director=director
+    )
+    drv.tick()
+    serial = _signed(tmp_path, "on-base").serial
+    drv.tick()
+    assert rollout.status(store, rid)[0]["state"] == "canary"  # no event about the adapter: waiting
+    fields = {"version": "1.1.0", "adapter": "federated", "serial": serial, "source": "assignment"}
+    devs.send("on-base", "event", {"name": "adapter.active", "fields": fields})
+    for _ in range(3):
+        drv.tick()
+    st = rollout.status(store, rid)[0]
+    assert st["state"] == "completed", st["history"]
+    assert st["wire"]["reported_bytes"] == 0  # nothing was downloaded for it
