@@ -176,3 +176,26 @@ def test_released_connections_are_reused_by_the_next_thread(store):
     if store.dialect.name == "postgresql":
         assert len(set(seen)) == 1  # one connection, handed from thread to thread
     assert store.devices() == []  # the store still works in this thread
+
+
+def test_a_new_sqlite_file_held_by_another_process_is_opened_once_it_is_free(tmp_path, monkeypatch):
+    """Servers starting together on a new SQLite file: switching it to WAL can fail at once with
+    "database is locked" instead of waiting. Opening retries (migrations are idempotent)."""
+    import sqlite3
+
+    import server.store as store_mod
+
+    real, calls = store_mod.migrate, []
+
+    def busy_once(db, dialect):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        real(db, dialect)
+
+    monkeypatch.setattr(store_mod, "migrate", busy_once)
+    s = store_mod.Store(tmp_path / "new.db")
+    assert len(calls) == 2  # refused once, then migrated
+    s.quarantine([("d1", b"x", "bad", "t")])  # the schema is there: the store works
+    assert s.quarantine_size() == 1
+    s.close()

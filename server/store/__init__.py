@@ -107,7 +107,11 @@ class Store(TelemetryTables, RolloutTables, ControlTables, FleetTables):
                 migrate(db, self.dialect)
                 migrate_fleet(db, self.dialect)
         else:
-            _while_locked(lambda: (migrate(self.db, self.dialect), migrate_fleet(self.db, self.dialect)))
+            _while_locked(self._migrate_sqlite)
+
+    def _migrate_sqlite(self) -> None:
+        migrate(self.db, self.dialect)
+        migrate_fleet(self.db, self.dialect)
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url) if self.url else str(self.path)!r})"
