@@ -30,6 +30,12 @@ S = RolloutState
 WAITING = "bake time over, waiting for telemetry"
 
 
+def _adapter_note(devices: list[str], choices: dict[str, Any]) -> str:
+    """ " (2 as adapter kitchen on their base)" for the devices given the adapter, else ""."""
+    ads = [choices[d] for d in devices if d in choices and choices[d].kind == "adapter"]
+    return f" ({len(ads)} as adapter {ads[0].adapter} on their base)" if ads else ""
+
+
 class _Moved(Exception):
     """Another driver moved the rollout since this one read it: act on the next tick."""
 
@@ -223,8 +229,7 @@ class RolloutDriver:
             [self._change(r, x, choices) for x in chosen if by_id[x].phase == Phase.REST]
         )  # the devices new to this stage
         what = "canary" if i == 0 else f"stage {i + 1}/{len(plan['stages'])}"
-        n_ad = sum(1 for x in chosen if x in choices and choices[x].kind == "adapter")
-        split = f" ({n_ad} as adapter {choices[chosen[0]].adapter if n_ad else ''} on their base)" if n_ad else ""
+        split = _adapter_note(chosen, choices)
         self._set(
             r,
             S.CANARY,
@@ -251,7 +256,8 @@ class RolloutDriver:
         done = onwire.converged(self.store, r, [(d.device, d.version) for d in devs], choices)
         if all(d.device in done for d in devs):
             if full:
-                self._finish(r, S.COMPLETED, f"all {len(devs)} devices run {r.version}")
+                how = _adapter_note([d.device for d in devs], choices)
+                self._finish(r, S.COMPLETED, f"all {len(devs)} devices run {r.version}{how}")
             else:
                 self.store.update_plan(r.id, stalled=None)
                 gate = "no gate (--no-gate)" if plan["no_gate"] else f"gate '{r.gate}'"

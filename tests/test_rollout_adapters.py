@@ -138,6 +138,7 @@ def test_rollout_ships_the_adapter_where_the_base_matches_and_the_full_bundle_el
         drv.tick()
     st = rollout.status(store, rid)[0]
     assert st["state"] == "completed", st["history"]
+    assert "(1 as adapter federated on their base)" in str(st["history"][-1])  # not "all run 1.1.0" alone
     assert st["on_new_version"] == 3 and all(d["converged"] for d in st["device_states"])
     assert st["wire"]["reported_bytes"] == st["wire"]["planned_bytes"]
     # the group's assignment is the full bundle (for devices that join later); the device on the
