@@ -3,9 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 # llama-cpp-python compiles llama.cpp (~10 CPU-minutes): build its wheel once, outside the clone.
-WHEELHOUSE ?= $(HOME)/.cache/edgellm/wheelhouse
+# It is built for this CPU (GGML_NATIVE: AVX-512 where there is one; measured in docs/speed.md), so
+# the wheelhouse is keyed by the CPU's architecture and flags: another CPU builds its own wheel.
+CPU_KEY := $(shell (uname -m; grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null) | sha256sum | cut -c1-12)
+WHEELHOUSE ?= $(HOME)/.cache/edgellm/wheelhouse/$(CPU_KEY)
 LLAMA_CPP_VERSION := 0.3.36
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 DEMO_DIR ?= edgellm-quickstart
 DEMO_ARGS ?=
@@ -29,7 +32,7 @@ wheelhouse: venv
 	@mkdir -p $(WHEELHOUSE)
 	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
 	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) into $(WHEELHOUSE) (about 10 minutes on 2 cores, once)"; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip wheel --no-deps -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip wheel --no-cache-dir --no-deps -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi
 
 install: wheelhouse
