@@ -21,4 +21,5 @@ pytest_plugins = [
     "fixtures_mqtt",
     "fixtures_agent",
     "fixtures_adapters",
+    "fixtures_pg",  # the `store` fixture (SQLite and PostgreSQL); pg_server starts only when asked for
 ]

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures_mqtt import free_port
@@ -92,3 +93,14 @@ def pg_server() -> Iterator[PgServer]:
 @pytest.fixture
 def pg_url(pg_server: PgServer) -> str:
     return pg_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A fresh :class:`server.store.Store` on SQLite, then on a real PostgreSQL: one contract."""
+    from server.store import Store
+
+    target = tmp_path / "s.sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = Store(target)
+    yield s
+    s.close()

@@ -9,23 +9,14 @@ import dataclasses
 import threading
 import time
 
-import pytest
 from fixtures_mqtt import raw_client
-from fixtures_pg import pg_server, pg_url  # noqa: F401  (fixtures)
+from fixtures_pg import pg_server, pg_url  # noqa: F401  (fixtures; `store` comes from the fixtures_pg plugin)
 from waiting import wait_for
 
 from edgellm import telemetry as wire
 from edgellm.telemetry import MqttConfig
 from server.ingest import Ingest
 from server.store import Store
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    target = tmp_path / "s.sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    s = Store(target)
-    yield s
-    s.close()
 
 
 def env(device: str, kind: str, seq: int, body: dict, epoch: str = "e1") -> wire.Envelope:

@@ -7,18 +7,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from fixtures_pg import pg_server, pg_url  # noqa: F401  (fixtures)
+from fixtures_pg import pg_server, pg_url  # noqa: F401  (fixtures; `store` comes from the fixtures_pg plugin)
 
 from edgellm import telemetry as wire
-from server.store import Store
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    target = tmp_path / "s.sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    s = Store(target)
-    yield s
-    s.close()
 
 
 def env(device: str, kind: str, seq: int, body: dict, epoch: str = "e1") -> wire.Envelope:
