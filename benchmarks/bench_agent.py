@@ -3,7 +3,9 @@
 * ``Llama.generate``: llama-cpp-python's generation loop (native greedy sampler), in this process;
 * ``runtime``: edgellm's ``load_runtime(...).generate`` on the installed slot, in this process;
 * ``agent API``: a real ``edgellm-agent run`` process serving the same slot, streamed through its
-  OpenAI-compatible API (official ``openai`` client, SSE).
+  OpenAI-compatible API (official ``openai`` client, SSE) over loopback TCP;
+* ``agent API, unix``: the same process through its Unix socket (``--socket``), as device software
+  on the same board would reach it.
 
 All three run llama.cpp with the settings the agent resolves from the bundle's manifest
 (threads, flash attention, KV-cache type), read back from what llama.cpp was given. Reported per
@@ -108,10 +110,14 @@ def bench_runtime(slot: Path, settings, prompts: list[str], max_tokens: int) -> 
         rt.close()
 
 
-def bench_api(a, prompts: list[str], max_tokens: int) -> tuple[int, float, float]:
+def bench_api(a, prompts: list[str], max_tokens: int, uds: str | None = None) -> tuple[int, float, float]:
+    """The agent's API with the official client, over loopback TCP or (``uds``) its Unix socket."""
+    import httpx
     import openai
 
-    client = openai.OpenAI(base_url=a.base_url + "/v1", api_key=a.token, max_retries=0)
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=uds), timeout=120) if uds else None
+    base = "http://agent" if uds else a.base_url
+    client = openai.OpenAI(base_url=base + "/v1", api_key=a.token, max_retries=0, http_client=http)
     n = 0
     c0, t0 = _proc_cpu_s(a.proc.pid), time.perf_counter()
     for p in prompts:
@@ -121,7 +127,10 @@ def bench_api(a, prompts: list[str], max_tokens: int) -> tuple[int, float, float
         for chunk in stream:
             if chunk.usage is not None:
                 n += chunk.usage.completion_tokens
-    return n, time.perf_counter() - t0, _proc_cpu_s(a.proc.pid) - c0
+    out = n, time.perf_counter() - t0, _proc_cpu_s(a.proc.pid) - c0
+    if http is not None:
+        http.close()
+    return out
 
 
 def main() -> None:
@@ -175,8 +184,14 @@ def main() -> None:
         slot = d / "slots" / "A"
         settings = resolve(Manifest.load(slot / "manifest.json"))  # what the agent gives llama.cpp
         prompts = (PROMPTS * (args.requests // len(PROMPTS) + 1))[: args.requests]
-        sides: dict[str, list[tuple[int, float, float]]] = {"Llama.generate": [], "runtime": [], "agent API": []}
-        with AgentProcess(d) as a:
+        sides: dict[str, list[tuple[int, float, float]]] = {
+            "Llama.generate": [],
+            "runtime": [],
+            "agent API": [],
+            "agent API, unix": [],
+        }
+        uds = str(work / "agent.sock")
+        with AgentProcess(d, "--socket", uds) as a:
             httpx.post(
                 a.base_url + "/v1/completions",
                 headers=a.headers,
@@ -188,6 +203,7 @@ def main() -> None:
                 sides["Llama.generate"].append(bench_raw(slot / "model.gguf", settings, prompts, args.max_tokens))
                 sides["runtime"].append(bench_runtime(slot, settings, prompts, args.max_tokens))
                 sides["agent API"].append(bench_api(a, prompts, args.max_tokens))
+                sides["agent API, unix"].append(bench_api(a, prompts, args.max_tokens, uds=uds))
             served_rss = a.rss_bytes()
     load1 = os.getloadavg()
     print(
@@ -201,12 +217,12 @@ def main() -> None:
     )
     base_tps = statistics.median(n / s for n, s, _ in sides["Llama.generate"])
     base_cpu = statistics.median(c / n for n, _, c in sides["Llama.generate"] if n)
-    print(f"{'side':<16} {'tok/s':>8} {'vs raw':>7} {'CPU ms/tok':>10} {'vs raw':>7}   tok/s per round")
+    print(f"{'side':<17} {'tok/s':>8} {'vs raw':>7} {'CPU ms/tok':>10} {'vs raw':>7}   tok/s per round")
     for name, runs in sides.items():
         tps = statistics.median(n / s for n, s, _ in runs)
         cpu = statistics.median(c / n for n, _, c in runs if n)
         print(
-            f"{name:<16} {tps:8.1f} {tps / base_tps:6.2f}x {cpu * 1e3:10.2f} {cpu / base_cpu:6.2f}x   "
+            f"{name:<17} {tps:8.1f} {tps / base_tps:6.2f}x {cpu * 1e3:10.2f} {cpu / base_cpu:6.2f}x   "
             f"{' '.join(f'{n / s:.0f}' for n, s, _ in runs)}"
         )
     print(

@@ -425,6 +425,11 @@ def _rollout(run: Run, version: str) -> None:
         GATE,
         "--bake",
         run.opts.bake,
+        # every device ends on the version's full bundle (the fleet table and the perplexity
+        # comparison read it); `rollout start` would otherwise give devices on the base the
+        # federated adapter (docs/adapters.md)
+        "--prefer",
+        "full",
     )
     rid = (out[0] if isinstance(out, list) else out)["id"]
     run.say(f"rollout {rid}: {MODEL} {version} to group {GROUP}, canary 33%, gate {GATE}, bake {run.opts.bake}")
