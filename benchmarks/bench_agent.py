@@ -207,7 +207,7 @@ def main() -> None:
             served_rss = a.rss_bytes()
     load1 = os.getloadavg()
     print(
-        f"REAL: agent process + HTTP/SSE + llama.cpp; model {model_desc}; "
+        f"REAL: agent process + HTTP/SSE (loopback TCP and its Unix socket) + llama.cpp; model {model_desc}; "
         f"{args.requests} requests x <= {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds"
     )
     print(f"llama.cpp settings on every side (from the manifest, as the agent resolves them): {settings.to_dict()}")

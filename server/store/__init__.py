@@ -78,14 +78,17 @@ def _while_locked(step: Callable[[], object], seconds: float = 30.0) -> None:
     holds the file. Switching a new file to WAL can fail at once with "database is locked" instead
     of waiting (servers and replicas starting together); a column added by another process between
     our check and our ALTER fails once, then is seen."""
-    deadline = time.monotonic() + seconds
+    deadline, other_seen = time.monotonic() + seconds, False
     while True:
         try:
             step()
             return
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
+        except sqlite3.OperationalError as e:
+            code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+; 3.10: treat as busy
+            busy = code is None or code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+            if time.monotonic() > deadline or (not busy and other_seen):
+                raise  # a file that cannot be opened or a broken schema fails at the second try
+            other_seen = other_seen or not busy
             time.sleep(0.05)
 
 
